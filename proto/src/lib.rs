@@ -1,0 +1,23 @@
+//! kvpool's wire protocol, defined once and shared by every crate.
+//!
+//! This crate is the only one that knows the byte layout of frames and messages. It does no
+//! I/O and depends on no other kvpool crate.
+//!
+//! # Layout
+//! - [`header`]: the fixed 32-byte frame header and the size limits checked before allocation.
+//! - [`msg`]: every request and response, the opcodes, body encoding and decoding.
+//! - [`error`]: [`ErrorCode`], the stable error numbers shared by all crates and the wire.
+//! - [`units`]: human sizes and durations for configs and flags.
+//!
+//! A frame is `header | body | payload`: the body is a postcard-encoded message, the payload
+//! raw object bytes that no serializer touches. See `docs/protocol.md`.
+
+pub mod error;
+pub mod header;
+pub mod msg;
+pub mod units;
+
+pub use error::{ErrorCode, ItemResult, WireError};
+pub use header::{FrameHeader, FrameLimits, HeaderError, HEADER_LEN};
+pub use msg::*;
+pub use units::{ByteSize, HumanDuration};

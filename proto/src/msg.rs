@@ -1,0 +1,541 @@
+//! Every message of the protocol, defined once. Bodies are encoded with postcard (a stable,
+//! compact, varint-based serde format); object bytes never pass through it but travel as the
+//! frame's raw payload.
+//!
+//! Every request is a batch: a single operation is a batch of one, and the response carries
+//! one [`ItemResult`] per item, in request order.
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::{ErrorCode, ItemResult, WireError};
+
+/// Longest key accepted anywhere (DESIGN §3).
+pub const MAX_KEY_LEN: usize = 4096;
+
+/// A storage node's identity, chosen by the node at start-up and kept while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct NodeId(pub u64);
+
+/// A segment's identity, unique in the cluster (chosen by its node).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SegmentId(pub u64);
+
+/// A client's identity; the writer of a put is the only one that may end or revoke it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ClientId(pub u64);
+
+/// One allocation handed out by the master. Unique across master restarts, so that a late
+/// "free" notice never removes a newer object that reuses the same bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ReplicaId(pub u64);
+
+impl std::fmt::Display for NodeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl std::fmt::Display for SegmentId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// Checks a key against the contract: non-empty, at most [`MAX_KEY_LEN`] bytes.
+pub fn check_key(key: &[u8]) -> Result<(), WireError> {
+    if key.is_empty() || key.len() > MAX_KEY_LEN {
+        return Err(WireError::new(
+            ErrorCode::KeyTooLong,
+            format!("key of {} bytes (allowed 1..={MAX_KEY_LEN})", key.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// Where one replica of an object lives: enough for the transfer engine to move its bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaDesc {
+    pub id: ReplicaId,
+    pub node: NodeId,
+    /// The node's data endpoint, "ip:port".
+    pub addr: String,
+    pub segment: SegmentId,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// The opcodes. Master (control plane) opcodes are 0x10..0x3f, storage-node (data plane)
+/// opcodes 0x40..0x5f. Numbers are stable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Opcode {
+    PutStart = 0x10,
+    PutEnd = 0x11,
+    PutRevoke = 0x12,
+    GetReplicas = 0x13,
+    Exists = 0x14,
+    Remove = 0x15,
+    RemoveAll = 0x16,
+    Status = 0x17,
+    Register = 0x20,
+    Heartbeat = 0x21,
+    Read = 0x40,
+    Write = 0x41,
+}
+
+impl Opcode {
+    pub const ALL: &'static [Opcode] = &[
+        Opcode::PutStart,
+        Opcode::PutEnd,
+        Opcode::PutRevoke,
+        Opcode::GetReplicas,
+        Opcode::Exists,
+        Opcode::Remove,
+        Opcode::RemoveAll,
+        Opcode::Status,
+        Opcode::Register,
+        Opcode::Heartbeat,
+        Opcode::Read,
+        Opcode::Write,
+    ];
+}
+
+impl TryFrom<u8> for Opcode {
+    type Error = WireError;
+    fn try_from(v: u8) -> Result<Self, WireError> {
+        Opcode::ALL
+            .iter()
+            .copied()
+            .find(|o| *o as u8 == v)
+            .ok_or_else(|| WireError::new(ErrorCode::UnknownOpcode, format!("unknown opcode 0x{v:02x}")))
+    }
+}
+
+/// A request message and the response it gets.
+pub trait Message: Serialize + DeserializeOwned + Send + 'static {
+    const OPCODE: Opcode;
+    type Response: Serialize + DeserializeOwned + Send + 'static;
+}
+
+/// Encodes a body.
+pub fn encode_body<T: Serialize>(msg: &T) -> Vec<u8> {
+    // Serializing plain data into a Vec cannot fail (no I/O, no maps with non-string keys).
+    postcard::to_allocvec(msg).unwrap_or_default()
+}
+
+/// Decodes a body, refusing trailing bytes. Never panics; allocation is bounded by the body's
+/// length, which the header limits checked before the body was read.
+pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, WireError> {
+    match postcard::take_from_bytes::<T>(body) {
+        Ok((v, rest)) if rest.is_empty() => Ok(v),
+        Ok((_, rest)) => Err(WireError::new(
+            ErrorCode::MalformedBody,
+            format!("{} trailing bytes after the message", rest.len()),
+        )),
+        Err(e) => Err(WireError::new(ErrorCode::MalformedBody, format!("body does not decode: {e}"))),
+    }
+}
+
+// ---------------------------------------------------------------- control plane (master)
+
+/// How a put wants its object placed and kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutOptions {
+    /// Replicas wanted on distinct nodes (best effort, at least one) [1].
+    pub replicas: u8,
+    /// Nodes to try first, in order (e.g. the writer's own node).
+    pub preferred_nodes: Vec<NodeId>,
+    /// Keep the object out of the first eviction pass for the soft-pin TTL [30 min].
+    pub soft_pin: bool,
+    /// Never evict; only a forced remove deletes it.
+    pub hard_pin: bool,
+    /// Replace a committed value instead of failing with `AlreadyExists`.
+    pub overwrite: bool,
+}
+
+impl Default for PutOptions {
+    fn default() -> Self {
+        PutOptions {
+            replicas: 1,
+            preferred_nodes: Vec::new(),
+            soft_pin: false,
+            hard_pin: false,
+            overwrite: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutStartItem {
+    pub key: Vec<u8>,
+    pub len: u64,
+    /// crc32c of the whole value, computed by the writer.
+    pub checksum: u32,
+    pub options: PutOptions,
+}
+
+/// Phase one of a put: allocate replicas, status Processing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutStart {
+    pub client: ClientId,
+    pub items: Vec<PutStartItem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutStartResponse {
+    pub items: Vec<ItemResult<Vec<ReplicaDesc>>>,
+}
+
+impl Message for PutStart {
+    const OPCODE: Opcode = Opcode::PutStart;
+    type Response = PutStartResponse;
+}
+
+/// Phase two: the bytes are written; make the object readable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutEnd {
+    pub client: ClientId,
+    pub keys: Vec<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnitResponse {
+    pub items: Vec<ItemResult<()>>,
+}
+
+impl Message for PutEnd {
+    const OPCODE: Opcode = Opcode::PutEnd;
+    type Response = UnitResponse;
+}
+
+/// Abandons a put and frees its space.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutRevoke {
+    pub client: ClientId,
+    pub keys: Vec<Vec<u8>>,
+}
+
+impl Message for PutRevoke {
+    const OPCODE: Opcode = Opcode::PutRevoke;
+    type Response = UnitResponse;
+}
+
+/// Where a committed object lives; grants a read lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetReplicas {
+    pub keys: Vec<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectInfo {
+    pub len: u64,
+    pub checksum: u32,
+    pub replicas: Vec<ReplicaDesc>,
+    /// The lease granted, counted by the reader from when it sent the request.
+    pub lease_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetReplicasResponse {
+    pub items: Vec<ItemResult<ObjectInfo>>,
+}
+
+impl Message for GetReplicas {
+    const OPCODE: Opcode = Opcode::GetReplicas;
+    type Response = GetReplicasResponse;
+}
+
+/// Whether keys are committed; with `lease`, also grants read leases on the present ones.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exists {
+    pub keys: Vec<Vec<u8>>,
+    pub lease: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExistsResponse {
+    pub items: Vec<ItemResult<bool>>,
+}
+
+impl Message for Exists {
+    const OPCODE: Opcode = Opcode::Exists;
+    type Response = ExistsResponse;
+}
+
+/// Removes committed objects; leased or hard-pinned ones only with `force`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Remove {
+    pub keys: Vec<Vec<u8>>,
+    pub force: bool,
+}
+
+impl Message for Remove {
+    const OPCODE: Opcode = Opcode::Remove;
+    type Response = UnitResponse;
+}
+
+/// Removes every committed object (leased and pinned ones only with `force`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoveAll {
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoveAllResponse {
+    pub removed: u64,
+}
+
+impl Message for RemoveAll {
+    const OPCODE: Opcode = Opcode::RemoveAll;
+    type Response = RemoveAllResponse;
+}
+
+/// The cluster's state, for `kvpool status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentStatus {
+    pub id: SegmentId,
+    pub capacity: u64,
+    pub used: u64,
+    pub objects: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub id: NodeId,
+    pub name: String,
+    pub addr: String,
+    pub alive: bool,
+    /// Milliseconds since the last heartbeat.
+    pub silent_ms: u64,
+    pub segments: Vec<SegmentStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusResponse {
+    pub nodes: Vec<NodeStatus>,
+    /// Committed objects.
+    pub objects: u64,
+    /// Puts between start and end.
+    pub processing: u64,
+    pub evictions: u64,
+}
+
+impl Message for Status {
+    const OPCODE: Opcode = Opcode::Status;
+    type Response = StatusResponse;
+}
+
+/// A segment a node contributes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentInfo {
+    pub id: SegmentId,
+    pub size: u64,
+}
+
+/// One object a node holds, as it reports it when it (re-)registers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryEntry {
+    pub replica: ReplicaId,
+    pub key: Vec<u8>,
+    pub segment: SegmentId,
+    pub offset: u64,
+    pub len: u64,
+    pub checksum: u32,
+}
+
+/// A node joins (or re-joins) the pool, reporting what it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Register {
+    pub node: NodeId,
+    pub name: String,
+    pub addr: String,
+    pub segments: Vec<SegmentInfo>,
+    pub inventory: Vec<InventoryEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    pub heartbeat_ms: u64,
+    /// Reported replicas the master did not admit; the node forgets them.
+    pub rejected: Vec<ReplicaId>,
+}
+
+impl Message for Register {
+    const OPCODE: Opcode = Opcode::Register;
+    type Response = RegisterResponse;
+}
+
+/// A node's liveness signal; acknowledges the frees it has applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub node: NodeId,
+    /// The highest `frees_upto` the node has applied.
+    pub acked: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    /// The master does not know the node (it restarted, or declared the node dead).
+    pub need_register: bool,
+    /// Replicas the master freed (removed, evicted, revoked) that the node should forget.
+    pub frees: Vec<ReplicaId>,
+    /// Sequence number of the last free in `frees`; the node acks it in its next heartbeat.
+    pub frees_upto: u64,
+}
+
+impl Message for Heartbeat {
+    const OPCODE: Opcode = Opcode::Heartbeat;
+    type Response = HeartbeatResponse;
+}
+
+// ---------------------------------------------------------------- data plane (storage node)
+
+/// One read of a segment range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadOp {
+    pub segment: SegmentId,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// Reads ranges; the response payload carries the bytes of the successful ops, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Read {
+    pub ops: Vec<ReadOp>,
+}
+
+impl Message for Read {
+    const OPCODE: Opcode = Opcode::Read;
+    type Response = UnitResponse;
+}
+
+/// One write of a segment range; its bytes are the next `len` bytes of the payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteOp {
+    pub segment: SegmentId,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// Names the object a replica's bytes belong to, so the node can report it after a master
+/// restart. Sent once per replica, with any one of its writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectTag {
+    pub replica: ReplicaId,
+    pub key: Vec<u8>,
+    pub segment: SegmentId,
+    pub offset: u64,
+    pub len: u64,
+    pub checksum: u32,
+}
+
+/// Writes ranges from the payload (concatenated in op order).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Write {
+    pub ops: Vec<WriteOp>,
+    pub tags: Vec<ObjectTag>,
+}
+
+impl Message for Write {
+    const OPCODE: Opcode = Opcode::Write;
+    type Response = UnitResponse;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn round_trip<T: Message + PartialEq + std::fmt::Debug>(m: &T) {
+        let b = encode_body(m);
+        assert_eq!(&decode_body::<T>(&b).unwrap(), m);
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        round_trip(&PutStart {
+            client: ClientId(9),
+            items: vec![PutStartItem {
+                key: b"k".to_vec(),
+                len: 5,
+                checksum: 1,
+                options: PutOptions::default(),
+            }],
+        });
+        round_trip(&Write {
+            ops: vec![WriteOp { segment: SegmentId(1), offset: 2, len: 3 }],
+            tags: vec![ObjectTag {
+                replica: ReplicaId(4),
+                key: vec![1, 2],
+                segment: SegmentId(1),
+                offset: 2,
+                len: 3,
+                checksum: 7,
+            }],
+        });
+    }
+
+    #[test]
+    fn golden_body() {
+        // postcard: varint lengths and integers; pins the body encoding across releases.
+        let b = encode_body(&Exists { keys: vec![b"ab".to_vec()], lease: true });
+        assert_eq!(b, vec![1, 2, b'a', b'b', 1]);
+        let b = encode_body(&UnitResponse {
+            items: vec![Ok(()), Err(WireError::new(ErrorCode::NotFound, "x"))],
+        });
+        assert_eq!(b, vec![2, 0, 1, 200, 1, 1, b'x']);
+    }
+
+    #[test]
+    fn refuses_trailing_bytes() {
+        let mut b = encode_body(&Remove { keys: vec![], force: false });
+        b.push(0);
+        assert_eq!(decode_body::<Remove>(&b).unwrap_err().code, ErrorCode::MalformedBody);
+    }
+
+    #[test]
+    fn opcodes_are_unique() {
+        for o in Opcode::ALL {
+            assert_eq!(Opcode::try_from(*o as u8).unwrap(), *o);
+        }
+        assert_eq!(Opcode::try_from(0xEE).unwrap_err().code, ErrorCode::UnknownOpcode);
+    }
+
+    proptest! {
+        // Every decoder, fed arbitrary bytes, returns a value or an error and never panics.
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_body::<PutStart>(&bytes);
+            let _ = decode_body::<PutStartResponse>(&bytes);
+            let _ = decode_body::<PutEnd>(&bytes);
+            let _ = decode_body::<UnitResponse>(&bytes);
+            let _ = decode_body::<GetReplicas>(&bytes);
+            let _ = decode_body::<GetReplicasResponse>(&bytes);
+            let _ = decode_body::<Exists>(&bytes);
+            let _ = decode_body::<ExistsResponse>(&bytes);
+            let _ = decode_body::<Remove>(&bytes);
+            let _ = decode_body::<RemoveAll>(&bytes);
+            let _ = decode_body::<RemoveAllResponse>(&bytes);
+            let _ = decode_body::<StatusResponse>(&bytes);
+            let _ = decode_body::<Register>(&bytes);
+            let _ = decode_body::<RegisterResponse>(&bytes);
+            let _ = decode_body::<Heartbeat>(&bytes);
+            let _ = decode_body::<HeartbeatResponse>(&bytes);
+            let _ = decode_body::<Read>(&bytes);
+            let _ = decode_body::<Write>(&bytes);
+        }
+
+        #[test]
+        fn huge_declared_lengths_do_not_allocate(n in 1u64 << 40..u64::MAX >> 8) {
+            // A varint length far beyond the body must fail, not reserve memory.
+            let mut b = Vec::new();
+            let mut v = n;
+            while v >= 0x80 { b.push((v as u8) | 0x80); v >>= 7; }
+            b.push(v as u8);
+            prop_assert!(decode_body::<Read>(&b).is_err());
+        }
+    }
+}
