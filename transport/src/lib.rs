@@ -1,1 +1,20 @@
+//! kvpool's transfer engine and RPC plumbing.
+//!
+//! # Layout
+//! - [`frame`]: reading and writing frames on a byte stream; payloads go straight between
+//!   the socket and their final buffer.
+//! - [`rpc`]: a multiplexed, reconnecting request/response client for control messages.
+//! - [`server`]: a generic control-plane server over a synchronous [`server::RpcService`].
+//! - [`engine`]: the transfer engine: batched reads and writes of segment ranges on storage
+//!   nodes, pooled and striped over several TCP connections per peer.
+//!
+//! The TCP transport is the only one today; shared memory (same host) and RDMA slot in
+//! behind [`engine::TransferEngine`] without changing its callers.
 
+pub mod engine;
+mod error;
+pub mod frame;
+pub mod rpc;
+pub mod server;
+
+pub use error::TransportError;
