@@ -1,0 +1,428 @@
+//! The transfer engine: moves bytes between caller buffers and storage-node segments.
+//!
+//! A batch for one peer is cut into chunks of at most `stripe_size` bytes, the chunks are
+//! packed into requests, and up to `conns_per_peer` requests run at once, each on its own
+//! pooled TCP connection. Small ops of a batch share one request (one round trip); a large
+//! op is striped across connections. Payload bytes go from the caller's slice to the socket
+//! and from the socket into the caller's slice: the engine never copies a large payload
+//! (only payloads under [`COALESCE_BELOW`] are gathered into the request's first write, which
+//! saves a syscall per small op).
+//!
+//! Reads and writes of a segment range are idempotent, so a request that failed on a pooled
+//! connection (which the peer may have closed while it idled) is retried once on a new one.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex,
+    },
+    time::Duration,
+};
+
+use futures::{stream, StreamExt};
+use kvpool_proto::{
+    decode_body, ErrorCode, FrameLimits, ItemResult, ObjectTag, Read, ReadOp, UnitResponse,
+    WireError, Write, WriteOp,
+};
+use tokio::{io::AsyncWriteExt, net::TcpStream};
+
+use crate::{frame, TransportError};
+
+/// Payloads below this size are copied into the request's header buffer.
+pub const COALESCE_BELOW: usize = 64 << 10;
+
+/// Most ops one request carries.
+const MAX_OPS_PER_REQUEST: usize = 4096;
+
+/// How the engine connects, stripes and waits.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Requests in flight to one peer, each on its own connection [4].
+    pub conns_per_peer: usize,
+    /// Largest chunk of one op, and the size at which requests are cut [4 MiB].
+    pub stripe_size: u64,
+    pub connect_timeout: Duration,
+    /// Limit for one request, from first byte sent to last byte received.
+    pub io_timeout: Duration,
+    pub limits: FrameLimits,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            conns_per_peer: 4,
+            stripe_size: 4 << 20,
+            connect_timeout: Duration::from_secs(3),
+            io_timeout: Duration::from_secs(30),
+            limits: FrameLimits::default(),
+        }
+    }
+}
+
+/// One write: `data.len()` must equal `op.len`.
+pub struct WriteItem<'a> {
+    pub op: WriteOp,
+    pub data: &'a [u8],
+}
+
+/// One read: `dst.len()` must equal `op.len`.
+pub struct ReadItem<'a> {
+    pub op: ReadOp,
+    pub dst: &'a mut [u8],
+}
+
+/// Moves batches of segment ranges to and from storage nodes over TCP.
+pub struct TransferEngine {
+    opts: EngineOptions,
+    idle: Mutex<HashMap<String, Vec<TcpStream>>>,
+    next_id: AtomicU64,
+}
+
+struct Chunk<B> {
+    item: usize,
+    segment: kvpool_proto::SegmentId,
+    offset: u64,
+    buf: B,
+}
+
+impl TransferEngine {
+    pub fn new(opts: EngineOptions) -> Self {
+        TransferEngine { opts, idle: Mutex::new(HashMap::new()), next_id: AtomicU64::new(1) }
+    }
+
+    pub fn options(&self) -> &EngineOptions {
+        &self.opts
+    }
+
+    /// Writes every item to the node at `addr`; `tags` name the objects the bytes belong to.
+    /// Returns one result per item. An `Err` means the batch as a whole failed (no connection).
+    pub async fn write(
+        &self,
+        addr: &str,
+        items: Vec<WriteItem<'_>>,
+        tags: Vec<ObjectTag>,
+    ) -> Result<Vec<ItemResult<()>>, TransportError> {
+        let n = items.len();
+        let mut chunks = Vec::new();
+        for (i, it) in items.into_iter().enumerate() {
+            if it.data.len() as u64 != it.op.len {
+                return Err(TransportError::Protocol(format!(
+                    "write item {i}: buffer of {} bytes for an op of {}",
+                    it.data.len(),
+                    it.op.len
+                )));
+            }
+            let mut off = 0u64;
+            for piece in it.data.chunks(self.stripe()) {
+                chunks.push(Chunk { item: i, segment: it.op.segment, offset: it.op.offset + off, buf: piece });
+                off += piece.len() as u64;
+            }
+        }
+        let mut tags = Some(tags);
+        let requests: Vec<_> = self
+            .pack(chunks)
+            .into_iter()
+            .map(|req| (req, tags.take().unwrap_or_default()))
+            .collect();
+        let results = stream::iter(requests)
+            .map(|(req, tags)| self.write_request(addr, req, tags))
+            .buffer_unordered(self.opts.conns_per_peer.max(1))
+            .collect::<Vec<_>>()
+            .await;
+        merge(n, results)
+    }
+
+    /// Reads every item from the node at `addr` into its destination slice.
+    pub async fn read(
+        &self,
+        addr: &str,
+        items: Vec<ReadItem<'_>>,
+    ) -> Result<Vec<ItemResult<()>>, TransportError> {
+        let n = items.len();
+        let mut chunks = Vec::new();
+        let stripe = self.stripe();
+        for (i, it) in items.into_iter().enumerate() {
+            if it.dst.len() as u64 != it.op.len {
+                return Err(TransportError::Protocol(format!(
+                    "read item {i}: buffer of {} bytes for an op of {}",
+                    it.dst.len(),
+                    it.op.len
+                )));
+            }
+            let mut off = 0u64;
+            for piece in it.dst.chunks_mut(stripe) {
+                let len = piece.len() as u64;
+                chunks.push(Chunk { item: i, segment: it.op.segment, offset: it.op.offset + off, buf: piece });
+                off += len;
+            }
+        }
+        let results = stream::iter(self.pack(chunks))
+            .map(|req| self.read_request(addr, req))
+            .buffer_unordered(self.opts.conns_per_peer.max(1))
+            .collect::<Vec<_>>()
+            .await;
+        merge(n, results)
+    }
+
+    fn stripe(&self) -> usize {
+        usize::try_from(self.opts.stripe_size.max(4096)).unwrap_or(usize::MAX)
+    }
+
+    /// Packs chunks into requests of at most `stripe_size` bytes (a single chunk may fill one).
+    fn pack<B: AsRef<[u8]>>(&self, chunks: Vec<Chunk<B>>) -> Vec<Vec<Chunk<B>>> {
+        let mut out: Vec<Vec<Chunk<B>>> = Vec::new();
+        let mut cur = Vec::new();
+        let mut bytes = 0u64;
+        for c in chunks {
+            let len = c.buf.as_ref().len() as u64;
+            if !cur.is_empty()
+                && (bytes + len > self.opts.stripe_size || cur.len() >= MAX_OPS_PER_REQUEST)
+            {
+                out.push(std::mem::take(&mut cur));
+                bytes = 0;
+            }
+            bytes += len;
+            cur.push(c);
+        }
+        if !cur.is_empty() {
+            out.push(cur);
+        }
+        out
+    }
+
+    async fn write_request(
+        &self,
+        addr: &str,
+        req: Vec<Chunk<&[u8]>>,
+        tags: Vec<ObjectTag>,
+    ) -> (Vec<usize>, Result<Vec<ItemResult<()>>, TransportError>) {
+        let items: Vec<usize> = req.iter().map(|c| c.item).collect();
+        let msg = Write {
+            ops: req
+                .iter()
+                .map(|c| WriteOp { segment: c.segment, offset: c.offset, len: c.buf.len() as u64 })
+                .collect(),
+            tags,
+        };
+        let payload: u64 = req.iter().map(|c| c.buf.len() as u64).sum();
+        let result = self
+            .with_conn(addr, |mut conn, id| {
+                let msg = &msg;
+                let req = &req;
+                async move {
+                    let mut head = frame::encode_request(id, msg, payload);
+                    for c in req {
+                        if c.buf.len() < COALESCE_BELOW {
+                            head.extend_from_slice(c.buf);
+                        } else {
+                            if !head.is_empty() {
+                                conn.write_all(&head).await?;
+                                head.clear();
+                            }
+                            conn.write_all(c.buf).await?;
+                        }
+                    }
+                    if !head.is_empty() {
+                        conn.write_all(&head).await?;
+                    }
+                    let resp = read_unit_response(&mut conn, &self.opts.limits, id, req.len()).await?;
+                    Ok((conn, resp))
+                }
+            })
+            .await;
+        (items, result)
+    }
+
+    async fn read_request(
+        &self,
+        addr: &str,
+        mut req: Vec<Chunk<&mut [u8]>>,
+    ) -> (Vec<usize>, Result<Vec<ItemResult<()>>, TransportError>) {
+        let items: Vec<usize> = req.iter().map(|c| c.item).collect();
+        let msg = Read {
+            ops: req
+                .iter()
+                .map(|c| ReadOp { segment: c.segment, offset: c.offset, len: c.buf.len() as u64 })
+                .collect(),
+        };
+        let mut attempt = 0;
+        let result = loop {
+            attempt += 1;
+            let (conn, pooled) = match self.checkout(addr).await {
+                Ok(c) => c,
+                Err(e) => break Err(e),
+            };
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let fut = read_exchange(conn, id, &msg, &mut req, &self.opts.limits);
+            match tokio::time::timeout(self.opts.io_timeout, fut).await {
+                Ok(Ok((conn, resp))) => {
+                    self.checkin(addr, conn);
+                    break Ok(resp);
+                }
+                Ok(Err(e)) if pooled && attempt == 1 && e.is_retryable() => continue,
+                Ok(Err(e)) => break Err(e),
+                Err(_) => break Err(TransportError::Timeout { op: "read", after: self.opts.io_timeout }),
+            }
+        };
+        (items, result)
+    }
+
+    /// Runs one exchange on a connection, retrying once on a fresh one if a pooled
+    /// connection turned out to be dead.
+    async fn with_conn<'s, F, Fut>(&'s self, addr: &str, f: F) -> Result<Vec<ItemResult<()>>, TransportError>
+    where
+        F: Fn(TcpStream, u64) -> Fut,
+        Fut: std::future::Future<Output = Result<(TcpStream, Vec<ItemResult<()>>), TransportError>>,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (conn, pooled) = self.checkout(addr).await?;
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            match tokio::time::timeout(self.opts.io_timeout, f(conn, id)).await {
+                Ok(Ok((conn, resp))) => {
+                    self.checkin(addr, conn);
+                    return Ok(resp);
+                }
+                Ok(Err(e)) if pooled && attempt == 1 && e.is_retryable() => continue,
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(TransportError::Timeout { op: "write", after: self.opts.io_timeout }),
+            }
+        }
+    }
+
+    async fn checkout(&self, addr: &str) -> Result<(TcpStream, bool), TransportError> {
+        let pooled = self.idle.lock().unwrap_or_else(|e| e.into_inner()).get_mut(addr).and_then(Vec::pop);
+        if let Some(c) = pooled {
+            return Ok((c, true));
+        }
+        let stream = match tokio::time::timeout(self.opts.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(s) => s?,
+            Err(_) => return Err(TransportError::Timeout { op: "connect", after: self.opts.connect_timeout }),
+        };
+        stream.set_nodelay(true)?;
+        Ok((stream, false))
+    }
+
+    fn checkin(&self, addr: &str, conn: TcpStream) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.entry(addr.to_string()).or_default();
+        if list.len() < self.opts.conns_per_peer * 2 {
+            list.push(conn);
+        }
+    }
+
+    /// Drops idle connections to `addr` (after the peer failed).
+    pub fn forget(&self, addr: &str) {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).remove(addr);
+    }
+}
+
+async fn read_exchange(
+    mut conn: TcpStream,
+    id: u64,
+    msg: &Read,
+    req: &mut [Chunk<&mut [u8]>],
+    limits: &FrameLimits,
+) -> Result<(TcpStream, Vec<ItemResult<()>>), TransportError> {
+    conn.write_all(&frame::encode_request(id, msg, 0)).await?;
+    let header = frame::read_header(&mut conn, limits).await?.ok_or(TransportError::Closed)?;
+    check_reply(&header, id)?;
+    let body = frame::read_body(&mut conn, header.body_len).await?;
+    let resp: Vec<ItemResult<()>> = match frame::decode_response::<UnitResponse>(&header, &body) {
+        Ok(r) => r.items,
+        Err(TransportError::Remote(w)) if header.payload_len == 0 => {
+            // The whole request was refused; the connection is still in step.
+            vec![Err(w); req.len()]
+        }
+        Err(e) => return Err(e),
+    };
+    if resp.len() != req.len() {
+        return Err(TransportError::Protocol(format!("{} results for {} ops", resp.len(), req.len())));
+    }
+    let expected: u64 = req.iter().zip(&resp).filter(|(_, r)| r.is_ok()).map(|(c, _)| c.buf.len() as u64).sum();
+    if header.payload_len != expected {
+        return Err(TransportError::Protocol(format!(
+            "payload of {} bytes, expected {expected}",
+            header.payload_len
+        )));
+    }
+    for (c, r) in req.iter_mut().zip(&resp) {
+        if r.is_ok() {
+            frame::read_payload_into(&mut conn, c.buf).await?;
+        }
+    }
+    Ok((conn, resp))
+}
+
+async fn read_unit_response(
+    conn: &mut TcpStream,
+    limits: &FrameLimits,
+    id: u64,
+    ops: usize,
+) -> Result<Vec<ItemResult<()>>, TransportError> {
+    let header = frame::read_header(conn, limits).await?.ok_or(TransportError::Closed)?;
+    check_reply(&header, id)?;
+    if header.payload_len != 0 {
+        return Err(TransportError::Protocol("payload on a write response".into()));
+    }
+    let body = frame::read_body(conn, header.body_len).await?;
+    let items = match header.code() {
+        ErrorCode::Ok => decode_body::<UnitResponse>(&body).map_err(TransportError::Remote)?.items,
+        code => vec![Err(WireError::new(code, String::from_utf8_lossy(&body).into_owned())); ops],
+    };
+    if items.len() != ops {
+        return Err(TransportError::Protocol(format!("{} results for {ops} ops", items.len())));
+    }
+    Ok(items)
+}
+
+fn check_reply(header: &kvpool_proto::FrameHeader, id: u64) -> Result<(), TransportError> {
+    if !header.is_response() || header.request_id != id {
+        return Err(TransportError::Protocol(format!(
+            "response id {} for request {id}",
+            header.request_id
+        )));
+    }
+    Ok(())
+}
+
+/// Folds per-chunk results into per-item results: an item fails if any of its chunks did.
+fn merge(
+    n: usize,
+    results: Vec<(Vec<usize>, Result<Vec<ItemResult<()>>, TransportError>)>,
+) -> Result<Vec<ItemResult<()>>, TransportError> {
+    let mut out: Vec<ItemResult<()>> = vec![Ok(()); n];
+    let mut all_failed = true;
+    let mut first_err = None;
+    for (items, res) in results {
+        match res {
+            Ok(rs) => {
+                all_failed = false;
+                for (i, r) in items.into_iter().zip(rs) {
+                    if let (Err(e), Some(slot)) = (r, out.get_mut(i)) {
+                        if slot.is_ok() {
+                            *slot = Err(e);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                let w = WireError::new(e.code(), e.to_string());
+                for i in items {
+                    if let Some(slot) = out.get_mut(i) {
+                        if slot.is_ok() {
+                            *slot = Err(w.clone());
+                        }
+                    }
+                }
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    match first_err {
+        Some(e) if all_failed => Err(e),
+        _ => Ok(out),
+    }
+}
