@@ -1,1 +1,166 @@
+//! The kvpool client: the library every user of the pool links.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), kvpool_client::ClientError> {
+//! let client = kvpool_client::Client::new(kvpool_client::ClientConfig::with_master("127.0.0.1:50051"));
+//! client.put(b"prefix/0", b"kv bytes", &Default::default()).await?;
+//! assert_eq!(client.get(b"prefix/0").await?.as_deref(), Some(&b"kv bytes"[..]));
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//! - [`Client`]: put / get / exists / remove, each a batch underneath; `put_parts` and
+//!   `get_into_parts` gather from and scatter into several caller buffers (one per layer)
+//!   without copying.
+//! - `put.rs`, `get.rs`: the two data paths. A put is two-phase: the master allocates
+//!   replicas, the client writes the bytes straight to the storage nodes, then commits (or
+//!   revokes on failure). A get asks the master where the object is (taking a read lease),
+//!   reads a replica, falls back to the next replica on failure, and trusts the bytes only if
+//!   the lease was still live when the read finished and the crc32c matches.
+//! - [`ClientConfig`], [`ClientError`].
+//!
+//! The TCP transfer engine needs no memory registration; registered regions arrive with the
+//! shared-memory and RDMA transports, behind the same `put_parts`/`get_into_parts` calls.
 
+mod config;
+mod error;
+mod get;
+mod put;
+
+use std::time::{Duration, Instant};
+
+use kvpool_proto::{
+    ClientId, Exists, Message, PutOptions, Remove, RemoveAll, Status, StatusResponse,
+};
+use kvpool_transport::{engine::TransferEngine, rpc::RpcClient, TransportError};
+
+pub use config::ClientConfig;
+pub use error::{ClientError, Result};
+pub use kvpool_proto::{ErrorCode, NodeId};
+
+/// A handle to the pool. Cheap to share behind an `Arc`; every method takes `&self`.
+pub struct Client {
+    id: ClientId,
+    cfg: ClientConfig,
+    master: RpcClient,
+    engine: TransferEngine,
+}
+
+impl Client {
+    /// A client for the master in `cfg`; connections are made on first use.
+    pub fn new(cfg: ClientConfig) -> Self {
+        let master = RpcClient::new(cfg.master.clone(), cfg.rpc.clone());
+        let engine = TransferEngine::new(cfg.engine.clone());
+        Client { id: ClientId(rand::random()), cfg, master, engine }
+    }
+
+    pub fn id(&self) -> ClientId {
+        self.id
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.cfg
+    }
+
+    /// Puts one value. Fails with `AlreadyExists` if the key is committed (unless
+    /// `opts.overwrite`).
+    pub async fn put(&self, key: &[u8], value: &[u8], opts: &PutOptions) -> Result<()> {
+        self.put_parts(key, &[value], opts).await
+    }
+
+    /// Puts one value gathered from several buffers, in order.
+    pub async fn put_parts(&self, key: &[u8], parts: &[&[u8]], opts: &PutOptions) -> Result<()> {
+        let mut r = self.put_batch_parts(&[(key, parts)], opts).await;
+        r.pop().unwrap_or_else(|| Err(internal("empty batch result")))
+    }
+
+    /// Puts many values; one result per item, in order.
+    pub async fn put_batch(&self, items: &[(&[u8], &[u8])], opts: &PutOptions) -> Vec<Result<()>> {
+        let parts: Vec<[&[u8]; 1]> = items.iter().map(|(_, v)| [*v]).collect();
+        let items: Vec<(&[u8], &[&[u8]])> =
+            items.iter().zip(&parts).map(|((k, _), p)| (*k, &p[..])).collect();
+        self.put_batch_parts(&items, opts).await
+    }
+
+    /// Gets one value; `Ok(None)` is a miss.
+    pub async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let mut r = self.get_batch(&[key]).await;
+        r.pop().unwrap_or_else(|| Err(internal("empty batch result")))
+    }
+
+    /// Gets one value into `buf` without an intermediate copy; returns its length, or
+    /// `None` on a miss. Fails with `BufferTooSmall` if the value does not fit.
+    pub async fn get_into(&self, key: &[u8], buf: &mut [u8]) -> Result<Option<u64>> {
+        self.get_into_parts(key, &mut [buf]).await
+    }
+
+    /// Gets one value scattered over several buffers, filled in order.
+    pub async fn get_into_parts(&self, key: &[u8], parts: &mut [&mut [u8]]) -> Result<Option<u64>> {
+        let mut r = self.get_batch_into_parts(&[key], &mut [parts]).await;
+        r.pop().unwrap_or_else(|| Err(internal("empty batch result")))
+    }
+
+    /// Whether each key is committed. With `lease`, present keys get a read lease.
+    pub async fn exists(&self, keys: &[&[u8]], lease: bool) -> Vec<Result<bool>> {
+        let mut out = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(self.cfg.max_batch.max(1)) {
+            let msg = Exists { keys: chunk.iter().map(|k| k.to_vec()).collect(), lease };
+            match self.master_call(&msg).await {
+                Ok(r) => out.extend(r.items.into_iter().map(|i| i.map_err(ClientError::from))),
+                Err(e) => out.extend(chunk.iter().map(|_| Err(clone_err(&e)))),
+            }
+        }
+        out
+    }
+
+    /// Removes keys; leased or hard-pinned ones only with `force`.
+    pub async fn remove(&self, keys: &[&[u8]], force: bool) -> Vec<Result<()>> {
+        let mut out = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(self.cfg.max_batch.max(1)) {
+            let msg = Remove { keys: chunk.iter().map(|k| k.to_vec()).collect(), force };
+            match self.master_call(&msg).await {
+                Ok(r) => out.extend(r.items.into_iter().map(|i| i.map_err(ClientError::from))),
+                Err(e) => out.extend(chunk.iter().map(|_| Err(clone_err(&e)))),
+            }
+        }
+        out
+    }
+
+    /// Removes every committed object; returns how many went.
+    pub async fn remove_all(&self, force: bool) -> Result<u64> {
+        Ok(self.master_call(&RemoveAll { force }).await?.removed)
+    }
+
+    /// Nodes, segments, capacity and use, as the master sees them.
+    pub async fn status(&self) -> Result<StatusResponse> {
+        self.master_call(&Status {}).await
+    }
+
+    /// Sends a master request, retrying connection-level failures until the deadline.
+    /// Errors the master answered with are never retried here: they are results.
+    async fn master_call<M: Message>(&self, msg: &M) -> Result<M::Response> {
+        let start = Instant::now();
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            match self.master.call(msg).await {
+                Ok(r) => return Ok(r),
+                Err(TransportError::Remote(w)) => return Err(ClientError::Remote(w)),
+                Err(e) if e.is_retryable() && start.elapsed() + backoff < self.cfg.deadline => {
+                    tracing::debug!("master call failed, retrying in {backoff:?}: {e}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+fn internal(msg: &str) -> ClientError {
+    ClientError::Remote(kvpool_proto::WireError::new(ErrorCode::Internal, msg))
+}
+
+/// A copy of an error for every item of a batch that failed as a whole.
+fn clone_err(e: &ClientError) -> ClientError {
+    ClientError::Remote(kvpool_proto::WireError::new(e.code(), e.to_string()))
+}

@@ -1,0 +1,188 @@
+//! The put path: allocate (PutStart), write every replica's bytes straight to its node,
+//! then commit (PutEnd) or give the space back (PutRevoke).
+
+use std::collections::HashMap;
+
+use futures::future::join_all;
+use kvpool_proto::{
+    ItemResult, ObjectTag, PutEnd, PutOptions, PutRevoke, PutStart, PutStartItem,
+    ReplicaDesc, WireError, WriteOp,
+};
+use kvpool_transport::engine::WriteItem;
+
+use crate::{clone_err, Client, ClientError, Result};
+
+impl Client {
+    /// Puts many values, each gathered from its parts; one result per item.
+    ///
+    /// A value is committed only if every replica the master allocated was written; otherwise
+    /// the put is revoked and the item fails (a retry may then succeed elsewhere).
+    pub async fn put_batch_parts(
+        &self,
+        items: &[(&[u8], &[&[u8]])],
+        opts: &PutOptions,
+    ) -> Vec<Result<()>> {
+        let mut out = Vec::with_capacity(items.len());
+        for chunk in items.chunks(self.cfg.max_batch.max(1)) {
+            out.extend(self.put_chunk(chunk, opts).await);
+        }
+        out
+    }
+
+    async fn put_chunk(&self, items: &[(&[u8], &[&[u8]])], opts: &PutOptions) -> Vec<Result<()>> {
+        let mut opts = opts.clone();
+        if let Some(local) = self.cfg.local_node {
+            if !opts.preferred_nodes.contains(&local) {
+                opts.preferred_nodes.insert(0, local);
+            }
+        }
+        let start = PutStart {
+            client: self.id,
+            items: items
+                .iter()
+                .map(|(key, parts)| PutStartItem {
+                    key: key.to_vec(),
+                    len: parts.iter().map(|p| p.len() as u64).sum(),
+                    checksum: parts.iter().fold(0, |crc, p| crc32c::crc32c_append(crc, p)),
+                    options: opts.clone(),
+                })
+                .collect(),
+        };
+        let allocated = match self.master_call(&start).await {
+            Ok(r) if r.items.len() == items.len() => r.items,
+            Ok(r) => {
+                let e = crate::internal(&format!("{} results for {} puts", r.items.len(), items.len()));
+                return items.iter().map(|_| Err(clone_err(&e))).collect();
+            }
+            Err(e) => return items.iter().map(|_| Err(clone_err(&e))).collect(),
+        };
+
+        let mut results: Vec<Result<()>> = allocated
+            .iter()
+            .map(|a| a.as_ref().map(|_| ()).map_err(|e| ClientError::Remote(e.clone())))
+            .collect();
+        let written = self.write_replicas(items, &start.items, &allocated).await;
+        for (r, w) in results.iter_mut().zip(written) {
+            if r.is_ok() {
+                if let Err(e) = w {
+                    *r = Err(ClientError::Remote(e));
+                }
+            }
+        }
+
+        let (mut commit, mut revoke) = (Vec::new(), Vec::new());
+        for (i, r) in results.iter().enumerate() {
+            if allocated[i].is_ok() {
+                if r.is_ok() {
+                    commit.push(i);
+                } else {
+                    revoke.push(i);
+                }
+            }
+        }
+        if !revoke.is_empty() {
+            let msg = PutRevoke {
+                client: self.id,
+                keys: revoke.iter().map(|&i| items[i].0.to_vec()).collect(),
+            };
+            if let Err(e) = self.master_call(&msg).await {
+                // The master frees the space itself when the put times out.
+                tracing::warn!("revoking {} failed puts: {e}", revoke.len());
+            }
+        }
+        if !commit.is_empty() {
+            let msg = PutEnd { client: self.id, keys: commit.iter().map(|&i| items[i].0.to_vec()).collect() };
+            match self.master_call(&msg).await {
+                Ok(r) => {
+                    for (&i, item) in commit.iter().zip(r.items) {
+                        if let Err(e) = item {
+                            results[i] = Err(ClientError::Remote(e));
+                        }
+                    }
+                }
+                Err(e) => {
+                    for &i in &commit {
+                        results[i] = Err(clone_err(&e));
+                    }
+                }
+            }
+        }
+        results
+    }
+
+    /// Writes every allocated replica, grouped into one batch per node, all nodes at once.
+    /// Returns, per item, the first write error of any of its replicas.
+    async fn write_replicas(
+        &self,
+        items: &[(&[u8], &[&[u8]])],
+        starts: &[PutStartItem],
+        allocated: &[ItemResult<Vec<ReplicaDesc>>],
+    ) -> Vec<ItemResult<()>> {
+        struct NodeBatch<'a> {
+            owners: Vec<usize>,
+            writes: Vec<WriteItem<'a>>,
+            tags: Vec<ObjectTag>,
+        }
+        let mut by_node: HashMap<&str, NodeBatch<'_>> = HashMap::new();
+        for (i, alloc) in allocated.iter().enumerate() {
+            let Ok(replicas) = alloc else { continue };
+            for r in replicas {
+                let b = by_node.entry(r.addr.as_str()).or_insert_with(|| NodeBatch {
+                    owners: Vec::new(),
+                    writes: Vec::new(),
+                    tags: Vec::new(),
+                });
+                let mut off = 0u64;
+                for part in items[i].1.iter().filter(|p| !p.is_empty()) {
+                    b.owners.push(i);
+                    b.writes.push(WriteItem {
+                        op: WriteOp { segment: r.segment, offset: r.offset + off, len: part.len() as u64 },
+                        data: part,
+                    });
+                    off += part.len() as u64;
+                }
+                b.tags.push(ObjectTag {
+                    replica: r.id,
+                    key: starts[i].key.clone(),
+                    segment: r.segment,
+                    offset: r.offset,
+                    len: starts[i].len,
+                    checksum: starts[i].checksum,
+                });
+            }
+        }
+        let mut out: Vec<ItemResult<()>> = vec![Ok(()); items.len()];
+        let batches: Vec<_> = by_node.into_iter().collect();
+        let results = join_all(batches.into_iter().map(|(addr, b)| async move {
+            let owners = b.owners;
+            let res = self.engine.write(addr, b.writes, b.tags).await;
+            if res.is_err() {
+                self.engine.forget(addr);
+            }
+            (owners, res)
+        }))
+        .await;
+        for (owners, res) in results {
+            match res {
+                Ok(rs) => {
+                    for (i, r) in owners.into_iter().zip(rs) {
+                        if let Err(e) = r {
+                            if out[i].is_ok() {
+                                out[i] = Err(e);
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    let w = WireError::new(e.code(), format!("writing to the storage node: {e}"));
+                    for i in owners {
+                        if out[i].is_ok() {
+                            out[i] = Err(w.clone());
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
