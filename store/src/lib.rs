@@ -1,1 +1,176 @@
+//! kvpool's storage node: contributes DRAM segments to the pool and serves clients' reads and
+//! writes of segment ranges, while the master (metadata only) decides what lives where.
+//!
+//! A node maps its segment at start-up, registers with the master (segments and an inventory
+//! of the objects it holds), heartbeats, and serves the data plane: `Write` frames put bytes
+//! from the socket straight into segment memory, `Read` frames send them straight back. When
+//! a master restarts or a new one is elected, the node registers again and reports every
+//! object whose bytes still match the writer's checksum, so the master's object map is
+//! rebuilt instead of lost.
+//!
+//! # Layout
+//! - [`config`]: [`StoreConfig`], the node's settings and their defaults.
+//! - [`segment`]: [`Segment`], an anonymous (optionally huge-page) mapping with bounds-checked
+//!   access; the only place that turns segment memory into slices.
+//! - [`inventory`]: [`Inventory`], the objects the node holds (from the writers' tags) and the
+//!   checksum-verified report sent on registration.
+//! - [`node`]: [`Node`], the state shared by the data server and the agent.
+//! - [`server`]: the data-plane server ([`server::serve`]).
+//! - [`agent`]: registration and heartbeats with the master.
+//!
+//! [`run`] wires these together for the CLI; [`start`] does the same and returns a handle, for
+//! embedding a node in another process (`kvpool up`, tests).
 
+pub mod agent;
+pub mod config;
+pub mod inventory;
+pub mod node;
+pub mod segment;
+pub mod server;
+
+use std::{
+    future::Future,
+    net::{SocketAddr, UdpSocket},
+    sync::Arc,
+};
+
+use kvpool_proto::SegmentId;
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+
+pub use config::StoreConfig;
+pub use inventory::Inventory;
+pub use node::Node;
+pub use segment::Segment;
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid store config: {0}")]
+    Config(String),
+    #[error("cannot map the {size}-byte DRAM segment: {source}")]
+    Segment { size: u64, source: std::io::Error },
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A running node: its state, its data address, and the tasks serving it.
+pub struct StoreHandle {
+    node: Arc<Node>,
+    local_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    server: JoinHandle<()>,
+    agent: JoinHandle<()>,
+}
+
+impl StoreHandle {
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// The address the data server is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops the agent and the server (closing every data connection) and waits for both.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.server.await;
+        let _ = self.agent.await;
+    }
+}
+
+/// Builds the node (maps and pre-faults its segment), then starts the master agent and the
+/// data server on `listener`, in the background of the current tokio runtime.
+pub async fn start(cfg: StoreConfig, listener: TcpListener) -> Result<StoreHandle, StoreError> {
+    cfg.validate().map_err(StoreError::Config)?;
+    let local_addr = listener.local_addr()?;
+    let addr = match &cfg.advertise {
+        Some(a) => a.clone(),
+        None => advertised_addr(local_addr, &cfg.master),
+    };
+    let name = cfg.name.clone().unwrap_or_else(host_name);
+    let (size, huge) = (cfg.dram.0, cfg.huge_pages);
+    // Pre-faulting touches every page: seconds for large segments, so not on an async worker.
+    let segment =
+        tokio::task::spawn_blocking(move || Segment::new(SegmentId(rand::random()), size, huge))
+            .await
+            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+            .map_err(|source| StoreError::Segment { size, source })?;
+    let node = Arc::new(Node::new(name, addr, vec![segment]));
+    tracing::info!(
+        node = %node.id(),
+        name = node.name(),
+        listen = %local_addr,
+        advertise = node.addr(),
+        master = cfg.master,
+        dram = %cfg.dram,
+        "storage node started"
+    );
+    let (stop, stop_rx) = watch::channel(false);
+    let server = tokio::spawn(server::serve(
+        listener,
+        node.clone(),
+        stopped(stop_rx.clone()),
+    ));
+    let agent = tokio::spawn(agent::run_agent(
+        node.clone(),
+        cfg.master.clone(),
+        stopped(stop_rx),
+    ));
+    Ok(StoreHandle {
+        node,
+        local_addr,
+        stop,
+        server,
+        agent,
+    })
+}
+
+/// Runs a storage node until `shutdown` completes.
+pub async fn run(
+    cfg: StoreConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StoreError> {
+    let handle = start(cfg, listener).await?;
+    shutdown.await;
+    tracing::info!(node = %handle.node.id(), "storage node shutting down");
+    handle.shutdown().await;
+    Ok(())
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    // An error means the sender (the handle) is gone: nobody can stop us any more, but a
+    // dropped handle should not keep a node running either.
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// The data address to give clients when none is configured: the bound address, unless it is
+/// a wildcard; then the local IP the kernel would use to reach the master (no packet is sent).
+fn advertised_addr(local: SocketAddr, master: &str) -> String {
+    if !local.ip().is_unspecified() {
+        return local.to_string();
+    }
+    let routed = UdpSocket::bind((local.ip(), 0))
+        .and_then(|s| s.connect(master).map(|()| s))
+        .and_then(|s| s.local_addr());
+    match routed {
+        Ok(a) if !a.ip().is_unspecified() => SocketAddr::new(a.ip(), local.port()).to_string(),
+        _ => {
+            tracing::warn!(
+                "listening on {local} and no route to the master to pick an address from; \
+                 advertising loopback (set `advertise` for other hosts to reach this node)"
+            );
+            SocketAddr::new([127, 0, 0, 1].into(), local.port()).to_string()
+        }
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "store".to_string())
+}

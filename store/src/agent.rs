@@ -1,0 +1,154 @@
+//! The node's link to the master: register (with an inventory report), then heartbeat.
+//!
+//! The master may restart, fail over, or declare this node dead at any time; the agent then
+//! registers again with a fresh report, so the master re-learns what the node holds. While
+//! the master is unreachable the agent retries forever with a capped back-off; the data
+//! server keeps serving meanwhile.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use kvpool_proto::{ErrorCode, Heartbeat, Register, RegisterResponse};
+use kvpool_transport::{
+    rpc::{RpcClient, RpcOptions},
+    TransportError,
+};
+
+use crate::node::Node;
+
+/// Heartbeat interval used when the master does not name one.
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
+/// First retry delay after a failed registration; doubles up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Runs the agent until `shutdown` completes.
+pub async fn run_agent(node: Arc<Node>, master: String, shutdown: impl Future<Output = ()>) {
+    let opts = RpcOptions {
+        connect_timeout: Duration::from_secs(1),
+        // A registration checksums the whole inventory first, but that happens before the
+        // call; the master's answer itself is quick.
+        request_timeout: Duration::from_secs(10),
+        ..RpcOptions::default()
+    };
+    let client = RpcClient::new(master, opts);
+    tokio::select! {
+        () = shutdown => {}
+        () = agent_loop(&node, &client) => {}
+    }
+}
+
+async fn agent_loop(node: &Arc<Node>, client: &RpcClient) {
+    loop {
+        let interval = register(node, client).await;
+        heartbeat_until_lost(node, client, interval).await;
+    }
+}
+
+/// Registers, retrying until the master accepts; returns the heartbeat interval it asked for.
+async fn register(node: &Arc<Node>, client: &RpcClient) -> Duration {
+    let mut backoff = MIN_BACKOFF;
+    let mut failures = 0u32;
+    loop {
+        match try_register(node, client).await {
+            Ok(resp) => {
+                if !resp.rejected.is_empty() {
+                    tracing::info!(
+                        rejected = resp.rejected.len(),
+                        "master refused some reported replicas; forgetting them"
+                    );
+                    node.inventory().free(&resp.rejected);
+                }
+                let interval = match resp.heartbeat_ms {
+                    0 => DEFAULT_HEARTBEAT,
+                    ms => Duration::from_millis(ms).clamp(Duration::from_millis(10), MAX_HB),
+                };
+                tracing::info!(
+                    node = %node.id(),
+                    master = client.addr(),
+                    objects = node.inventory().len(),
+                    ?interval,
+                    "registered with the master"
+                );
+                return interval;
+            }
+            Err(e) => {
+                // The first failure is worth a warning; a master that stays down is not worth
+                // one line per second.
+                if failures == 0 {
+                    tracing::warn!(master = client.addr(), "registration failed, retrying: {e}");
+                } else {
+                    tracing::debug!(master = client.addr(), failures, "registration failed: {e}");
+                }
+                failures = failures.saturating_add(1);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+/// Longest heartbeat interval honoured: the master declares a node dead after 10 s of silence.
+const MAX_HB: Duration = Duration::from_secs(5);
+
+async fn try_register(
+    node: &Arc<Node>,
+    client: &RpcClient,
+) -> Result<RegisterResponse, TransportError> {
+    // Checksumming the inventory reads every held byte: keep it off the async workers.
+    let n = node.clone();
+    let msg: Register = tokio::task::spawn_blocking(move || n.register_msg())
+        .await
+        .map_err(|e| TransportError::Protocol(format!("inventory report failed: {e}")))?;
+    client.call(&msg).await
+}
+
+/// Heartbeats every `interval`, applying the master's frees, until the master asks the node to
+/// register again (it restarted, failed over, or declared the node dead).
+async fn heartbeat_until_lost(node: &Node, client: &RpcClient, interval: Duration) {
+    let mut acked = 0u64;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        ticker.tick().await;
+        match client
+            .call(&Heartbeat {
+                node: node.id(),
+                acked,
+            })
+            .await
+        {
+            Ok(resp) => {
+                if failing {
+                    tracing::info!(master = client.addr(), "master reachable again");
+                    failing = false;
+                }
+                if resp.need_register {
+                    tracing::info!(node = %node.id(), "master asks this node to register again");
+                    return;
+                }
+                if !resp.frees.is_empty() {
+                    node.inventory().free(&resp.frees);
+                }
+                acked = acked.max(resp.frees_upto);
+            }
+            Err(TransportError::Remote(e))
+                if matches!(
+                    e.code,
+                    ErrorCode::NeedRegister | ErrorCode::UnknownNode | ErrorCode::NodeDead
+                ) =>
+            {
+                tracing::info!(node = %node.id(), "master no longer knows this node: {e}");
+                return;
+            }
+            Err(e) => {
+                // Keep heartbeating: a master that comes back answers need_register if it lost
+                // this node, and a transient failure costs nothing.
+                if !failing {
+                    tracing::warn!(master = client.addr(), "heartbeat failed: {e}");
+                    failing = true;
+                }
+            }
+        }
+    }
+}

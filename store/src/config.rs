@@ -1,0 +1,97 @@
+//! The storage node's configuration (the `[store]` part of a kvpool config file).
+
+use kvpool_proto::ByteSize;
+use serde::{Deserialize, Serialize};
+
+/// Default data-plane port of a storage node.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50052";
+/// Default master RPC address (DESIGN: names and defaults).
+pub const DEFAULT_MASTER: &str = "127.0.0.1:50051";
+
+/// How a storage node runs. Every field has a default, so an empty file is a valid config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct StoreConfig {
+    /// Data-plane address to listen on ["127.0.0.1:50052"]. Port 0 picks a free port. Used by
+    /// whoever binds the listener (the CLI); [`crate::run`] takes the bound listener.
+    pub listen: String,
+    /// Address the master hands to clients for this node [unset: the listener's address, or,
+    /// when it listens on an unspecified IP (0.0.0.0, ::), the local IP that routes to the
+    /// master]. Set it behind NAT or in containers.
+    pub advertise: Option<String>,
+    /// The master's RPC address ["127.0.0.1:50051"].
+    pub master: String,
+    /// Size of the DRAM segment this node contributes [256MiB].
+    pub dram: ByteSize,
+    /// Back the segment with 2 MiB huge pages [false]: hugetlb pages if the pool
+    /// (`vm.nr_hugepages`) has enough, else transparent huge pages, else base pages.
+    pub huge_pages: bool,
+    /// Name shown in `kvpool status` and logs [unset: the host name].
+    pub name: Option<String>,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            listen: DEFAULT_LISTEN.to_string(),
+            advertise: None,
+            master: DEFAULT_MASTER.to_string(),
+            dram: ByteSize::mib(256),
+            huge_pages: false,
+            name: None,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// Checks what serde cannot: a segment must hold at least one page.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.dram.0 < 4096 {
+            return Err(format!("dram = {} is too small (at least 4KiB)", self.dram));
+        }
+        if usize::try_from(self.dram.0).is_err() {
+            return Err(format!(
+                "dram = {} does not fit this machine's address space",
+                self.dram
+            ));
+        }
+        if self.master.is_empty() {
+            return Err("master address is empty".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c: StoreConfig = toml::from_str("").unwrap();
+        assert_eq!(c, StoreConfig::default());
+        assert_eq!(c.dram, ByteSize(256 << 20));
+        assert_eq!(c.listen, "127.0.0.1:50052");
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn reads_kebab_case_and_human_sizes() {
+        let c: StoreConfig = toml::from_str(
+            "listen = \"0.0.0.0:7000\"\nadvertise = \"10.0.0.5:7000\"\nmaster = \"m:1\"\n\
+             dram = \"4GiB\"\nhuge-pages = true\nname = \"n1\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.dram, ByteSize(4 << 30));
+        assert!(c.huge_pages);
+        assert_eq!(c.advertise.as_deref(), Some("10.0.0.5:7000"));
+        assert_eq!(c.name.as_deref(), Some("n1"));
+    }
+
+    #[test]
+    fn refuses_unknown_fields_and_tiny_segments() {
+        assert!(toml::from_str::<StoreConfig>("hugepages = true").is_err());
+        let c: StoreConfig = toml::from_str("dram = \"1KiB\"").unwrap();
+        assert!(c.validate().is_err());
+    }
+}

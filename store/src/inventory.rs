@@ -1,0 +1,273 @@
+//! What this node holds, so that a new or restarted master can rebuild its object map.
+//!
+//! Clients name each replica's object with an [`ObjectTag`] sent along one of its writes. The
+//! node keeps the tags, forgets those the master frees, and when it (re-)registers reports
+//! only the entries whose bytes still match the writer's checksum: a write that never finished
+//! or bytes that were overwritten since are never reported as an object.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Mutex, MutexGuard},
+};
+
+use kvpool_proto::{InventoryEntry, ObjectTag, ReplicaId, SegmentId};
+
+use crate::segment::Segment;
+
+/// The replicas this node holds, by id and by position.
+#[derive(Debug, Default)]
+pub struct Inventory {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    tags: HashMap<ReplicaId, ObjectTag>,
+    /// Per segment, the entries by start offset. Entries never overlap (recording a tag drops
+    /// the ones it overlaps), so ends are sorted like starts.
+    by_pos: HashMap<SegmentId, BTreeMap<u64, ReplicaId>>,
+}
+
+impl Inner {
+    fn remove(&mut self, id: ReplicaId) -> Option<ObjectTag> {
+        let tag = self.tags.remove(&id)?;
+        if let Some(pos) = self.by_pos.get_mut(&tag.segment) {
+            if pos.get(&tag.offset) == Some(&id) {
+                pos.remove(&tag.offset);
+            }
+            if pos.is_empty() {
+                self.by_pos.remove(&tag.segment);
+            }
+        }
+        Some(tag)
+    }
+}
+
+impl Inventory {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that
+        // matters more than losing the node's inventory, so keep serving.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a tag. The caller has checked that its range lies in a known segment. Entries
+    /// of the same segment that overlap it are dropped: their bytes are being overwritten.
+    pub fn record(&self, tag: ObjectTag) {
+        if tag.len == 0 {
+            return;
+        }
+        let end = tag.offset.saturating_add(tag.len);
+        let mut inner = self.lock();
+        inner.remove(tag.replica);
+        let mut dropped = Vec::new();
+        if let Some(pos) = inner.by_pos.get(&tag.segment) {
+            for (&start, &id) in pos.range(..end).rev() {
+                let other_end = inner
+                    .tags
+                    .get(&id)
+                    .map_or(start, |t| start.saturating_add(t.len));
+                if other_end <= tag.offset {
+                    break;
+                }
+                dropped.push(id);
+            }
+        }
+        for id in dropped {
+            inner.remove(id);
+            tracing::debug!(
+                replica = id.0,
+                by = tag.replica.0,
+                "inventory entry overwritten"
+            );
+        }
+        inner
+            .by_pos
+            .entry(tag.segment)
+            .or_default()
+            .insert(tag.offset, tag.replica);
+        inner.tags.insert(tag.replica, tag);
+    }
+
+    /// Forgets replicas the master freed (or refused). Unknown ids are ignored: frees may be
+    /// delivered twice, and an overwrite may have dropped the entry already.
+    pub fn free(&self, ids: &[ReplicaId]) {
+        let mut inner = self.lock();
+        for &id in ids {
+            inner.remove(id);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().tags.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The tag recorded for a replica, if any.
+    pub fn get(&self, id: ReplicaId) -> Option<ObjectTag> {
+        self.lock().tags.get(&id).cloned()
+    }
+
+    /// The entries whose bytes match their checksum, for a registration. Entries that do not
+    /// match are dropped: either their write never completed (a put that a master restart
+    /// failed anyway) or their space was reused. Checksums are computed without the lock held,
+    /// so this may take a while for a large segment but never stalls the data path.
+    pub fn report(&self, segments: &[Segment]) -> Vec<InventoryEntry> {
+        let snapshot: Vec<ObjectTag> = self.lock().tags.values().cloned().collect();
+        let mut out = Vec::with_capacity(snapshot.len());
+        let mut stale = Vec::new();
+        for tag in snapshot {
+            let Some(seg) = segments.iter().find(|s| s.id() == tag.segment) else {
+                stale.push(tag);
+                continue;
+            };
+            // SAFETY: the range was bounds-checked by the segment. A writer racing this read
+            // (space reused, or the object's own write still in flight) only makes the
+            // checksum fail, and a failed checksum keeps the entry out of the report.
+            let crc = match unsafe { seg.slice(tag.offset, tag.len) } {
+                Ok(bytes) => crc32c::crc32c(bytes),
+                Err(_) => {
+                    stale.push(tag);
+                    continue;
+                }
+            };
+            if crc == tag.checksum {
+                out.push(InventoryEntry {
+                    replica: tag.replica,
+                    key: tag.key,
+                    segment: tag.segment,
+                    offset: tag.offset,
+                    len: tag.len,
+                    checksum: tag.checksum,
+                });
+            } else {
+                stale.push(tag);
+            }
+        }
+        if !stale.is_empty() {
+            let mut inner = self.lock();
+            for tag in &stale {
+                // Only drop the entry we checked: a retried write may have re-recorded it.
+                if inner.tags.get(&tag.replica) == Some(tag) {
+                    inner.remove(tag.replica);
+                }
+            }
+            tracing::info!(
+                dropped = stale.len(),
+                reported = out.len(),
+                "inventory entries whose bytes no longer match their checksum were dropped"
+            );
+        }
+        out.sort_by_key(|e| (e.segment, e.offset));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tag(replica: u64, seg: u64, offset: u64, len: u64, checksum: u32) -> ObjectTag {
+        ObjectTag {
+            replica: ReplicaId(replica),
+            key: format!("key-{replica}").into_bytes(),
+            segment: SegmentId(seg),
+            offset,
+            len,
+            checksum,
+        }
+    }
+
+    fn ids(inv: &Inventory) -> Vec<u64> {
+        let mut v: Vec<u64> = inv.lock().tags.keys().map(|r| r.0).collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn overlapping_tag_drops_older_entries_in_same_segment_only() {
+        let inv = Inventory::new();
+        inv.record(tag(1, 1, 0, 100, 0));
+        inv.record(tag(2, 1, 100, 100, 0));
+        inv.record(tag(3, 1, 200, 100, 0));
+        inv.record(tag(4, 2, 150, 100, 0));
+        assert_eq!(ids(&inv), [1, 2, 3, 4]);
+        // Overlaps the tail of 1 and the head of 2, touches neither 3 nor segment 2.
+        inv.record(tag(5, 1, 99, 2, 0));
+        assert_eq!(ids(&inv), [3, 4, 5]);
+        // Exactly adjacent ranges do not overlap.
+        inv.record(tag(6, 1, 101, 99, 0));
+        assert_eq!(ids(&inv), [3, 4, 5, 6]);
+        // One range covering several entries drops them all.
+        inv.record(tag(7, 1, 0, 1000, 0));
+        assert_eq!(ids(&inv), [4, 7]);
+        assert!(inv.lock().by_pos[&SegmentId(1)].len() == 1);
+    }
+
+    #[test]
+    fn rerecording_a_replica_moves_it() {
+        let inv = Inventory::new();
+        inv.record(tag(1, 1, 0, 10, 0));
+        inv.record(tag(1, 1, 50, 10, 0));
+        assert_eq!(inv.len(), 1);
+        assert_eq!(inv.get(ReplicaId(1)).unwrap().offset, 50);
+        inv.record(tag(2, 1, 0, 10, 0));
+        assert_eq!(ids(&inv), [1, 2]);
+    }
+
+    #[test]
+    fn free_forgets_and_ignores_unknown_ids() {
+        let inv = Inventory::new();
+        inv.record(tag(1, 1, 0, 10, 0));
+        inv.record(tag(2, 1, 10, 10, 0));
+        inv.free(&[ReplicaId(1), ReplicaId(99), ReplicaId(1)]);
+        assert_eq!(ids(&inv), [2]);
+        inv.free(&[ReplicaId(2)]);
+        assert!(inv.is_empty());
+        assert!(inv.lock().by_pos.is_empty());
+        inv.record(tag(3, 1, 0, 0, 0));
+        assert!(inv.is_empty(), "empty ranges are not objects");
+    }
+
+    #[test]
+    fn report_keeps_matching_and_drops_mismatching_entries() {
+        let seg = Segment::new(SegmentId(7), 1 << 16, false).unwrap();
+        let a = b"alpha bytes";
+        let b = b"bravo bytes";
+        // SAFETY: single-threaded test; slices do not outlive their statements.
+        unsafe { seg.slice_mut(0, a.len() as u64).unwrap().copy_from_slice(a) };
+        // SAFETY: as above.
+        unsafe {
+            seg.slice_mut(100, b.len() as u64)
+                .unwrap()
+                .copy_from_slice(b)
+        };
+        let inv = Inventory::new();
+        inv.record(tag(1, 7, 0, a.len() as u64, crc32c::crc32c(a)));
+        inv.record(tag(2, 7, 100, b.len() as u64, crc32c::crc32c(b)));
+        // A tag for a segment this node does not serve, and one whose write never happened.
+        inv.record(tag(3, 8, 0, 4, 0));
+        inv.record(tag(4, 7, 200, 4, crc32c::crc32c(b"nope")));
+        let report = inv.report(std::slice::from_ref(&seg));
+        assert_eq!(
+            report.iter().map(|e| e.replica.0).collect::<Vec<_>>(),
+            [1, 2]
+        );
+        assert_eq!(report[0].key, b"key-1");
+        assert_eq!((report[1].offset, report[1].len), (100, b.len() as u64));
+        assert_eq!(ids(&inv), [1, 2]);
+
+        // Overwrite one byte of entry 2 without a tag (space reused): no longer reported.
+        // SAFETY: as above.
+        unsafe { seg.slice_mut(101, 1).unwrap()[0] ^= 0xff };
+        let report = inv.report(std::slice::from_ref(&seg));
+        assert_eq!(report.iter().map(|e| e.replica.0).collect::<Vec<_>>(), [1]);
+        assert_eq!(ids(&inv), [1]);
+    }
+}
