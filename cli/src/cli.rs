@@ -1,0 +1,181 @@
+//! Command-line arguments. Flags override the config file, which overrides the defaults.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Args, Parser, Subcommand};
+use kvpool_proto::ByteSize;
+
+use crate::{config::Config, serve, verbs};
+
+#[derive(Debug, Parser)]
+#[command(name = "kvpool", version, about = "A multi-level KV-cache pool for LLM inference")]
+pub struct Cli {
+    /// Config file (TOML); see `kvpool config`.
+    #[arg(long, global = true, env = "KVPOOL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// More log output (-v info, -vv debug); KVPOOL_LOG takes a full filter.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+impl Cli {
+    pub fn log_level(&self) -> &'static str {
+        match (&self.command, self.verbose) {
+            (_, 2..) => "debug",
+            (_, 1) => "info",
+            (Command::Up(_) | Command::Master(_) | Command::Store(_), 0) => "info",
+            _ => "warn",
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Master and one storage node in one process: a ready pool on one box.
+    Up(UpArgs),
+    /// The metadata master.
+    Master(MasterArgs),
+    /// A storage node contributing DRAM to the pool.
+    Store(StoreArgs),
+    /// Put a value from a file or standard input.
+    Put(PutArgs),
+    /// Get a value to a file or standard output.
+    Get(GetArgs),
+    /// Remove a key.
+    Rm(RmArgs),
+    /// Whether a key is in the pool: exit 0 if it is, 1 if not.
+    Exists(KeyArgs),
+    /// Nodes, segments, capacity, use and object count.
+    Status(StatusArgs),
+    /// Print the default config file, every key with its default.
+    Config,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Master RPC address [127.0.0.1:50051].
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Storage node data address [127.0.0.1:50052].
+    #[arg(long)]
+    pub data_listen: Option<String>,
+    /// DRAM the node contributes, e.g. 256MiB, 4GiB.
+    #[arg(long)]
+    pub dram: Option<ByteSize>,
+    /// Back DRAM with huge pages when available.
+    #[arg(long)]
+    pub huge_pages: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct MasterArgs {
+    /// RPC address [127.0.0.1:50051].
+    #[arg(long)]
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// The master's RPC address.
+    #[arg(long, env = "KVPOOL_MASTER")]
+    pub master: Option<String>,
+    /// Data address [127.0.0.1:50052].
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Address clients should use for this node, if not the listen address.
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// DRAM the node contributes, e.g. 256MiB, 4GiB.
+    #[arg(long)]
+    pub dram: Option<ByteSize>,
+    /// Back DRAM with huge pages when available.
+    #[arg(long)]
+    pub huge_pages: bool,
+    /// Name shown in `kvpool status`.
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct MasterAddr {
+    /// The master's RPC address [127.0.0.1:50051].
+    #[arg(long, env = "KVPOOL_MASTER")]
+    pub master: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PutArgs {
+    #[command(flatten)]
+    pub addr: MasterAddr,
+    pub key: String,
+    /// File to read the value from; `-` or nothing reads standard input.
+    pub file: Option<PathBuf>,
+    /// Replicas on distinct nodes.
+    #[arg(long, default_value_t = 1)]
+    pub replicas: u8,
+    /// Replace an existing value.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Keep out of the first eviction pass for the soft-pin TTL.
+    #[arg(long)]
+    pub soft_pin: bool,
+    /// Never evict.
+    #[arg(long)]
+    pub hard_pin: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    #[command(flatten)]
+    pub addr: MasterAddr,
+    pub key: String,
+    /// Write the value here instead of standard output.
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    #[command(flatten)]
+    pub addr: MasterAddr,
+    pub key: String,
+    /// Remove even if leased or hard-pinned.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct KeyArgs {
+    #[command(flatten)]
+    pub addr: MasterAddr,
+    pub key: String,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub addr: MasterAddr,
+    /// Print JSON-like machine output (one `key=value` line per figure) instead of a table.
+    #[arg(long)]
+    pub raw: bool,
+}
+
+pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let cfg = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Up(a) => serve::up(cfg, a).await,
+        Command::Master(a) => serve::master(cfg, a).await,
+        Command::Store(a) => serve::store(cfg, a).await,
+        Command::Put(a) => verbs::put(cfg, a).await,
+        Command::Get(a) => verbs::get(cfg, a).await,
+        Command::Rm(a) => verbs::rm(cfg, a).await,
+        Command::Exists(a) => verbs::exists(cfg, a).await,
+        Command::Status(a) => verbs::status(cfg, a).await,
+        Command::Config => {
+            print!("{}", Config::default_toml());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! `kvpool`: one binary for the whole pool. Servers (`up`, `master`, `store`) and admin verbs
+//! (`put`, `get`, `rm`, `exists`, `status`, `config`). Every verb exits non-zero with a
+//! one-line message on failure.
+
+mod cli;
+mod config;
+mod serve;
+mod verbs;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KVPOOL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(args.log_level()));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kvpool: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(cli::dispatch(args)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kvpool: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! The server verbs. Each binds its listeners first and then prints one `ready` line on
+//! standard output (`ready master=ADDR store=ADDR`), so scripts and tests that ask for port 0
+//! learn the real addresses.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use crate::{
+    cli::{MasterArgs, StoreArgs, UpArgs},
+    config::Config,
+};
+
+async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("binding the {what} to {addr}"))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn ready(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "ready {line}");
+    let _ = out.flush();
+}
+
+pub async fn master(mut cfg: Config, a: MasterArgs) -> anyhow::Result<ExitCode> {
+    if let Some(l) = a.listen {
+        cfg.master.listen = l;
+    }
+    cfg.master.validate().map_err(anyhow::Error::msg)?;
+    let listener = bind(&cfg.master.listen, "master").await?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "master listening");
+    ready(&format!("master={addr}"));
+    kvpool_master::server::run(listener, &cfg.master, shutdown_signal()).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn apply_store_flags(cfg: &mut Config, a: &StoreArgs) {
+    if let Some(m) = &a.master {
+        cfg.store.master = m.clone();
+    }
+    if let Some(l) = &a.listen {
+        cfg.store.listen = l.clone();
+    }
+    if let Some(ad) = &a.advertise {
+        cfg.store.advertise = Some(ad.clone());
+    }
+    if let Some(d) = a.dram {
+        cfg.store.dram = d;
+    }
+    if a.huge_pages {
+        cfg.store.huge_pages = true;
+    }
+    if let Some(n) = &a.name {
+        cfg.store.name = Some(n.clone());
+    }
+}
+
+pub async fn store(mut cfg: Config, a: StoreArgs) -> anyhow::Result<ExitCode> {
+    apply_store_flags(&mut cfg, &a);
+    cfg.store.validate().map_err(anyhow::Error::msg)?;
+    let listener = bind(&cfg.store.listen, "storage node").await?;
+    let handle = kvpool_store::start(cfg.store.clone(), listener).await?;
+    ready(&format!("store={} node={}", handle.local_addr(), handle.node().id()));
+    shutdown_signal().await;
+    handle.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn up(mut cfg: Config, a: UpArgs) -> anyhow::Result<ExitCode> {
+    if let Some(l) = a.listen {
+        cfg.master.listen = l;
+    }
+    if let Some(l) = a.data_listen {
+        cfg.store.listen = l;
+    }
+    if let Some(d) = a.dram {
+        cfg.store.dram = d;
+    }
+    if a.huge_pages {
+        cfg.store.huge_pages = true;
+    }
+    cfg.master.validate().map_err(anyhow::Error::msg)?;
+    cfg.store.validate().map_err(anyhow::Error::msg)?;
+    let master_listener = bind(&cfg.master.listen, "master").await?;
+    let master_addr = master_listener.local_addr()?;
+    let store_listener = bind(&cfg.store.listen, "storage node").await?;
+    cfg.store.master = master_addr.to_string();
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let master_cfg = cfg.master.clone();
+    let mut master_rx = stop_rx.clone();
+    let master = tokio::spawn(async move {
+        kvpool_master::server::run(master_listener, &master_cfg, async move {
+            let _ = master_rx.wait_for(|s| *s).await;
+        })
+        .await
+    });
+    let store = kvpool_store::start(cfg.store.clone(), store_listener).await?;
+    // Ready means usable: wait until the node has registered, so a put right after works.
+    let client = kvpool_client::Client::new(kvpool_client::ClientConfig::with_master(master_addr.to_string()));
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match client.status().await {
+            Ok(s) if s.nodes.iter().any(|n| n.alive) => break,
+            _ if tokio::time::Instant::now() > deadline => {
+                anyhow::bail!("the storage node did not register with the master within 30s")
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    }
+    ready(&format!("master={master_addr} store={}", store.local_addr()));
+    eprintln!(
+        "kvpool is up: master {master_addr}, storage node {} with {} of DRAM. Try: kvpool put hello - <<< world",
+        store.local_addr(),
+        cfg.store.dram
+    );
+    shutdown_signal().await;
+    store.shutdown().await;
+    let _ = stop_tx.send(true);
+    let _ = master.await;
+    drop(stop_rx);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,137 @@
+//! The admin verbs: thin wrappers over `kvpool-client`.
+
+use std::{
+    io::{Read, Write},
+    process::ExitCode,
+};
+
+use anyhow::{bail, Context};
+use kvpool_client::{Client, ErrorCode};
+use kvpool_proto::{ByteSize, PutOptions};
+
+use crate::{
+    cli::{GetArgs, KeyArgs, MasterAddr, PutArgs, RmArgs, StatusArgs},
+    config::Config,
+};
+
+fn client(cfg: &Config, addr: &MasterAddr) -> Client {
+    Client::new(cfg.client.to_client_config(addr.master.as_deref()))
+}
+
+pub async fn put(cfg: Config, a: PutArgs) -> anyhow::Result<ExitCode> {
+    let value = match a.file.as_deref() {
+        Some(p) if p.as_os_str() != "-" => {
+            std::fs::read(p).with_context(|| format!("reading {}", p.display()))?
+        }
+        _ => {
+            let mut v = Vec::new();
+            std::io::stdin().read_to_end(&mut v).context("reading standard input")?;
+            v
+        }
+    };
+    let opts = PutOptions {
+        replicas: a.replicas,
+        overwrite: a.overwrite,
+        soft_pin: a.soft_pin,
+        hard_pin: a.hard_pin,
+        ..PutOptions::default()
+    };
+    client(&cfg, &a.addr)
+        .put(a.key.as_bytes(), &value, &opts)
+        .await
+        .with_context(|| format!("put {:?} ({})", a.key, ByteSize(value.len() as u64)))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn get(cfg: Config, a: GetArgs) -> anyhow::Result<ExitCode> {
+    let value = client(&cfg, &a.addr).get(a.key.as_bytes()).await.with_context(|| format!("get {:?}", a.key))?;
+    let Some(value) = value else {
+        bail!("get {:?}: not found", a.key);
+    };
+    match a.output {
+        Some(p) if p.as_os_str() != "-" => {
+            std::fs::write(&p, &value).with_context(|| format!("writing {}", p.display()))?
+        }
+        _ => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(&value).context("writing standard output")?;
+            out.flush().context("writing standard output")?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn rm(cfg: Config, a: RmArgs) -> anyhow::Result<ExitCode> {
+    let mut r = client(&cfg, &a.addr).remove(&[a.key.as_bytes()], a.force).await;
+    match r.pop() {
+        Some(Ok(())) => Ok(ExitCode::SUCCESS),
+        Some(Err(e)) if e.code() == ErrorCode::NotFound => bail!("rm {:?}: not found", a.key),
+        Some(Err(e)) => Err(e).with_context(|| format!("rm {:?}", a.key)),
+        None => bail!("rm {:?}: no result", a.key),
+    }
+}
+
+pub async fn exists(cfg: Config, a: KeyArgs) -> anyhow::Result<ExitCode> {
+    let mut r = client(&cfg, &a.addr).exists(&[a.key.as_bytes()], false).await;
+    match r.pop() {
+        Some(Ok(true)) => {
+            println!("yes");
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Ok(false)) => {
+            println!("no");
+            Ok(ExitCode::from(1))
+        }
+        Some(Err(e)) => Err(e).with_context(|| format!("exists {:?}", a.key)),
+        None => bail!("exists {:?}: no result", a.key),
+    }
+}
+
+pub async fn status(cfg: Config, a: StatusArgs) -> anyhow::Result<ExitCode> {
+    let s = client(&cfg, &a.addr).status().await.context("status")?;
+    let (cap, used): (u64, u64) = s
+        .nodes
+        .iter()
+        .flat_map(|n| &n.segments)
+        .fold((0, 0), |(c, u), seg| (c + seg.capacity, u + seg.used));
+    let alive = s.nodes.iter().filter(|n| n.alive).count();
+    if a.raw {
+        println!("nodes={} alive={alive} capacity={cap} used={used} objects={} processing={} evictions={}",
+            s.nodes.len(), s.objects, s.processing, s.evictions);
+        for n in &s.nodes {
+            for seg in &n.segments {
+                println!("node={} name={} addr={} alive={} segment={} capacity={} used={} objects={}",
+                    n.id, n.name, n.addr, n.alive, seg.id, seg.capacity, seg.used, seg.objects);
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "pool: {} node(s) ({alive} alive), {} of {} used ({:.1}%), {} object(s), {} put(s) in progress, {} eviction(s)",
+        s.nodes.len(),
+        ByteSize(used),
+        ByteSize(cap),
+        if cap == 0 { 0.0 } else { used as f64 * 100.0 / cap as f64 },
+        s.objects,
+        s.processing,
+        s.evictions
+    );
+    println!();
+    println!("{:<18} {:<16} {:<22} {:<6} {:<18} {:>10} {:>10} {:>9}", "NODE", "NAME", "ADDRESS", "STATE", "SEGMENT", "CAPACITY", "USED", "OBJECTS");
+    for n in &s.nodes {
+        for seg in &n.segments {
+            println!(
+                "{:<18} {:<16} {:<22} {:<6} {:<18} {:>10} {:>10} {:>9}",
+                n.id.to_string(),
+                n.name,
+                n.addr,
+                if n.alive { "up" } else { "down" },
+                seg.id.to_string(),
+                ByteSize(seg.capacity).to_string(),
+                ByteSize(seg.used).to_string(),
+                seg.objects
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

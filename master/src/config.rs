@@ -1,0 +1,96 @@
+//! The master's configuration file section (`[master]` in kvpool.toml).
+
+use kvpool_proto::{ByteSize, HumanDuration};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+use crate::core::CoreConfig;
+
+/// Every key has a default (Mooncake's where one exists); the file overrides the defaults and
+/// flags override the file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct MasterConfig {
+    /// RPC listen address ["127.0.0.1:50051"].
+    pub listen: String,
+    /// Read lease granted by a lookup ["10s"].
+    pub lease_ttl: HumanDuration,
+    /// Soft-pin lifetime ["30m"].
+    pub soft_pin_ttl: HumanDuration,
+    /// After this, a new put of the key may preempt an unfinished put ["30s"].
+    pub put_discard_timeout: HumanDuration,
+    /// After this, the space of an unfinished put is freed ["10m"].
+    pub put_release_timeout: HumanDuration,
+    /// A node silent this long is dead ["10s"].
+    pub node_ttl: HumanDuration,
+    /// How often nodes heartbeat ["1s"].
+    pub heartbeat_interval: HumanDuration,
+    /// Segment use above which eviction starts [0.90].
+    pub high_watermark: f64,
+    /// Share of a segment freed by one eviction round [0.05].
+    pub eviction_ratio: f64,
+    /// Soft-pinned objects may go in a second eviction pass [true].
+    pub allow_evict_soft_pinned: bool,
+    /// Largest value accepted ["1GiB"].
+    pub max_value: ByteSize,
+    /// How often the master runs liveness, zombie-put and eviction checks ["20ms"].
+    pub tick: HumanDuration,
+}
+
+impl Default for MasterConfig {
+    fn default() -> Self {
+        let core = CoreConfig::default();
+        MasterConfig {
+            listen: "127.0.0.1:50051".into(),
+            lease_ttl: HumanDuration(core.lease_ttl),
+            soft_pin_ttl: HumanDuration(core.soft_pin_ttl),
+            put_discard_timeout: HumanDuration(core.put_discard_timeout),
+            put_release_timeout: HumanDuration(core.put_release_timeout),
+            node_ttl: HumanDuration(core.node_ttl),
+            heartbeat_interval: HumanDuration(core.heartbeat_interval),
+            high_watermark: core.high_watermark,
+            eviction_ratio: core.eviction_ratio,
+            allow_evict_soft_pinned: core.allow_evict_soft_pinned,
+            max_value: ByteSize(core.max_value_len),
+            tick: HumanDuration(Duration::from_millis(20)),
+        }
+    }
+}
+
+impl MasterConfig {
+    /// Refuses impossible settings with a message that names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.high_watermark) || self.high_watermark == 0.0 {
+            return Err(format!("master.high-watermark must be in (0, 1], got {}", self.high_watermark));
+        }
+        if !(0.0..=1.0).contains(&self.eviction_ratio) || self.eviction_ratio == 0.0 {
+            return Err(format!("master.eviction-ratio must be in (0, 1], got {}", self.eviction_ratio));
+        }
+        if self.node_ttl.0 <= self.heartbeat_interval.0 {
+            return Err("master.node-ttl must be longer than master.heartbeat-interval".into());
+        }
+        if self.max_value.0 == 0 {
+            return Err("master.max-value must be at least 1 byte".into());
+        }
+        if self.tick.0.is_zero() {
+            return Err("master.tick must be positive".into());
+        }
+        Ok(())
+    }
+
+    pub fn core(&self) -> CoreConfig {
+        CoreConfig {
+            lease_ttl: self.lease_ttl.0,
+            soft_pin_ttl: self.soft_pin_ttl.0,
+            put_discard_timeout: self.put_discard_timeout.0,
+            put_release_timeout: self.put_release_timeout.0,
+            node_ttl: self.node_ttl.0,
+            heartbeat_interval: self.heartbeat_interval.0,
+            high_watermark: self.high_watermark,
+            eviction_ratio: self.eviction_ratio,
+            allow_evict_soft_pinned: self.allow_evict_soft_pinned,
+            max_value_len: self.max_value.0,
+            ..CoreConfig::default()
+        }
+    }
+}
