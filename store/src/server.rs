@@ -250,13 +250,13 @@ async fn read(io: &mut Io, node: &Node, h: &FrameHeader) -> Result<(), Close> {
     let mut slices = Vec::with_capacity(req.ops.len());
     let mut total = 0u64;
     for op in &req.ops {
-        // SAFETY: a reader only reads ranges the master handed out to it; concurrent writes
-        // to the same bytes happen only after the object was freed or evicted, and then the
-        // client's lease check and checksum reject what it read (see `Segment::slice`).
-        match node
-            .segment(op.segment)
-            .and_then(|s| unsafe { s.slice(op.offset, op.len) })
-        {
+        let bytes = node.segment(op.segment).and_then(|s| {
+            // SAFETY: a reader only reads ranges the master handed out to it; concurrent
+            // writes to the same bytes happen only after the object was freed or evicted, and
+            // then the client's lease check and checksum reject what it read.
+            unsafe { s.slice(op.offset, op.len) }
+        });
+        match bytes {
             Ok(bytes) => {
                 total = total.saturating_add(op.len);
                 slices.push(bytes);
@@ -312,13 +312,13 @@ async fn write(io: &mut Io, node: &Node, h: &FrameHeader) -> Result<(), Close> {
     }
     let mut items = Vec::with_capacity(req.ops.len());
     for op in &req.ops {
-        // SAFETY: the master allocated this range to this writer alone; ranges of live
-        // objects are disjoint, so no other task holds a slice of these bytes except a stale
-        // reader of evicted data, whose checksum then fails (see `Segment::slice`).
-        match node
-            .segment(op.segment)
-            .and_then(|s| unsafe { s.slice_mut(op.offset, op.len) })
-        {
+        let dst = node.segment(op.segment).and_then(|s| {
+            // SAFETY: the master allocated this range to this writer alone; ranges of live
+            // objects are disjoint, so no other task holds a slice of these bytes except a
+            // stale reader of evicted data, whose checksum then fails.
+            unsafe { s.slice_mut(op.offset, op.len) }
+        });
+        match dst {
             Ok(dst) => {
                 read_payload(&mut io.r, dst).await?;
                 items.push(Ok(()));
