@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what building and testing kvpool needs and is missing: a Rust toolchain and the
+# Debian packages the crates and tests use. Safe to run again; it only installs what's absent.
+set -euo pipefail
+
+need_pkgs=()
+have() { command -v "$1" >/dev/null 2>&1; }
+pkg_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+
+for p in build-essential pkg-config; do
+  pkg_installed "$p" || need_pkgs+=("$p")
+done
+# Tests and benchmarks that compare with a peer use these when present.
+for p in ${KVPOOL_EXTRA_PKGS:-}; do
+  pkg_installed "$p" || need_pkgs+=("$p")
+done
+
+if ((${#need_pkgs[@]})) && have apt-get; then
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  echo "installing: ${need_pkgs[*]}" >&2
+  $SUDO apt-get update -qq
+  $SUDO apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+fi
+
+if ! have cargo; then
+  if [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+  else
+    echo "installing the Rust toolchain (rustup)" >&2
+    curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal >/dev/null
+    export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+fi

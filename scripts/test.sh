@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs what is missing and runs the whole test suite: formatting, lints, unit, property
+# and end-to-end tests (real processes on loopback). `.ci/run` calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/deps.sh
+# A build folder outside the clone, so a fresh clone (CI) reuses earlier builds.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kvpool-target}"
+export CARGO_TERM_COLOR=never
+
+echo "== fmt"
+cargo fmt --all -- --check
+echo "== clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== build (the e2e tests start the kvpool binary)"
+cargo build --workspace --bins
+echo "== test"
+cargo test --workspace --no-fail-fast

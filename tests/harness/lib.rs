@@ -1,0 +1,168 @@
+//! The end-to-end harness: starts real `kvpool` processes on loopback (port 0), learns their
+//! addresses from the `ready` line they print, kills them with SIGKILL when asked (or when
+//! dropped), and waits for conditions by polling with a deadline, never by sleeping a guess.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use kvpool_client::{Client, ClientConfig};
+
+/// The `kvpool` binary built next to the running test (`target/<profile>/kvpool`), or
+/// `$KVPOOL_BIN`.
+pub fn kvpool_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("KVPOOL_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/kvpool
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let bin = dir.join("kvpool");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (`cargo build --bins`, as scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A running kvpool process. Killed with SIGKILL when dropped.
+pub struct Proc {
+    child: Child,
+    pub ready: HashMap<String, String>,
+    pub args: Vec<String>,
+}
+
+impl Proc {
+    /// Starts `kvpool ARGS...` and waits (up to 60 s) for its `ready k=v ...` line.
+    pub fn start(args: &[&str]) -> Proc {
+        Self::start_with_env(args, &[])
+    }
+
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Proc {
+        let mut cmd = Command::new(kvpool_bin());
+        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn kvpool");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("ready ") {
+                    let _ = tx.send(rest.to_string());
+                }
+            }
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("kvpool {args:?} did not become ready within 60s");
+            }
+        };
+        let ready = line
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Proc { child, ready, args: args.iter().map(|s| s.to_string()).collect() }
+    }
+
+    pub fn addr(&self, what: &str) -> String {
+        self.ready.get(what).cloned().unwrap_or_else(|| panic!("no {what}= in ready line: {:?}", self.ready))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) with a pid we spawned and still own (not yet reaped) has no memory
+        // effects; at worst it fails with ESRCH.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        self.child.wait().expect("wait")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `kvpool up` on free ports with `dram` of memory and any extra flags.
+pub fn up(dram: &str, extra: &[&str]) -> Proc {
+    let mut args = vec!["up", "--listen", "127.0.0.1:0", "--data-listen", "127.0.0.1:0", "--dram", dram];
+    args.extend_from_slice(extra);
+    Proc::start(&args)
+}
+
+/// A config file in a temp folder, for settings without a flag (short TTLs in fault tests).
+pub fn config_file(text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kvpool-test-{}-{}", std::process::id(), rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let p = dir.join("kvpool.toml");
+    std::fs::write(&p, text).expect("write config");
+    p
+}
+
+pub fn client(master: &str) -> Client {
+    let mut cfg = ClientConfig::with_master(master);
+    cfg.deadline = Duration::from_secs(10);
+    cfg.engine.io_timeout = Duration::from_secs(10);
+    Client::new(cfg)
+}
+
+/// Deterministic pseudo-random bytes: a different value per (seed, len), cheap to recompute.
+pub fn value(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// Polls `cond` every 20 ms until it holds or `limit` passes; panics with `what` on timeout.
+pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Nodes the master currently reports alive.
+pub async fn alive_nodes(c: &Client) -> usize {
+    match c.status().await {
+        Ok(s) => s.nodes.iter().filter(|n| n.alive).count(),
+        Err(_) => 0,
+    }
+}
