@@ -10,3 +10,4 @@ pub mod alloc;
 pub mod core;
 
 pub use crate::alloc::{Allocation, OffsetAllocator};
+pub use crate::core::{CoreConfig, MasterCore};

@@ -1,1 +1,249 @@
-//! placeholder
+//! The master's sans-I/O state machine.
+//!
+//! [`MasterCore`] holds the object map, the cluster's nodes and segments, and the frees queued
+//! for nodes. Every request is a batch and gets one result per item, in order. Time comes in as
+//! `now`, a monotonic [`Duration`] since an arbitrary epoch, so the core has no clock, socket or
+//! thread of its own and tests drive it deterministically.
+//!
+//! Layout, one reason to change per module:
+//! - `objects`: the object table and the lifecycle helpers every rule shares (drop, touch).
+//! - `puts`: the two-phase put (start, end, revoke, zombie preemption and release).
+//! - `reads`: lookups, leases and removal.
+//! - `placement`: which segments get a new object's replicas.
+//! - `eviction`: freeing the coldest replicas of a segment.
+//! - `membership`: nodes, segments, inventories, liveness and the per-node free queues.
+//! - `invariants`: a self-check used by tests and available to the server's debug endpoints.
+
+mod eviction;
+mod invariants;
+mod membership;
+mod objects;
+mod placement;
+mod puts;
+mod reads;
+
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use kvpool_proto::{
+    ErrorCode, Exists, ExistsResponse, GetReplicas, GetReplicasResponse, Heartbeat,
+    HeartbeatResponse, PutEnd, PutRevoke, PutStart, PutStartResponse, Register, RegisterResponse,
+    Remove, RemoveAll, RemoveAllResponse, StatusResponse, UnitResponse, WireError,
+};
+
+use self::membership::Cluster;
+use self::objects::{ObjectTable, Replica};
+use crate::alloc::DEFAULT_ALIGN;
+
+/// The master's tunables. Defaults follow Mooncake (DESIGN §3).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CoreConfig {
+    /// How long a lookup's read lease keeps an object from removal and eviction [10 s].
+    pub lease_ttl: Duration,
+    /// How long a soft-pinned object stays out of the first eviction pass, counted from its
+    /// commit [30 min].
+    pub soft_pin_ttl: Duration,
+    /// After this, a new `PutStart` of the key preempts a put still Processing [30 s].
+    pub put_discard_timeout: Duration,
+    /// After this (counted from the put's start), the space of a put that never ended is
+    /// freed, preempted or not [600 s].
+    pub put_release_timeout: Duration,
+    /// A node silent this long is dead: its segments and replicas are dropped [10 s].
+    pub node_ttl: Duration,
+    /// The heartbeat period nodes are told to use in `RegisterResponse` [1 s].
+    pub heartbeat_interval: Duration,
+    /// A segment whose used fraction exceeds this is evicted from in `tick` [0.90].
+    pub high_watermark: f64,
+    /// The fraction of a segment's capacity one eviction frees at least [0.05].
+    pub eviction_ratio: f64,
+    /// Whether soft-pinned objects may go in a second eviction pass [true].
+    pub allow_evict_soft_pinned: bool,
+    /// Largest value accepted by `PutStart` [1 GiB].
+    pub max_value_len: u64,
+    /// Alignment of replica offsets and lengths inside a segment [64 B, a cache line]. Must
+    /// stay the same across master restarts, or re-registered inventories are rejected.
+    pub alloc_align: u64,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig {
+            lease_ttl: Duration::from_secs(10),
+            soft_pin_ttl: Duration::from_secs(30 * 60),
+            put_discard_timeout: Duration::from_secs(30),
+            put_release_timeout: Duration::from_secs(600),
+            node_ttl: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(1),
+            high_watermark: 0.90,
+            eviction_ratio: 0.05,
+            allow_evict_soft_pinned: true,
+            max_value_len: 1 << 30,
+            alloc_align: DEFAULT_ALIGN,
+        }
+    }
+}
+
+/// The most frees one heartbeat response carries; the rest follow in later heartbeats. Keeps
+/// a response far below the frame body limit after a mass removal.
+pub const MAX_FREES_PER_HEARTBEAT: usize = 65_536;
+
+/// The master's state machine. See the module docs.
+#[derive(Debug)]
+pub struct MasterCore {
+    cfg: CoreConfig,
+    objects: ObjectTable,
+    cluster: Cluster,
+    /// Replicas of preempted puts, keyed by (release time, tie-breaker). Their space stays
+    /// allocated until then because the old writer may still be writing into it.
+    discarded: BTreeMap<(Duration, u64), Replica>,
+    discard_seq: u64,
+    id_base: u64,
+    next_replica: u64,
+    /// Logical clock for access recency: bumped on every commit and read.
+    access_clock: u64,
+    /// Rotates the first segment tried by placement so load spreads.
+    rotor: u64,
+    evictions: u64,
+}
+
+impl MasterCore {
+    /// A master with no nodes and no objects. Replica ids are `id_base + n`; the server passes
+    /// wall-clock nanoseconds so that ids (and free sequence numbers) stay unique and
+    /// increasing across master restarts.
+    pub fn new(cfg: CoreConfig, id_base: u64) -> Self {
+        MasterCore {
+            cfg,
+            objects: ObjectTable::default(),
+            cluster: Cluster::new(id_base),
+            discarded: BTreeMap::new(),
+            discard_seq: 0,
+            id_base,
+            next_replica: 0,
+            access_clock: 0,
+            rotor: 0,
+            evictions: 0,
+        }
+    }
+
+    /// The configuration in effect.
+    pub fn config(&self) -> &CoreConfig {
+        &self.cfg
+    }
+
+    /// Phase one of puts: allocates replicas, status Processing.
+    pub fn put_start(&mut self, now: Duration, req: PutStart) -> PutStartResponse {
+        let items = req
+            .items
+            .into_iter()
+            .map(|item| self.put_start_one(now, req.client, item))
+            .collect();
+        PutStartResponse { items }
+    }
+
+    /// Phase two of puts: the writer's bytes are in place; the objects become readable.
+    pub fn put_end(&mut self, now: Duration, req: PutEnd) -> UnitResponse {
+        let items = req
+            .keys
+            .iter()
+            .map(|k| self.put_end_one(now, req.client, k))
+            .collect();
+        UnitResponse { items }
+    }
+
+    /// Abandons puts and frees their space.
+    pub fn put_revoke(&mut self, _now: Duration, req: PutRevoke) -> UnitResponse {
+        let items = req
+            .keys
+            .iter()
+            .map(|k| self.put_revoke_one(req.client, k))
+            .collect();
+        UnitResponse { items }
+    }
+
+    /// Where committed objects live; grants read leases.
+    pub fn get_replicas(&mut self, now: Duration, req: GetReplicas) -> GetReplicasResponse {
+        let items = req
+            .keys
+            .iter()
+            .map(|k| self.get_replicas_one(now, k))
+            .collect();
+        GetReplicasResponse { items }
+    }
+
+    /// Whether keys are committed; with `req.lease`, also leases the present ones.
+    pub fn exists(&mut self, now: Duration, req: Exists) -> ExistsResponse {
+        let items = req
+            .keys
+            .iter()
+            .map(|k| self.exists_one(now, k, req.lease))
+            .collect();
+        ExistsResponse { items }
+    }
+
+    /// Removes committed objects.
+    pub fn remove(&mut self, now: Duration, req: Remove) -> UnitResponse {
+        let items = req
+            .keys
+            .iter()
+            .map(|k| self.remove_one(now, k, req.force))
+            .collect();
+        UnitResponse { items }
+    }
+
+    /// Removes every committed object (leased and hard-pinned ones only with force).
+    pub fn remove_all(&mut self, now: Duration, req: RemoveAll) -> RemoveAllResponse {
+        RemoveAllResponse {
+            removed: self.remove_all_inner(now, req.force),
+        }
+    }
+
+    /// The cluster's state.
+    pub fn status(&self, now: Duration) -> StatusResponse {
+        StatusResponse {
+            nodes: self.cluster.node_status(now, self.cfg.node_ttl),
+            objects: self.objects.complete_count(),
+            processing: self.objects.processing_count(),
+            evictions: self.evictions,
+        }
+    }
+
+    /// A node joins or re-joins, reporting its segments and what they hold.
+    pub fn register(&mut self, now: Duration, req: Register) -> RegisterResponse {
+        self.register_inner(now, req)
+    }
+
+    /// A node's liveness signal; returns the frees it has not acknowledged yet.
+    pub fn heartbeat(&mut self, now: Duration, req: Heartbeat) -> HeartbeatResponse {
+        self.cluster.heartbeat(now, req)
+    }
+
+    /// Periodic work (call every 10–100 ms): declares silent nodes dead, releases the space of
+    /// zombie puts, and evicts from segments above the high watermark.
+    pub fn tick(&mut self, now: Duration) {
+        self.expire_nodes(now);
+        self.release_zombies(now);
+        self.evict_above_watermark(now);
+    }
+
+    fn fresh_replica_id(&mut self) -> kvpool_proto::ReplicaId {
+        self.next_replica += 1;
+        kvpool_proto::ReplicaId(self.id_base.wrapping_add(self.next_replica))
+    }
+
+    fn next_access(&mut self) -> u64 {
+        self.access_clock += 1;
+        self.access_clock
+    }
+}
+
+/// A wire error naming the key (shortened: keys may be 4 KiB of binary).
+fn key_error(code: ErrorCode, key: &[u8], what: &str) -> WireError {
+    let shown = String::from_utf8_lossy(&key[..key.len().min(64)]);
+    let more = if key.len() > 64 { "…" } else { "" };
+    WireError::new(code, format!("key {shown:?}{more}: {what}"))
+}

@@ -1,0 +1,356 @@
+//! Nodes and their segments: registration with inventory, liveness, and the queue of frees
+//! each node must apply.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::Duration;
+
+use kvpool_proto::{
+    check_key, Heartbeat, HeartbeatResponse, NodeId, NodeStatus, Register, RegisterResponse,
+    ReplicaId, SegmentId, SegmentStatus,
+};
+
+use super::objects::{ObjId, Object, Replica, State};
+use super::{MasterCore, MAX_FREES_PER_HEARTBEAT};
+use crate::alloc::OffsetAllocator;
+
+/// One DRAM segment contributed by a node.
+#[derive(Debug)]
+pub(crate) struct Segment {
+    pub node: NodeId,
+    pub alloc: OffsetAllocator,
+    /// Every replica on the segment (Processing or Complete) and its object. Preempted puts'
+    /// replicas are not here but in `MasterCore::discarded`.
+    pub members: HashMap<ReplicaId, ObjId>,
+    /// Eviction candidates (Complete, not hard-pinned) by (access seq, replica), coldest first.
+    pub recency: BTreeMap<(u64, ReplicaId), ObjId>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Node {
+    pub name: String,
+    pub addr: String,
+    pub segments: Vec<SegmentId>,
+    pub last_seen: Duration,
+    /// Frees not yet acknowledged, by increasing sequence number.
+    pub frees: VecDeque<(u64, ReplicaId)>,
+    /// The highest sequence number queued for this node (0: none yet).
+    pub last_free_seq: u64,
+}
+
+/// The cluster as the master sees it.
+#[derive(Debug)]
+pub(crate) struct Cluster {
+    pub nodes: BTreeMap<NodeId, Node>,
+    pub segments: HashMap<SegmentId, Segment>,
+    /// All segment ids, sorted: the ring placement walks from a rotating start.
+    pub order: Vec<SegmentId>,
+    /// One counter for all nodes, so that sequence numbers also increase across a node's
+    /// re-registrations; it starts at the id base, so across master restarts too.
+    next_free_seq: u64,
+}
+
+impl Cluster {
+    pub fn new(id_base: u64) -> Self {
+        Cluster {
+            nodes: BTreeMap::new(),
+            segments: HashMap::new(),
+            order: Vec::new(),
+            next_free_seq: id_base,
+        }
+    }
+
+    pub fn alive(&self, node: NodeId, now: Duration, ttl: Duration) -> bool {
+        self.nodes
+            .get(&node)
+            .is_some_and(|n| now.saturating_sub(n.last_seen) < ttl)
+    }
+
+    /// Queues a free for a node; a node the master does not know gets none (it re-registers
+    /// and reports only what it still holds).
+    pub fn queue_free(&mut self, node: NodeId, replica: ReplicaId) {
+        let Some(n) = self.nodes.get_mut(&node) else {
+            return;
+        };
+        self.next_free_seq = self.next_free_seq.wrapping_add(1);
+        n.frees.push_back((self.next_free_seq, replica));
+        n.last_free_seq = self.next_free_seq;
+    }
+
+    pub fn heartbeat(&mut self, now: Duration, req: Heartbeat) -> HeartbeatResponse {
+        let Some(n) = self.nodes.get_mut(&req.node) else {
+            return HeartbeatResponse {
+                need_register: true,
+                frees: Vec::new(),
+                frees_upto: 0,
+            };
+        };
+        n.last_seen = n.last_seen.max(now);
+        while n.frees.front().is_some_and(|(seq, _)| *seq <= req.acked) {
+            n.frees.pop_front();
+        }
+        let batch: Vec<(u64, ReplicaId)> = n
+            .frees
+            .iter()
+            .take(MAX_FREES_PER_HEARTBEAT)
+            .copied()
+            .collect();
+        let frees_upto = batch.last().map_or(n.last_free_seq, |(seq, _)| *seq);
+        HeartbeatResponse {
+            need_register: false,
+            frees: batch.into_iter().map(|(_, r)| r).collect(),
+            frees_upto,
+        }
+    }
+
+    pub fn rebuild_order(&mut self) {
+        self.order = self.segments.keys().copied().collect();
+        self.order.sort_unstable();
+    }
+
+    pub fn node_status(&self, now: Duration, ttl: Duration) -> Vec<NodeStatus> {
+        self.nodes
+            .iter()
+            .map(|(id, n)| {
+                let silent = now.saturating_sub(n.last_seen);
+                NodeStatus {
+                    id: *id,
+                    name: n.name.clone(),
+                    addr: n.addr.clone(),
+                    alive: silent < ttl,
+                    silent_ms: u64::try_from(silent.as_millis()).unwrap_or(u64::MAX),
+                    segments: n
+                        .segments
+                        .iter()
+                        .filter_map(|s| {
+                            let seg = self.segments.get(s)?;
+                            Some(SegmentStatus {
+                                id: *s,
+                                capacity: seg.alloc.capacity(),
+                                used: seg.alloc.used(),
+                                objects: seg.members.len() as u64,
+                            })
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+}
+
+impl MasterCore {
+    pub(crate) fn register_inner(&mut self, now: Duration, req: Register) -> RegisterResponse {
+        let heartbeat_ms =
+            u64::try_from(self.cfg.heartbeat_interval.as_millis()).unwrap_or(u64::MAX);
+        // Replicas the master freed but the node has not acknowledged are gone for the master;
+        // re-admitting them would resurrect removed objects.
+        let mut freed: HashSet<ReplicaId> = HashSet::new();
+        if let Some(old) = self.cluster.nodes.get(&req.node) {
+            freed.extend(old.frees.iter().map(|(_, r)| *r));
+            tracing::info!(node = %req.node, "node re-registers; dropping its previous registration");
+            self.drop_node(req.node);
+        }
+        // Segment ids are chosen by nodes; one already owned by another node is refused
+        // rather than letting two nodes share allocation state.
+        let mut seen = HashSet::new();
+        let segments: Vec<_> = req
+            .segments
+            .iter()
+            .filter(|s| {
+                let fresh = seen.insert(s.id) && !self.cluster.segments.contains_key(&s.id);
+                if !fresh {
+                    tracing::warn!(node = %req.node, segment = %s.id, "duplicate segment id refused");
+                }
+                fresh
+            })
+            .cloned()
+            .collect();
+        self.cluster.nodes.insert(
+            req.node,
+            Node {
+                name: req.name.clone(),
+                addr: req.addr.clone(),
+                segments: segments.iter().map(|s| s.id).collect(),
+                last_seen: now,
+                frees: VecDeque::new(),
+                last_free_seq: 0,
+            },
+        );
+
+        let inv = &req.inventory;
+        let mut rejected = vec![false; inv.len()];
+        let mut per_segment: HashMap<SegmentId, Vec<usize>> = HashMap::new();
+        for (i, e) in inv.iter().enumerate() {
+            let valid = check_key(&e.key).is_ok()
+                && !freed.contains(&e.replica)
+                && e.len > 0
+                && e.len <= self.cfg.max_value_len
+                && segments.iter().any(|s| s.id == e.segment);
+            if valid {
+                per_segment.entry(e.segment).or_default().push(i);
+            } else {
+                rejected[i] = true;
+            }
+        }
+        for s in &segments {
+            let idx = per_segment.remove(&s.id).unwrap_or_default();
+            let ranges: Vec<(u64, u64)> =
+                idx.iter().map(|&i| (inv[i].offset, inv[i].len)).collect();
+            let (alloc, refused) =
+                OffsetAllocator::from_used_indexed(s.size, self.cfg.alloc_align, &ranges);
+            for r in refused {
+                rejected[idx[r]] = true;
+            }
+            self.cluster.segments.insert(
+                s.id,
+                Segment {
+                    node: req.node,
+                    alloc,
+                    members: HashMap::new(),
+                    recency: BTreeMap::new(),
+                },
+            );
+        }
+        self.cluster.rebuild_order();
+
+        // In report order, so that the first of two conflicting entries for a key wins.
+        for (i, e) in inv.iter().enumerate() {
+            if rejected[i] || !self.admit(e) {
+                rejected[i] = true;
+            }
+        }
+        let mut out = Vec::new();
+        for (i, e) in inv.iter().enumerate() {
+            if rejected[i] {
+                out.push(e.replica);
+                self.cluster.queue_free(req.node, e.replica);
+            }
+        }
+        if !out.is_empty() {
+            tracing::warn!(node = %req.node, rejected = out.len(), "inventory entries rejected");
+        }
+        tracing::info!(node = %req.node, addr = %req.addr, segments = segments.len(), "node registered");
+        RegisterResponse {
+            heartbeat_ms,
+            rejected: out,
+        }
+    }
+
+    /// Admits one inventory entry whose range the segment's allocator accepted; on refusal,
+    /// gives the range back to the allocator.
+    fn admit(&mut self, e: &kvpool_proto::InventoryEntry) -> bool {
+        let Some(seg) = self.cluster.segments.get(&e.segment) else {
+            return false;
+        };
+        let Some(alloc_len) = seg.alloc.len_at(e.offset) else {
+            return false;
+        };
+        let rep = Replica {
+            id: e.replica,
+            segment: e.segment,
+            offset: e.offset,
+            alloc_len,
+        };
+        let duplicate_id = seg.members.contains_key(&e.replica);
+        let ok = match self.objects.id_of(&e.key) {
+            _ if duplicate_id => false,
+            Some(id) => match self.objects.get_mut(id) {
+                Some(obj)
+                    if obj.is_complete()
+                        && obj.len == e.len
+                        && obj.checksum == e.checksum
+                        && obj.replicas.iter().all(|r| r.id != e.replica) =>
+                {
+                    obj.replicas.push(rep);
+                    let (seq, recent) = (obj.access_seq, obj.in_recency());
+                    if let Some(seg) = self.cluster.segments.get_mut(&e.segment) {
+                        seg.members.insert(e.replica, id);
+                        if recent {
+                            seg.recency.insert((seq, e.replica), id);
+                        }
+                    }
+                    true
+                }
+                _ => false,
+            },
+            None => {
+                let seq = self.next_access();
+                let id = self.objects.insert(Object {
+                    key: e.key.clone(),
+                    len: e.len,
+                    checksum: e.checksum,
+                    state: State::Complete,
+                    writer: None,
+                    replicas: vec![rep],
+                    lease_until: Duration::ZERO,
+                    soft_pin_until: None,
+                    soft_pin: false,
+                    hard_pin: false,
+                    access_seq: seq,
+                });
+                if let Some(seg) = self.cluster.segments.get_mut(&e.segment) {
+                    seg.members.insert(e.replica, id);
+                    seg.recency.insert((seq, e.replica), id);
+                }
+                true
+            }
+        };
+        if ok && e.replica.0 >= self.id_base {
+            // Never hand out an id a node already uses (a master restarted with a clock that
+            // went backwards, or a test reusing the id base).
+            self.next_replica = self.next_replica.max(e.replica.0 - self.id_base);
+        }
+        if !ok {
+            if let Some(seg) = self.cluster.segments.get_mut(&e.segment) {
+                seg.alloc.free(e.offset);
+            }
+        }
+        ok
+    }
+
+    /// Forgets a node: its segments, the replicas on them, objects left without a replica,
+    /// and puts in progress that had a replica there (their other replicas are freed).
+    pub(crate) fn drop_node(&mut self, node: NodeId) {
+        let Some(n) = self.cluster.nodes.remove(&node) else {
+            return;
+        };
+        let mut broken_puts = Vec::new();
+        for sid in &n.segments {
+            let Some(seg) = self.cluster.segments.remove(sid) else {
+                continue;
+            };
+            for (rid, oid) in seg.members {
+                let Some(obj) = self.objects.get_mut(oid) else {
+                    continue;
+                };
+                obj.replicas.retain(|r| r.id != rid);
+                if !obj.is_complete() {
+                    broken_puts.push(oid);
+                } else if obj.replicas.is_empty() {
+                    self.objects.remove(oid);
+                }
+            }
+        }
+        for oid in broken_puts {
+            self.drop_object(oid);
+        }
+        let gone: HashSet<SegmentId> = n.segments.iter().copied().collect();
+        self.discarded.retain(|_, r| !gone.contains(&r.segment));
+        self.cluster.rebuild_order();
+    }
+
+    /// Declares nodes silent for `node_ttl` dead.
+    pub(crate) fn expire_nodes(&mut self, now: Duration) {
+        let ttl = self.cfg.node_ttl;
+        let dead: Vec<NodeId> = self
+            .cluster
+            .nodes
+            .iter()
+            .filter(|(_, n)| now.saturating_sub(n.last_seen) >= ttl)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in dead {
+            tracing::warn!(node = %id, "node silent for {ttl:?}: declared dead");
+            self.drop_node(id);
+        }
+    }
+}

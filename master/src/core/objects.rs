@@ -1,0 +1,219 @@
+//! The object table and the lifecycle steps shared by every rule: dropping an object, freeing
+//! one replica, recording an access.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use kvpool_proto::{ClientId, ReplicaId, SegmentId};
+
+use super::MasterCore;
+
+/// An object's internal id; keys map to it so that indexes hold 8 bytes, not the key.
+pub(crate) type ObjId = u64;
+
+/// One allocation holding an object's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Replica {
+    pub id: ReplicaId,
+    pub segment: SegmentId,
+    pub offset: u64,
+    /// The bytes the allocator reserved (at least the object's length).
+    pub alloc_len: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum State {
+    Processing { started: Duration },
+    Complete,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Object {
+    pub key: Vec<u8>,
+    pub len: u64,
+    pub checksum: u32,
+    pub state: State,
+    /// The client that started the put; `None` for objects re-admitted from an inventory.
+    pub writer: Option<ClientId>,
+    pub replicas: Vec<Replica>,
+    pub lease_until: Duration,
+    /// `Some` once committed with a soft pin.
+    pub soft_pin_until: Option<Duration>,
+    pub soft_pin: bool,
+    pub hard_pin: bool,
+    /// Position in the recency order; larger is hotter.
+    pub access_seq: u64,
+}
+
+impl Object {
+    pub fn is_complete(&self) -> bool {
+        self.state == State::Complete
+    }
+
+    pub fn leased(&self, now: Duration) -> bool {
+        self.lease_until > now
+    }
+
+    pub fn soft_pinned(&self, now: Duration) -> bool {
+        self.soft_pin_until.is_some_and(|t| t > now)
+    }
+
+    /// Whether the object sits in its segments' recency orders (eviction candidates).
+    pub fn in_recency(&self) -> bool {
+        self.is_complete() && !self.hard_pin
+    }
+}
+
+/// Keys, objects and the index of puts in progress.
+#[derive(Debug, Default)]
+pub(crate) struct ObjectTable {
+    keys: HashMap<Vec<u8>, ObjId>,
+    objects: HashMap<ObjId, Object>,
+    /// Processing objects by start time, so zombie release looks only at the oldest.
+    processing: BTreeSet<(Duration, ObjId)>,
+    complete: u64,
+    next_id: ObjId,
+}
+
+impl ObjectTable {
+    pub fn id_of(&self, key: &[u8]) -> Option<ObjId> {
+        self.keys.get(key).copied()
+    }
+
+    pub fn get(&self, id: ObjId) -> Option<&Object> {
+        self.objects.get(&id)
+    }
+
+    pub fn get_mut(&mut self, id: ObjId) -> Option<&mut Object> {
+        self.objects.get_mut(&id)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (ObjId, &Object)> {
+        self.objects.iter().map(|(id, o)| (*id, o))
+    }
+
+    pub fn keys(&self) -> &HashMap<Vec<u8>, ObjId> {
+        &self.keys
+    }
+
+    pub fn processing_index(&self) -> &BTreeSet<(Duration, ObjId)> {
+        &self.processing
+    }
+
+    pub fn complete_count(&self) -> u64 {
+        self.complete
+    }
+
+    pub fn processing_count(&self) -> u64 {
+        self.processing.len() as u64
+    }
+
+    /// Inserts an object under its key, which must be free.
+    pub fn insert(&mut self, obj: Object) -> ObjId {
+        self.next_id += 1;
+        let id = self.next_id;
+        match obj.state {
+            State::Processing { started } => {
+                self.processing.insert((started, id));
+            }
+            State::Complete => self.complete += 1,
+        }
+        self.keys.insert(obj.key.clone(), id);
+        self.objects.insert(id, obj);
+        id
+    }
+
+    /// Removes an object and its key; the caller deals with its replicas.
+    pub fn remove(&mut self, id: ObjId) -> Option<Object> {
+        let obj = self.objects.remove(&id)?;
+        self.keys.remove(&obj.key);
+        match obj.state {
+            State::Processing { started } => {
+                self.processing.remove(&(started, id));
+            }
+            State::Complete => self.complete -= 1,
+        }
+        Some(obj)
+    }
+
+    /// Processing → Complete; false if the object is not Processing.
+    pub fn mark_complete(&mut self, id: ObjId) -> bool {
+        let Some(obj) = self.objects.get_mut(&id) else {
+            return false;
+        };
+        let State::Processing { started } = obj.state else {
+            return false;
+        };
+        obj.state = State::Complete;
+        self.processing.remove(&(started, id));
+        self.complete += 1;
+        true
+    }
+
+    /// The oldest put in progress.
+    pub fn oldest_processing(&self) -> Option<(Duration, ObjId)> {
+        self.processing.first().copied()
+    }
+}
+
+impl MasterCore {
+    /// Removes an object and frees all its replicas (queued for their nodes).
+    pub(crate) fn drop_object(&mut self, id: ObjId) -> Option<super::objects::Object> {
+        let obj = self.objects.remove(id)?;
+        for rep in &obj.replicas {
+            self.release_replica(rep, obj.access_seq);
+        }
+        Some(obj)
+    }
+
+    /// Frees one replica's space and tells its node. `access_seq` locates it in the recency
+    /// order. A replica whose segment is gone (dead node) needs nothing.
+    pub(crate) fn release_replica(&mut self, rep: &Replica, access_seq: u64) {
+        let Some(seg) = self.cluster.segments.get_mut(&rep.segment) else {
+            return;
+        };
+        seg.members.remove(&rep.id);
+        seg.recency.remove(&(access_seq, rep.id));
+        if !seg.alloc.free(rep.offset) {
+            tracing::error!(segment = %rep.segment, offset = rep.offset, "freeing an unknown allocation");
+        }
+        let node = seg.node;
+        self.cluster.queue_free(node, rep.id);
+    }
+
+    /// Records a read or commit: the object becomes the hottest in its segments.
+    pub(crate) fn touch(&mut self, id: ObjId) {
+        let seq = self.next_access();
+        let Some(obj) = self.objects.get_mut(id) else {
+            return;
+        };
+        let old = obj.access_seq;
+        obj.access_seq = seq;
+        if !obj.in_recency() {
+            return;
+        }
+        for rep in &obj.replicas {
+            if let Some(seg) = self.cluster.segments.get_mut(&rep.segment) {
+                seg.recency.remove(&(old, rep.id));
+                seg.recency.insert((seq, rep.id), id);
+            }
+        }
+    }
+
+    /// Removes one replica from an object (eviction); drops the object when none is left.
+    pub(crate) fn drop_replica(&mut self, id: ObjId, replica: ReplicaId) {
+        let Some(obj) = self.objects.get_mut(id) else {
+            return;
+        };
+        let Some(pos) = obj.replicas.iter().position(|r| r.id == replica) else {
+            return;
+        };
+        let rep = obj.replicas.remove(pos);
+        let seq = obj.access_seq;
+        let empty = obj.replicas.is_empty();
+        self.release_replica(&rep, seq);
+        if empty {
+            self.objects.remove(id);
+        }
+    }
+}

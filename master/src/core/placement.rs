@@ -1,0 +1,97 @@
+//! Which segments receive a new object's replicas.
+//!
+//! Preferred nodes first, in the order given; then every other segment, walking the sorted
+//! ring from a start that rotates with each put so load spreads instead of filling the first
+//! segment. Replicas go on distinct nodes when possible, else on distinct segments. Only
+//! alive nodes are used. When the walk finds no room, the candidates are evicted from
+//! (coldest first) and tried again, so a full pool keeps accepting puts.
+
+use std::time::Duration;
+
+use kvpool_proto::{NodeId, SegmentId};
+
+use super::MasterCore;
+use crate::alloc::Allocation;
+
+impl MasterCore {
+    /// Candidate segments for a put, in the order to try them.
+    fn candidates(&mut self, now: Duration, preferred: &[NodeId]) -> Vec<SegmentId> {
+        let ttl = self.cfg.node_ttl;
+        let mut out = Vec::new();
+        for n in preferred {
+            if !self.cluster.alive(*n, now, ttl) {
+                continue;
+            }
+            if let Some(node) = self.cluster.nodes.get(n) {
+                for s in &node.segments {
+                    if !out.contains(s) {
+                        out.push(*s);
+                    }
+                }
+            }
+        }
+        let ring = &self.cluster.order;
+        if ring.is_empty() {
+            return out;
+        }
+        let start = (self.rotor % ring.len() as u64) as usize;
+        self.rotor = self.rotor.wrapping_add(1);
+        for i in 0..ring.len() {
+            let s = ring[(start + i) % ring.len()];
+            let Some(seg) = self.cluster.segments.get(&s) else {
+                continue;
+            };
+            if preferred.contains(&seg.node) || !self.cluster.alive(seg.node, now, ttl) {
+                continue;
+            }
+            out.push(s);
+        }
+        out
+    }
+
+    /// Allocates up to `want` replicas of `len` bytes; fewer (possibly none) when space or
+    /// segments run short.
+    pub(crate) fn place(
+        &mut self,
+        now: Duration,
+        len: u64,
+        want: u8,
+        preferred: &[NodeId],
+    ) -> Vec<(SegmentId, Allocation)> {
+        let want = usize::from(want);
+        let order = self.candidates(now, preferred);
+        let mut chosen: Vec<(SegmentId, Allocation)> = Vec::with_capacity(want);
+        let mut nodes: Vec<NodeId> = Vec::with_capacity(want);
+        for evict in [false, true] {
+            for distinct_nodes in [true, false] {
+                for &s in &order {
+                    if chosen.len() >= want {
+                        return chosen;
+                    }
+                    if chosen.iter().any(|(c, _)| *c == s) {
+                        continue;
+                    }
+                    let Some(node) = self.cluster.segments.get(&s).map(|seg| seg.node) else {
+                        continue;
+                    };
+                    if distinct_nodes && nodes.contains(&node) {
+                        continue;
+                    }
+                    let got = if evict {
+                        self.evict_for_alloc(now, s, len)
+                    } else {
+                        self.cluster
+                            .segments
+                            .get_mut(&s)
+                            .and_then(|seg| seg.alloc.alloc(len))
+                    };
+                    if let Some(a) = got {
+                        chosen.push((s, a));
+                        nodes.push(node);
+                    }
+                }
+            }
+        }
+        chosen
+    }
+}

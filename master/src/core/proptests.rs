@@ -1,0 +1,347 @@
+//! Random operation sequences against a small cluster whose nodes behave like real ones
+//! (they keep what clients wrote, apply the frees heartbeats bring, re-register with their
+//! inventory when told to). After every step the core's invariants must hold and no
+//! Processing object may be visible to readers.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use kvpool_proto::*;
+use proptest::prelude::*;
+
+use super::objects::State;
+use super::{CoreConfig, MasterCore};
+
+const KEYS: usize = 8;
+const NODES: u64 = 3;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Start {
+        client: u64,
+        key: usize,
+        len: u64,
+        replicas: u8,
+        overwrite: bool,
+        soft: bool,
+        hard: bool,
+        pref: Option<u64>,
+    },
+    End {
+        client: u64,
+        key: usize,
+    },
+    Revoke {
+        client: u64,
+        key: usize,
+    },
+    Get {
+        key: usize,
+    },
+    Exists {
+        key: usize,
+        lease: bool,
+    },
+    Remove {
+        key: usize,
+        force: bool,
+    },
+    RemoveAll {
+        force: bool,
+    },
+    Advance {
+        ms: u64,
+        silent: Option<u64>,
+    },
+    Heartbeat {
+        node: u64,
+        ack: bool,
+    },
+    Reregister {
+        node: u64,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let key = 0..KEYS;
+    let node = 1..=NODES;
+    prop_oneof![
+        6 => (0u64..2, key.clone(), 1u64..300_000, 0u8..4, any::<bool>(), any::<bool>(), prop::bool::weighted(0.1), prop::option::of(node.clone()))
+            .prop_map(|(client, key, len, replicas, overwrite, soft, hard, pref)| Op::Start { client, key, len, replicas, overwrite, soft, hard, pref }),
+        5 => (0u64..2, key.clone()).prop_map(|(client, key)| Op::End { client, key }),
+        1 => (0u64..2, key.clone()).prop_map(|(client, key)| Op::Revoke { client, key }),
+        3 => key.clone().prop_map(|key| Op::Get { key }),
+        2 => (key.clone(), any::<bool>()).prop_map(|(key, lease)| Op::Exists { key, lease }),
+        2 => (key, any::<bool>()).prop_map(|(key, force)| Op::Remove { key, force }),
+        1 => any::<bool>().prop_map(|force| Op::RemoveAll { force }),
+        4 => (0u64..40_000, prop::option::of(node.clone())).prop_map(|(ms, silent)| Op::Advance { ms, silent }),
+        2 => (node.clone(), any::<bool>()).prop_map(|(node, ack)| Op::Heartbeat { node, ack }),
+        1 => node.prop_map(|node| Op::Reregister { node }),
+    ]
+}
+
+/// A storage node as the master's peer: what it holds and what it has acknowledged.
+#[derive(Default)]
+struct FakeNode {
+    held: HashMap<ReplicaId, InventoryEntry>,
+    acked: u64,
+}
+
+struct Sim {
+    core: MasterCore,
+    now: Duration,
+    nodes: HashMap<u64, FakeNode>,
+}
+
+fn key(i: usize) -> Vec<u8> {
+    format!("key-{i}").into_bytes()
+}
+
+fn segments(node: u64) -> Vec<SegmentInfo> {
+    // Small segments so that space runs out and eviction happens; node 3 has two.
+    let mut v = vec![SegmentInfo {
+        id: SegmentId(node * 10),
+        size: 1 << 20,
+    }];
+    if node == 3 {
+        v.push(SegmentInfo {
+            id: SegmentId(31),
+            size: 512 << 10,
+        });
+    }
+    v
+}
+
+impl Sim {
+    fn new() -> Self {
+        let cfg = CoreConfig {
+            high_watermark: 0.8,
+            eviction_ratio: 0.1,
+            ..CoreConfig::default()
+        };
+        let mut s = Sim {
+            core: MasterCore::new(cfg, 1 << 40),
+            now: Duration::from_secs(1),
+            nodes: HashMap::new(),
+        };
+        for n in 1..=NODES {
+            s.nodes.insert(n, FakeNode::default());
+            s.register(n);
+        }
+        s
+    }
+
+    fn register(&mut self, n: u64) {
+        let fake = self.nodes.entry(n).or_default();
+        let mut inventory: Vec<InventoryEntry> = fake.held.values().cloned().collect();
+        inventory.sort_by_key(|e| e.replica);
+        let r = self.core.register(
+            self.now,
+            Register {
+                node: NodeId(n),
+                name: format!("n{n}"),
+                addr: format!("h{n}:1"),
+                segments: segments(n),
+                inventory,
+            },
+        );
+        for id in r.rejected {
+            fake.held.remove(&id);
+        }
+        fake.acked = 0;
+    }
+
+    fn heartbeat(&mut self, n: u64, ack: bool) {
+        let acked = self.nodes.get(&n).map_or(0, |f| f.acked);
+        let hb = self.core.heartbeat(
+            self.now,
+            Heartbeat {
+                node: NodeId(n),
+                acked,
+            },
+        );
+        if hb.need_register {
+            self.register(n);
+            return;
+        }
+        if let Some(fake) = self.nodes.get_mut(&n) {
+            for id in &hb.frees {
+                fake.held.remove(id);
+            }
+            if ack {
+                fake.acked = hb.frees_upto;
+            }
+        }
+    }
+
+    fn apply(&mut self, op: Op) {
+        match op {
+            Op::Start {
+                client,
+                key: k,
+                len,
+                replicas,
+                overwrite,
+                soft,
+                hard,
+                pref,
+            } => {
+                let options = PutOptions {
+                    replicas,
+                    preferred_nodes: pref.map(NodeId).into_iter().collect(),
+                    soft_pin: soft,
+                    hard_pin: hard,
+                    overwrite,
+                };
+                let item = PutStartItem {
+                    key: key(k),
+                    len,
+                    checksum: (len % 7) as u32,
+                    options,
+                };
+                let r = self.core.put_start(
+                    self.now,
+                    PutStart {
+                        client: ClientId(client),
+                        items: vec![item],
+                    },
+                );
+                if let Some(Ok(descs)) = r.items.first() {
+                    assert!(!descs.is_empty());
+                    for d in descs {
+                        // The client writes the bytes, tagging them for the node's inventory.
+                        let e = InventoryEntry {
+                            replica: d.id,
+                            key: key(k),
+                            segment: d.segment,
+                            offset: d.offset,
+                            len: d.len,
+                            checksum: (len % 7) as u32,
+                        };
+                        self.nodes.entry(d.node.0).or_default().held.insert(d.id, e);
+                    }
+                }
+            }
+            Op::End { client, key: k } => {
+                self.core.put_end(
+                    self.now,
+                    PutEnd {
+                        client: ClientId(client),
+                        keys: vec![key(k)],
+                    },
+                );
+            }
+            Op::Revoke { client, key: k } => {
+                self.core.put_revoke(
+                    self.now,
+                    PutRevoke {
+                        client: ClientId(client),
+                        keys: vec![key(k)],
+                    },
+                );
+            }
+            Op::Get { key: k } => {
+                let r = self
+                    .core
+                    .get_replicas(self.now, GetReplicas { keys: vec![key(k)] });
+                if let Some(Ok(info)) = r.items.first() {
+                    assert!(!info.replicas.is_empty());
+                    assert!(info.replicas.iter().all(|d| d.len == info.len));
+                }
+            }
+            Op::Exists { key: k, lease } => {
+                self.core.exists(
+                    self.now,
+                    Exists {
+                        keys: vec![key(k)],
+                        lease,
+                    },
+                );
+            }
+            Op::Remove { key: k, force } => {
+                self.core.remove(
+                    self.now,
+                    Remove {
+                        keys: vec![key(k)],
+                        force,
+                    },
+                );
+            }
+            Op::RemoveAll { force } => {
+                self.core.remove_all(self.now, RemoveAll { force });
+            }
+            Op::Advance { ms, silent } => {
+                // In steps no longer than a heartbeat period, so that only `silent` can die.
+                let end = self.now + Duration::from_millis(ms);
+                while self.now < end {
+                    self.now = (self.now + Duration::from_millis(900)).min(end);
+                    for n in 1..=NODES {
+                        if Some(n) != silent {
+                            self.heartbeat(n, true);
+                        }
+                    }
+                    self.core.tick(self.now);
+                }
+            }
+            Op::Heartbeat { node, ack } => self.heartbeat(node, ack),
+            Op::Reregister { node } => self.register(node),
+        }
+    }
+
+    /// No reader sees a Processing object.
+    fn check_readers(&mut self) -> Result<(), String> {
+        let processing: Vec<Vec<u8>> = self
+            .core
+            .objects
+            .iter()
+            .filter(|(_, o)| matches!(o.state, State::Processing { .. }))
+            .map(|(_, o)| o.key.clone())
+            .collect();
+        for k in processing {
+            let e = self.core.exists(
+                self.now,
+                Exists {
+                    keys: vec![k.clone()],
+                    lease: false,
+                },
+            );
+            if e.items[0] != Ok(false) {
+                return Err(format!("exists sees a Processing object: {:?}", e.items[0]));
+            }
+            let g = self
+                .core
+                .get_replicas(self.now, GetReplicas { keys: vec![k] });
+            if !matches!(&g.items[0], Err(e) if e.code == ErrorCode::NotFound) {
+                return Err(format!("get sees a Processing object: {:?}", g.items[0]));
+            }
+        }
+        Ok(())
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_operations_keep_the_invariants(ops in proptest::collection::vec(op(), 1..120)) {
+        let mut sim = Sim::new();
+        for (i, op) in ops.into_iter().enumerate() {
+            let shown = format!("{op:?}");
+            sim.apply(op);
+            if let Err(e) = sim.core.check_invariants() {
+                prop_assert!(false, "after op {i} {shown}: {e}");
+            }
+            if let Err(e) = sim.check_readers() {
+                prop_assert!(false, "after op {i} {shown}: {e}");
+            }
+        }
+        // Whatever happened, every live node's frees eventually drain once acked.
+        for n in 1..=NODES {
+            sim.heartbeat(n, true);
+            sim.heartbeat(n, true);
+            let acked = sim.nodes[&n].acked;
+            let hb = sim.core.heartbeat(sim.now, Heartbeat { node: NodeId(n), acked });
+            prop_assert!(hb.frees.is_empty());
+        }
+    }
+}

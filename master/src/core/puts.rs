@@ -1,0 +1,273 @@
+//! The two-phase put: start (allocate, Processing), end (Complete, readable), revoke, and the
+//! handling of puts that never end (preemption after the discard timeout, release after the
+//! release timeout).
+
+use std::time::Duration;
+
+use kvpool_proto::{check_key, ClientId, ErrorCode, ItemResult, PutStartItem, ReplicaDesc};
+
+use super::objects::{ObjId, Object, Replica, State};
+use super::{key_error, MasterCore};
+
+impl MasterCore {
+    pub(crate) fn put_start_one(
+        &mut self,
+        now: Duration,
+        client: ClientId,
+        item: PutStartItem,
+    ) -> ItemResult<Vec<ReplicaDesc>> {
+        check_key(&item.key)?;
+        let key = &item.key;
+        if item.len == 0 || item.len > self.cfg.max_value_len {
+            let what = format!(
+                "value of {} bytes (allowed 1..={})",
+                item.len, self.cfg.max_value_len
+            );
+            return Err(key_error(ErrorCode::ValueTooLarge, key, &what));
+        }
+        if item.options.replicas == 0 {
+            return Err(key_error(
+                ErrorCode::InvalidArgument,
+                key,
+                "replicas must be at least 1",
+            ));
+        }
+        if !self.has_alive_segment(now) {
+            return Err(key_error(
+                ErrorCode::NoSegment,
+                key,
+                "the pool has no storage segment",
+            ));
+        }
+        if let Some(id) = self.objects.id_of(key) {
+            self.clear_key_for_put(now, id, key, item.options.overwrite)?;
+        }
+        let placed = self.place(
+            now,
+            item.len,
+            item.options.replicas,
+            &item.options.preferred_nodes,
+        );
+        if placed.is_empty() {
+            return Err(key_error(
+                ErrorCode::NoSpace,
+                key,
+                "no segment has room, even after eviction",
+            ));
+        }
+        let replicas: Vec<Replica> = placed
+            .into_iter()
+            .map(|(segment, a)| Replica {
+                id: self.fresh_replica_id(),
+                segment,
+                offset: a.offset,
+                alloc_len: a.len,
+            })
+            .collect();
+        let descs = replicas
+            .iter()
+            .filter_map(|r| self.describe(r, item.len))
+            .collect();
+        let id = self.objects.insert(Object {
+            key: item.key,
+            len: item.len,
+            checksum: item.checksum,
+            state: State::Processing { started: now },
+            writer: Some(client),
+            replicas: replicas.clone(),
+            lease_until: Duration::ZERO,
+            soft_pin_until: None,
+            soft_pin: item.options.soft_pin,
+            hard_pin: item.options.hard_pin,
+            access_seq: 0,
+        });
+        for r in &replicas {
+            if let Some(seg) = self.cluster.segments.get_mut(&r.segment) {
+                seg.members.insert(r.id, id);
+            }
+        }
+        Ok(descs)
+    }
+
+    /// Makes way for a new put of a key that has an object: preempts a stale put, replaces a
+    /// committed object when overwrite is asked, or says why not.
+    fn clear_key_for_put(
+        &mut self,
+        now: Duration,
+        id: ObjId,
+        key: &[u8],
+        overwrite: bool,
+    ) -> ItemResult<()> {
+        let Some(obj) = self.objects.get(id) else {
+            return Ok(());
+        };
+        match obj.state {
+            State::Processing { started } => {
+                if now.saturating_sub(started) <= self.cfg.put_discard_timeout {
+                    return Err(key_error(
+                        ErrorCode::Processing,
+                        key,
+                        "a put of this key is in progress",
+                    ));
+                }
+                tracing::info!(key = %String::from_utf8_lossy(key), "preempting a stale put");
+                self.preempt(id);
+            }
+            State::Complete => {
+                if !overwrite {
+                    return Err(key_error(
+                        ErrorCode::AlreadyExists,
+                        key,
+                        "already committed",
+                    ));
+                }
+                if obj.leased(now) {
+                    return Err(key_error(
+                        ErrorCode::HasLease,
+                        key,
+                        "cannot overwrite: read lease held",
+                    ));
+                }
+                // Overwrite is the owner's explicit replacement, so a hard pin does not block it.
+                self.drop_object(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes a stale put's key away. Its space stays reserved until the release timeout (the
+    /// old writer may still be writing into it) and is then freed by `release_zombies`.
+    fn preempt(&mut self, id: ObjId) {
+        let Some(obj) = self.objects.remove(id) else {
+            return;
+        };
+        let State::Processing { started } = obj.state else {
+            return;
+        };
+        let release_at = started.saturating_add(self.cfg.put_release_timeout);
+        for r in obj.replicas {
+            if let Some(seg) = self.cluster.segments.get_mut(&r.segment) {
+                seg.members.remove(&r.id);
+                self.discard_seq += 1;
+                self.discarded.insert((release_at, self.discard_seq), r);
+            }
+        }
+    }
+
+    pub(crate) fn put_end_one(
+        &mut self,
+        now: Duration,
+        client: ClientId,
+        key: &[u8],
+    ) -> ItemResult<()> {
+        check_key(key)?;
+        let Some(id) = self.objects.id_of(key) else {
+            return Err(key_error(
+                ErrorCode::NotFound,
+                key,
+                "no put of this key in progress",
+            ));
+        };
+        let Some(obj) = self.objects.get(id) else {
+            return Err(key_error(
+                ErrorCode::NotFound,
+                key,
+                "no put of this key in progress",
+            ));
+        };
+        if obj.writer != Some(client) {
+            return Err(key_error(
+                ErrorCode::NotWriter,
+                key,
+                "another client is the writer",
+            ));
+        }
+        if obj.is_complete() {
+            // A retried PutEnd whose first response was lost.
+            return Ok(());
+        }
+        let soft_pin_until = obj
+            .soft_pin
+            .then(|| now.saturating_add(self.cfg.soft_pin_ttl));
+        self.objects.mark_complete(id);
+        if let Some(obj) = self.objects.get_mut(id) {
+            obj.soft_pin_until = soft_pin_until;
+        }
+        self.touch(id);
+        Ok(())
+    }
+
+    pub(crate) fn put_revoke_one(&mut self, client: ClientId, key: &[u8]) -> ItemResult<()> {
+        check_key(key)?;
+        let Some(obj) = self
+            .objects
+            .id_of(key)
+            .and_then(|id| self.objects.get(id).map(|o| (id, o)))
+        else {
+            return Err(key_error(
+                ErrorCode::NotFound,
+                key,
+                "no put of this key in progress",
+            ));
+        };
+        let (id, obj) = obj;
+        if obj.writer != Some(client) {
+            return Err(key_error(
+                ErrorCode::NotWriter,
+                key,
+                "another client is the writer",
+            ));
+        }
+        if obj.is_complete() {
+            return Err(key_error(
+                ErrorCode::InvalidArgument,
+                key,
+                "already committed; use remove",
+            ));
+        }
+        self.drop_object(id);
+        Ok(())
+    }
+
+    /// Frees preempted puts' space and drops puts still Processing, once their release time
+    /// has come.
+    pub(crate) fn release_zombies(&mut self, now: Duration) {
+        while let Some(entry) = self.discarded.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let r = entry.remove();
+            if let Some(seg) = self.cluster.segments.get_mut(&r.segment) {
+                seg.alloc.free(r.offset);
+                let node = seg.node;
+                self.cluster.queue_free(node, r.id);
+            }
+        }
+        let timeout = self.cfg.put_release_timeout;
+        while let Some((started, id)) = self.objects.oldest_processing() {
+            if started.saturating_add(timeout) > now {
+                break;
+            }
+            tracing::info!(object = id, "releasing a put that never ended");
+            if self.drop_object(id).is_none() {
+                // The index and the table disagree; stop rather than spin on the same entry.
+                tracing::error!(object = id, "processing index names a missing object");
+                break;
+            }
+        }
+    }
+
+    /// The wire description of a replica, with its node's data address.
+    pub(crate) fn describe(&self, r: &Replica, len: u64) -> Option<ReplicaDesc> {
+        let seg = self.cluster.segments.get(&r.segment)?;
+        let node = self.cluster.nodes.get(&seg.node)?;
+        Some(ReplicaDesc {
+            id: r.id,
+            node: seg.node,
+            addr: node.addr.clone(),
+            segment: r.segment,
+            offset: r.offset,
+            len,
+        })
+    }
+}

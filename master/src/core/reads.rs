@@ -1,0 +1,122 @@
+//! Lookups, read leases and removal. Readers only ever see Complete objects.
+
+use std::time::Duration;
+
+use kvpool_proto::{check_key, ErrorCode, ItemResult, ObjectInfo};
+
+use super::objects::ObjId;
+use super::{key_error, MasterCore};
+
+impl MasterCore {
+    /// The id of a committed object, or `NotFound` (a Processing object is not there yet).
+    fn committed(&self, key: &[u8]) -> ItemResult<ObjId> {
+        check_key(key)?;
+        self.objects
+            .id_of(key)
+            .filter(|id| self.objects.get(*id).is_some_and(|o| o.is_complete()))
+            .ok_or_else(|| key_error(ErrorCode::NotFound, key, "not in the pool"))
+    }
+
+    fn grant_lease(&mut self, now: Duration, id: ObjId) {
+        let until = now.saturating_add(self.cfg.lease_ttl);
+        if let Some(obj) = self.objects.get_mut(id) {
+            obj.lease_until = obj.lease_until.max(until);
+        }
+    }
+
+    pub(crate) fn get_replicas_one(&mut self, now: Duration, key: &[u8]) -> ItemResult<ObjectInfo> {
+        let id = self.committed(key)?;
+        let Some(obj) = self.objects.get(id) else {
+            return Err(key_error(ErrorCode::NotFound, key, "not in the pool"));
+        };
+        // A node past its TTL that `tick` has not dropped yet must not be read from.
+        let ttl = self.cfg.node_ttl;
+        let replicas: Vec<_> = obj
+            .replicas
+            .iter()
+            .filter_map(|r| self.describe(r, obj.len))
+            .filter(|d| self.cluster.alive(d.node, now, ttl))
+            .collect();
+        if replicas.is_empty() {
+            return Err(key_error(ErrorCode::NotFound, key, "no live replica"));
+        }
+        let info = ObjectInfo {
+            len: obj.len,
+            checksum: obj.checksum,
+            replicas,
+            // The full TTL, not what is left of a longer earlier lease: the reader counts it
+            // from when it sent the request, so this is the conservative figure.
+            lease_ms: u64::try_from(self.cfg.lease_ttl.as_millis()).unwrap_or(u64::MAX),
+        };
+        self.grant_lease(now, id);
+        self.touch(id);
+        Ok(info)
+    }
+
+    pub(crate) fn exists_one(
+        &mut self,
+        now: Duration,
+        key: &[u8],
+        lease: bool,
+    ) -> ItemResult<bool> {
+        match self.committed(key) {
+            Ok(id) => {
+                if lease {
+                    self.grant_lease(now, id);
+                }
+                // A lookup (the connector's prefix match) predicts a read: keep it warm.
+                self.touch(id);
+                Ok(true)
+            }
+            Err(e) if e.code == ErrorCode::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub(crate) fn remove_one(&mut self, now: Duration, key: &[u8], force: bool) -> ItemResult<()> {
+        let id = self.committed(key)?;
+        if let Some(obj) = self.objects.get(id) {
+            if !force && obj.leased(now) {
+                return Err(key_error(
+                    ErrorCode::HasLease,
+                    key,
+                    "read lease held; retry or force",
+                ));
+            }
+            if !force && obj.hard_pin {
+                return Err(key_error(
+                    ErrorCode::Pinned,
+                    key,
+                    "hard-pinned; remove with force",
+                ));
+            }
+        }
+        self.drop_object(id);
+        Ok(())
+    }
+
+    pub(crate) fn remove_all_inner(&mut self, now: Duration, force: bool) -> u64 {
+        let victims: Vec<ObjId> = self
+            .objects
+            .iter()
+            .filter(|(_, o)| o.is_complete() && (force || (!o.leased(now) && !o.hard_pin)))
+            .map(|(id, _)| id)
+            .collect();
+        let mut removed = 0;
+        for id in victims {
+            if self.drop_object(id).is_some() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+
+    /// Whether any alive node has a segment.
+    pub(crate) fn has_alive_segment(&self, now: Duration) -> bool {
+        let ttl = self.cfg.node_ttl;
+        self.cluster
+            .nodes
+            .iter()
+            .any(|(id, n)| !n.segments.is_empty() && self.cluster.alive(*id, now, ttl))
+    }
+}
