@@ -14,7 +14,7 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use kvpool_proto::{
     decode_body, ErrorCode, FrameHeader, FrameLimits, HeaderError, Opcode, Read, UnitResponse,
-    WireError, Write,
+    WireError, Write, HEADER_LEN,
 };
 use kvpool_transport::{frame, TransportError};
 use tokio::{
@@ -143,9 +143,9 @@ async fn connection(stream: TcpStream, peer: SocketAddr, node: Arc<Node>) {
 
 async fn serve_connection(io: &mut Io, node: &Node) -> Result<(), Close> {
     loop {
-        // Answers go out when no further request is already buffered: a pipelined batch gets
-        // its answers in few writes, and no answer waits on the client's next request.
-        if io.r.buffer().is_empty() {
+        // Answers go out before the server could block on input: a pipelined batch gets its
+        // answers in few writes, and no answer waits on bytes the client has not sent yet.
+        if !next_head_buffered(io.r.buffer()) {
             io.w.flush().await?;
         }
         let h = match frame::read_header(&mut io.r, &DECODE_ANY).await {
@@ -192,6 +192,21 @@ async fn serve_connection(io: &mut Io, node: &Node) -> Result<(), Close> {
             }
             other => other?,
         }
+    }
+}
+
+/// Whether `buf` starts with a whole header and body, so that reading them cannot block.
+fn next_head_buffered(buf: &[u8]) -> bool {
+    let Some(head) = buf
+        .get(..HEADER_LEN)
+        .and_then(|b| <&[u8; HEADER_LEN]>::try_from(b).ok())
+    else {
+        return false;
+    };
+    match FrameHeader::decode(head, &DECODE_ANY) {
+        Ok(h) => buf.len() - HEADER_LEN >= h.body_len as usize,
+        // A bad header is answered without reading further.
+        Err(_) => true,
     }
 }
 

@@ -4,9 +4,10 @@ mod common;
 
 use common::*;
 use kvpool_proto::{
-    header::FLAG_RESPONSE, ErrorCode, FrameHeader, ObjectTag, Opcode, ReadOp, ReplicaId, SegmentId,
-    Write, WriteOp, HEADER_LEN,
+    header::FLAG_RESPONSE, ErrorCode, FrameHeader, ObjectTag, Opcode, Read, ReadOp, ReplicaId,
+    SegmentId, Write, WriteOp, HEADER_LEN,
 };
+use kvpool_transport::frame;
 use tokio::io::AsyncWriteExt;
 
 const MIB: u64 = 1 << 20;
@@ -154,7 +155,7 @@ async fn skippable_bad_requests_get_errors_and_the_connection_keeps_serving() {
     assert_eq!(r.header.code(), ErrorCode::MalformedBody);
 
     // Trailing bytes after a valid Read body are malformed too.
-    let mut body = encode(&kvpool_proto::Read {
+    let mut body = encode(&Read {
         ops: vec![ReadOp {
             segment: seg,
             offset: 0,
@@ -169,6 +170,46 @@ async fn skippable_bad_requests_get_errors_and_the_connection_keeps_serving() {
     );
 
     c.round_trip(seg, 0, &pattern(10, 100_000)).await;
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_never_waits_for_the_rest_of_a_partly_sent_next_frame() {
+    let node = start_node(4 * MIB, &dead_addr().await).await;
+    let seg = seg(&node);
+    let mut c = RawClient::connect(node.local_addr()).await;
+    let first = frame::encode_request(
+        1,
+        &Read {
+            ops: vec![ReadOp {
+                segment: seg,
+                offset: 0,
+                len: 8,
+            }],
+        },
+        0,
+    );
+    let second = frame::encode_request(
+        2,
+        &Read {
+            ops: vec![ReadOp {
+                segment: seg,
+                offset: 8,
+                len: 8,
+            }],
+        },
+        0,
+    );
+    // The first request, then part of the second's header, then part of its body.
+    for split in [HEADER_LEN / 2, HEADER_LEN + 1] {
+        let mut bytes = first.clone();
+        bytes.extend_from_slice(&second[..split]);
+        c.s.write_all(&bytes).await.unwrap();
+        let r = c.recv().await.unwrap();
+        assert_eq!(r.header.request_id, 1);
+        c.s.write_all(&second[split..]).await.unwrap();
+        assert_eq!(c.recv().await.unwrap().header.request_id, 2);
+    }
     node.shutdown().await;
 }
 
