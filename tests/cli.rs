@@ -10,7 +10,11 @@ fn kvpool(args: &[&str], master: &str, stdin: Option<&[u8]>) -> Output {
     let mut child = Command::new(kvpool_bin())
         .args(args)
         .env("KVPOOL_MASTER", master)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -44,25 +48,38 @@ fn put_get_exists_rm_status_through_the_binary() {
     assert!(std::fs::read(&out).unwrap() == v);
     let input = dir.with_file_name("in.bin");
     std::fs::write(&input, b"from a file").unwrap();
-    assert!(kvpool(&["put", "file", input.to_str().unwrap()], &m, None).status.success());
+    assert!(kvpool(&["put", "file", input.to_str().unwrap()], &m, None)
+        .status
+        .success());
     assert_eq!(kvpool(&["get", "file"], &m, None).stdout, b"from a file");
 
     // Immutable keys: a second put fails clearly, with overwrite it succeeds.
     let o = kvpool(&["put", "blob", "-"], &m, Some(b"x"));
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("AlreadyExists"), "{}", stderr(&o));
-    assert!(kvpool(&["put", "blob", "--overwrite", "-"], &m, Some(b"x")).status.success());
+    assert!(kvpool(&["put", "blob", "--overwrite", "-"], &m, Some(b"x"))
+        .status
+        .success());
     assert_eq!(kvpool(&["get", "blob"], &m, None).stdout, b"x");
 
     let o = kvpool(&["exists", "blob"], &m, None);
-    assert_eq!((o.status.code(), o.stdout.as_slice()), (Some(0), &b"yes\n"[..]));
+    assert_eq!(
+        (o.status.code(), o.stdout.as_slice()),
+        (Some(0), &b"yes\n"[..])
+    );
     let o = kvpool(&["exists", "nope"], &m, None);
-    assert_eq!((o.status.code(), o.stdout.as_slice()), (Some(1), &b"no\n"[..]));
+    assert_eq!(
+        (o.status.code(), o.stdout.as_slice()),
+        (Some(1), &b"no\n"[..])
+    );
 
     let o = kvpool(&["status"], &m, None);
     assert!(o.status.success());
     let text = String::from_utf8_lossy(&o.stdout);
-    assert!(text.contains("1 node(s) (1 alive)") && text.contains("2 object(s)"), "{text}");
+    assert!(
+        text.contains("1 node(s) (1 alive)") && text.contains("2 object(s)"),
+        "{text}"
+    );
     let o = kvpool(&["status", "--raw"], &m, None);
     assert!(String::from_utf8_lossy(&o.stdout).contains("capacity=134217728"));
 
@@ -77,18 +94,35 @@ fn put_get_exists_rm_status_through_the_binary() {
 #[test]
 fn verbs_fail_clearly_without_a_master() {
     // Nothing listens on this port: bind one and drop it to get a free port.
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
     let cfg = config_file("[client]\ndeadline = \"1s\"\n");
     let o = Command::new(kvpool_bin())
-        .args(["--config", cfg.to_str().unwrap(), "get", "k", "--master", &free])
+        .args([
+            "--config",
+            cfg.to_str().unwrap(),
+            "get",
+            "k",
+            "--master",
+            &free,
+        ])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
     let e = stderr(&o);
-    assert!(e.contains("get \"k\"") && (e.contains("refused") || e.contains("Connection")), "{e}");
+    assert!(
+        e.contains("get \"k\"") && (e.contains("refused") || e.contains("Connection")),
+        "{e}"
+    );
 
     let bad = config_file("[master]\nno-such-key = 1\n");
-    let o = Command::new(kvpool_bin()).args(["--config", bad.to_str().unwrap(), "status"]).output().unwrap();
+    let o = Command::new(kvpool_bin())
+        .args(["--config", bad.to_str().unwrap(), "status"])
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("no-such-key"), "{}", stderr(&o));
 }
@@ -98,7 +132,12 @@ fn config_prints_every_default() {
     let o = Command::new(kvpool_bin()).arg("config").output().unwrap();
     assert!(o.status.success());
     let text = String::from_utf8_lossy(&o.stdout);
-    for key in ["listen = \"127.0.0.1:50051\"", "lease-ttl = \"10s\"", "dram = \"256MiB\"", "high-watermark = 0.9"] {
+    for key in [
+        "listen = \"127.0.0.1:50051\"",
+        "lease-ttl = \"10s\"",
+        "dram = \"256MiB\"",
+        "high-watermark = 0.9",
+    ] {
         assert!(text.contains(key), "missing {key} in:\n{text}");
     }
 }

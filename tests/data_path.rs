@@ -12,7 +12,18 @@ async fn put_from_one_client_get_from_another_1b_to_64mib() {
     let pool = up("512MiB", &[]);
     let writer = client(&pool.addr("master"));
     let reader = client(&pool.addr("master"));
-    let mut sizes = vec![1usize, 2, 63, 4096, 4097, 65_536, 1 << 20, (1 << 20) + 7, 16 << 20, 64 << 20];
+    let mut sizes = vec![
+        1usize,
+        2,
+        63,
+        4096,
+        4097,
+        65_536,
+        1 << 20,
+        (1 << 20) + 7,
+        16 << 20,
+        64 << 20,
+    ];
     for i in 0..8u64 {
         // Random sizes across the range, reproducible from the seed in the failure message.
         let seed = rand::random::<u64>();
@@ -23,8 +34,14 @@ async fn put_from_one_client_get_from_another_1b_to_64mib() {
     for (i, len) in sizes.iter().enumerate() {
         let key = format!("obj/{i}/{len}");
         let v = value(i as u64, *len);
-        writer.put(key.as_bytes(), &v, &PutOptions::default()).await.unwrap_or_else(|e| panic!("put {key}: {e}"));
-        let got = reader.get(key.as_bytes()).await.unwrap_or_else(|e| panic!("get {key}: {e}"));
+        writer
+            .put(key.as_bytes(), &v, &PutOptions::default())
+            .await
+            .unwrap_or_else(|e| panic!("put {key}: {e}"));
+        let got = reader
+            .get(key.as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("get {key}: {e}"));
         assert!(got.as_deref() == Some(&v[..]), "{key}: bytes differ");
         // And straight into a caller buffer, larger than the value.
         let mut buf = vec![0u8; len + 100];
@@ -41,8 +58,12 @@ async fn batches_report_per_key_hits_and_misses() {
     let keys: Vec<String> = (0..200).map(|i| format!("batch/{i}")).collect();
     let vals: Vec<Vec<u8>> = (0..200).map(|i| value(i, 100 + i as usize * 37)).collect();
     // Put the even keys only.
-    let items: Vec<(&[u8], &[u8])> =
-        keys.iter().zip(&vals).step_by(2).map(|(k, v)| (k.as_bytes(), v.as_slice())).collect();
+    let items: Vec<(&[u8], &[u8])> = keys
+        .iter()
+        .zip(&vals)
+        .step_by(2)
+        .map(|(k, v)| (k.as_bytes(), v.as_slice()))
+        .collect();
     for r in c.put_batch(&items, &PutOptions::default()).await {
         r.unwrap();
     }
@@ -73,15 +94,23 @@ async fn batches_report_per_key_hits_and_misses() {
     // Gather on put, scatter on get: three layers in, two buffers out.
     let layers = [value(7, 1000), value(8, 5000), value(9, 3)];
     let parts: Vec<&[u8]> = layers.iter().map(|l| l.as_slice()).collect();
-    c.put_parts(b"layers", &parts, &PutOptions::default()).await.unwrap();
+    c.put_parts(b"layers", &parts, &PutOptions::default())
+        .await
+        .unwrap();
     let (mut a, mut b) = (vec![0u8; 4000], vec![0u8; 4000]);
-    let n = c.get_into_parts(b"layers", &mut [&mut a, &mut b]).await.unwrap();
+    let n = c
+        .get_into_parts(b"layers", &mut [&mut a, &mut b])
+        .await
+        .unwrap();
     assert_eq!(n, Some(6003));
     let joined: Vec<u8> = layers.concat();
     assert!(a[..] == joined[..4000] && b[..2003] == joined[4000..]);
     // A buffer too small is refused, not truncated.
     let mut small = vec![0u8; 10];
-    assert!(matches!(c.get_into(b"layers", &mut small).await, Err(ClientError::BufferTooSmall { .. })));
+    assert!(matches!(
+        c.get_into(b"layers", &mut small).await,
+        Err(ClientError::BufferTooSmall { .. })
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,7 +141,10 @@ async fn concurrent_writers_of_one_key_exactly_one_wins() {
         }
         assert_eq!(winners.len(), 1, "round {round}: winners {winners:?}");
         let got = client(&master).get(key.as_bytes()).await.unwrap().unwrap();
-        assert!(got == value(winners[0], 256 << 10), "round {round}: stored value is not the winner's");
+        assert!(
+            got == value(winners[0], 256 << 10),
+            "round {round}: stored value is not the winner's"
+        );
     }
 }
 
@@ -122,10 +154,24 @@ async fn eviction_keeps_the_pool_accepting_and_spares_leased_and_pinned() {
     let pool = up("64MiB", &[]);
     let c = Arc::new(client(&pool.addr("master")));
     let len = 1 << 20;
-    c.put(b"pinned", &value(1, len), &PutOptions { hard_pin: true, ..Default::default() }).await.unwrap();
-    c.put(b"leased", &value(2, len), &PutOptions::default()).await.unwrap();
+    c.put(
+        b"pinned",
+        &value(1, len),
+        &PutOptions {
+            hard_pin: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    c.put(b"leased", &value(2, len), &PutOptions::default())
+        .await
+        .unwrap();
     // A lease (10 s by default) protects it while the pool fills.
-    assert_eq!(c.exists(&[b"leased"], true).await[0].as_ref().unwrap(), &true);
+    assert_eq!(
+        c.exists(&[b"leased"], true).await[0].as_ref().unwrap(),
+        &true
+    );
     let n = 256u64;
     for i in 0..n {
         let key = format!("fill/{i}");
@@ -141,8 +187,14 @@ async fn eviction_keeps_the_pool_accepting_and_spares_leased_and_pinned() {
     assert!(status.evictions > 0, "nothing was evicted");
     let seg = &status.nodes[0].segments[0];
     assert!(seg.used <= seg.capacity);
-    assert_eq!(c.get(b"pinned").await.unwrap().as_deref(), Some(&value(1, len)[..]));
-    assert_eq!(c.get(b"leased").await.unwrap().as_deref(), Some(&value(2, len)[..]));
+    assert_eq!(
+        c.get(b"pinned").await.unwrap().as_deref(),
+        Some(&value(1, len)[..])
+    );
+    assert_eq!(
+        c.get(b"leased").await.unwrap().as_deref(),
+        Some(&value(2, len)[..])
+    );
     // Every fill object is either its exact bytes or a miss; the newest ones are present.
     let keys: Vec<String> = (0..n).map(|i| format!("fill/{i}")).collect();
     let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
@@ -154,7 +206,10 @@ async fn eviction_keeps_the_pool_accepting_and_spares_leased_and_pinned() {
             present += 1;
         }
     }
-    assert!(present >= 40, "only {present} objects left in a 64 MiB pool");
+    assert!(
+        present >= 40,
+        "only {present} objects left in a 64 MiB pool"
+    );
     assert!(present < n as usize, "nothing was evicted");
     let newest = c.get(format!("fill/{}", n - 1).as_bytes()).await.unwrap();
     assert!(newest.is_some(), "the newest object was evicted first");

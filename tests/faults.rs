@@ -9,11 +9,27 @@ use kvpool_tests::{alive_nodes, client, config_file, value, wait_until, Proc};
 const FAST_TTL: &str = "[master]\nnode-ttl = \"2s\"\nheartbeat-interval = \"200ms\"\n";
 
 fn master(cfg: &std::path::Path, listen: &str) -> Proc {
-    Proc::start(&["master", "--config", cfg.to_str().unwrap(), "--listen", listen])
+    Proc::start(&[
+        "master",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--listen",
+        listen,
+    ])
 }
 
 fn store(master: &str, name: &str) -> Proc {
-    Proc::start(&["store", "--master", master, "--listen", "127.0.0.1:0", "--dram", "64MiB", "--name", name])
+    Proc::start(&[
+        "store",
+        "--master",
+        master,
+        "--listen",
+        "127.0.0.1:0",
+        "--dram",
+        "64MiB",
+        "--name",
+        name,
+    ])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -24,14 +40,27 @@ async fn killed_storage_node_gives_misses_or_other_replicas_never_wrong_bytes() 
     let _a = store(&addr, "a");
     let mut b = store(&addr, "b");
     let c = client(&addr);
-    wait_until("both nodes registered", Duration::from_secs(20), || alive_nodes(&c)).await;
-    wait_until("both nodes registered", Duration::from_secs(20), || async { alive_nodes(&c).await == 2 }).await;
+    wait_until("both nodes registered", Duration::from_secs(20), || async {
+        alive_nodes(&c).await == 2
+    })
+    .await;
 
     let len = 100 << 10;
     for i in 0..40u64 {
-        let two = PutOptions { replicas: 2, ..Default::default() };
-        c.put(format!("r2/{i}").as_bytes(), &value(i, len), &two).await.unwrap();
-        c.put(format!("r1/{i}").as_bytes(), &value(1000 + i, len), &PutOptions::default()).await.unwrap();
+        let two = PutOptions {
+            replicas: 2,
+            ..Default::default()
+        };
+        c.put(format!("r2/{i}").as_bytes(), &value(i, len), &two)
+            .await
+            .unwrap();
+        c.put(
+            format!("r1/{i}").as_bytes(),
+            &value(1000 + i, len),
+            &PutOptions::default(),
+        )
+        .await
+        .unwrap();
     }
 
     b.kill();
@@ -41,13 +70,15 @@ async fn killed_storage_node_gives_misses_or_other_replicas_never_wrong_bytes() 
             let mut r1_present = 0;
             for i in 0..40u64 {
                 let got = c.get(format!("r2/{i}").as_bytes()).await;
-                assert_eq!(got.unwrap().as_deref(), Some(&value(i, len)[..]), "{phase}: r2/{i}");
-                match c.get(format!("r1/{i}").as_bytes()).await {
-                    Ok(Some(v)) => {
-                        assert!(v == value(1000 + i, len), "{phase}: r1/{i} wrong bytes");
-                        r1_present += 1;
-                    }
-                    Ok(None) | Err(_) => {}
+                assert_eq!(
+                    got.unwrap().as_deref(),
+                    Some(&value(i, len)[..]),
+                    "{phase}: r2/{i}"
+                );
+                // A miss or an error is fine while the node is dead; wrong bytes never are.
+                if let Ok(Some(v)) = c.get(format!("r1/{i}").as_bytes()).await {
+                    assert!(v == value(1000 + i, len), "{phase}: r1/{i} wrong bytes");
+                    r1_present += 1;
                 }
             }
             r1_present
@@ -55,25 +86,53 @@ async fn killed_storage_node_gives_misses_or_other_replicas_never_wrong_bytes() 
     };
     // Before the master notices: replicated objects come from the survivor.
     let before = check("node killed, not yet declared dead").await;
-    assert!(before < 40, "no single-replica object lived on the killed node");
-    wait_until("the killed node declared dead", Duration::from_secs(20), || async { alive_nodes(&c).await == 1 }).await;
+    assert!(
+        before < 40,
+        "no single-replica object lived on the killed node"
+    );
+    wait_until(
+        "the killed node declared dead",
+        Duration::from_secs(20),
+        || async { alive_nodes(&c).await == 1 },
+    )
+    .await;
     // After: the killed node's single replicas are clean misses.
     for i in 0..40u64 {
         let r = c.get(format!("r1/{i}").as_bytes()).await.unwrap();
-        assert!(r.is_none() || r.as_deref() == Some(&value(1000 + i, len)[..]), "r1/{i}");
+        assert!(
+            r.is_none() || r.as_deref() == Some(&value(1000 + i, len)[..]),
+            "r1/{i}"
+        );
     }
     assert_eq!(check("node declared dead").await, before);
     // The pool keeps serving writes.
-    c.put(b"after-kill", &value(7, len), &PutOptions::default()).await.unwrap();
-    assert_eq!(c.get(b"after-kill").await.unwrap().as_deref(), Some(&value(7, len)[..]));
+    c.put(b"after-kill", &value(7, len), &PutOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        c.get(b"after-kill").await.unwrap().as_deref(),
+        Some(&value(7, len)[..])
+    );
 
     // The node comes back (a new process, empty DRAM) and re-joins.
     let _b2 = store(&addr, "b");
-    wait_until("the node re-joined", Duration::from_secs(20), || async { alive_nodes(&c).await == 2 }).await;
-    let three = PutOptions { replicas: 2, ..Default::default() };
-    c.put(b"after-rejoin", &value(8, len), &three).await.unwrap();
+    wait_until("the node re-joined", Duration::from_secs(20), || async {
+        alive_nodes(&c).await == 2
+    })
+    .await;
+    let three = PutOptions {
+        replicas: 2,
+        ..Default::default()
+    };
+    c.put(b"after-rejoin", &value(8, len), &three)
+        .await
+        .unwrap();
     let info = c.status().await.unwrap();
-    assert!(info.nodes.iter().filter(|n| n.alive).all(|n| n.segments.iter().all(|s| s.objects > 0 || s.used == 0)));
+    assert!(info
+        .nodes
+        .iter()
+        .filter(|n| n.alive)
+        .all(|n| n.segments.iter().all(|s| s.objects > 0 || s.used == 0)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,44 +143,77 @@ async fn restarted_master_gets_objects_back_from_live_nodes() {
     let _s1 = store(&addr, "s1");
     let _s2 = store(&addr, "s2");
     let c = client(&addr);
-    wait_until("nodes registered", Duration::from_secs(20), || async { alive_nodes(&c).await == 2 }).await;
+    wait_until("nodes registered", Duration::from_secs(20), || async {
+        alive_nodes(&c).await == 2
+    })
+    .await;
 
     let sizes = [1usize, 4096, 100_000, 1 << 20, 3 << 20];
     let mut keys = Vec::new();
     for i in 0..60u64 {
         let len = sizes[i as usize % sizes.len()];
         let key = format!("keep/{i}");
-        let opts = PutOptions { replicas: 1 + (i % 2) as u8, ..Default::default() };
+        let opts = PutOptions {
+            replicas: 1 + (i % 2) as u8,
+            ..Default::default()
+        };
         c.put(key.as_bytes(), &value(i, len), &opts).await.unwrap();
         keys.push((key, i, len));
     }
     // One removed before the restart must stay removed... once the node applied the free.
     c.remove(&[b"keep/0"], false).await[0].as_ref().unwrap();
-    wait_until("removal reached the node", Duration::from_secs(10), || async {
-        c.status().await.map(|s| s.nodes.iter().all(|n| n.pending_frees == 0)).unwrap_or(false)
-    })
+    wait_until(
+        "removal reached the node",
+        Duration::from_secs(10),
+        || async {
+            c.status()
+                .await
+                .map(|s| s.nodes.iter().all(|n| n.pending_frees == 0))
+                .unwrap_or(false)
+        },
+    )
     .await;
 
     m.kill();
     let m2 = master(&cfg, &addr);
     assert_eq!(m2.addr("master"), addr);
-    wait_until("nodes re-registered with the new master", Duration::from_secs(20), || async {
-        alive_nodes(&c).await == 2
-    })
+    wait_until(
+        "nodes re-registered with the new master",
+        Duration::from_secs(20),
+        || async { alive_nodes(&c).await == 2 },
+    )
     .await;
     for (key, i, len) in &keys[1..] {
-        let got = c.get(key.as_bytes()).await.unwrap_or_else(|e| panic!("{key}: {e}"));
-        assert!(got.as_deref() == Some(&value(*i, *len)[..]), "{key} not back byte for byte");
+        let got = c
+            .get(key.as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("{key}: {e}"));
+        assert!(
+            got.as_deref() == Some(&value(*i, *len)[..]),
+            "{key} not back byte for byte"
+        );
     }
-    assert!(c.get(b"keep/0").await.unwrap().is_none(), "a removed object came back");
+    assert!(
+        c.get(b"keep/0").await.unwrap().is_none(),
+        "a removed object came back"
+    );
     let status = c.status().await.unwrap();
     assert_eq!(status.objects, 59);
     // New puts do not land on top of recovered objects.
     for i in 0..30u64 {
-        c.put(format!("new/{i}").as_bytes(), &value(5000 + i, 1 << 20), &PutOptions::default()).await.unwrap();
+        c.put(
+            format!("new/{i}").as_bytes(),
+            &value(5000 + i, 1 << 20),
+            &PutOptions::default(),
+        )
+        .await
+        .unwrap();
     }
     for (key, i, len) in &keys[1..] {
         let got = c.get(key.as_bytes()).await.unwrap();
-        assert!(got.as_deref() == Some(&value(*i, *len)[..]), "{key} overwritten by a new put");
+        assert!(
+            got.as_deref() == Some(&value(*i, *len)[..]),
+            "{key} overwritten by a new put"
+        );
     }
 }

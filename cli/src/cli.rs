@@ -8,7 +8,11 @@ use kvpool_proto::ByteSize;
 use crate::{config::Config, serve, verbs};
 
 #[derive(Debug, Parser)]
-#[command(name = "kvpool", version, about = "A multi-level KV-cache pool for LLM inference")]
+#[command(
+    name = "kvpool",
+    version,
+    about = "A multi-level KV-cache pool for LLM inference"
+)]
 pub struct Cli {
     /// Config file (TOML); see `kvpool config`.
     #[arg(long, global = true, env = "KVPOOL_CONFIG")]

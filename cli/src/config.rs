@@ -60,11 +60,13 @@ impl ClientSection {
 impl Config {
     /// Reads `path` if given; an absent path gives the defaults.
     pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
-        let Some(path) = path else { return Ok(Config::default()) };
+        let Some(path) = path else {
+            return Ok(Config::default());
+        };
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config file {}", path.display()))?;
-        let cfg: Config =
-            toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))?;
+        let cfg: Config = toml::from_str(&text)
+            .with_context(|| format!("parsing config file {}", path.display()))?;
         Ok(cfg)
     }
 
@@ -92,7 +94,10 @@ mod tests {
         let value: toml::Value = toml::from_str(&Config::default_toml()).unwrap();
         for (section, table) in value.as_table().unwrap() {
             for key in table.as_table().unwrap().keys() {
-                assert!(doc.contains(&format!("`{section}.{key}`")), "docs/configuration.md lacks `{section}.{key}`");
+                assert!(
+                    doc.contains(&format!("`{section}.{key}`")),
+                    "docs/configuration.md lacks `{section}.{key}`"
+                );
             }
         }
     }

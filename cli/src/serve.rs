@@ -13,20 +13,23 @@ use crate::{
 };
 
 async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| format!("binding the {what} to {addr}"))
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the {what} to {addr}"))
 }
 
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -82,7 +85,11 @@ pub async fn store(mut cfg: Config, a: StoreArgs) -> anyhow::Result<ExitCode> {
     cfg.store.validate().map_err(anyhow::Error::msg)?;
     let listener = bind(&cfg.store.listen, "storage node").await?;
     let handle = kvpool_store::start(cfg.store.clone(), listener).await?;
-    ready(&format!("store={} node={}", handle.local_addr(), handle.node().id()));
+    ready(&format!(
+        "store={} node={}",
+        handle.local_addr(),
+        handle.node().id()
+    ));
     shutdown_signal().await;
     handle.shutdown().await;
     Ok(ExitCode::SUCCESS)
@@ -119,7 +126,9 @@ pub async fn up(mut cfg: Config, a: UpArgs) -> anyhow::Result<ExitCode> {
     });
     let store = kvpool_store::start(cfg.store.clone(), store_listener).await?;
     // Ready means usable: wait until the node has registered, so a put right after works.
-    let client = kvpool_client::Client::new(kvpool_client::ClientConfig::with_master(master_addr.to_string()));
+    let client = kvpool_client::Client::new(kvpool_client::ClientConfig::with_master(
+        master_addr.to_string(),
+    ));
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         match client.status().await {
@@ -130,7 +139,10 @@ pub async fn up(mut cfg: Config, a: UpArgs) -> anyhow::Result<ExitCode> {
             _ => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
         }
     }
-    ready(&format!("master={master_addr} store={}", store.local_addr()));
+    ready(&format!(
+        "master={master_addr} store={}",
+        store.local_addr()
+    ));
     eprintln!(
         "kvpool is up: master {master_addr}, storage node {} with {} of DRAM. Try: kvpool put hello - <<< world",
         store.local_addr(),

@@ -25,7 +25,9 @@ pub async fn put(cfg: Config, a: PutArgs) -> anyhow::Result<ExitCode> {
         }
         _ => {
             let mut v = Vec::new();
-            std::io::stdin().read_to_end(&mut v).context("reading standard input")?;
+            std::io::stdin()
+                .read_to_end(&mut v)
+                .context("reading standard input")?;
             v
         }
     };
@@ -44,7 +46,10 @@ pub async fn put(cfg: Config, a: PutArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn get(cfg: Config, a: GetArgs) -> anyhow::Result<ExitCode> {
-    let value = client(&cfg, &a.addr).get(a.key.as_bytes()).await.with_context(|| format!("get {:?}", a.key))?;
+    let value = client(&cfg, &a.addr)
+        .get(a.key.as_bytes())
+        .await
+        .with_context(|| format!("get {:?}", a.key))?;
     let Some(value) = value else {
         bail!("get {:?}: not found", a.key);
     };
@@ -62,7 +67,9 @@ pub async fn get(cfg: Config, a: GetArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn rm(cfg: Config, a: RmArgs) -> anyhow::Result<ExitCode> {
-    let mut r = client(&cfg, &a.addr).remove(&[a.key.as_bytes()], a.force).await;
+    let mut r = client(&cfg, &a.addr)
+        .remove(&[a.key.as_bytes()], a.force)
+        .await;
     match r.pop() {
         Some(Ok(())) => Ok(ExitCode::SUCCESS),
         Some(Err(e)) if e.code() == ErrorCode::NotFound => bail!("rm {:?}: not found", a.key),
@@ -72,7 +79,9 @@ pub async fn rm(cfg: Config, a: RmArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn exists(cfg: Config, a: KeyArgs) -> anyhow::Result<ExitCode> {
-    let mut r = client(&cfg, &a.addr).exists(&[a.key.as_bytes()], false).await;
+    let mut r = client(&cfg, &a.addr)
+        .exists(&[a.key.as_bytes()], false)
+        .await;
     match r.pop() {
         Some(Ok(true)) => {
             println!("yes");
@@ -100,8 +109,10 @@ pub async fn status(cfg: Config, a: StatusArgs) -> anyhow::Result<ExitCode> {
             s.nodes.len(), s.objects, s.processing, s.evictions);
         for n in &s.nodes {
             for seg in &n.segments {
-                println!("node={} name={} addr={} alive={} segment={} capacity={} used={} objects={}",
-                    n.id, n.name, n.addr, n.alive, seg.id, seg.capacity, seg.used, seg.objects);
+                println!(
+                    "node={} name={} addr={} alive={} segment={} capacity={} used={} objects={}",
+                    n.id, n.name, n.addr, n.alive, seg.id, seg.capacity, seg.used, seg.objects
+                );
             }
         }
         return Ok(ExitCode::SUCCESS);
@@ -117,7 +128,10 @@ pub async fn status(cfg: Config, a: StatusArgs) -> anyhow::Result<ExitCode> {
         s.evictions
     );
     println!();
-    println!("{:<18} {:<16} {:<22} {:<6} {:<18} {:>10} {:>10} {:>9}", "NODE", "NAME", "ADDRESS", "STATE", "SEGMENT", "CAPACITY", "USED", "OBJECTS");
+    println!(
+        "{:<18} {:<16} {:<22} {:<6} {:<18} {:>10} {:>10} {:>9}",
+        "NODE", "NAME", "ADDRESS", "STATE", "SEGMENT", "CAPACITY", "USED", "OBJECTS"
+    );
     for n in &s.nodes {
         for seg in &n.segments {
             println!(

@@ -36,6 +36,9 @@ impl Default for ClientConfig {
 
 impl ClientConfig {
     pub fn with_master(master: impl Into<String>) -> Self {
-        ClientConfig { master: master.into(), ..Default::default() }
+        ClientConfig {
+            master: master.into(),
+            ..Default::default()
+        }
     }
 }

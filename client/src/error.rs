@@ -24,7 +24,10 @@ pub enum ClientError {
     #[error("read lease expired during the transfer")]
     LeaseExpired,
     #[error("{op} did not finish within {after:?}")]
-    Deadline { op: &'static str, after: std::time::Duration },
+    Deadline {
+        op: &'static str,
+        after: std::time::Duration,
+    },
 }
 
 impl ClientError {

@@ -24,7 +24,9 @@ impl Client {
                 _ => Vec::new(),
             })
             .collect();
-        let found: Vec<usize> = (0..keys.len()).filter(|&i| matches!(infos[i], Ok(Some(_)))).collect();
+        let found: Vec<usize> = (0..keys.len())
+            .filter(|&i| matches!(infos[i], Ok(Some(_))))
+            .collect();
         let fetched = {
             let mut dests: Vec<Vec<&mut [u8]>> = Vec::with_capacity(found.len());
             let mut refs: Vec<&ObjectInfo> = Vec::with_capacity(found.len());
@@ -79,7 +81,10 @@ impl Client {
                 Ok(Some(info)) => {
                     let have: u64 = parts.iter().map(|p| p.len() as u64).sum();
                     if have < info.len {
-                        out.push(Err(ClientError::BufferTooSmall { need: info.len, have }));
+                        out.push(Err(ClientError::BufferTooSmall {
+                            need: info.len,
+                            have,
+                        }));
                         continue;
                     }
                     // Cover exactly `len` bytes with the leading parts.
@@ -117,7 +122,9 @@ impl Client {
         let sent = Instant::now();
         let mut out = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(self.cfg.max_batch.max(1)) {
-            let msg = GetReplicas { keys: chunk.iter().map(|k| k.to_vec()).collect() };
+            let msg = GetReplicas {
+                keys: chunk.iter().map(|k| k.to_vec()).collect(),
+            };
             match self.master_call(&msg).await {
                 Ok(r) if r.items.len() == chunk.len() => {
                     out.extend(r.items.into_iter().map(|item| match item {
@@ -126,7 +133,11 @@ impl Client {
                         Err(e) => Err(ClientError::Remote(e)),
                     }))
                 }
-                Ok(_) => out.extend(chunk.iter().map(|_| Err(crate::internal("wrong result count")))),
+                Ok(_) => out.extend(
+                    chunk
+                        .iter()
+                        .map(|_| Err(crate::internal("wrong result count"))),
+                ),
                 Err(e) => out.extend(chunk.iter().map(|_| Err(clone_err(&e)))),
             }
         }
@@ -153,7 +164,9 @@ impl Client {
                 if done[i].is_some() {
                     continue;
                 }
-                let Some(&ri) = orders[i].get(round) else { continue };
+                let Some(&ri) = orders[i].get(round) else {
+                    continue;
+                };
                 let r = &infos[i].replicas[ri];
                 let batch = by_addr.entry(r.addr.as_str()).or_default();
                 let mut off = 0u64;
@@ -161,8 +174,12 @@ impl Client {
                     let len = p.len() as u64;
                     batch.0.push(i);
                     batch.1.push(ReadItem {
-                        op: ReadOp { segment: r.segment, offset: r.offset + off, len },
-                        dst: &mut **p,
+                        op: ReadOp {
+                            segment: r.segment,
+                            offset: r.offset + off,
+                            len,
+                        },
+                        dst: p,
                     });
                     off += len;
                 }
@@ -170,13 +187,17 @@ impl Client {
             if by_addr.is_empty() {
                 break;
             }
-            let results = join_all(by_addr.into_iter().map(|(addr, (owners, reads))| async move {
-                let res = self.engine.read(addr, reads).await;
-                if res.is_err() {
-                    self.engine.forget(addr);
-                }
-                (owners, res)
-            }))
+            let results = join_all(
+                by_addr
+                    .into_iter()
+                    .map(|(addr, (owners, reads))| async move {
+                        let res = self.engine.read(addr, reads).await;
+                        if res.is_err() {
+                            self.engine.forget(addr);
+                        }
+                        (owners, res)
+                    }),
+            )
             .await;
             let mut round_err: HashMap<usize, ClientError> = HashMap::new();
             let mut tried: Vec<usize> = Vec::new();
@@ -194,7 +215,10 @@ impl Client {
                         for i in owners {
                             tried.push(i);
                             round_err.entry(i).or_insert_with(|| {
-                                ClientError::Remote(kvpool_proto::WireError::new(e.code(), e.to_string()))
+                                ClientError::Remote(kvpool_proto::WireError::new(
+                                    e.code(),
+                                    e.to_string(),
+                                ))
                             });
                         }
                     }
@@ -208,11 +232,16 @@ impl Client {
                     continue;
                 }
                 if self.cfg.verify_checksum {
-                    let got = dests[i].iter().fold(0, |crc, p| crc32c::crc32c_append(crc, p));
+                    let got = dests[i]
+                        .iter()
+                        .fold(0, |crc, p| crc32c::crc32c_append(crc, p));
                     if got != infos[i].checksum {
                         // A torn read (space reused after eviction) or corruption: another
                         // replica may still be good.
-                        last_err[i] = Some(ClientError::ChecksumMismatch { want: infos[i].checksum, got });
+                        last_err[i] = Some(ClientError::ChecksumMismatch {
+                            want: infos[i].checksum,
+                            got,
+                        });
                         continue;
                     }
                 }
@@ -230,7 +259,9 @@ impl Client {
                 }
                 Some(r) => r,
                 None => Err(ClientError::NoReadableReplica {
-                    last: Box::new(last.unwrap_or_else(|| crate::internal("object has no replica"))),
+                    last: Box::new(
+                        last.unwrap_or_else(|| crate::internal("object has no replica")),
+                    ),
                 }),
             })
             .collect()

@@ -51,7 +51,12 @@ impl Client {
     pub fn new(cfg: ClientConfig) -> Self {
         let master = RpcClient::new(cfg.master.clone(), cfg.rpc.clone());
         let engine = TransferEngine::new(cfg.engine.clone());
-        Client { id: ClientId(rand::random()), cfg, master, engine }
+        Client {
+            id: ClientId(rand::random()),
+            cfg,
+            master,
+            engine,
+        }
     }
 
     pub fn id(&self) -> ClientId {
@@ -71,21 +76,26 @@ impl Client {
     /// Puts one value gathered from several buffers, in order.
     pub async fn put_parts(&self, key: &[u8], parts: &[&[u8]], opts: &PutOptions) -> Result<()> {
         let mut r = self.put_batch_parts(&[(key, parts)], opts).await;
-        r.pop().unwrap_or_else(|| Err(internal("empty batch result")))
+        r.pop()
+            .unwrap_or_else(|| Err(internal("empty batch result")))
     }
 
     /// Puts many values; one result per item, in order.
     pub async fn put_batch(&self, items: &[(&[u8], &[u8])], opts: &PutOptions) -> Vec<Result<()>> {
         let parts: Vec<[&[u8]; 1]> = items.iter().map(|(_, v)| [*v]).collect();
-        let items: Vec<(&[u8], &[&[u8]])> =
-            items.iter().zip(&parts).map(|((k, _), p)| (*k, &p[..])).collect();
+        let items: Vec<(&[u8], &[&[u8]])> = items
+            .iter()
+            .zip(&parts)
+            .map(|((k, _), p)| (*k, &p[..]))
+            .collect();
         self.put_batch_parts(&items, opts).await
     }
 
     /// Gets one value; `Ok(None)` is a miss.
     pub async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         let mut r = self.get_batch(&[key]).await;
-        r.pop().unwrap_or_else(|| Err(internal("empty batch result")))
+        r.pop()
+            .unwrap_or_else(|| Err(internal("empty batch result")))
     }
 
     /// Gets one value into `buf` without an intermediate copy; returns its length, or
@@ -97,14 +107,18 @@ impl Client {
     /// Gets one value scattered over several buffers, filled in order.
     pub async fn get_into_parts(&self, key: &[u8], parts: &mut [&mut [u8]]) -> Result<Option<u64>> {
         let mut r = self.get_batch_into_parts(&[key], &mut [parts]).await;
-        r.pop().unwrap_or_else(|| Err(internal("empty batch result")))
+        r.pop()
+            .unwrap_or_else(|| Err(internal("empty batch result")))
     }
 
     /// Whether each key is committed. With `lease`, present keys get a read lease.
     pub async fn exists(&self, keys: &[&[u8]], lease: bool) -> Vec<Result<bool>> {
         let mut out = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(self.cfg.max_batch.max(1)) {
-            let msg = Exists { keys: chunk.iter().map(|k| k.to_vec()).collect(), lease };
+            let msg = Exists {
+                keys: chunk.iter().map(|k| k.to_vec()).collect(),
+                lease,
+            };
             match self.master_call(&msg).await {
                 Ok(r) => out.extend(r.items.into_iter().map(|i| i.map_err(ClientError::from))),
                 Err(e) => out.extend(chunk.iter().map(|_| Err(clone_err(&e)))),
@@ -117,7 +131,10 @@ impl Client {
     pub async fn remove(&self, keys: &[&[u8]], force: bool) -> Vec<Result<()>> {
         let mut out = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(self.cfg.max_batch.max(1)) {
-            let msg = Remove { keys: chunk.iter().map(|k| k.to_vec()).collect(), force };
+            let msg = Remove {
+                keys: chunk.iter().map(|k| k.to_vec()).collect(),
+                force,
+            };
             match self.master_call(&msg).await {
                 Ok(r) => out.extend(r.items.into_iter().map(|i| i.map_err(ClientError::from))),
                 Err(e) => out.extend(chunk.iter().map(|_| Err(clone_err(&e)))),
@@ -163,4 +180,13 @@ fn internal(msg: &str) -> ClientError {
 /// A copy of an error for every item of a batch that failed as a whole.
 fn clone_err(e: &ClientError) -> ClientError {
     ClientError::Remote(kvpool_proto::WireError::new(e.code(), e.to_string()))
+}
+
+/// Engines spawn client calls on multi-threaded runtimes: every public future must be `Send`.
+#[cfg(test)]
+#[allow(dead_code)]
+fn futures_are_send(c: std::sync::Arc<Client>) {
+    let c2 = c.clone();
+    tokio::spawn(async move { c.put(b"k", b"v", &PutOptions::default()).await });
+    tokio::spawn(async move { c2.get(b"k").await });
 }

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 
 use futures::future::join_all;
 use kvpool_proto::{
-    ItemResult, ObjectTag, PutEnd, PutOptions, PutRevoke, PutStart, PutStartItem,
-    ReplicaDesc, WireError, WriteOp,
+    ItemResult, ObjectTag, PutEnd, PutOptions, PutRevoke, PutStart, PutStartItem, ReplicaDesc,
+    WireError, WriteOp,
 };
 use kvpool_transport::engine::WriteItem;
 
@@ -51,7 +51,11 @@ impl Client {
         let allocated = match self.master_call(&start).await {
             Ok(r) if r.items.len() == items.len() => r.items,
             Ok(r) => {
-                let e = crate::internal(&format!("{} results for {} puts", r.items.len(), items.len()));
+                let e = crate::internal(&format!(
+                    "{} results for {} puts",
+                    r.items.len(),
+                    items.len()
+                ));
                 return items.iter().map(|_| Err(clone_err(&e))).collect();
             }
             Err(e) => return items.iter().map(|_| Err(clone_err(&e))).collect(),
@@ -59,7 +63,11 @@ impl Client {
 
         let mut results: Vec<Result<()>> = allocated
             .iter()
-            .map(|a| a.as_ref().map(|_| ()).map_err(|e| ClientError::Remote(e.clone())))
+            .map(|a| {
+                a.as_ref()
+                    .map(|_| ())
+                    .map_err(|e| ClientError::Remote(e.clone()))
+            })
             .collect();
         let written = self.write_replicas(items, &start.items, &allocated).await;
         for (r, w) in results.iter_mut().zip(written) {
@@ -91,7 +99,10 @@ impl Client {
             }
         }
         if !commit.is_empty() {
-            let msg = PutEnd { client: self.id, keys: commit.iter().map(|&i| items[i].0.to_vec()).collect() };
+            let msg = PutEnd {
+                client: self.id,
+                keys: commit.iter().map(|&i| items[i].0.to_vec()).collect(),
+            };
             match self.master_call(&msg).await {
                 Ok(r) => {
                     for (&i, item) in commit.iter().zip(r.items) {
@@ -136,7 +147,11 @@ impl Client {
                 for part in items[i].1.iter().filter(|p| !p.is_empty()) {
                     b.owners.push(i);
                     b.writes.push(WriteItem {
-                        op: WriteOp { segment: r.segment, offset: r.offset + off, len: part.len() as u64 },
+                        op: WriteOp {
+                            segment: r.segment,
+                            offset: r.offset + off,
+                            len: part.len() as u64,
+                        },
                         data: part,
                     });
                     off += part.len() as u64;

@@ -221,7 +221,7 @@ impl OffsetAllocator {
     /// `(offset, len)` in bytes as `(start, units)` if it is a non-empty aligned range inside
     /// the managed units.
     fn range_units(&self, offset: u64, len: u64) -> Option<(u64, u64)> {
-        if len == 0 || offset % self.align != 0 {
+        if len == 0 || !offset.is_multiple_of(self.align) {
             return None;
         }
         let start = offset / self.align;
@@ -276,7 +276,7 @@ impl OffsetAllocator {
     /// Releases the allocation that starts at `offset`. Returns false, changing nothing, if no
     /// allocation starts there (never allocated, or already freed).
     pub fn free(&mut self, offset: u64) -> bool {
-        if offset % self.align != 0 {
+        if !offset.is_multiple_of(self.align) {
             return false;
         }
         let Some(n) = self.used_at.remove(&(offset / self.align)) else {
@@ -314,7 +314,7 @@ impl OffsetAllocator {
 
     /// The length reserved for the allocation starting at `offset`, if there is one.
     pub fn len_at(&self, offset: u64) -> Option<u64> {
-        if offset % self.align != 0 {
+        if !offset.is_multiple_of(self.align) {
             return None;
         }
         let n = *self.used_at.get(&(offset / self.align))?;
@@ -480,7 +480,7 @@ mod tests {
         let x = a.alloc(1).unwrap();
         assert_eq!(x, Allocation { offset: 0, len: 64 });
         let y = a.alloc(1_000_001).unwrap();
-        assert!(y.len >= 1_000_001 && y.len % 64 == 0);
+        assert!(y.len >= 1_000_001 && y.len.is_multiple_of(64));
         assert!(y.len <= 1_000_001 + 1_000_001 / 8 + 64);
         assert_eq!(a.used(), x.len + y.len);
         assert!(a.alloc(0).is_none());

@@ -61,10 +61,16 @@ impl MasterConfig {
     /// Refuses impossible settings with a message that names the key.
     pub fn validate(&self) -> Result<(), String> {
         if !(0.0..=1.0).contains(&self.high_watermark) || self.high_watermark == 0.0 {
-            return Err(format!("master.high-watermark must be in (0, 1], got {}", self.high_watermark));
+            return Err(format!(
+                "master.high-watermark must be in (0, 1], got {}",
+                self.high_watermark
+            ));
         }
         if !(0.0..=1.0).contains(&self.eviction_ratio) || self.eviction_ratio == 0.0 {
-            return Err(format!("master.eviction-ratio must be in (0, 1], got {}", self.eviction_ratio));
+            return Err(format!(
+                "master.eviction-ratio must be in (0, 1], got {}",
+                self.eviction_ratio
+            ));
         }
         if self.node_ttl.0 <= self.heartbeat_interval.0 {
             return Err("master.node-ttl must be longer than master.heartbeat-interval".into());

@@ -1,13 +1,17 @@
-//! kvpool's metadata master, sans I/O.
+//! kvpool's metadata master: a sans-I/O core behind a thin async shell.
 //!
 //! - [`alloc`]: the O(1) offset allocator that manages the space of one DRAM segment.
 //! - [`core`]: [`MasterCore`], the pure state machine behind every master request: object map,
 //!   two-phase puts, leases and pins, placement, eviction, membership and the frees queued for
 //!   storage nodes. It owns no socket, clock or thread: time is an argument, so that the server
 //!   shell, tests and simulations drive it the same way.
+//! - [`server`]: the async shell: decode, lock, call the core with the time, encode.
+//! - [`config`]: [`config::MasterConfig`], the `[master]` section of the config file.
 
 pub mod alloc;
+pub mod config;
 pub mod core;
+pub mod server;
 
 pub use crate::alloc::{Allocation, OffsetAllocator};
 pub use crate::core::{CoreConfig, MasterCore};

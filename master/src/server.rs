@@ -65,7 +65,10 @@ impl RpcService for Service {
 pub async fn run(listener: TcpListener, cfg: &MasterConfig, shutdown: impl Future<Output = ()>) {
     // Replica ids must not repeat across master restarts (a node may still hold ids from
     // the previous master), so they start at the wall clock in nanoseconds.
-    let id_base = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+    let id_base = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
     let service = Arc::new(Service {
         core: Mutex::new(MasterCore::new(cfg.core(), id_base)),
         epoch: Instant::now(),

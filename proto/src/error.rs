@@ -154,7 +154,10 @@ pub struct WireError {
 
 impl WireError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        WireError { code, message: message.into() }
+        WireError {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -180,7 +183,10 @@ mod tests {
         let doc = include_str!("../../docs/error-codes.md");
         for &c in ErrorCode::ALL {
             let row = format!("| {} | `{}` |", c as u16, c.name());
-            assert!(doc.contains(&row), "docs/error-codes.md lacks the row `{row}`");
+            assert!(
+                doc.contains(&row),
+                "docs/error-codes.md lacks the row `{row}`"
+            );
         }
     }
 }

@@ -32,7 +32,10 @@ pub struct FrameLimits {
 
 impl Default for FrameLimits {
     fn default() -> Self {
-        FrameLimits { max_body: 64 << 20, max_payload: 4 << 30 }
+        FrameLimits {
+            max_body: 64 << 20,
+            max_payload: 4 << 30,
+        }
     }
 }
 
@@ -79,7 +82,14 @@ impl HeaderError {
 
 impl FrameHeader {
     pub fn request(opcode: u8, request_id: u64, body_len: u32, payload_len: u64) -> Self {
-        FrameHeader { opcode, flags: 0, code: 0, request_id, body_len, payload_len }
+        FrameHeader {
+            opcode,
+            flags: 0,
+            code: 0,
+            request_id,
+            body_len,
+            payload_len,
+        }
     }
 
     pub fn response(
@@ -148,7 +158,10 @@ impl FrameHeader {
             ]),
         };
         if h.body_len > limits.max_body {
-            return Err(HeaderError::BodyTooLarge { len: h.body_len, max: limits.max_body });
+            return Err(HeaderError::BodyTooLarge {
+                len: h.body_len,
+                max: limits.max_body,
+            });
         }
         if h.payload_len > limits.max_payload {
             return Err(HeaderError::PayloadTooLarge {
@@ -178,12 +191,21 @@ mod tests {
 
     #[test]
     fn refuses_wrong_version_and_limits() {
-        let limits = FrameLimits { max_body: 10, max_payload: 10 };
+        let limits = FrameLimits {
+            max_body: 10,
+            max_payload: 10,
+        };
         let mut b = FrameHeader::request(1, 1, 0, 0).encode();
         b[2] = 9;
-        assert_eq!(FrameHeader::decode(&b, &limits), Err(HeaderError::UnsupportedVersion(9)));
+        assert_eq!(
+            FrameHeader::decode(&b, &limits),
+            Err(HeaderError::UnsupportedVersion(9))
+        );
         let b = FrameHeader::request(1, 1, 11, 0).encode();
-        assert!(matches!(FrameHeader::decode(&b, &limits), Err(HeaderError::BodyTooLarge { .. })));
+        assert!(matches!(
+            FrameHeader::decode(&b, &limits),
+            Err(HeaderError::BodyTooLarge { .. })
+        ));
         let b = FrameHeader::request(1, 1, 0, 11).encode();
         assert!(matches!(
             FrameHeader::decode(&b, &limits),
@@ -191,7 +213,10 @@ mod tests {
         ));
         let mut b = FrameHeader::request(1, 1, 0, 0).encode();
         b[9] ^= 1;
-        assert_eq!(FrameHeader::decode(&b, &limits), Err(HeaderError::BadChecksum));
+        assert_eq!(
+            FrameHeader::decode(&b, &limits),
+            Err(HeaderError::BadChecksum)
+        );
     }
 
     proptest! {

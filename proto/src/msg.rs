@@ -107,7 +107,12 @@ impl TryFrom<u8> for Opcode {
             .iter()
             .copied()
             .find(|o| *o as u8 == v)
-            .ok_or_else(|| WireError::new(ErrorCode::UnknownOpcode, format!("unknown opcode 0x{v:02x}")))
+            .ok_or_else(|| {
+                WireError::new(
+                    ErrorCode::UnknownOpcode,
+                    format!("unknown opcode 0x{v:02x}"),
+                )
+            })
     }
 }
 
@@ -127,12 +132,15 @@ pub fn encode_body<T: Serialize>(msg: &T) -> Vec<u8> {
 /// length, which the header limits checked before the body was read.
 pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, WireError> {
     match postcard::take_from_bytes::<T>(body) {
-        Ok((v, rest)) if rest.is_empty() => Ok(v),
+        Ok((v, [])) => Ok(v),
         Ok((_, rest)) => Err(WireError::new(
             ErrorCode::MalformedBody,
             format!("{} trailing bytes after the message", rest.len()),
         )),
-        Err(e) => Err(WireError::new(ErrorCode::MalformedBody, format!("body does not decode: {e}"))),
+        Err(e) => Err(WireError::new(
+            ErrorCode::MalformedBody,
+            format!("body does not decode: {e}"),
+        )),
     }
 }
 
@@ -310,6 +318,8 @@ pub struct NodeStatus {
     pub alive: bool,
     /// Milliseconds since the last heartbeat.
     pub silent_ms: u64,
+    /// Frees queued for the node that it has not acknowledged yet.
+    pub pending_frees: u64,
     pub segments: Vec<SegmentStatus>,
 }
 
@@ -466,7 +476,11 @@ mod tests {
             }],
         });
         round_trip(&Write {
-            ops: vec![WriteOp { segment: SegmentId(1), offset: 2, len: 3 }],
+            ops: vec![WriteOp {
+                segment: SegmentId(1),
+                offset: 2,
+                len: 3,
+            }],
             tags: vec![ObjectTag {
                 replica: ReplicaId(4),
                 key: vec![1, 2],
@@ -481,7 +495,10 @@ mod tests {
     #[test]
     fn golden_body() {
         // postcard: varint lengths and integers; pins the body encoding across releases.
-        let b = encode_body(&Exists { keys: vec![b"ab".to_vec()], lease: true });
+        let b = encode_body(&Exists {
+            keys: vec![b"ab".to_vec()],
+            lease: true,
+        });
         assert_eq!(b, vec![1, 2, b'a', b'b', 1]);
         let b = encode_body(&UnitResponse {
             items: vec![Ok(()), Err(WireError::new(ErrorCode::NotFound, "x"))],
@@ -491,9 +508,15 @@ mod tests {
 
     #[test]
     fn refuses_trailing_bytes() {
-        let mut b = encode_body(&Remove { keys: vec![], force: false });
+        let mut b = encode_body(&Remove {
+            keys: vec![],
+            force: false,
+        });
         b.push(0);
-        assert_eq!(decode_body::<Remove>(&b).unwrap_err().code, ErrorCode::MalformedBody);
+        assert_eq!(
+            decode_body::<Remove>(&b).unwrap_err().code,
+            ErrorCode::MalformedBody
+        );
     }
 
     #[test]
@@ -501,7 +524,10 @@ mod tests {
         for o in Opcode::ALL {
             assert_eq!(Opcode::try_from(*o as u8).unwrap(), *o);
         }
-        assert_eq!(Opcode::try_from(0xEE).unwrap_err().code, ErrorCode::UnknownOpcode);
+        assert_eq!(
+            Opcode::try_from(0xEE).unwrap_err().code,
+            ErrorCode::UnknownOpcode
+        );
     }
 
     proptest! {

@@ -19,7 +19,9 @@ impl FromStr for ByteSize {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let t = s.trim();
-        let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
         let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
@@ -27,9 +29,15 @@ impl FromStr for ByteSize {
             "m" | "mb" | "mib" => 1 << 20,
             "g" | "gb" | "gib" => 1 << 30,
             "t" | "tb" | "tib" => 1 << 40,
-            u => return Err(format!("unknown size unit {u:?} in {s:?} (use B, KiB, MiB, GiB, TiB)")),
+            u => {
+                return Err(format!(
+                    "unknown size unit {u:?} in {s:?} (use B, KiB, MiB, GiB, TiB)"
+                ))
+            }
         };
-        let n: f64 = num.parse().map_err(|_| format!("not a size: {s:?} (example: 256MiB)"))?;
+        let n: f64 = num
+            .parse()
+            .map_err(|_| format!("not a size: {s:?} (example: 256MiB)"))?;
         let bytes = n * mult as f64;
         if !(0.0..=u64::MAX as f64).contains(&bytes) {
             return Err(format!("size out of range: {s:?}"));
@@ -40,10 +48,15 @@ impl FromStr for ByteSize {
 
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+        const UNITS: [(&str, u64); 4] = [
+            ("TiB", 1 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ];
         for (name, m) in UNITS {
             if self.0 >= m {
-                if self.0 % m == 0 {
+                if self.0.is_multiple_of(m) {
                     return write!(f, "{}{name}", self.0 / m);
                 }
                 return write!(f, "{:.1}{name}", self.0 as f64 / m as f64);
@@ -101,7 +114,9 @@ impl Serialize for HumanDuration {
 
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -122,8 +137,14 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!("10s".parse::<HumanDuration>().unwrap().0, Duration::from_secs(10));
-        assert_eq!("30min".parse::<HumanDuration>().unwrap().0, Duration::from_secs(1800));
+        assert_eq!(
+            "10s".parse::<HumanDuration>().unwrap().0,
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            "30min".parse::<HumanDuration>().unwrap().0,
+            Duration::from_secs(1800)
+        );
         assert!("soon".parse::<HumanDuration>().is_err());
     }
 }

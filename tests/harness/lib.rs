@@ -46,7 +46,10 @@ impl Proc {
 
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Proc {
         let mut cmd = Command::new(kvpool_bin());
-        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -72,11 +75,18 @@ impl Proc {
             .filter_map(|kv| kv.split_once('='))
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        Proc { child, ready, args: args.iter().map(|s| s.to_string()).collect() }
+        Proc {
+            child,
+            ready,
+            args: args.iter().map(|s| s.to_string()).collect(),
+        }
     }
 
     pub fn addr(&self, what: &str) -> String {
-        self.ready.get(what).cloned().unwrap_or_else(|| panic!("no {what}= in ready line: {:?}", self.ready))
+        self.ready
+            .get(what)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {what}= in ready line: {:?}", self.ready))
     }
 
     pub fn pid(&self) -> u32 {
@@ -108,14 +118,26 @@ impl Drop for Proc {
 
 /// `kvpool up` on free ports with `dram` of memory and any extra flags.
 pub fn up(dram: &str, extra: &[&str]) -> Proc {
-    let mut args = vec!["up", "--listen", "127.0.0.1:0", "--data-listen", "127.0.0.1:0", "--dram", dram];
+    let mut args = vec![
+        "up",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-listen",
+        "127.0.0.1:0",
+        "--dram",
+        dram,
+    ];
     args.extend_from_slice(extra);
     Proc::start(&args)
 }
 
 /// A config file in a temp folder, for settings without a flag (short TTLs in fault tests).
 pub fn config_file(text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("kvpool-test-{}-{}", std::process::id(), rand::random::<u32>()));
+    let dir = std::env::temp_dir().join(format!(
+        "kvpool-test-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let p = dir.join("kvpool.toml");
     std::fs::write(&p, text).expect("write config");
@@ -154,7 +176,10 @@ where
         if cond().await {
             return;
         }
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -72,6 +72,9 @@ pub struct ReadItem<'a> {
     pub dst: &'a mut [u8],
 }
 
+/// The items a request carried (by index) and its per-op results, or its failure.
+type RequestOutcome = (Vec<usize>, Result<Vec<ItemResult<()>>, TransportError>);
+
 /// Moves batches of segment ranges to and from storage nodes over TCP.
 pub struct TransferEngine {
     opts: EngineOptions,
@@ -88,7 +91,11 @@ struct Chunk<B> {
 
 impl TransferEngine {
     pub fn new(opts: EngineOptions) -> Self {
-        TransferEngine { opts, idle: Mutex::new(HashMap::new()), next_id: AtomicU64::new(1) }
+        TransferEngine {
+            opts,
+            idle: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        }
     }
 
     pub fn options(&self) -> &EngineOptions {
@@ -115,18 +122,24 @@ impl TransferEngine {
             }
             let mut off = 0u64;
             for piece in it.data.chunks(self.stripe()) {
-                chunks.push(Chunk { item: i, segment: it.op.segment, offset: it.op.offset + off, buf: piece });
+                chunks.push(Chunk {
+                    item: i,
+                    segment: it.op.segment,
+                    offset: it.op.offset + off,
+                    buf: piece,
+                });
                 off += piece.len() as u64;
             }
         }
         let mut tags = Some(tags);
+        // The futures are built up front (they do nothing until polled): a closure stored
+        // inside the stream would make the returned future not `Send` (rust-lang/rust#102211).
         let requests: Vec<_> = self
             .pack(chunks)
             .into_iter()
-            .map(|req| (req, tags.take().unwrap_or_default()))
+            .map(|req| self.write_request(addr, req, tags.take().unwrap_or_default()))
             .collect();
         let results = stream::iter(requests)
-            .map(|(req, tags)| self.write_request(addr, req, tags))
             .buffer_unordered(self.opts.conns_per_peer.max(1))
             .collect::<Vec<_>>()
             .await;
@@ -153,12 +166,21 @@ impl TransferEngine {
             let mut off = 0u64;
             for piece in it.dst.chunks_mut(stripe) {
                 let len = piece.len() as u64;
-                chunks.push(Chunk { item: i, segment: it.op.segment, offset: it.op.offset + off, buf: piece });
+                chunks.push(Chunk {
+                    item: i,
+                    segment: it.op.segment,
+                    offset: it.op.offset + off,
+                    buf: piece,
+                });
                 off += len;
             }
         }
-        let results = stream::iter(self.pack(chunks))
+        let requests: Vec<_> = self
+            .pack(chunks)
+            .into_iter()
             .map(|req| self.read_request(addr, req))
+            .collect();
+        let results = stream::iter(requests)
             .buffer_unordered(self.opts.conns_per_peer.max(1))
             .collect::<Vec<_>>()
             .await;
@@ -196,12 +218,16 @@ impl TransferEngine {
         addr: &str,
         req: Vec<Chunk<&[u8]>>,
         tags: Vec<ObjectTag>,
-    ) -> (Vec<usize>, Result<Vec<ItemResult<()>>, TransportError>) {
+    ) -> RequestOutcome {
         let items: Vec<usize> = req.iter().map(|c| c.item).collect();
         let msg = Write {
             ops: req
                 .iter()
-                .map(|c| WriteOp { segment: c.segment, offset: c.offset, len: c.buf.len() as u64 })
+                .map(|c| WriteOp {
+                    segment: c.segment,
+                    offset: c.offset,
+                    len: c.buf.len() as u64,
+                })
                 .collect(),
             tags,
         };
@@ -226,7 +252,8 @@ impl TransferEngine {
                     if !head.is_empty() {
                         conn.write_all(&head).await?;
                     }
-                    let resp = read_unit_response(&mut conn, &self.opts.limits, id, req.len()).await?;
+                    let resp =
+                        read_unit_response(&mut conn, &self.opts.limits, id, req.len()).await?;
                     Ok((conn, resp))
                 }
             })
@@ -234,16 +261,16 @@ impl TransferEngine {
         (items, result)
     }
 
-    async fn read_request(
-        &self,
-        addr: &str,
-        mut req: Vec<Chunk<&mut [u8]>>,
-    ) -> (Vec<usize>, Result<Vec<ItemResult<()>>, TransportError>) {
+    async fn read_request(&self, addr: &str, mut req: Vec<Chunk<&mut [u8]>>) -> RequestOutcome {
         let items: Vec<usize> = req.iter().map(|c| c.item).collect();
         let msg = Read {
             ops: req
                 .iter()
-                .map(|c| ReadOp { segment: c.segment, offset: c.offset, len: c.buf.len() as u64 })
+                .map(|c| ReadOp {
+                    segment: c.segment,
+                    offset: c.offset,
+                    len: c.buf.len() as u64,
+                })
                 .collect(),
         };
         let mut attempt = 0;
@@ -262,7 +289,12 @@ impl TransferEngine {
                 }
                 Ok(Err(e)) if pooled && attempt == 1 && e.is_retryable() => continue,
                 Ok(Err(e)) => break Err(e),
-                Err(_) => break Err(TransportError::Timeout { op: "read", after: self.opts.io_timeout }),
+                Err(_) => {
+                    break Err(TransportError::Timeout {
+                        op: "read",
+                        after: self.opts.io_timeout,
+                    })
+                }
             }
         };
         (items, result)
@@ -270,7 +302,11 @@ impl TransferEngine {
 
     /// Runs one exchange on a connection, retrying once on a fresh one if a pooled
     /// connection turned out to be dead.
-    async fn with_conn<'s, F, Fut>(&'s self, addr: &str, f: F) -> Result<Vec<ItemResult<()>>, TransportError>
+    async fn with_conn<F, Fut>(
+        &self,
+        addr: &str,
+        f: F,
+    ) -> Result<Vec<ItemResult<()>>, TransportError>
     where
         F: Fn(TcpStream, u64) -> Fut,
         Fut: std::future::Future<Output = Result<(TcpStream, Vec<ItemResult<()>>), TransportError>>,
@@ -287,20 +323,36 @@ impl TransferEngine {
                 }
                 Ok(Err(e)) if pooled && attempt == 1 && e.is_retryable() => continue,
                 Ok(Err(e)) => return Err(e),
-                Err(_) => return Err(TransportError::Timeout { op: "write", after: self.opts.io_timeout }),
+                Err(_) => {
+                    return Err(TransportError::Timeout {
+                        op: "write",
+                        after: self.opts.io_timeout,
+                    })
+                }
             }
         }
     }
 
     async fn checkout(&self, addr: &str) -> Result<(TcpStream, bool), TransportError> {
-        let pooled = self.idle.lock().unwrap_or_else(|e| e.into_inner()).get_mut(addr).and_then(Vec::pop);
+        let pooled = self
+            .idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(addr)
+            .and_then(Vec::pop);
         if let Some(c) = pooled {
             return Ok((c, true));
         }
-        let stream = match tokio::time::timeout(self.opts.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(s) => s?,
-            Err(_) => return Err(TransportError::Timeout { op: "connect", after: self.opts.connect_timeout }),
-        };
+        let stream =
+            match tokio::time::timeout(self.opts.connect_timeout, TcpStream::connect(addr)).await {
+                Ok(s) => s?,
+                Err(_) => {
+                    return Err(TransportError::Timeout {
+                        op: "connect",
+                        after: self.opts.connect_timeout,
+                    })
+                }
+            };
         stream.set_nodelay(true)?;
         Ok((stream, false))
     }
@@ -315,7 +367,10 @@ impl TransferEngine {
 
     /// Drops idle connections to `addr` (after the peer failed).
     pub fn forget(&self, addr: &str) {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).remove(addr);
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(addr);
     }
 }
 
@@ -327,7 +382,9 @@ async fn read_exchange(
     limits: &FrameLimits,
 ) -> Result<(TcpStream, Vec<ItemResult<()>>), TransportError> {
     conn.write_all(&frame::encode_request(id, msg, 0)).await?;
-    let header = frame::read_header(&mut conn, limits).await?.ok_or(TransportError::Closed)?;
+    let header = frame::read_header(&mut conn, limits)
+        .await?
+        .ok_or(TransportError::Closed)?;
     check_reply(&header, id)?;
     let body = frame::read_body(&mut conn, header.body_len).await?;
     let resp: Vec<ItemResult<()>> = match frame::decode_response::<UnitResponse>(&header, &body) {
@@ -339,9 +396,18 @@ async fn read_exchange(
         Err(e) => return Err(e),
     };
     if resp.len() != req.len() {
-        return Err(TransportError::Protocol(format!("{} results for {} ops", resp.len(), req.len())));
+        return Err(TransportError::Protocol(format!(
+            "{} results for {} ops",
+            resp.len(),
+            req.len()
+        )));
     }
-    let expected: u64 = req.iter().zip(&resp).filter(|(_, r)| r.is_ok()).map(|(c, _)| c.buf.len() as u64).sum();
+    let expected: u64 = req
+        .iter()
+        .zip(&resp)
+        .filter(|(_, r)| r.is_ok())
+        .map(|(c, _)| c.buf.len() as u64)
+        .sum();
     if header.payload_len != expected {
         return Err(TransportError::Protocol(format!(
             "payload of {} bytes, expected {expected}",
@@ -362,18 +428,35 @@ async fn read_unit_response(
     id: u64,
     ops: usize,
 ) -> Result<Vec<ItemResult<()>>, TransportError> {
-    let header = frame::read_header(conn, limits).await?.ok_or(TransportError::Closed)?;
+    let header = frame::read_header(conn, limits)
+        .await?
+        .ok_or(TransportError::Closed)?;
     check_reply(&header, id)?;
     if header.payload_len != 0 {
-        return Err(TransportError::Protocol("payload on a write response".into()));
+        return Err(TransportError::Protocol(
+            "payload on a write response".into(),
+        ));
     }
     let body = frame::read_body(conn, header.body_len).await?;
     let items = match header.code() {
-        ErrorCode::Ok => decode_body::<UnitResponse>(&body).map_err(TransportError::Remote)?.items,
-        code => vec![Err(WireError::new(code, String::from_utf8_lossy(&body).into_owned())); ops],
+        ErrorCode::Ok => {
+            decode_body::<UnitResponse>(&body)
+                .map_err(TransportError::Remote)?
+                .items
+        }
+        code => vec![
+            Err(WireError::new(
+                code,
+                String::from_utf8_lossy(&body).into_owned()
+            ));
+            ops
+        ],
     };
     if items.len() != ops {
-        return Err(TransportError::Protocol(format!("{} results for {ops} ops", items.len())));
+        return Err(TransportError::Protocol(format!(
+            "{} results for {ops} ops",
+            items.len()
+        )));
     }
     Ok(items)
 }
@@ -389,10 +472,7 @@ fn check_reply(header: &kvpool_proto::FrameHeader, id: u64) -> Result<(), Transp
 }
 
 /// Folds per-chunk results into per-item results: an item fails if any of its chunks did.
-fn merge(
-    n: usize,
-    results: Vec<(Vec<usize>, Result<Vec<ItemResult<()>>, TransportError>)>,
-) -> Result<Vec<ItemResult<()>>, TransportError> {
+fn merge(n: usize, results: Vec<RequestOutcome>) -> Result<Vec<ItemResult<()>>, TransportError> {
     let mut out: Vec<ItemResult<()>> = vec![Ok(()); n];
     let mut all_failed = true;
     let mut first_err = None;

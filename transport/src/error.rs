@@ -13,7 +13,10 @@ pub enum TransportError {
     #[error("bad frame header: {0}")]
     Header(HeaderError),
     #[error("{op} timed out after {after:?}")]
-    Timeout { op: &'static str, after: std::time::Duration },
+    Timeout {
+        op: &'static str,
+        after: std::time::Duration,
+    },
     /// The peer answered with an error.
     #[error("{0}")]
     Remote(WireError),

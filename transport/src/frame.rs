@@ -31,11 +31,16 @@ pub async fn read_header<R: AsyncRead + Unpin>(
         }
         filled += n;
     }
-    FrameHeader::decode(&buf, limits).map(Some).map_err(TransportError::Header)
+    FrameHeader::decode(&buf, limits)
+        .map(Some)
+        .map_err(TransportError::Header)
 }
 
 /// Reads exactly `len` bytes of body.
-pub async fn read_body<R: AsyncRead + Unpin>(r: &mut R, len: u32) -> Result<Vec<u8>, TransportError> {
+pub async fn read_body<R: AsyncRead + Unpin>(
+    r: &mut R,
+    len: u32,
+) -> Result<Vec<u8>, TransportError> {
     let mut body = vec![0u8; len as usize];
     read_exact(r, &mut body).await?;
     Ok(body)
@@ -61,7 +66,9 @@ async fn read_exact<R: AsyncRead + Unpin>(r: &mut R, dst: &mut [u8]) -> Result<(
 pub async fn discard<R: AsyncRead + Unpin>(r: &mut R, mut len: u64) -> Result<(), TransportError> {
     let mut scratch = [0u8; 16 << 10];
     while len > 0 {
-        let n = scratch.len().min(usize::try_from(len).unwrap_or(usize::MAX));
+        let n = scratch
+            .len()
+            .min(usize::try_from(len).unwrap_or(usize::MAX));
         read_exact(r, &mut scratch[..n]).await?;
         len -= n as u64;
     }
@@ -92,9 +99,20 @@ pub fn encode_request<M: Message>(request_id: u64, msg: &M, payload_len: u64) ->
 }
 
 /// Encodes a successful response frame's header and body into one buffer.
-pub fn encode_response<T: Serialize>(opcode: u8, request_id: u64, msg: &T, payload_len: u64) -> Vec<u8> {
+pub fn encode_response<T: Serialize>(
+    opcode: u8,
+    request_id: u64,
+    msg: &T,
+    payload_len: u64,
+) -> Vec<u8> {
     let body = encode_body(msg);
-    let header = FrameHeader::response(opcode, request_id, ErrorCode::Ok, body_len(&body), payload_len);
+    let header = FrameHeader::response(
+        opcode,
+        request_id,
+        ErrorCode::Ok,
+        body_len(&body),
+        payload_len,
+    );
     let mut buf = Vec::with_capacity(HEADER_LEN + body.len());
     buf.extend_from_slice(&header.encode());
     buf.extend_from_slice(&body);

@@ -102,14 +102,22 @@ impl RpcClient {
             map.insert(id, tx);
         }
         // Removes the entry if this future is dropped or times out before the reply.
-        let _guard = PendingGuard { pending: &conn.pending, id };
+        let _guard = PendingGuard {
+            pending: &conn.pending,
+            id,
+        };
         if conn.tx.send(frame::encode_request(id, msg, 0)).is_err() {
             return Err(TransportError::Closed);
         }
         let reply = match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(reply)) => reply?,
             Ok(Err(_)) => return Err(TransportError::Closed),
-            Err(_) => return Err(TransportError::Timeout { op: "rpc", after: timeout }),
+            Err(_) => {
+                return Err(TransportError::Timeout {
+                    op: "rpc",
+                    after: timeout,
+                })
+            }
         };
         let (header, body) = reply;
         frame::decode_response(&header, &body)
@@ -200,7 +208,9 @@ fn spawn_conn(stream: TcpStream, limits: FrameLimits) -> Conn {
                 Ok(b) => b,
                 Err(e) => break e,
             };
-            let waiter = lock(&reader_pending).as_mut().and_then(|m| m.remove(&header.request_id));
+            let waiter = lock(&reader_pending)
+                .as_mut()
+                .and_then(|m| m.remove(&header.request_id));
             if let Some(w) = waiter {
                 let _ = w.send(Ok((header, body)));
             }

@@ -87,7 +87,11 @@ async fn serve_conn<S: RpcService>(
             Ok(None) => break Ok(()),
             Err(crate::TransportError::Header(e)) => {
                 // The stream's framing can no longer be trusted: say why, then close.
-                let _ = tx.send(frame::encode_error(0, 0, &WireError::new(e.code(), e.to_string())));
+                let _ = tx.send(frame::encode_error(
+                    0,
+                    0,
+                    &WireError::new(e.code(), e.to_string()),
+                ));
                 break Err(crate::TransportError::Header(e));
             }
             Err(e) => break Err(e),
@@ -102,9 +106,15 @@ async fn serve_conn<S: RpcService>(
             }
         }
         let reply = if header.is_response() {
-            Err(WireError::new(ErrorCode::InvalidArgument, "a response frame sent to a server"))
+            Err(WireError::new(
+                ErrorCode::InvalidArgument,
+                "a response frame sent to a server",
+            ))
         } else if header.payload_len > 0 {
-            Err(WireError::new(ErrorCode::InvalidArgument, "control requests carry no payload"))
+            Err(WireError::new(
+                ErrorCode::InvalidArgument,
+                "control requests carry no payload",
+            ))
         } else {
             Opcode::try_from(header.opcode).and_then(|op| service.handle(op, &body))
         };

@@ -118,6 +118,7 @@ impl Cluster {
                     addr: n.addr.clone(),
                     alive: silent < ttl,
                     silent_ms: u64::try_from(silent.as_millis()).unwrap_or(u64::MAX),
+                    pending_frees: n.frees.len() as u64,
                     segments: n
                         .segments
                         .iter()
