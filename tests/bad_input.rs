@@ -241,6 +241,8 @@ async fn storage_node_refuses_bad_writes_and_keeps_serving() {
     let junk: Vec<u8> = (0..1000).map(|_| rand::random::<u8>()).collect();
     s.write_all(b"xx").await.unwrap();
     let _ = s.write_all(&junk).await;
+    let (h, _) = response(&mut s).await;
+    assert_eq!(h.code(), ErrorCode::BadMagic);
     assert!(closed(&mut s).await);
 
     // A write cut off mid-payload by a dying client.

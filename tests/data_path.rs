@@ -87,7 +87,10 @@ async fn batches_report_per_key_hits_and_misses() {
         assert_eq!(r.unwrap_err().code(), ErrorCode::AlreadyExists);
     }
     // Remove a few, with one missing key in the batch.
-    let rm = c.remove(&[b"batch/0", b"batch/1", b"batch/2"], false).await;
+    // The gets above leased these keys: remove refuses until forced.
+    let rm = c.remove(&[b"batch/0"], false).await;
+    assert_eq!(rm[0].as_ref().unwrap_err().code(), ErrorCode::HasLease);
+    let rm = c.remove(&[b"batch/0", b"batch/1", b"batch/2"], true).await;
     assert!(rm[0].is_ok() && rm[2].is_ok());
     assert_eq!(rm[1].as_ref().unwrap_err().code(), ErrorCode::NotFound);
     assert!(c.get(b"batch/0").await.unwrap().is_none());

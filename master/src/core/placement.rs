@@ -1,8 +1,9 @@
 //! Which segments receive a new object's replicas.
 //!
 //! Preferred nodes first, in the order given; then every other segment, walking the sorted
-//! ring from a start that rotates with each put so load spreads instead of filling the first
-//! segment. Replicas go on distinct nodes when possible, else on distinct segments. Only
+//! ring from a start picked by the key's hash plus a rotor that turns with each put, so load
+//! spreads instead of filling the first segment, and a caller's regular pattern of puts (say,
+//! alternating replica counts) does not line up with the ring. Replicas go on distinct nodes when possible, else on distinct segments. Only
 //! alive nodes are used. When the walk finds no room, the candidates are evicted from
 //! (coldest first) and tried again, so a full pool keeps accepting puts.
 
@@ -15,7 +16,7 @@ use crate::alloc::Allocation;
 
 impl MasterCore {
     /// Candidate segments for a put, in the order to try them.
-    fn candidates(&mut self, now: Duration, preferred: &[NodeId]) -> Vec<SegmentId> {
+    fn candidates(&mut self, now: Duration, key: &[u8], preferred: &[NodeId]) -> Vec<SegmentId> {
         let ttl = self.cfg.node_ttl;
         let mut out = Vec::new();
         for n in preferred {
@@ -34,7 +35,8 @@ impl MasterCore {
         if ring.is_empty() {
             return out;
         }
-        let start = (self.rotor % ring.len() as u64) as usize;
+        let spread = self.rotor.wrapping_add(u64::from(crc32c::crc32c(key)));
+        let start = (spread % ring.len() as u64) as usize;
         self.rotor = self.rotor.wrapping_add(1);
         for i in 0..ring.len() {
             let s = ring[(start + i) % ring.len()];
@@ -54,12 +56,13 @@ impl MasterCore {
     pub(crate) fn place(
         &mut self,
         now: Duration,
+        key: &[u8],
         len: u64,
         want: u8,
         preferred: &[NodeId],
     ) -> Vec<(SegmentId, Allocation)> {
         let want = usize::from(want);
-        let order = self.candidates(now, preferred);
+        let order = self.candidates(now, key, preferred);
         let mut chosen: Vec<(SegmentId, Allocation)> = Vec::with_capacity(want);
         let mut nodes: Vec<NodeId> = Vec::with_capacity(want);
         for evict in [false, true] {

@@ -44,6 +44,7 @@ impl MasterCore {
         }
         let placed = self.place(
             now,
+            key,
             item.len,
             item.options.replicas,
             &item.options.preferred_nodes,
@@ -121,18 +122,33 @@ impl MasterCore {
                         "already committed",
                     ));
                 }
-                if obj.leased(now) {
-                    return Err(key_error(
-                        ErrorCode::HasLease,
-                        key,
-                        "cannot overwrite: read lease held",
-                    ));
-                }
                 // Overwrite is the owner's explicit replacement, so a hard pin does not block it.
-                self.drop_object(id);
+                if obj.leased(now) {
+                    // Readers holding a lease may still be copying the old bytes: the key moves
+                    // to the new value now, the old space is freed when the lease ends.
+                    let until = obj.lease_until;
+                    self.retire_until(id, until);
+                } else {
+                    self.drop_object(id);
+                }
             }
         }
         Ok(())
+    }
+
+    /// Takes a committed object's key away but keeps its space reserved until `until`.
+    fn retire_until(&mut self, id: ObjId, until: Duration) {
+        let Some(obj) = self.objects.remove(id) else {
+            return;
+        };
+        for r in obj.replicas {
+            if let Some(seg) = self.cluster.segments.get_mut(&r.segment) {
+                seg.members.remove(&r.id);
+                seg.recency.remove(&(obj.access_seq, r.id));
+                self.discard_seq += 1;
+                self.discarded.insert((until, self.discard_seq), r);
+            }
+        }
     }
 
     /// Takes a stale put's key away. Its space stays reserved until the release timeout (the

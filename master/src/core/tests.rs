@@ -389,13 +389,24 @@ fn committed_objects_are_immutable_unless_overwritten() {
         "the old replicas reach the node as frees"
     );
 
-    // The get above leased it: overwrite must wait for the lease.
-    assert_eq!(
-        code(w.start_with(A, "k", 300, overwrite.clone())),
-        ErrorCode::HasLease
+    // The get above leased it: the overwrite takes the key at once, but the leased bytes
+    // stay reserved (not handed to the new put, not freed on the node) until the lease ends.
+    let acked = w.heartbeat(1, 0).frees_upto;
+    let used_before = w.core.status(w.now).nodes[0].segments[0].used;
+    let leased = w.get("k").unwrap().replicas;
+    w.start_with(A, "k", 300, overwrite).unwrap();
+    assert!(w.core.status(w.now).nodes[0].segments[0].used >= used_before + 300);
+    assert!(
+        w.heartbeat(1, acked).frees.is_empty(),
+        "leased bytes freed early"
     );
     w.pass(secs(11));
-    w.start_with(A, "k", 300, overwrite).unwrap();
+    w.core.tick(w.now);
+    assert_eq!(
+        w.heartbeat(1, acked).frees,
+        ids(&leased),
+        "freed when the lease ended"
+    );
 }
 
 // ------------------------------------------------------------------ zombie puts
