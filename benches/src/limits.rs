@@ -10,17 +10,24 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// Bytes per buffer in the memcpy test: far larger than any cache, so it measures DRAM.
-const MEMCPY_BUF: usize = 64 << 20;
-/// Bytes per `write`/`read` call in the TCP test, like a large value's stripe.
+/// Bytes per buffer in the memcpy, crc32c and DRAM-backed TCP tests: far larger than any
+/// cache, so they measure memory, where a pool's values live.
+const BIG_BUF: usize = 64 << 20;
+/// Bytes per `write`/`read` call in the TCP tests, like a large value's stripe.
 const TCP_CHUNK: usize = 1 << 20;
 
 /// Measured ceilings, in GB/s (10^9 bytes per second).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub memcpy: f64,
+    /// One TCP stream whose writer and reader walk 64 MiB buffers (the data is in DRAM, as
+    /// a pool's is).
     pub tcp1: f64,
+    /// Four such streams at once.
     pub tcp4: f64,
+    /// One stream writing and reading the same 1 MiB buffer over and over (cache-hot: an
+    /// upper bound no store of DRAM-resident data reaches).
+    pub tcp1_hot: f64,
     pub crc32c: f64,
 }
 
@@ -28,15 +35,16 @@ pub struct Limits {
 pub struct LimitPlan {
     /// How long the memcpy and the crc32c tests each run.
     pub compute_time: Duration,
-    /// Bytes the TCP tests move, over all streams.
+    /// Bytes each TCP test moves, over all its streams and trials.
     pub tcp_bytes: u64,
 }
 
 pub fn measure(plan: &LimitPlan) -> io::Result<Limits> {
     Ok(Limits {
         memcpy: memcpy_gbps(plan.compute_time),
-        tcp1: tcp_gbps(1, plan.tcp_bytes)?,
-        tcp4: tcp_gbps(4, plan.tcp_bytes)?,
+        tcp1: best_tcp_gbps(1, BIG_BUF, plan.tcp_bytes)?,
+        tcp4: best_tcp_gbps(4, BIG_BUF, plan.tcp_bytes)?,
+        tcp1_hot: best_tcp_gbps(1, TCP_CHUNK, plan.tcp_bytes)?,
         crc32c: crc32c_gbps(plan.compute_time),
     })
 }
@@ -44,8 +52,8 @@ pub fn measure(plan: &LimitPlan) -> io::Result<Limits> {
 /// Copies a 64 MiB buffer into another until `time` has passed (at least 4 times).
 fn memcpy_gbps(time: Duration) -> f64 {
     // Both buffers are written first so page faults are not part of the measurement.
-    let src = vec![0xA5u8; MEMCPY_BUF];
-    let mut dst = vec![1u8; MEMCPY_BUF];
+    let src = vec![0xA5u8; BIG_BUF];
+    let mut dst = vec![1u8; BIG_BUF];
     dst.copy_from_slice(&src);
     let start = Instant::now();
     let mut copies = 0u64;
@@ -54,41 +62,56 @@ fn memcpy_gbps(time: Duration) -> f64 {
         black_box(&mut dst);
         copies += 1;
     }
-    gbps(copies * MEMCPY_BUF as u64, start.elapsed())
+    gbps(copies * BIG_BUF as u64, start.elapsed())
 }
 
 /// Checksums a 64 MiB buffer (one core) until `time` has passed (at least 4 times).
 fn crc32c_gbps(time: Duration) -> f64 {
-    let buf = vec![0xA5u8; MEMCPY_BUF];
+    let buf = vec![0xA5u8; BIG_BUF];
     let start = Instant::now();
     let mut passes = 0u64;
     while passes < 4 || start.elapsed() < time {
         black_box(crc32c::crc32c(black_box(&buf)));
         passes += 1;
     }
-    gbps(passes * MEMCPY_BUF as u64, start.elapsed())
+    gbps(passes * BIG_BUF as u64, start.elapsed())
+}
+
+/// Trials per TCP figure. On a shared 2-vCPU VM one trial varies by up to 2x with where the
+/// scheduler puts the writer and reader threads; the best trial is the machine's ceiling.
+const TCP_TRIALS: u64 = 3;
+
+/// The best of [`TCP_TRIALS`] trials that together move `total` bytes.
+fn best_tcp_gbps(streams: usize, buf: usize, total: u64) -> io::Result<f64> {
+    let mut best = 0f64;
+    for _ in 0..TCP_TRIALS {
+        best = best.max(tcp_gbps(streams, buf, total / TCP_TRIALS)?);
+    }
+    Ok(best)
 }
 
 /// Moves `total` bytes over `streams` loopback TCP connections at once, each with a blocking
-/// writer thread and a blocking reader thread; the rate is what all readers received.
-fn tcp_gbps(streams: usize, total: u64) -> io::Result<f64> {
+/// writer thread and a blocking reader thread that walk buffers of `buf` bytes in 1 MiB
+/// calls; the rate is what all readers received.
+fn tcp_gbps(streams: usize, buf: usize, total: u64) -> io::Result<f64> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let per_stream = total / streams as u64;
-    let mut pairs = Vec::with_capacity(streams);
+    let mut ends = Vec::with_capacity(streams);
     for _ in 0..streams {
         let tx = TcpStream::connect(addr)?;
         let (rx, _) = listener.accept()?;
-        pairs.push((tx, rx));
+        // Allocated and written before the clock starts: page faults are not TCP.
+        ends.push(((tx, vec![0x5Au8; buf]), (rx, vec![1u8; buf])));
     }
     let start = Instant::now();
     thread::scope(|s| {
-        let handles: Vec<_> = pairs
+        let handles: Vec<_> = ends
             .into_iter()
-            .flat_map(|(tx, rx)| {
+            .flat_map(|((tx, src), (rx, dst))| {
                 [
-                    s.spawn(move || send(tx, per_stream)),
-                    s.spawn(move || receive(rx, per_stream)),
+                    s.spawn(move || send(tx, &src, per_stream)),
+                    s.spawn(move || receive(rx, dst, per_stream)),
                 ]
             })
             .collect();
@@ -100,27 +123,32 @@ fn tcp_gbps(streams: usize, total: u64) -> io::Result<f64> {
     Ok(gbps(per_stream * streams as u64, start.elapsed()))
 }
 
-fn send(mut tx: TcpStream, bytes: u64) -> io::Result<()> {
-    let buf = vec![0x5Au8; TCP_CHUNK];
-    let mut left = bytes;
+/// Writes `bytes` bytes from `src`, 1 MiB per call, wrapping around at its end.
+fn send(mut tx: TcpStream, src: &[u8], bytes: u64) -> io::Result<()> {
+    let (mut left, mut at) = (bytes, 0usize);
     while left > 0 {
-        let n = left.min(TCP_CHUNK as u64) as usize;
-        tx.write_all(&buf[..n])?;
+        let n = (left.min(TCP_CHUNK as u64) as usize).min(src.len() - at);
+        tx.write_all(&src[at..at + n])?;
         left -= n as u64;
+        at = (at + n) % src.len();
     }
     Ok(())
 }
 
-fn receive(mut rx: TcpStream, bytes: u64) -> io::Result<()> {
-    let mut buf = vec![1u8; TCP_CHUNK];
-    let mut left = bytes;
+/// Reads `bytes` bytes into `dst`, up to 1 MiB per call, wrapping around at its end.
+fn receive(mut rx: TcpStream, mut dst: Vec<u8>, bytes: u64) -> io::Result<()> {
+    let (mut left, mut at) = (bytes, 0usize);
     while left > 0 {
-        let want = left.min(TCP_CHUNK as u64) as usize;
-        match rx.read(&mut buf[..want])? {
+        let want = (left.min(TCP_CHUNK as u64) as usize).min(dst.len() - at);
+        match rx.read(&mut dst[at..at + want])? {
             0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-            n => left -= n as u64,
+            n => {
+                left -= n as u64;
+                at = (at + n) % dst.len();
+            }
         }
     }
+    black_box(&dst);
     Ok(())
 }
 

@@ -159,8 +159,9 @@ fn measure_limits(args: &Args, when: &str) -> Result<Limits> {
     eprintln!("measuring memcpy, loopback TCP and crc32c ({when} the cases) ...");
     let l = limits::measure(&args.limit_plan()).context("measuring the machine's limits")?;
     eprintln!(
-        "memcpy {:.2} GB/s, TCP 1 stream {:.2} GB/s, 4 streams {:.2} GB/s, crc32c {:.2} GB/s",
-        l.memcpy, l.tcp1, l.tcp4, l.crc32c
+        "memcpy {:.2} GB/s, TCP 1 stream {:.2} GB/s, 4 streams {:.2} GB/s, 1 stream cache-hot {:.2} GB/s, \
+         crc32c {:.2} GB/s",
+        l.memcpy, l.tcp1, l.tcp4, l.tcp1_hot, l.crc32c
     );
     Ok(l)
 }

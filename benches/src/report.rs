@@ -70,6 +70,7 @@ impl Report<'_> {
             memcpy: b.memcpy.max(a.memcpy),
             tcp1: b.tcp1.max(a.tcp1),
             tcp4: b.tcp4.max(a.tcp4),
+            tcp1_hot: b.tcp1_hot.max(a.tcp1_hot),
             crc32c: b.crc32c.max(a.crc32c),
         }
     }
@@ -77,12 +78,17 @@ impl Report<'_> {
     fn header(&self, out: &mut String) {
         out.push_str("## kvpool-bench\n\n");
         out.push_str(&format!("Machine: {}\n\n", self.machine));
-        out.push_str("| limit (GB/s) | before | after |\n|---|---:|---:|\n");
+        out.push_str("| limit, GB/s (TCP: best of 3 trials) | before | after |\n|---|---:|---:|\n");
         let (b, a) = (&self.before, &self.after);
         for (name, x, y) in [
             ("memcpy, 64 MiB buffers", b.memcpy, a.memcpy),
-            ("loopback TCP, 1 stream", b.tcp1, a.tcp1),
-            ("loopback TCP, 4 streams", b.tcp4, a.tcp4),
+            ("loopback TCP, 1 stream, 64 MiB buffers", b.tcp1, a.tcp1),
+            ("loopback TCP, 4 streams, 64 MiB buffers", b.tcp4, a.tcp4),
+            (
+                "loopback TCP, 1 stream, one 1 MiB buffer (cache-hot)",
+                b.tcp1_hot,
+                a.tcp1_hot,
+            ),
             (
                 "crc32c, one core (kvpool checks every byte)",
                 b.crc32c,
@@ -137,10 +143,15 @@ impl Report<'_> {
 
     fn targets(&self, out: &mut String) {
         out.push_str("### Targets\n\n");
-        // Judged against one stream, the TCP figure for one transfer; the share of the
-        // 4-stream aggregate is shown too, as the ceiling when both cores only copy.
+        // Judged against one DRAM-backed stream, the TCP figure for one transfer of data that
+        // lives in memory; the shares of the 4-stream aggregate and of a cache-hot stream are
+        // shown too, as ceilings no single transfer of DRAM-resident data reaches.
         let best = self.best();
-        let (tcp1, tcp4) = (best.tcp1.max(1e-9), best.tcp4.max(1e-9));
+        let (tcp1, tcp4, hot) = (
+            best.tcp1.max(1e-9),
+            best.tcp4.max(1e-9),
+            best.tcp1_hot.max(1e-9),
+        );
         self.target(
             out,
             &format!(
@@ -150,13 +161,13 @@ impl Report<'_> {
             |r| r.case.size >= LARGE_MIN_SIZE,
             |r| {
                 let gbps = r.kvpool.gbps();
-                let (share1, share4) = (gbps / tcp1, gbps / tcp4);
                 let what = format!(
-                    "{gbps:.2} GB/s = {:.0} % of 1 stream ({:.0} % of 4 streams)",
-                    share1 * 100.0,
-                    share4 * 100.0
+                    "{gbps:.2} GB/s = {:.0} % of 1 stream ({:.0} % of 4 streams, {:.0} % of cache-hot)",
+                    gbps / tcp1 * 100.0,
+                    gbps / tcp4 * 100.0,
+                    gbps / hot * 100.0
                 );
-                (share1 >= LARGE_SHARE_OF_TCP, what)
+                (gbps / tcp1 >= LARGE_SHARE_OF_TCP, what)
             },
         );
         self.target(
