@@ -17,7 +17,10 @@ mod report;
 mod resp;
 mod workload;
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -135,13 +138,15 @@ fn batches(size: usize) -> Vec<usize> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    // Found first, so a missing binary fails before seconds of limit tests.
+    let bin = procs::kvpool_bin(args.kvpool.as_deref())?;
     // Measured before the servers start and again after they are gone, so nothing of ours
     // competes for the cores, and the two figures show how much the shared machine drifted.
     let before = measure_limits(&args, "before")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let outcome = runtime.block_on(run(&args))?;
+    let outcome = runtime.block_on(run(&args, &bin))?;
     drop(runtime);
     let after = measure_limits(&args, "after")?;
     let report = Report {
@@ -174,7 +179,7 @@ struct Outcome {
 
 /// Starts the servers, runs every case on each system in turn, and returns the rows. The
 /// servers are killed when their guards drop at the end, on success or error.
-async fn run(args: &Args) -> Result<Outcome> {
+async fn run(args: &Args, bin: &Path) -> Result<Outcome> {
     let budget = args.budget();
     let mut notes = vec![format!(
         "Each phase (a case's puts, then its gets) stops after {} of values or {:.1} s, whichever \
@@ -184,8 +189,7 @@ async fn run(args: &Args) -> Result<Outcome> {
         ByteSize(budget.bytes),
         budget.time.as_secs_f64()
     )];
-    let bin = procs::kvpool_bin(args.kvpool.as_deref())?;
-    let kvpool = procs::start_kvpool(&bin, &args.dram.to_string())?;
+    let kvpool = procs::start_kvpool(bin, &args.dram.to_string())?;
     let redis = if args.no_redis {
         None
     } else {
