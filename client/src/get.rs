@@ -159,7 +159,9 @@ impl Client {
         let rounds = orders.iter().map(Vec::len).max().unwrap_or(0);
 
         for round in 0..rounds {
-            let mut by_addr: HashMap<&str, (Vec<usize>, Vec<ReadItem<'_>>)> = HashMap::new();
+            // Per address: the (item, part length) of each read, and the reads.
+            type Batch<'b> = (Vec<(usize, usize)>, Vec<ReadItem<'b>>);
+            let mut by_addr: HashMap<&str, Batch<'_>> = HashMap::new();
             for (i, parts) in dests.iter_mut().enumerate() {
                 if done[i].is_some() {
                     continue;
@@ -172,7 +174,7 @@ impl Client {
                 let mut off = 0u64;
                 for p in parts.iter_mut().filter(|p| !p.is_empty()) {
                     let len = p.len() as u64;
-                    batch.0.push(i);
+                    batch.0.push((i, p.len()));
                     batch.1.push(ReadItem {
                         op: ReadOp {
                             segment: r.segment,
@@ -200,19 +202,30 @@ impl Client {
             )
             .await;
             let mut round_err: HashMap<usize, ClientError> = HashMap::new();
+            // Each item's crc32c, folded over its parts in order (they were pushed in order).
+            let mut crcs: HashMap<usize, u32> = HashMap::new();
             let mut tried: Vec<usize> = Vec::new();
             for (owners, res) in results {
                 match res {
                     Ok(items) => {
-                        for (i, r) in owners.into_iter().zip(items) {
+                        for ((i, len), r) in owners.into_iter().zip(items) {
                             tried.push(i);
-                            if let Err(e) = r {
-                                round_err.entry(i).or_insert(ClientError::Remote(e));
+                            match r {
+                                Ok(crc) => {
+                                    crcs.entry(i)
+                                        .and_modify(|acc| {
+                                            *acc = crc32c::crc32c_combine(*acc, crc, len)
+                                        })
+                                        .or_insert(crc);
+                                }
+                                Err(e) => {
+                                    round_err.entry(i).or_insert(ClientError::Remote(e));
+                                }
                             }
                         }
                     }
                     Err(e) => {
-                        for i in owners {
+                        for (i, _) in owners {
                             tried.push(i);
                             round_err.entry(i).or_insert_with(|| {
                                 ClientError::Remote(kvpool_proto::WireError::new(
@@ -232,9 +245,7 @@ impl Client {
                     continue;
                 }
                 if self.cfg.verify_checksum {
-                    let got = dests[i]
-                        .iter()
-                        .fold(0, |crc, p| crc32c::crc32c_append(crc, p));
+                    let got = crcs.get(&i).copied().unwrap_or(0);
                     if got != infos[i].checksum {
                         // A torn read (space reused after eviction) or corruption: another
                         // replica may still be good.

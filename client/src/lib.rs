@@ -50,7 +50,9 @@ impl Client {
     /// A client for the master in `cfg`; connections are made on first use.
     pub fn new(cfg: ClientConfig) -> Self {
         let master = RpcClient::new(cfg.master.clone(), cfg.rpc.clone());
-        let engine = TransferEngine::new(cfg.engine.clone());
+        let mut engine_opts = cfg.engine.clone();
+        engine_opts.checksum_reads = cfg.verify_checksum;
+        let engine = TransferEngine::new(engine_opts);
         Client {
             id: ClientId(rand::random()),
             cfg,

@@ -32,6 +32,9 @@ use crate::{frame, TransportError};
 /// Payloads below this size are copied into the request's header buffer.
 pub const COALESCE_BELOW: usize = 64 << 10;
 
+/// Read buffer for a response's header, body and small payloads.
+const RESPONSE_BUF: usize = 256 << 10;
+
 /// Most ops one request carries.
 const MAX_OPS_PER_REQUEST: usize = 4096;
 
@@ -46,6 +49,8 @@ pub struct EngineOptions {
     /// Limit for one request, from first byte sent to last byte received.
     pub io_timeout: Duration,
     pub limits: FrameLimits,
+    /// Compute the crc32c of read bytes as each chunk lands [true].
+    pub checksum_reads: bool,
 }
 
 impl Default for EngineOptions {
@@ -56,6 +61,7 @@ impl Default for EngineOptions {
             connect_timeout: Duration::from_secs(3),
             io_timeout: Duration::from_secs(30),
             limits: FrameLimits::default(),
+            checksum_reads: true,
         }
     }
 }
@@ -73,7 +79,28 @@ pub struct ReadItem<'a> {
 }
 
 /// The items a request carried (by index) and its per-op results, or its failure.
-type RequestOutcome = (Vec<usize>, Result<Vec<ItemResult<()>>, TransportError>);
+type RequestOutcome<T> = (Vec<ChunkRef>, Result<Vec<ItemResult<T>>, TransportError>);
+
+/// An item's outcome: the value of each of its chunks, or its first error.
+type ItemChunks<T> = ItemResult<Vec<(ChunkRef, T)>>;
+
+/// Which item a chunk of a request belongs to, where in it, and how long it is.
+#[derive(Debug, Clone, Copy)]
+struct ChunkRef {
+    item: usize,
+    seq: usize,
+    len: usize,
+}
+
+impl<B: AsRef<[u8]>> Chunk<B> {
+    fn chunk_ref(&self) -> ChunkRef {
+        ChunkRef {
+            item: self.item,
+            seq: self.seq,
+            len: self.buf.as_ref().len(),
+        }
+    }
+}
 
 /// Moves batches of segment ranges to and from storage nodes over TCP.
 pub struct TransferEngine {
@@ -84,6 +111,8 @@ pub struct TransferEngine {
 
 struct Chunk<B> {
     item: usize,
+    /// Position of the chunk within its item, for folding per-chunk checksums in order.
+    seq: usize,
     segment: kvpool_proto::SegmentId,
     offset: u64,
     buf: B,
@@ -121,9 +150,10 @@ impl TransferEngine {
                 )));
             }
             let mut off = 0u64;
-            for piece in it.data.chunks(self.stripe()) {
+            for (seq, piece) in it.data.chunks(self.stripe()).enumerate() {
                 chunks.push(Chunk {
                     item: i,
+                    seq,
                     segment: it.op.segment,
                     offset: it.op.offset + off,
                     buf: piece,
@@ -143,15 +173,20 @@ impl TransferEngine {
             .buffer_unordered(self.opts.conns_per_peer.max(1))
             .collect::<Vec<_>>()
             .await;
-        merge(n, results)
+        Ok(merge(n, results)?
+            .into_iter()
+            .map(|r| r.map(|_| ()))
+            .collect())
     }
 
-    /// Reads every item from the node at `addr` into its destination slice.
+    /// Reads every item from the node at `addr` into its destination slice. On success an
+    /// item's result is the crc32c of its bytes (0 unless `checksum_reads`), computed chunk
+    /// by chunk as each lands, so checksumming overlaps the transfer of the other chunks.
     pub async fn read(
         &self,
         addr: &str,
         items: Vec<ReadItem<'_>>,
-    ) -> Result<Vec<ItemResult<()>>, TransportError> {
+    ) -> Result<Vec<ItemResult<u32>>, TransportError> {
         let n = items.len();
         let mut chunks = Vec::new();
         let stripe = self.stripe();
@@ -164,10 +199,11 @@ impl TransferEngine {
                 )));
             }
             let mut off = 0u64;
-            for piece in it.dst.chunks_mut(stripe) {
+            for (seq, piece) in it.dst.chunks_mut(stripe).enumerate() {
                 let len = piece.len() as u64;
                 chunks.push(Chunk {
                     item: i,
+                    seq,
                     segment: it.op.segment,
                     offset: it.op.offset + off,
                     buf: piece,
@@ -184,7 +220,25 @@ impl TransferEngine {
             .buffer_unordered(self.opts.conns_per_peer.max(1))
             .collect::<Vec<_>>()
             .await;
-        merge(n, results)
+        let checksum = self.opts.checksum_reads;
+        Ok(merge(n, results)?
+            .into_iter()
+            .map(|r| {
+                r.map(|mut chunks| {
+                    if !checksum {
+                        return 0;
+                    }
+                    chunks.sort_by_key(|(c, _)| c.seq);
+                    chunks
+                        .into_iter()
+                        .fold(None, |acc, (c, crc)| match acc {
+                            None => Some(crc),
+                            Some(a) => Some(crc32c::crc32c_combine(a, crc, c.len)),
+                        })
+                        .unwrap_or(0)
+                })
+            })
+            .collect())
     }
 
     fn stripe(&self) -> usize {
@@ -218,8 +272,8 @@ impl TransferEngine {
         addr: &str,
         req: Vec<Chunk<&[u8]>>,
         tags: Vec<ObjectTag>,
-    ) -> RequestOutcome {
-        let items: Vec<usize> = req.iter().map(|c| c.item).collect();
+    ) -> RequestOutcome<()> {
+        let items: Vec<ChunkRef> = req.iter().map(Chunk::chunk_ref).collect();
         let msg = Write {
             ops: req
                 .iter()
@@ -261,8 +315,12 @@ impl TransferEngine {
         (items, result)
     }
 
-    async fn read_request(&self, addr: &str, mut req: Vec<Chunk<&mut [u8]>>) -> RequestOutcome {
-        let items: Vec<usize> = req.iter().map(|c| c.item).collect();
+    async fn read_request(
+        &self,
+        addr: &str,
+        mut req: Vec<Chunk<&mut [u8]>>,
+    ) -> RequestOutcome<u32> {
+        let items: Vec<ChunkRef> = req.iter().map(Chunk::chunk_ref).collect();
         let msg = Read {
             ops: req
                 .iter()
@@ -281,7 +339,7 @@ impl TransferEngine {
                 Err(e) => break Err(e),
             };
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let fut = read_exchange(conn, id, &msg, &mut req, &self.opts.limits);
+            let fut = read_exchange(conn, id, &msg, &mut req, &self.opts);
             match tokio::time::timeout(self.opts.io_timeout, fut).await {
                 Ok(Ok((conn, resp))) => {
                     self.checkin(addr, conn);
@@ -379,14 +437,19 @@ async fn read_exchange(
     id: u64,
     msg: &Read,
     req: &mut [Chunk<&mut [u8]>],
-    limits: &FrameLimits,
-) -> Result<(TcpStream, Vec<ItemResult<()>>), TransportError> {
+    opts: &EngineOptions,
+) -> Result<(TcpStream, Vec<ItemResult<u32>>), TransportError> {
     conn.write_all(&frame::encode_request(id, msg, 0)).await?;
-    let header = frame::read_header(&mut conn, limits)
+    // Buffered, so a batch of small payloads costs a few syscalls instead of one each; large
+    // payloads still go straight into their slice (tokio's BufReader bypasses its buffer for
+    // reads larger than it when it is empty). The response is the only thing on the wire, so
+    // nothing read ahead is lost when the reader is dropped.
+    let mut rd = tokio::io::BufReader::with_capacity(RESPONSE_BUF, &mut conn);
+    let header = frame::read_header(&mut rd, &opts.limits)
         .await?
         .ok_or(TransportError::Closed)?;
     check_reply(&header, id)?;
-    let body = frame::read_body(&mut conn, header.body_len).await?;
+    let body = frame::read_body(&mut rd, header.body_len).await?;
     let resp: Vec<ItemResult<()>> = match frame::decode_response::<UnitResponse>(&header, &body) {
         Ok(r) => r.items,
         Err(TransportError::Remote(w)) if header.payload_len == 0 => {
@@ -414,12 +477,22 @@ async fn read_exchange(
             header.payload_len
         )));
     }
-    for (c, r) in req.iter_mut().zip(&resp) {
-        if r.is_ok() {
-            frame::read_payload_into(&mut conn, c.buf).await?;
-        }
+    let mut out = Vec::with_capacity(req.len());
+    for (c, r) in req.iter_mut().zip(resp) {
+        out.push(match r {
+            Ok(()) => {
+                frame::read_payload_into(&mut rd, c.buf).await?;
+                Ok(if opts.checksum_reads {
+                    crc32c::crc32c(c.buf)
+                } else {
+                    0
+                })
+            }
+            Err(e) => Err(e),
+        });
     }
-    Ok((conn, resp))
+    drop(rd);
+    Ok((conn, out))
 }
 
 async fn read_unit_response(
@@ -471,31 +544,34 @@ fn check_reply(header: &kvpool_proto::FrameHeader, id: u64) -> Result<(), Transp
     Ok(())
 }
 
-/// Folds per-chunk results into per-item results: an item fails if any of its chunks did.
-fn merge(n: usize, results: Vec<RequestOutcome>) -> Result<Vec<ItemResult<()>>, TransportError> {
-    let mut out: Vec<ItemResult<()>> = vec![Ok(()); n];
+/// Folds per-chunk results into per-item results: an item fails if any of its chunks did;
+/// otherwise it carries each chunk's value. `Err` only when every request failed.
+fn merge<T>(
+    n: usize,
+    results: Vec<RequestOutcome<T>>,
+) -> Result<Vec<ItemChunks<T>>, TransportError> {
+    let mut out: Vec<ItemChunks<T>> = (0..n).map(|_| Ok(Vec::new())).collect();
     let mut all_failed = true;
     let mut first_err = None;
-    for (items, res) in results {
+    for (chunks, res) in results {
         match res {
             Ok(rs) => {
                 all_failed = false;
-                for (i, r) in items.into_iter().zip(rs) {
-                    if let (Err(e), Some(slot)) = (r, out.get_mut(i)) {
-                        if slot.is_ok() {
-                            *slot = Err(e);
+                for (c, r) in chunks.into_iter().zip(rs) {
+                    match r {
+                        Ok(v) => {
+                            if let Some(Ok(list)) = out.get_mut(c.item) {
+                                list.push((c, v));
+                            }
                         }
+                        Err(e) => fail_item(out.get_mut(c.item), e),
                     }
                 }
             }
             Err(e) => {
                 let w = WireError::new(e.code(), e.to_string());
-                for i in items {
-                    if let Some(slot) = out.get_mut(i) {
-                        if slot.is_ok() {
-                            *slot = Err(w.clone());
-                        }
-                    }
+                for c in chunks {
+                    fail_item(out.get_mut(c.item), w.clone());
                 }
                 first_err.get_or_insert(e);
             }
@@ -504,5 +580,14 @@ fn merge(n: usize, results: Vec<RequestOutcome>) -> Result<Vec<ItemResult<()>>, 
     match first_err {
         Some(e) if all_failed => Err(e),
         _ => Ok(out),
+    }
+}
+
+/// Records an item's first error; later errors of the same item are dropped.
+fn fail_item<T>(slot: Option<&mut ItemResult<T>>, e: WireError) {
+    if let Some(slot) = slot {
+        if slot.is_ok() {
+            *slot = Err(e);
+        }
     }
 }
