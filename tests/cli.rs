@@ -85,8 +85,14 @@ fn put_get_exists_rm_status_through_the_binary() {
 
     // The gets above hold a read lease: a plain rm waits for it, --force does not.
     let o = kvpool(&["rm", "blob"], &m, None);
-    assert!(!o.status.success() && stderr(&o).contains("HasLease"), "{}", stderr(&o));
-    assert!(kvpool(&["rm", "blob", "--force"], &m, None).status.success());
+    assert!(
+        !o.status.success() && stderr(&o).contains("HasLease"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(kvpool(&["rm", "blob", "--force"], &m, None)
+        .status
+        .success());
     let o = kvpool(&["get", "blob"], &m, None);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("not found"), "{}", stderr(&o));
