@@ -7,6 +7,7 @@
 //! - [`header`]: the fixed 32-byte frame header and the size limits checked before allocation.
 //! - [`msg`]: every request and response, the opcodes, body encoding and decoding.
 //! - [`error`]: [`ErrorCode`], the stable error numbers shared by all crates and the wire.
+//! - [`layout`]: where a value sits in an NVMe record (shared by master, node and client).
 //! - [`units`]: human sizes and durations for configs and flags.
 //!
 //! A frame is `header | body | payload`: the body is a postcard-encoded message, the payload
@@ -14,6 +15,7 @@
 
 pub mod error;
 pub mod header;
+pub mod layout;
 pub mod msg;
 pub mod units;
 

@@ -41,6 +41,25 @@ impl std::fmt::Display for SegmentId {
     }
 }
 
+/// The storage tier a segment (and so a replica) belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum Tier {
+    /// Memory: tier 1, written by clients, read at memory speed.
+    #[default]
+    Dram,
+    /// Local disk (NVMe): tier 2, written only by its node (demotion), read through the node.
+    Nvme,
+}
+
+impl std::fmt::Display for Tier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Tier::Dram => "dram",
+            Tier::Nvme => "nvme",
+        })
+    }
+}
+
 /// Checks a key against the contract: non-empty, at most [`MAX_KEY_LEN`] bytes.
 pub fn check_key(key: &[u8]) -> Result<(), WireError> {
     if key.is_empty() || key.len() > MAX_KEY_LEN {
@@ -60,8 +79,10 @@ pub struct ReplicaDesc {
     /// The node's data endpoint, "ip:port".
     pub addr: String,
     pub segment: SegmentId,
+    /// Where the value's bytes start in the segment (for NVMe, past the record header).
     pub offset: u64,
     pub len: u64,
+    pub tier: Tier,
 }
 
 /// The opcodes. Master (control plane) opcodes are 0x10..0x3f, storage-node (data plane)
@@ -305,9 +326,12 @@ pub struct Status {}
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SegmentStatus {
     pub id: SegmentId,
+    pub tier: Tier,
     pub capacity: u64,
     pub used: u64,
     pub objects: u64,
+    /// False after the node reported an I/O error or a full disk on it.
+    pub healthy: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -343,6 +367,7 @@ impl Message for Status {
 pub struct SegmentInfo {
     pub id: SegmentId,
     pub size: u64,
+    pub tier: Tier,
 }
 
 /// One object a node holds, as it reports it when it (re-)registers.
@@ -378,12 +403,42 @@ impl Message for Register {
     type Response = RegisterResponse;
 }
 
-/// A node's liveness signal; acknowledges the frees it has applied.
+/// A node's liveness signal; acknowledges the frees it has applied and reports finished tasks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Heartbeat {
     pub node: NodeId,
     /// The highest `frees_upto` the node has applied.
     pub acked: u64,
+    /// Tasks finished since the last heartbeat.
+    pub done: Vec<TaskDone>,
+    /// Segments that failed (I/O error, full disk) and should get no new data.
+    pub unhealthy: Vec<SegmentId>,
+}
+
+/// A copy the master asks a node to make between two of its own segments: demotion (DRAM to
+/// NVMe) and promotion (NVMe to DRAM) are both this.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyTask {
+    pub id: u64,
+    /// The replica the copy creates.
+    pub replica: ReplicaId,
+    pub key: Vec<u8>,
+    pub len: u64,
+    pub checksum: u32,
+    pub from: SegmentId,
+    /// Where the value starts in `from`.
+    pub from_offset: u64,
+    pub to: SegmentId,
+    /// Where the value goes in `to`; for an NVMe segment, the start of the record (header
+    /// first, see [`crate::layout`]).
+    pub to_offset: u64,
+}
+
+/// How a task ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskDone {
+    pub id: u64,
+    pub result: ItemResult<()>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -394,6 +449,8 @@ pub struct HeartbeatResponse {
     pub frees: Vec<ReplicaId>,
     /// Sequence number of the last free in `frees`; the node acks it in its next heartbeat.
     pub frees_upto: u64,
+    /// Copies to make (each is sent once; the node reports it in `Heartbeat.done`).
+    pub tasks: Vec<CopyTask>,
 }
 
 impl Message for Heartbeat {

@@ -115,6 +115,8 @@ async fn heartbeat_until_lost(node: &Node, client: &RpcClient, interval: Duratio
             .call(&Heartbeat {
                 node: node.id(),
                 acked,
+                done: Vec::new(),
+                unhealthy: Vec::new(),
             })
             .await
         {

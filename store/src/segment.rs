@@ -145,6 +145,7 @@ impl Segment {
         SegmentInfo {
             id: self.id,
             size: self.size,
+            tier: kvpool_proto::Tier::Dram,
         }
     }
 

@@ -71,6 +71,7 @@ async fn master_conn(mut s: TcpStream, script: Shared) {
                     need_register: false,
                     frees: vec![],
                     frees_upto: 0,
+                    tasks: Vec::new(),
                 });
                 frame::encode_response(h.opcode, h.request_id, &resp, 0)
             }
@@ -145,6 +146,7 @@ async fn registers_once_the_master_appears_then_follows_heartbeats() {
         need_register: false,
         frees: vec![ReplicaId(1), ReplicaId(999)],
         frees_upto: 5,
+        tasks: Vec::new(),
     });
     eventually("free acked", || {
         lock(&script).heartbeats.iter().any(|h| h.acked == 5)
@@ -161,6 +163,7 @@ async fn registers_once_the_master_appears_then_follows_heartbeats() {
         need_register: true,
         frees: vec![],
         frees_upto: 0,
+        tasks: Vec::new(),
     });
     eventually("re-registration", || lock(&script).registers.len() == 2).await;
     assert_eq!(reported(&lock(&script).registers[1]), [3]);

@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use kvpool_proto::{
     check_key, Heartbeat, HeartbeatResponse, NodeId, NodeStatus, Register, RegisterResponse,
-    ReplicaId, SegmentId, SegmentStatus,
+    ReplicaId, SegmentId, SegmentStatus, Tier,
 };
 
 use super::objects::{ObjId, Object, Replica, State};
+use super::puts::allocation_of;
 use super::{MasterCore, MAX_FREES_PER_HEARTBEAT};
 use crate::alloc::OffsetAllocator;
 
@@ -17,6 +18,9 @@ use crate::alloc::OffsetAllocator;
 #[derive(Debug)]
 pub(crate) struct Segment {
     pub node: NodeId,
+    pub tier: Tier,
+    /// False once the node reported an I/O error or a full disk on it: no new data goes there.
+    pub healthy: bool,
     pub alloc: OffsetAllocator,
     /// Every replica on the segment (Processing or Complete) and its object. Preempted puts'
     /// replicas are not here but in `MasterCore::discarded`.
@@ -82,6 +86,7 @@ impl Cluster {
                 need_register: true,
                 frees: Vec::new(),
                 frees_upto: 0,
+                tasks: Vec::new(),
             };
         };
         n.last_seen = n.last_seen.max(now);
@@ -99,6 +104,7 @@ impl Cluster {
             need_register: false,
             frees: batch.into_iter().map(|(_, r)| r).collect(),
             frees_upto,
+            tasks: Vec::new(),
         }
     }
 
@@ -126,9 +132,11 @@ impl Cluster {
                             let seg = self.segments.get(s)?;
                             Some(SegmentStatus {
                                 id: *s,
+                                tier: seg.tier,
                                 capacity: seg.alloc.capacity(),
                                 used: seg.alloc.used(),
                                 objects: seg.members.len() as u64,
+                                healthy: seg.healthy,
                             })
                         })
                         .collect(),
@@ -194,10 +202,17 @@ impl MasterCore {
         }
         for s in &segments {
             let idx = per_segment.remove(&s.id).unwrap_or_default();
-            let ranges: Vec<(u64, u64)> =
-                idx.iter().map(|&i| (inv[i].offset, inv[i].len)).collect();
+            // An entry whose value cannot sit where it says maps to a range no segment has,
+            // so the allocator refuses it like any other bad range.
+            let ranges: Vec<(u64, u64)> = idx
+                .iter()
+                .map(|&i| {
+                    allocation_of(s.tier, inv[i].key.len(), inv[i].offset, inv[i].len)
+                        .unwrap_or((u64::MAX, 1))
+                })
+                .collect();
             let (alloc, refused) =
-                OffsetAllocator::from_used_indexed(s.size, self.cfg.alloc_align, &ranges);
+                OffsetAllocator::from_used_indexed(s.size, self.align_for(s.tier), &ranges);
             for r in refused {
                 rejected[idx[r]] = true;
             }
@@ -205,6 +220,8 @@ impl MasterCore {
                 s.id,
                 Segment {
                     node: req.node,
+                    tier: s.tier,
+                    healthy: true,
                     alloc,
                     members: HashMap::new(),
                     recency: BTreeMap::new(),
@@ -238,17 +255,28 @@ impl MasterCore {
 
     /// Admits one inventory entry whose range the segment's allocator accepted; on refusal,
     /// gives the range back to the allocator.
+    /// Allocation alignment of a tier: NVMe records are 4 KiB-aligned for O_DIRECT.
+    pub(crate) fn align_for(&self, tier: Tier) -> u64 {
+        match tier {
+            Tier::Dram => self.cfg.alloc_align,
+            Tier::Nvme => kvpool_proto::layout::NVME_ALIGN,
+        }
+    }
+
     fn admit(&mut self, e: &kvpool_proto::InventoryEntry) -> bool {
         let Some(seg) = self.cluster.segments.get(&e.segment) else {
             return false;
         };
-        let Some(alloc_len) = seg.alloc.len_at(e.offset) else {
+        let Some((offset, _)) = allocation_of(seg.tier, e.key.len(), e.offset, e.len) else {
+            return false;
+        };
+        let Some(alloc_len) = seg.alloc.len_at(offset) else {
             return false;
         };
         let rep = Replica {
             id: e.replica,
             segment: e.segment,
-            offset: e.offset,
+            offset,
             alloc_len,
         };
         let duplicate_id = seg.members.contains_key(&e.replica);

@@ -25,7 +25,7 @@ impl MasterCore {
             }
             if let Some(node) = self.cluster.nodes.get(n) {
                 for s in &node.segments {
-                    if !out.contains(s) {
+                    if !out.contains(s) && self.takes_puts(s) {
                         out.push(*s);
                     }
                 }
@@ -43,12 +43,24 @@ impl MasterCore {
             let Some(seg) = self.cluster.segments.get(&s) else {
                 continue;
             };
-            if preferred.contains(&seg.node) || !self.cluster.alive(seg.node, now, ttl) {
+            if preferred.contains(&seg.node)
+                || !self.cluster.alive(seg.node, now, ttl)
+                || !self.takes_puts(&s)
+            {
                 continue;
             }
             out.push(s);
         }
         out
+    }
+
+    /// Clients write only DRAM segments; NVMe is filled by demotion. A segment that failed
+    /// takes nothing new.
+    fn takes_puts(&self, s: &SegmentId) -> bool {
+        self.cluster
+            .segments
+            .get(s)
+            .is_some_and(|seg| seg.tier == kvpool_proto::Tier::Dram && seg.healthy)
     }
 
     /// Allocates up to `want` replicas of `len` bytes; fewer (possibly none) when space or

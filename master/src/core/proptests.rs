@@ -102,11 +102,13 @@ fn segments(node: u64) -> Vec<SegmentInfo> {
     let mut v = vec![SegmentInfo {
         id: SegmentId(node * 10),
         size: 1 << 20,
+        tier: kvpool_proto::Tier::Dram,
     }];
     if node == 3 {
         v.push(SegmentInfo {
             id: SegmentId(31),
             size: 512 << 10,
+            tier: kvpool_proto::Tier::Dram,
         });
     }
     v
@@ -158,6 +160,8 @@ impl Sim {
             Heartbeat {
                 node: NodeId(n),
                 acked,
+                done: Vec::new(),
+                unhealthy: Vec::new(),
             },
         );
         if hb.need_register {
@@ -340,7 +344,7 @@ proptest! {
             sim.heartbeat(n, true);
             sim.heartbeat(n, true);
             let acked = sim.nodes[&n].acked;
-            let hb = sim.core.heartbeat(sim.now, Heartbeat { node: NodeId(n), acked });
+            let hb = sim.core.heartbeat(sim.now, Heartbeat { node: NodeId(n), acked, done: Vec::new(), unhealthy: Vec::new() });
             prop_assert!(hb.frees.is_empty());
         }
     }

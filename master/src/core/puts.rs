@@ -4,10 +4,35 @@
 
 use std::time::Duration;
 
-use kvpool_proto::{check_key, ClientId, ErrorCode, ItemResult, PutStartItem, ReplicaDesc};
+use kvpool_proto::{check_key, ClientId, ErrorCode, ItemResult, PutStartItem, ReplicaDesc, Tier};
 
 use super::objects::{ObjId, Object, Replica, State};
 use super::{key_error, MasterCore};
+
+/// Where a replica's value starts, given its allocation: on NVMe, past the record header.
+pub(crate) fn value_offset(tier: Tier, key_len: usize, alloc_offset: u64) -> u64 {
+    match tier {
+        Tier::Dram => alloc_offset,
+        Tier::Nvme => alloc_offset + kvpool_proto::layout::value_offset(key_len),
+    }
+}
+
+/// The allocation behind a reported value: its offset and length, or `None` if the value
+/// cannot start where it is said to (an NVMe value sits past its record header).
+pub(crate) fn allocation_of(
+    tier: Tier,
+    key_len: usize,
+    value_offset: u64,
+    len: u64,
+) -> Option<(u64, u64)> {
+    match tier {
+        Tier::Dram => Some((value_offset, len)),
+        Tier::Nvme => {
+            let start = value_offset.checked_sub(kvpool_proto::layout::value_offset(key_len))?;
+            Some((start, kvpool_proto::layout::record_len(key_len, len)))
+        }
+    }
+}
 
 impl MasterCore {
     pub(crate) fn put_start_one(
@@ -67,7 +92,7 @@ impl MasterCore {
             .collect();
         let descs = replicas
             .iter()
-            .filter_map(|r| self.describe(r, item.len))
+            .filter_map(|r| self.describe(r, key.len(), item.len))
             .collect();
         let id = self.objects.insert(Object {
             key: item.key,
@@ -274,7 +299,7 @@ impl MasterCore {
     }
 
     /// The wire description of a replica, with its node's data address.
-    pub(crate) fn describe(&self, r: &Replica, len: u64) -> Option<ReplicaDesc> {
+    pub(crate) fn describe(&self, r: &Replica, key_len: usize, len: u64) -> Option<ReplicaDesc> {
         let seg = self.cluster.segments.get(&r.segment)?;
         let node = self.cluster.nodes.get(&seg.node)?;
         Some(ReplicaDesc {
@@ -282,8 +307,9 @@ impl MasterCore {
             node: seg.node,
             addr: node.addr.clone(),
             segment: r.segment,
-            offset: r.offset,
+            offset: value_offset(seg.tier, key_len, r.offset),
             len,
+            tier: seg.tier,
         })
     }
 }

@@ -34,7 +34,7 @@ impl MasterCore {
         let replicas: Vec<_> = obj
             .replicas
             .iter()
-            .filter_map(|r| self.describe(r, obj.len))
+            .filter_map(|r| self.describe(r, obj.key.len(), obj.len))
             .filter(|d| self.cluster.alive(d.node, now, ttl))
             .collect();
         if replicas.is_empty() {

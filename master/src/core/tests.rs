@@ -59,6 +59,7 @@ impl World {
                     .map(|&(s, size)| SegmentInfo {
                         id: SegmentId(s),
                         size,
+                        tier: kvpool_proto::Tier::Dram,
                     })
                     .collect(),
                 inventory,
@@ -77,6 +78,8 @@ impl World {
                     Heartbeat {
                         node: NodeId(n),
                         acked: 0,
+                        done: Vec::new(),
+                        unhealthy: Vec::new(),
                     },
                 );
             }
@@ -198,6 +201,8 @@ impl World {
             Heartbeat {
                 node: NodeId(node),
                 acked,
+                done: Vec::new(),
+                unhealthy: Vec::new(),
             },
         )
     }
@@ -1030,9 +1035,11 @@ fn status_reports_nodes_segments_and_counts() {
         n.segments[0],
         SegmentStatus {
             id: SegmentId(10),
+            tier: kvpool_proto::Tier::Dram,
             capacity: 64 * MIB,
             used: 256,
-            objects: 2
+            objects: 2,
+            healthy: true,
         }
     );
 }
