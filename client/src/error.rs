@@ -43,6 +43,19 @@ impl ClientError {
         }
     }
 
+    /// Every replica turned out to hold other bytes than were put (corruption on disk, or
+    /// space reused after eviction) or to be gone from its node. For a cache that is a miss:
+    /// the caller recomputes, as it would for a key never stored.
+    pub fn is_gone(&self) -> bool {
+        match self {
+            ClientError::NoReadableReplica { last } => {
+                matches!(last.as_ref(), ClientError::ChecksumMismatch { .. })
+                    || matches!(last.as_ref(), ClientError::Remote(w) if w.code == ErrorCode::NotFound)
+            }
+            _ => false,
+        }
+    }
+
     pub fn is_retryable(&self) -> bool {
         match self {
             ClientError::Transport(t) => t.is_retryable(),

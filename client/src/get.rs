@@ -47,6 +47,7 @@ impl Client {
                 match info {
                     Ok(Some(_)) => match fetched.next() {
                         Some(Ok(())) => Ok(Some(v)),
+                        Some(Err(e)) if e.is_gone() => Ok(None),
                         Some(Err(e)) => Err(e),
                         None => Err(crate::internal("fetch lost a result")),
                     },
@@ -109,11 +110,20 @@ impl Client {
         }
         let fetched = self.fetch(&todo_infos, todo_dests, sent).await;
         for (i, r) in todo_idx.into_iter().zip(fetched) {
-            if let Err(e) = r {
-                out[i] = Err(e);
+            match r {
+                Ok(()) => {}
+                Err(e) if e.is_gone() => out[i] = Ok(None),
+                Err(e) => out[i] = Err(e),
             }
         }
         out
+    }
+
+    /// Where each key's replicas live (node, segment, tier, offset), taking a read lease on
+    /// the present ones; `Ok(None)` for a miss. For placement-aware callers (a connector that
+    /// routes a request to the node holding its prefix) and for operators.
+    pub async fn locate(&self, keys: &[&[u8]]) -> Vec<Result<Option<ObjectInfo>>> {
+        self.lookup(keys).await.0
     }
 
     /// Asks the master where each key lives. A missing key is `Ok(None)`.

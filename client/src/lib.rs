@@ -36,7 +36,7 @@ use kvpool_transport::{engine::TransferEngine, rpc::RpcClient, TransportError};
 
 pub use config::ClientConfig;
 pub use error::{ClientError, Result};
-pub use kvpool_proto::{ErrorCode, NodeId};
+pub use kvpool_proto::{ErrorCode, NodeId, ObjectInfo, ReplicaDesc, Tier};
 
 /// A handle to the pool. Cheap to share behind an `Arc`; every method takes `&self`.
 pub struct Client {
