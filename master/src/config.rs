@@ -4,7 +4,7 @@ use kvpool_proto::{ByteSize, HumanDuration};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
-use crate::core::CoreConfig;
+use crate::core::{Admission, CoreConfig};
 
 /// Every key has a default (Mooncake's where one exists); the file overrides the defaults and
 /// flags override the file.
@@ -35,6 +35,17 @@ pub struct MasterConfig {
     pub max_value: ByteSize,
     /// How often the master runs liveness, zombie-put and eviction checks ["20ms"].
     pub tick: HumanDuration,
+    /// NVMe segment use above which eviction starts [0.90].
+    pub nvme_high_watermark: f64,
+    /// NVMe segment use an eviction round brings it down to [0.80].
+    pub nvme_low_watermark: f64,
+    /// Which DRAM eviction victims are demoted to NVMe: "always" or "after-read" (read at
+    /// least once since their put) ["after-read"].
+    pub nvme_admission: Admission,
+    /// NVMe-only reads after which an object is promoted back to DRAM [2].
+    pub promote_after_hits: u32,
+    /// A demotion or promotion copy not reported done within this fails ["60s"].
+    pub task_timeout: HumanDuration,
 }
 
 impl Default for MasterConfig {
@@ -53,6 +64,11 @@ impl Default for MasterConfig {
             allow_evict_soft_pinned: core.allow_evict_soft_pinned,
             max_value: ByteSize(core.max_value_len),
             tick: HumanDuration(Duration::from_millis(20)),
+            nvme_high_watermark: core.nvme_high_watermark,
+            nvme_low_watermark: core.nvme_low_watermark,
+            nvme_admission: core.nvme_admission,
+            promote_after_hits: core.promote_after_hits,
+            task_timeout: HumanDuration(core.task_timeout),
         }
     }
 }
@@ -81,6 +97,26 @@ impl MasterConfig {
         if self.tick.0.is_zero() {
             return Err("master.tick must be positive".into());
         }
+        for (name, v) in [
+            ("nvme-high-watermark", self.nvme_high_watermark),
+            ("nvme-low-watermark", self.nvme_low_watermark),
+        ] {
+            if !(0.0..=1.0).contains(&v) || v == 0.0 {
+                return Err(format!("master.{name} must be in (0, 1], got {v}"));
+            }
+        }
+        if self.nvme_low_watermark > self.nvme_high_watermark {
+            return Err(format!(
+                "master.nvme-low-watermark ({}) must not exceed master.nvme-high-watermark ({})",
+                self.nvme_low_watermark, self.nvme_high_watermark
+            ));
+        }
+        if self.promote_after_hits == 0 {
+            return Err("master.promote-after-hits must be at least 1".into());
+        }
+        if self.task_timeout.0.is_zero() {
+            return Err("master.task-timeout must be positive".into());
+        }
         Ok(())
     }
 
@@ -96,6 +132,11 @@ impl MasterConfig {
             eviction_ratio: self.eviction_ratio,
             allow_evict_soft_pinned: self.allow_evict_soft_pinned,
             max_value_len: self.max_value.0,
+            nvme_high_watermark: self.nvme_high_watermark,
+            nvme_low_watermark: self.nvme_low_watermark,
+            nvme_admission: self.nvme_admission,
+            promote_after_hits: self.promote_after_hits,
+            task_timeout: self.task_timeout.0,
             ..CoreConfig::default()
         }
     }

@@ -1,13 +1,14 @@
 //! Freeing the coldest replicas of a segment (metadata only: the node just forgets them).
 //!
 //! Each segment keeps its eviction candidates in access order, so a pass reads from the cold
-//! end and stops once it has freed enough. Leased objects are skipped; hard-pinned and
-//! Processing ones are never candidates; soft-pinned ones go only in a second pass, and only
-//! when the configuration allows it.
+//! end and stops once it has freed enough. Leased objects and the sources of copy tasks are
+//! skipped; hard-pinned and Processing objects and Filling or Leaving replicas are never
+//! candidates; soft-pinned ones go only in a second pass, and only when the configuration
+//! allows it.
 
 use std::time::Duration;
 
-use kvpool_proto::{ReplicaId, SegmentId};
+use kvpool_proto::{ReplicaId, SegmentId, Tier};
 
 use super::objects::ObjId;
 use super::MasterCore;
@@ -23,13 +24,14 @@ struct Goal {
 }
 
 impl MasterCore {
-    /// Evicts from one segment until `goal` is met or nothing evictable remains; returns the
-    /// bytes freed.
-    fn evict_segment(&mut self, now: Duration, sid: SegmentId, goal: Goal) -> u64 {
+    /// The coldest evictable replicas of a segment, enough to meet `goal` (or all there are),
+    /// with the bytes each frees. Replicas being demoted count as freed already: their space
+    /// comes back when their task ends.
+    fn pick_victims(&self, now: Duration, sid: SegmentId, goal: Goal) -> Vec<(ObjId, ReplicaId)> {
         let Some(seg) = self.cluster.segments.get(&sid) else {
-            return 0;
+            return Vec::new();
         };
-        let used = seg.alloc.used();
+        let used = seg.alloc.used().saturating_sub(seg.leaving);
         let met =
             |freed: u64| freed >= goal.min_free && used.saturating_sub(freed) <= goal.max_used;
         let mut freed = 0;
@@ -42,7 +44,8 @@ impl MasterCore {
             let Some(obj) = self.objects.get(oid) else {
                 continue;
             };
-            if obj.leased(now) {
+            // A promotion's source is being read by the node.
+            if obj.leased(now) || self.tasks.is_source(rid) {
                 continue;
             }
             let Some(rep) = obj.replicas.iter().find(|r| r.id == rid) else {
@@ -64,18 +67,26 @@ impl MasterCore {
             victims.push((oid, rid));
             freed += len;
         }
+        victims
+    }
+
+    /// Evicts (drops) from one segment until `goal` is met or nothing evictable remains;
+    /// returns whether anything was dropped.
+    fn evict_segment(&mut self, now: Duration, sid: SegmentId, goal: Goal) -> bool {
+        let victims = self.pick_victims(now, sid, goal);
         self.evictions += victims.len() as u64;
-        for (oid, rid) in victims {
+        for &(oid, rid) in &victims {
             self.drop_replica(oid, rid);
         }
-        if freed > 0 {
-            tracing::debug!(segment = %sid, freed, "evicted");
+        if !victims.is_empty() {
+            tracing::debug!(segment = %sid, victims = victims.len(), "evicted");
         }
-        freed
+        !victims.is_empty()
     }
 
     /// Evicts from a segment until an allocation of `len` fits, in rounds of at least
-    /// `eviction_ratio` of the segment so that the next puts find room too.
+    /// `eviction_ratio` of the segment so that the next puts find room too. Drop-only: the
+    /// caller needs the space now, and a demotion frees its source only later.
     pub(crate) fn evict_for_alloc(
         &mut self,
         now: Duration,
@@ -88,34 +99,58 @@ impl MasterCore {
                 min_free: fraction(cap, self.cfg.eviction_ratio).max(len),
                 max_used: u64::MAX,
             };
-            let freed = self.evict_segment(now, sid, goal);
+            let dropped = self.evict_segment(now, sid, goal);
             if let Some(a) = self.cluster.segments.get_mut(&sid)?.alloc.alloc(len) {
                 return Some(a);
             }
-            if freed == 0 {
+            if !dropped {
                 return None;
             }
         }
     }
 
-    /// Evicts from every segment whose use exceeds the high watermark.
+    /// Evicts from every segment above its tier's high watermark. NVMe goes first so that
+    /// demotions in the same pass find the room it made; DRAM victims are demoted when they
+    /// can be, else dropped.
     pub(crate) fn evict_above_watermark(&mut self, now: Duration) {
-        let over: Vec<(SegmentId, u64)> = self
+        let mut over: Vec<(Tier, SegmentId, u64)> = self
             .cluster
             .segments
             .iter()
             .filter_map(|(sid, seg)| {
                 let cap = seg.alloc.capacity();
-                let mark = fraction(cap, self.cfg.high_watermark);
-                (seg.alloc.used() > mark).then_some((*sid, cap))
+                let high = match seg.tier {
+                    Tier::Dram => self.cfg.high_watermark,
+                    Tier::Nvme => self.cfg.nvme_high_watermark,
+                };
+                let used = seg.alloc.used().saturating_sub(seg.leaving);
+                (used > fraction(cap, high)).then_some((seg.tier, *sid, cap))
             })
             .collect();
-        for (sid, cap) in over {
-            let goal = Goal {
-                min_free: fraction(cap, self.cfg.eviction_ratio),
-                max_used: fraction(cap, self.cfg.high_watermark),
-            };
-            self.evict_segment(now, sid, goal);
+        over.sort_unstable_by_key(|(tier, sid, _)| (*tier == Tier::Dram, *sid));
+        for (tier, sid, cap) in over {
+            match tier {
+                Tier::Nvme => {
+                    let goal = Goal {
+                        min_free: 0,
+                        max_used: fraction(cap, self.cfg.nvme_low_watermark),
+                    };
+                    self.evict_segment(now, sid, goal);
+                }
+                Tier::Dram => {
+                    let goal = Goal {
+                        min_free: fraction(cap, self.cfg.eviction_ratio),
+                        max_used: fraction(cap, self.cfg.high_watermark),
+                    };
+                    let victims = self.pick_victims(now, sid, goal);
+                    self.evictions += victims.len() as u64;
+                    for (oid, rid) in victims {
+                        if !self.try_demote(now, oid, rid) {
+                            self.drop_replica(oid, rid);
+                        }
+                    }
+                }
+            }
         }
     }
 }

@@ -9,12 +9,12 @@ use kvpool_proto::{
     ReplicaId, SegmentId, SegmentStatus, Tier,
 };
 
-use super::objects::{ObjId, Object, Replica, State};
+use super::objects::{ObjId, Object, RepState, Replica, State};
 use super::puts::allocation_of;
 use super::{MasterCore, MAX_FREES_PER_HEARTBEAT};
 use crate::alloc::OffsetAllocator;
 
-/// One DRAM segment contributed by a node.
+/// One segment (DRAM or NVMe) contributed by a node.
 #[derive(Debug)]
 pub(crate) struct Segment {
     pub node: NodeId,
@@ -25,8 +25,11 @@ pub(crate) struct Segment {
     /// Every replica on the segment (Processing or Complete) and its object. Preempted puts'
     /// replicas are not here but in `MasterCore::discarded`.
     pub members: HashMap<ReplicaId, ObjId>,
-    /// Eviction candidates (Complete, not hard-pinned) by (access seq, replica), coldest first.
+    /// Eviction candidates (Ready replicas of Complete, not hard-pinned objects) by (access
+    /// seq, replica), coldest first.
     pub recency: BTreeMap<(u64, ReplicaId), ObjId>,
+    /// Bytes of Leaving replicas: the watermark pass counts them as free already.
+    pub leaving: u64,
 }
 
 #[derive(Debug)]
@@ -225,6 +228,7 @@ impl MasterCore {
                     alloc,
                     members: HashMap::new(),
                     recency: BTreeMap::new(),
+                    leaving: 0,
                 },
             );
         }
@@ -253,8 +257,6 @@ impl MasterCore {
         }
     }
 
-    /// Admits one inventory entry whose range the segment's allocator accepted; on refusal,
-    /// gives the range back to the allocator.
     /// Allocation alignment of a tier: NVMe records are 4 KiB-aligned for O_DIRECT.
     pub(crate) fn align_for(&self, tier: Tier) -> u64 {
         match tier {
@@ -263,6 +265,8 @@ impl MasterCore {
         }
     }
 
+    /// Admits one inventory entry whose range the segment's allocator accepted; on refusal,
+    /// gives the range back to the allocator.
     fn admit(&mut self, e: &kvpool_proto::InventoryEntry) -> bool {
         let Some(seg) = self.cluster.segments.get(&e.segment) else {
             return false;
@@ -278,6 +282,7 @@ impl MasterCore {
             segment: e.segment,
             offset,
             alloc_len,
+            state: RepState::Ready,
         };
         let duplicate_id = seg.members.contains_key(&e.replica);
         let ok = match self.objects.id_of(&e.key) {
@@ -315,6 +320,8 @@ impl MasterCore {
                     soft_pin: false,
                     hard_pin: false,
                     access_seq: seq,
+                    reads: 0,
+                    nvme_hits: 0,
                 });
                 if let Some(seg) = self.cluster.segments.get_mut(&e.segment) {
                     seg.members.insert(e.replica, id);
@@ -330,7 +337,8 @@ impl MasterCore {
         }
         if !ok {
             if let Some(seg) = self.cluster.segments.get_mut(&e.segment) {
-                seg.alloc.free(e.offset);
+                // The allocation's offset: on NVMe the entry reports the value's.
+                seg.alloc.free(offset);
             }
         }
         ok
@@ -342,7 +350,9 @@ impl MasterCore {
         let Some(n) = self.cluster.nodes.remove(&node) else {
             return;
         };
-        let mut broken_puts = Vec::new();
+        // Tasks run between the node's own segments, so their sources and targets go below.
+        self.tasks.drop_node(node);
+        let mut broken = Vec::new();
         for sid in &n.segments {
             let Some(seg) = self.cluster.segments.remove(sid) else {
                 continue;
@@ -352,14 +362,14 @@ impl MasterCore {
                     continue;
                 };
                 obj.replicas.retain(|r| r.id != rid);
-                if !obj.is_complete() {
-                    broken_puts.push(oid);
-                } else if obj.replicas.is_empty() {
+                if obj.replicas.is_empty() {
                     self.objects.remove(oid);
+                } else if !obj.is_complete() || !obj.has_readable() {
+                    broken.push(oid);
                 }
             }
         }
-        for oid in broken_puts {
+        for oid in broken {
             self.drop_object(oid);
         }
         let gone: HashSet<SegmentId> = n.segments.iter().copied().collect();

@@ -10,7 +10,9 @@
 //! - `puts`: the two-phase put (start, end, revoke, zombie preemption and release).
 //! - `reads`: lookups, leases and removal.
 //! - `placement`: which segments get a new object's replicas.
-//! - `eviction`: freeing the coldest replicas of a segment.
+//! - `eviction`: freeing the coldest replicas of a segment; the watermark passes.
+//! - `tiering`: demotion of DRAM victims to NVMe and promotion of NVMe-only objects.
+//! - `tasks`: the copy tasks those issue, their delivery in heartbeats and their outcome.
 //! - `membership`: nodes, segments, inventories, liveness and the per-node free queues.
 //! - `invariants`: a self-check used by tests and available to the server's debug endpoints.
 
@@ -21,6 +23,8 @@ mod objects;
 mod placement;
 mod puts;
 mod reads;
+mod tasks;
+mod tiering;
 
 #[cfg(test)]
 mod proptests;
@@ -38,7 +42,10 @@ use kvpool_proto::{
 
 use self::membership::Cluster;
 use self::objects::{ObjectTable, Replica};
+use self::tasks::Tasks;
 use crate::alloc::DEFAULT_ALIGN;
+
+pub use self::tiering::Admission;
 
 /// The master's tunables. Defaults follow Mooncake (DESIGN §3).
 #[derive(Debug, Clone, PartialEq)]
@@ -57,7 +64,8 @@ pub struct CoreConfig {
     pub node_ttl: Duration,
     /// The heartbeat period nodes are told to use in `RegisterResponse` [1 s].
     pub heartbeat_interval: Duration,
-    /// A segment whose used fraction exceeds this is evicted from in `tick` [0.90].
+    /// A DRAM segment whose used fraction (not counting replicas being demoted) exceeds this
+    /// is evicted from in `tick` [0.90].
     pub high_watermark: f64,
     /// The fraction of a segment's capacity one eviction frees at least [0.05].
     pub eviction_ratio: f64,
@@ -68,6 +76,18 @@ pub struct CoreConfig {
     /// Alignment of replica offsets and lengths inside a segment [64 B, a cache line]. Must
     /// stay the same across master restarts, or re-registered inventories are rejected.
     pub alloc_align: u64,
+    /// An NVMe segment whose used fraction exceeds this is evicted from in `tick`, coldest
+    /// first [0.90]...
+    pub nvme_high_watermark: f64,
+    /// ...until its used fraction is at most this [0.80].
+    pub nvme_low_watermark: f64,
+    /// Which DRAM eviction victims are demoted to their node's NVMe rather than dropped
+    /// [`Admission::AfterRead`].
+    pub nvme_admission: Admission,
+    /// Lookups served from NVMe alone after which an object is promoted back to DRAM [2].
+    pub promote_after_hits: u32,
+    /// A copy task not reported done within this is failed [60 s].
+    pub task_timeout: Duration,
 }
 
 impl Default for CoreConfig {
@@ -84,6 +104,11 @@ impl Default for CoreConfig {
             allow_evict_soft_pinned: true,
             max_value_len: 1 << 30,
             alloc_align: DEFAULT_ALIGN,
+            nvme_high_watermark: 0.90,
+            nvme_low_watermark: 0.80,
+            nvme_admission: Admission::AfterRead,
+            promote_after_hits: 2,
+            task_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -102,8 +127,11 @@ pub struct MasterCore {
     /// allocated until then because the old writer may still be writing into it.
     discarded: BTreeMap<(Duration, u64), Replica>,
     discard_seq: u64,
+    /// Copy tasks issued and not yet ended.
+    tasks: Tasks,
     id_base: u64,
     next_replica: u64,
+    next_task: u64,
     /// Logical clock for access recency: bumped on every commit and read.
     access_clock: u64,
     /// Rotates the first segment tried by placement so load spreads.
@@ -122,8 +150,10 @@ impl MasterCore {
             cluster: Cluster::new(id_base),
             discarded: BTreeMap::new(),
             discard_seq: 0,
+            tasks: Tasks::default(),
             id_base,
             next_replica: 0,
+            next_task: 0,
             access_clock: 0,
             rotor: 0,
             evictions: 0,
@@ -217,22 +247,37 @@ impl MasterCore {
         self.register_inner(now, req)
     }
 
-    /// A node's liveness signal; returns the frees it has not acknowledged yet.
+    /// A node's liveness signal: applies its finished tasks and failed segments; returns the
+    /// frees it has not acknowledged yet and the copy tasks not sent to it yet.
     pub fn heartbeat(&mut self, now: Duration, req: Heartbeat) -> HeartbeatResponse {
-        self.cluster.heartbeat(now, req)
+        self.heartbeat_inner(now, req)
     }
 
-    /// Periodic work (call every 10–100 ms): declares silent nodes dead, releases the space of
-    /// zombie puts, and evicts from segments above the high watermark.
+    /// Periodic work (call every 10–100 ms): declares silent nodes dead, fails copy tasks past
+    /// their timeout, releases the space of zombie puts, and evicts (or demotes) from segments
+    /// above their high watermark.
     pub fn tick(&mut self, now: Duration) {
         self.expire_nodes(now);
+        self.expire_tasks(now);
         self.release_zombies(now);
         self.evict_above_watermark(now);
+    }
+
+    /// Copy tasks issued and not yet ended.
+    pub fn pending_tasks(&self) -> usize {
+        self.tasks.len()
     }
 
     fn fresh_replica_id(&mut self) -> kvpool_proto::ReplicaId {
         self.next_replica += 1;
         kvpool_proto::ReplicaId(self.id_base.wrapping_add(self.next_replica))
+    }
+
+    /// Task ids come from the same base as replica ids, so a completion a node reports to a
+    /// restarted master cannot match a task of the new one.
+    fn fresh_task_id(&mut self) -> u64 {
+        self.next_task += 1;
+        self.id_base.wrapping_add(self.next_task)
     }
 
     fn next_access(&mut self) -> u64 {

@@ -19,6 +19,26 @@ pub(crate) struct Replica {
     pub offset: u64,
     /// The bytes the allocator reserved (at least the object's length).
     pub alloc_len: u64,
+    pub state: RepState,
+}
+
+/// Where a replica stands with respect to copy tasks between tiers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RepState {
+    /// Holds the object's bytes; readable and (when the object allows) evictable.
+    Ready,
+    /// The target of a copy task: its bytes are not there yet, so readers must not see it and
+    /// eviction must not take it.
+    Filling,
+    /// A DRAM replica being demoted: readable until its task ends, but already chosen by
+    /// eviction, so it must not be chosen again.
+    Leaving,
+}
+
+impl Replica {
+    pub fn readable(&self) -> bool {
+        self.state != RepState::Filling
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +63,10 @@ pub(crate) struct Object {
     pub hard_pin: bool,
     /// Position in the recency order; larger is hotter.
     pub access_seq: u64,
+    /// Lookups since commit (`get_replicas`); NVMe admission may require one.
+    pub reads: u32,
+    /// Lookups served from NVMe alone since the last promotion was issued.
+    pub nvme_hits: u32,
 }
 
 impl Object {
@@ -61,6 +85,16 @@ impl Object {
     /// Whether the object sits in its segments' recency orders (eviction candidates).
     pub fn in_recency(&self) -> bool {
         self.is_complete() && !self.hard_pin
+    }
+
+    /// Whether a reader can be served: Filling replicas do not count.
+    pub fn has_readable(&self) -> bool {
+        self.replicas.iter().any(Replica::readable)
+    }
+
+    /// Whether a copy task involves the object (a Filling target exists).
+    pub fn task_in_flight(&self) -> bool {
+        self.replicas.iter().any(|r| r.state != RepState::Ready)
     }
 }
 
@@ -166,14 +200,38 @@ impl MasterCore {
         Some(obj)
     }
 
-    /// Frees one replica's space and tells its node. `access_seq` locates it in the recency
-    /// order. A replica whose segment is gone (dead node) needs nothing.
-    pub(crate) fn release_replica(&mut self, rep: &Replica, access_seq: u64) {
+    /// Takes a replica out of its segment's indexes. Returns whether the caller now owns its
+    /// space: a Filling target's space goes to its task instead, because the node may still
+    /// be writing into it and the range must not be handed out again before the task ends.
+    pub(crate) fn detach_replica(&mut self, rep: &Replica, access_seq: u64) -> bool {
         let Some(seg) = self.cluster.segments.get_mut(&rep.segment) else {
-            return;
+            return false;
         };
         seg.members.remove(&rep.id);
         seg.recency.remove(&(access_seq, rep.id));
+        match rep.state {
+            RepState::Ready => true,
+            RepState::Leaving => {
+                seg.leaving = seg.leaving.saturating_sub(rep.alloc_len);
+                true
+            }
+            RepState::Filling => !self.tasks.orphan_target(rep.id),
+        }
+    }
+
+    /// Frees one replica's space and tells its node. `access_seq` locates it in the recency
+    /// order. A replica whose segment is gone (dead node) needs nothing.
+    pub(crate) fn release_replica(&mut self, rep: &Replica, access_seq: u64) {
+        if self.detach_replica(rep, access_seq) {
+            self.free_range(rep);
+        }
+    }
+
+    /// Gives a detached replica's range back to its segment and queues the node's free.
+    pub(crate) fn free_range(&mut self, rep: &Replica) {
+        let Some(seg) = self.cluster.segments.get_mut(&rep.segment) else {
+            return;
+        };
         if !seg.alloc.free(rep.offset) {
             tracing::error!(segment = %rep.segment, offset = rep.offset, "freeing an unknown allocation");
         }
@@ -192,7 +250,7 @@ impl MasterCore {
         if !obj.in_recency() {
             return;
         }
-        for rep in &obj.replicas {
+        for rep in obj.replicas.iter().filter(|r| r.state == RepState::Ready) {
             if let Some(seg) = self.cluster.segments.get_mut(&rep.segment) {
                 seg.recency.remove(&(old, rep.id));
                 seg.recency.insert((seq, rep.id), id);
@@ -200,20 +258,28 @@ impl MasterCore {
         }
     }
 
-    /// Removes one replica from an object (eviction); drops the object when none is left.
+    /// Removes one replica from an object (eviction, a task's end); drops the object when no
+    /// readable replica is left.
     pub(crate) fn drop_replica(&mut self, id: ObjId, replica: ReplicaId) {
-        let Some(obj) = self.objects.get_mut(id) else {
+        let Some(rep) = self.take_replica(id, replica) else {
             return;
         };
-        let Some(pos) = obj.replicas.iter().position(|r| r.id == replica) else {
-            return;
-        };
-        let rep = obj.replicas.remove(pos);
-        let seq = obj.access_seq;
-        let empty = obj.replicas.is_empty();
+        let seq = self.objects.get(id).map_or(0, |o| o.access_seq);
         self.release_replica(&rep, seq);
-        if empty {
-            self.objects.remove(id);
+        self.drop_if_unreadable(id);
+    }
+
+    /// Removes a replica from its object's list (nothing else).
+    pub(crate) fn take_replica(&mut self, id: ObjId, replica: ReplicaId) -> Option<Replica> {
+        let obj = self.objects.get_mut(id)?;
+        let pos = obj.replicas.iter().position(|r| r.id == replica)?;
+        Some(obj.replicas.remove(pos))
+    }
+
+    /// An object left with only Filling replicas (or none) can serve nobody: it is gone.
+    pub(crate) fn drop_if_unreadable(&mut self, id: ObjId) {
+        if self.objects.get(id).is_some_and(|o| !o.has_readable()) {
+            self.drop_object(id);
         }
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use kvpool_proto::{check_key, ClientId, ErrorCode, ItemResult, PutStartItem, ReplicaDesc, Tier};
 
-use super::objects::{ObjId, Object, Replica, State};
+use super::objects::{ObjId, Object, RepState, Replica, State};
 use super::{key_error, MasterCore};
 
 /// Where a replica's value starts, given its allocation: on NVMe, past the record header.
@@ -88,6 +88,7 @@ impl MasterCore {
                 segment,
                 offset: a.offset,
                 alloc_len: a.len,
+                state: RepState::Ready,
             })
             .collect();
         let descs = replicas
@@ -106,6 +107,8 @@ impl MasterCore {
             soft_pin: item.options.soft_pin,
             hard_pin: item.options.hard_pin,
             access_seq: 0,
+            reads: 0,
+            nvme_hits: 0,
         });
         for r in &replicas {
             if let Some(seg) = self.cluster.segments.get_mut(&r.segment) {
@@ -167,9 +170,7 @@ impl MasterCore {
             return;
         };
         for r in obj.replicas {
-            if let Some(seg) = self.cluster.segments.get_mut(&r.segment) {
-                seg.members.remove(&r.id);
-                seg.recency.remove(&(obj.access_seq, r.id));
+            if self.detach_replica(&r, obj.access_seq) {
                 self.discard_seq += 1;
                 self.discarded.insert((until, self.discard_seq), r);
             }

@@ -1,8 +1,9 @@
-//! Lookups, read leases and removal. Readers only ever see Complete objects.
+//! Lookups, read leases and removal. Readers only ever see Complete objects, and of those
+//! only the replicas that hold the bytes (not the Filling targets of copy tasks), DRAM first.
 
 use std::time::Duration;
 
-use kvpool_proto::{check_key, ErrorCode, ItemResult, ObjectInfo};
+use kvpool_proto::{check_key, ErrorCode, ItemResult, ObjectInfo, Tier};
 
 use super::objects::ObjId;
 use super::{key_error, MasterCore};
@@ -13,7 +14,11 @@ impl MasterCore {
         check_key(key)?;
         self.objects
             .id_of(key)
-            .filter(|id| self.objects.get(*id).is_some_and(|o| o.is_complete()))
+            .filter(|id| {
+                self.objects
+                    .get(*id)
+                    .is_some_and(|o| o.is_complete() && o.has_readable())
+            })
             .ok_or_else(|| key_error(ErrorCode::NotFound, key, "not in the pool"))
     }
 
@@ -31,15 +36,19 @@ impl MasterCore {
         };
         // A node past its TTL that `tick` has not dropped yet must not be read from.
         let ttl = self.cfg.node_ttl;
-        let replicas: Vec<_> = obj
+        let mut replicas: Vec<_> = obj
             .replicas
             .iter()
+            .filter(|r| r.readable())
             .filter_map(|r| self.describe(r, obj.key.len(), obj.len))
             .filter(|d| self.cluster.alive(d.node, now, ttl))
             .collect();
         if replicas.is_empty() {
             return Err(key_error(ErrorCode::NotFound, key, "no live replica"));
         }
+        // Stable, so that within a tier the order stays the placement order.
+        replicas.sort_by_key(|d| d.tier != Tier::Dram);
+        let nvme_only = replicas.iter().all(|d| d.tier == Tier::Nvme);
         let info = ObjectInfo {
             len: obj.len,
             checksum: obj.checksum,
@@ -50,6 +59,12 @@ impl MasterCore {
         };
         self.grant_lease(now, id);
         self.touch(id);
+        if let Some(obj) = self.objects.get_mut(id) {
+            obj.reads = obj.reads.saturating_add(1);
+        }
+        if nvme_only {
+            self.note_nvme_hit(now, id);
+        }
         Ok(info)
     }
 
