@@ -7,7 +7,9 @@ need_pkgs=()
 have() { command -v "$1" >/dev/null 2>&1; }
 pkg_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 
-for p in build-essential pkg-config; do
+# librocksdb-dev: the NVMe tier's index links the system RocksDB; libclang-dev and clang run
+# its bindgen.
+for p in build-essential pkg-config librocksdb-dev libclang-dev clang; do
   pkg_installed "$p" || need_pkgs+=("$p")
 done
 # Tests and benchmarks that compare with a peer use these when present.

@@ -17,6 +17,8 @@
 //! - [`node`]: [`Node`], the state shared by the data server and the agent.
 //! - [`server`]: the data-plane server ([`server::serve`]).
 //! - [`agent`]: registration and heartbeats with the master.
+//! - [`nvme`]: [`nvme::NvmeTier`], the NVMe tier engine (device, io engines, record layout,
+//!   RocksDB index).
 //!
 //! [`run`] wires these together for the CLI; [`start`] does the same and returns a handle, for
 //! embedding a node in another process (`kvpool up`, tests).
@@ -25,6 +27,7 @@ pub mod agent;
 pub mod config;
 pub mod inventory;
 pub mod node;
+pub mod nvme;
 pub mod segment;
 pub mod server;
 
