@@ -30,6 +30,8 @@ mod tiering;
 mod proptests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tier_tests;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

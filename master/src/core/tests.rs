@@ -7,35 +7,38 @@ use kvpool_proto::*;
 
 use super::{CoreConfig, MasterCore};
 
-const MIB: u64 = 1 << 20;
-const A: ClientId = ClientId(1);
+pub(super) const MIB: u64 = 1 << 20;
+pub(super) const A: ClientId = ClientId(1);
 const B: ClientId = ClientId(2);
 
-fn secs(s: u64) -> Duration {
+pub(super) fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
 }
 
-struct World {
-    core: MasterCore,
-    now: Duration,
+pub(super) struct World {
+    pub core: MasterCore,
+    pub now: Duration,
     nodes: Vec<NodeId>,
+    /// Copy tasks heartbeat responses delivered (each is delivered once), oldest first.
+    pub inbox: Vec<CopyTask>,
 }
 
 impl World {
-    fn new() -> Self {
+    pub fn new() -> Self {
         Self::with(CoreConfig::default())
     }
 
-    fn with(cfg: CoreConfig) -> Self {
+    pub fn with(cfg: CoreConfig) -> Self {
         World {
             core: MasterCore::new(cfg, 1_000),
             now: secs(1),
             nodes: Vec::new(),
+            inbox: Vec::new(),
         }
     }
 
     /// Given a node with segments `(id, size)` and no inventory.
-    fn node(&mut self, id: u64, segments: &[(u64, u64)]) -> RegisterResponse {
+    pub fn node(&mut self, id: u64, segments: &[(u64, u64)]) -> RegisterResponse {
         self.register(id, segments, Vec::new())
     }
 
@@ -43,6 +46,18 @@ impl World {
         &mut self,
         id: u64,
         segments: &[(u64, u64)],
+        inventory: Vec<InventoryEntry>,
+    ) -> RegisterResponse {
+        let tiered: Vec<(u64, u64, Tier)> =
+            segments.iter().map(|&(s, n)| (s, n, Tier::Dram)).collect();
+        self.register_tiered(id, &tiered, inventory)
+    }
+
+    /// Given a node with segments `(id, size, tier)` and an inventory.
+    pub fn register_tiered(
+        &mut self,
+        id: u64,
+        segments: &[(u64, u64, Tier)],
         inventory: Vec<InventoryEntry>,
     ) -> RegisterResponse {
         if !self.nodes.contains(&NodeId(id)) {
@@ -56,10 +71,10 @@ impl World {
                 addr: format!("10.0.0.{id}:9000"),
                 segments: segments
                     .iter()
-                    .map(|&(s, size)| SegmentInfo {
+                    .map(|&(s, size, tier)| SegmentInfo {
                         id: SegmentId(s),
                         size,
-                        tier: kvpool_proto::Tier::Dram,
+                        tier,
                     })
                     .collect(),
                 inventory,
@@ -68,12 +83,12 @@ impl World {
     }
 
     /// Time passes in 1 s steps; every node in `alive` heartbeats each step; the core ticks.
-    fn pass_with(&mut self, d: Duration, alive: &[u64]) {
+    pub fn pass_with(&mut self, d: Duration, alive: &[u64]) {
         let end = self.now + d;
         while self.now < end {
             self.now = (self.now + secs(1)).min(end);
             for &n in alive {
-                self.core.heartbeat(
+                let r = self.core.heartbeat(
                     self.now,
                     Heartbeat {
                         node: NodeId(n),
@@ -82,18 +97,19 @@ impl World {
                         unhealthy: Vec::new(),
                     },
                 );
+                self.inbox.extend(r.tasks);
             }
             self.core.tick(self.now);
         }
     }
 
     /// Time passes with every node alive.
-    fn pass(&mut self, d: Duration) {
+    pub fn pass(&mut self, d: Duration) {
         let all: Vec<u64> = self.nodes.iter().map(|n| n.0).collect();
         self.pass_with(d, &all);
     }
 
-    fn start_with(
+    pub fn start_with(
         &mut self,
         c: ClientId,
         key: &str,
@@ -147,7 +163,7 @@ impl World {
     }
 
     /// A whole put that must succeed.
-    fn put_with(&mut self, key: &str, len: u64, options: PutOptions) -> Vec<ReplicaDesc> {
+    pub fn put_with(&mut self, key: &str, len: u64, options: PutOptions) -> Vec<ReplicaDesc> {
         let r = self
             .start_with(A, key, len, options)
             .unwrap_or_else(|e| panic!("put {key}: {e}"));
@@ -155,11 +171,11 @@ impl World {
         r
     }
 
-    fn put(&mut self, key: &str, len: u64) -> Vec<ReplicaDesc> {
+    pub fn put(&mut self, key: &str, len: u64) -> Vec<ReplicaDesc> {
         self.put_with(key, len, PutOptions::default())
     }
 
-    fn get(&mut self, key: &str) -> ItemResult<ObjectInfo> {
+    pub fn get(&mut self, key: &str) -> ItemResult<ObjectInfo> {
         self.core
             .get_replicas(
                 self.now,
@@ -171,7 +187,7 @@ impl World {
             .remove(0)
     }
 
-    fn exists(&mut self, key: &str) -> bool {
+    pub fn exists(&mut self, key: &str) -> bool {
         let r = self.core.exists(
             self.now,
             Exists {
@@ -182,7 +198,7 @@ impl World {
         r.items[0].clone().unwrap()
     }
 
-    fn remove(&mut self, key: &str, force: bool) -> ItemResult<()> {
+    pub fn remove(&mut self, key: &str, force: bool) -> ItemResult<()> {
         self.core
             .remove(
                 self.now,
@@ -195,23 +211,36 @@ impl World {
             .remove(0)
     }
 
-    fn heartbeat(&mut self, node: u64, acked: u64) -> HeartbeatResponse {
-        self.core.heartbeat(
+    pub fn heartbeat(&mut self, node: u64, acked: u64) -> HeartbeatResponse {
+        self.report(node, acked, Vec::new(), Vec::new())
+    }
+
+    /// A heartbeat carrying finished tasks and failed segments; delivered tasks go to the inbox.
+    pub fn report(
+        &mut self,
+        node: u64,
+        acked: u64,
+        done: Vec<TaskDone>,
+        unhealthy: Vec<SegmentId>,
+    ) -> HeartbeatResponse {
+        let r = self.core.heartbeat(
             self.now,
             Heartbeat {
                 node: NodeId(node),
                 acked,
-                done: Vec::new(),
-                unhealthy: Vec::new(),
+                done,
+                unhealthy,
             },
-        )
+        );
+        self.inbox.extend(r.tasks.iter().cloned());
+        r
     }
 
-    fn used(&self, segment: u64) -> u64 {
+    pub fn used(&self, segment: u64) -> u64 {
         self.segment(segment).map_or(0, |s| s.used)
     }
 
-    fn segment(&self, segment: u64) -> Option<SegmentStatus> {
+    pub fn segment(&self, segment: u64) -> Option<SegmentStatus> {
         let st = self.core.status(self.now);
         st.nodes
             .into_iter()
@@ -230,7 +259,7 @@ impl Drop for World {
     }
 }
 
-fn code<T: std::fmt::Debug>(r: ItemResult<T>) -> ErrorCode {
+pub(super) fn code<T: std::fmt::Debug>(r: ItemResult<T>) -> ErrorCode {
     r.expect_err("expected an error").code
 }
 
