@@ -1,7 +1,9 @@
 //! Random operation sequences against a small cluster whose nodes behave like real ones
-//! (they keep what clients wrote, apply the frees heartbeats bring, re-register with their
-//! inventory when told to). After every step the core's invariants must hold and no
-//! Processing object may be visible to readers.
+//! (they keep what clients wrote, apply the frees heartbeats bring, run the copy tasks they
+//! are sent and report them done or failed, re-register with their inventory when told to).
+//! Two nodes have an NVMe segment, so ticks demote, reads promote, and tasks race with
+//! removal, overwrite and death. After every step the core's invariants must hold and no
+//! Processing object or Filling replica may be visible to readers.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -9,10 +11,10 @@ use std::time::Duration;
 use kvpool_proto::*;
 use proptest::prelude::*;
 
-use super::objects::State;
-use super::{CoreConfig, MasterCore};
+use super::objects::{RepState, State};
+use super::{Admission, CoreConfig, MasterCore};
 
-const KEYS: usize = 8;
+const KEYS: usize = 12;
 const NODES: u64 = 3;
 
 #[derive(Debug, Clone)]
@@ -35,8 +37,15 @@ enum Op {
         client: u64,
         key: usize,
     },
+    /// `times` lookups in a row, so that NVMe hits add up to a promotion.
     Get {
         key: usize,
+        times: u8,
+    },
+    /// Lookups of an object readable only from NVMe, if there is one: promotions need
+    /// repeated hits on such objects, which random keys rarely give.
+    GetNvmeOnly {
+        times: u8,
     },
     Exists {
         key: usize,
@@ -60,6 +69,15 @@ enum Op {
     Reregister {
         node: u64,
     },
+    /// The node finishes its oldest task.
+    Complete {
+        node: u64,
+        ok: bool,
+    },
+    /// The node reports its NVMe segment failed.
+    Unhealthy {
+        node: u64,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -70,13 +88,18 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(client, key, len, replicas, overwrite, soft, hard, pref)| Op::Start { client, key, len, replicas, overwrite, soft, hard, pref }),
         5 => (0u64..2, key.clone()).prop_map(|(client, key)| Op::End { client, key }),
         1 => (0u64..2, key.clone()).prop_map(|(client, key)| Op::Revoke { client, key }),
-        3 => key.clone().prop_map(|key| Op::Get { key }),
+        3 => (key.clone(), 1u8..=3).prop_map(|(key, times)| Op::Get { key, times }),
+        3 => (1u8..=3).prop_map(|times| Op::GetNvmeOnly { times }),
         2 => (key.clone(), any::<bool>()).prop_map(|(key, lease)| Op::Exists { key, lease }),
         2 => (key, any::<bool>()).prop_map(|(key, force)| Op::Remove { key, force }),
         1 => any::<bool>().prop_map(|force| Op::RemoveAll { force }),
         4 => (0u64..40_000, prop::option::of(node.clone())).prop_map(|(ms, silent)| Op::Advance { ms, silent }),
         2 => (node.clone(), any::<bool>()).prop_map(|(node, ack)| Op::Heartbeat { node, ack }),
-        1 => node.prop_map(|node| Op::Reregister { node }),
+        1 => node.clone().prop_map(|node| Op::Reregister { node }),
+        // Node 3 has no NVMe segment, so it never gets a task.
+        5 => (1..NODES, prop::bool::weighted(0.8)).prop_map(|(node, ok)| Op::Complete { node, ok }),
+        // Rarely: an unhealthy NVMe segment stays so until its node re-registers.
+        1 => (node, prop::bool::weighted(0.25)).prop_map(|(node, bad)| if bad { Op::Unhealthy { node } } else { Op::Heartbeat { node, ack: true } }),
     ]
 }
 
@@ -85,6 +108,10 @@ fn op() -> impl Strategy<Value = Op> {
 struct FakeNode {
     held: HashMap<ReplicaId, InventoryEntry>,
     acked: u64,
+    /// Tasks received and not finished, oldest first.
+    tasks: Vec<CopyTask>,
+    /// Finished tasks to report in the next heartbeat.
+    done: Vec<TaskDone>,
 }
 
 struct Sim {
@@ -97,13 +124,26 @@ fn key(i: usize) -> Vec<u8> {
     format!("key-{i}").into_bytes()
 }
 
+/// NVMe segments are `node * 10 + 5`.
+fn is_nvme(s: SegmentId) -> bool {
+    s.0 % 10 == 5
+}
+
 fn segments(node: u64) -> Vec<SegmentInfo> {
-    // Small segments so that space runs out and eviction happens; node 3 has two.
+    // Small segments so that space runs out and eviction happens; node 3 has two DRAM
+    // segments, nodes 1 and 2 an NVMe segment each.
     let mut v = vec![SegmentInfo {
         id: SegmentId(node * 10),
         size: 1 << 20,
         tier: kvpool_proto::Tier::Dram,
     }];
+    if node != 3 {
+        v.push(SegmentInfo {
+            id: SegmentId(node * 10 + 5),
+            size: 4 << 20,
+            tier: kvpool_proto::Tier::Nvme,
+        });
+    }
     if node == 3 {
         v.push(SegmentInfo {
             id: SegmentId(31),
@@ -117,8 +157,14 @@ fn segments(node: u64) -> Vec<SegmentInfo> {
 impl Sim {
     fn new() -> Self {
         let cfg = CoreConfig {
-            high_watermark: 0.8,
+            // Low enough that ticks demote often; a short lease so reads do not block it.
+            high_watermark: 0.5,
             eviction_ratio: 0.1,
+            lease_ttl: Duration::from_secs(2),
+            nvme_admission: Admission::Always,
+            // Every NVMe-only hit promotes, so promotions race with everything else often;
+            // the counting itself is a scenario test.
+            promote_after_hits: 1,
             ..CoreConfig::default()
         };
         let mut s = Sim {
@@ -151,17 +197,25 @@ impl Sim {
             fake.held.remove(&id);
         }
         fake.acked = 0;
+        fake.tasks.clear();
+        fake.done.clear();
     }
 
     fn heartbeat(&mut self, n: u64, ack: bool) {
-        let acked = self.nodes.get(&n).map_or(0, |f| f.acked);
+        self.heartbeat_with(n, ack, Vec::new());
+    }
+
+    fn heartbeat_with(&mut self, n: u64, ack: bool, unhealthy: Vec<SegmentId>) {
+        let fake = self.nodes.entry(n).or_default();
+        let acked = fake.acked;
+        let done = std::mem::take(&mut fake.done);
         let hb = self.core.heartbeat(
             self.now,
             Heartbeat {
                 node: NodeId(n),
                 acked,
-                done: Vec::new(),
-                unhealthy: Vec::new(),
+                done,
+                unhealthy,
             },
         );
         if hb.need_register {
@@ -175,7 +229,73 @@ impl Sim {
             if ack {
                 fake.acked = hb.frees_upto;
             }
+            fake.tasks.extend(hb.tasks);
         }
+    }
+
+    /// The node finishes its oldest task; a successful copy is in its inventory from now on.
+    fn complete(&mut self, n: u64, ok: bool) {
+        let Some(fake) = self.nodes.get_mut(&n) else {
+            return;
+        };
+        if fake.tasks.is_empty() {
+            return;
+        }
+        let t = fake.tasks.remove(0);
+        if ok {
+            let offset = if is_nvme(t.to) {
+                t.to_offset + layout::value_offset(t.key.len())
+            } else {
+                t.to_offset
+            };
+            let e = InventoryEntry {
+                replica: t.replica,
+                key: t.key.clone(),
+                segment: t.to,
+                offset,
+                len: t.len,
+                checksum: t.checksum,
+            };
+            fake.held.insert(t.replica, e);
+        }
+        let result = if ok {
+            Ok(())
+        } else {
+            Err(WireError::new(ErrorCode::Io, "copy failed"))
+        };
+        fake.done.push(TaskDone { id: t.id, result });
+    }
+
+    fn get(&mut self, k: usize) {
+        let filling = self.filling();
+        let r = self
+            .core
+            .get_replicas(self.now, GetReplicas { keys: vec![key(k)] });
+        if let Some(Ok(info)) = r.items.first() {
+            assert!(!info.replicas.is_empty());
+            assert!(info.replicas.iter().all(|d| d.len == info.len));
+            assert!(info.replicas.iter().all(|d| !filling.contains(&d.id)));
+            assert!(info
+                .replicas
+                .iter()
+                .all(|d| (d.tier == Tier::Nvme) == is_nvme(d.segment)));
+            let dram_first = info
+                .replicas
+                .windows(2)
+                .all(|w| !(w[0].tier == Tier::Nvme && w[1].tier == Tier::Dram));
+            assert!(dram_first);
+        }
+    }
+
+    /// Replica ids readers must not be given.
+    fn filling(&self) -> Vec<ReplicaId> {
+        self.core
+            .objects
+            .iter()
+            .flat_map(|(_, o)| o.replicas.iter())
+            .filter(|r| r.state == RepState::Filling)
+            .map(|r| r.id)
+            .collect()
     }
 
     fn apply(&mut self, op: Op) {
@@ -244,13 +364,28 @@ impl Sim {
                     },
                 );
             }
-            Op::Get { key: k } => {
-                let r = self
-                    .core
-                    .get_replicas(self.now, GetReplicas { keys: vec![key(k)] });
-                if let Some(Ok(info)) = r.items.first() {
-                    assert!(!info.replicas.is_empty());
-                    assert!(info.replicas.iter().all(|d| d.len == info.len));
+            Op::Get { key: k, times } => {
+                for _ in 0..times {
+                    self.get(k);
+                }
+            }
+            Op::GetNvmeOnly { times } => {
+                let nvme_only = (0..KEYS).find(|&k| {
+                    self.core
+                        .objects
+                        .id_of(&key(k))
+                        .and_then(|id| self.core.objects.get(id))
+                        .is_some_and(|o| {
+                            o.is_complete()
+                                && o.replicas
+                                    .iter()
+                                    .all(|r| r.state != RepState::Ready || is_nvme(r.segment))
+                        })
+                });
+                if let Some(k) = nvme_only {
+                    for _ in 0..times {
+                        self.get(k);
+                    }
                 }
             }
             Op::Exists { key: k, lease } => {
@@ -289,6 +424,10 @@ impl Sim {
             }
             Op::Heartbeat { node, ack } => self.heartbeat(node, ack),
             Op::Reregister { node } => self.register(node),
+            Op::Complete { node, ok } => self.complete(node, ok),
+            Op::Unhealthy { node } => {
+                self.heartbeat_with(node, true, vec![SegmentId(node * 10 + 5)]);
+            }
         }
     }
 
