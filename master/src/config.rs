@@ -141,3 +141,82 @@ impl MasterConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::de::value::{Error, StrDeserializer};
+    use serde::de::IntoDeserializer;
+
+    #[test]
+    fn tier_keys_default_validate_and_reach_the_core() {
+        let c = MasterConfig::default();
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.core(), CoreConfig::default());
+        let tuned = MasterConfig {
+            nvme_high_watermark: 0.95,
+            nvme_low_watermark: 0.5,
+            nvme_admission: Admission::Always,
+            promote_after_hits: 3,
+            task_timeout: HumanDuration(Duration::from_secs(5)),
+            ..MasterConfig::default()
+        };
+        let core = tuned.core();
+        assert_eq!(
+            (core.nvme_high_watermark, core.nvme_low_watermark),
+            (0.95, 0.5)
+        );
+        assert_eq!(core.nvme_admission, Admission::Always);
+        assert_eq!(core.promote_after_hits, 3);
+        assert_eq!(core.task_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn impossible_tier_settings_are_refused_by_name() {
+        let bad = [
+            MasterConfig {
+                nvme_high_watermark: 0.0,
+                ..MasterConfig::default()
+            },
+            MasterConfig {
+                nvme_low_watermark: 1.5,
+                ..MasterConfig::default()
+            },
+            MasterConfig {
+                nvme_high_watermark: 0.7,
+                nvme_low_watermark: 0.8,
+                ..MasterConfig::default()
+            },
+            MasterConfig {
+                promote_after_hits: 0,
+                ..MasterConfig::default()
+            },
+            MasterConfig {
+                task_timeout: HumanDuration(Duration::ZERO),
+                ..MasterConfig::default()
+            },
+        ];
+        let keys = [
+            "nvme-high-watermark",
+            "nvme-low-watermark",
+            "nvme-low-watermark",
+            "promote-after-hits",
+            "task-timeout",
+        ];
+        for (c, key) in bad.iter().zip(keys) {
+            let e = c.validate().expect_err(key);
+            assert!(e.contains(&format!("master.{key}")), "{e}");
+        }
+    }
+
+    #[test]
+    fn admission_is_spelled_in_kebab_case() {
+        let parse = |s: &'static str| {
+            let d: StrDeserializer<'_, Error> = s.into_deserializer();
+            Admission::deserialize(d)
+        };
+        assert_eq!(parse("always").ok(), Some(Admission::Always));
+        assert_eq!(parse("after-read").ok(), Some(Admission::AfterRead));
+        assert!(parse("AfterRead").is_err());
+    }
+}

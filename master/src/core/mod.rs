@@ -119,6 +119,10 @@ impl Default for CoreConfig {
 /// a response far below the frame body limit after a mass removal.
 pub const MAX_FREES_PER_HEARTBEAT: usize = 65_536;
 
+/// The most copy tasks one heartbeat response carries (a task holds a key of up to 4 KiB, so
+/// this keeps a response far below the frame body limit); the rest follow in later ones.
+pub const MAX_TASKS_PER_HEARTBEAT: usize = 1_024;
+
 /// The master's state machine. See the module docs.
 #[derive(Debug)]
 pub struct MasterCore {

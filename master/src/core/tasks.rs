@@ -12,7 +12,7 @@ use std::time::Duration;
 use kvpool_proto::{CopyTask, Heartbeat, HeartbeatResponse, NodeId, ReplicaId};
 
 use super::objects::{ObjId, RepState, Replica};
-use super::MasterCore;
+use super::{MasterCore, MAX_TASKS_PER_HEARTBEAT};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum TaskKind {
@@ -120,8 +120,17 @@ impl Tasks {
             .collect()
     }
 
+    /// The next tasks to send a node, oldest first; each is sent once.
     pub fn drain_outbox(&mut self, node: NodeId) -> Vec<CopyTask> {
-        self.outbox.remove(&node).unwrap_or_default()
+        let Some(out) = self.outbox.get_mut(&node) else {
+            return Vec::new();
+        };
+        let n = out.len().min(MAX_TASKS_PER_HEARTBEAT);
+        let batch = out.drain(..n).collect();
+        if out.is_empty() {
+            self.outbox.remove(&node);
+        }
+        batch
     }
 
     /// Forgets a node's tasks (its segments are going away with their replicas).
