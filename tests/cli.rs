@@ -77,7 +77,9 @@ fn put_get_exists_rm_status_through_the_binary() {
     assert!(o.status.success());
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(
-        text.contains("1 node(s) (1 alive)") && text.contains("2 object(s)"),
+        text.contains("1 node(s) (1 alive)")
+            && text.contains("2 object(s)")
+            && text.contains("dram:"),
         "{text}"
     );
     let o = kvpool(&["status", "--raw"], &m, None);

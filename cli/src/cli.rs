@@ -71,6 +71,12 @@ pub struct UpArgs {
     /// Back DRAM with huge pages when available.
     #[arg(long)]
     pub huge_pages: bool,
+    /// A file or block device for the NVMe tier (second tier under DRAM).
+    #[arg(long)]
+    pub nvme: Option<PathBuf>,
+    /// Size of the NVMe tier, e.g. 64GiB (required for a file).
+    #[arg(long)]
+    pub nvme_size: Option<ByteSize>,
 }
 
 #[derive(Debug, Args)]
@@ -100,6 +106,12 @@ pub struct StoreArgs {
     /// Name shown in `kvpool status`.
     #[arg(long)]
     pub name: Option<String>,
+    /// A file or block device for the NVMe tier (second tier under DRAM).
+    #[arg(long)]
+    pub nvme: Option<PathBuf>,
+    /// Size of the NVMe tier, e.g. 64GiB (required for a file).
+    #[arg(long)]
+    pub nvme_size: Option<ByteSize>,
 }
 
 #[derive(Debug, Args)]

@@ -78,6 +78,25 @@ fn apply_store_flags(cfg: &mut Config, a: &StoreArgs) {
     if let Some(n) = &a.name {
         cfg.store.name = Some(n.clone());
     }
+    apply_nvme_flags(cfg, a.nvme.as_ref(), a.nvme_size);
+}
+
+/// `--nvme PATH` and `--nvme-size SIZE` set (or create) the `[store.nvme]` section.
+fn apply_nvme_flags(
+    cfg: &mut Config,
+    path: Option<&std::path::PathBuf>,
+    size: Option<kvpool_proto::ByteSize>,
+) {
+    if path.is_none() && size.is_none() {
+        return;
+    }
+    let nvme = cfg.store.nvme.get_or_insert_with(Default::default);
+    if let Some(p) = path {
+        nvme.path = p.clone();
+    }
+    if let Some(s) = size {
+        nvme.size = s;
+    }
 }
 
 pub async fn store(mut cfg: Config, a: StoreArgs) -> anyhow::Result<ExitCode> {
@@ -108,6 +127,7 @@ pub async fn up(mut cfg: Config, a: UpArgs) -> anyhow::Result<ExitCode> {
     if a.huge_pages {
         cfg.store.huge_pages = true;
     }
+    apply_nvme_flags(&mut cfg, a.nvme.as_ref(), a.nvme_size);
     cfg.master.validate().map_err(anyhow::Error::msg)?;
     cfg.store.validate().map_err(anyhow::Error::msg)?;
     let master_listener = bind(&cfg.master.listen, "master").await?;

@@ -7,7 +7,7 @@ use std::{
 
 use anyhow::{bail, Context};
 use kvpool_client::{Client, ErrorCode};
-use kvpool_proto::{ByteSize, PutOptions};
+use kvpool_proto::{ByteSize, PutOptions, Tier};
 
 use crate::{
     cli::{GetArgs, KeyArgs, MasterAddr, PutArgs, RmArgs, StatusArgs},
@@ -98,49 +98,82 @@ pub async fn exists(cfg: Config, a: KeyArgs) -> anyhow::Result<ExitCode> {
 
 pub async fn status(cfg: Config, a: StatusArgs) -> anyhow::Result<ExitCode> {
     let s = client(&cfg, &a.addr).status().await.context("status")?;
-    let (cap, used): (u64, u64) = s
-        .nodes
-        .iter()
-        .flat_map(|n| &n.segments)
-        .fold((0, 0), |(c, u), seg| (c + seg.capacity, u + seg.used));
+    let tier_total = |tier: Tier| -> (u64, u64) {
+        s.nodes
+            .iter()
+            .flat_map(|n| &n.segments)
+            .filter(|seg| seg.tier == tier)
+            .fold((0, 0), |(c, u), seg| (c + seg.capacity, u + seg.used))
+    };
+    let (cap, used) = tier_total(Tier::Dram);
+    let (ncap, nused) = tier_total(Tier::Nvme);
     let alive = s.nodes.iter().filter(|n| n.alive).count();
     if a.raw {
-        println!("nodes={} alive={alive} capacity={cap} used={used} objects={} processing={} evictions={}",
-            s.nodes.len(), s.objects, s.processing, s.evictions);
+        println!(
+            "nodes={} alive={alive} capacity={cap} used={used} nvme_capacity={ncap} nvme_used={nused} objects={} processing={} evictions={}",
+            s.nodes.len(),
+            s.objects,
+            s.processing,
+            s.evictions
+        );
         for n in &s.nodes {
             for seg in &n.segments {
                 println!(
-                    "node={} name={} addr={} alive={} segment={} capacity={} used={} objects={}",
-                    n.id, n.name, n.addr, n.alive, seg.id, seg.capacity, seg.used, seg.objects
+                    "node={} name={} addr={} alive={} pending_frees={} segment={} tier={} healthy={} capacity={} used={} objects={}",
+                    n.id, n.name, n.addr, n.alive, n.pending_frees, seg.id, seg.tier, seg.healthy, seg.capacity, seg.used, seg.objects
                 );
             }
         }
         return Ok(ExitCode::SUCCESS);
     }
+    let pct = |u: u64, c: u64| {
+        if c == 0 {
+            0.0
+        } else {
+            u as f64 * 100.0 / c as f64
+        }
+    };
     println!(
-        "pool: {} node(s) ({alive} alive), {} of {} used ({:.1}%), {} object(s), {} put(s) in progress, {} eviction(s)",
+        "pool: {} node(s) ({alive} alive), {} object(s), {} put(s) in progress, {} eviction(s)",
         s.nodes.len(),
-        ByteSize(used),
-        ByteSize(cap),
-        if cap == 0 { 0.0 } else { used as f64 * 100.0 / cap as f64 },
         s.objects,
         s.processing,
         s.evictions
     );
+    println!(
+        "  dram: {} of {} used ({:.1}%)",
+        ByteSize(used),
+        ByteSize(cap),
+        pct(used, cap)
+    );
+    if ncap > 0 {
+        println!(
+            "  nvme: {} of {} used ({:.1}%)",
+            ByteSize(nused),
+            ByteSize(ncap),
+            pct(nused, ncap)
+        );
+    }
     println!();
     println!(
-        "{:<18} {:<16} {:<22} {:<6} {:<18} {:>10} {:>10} {:>9}",
-        "NODE", "NAME", "ADDRESS", "STATE", "SEGMENT", "CAPACITY", "USED", "OBJECTS"
+        "{:<18} {:<16} {:<22} {:<6} {:<18} {:<5} {:>10} {:>10} {:>9}",
+        "NODE", "NAME", "ADDRESS", "STATE", "SEGMENT", "TIER", "CAPACITY", "USED", "OBJECTS"
     );
     for n in &s.nodes {
         for seg in &n.segments {
+            let state = match (n.alive, seg.healthy) {
+                (false, _) => "down",
+                (true, false) => "FAIL",
+                (true, true) => "up",
+            };
             println!(
-                "{:<18} {:<16} {:<22} {:<6} {:<18} {:>10} {:>10} {:>9}",
+                "{:<18} {:<16} {:<22} {:<6} {:<18} {:<5} {:>10} {:>10} {:>9}",
                 n.id.to_string(),
                 n.name,
                 n.addr,
-                if n.alive { "up" } else { "down" },
+                state,
                 seg.id.to_string(),
+                seg.tier.to_string(),
                 ByteSize(seg.capacity).to_string(),
                 ByteSize(seg.used).to_string(),
                 seg.objects

@@ -56,7 +56,7 @@ async fn register(node: &Arc<Node>, client: &RpcClient) -> Duration {
                         rejected = resp.rejected.len(),
                         "master refused some reported replicas; forgetting them"
                     );
-                    node.inventory().free(&resp.rejected);
+                    node.free(&resp.rejected);
                 }
                 let interval = match resp.heartbeat_ms {
                     0 => DEFAULT_HEARTBEAT,
@@ -104,19 +104,27 @@ async fn try_register(
 
 /// Heartbeats every `interval`, applying the master's frees, until the master asks the node to
 /// register again (it restarted, failed over, or declared the node dead).
-async fn heartbeat_until_lost(node: &Node, client: &RpcClient, interval: Duration) {
+async fn heartbeat_until_lost(node: &Arc<Node>, client: &RpcClient, interval: Duration) {
     let mut acked = 0u64;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
+    let tasks = crate::tasks::Runner::new(node.clone());
     loop {
-        ticker.tick().await;
+        // A finished copy is reported at once rather than a whole interval later: the
+        // master frees the demoted DRAM range only when it hears of it.
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = tasks.finished() => {}
+        }
+        let done = tasks.take_done();
+        let sent = done.clone();
         match client
             .call(&Heartbeat {
                 node: node.id(),
                 acked,
-                done: Vec::new(),
-                unhealthy: Vec::new(),
+                done,
+                unhealthy: node.unhealthy(),
             })
             .await
         {
@@ -130,9 +138,12 @@ async fn heartbeat_until_lost(node: &Node, client: &RpcClient, interval: Duratio
                     return;
                 }
                 if !resp.frees.is_empty() {
-                    node.inventory().free(&resp.frees);
+                    node.free(&resp.frees);
                 }
                 acked = acked.max(resp.frees_upto);
+                for task in resp.tasks {
+                    tasks.spawn(task);
+                }
             }
             Err(TransportError::Remote(e))
                 if matches!(
@@ -144,6 +155,8 @@ async fn heartbeat_until_lost(node: &Node, client: &RpcClient, interval: Duratio
                 return;
             }
             Err(e) => {
+                // The master may not have heard of these; say them again next time.
+                tasks.put_back(sent);
                 // Keep heartbeating: a master that comes back answers need_register if it lost
                 // this node, and a transient failure costs nothing.
                 if !failing {

@@ -28,6 +28,8 @@ pub struct StoreConfig {
     pub huge_pages: bool,
     /// Name shown in `kvpool status` and logs [unset: the host name].
     pub name: Option<String>,
+    /// The NVMe tier (`[store.nvme]`) [unset: DRAM only].
+    pub nvme: Option<crate::nvme::NvmeConfig>,
 }
 
 impl Default for StoreConfig {
@@ -39,6 +41,7 @@ impl Default for StoreConfig {
             dram: ByteSize::mib(256),
             huge_pages: false,
             name: None,
+            nvme: None,
         }
     }
 }
@@ -57,6 +60,9 @@ impl StoreConfig {
         }
         if self.master.is_empty() {
             return Err("master address is empty".into());
+        }
+        if let Some(n) = &self.nvme {
+            n.validate().map_err(|e| format!("store.nvme: {e}"))?;
         }
         Ok(())
     }

@@ -30,6 +30,8 @@ pub mod node;
 pub mod nvme;
 pub mod segment;
 pub mod server;
+pub mod tasks;
+pub mod tiered;
 
 use std::{
     future::Future,
@@ -54,6 +56,8 @@ pub enum StoreError {
     Segment { size: u64, source: std::io::Error },
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    #[error("cannot open the NVMe tier: {0}")]
+    Nvme(nvme::NvmeError),
 }
 
 /// A running node: its state, its data address, and the tasks serving it.
@@ -100,7 +104,28 @@ pub async fn start(cfg: StoreConfig, listener: TcpListener) -> Result<StoreHandl
             .await
             .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
             .map_err(|source| StoreError::Segment { size, source })?;
-    let node = Arc::new(Node::new(name, addr, vec![segment]));
+    let nvme = match cfg.nvme.clone() {
+        // Opening reads the index and checks every record header: blocking work.
+        Some(ncfg) => Some(
+            tokio::task::spawn_blocking(move || {
+                tiered::NvmeSegment::open(SegmentId(rand::random()), ncfg)
+            })
+            .await
+            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+            .map_err(StoreError::Nvme)?,
+        ),
+        None => None,
+    };
+    if let Some(n) = &nvme {
+        tracing::info!(
+            segment = %n.id(),
+            capacity = %kvpool_proto::ByteSize(n.tier().capacity()),
+            engine = n.tier().engine_name(),
+            records = n.tier().records().len(),
+            "NVMe tier ready"
+        );
+    }
+    let node = Arc::new(Node::with_nvme(name, addr, vec![segment], nvme));
     tracing::info!(
         node = %node.id(),
         name = node.name(),

@@ -1,10 +1,11 @@
 //! The storage node's shared state: identity, segments, inventory.
 
 use kvpool_proto::{
-    ErrorCode, FrameLimits, NodeId, ObjectTag, Register, SegmentId, SegmentInfo, WireError,
+    ErrorCode, FrameLimits, NodeId, ObjectTag, Register, ReplicaId, SegmentId, SegmentInfo,
+    WireError,
 };
 
-use crate::{inventory::Inventory, segment::Segment};
+use crate::{inventory::Inventory, segment::Segment, tiered::NvmeSegment};
 
 /// One storage node, shared by the data server's connection tasks and the master agent.
 #[derive(Debug)]
@@ -13,6 +14,8 @@ pub struct Node {
     name: String,
     addr: String,
     segments: Vec<Segment>,
+    /// The second tier, when the node has a disk configured.
+    nvme: Option<NvmeSegment>,
     inventory: Inventory,
     limits: FrameLimits,
 }
@@ -20,11 +23,22 @@ pub struct Node {
 impl Node {
     /// A node with a fresh random id. `addr` is the data address the master gives clients.
     pub fn new(name: String, addr: String, segments: Vec<Segment>) -> Node {
+        Self::with_nvme(name, addr, segments, None)
+    }
+
+    /// A node with DRAM segments and, optionally, an NVMe segment.
+    pub fn with_nvme(
+        name: String,
+        addr: String,
+        segments: Vec<Segment>,
+        nvme: Option<NvmeSegment>,
+    ) -> Node {
         Node {
             id: NodeId(rand::random()),
             name,
             addr,
             segments,
+            nvme,
             inventory: Inventory::new(),
             limits: FrameLimits::default(),
         }
@@ -67,8 +81,39 @@ impl Node {
         })
     }
 
+    /// The NVMe segment with this id, if it is this node's.
+    pub fn nvme(&self, id: SegmentId) -> Option<&NvmeSegment> {
+        self.nvme.as_ref().filter(|n| n.id() == id)
+    }
+
+    /// The node's NVMe segment, if it has one.
+    pub fn nvme_segment(&self) -> Option<&NvmeSegment> {
+        self.nvme.as_ref()
+    }
+
     pub fn segment_infos(&self) -> Vec<SegmentInfo> {
-        self.segments.iter().map(Segment::info).collect()
+        let mut v: Vec<SegmentInfo> = self.segments.iter().map(Segment::info).collect();
+        v.extend(self.nvme.as_ref().map(NvmeSegment::info));
+        v
+    }
+
+    /// Forgets replicas the master freed, on whichever tier holds them.
+    pub fn free(&self, ids: &[ReplicaId]) {
+        self.inventory.free(ids);
+        if let Some(n) = &self.nvme {
+            for id in ids {
+                n.free(*id);
+            }
+        }
+    }
+
+    /// Segments that should get no new data (an I/O error or a full disk).
+    pub fn unhealthy(&self) -> Vec<SegmentId> {
+        self.nvme
+            .iter()
+            .filter(|n| !n.healthy())
+            .map(NvmeSegment::id)
+            .collect()
     }
 
     /// Records a write's tag if it names a range of one of this node's segments; a tag that
@@ -90,7 +135,11 @@ impl Node {
             name: self.name.clone(),
             addr: self.addr.clone(),
             segments: self.segment_infos(),
-            inventory: self.inventory.report(&self.segments),
+            inventory: {
+                let mut inv = self.inventory.report(&self.segments);
+                inv.extend(self.nvme.iter().flat_map(NvmeSegment::inventory));
+                inv
+            },
         }
     }
 }

@@ -251,6 +251,22 @@ async fn reply_error(io: &mut Io, h: &FrameHeader, err: WireError) -> Result<(),
     Ok(())
 }
 
+/// The bytes of one read op: straight from segment memory, or read off the NVMe tier.
+enum Bytes<'a> {
+    Dram(&'a [u8]),
+    Nvme(crate::nvme::ValueBuf),
+}
+
+impl std::ops::Deref for Bytes<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Dram(b) => b,
+            Bytes::Nvme(v) => v,
+        }
+    }
+}
+
 /// Reads ranges: validates every op, sends the answer's head, then streams each successful
 /// op's bytes from segment memory.
 async fn read(io: &mut Io, node: &Node, h: &FrameHeader) -> Result<(), Close> {
@@ -262,15 +278,20 @@ async fn read(io: &mut Io, node: &Node, h: &FrameHeader) -> Result<(), Close> {
         Err(e) => return reply_error(io, h, e).await,
     };
     let mut items = Vec::with_capacity(req.ops.len());
-    let mut slices = Vec::with_capacity(req.ops.len());
+    let mut slices: Vec<Bytes<'_>> = Vec::with_capacity(req.ops.len());
     let mut total = 0u64;
     for op in &req.ops {
-        let bytes = node.segment(op.segment).and_then(|s| {
-            // SAFETY: a reader only reads ranges the master handed out to it; concurrent
-            // writes to the same bytes happen only after the object was freed or evicted, and
-            // then the client's lease check and checksum reject what it read.
-            unsafe { s.slice(op.offset, op.len) }
-        });
+        let bytes = match node.nvme(op.segment) {
+            // NVMe ranges are read off the disk before the answer's head goes out, so that
+            // a failed read becomes that op's error rather than a broken stream.
+            Some(nvme) => nvme.read(op.offset, op.len).await.map(Bytes::Nvme),
+            None => node.segment(op.segment).and_then(|s| {
+                // SAFETY: a reader only reads ranges the master handed out to it; concurrent
+                // writes to the same bytes happen only after the object was freed or evicted,
+                // and then the client's lease check and checksum reject what it read.
+                unsafe { s.slice(op.offset, op.len) }.map(Bytes::Dram)
+            }),
+        };
         match bytes {
             Ok(bytes) => {
                 total = total.saturating_add(op.len);
@@ -289,7 +310,8 @@ async fn read(io: &mut Io, node: &Node, h: &FrameHeader) -> Result<(), Close> {
     }
     let head = frame::encode_response(h.opcode, h.request_id, &UnitResponse { items }, total);
     io.w.write_all(&head).await?;
-    for bytes in slices {
+    for bytes in &slices {
+        let bytes: &[u8] = bytes;
         if bytes.len() >= DIRECT_MIN {
             io.w.flush().await?;
             io.w.get_mut().write_all(bytes).await?;
@@ -327,6 +349,14 @@ async fn write(io: &mut Io, node: &Node, h: &FrameHeader) -> Result<(), Close> {
     }
     let mut items = Vec::with_capacity(req.ops.len());
     for op in &req.ops {
+        if node.nvme(op.segment).is_some() {
+            frame::discard(&mut io.r, op.len).await?;
+            items.push(Err(WireError::new(
+                ErrorCode::InvalidArgument,
+                "an NVMe segment is written by its node only (demotion), not by clients",
+            )));
+            continue;
+        }
         let dst = node.segment(op.segment).and_then(|s| {
             // SAFETY: the master allocated this range to this writer alone; ranges of live
             // objects are disjoint, so no other task holds a slice of these bytes except a

@@ -191,3 +191,35 @@ pub async fn alive_nodes(c: &Client) -> usize {
         Err(_) => 0,
     }
 }
+
+/// A fresh folder on a disk-backed filesystem (the target dir), for NVMe tier files that
+/// need O_DIRECT (tmpfs refuses it).
+pub fn disk_dir(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/kvpool-disk/<name>-<pid>-<rand>
+    let base = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join("kvpool-disk");
+    let dir = base.join(format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).expect("disk dir");
+    dir
+}
+
+/// Status figures for one tier: (capacity, used) summed over alive nodes.
+pub async fn tier_use(c: &Client, tier: kvpool_proto::Tier) -> (u64, u64) {
+    let Ok(s) = c.status().await else {
+        return (0, 0);
+    };
+    s.nodes
+        .iter()
+        .filter(|n| n.alive)
+        .flat_map(|n| &n.segments)
+        .filter(|seg| seg.tier == tier)
+        .fold((0, 0), |(c, u), seg| (c + seg.capacity, u + seg.used))
+}
