@@ -242,7 +242,8 @@ impl Deref for ValueBuf {
 pub struct NvmeTier {
     shared: Arc<Shared>,
     commit_tx: Option<mpsc::Sender<Commit>>,
-    committer: Option<JoinHandle<()>>,
+    /// The sync stage and the index stage of the commit pipeline.
+    committers: Vec<JoinHandle<()>>,
 }
 
 struct Shared {
@@ -364,16 +365,23 @@ impl NvmeTier {
         });
         let records = shared.recover(cfg.queue_depth as usize)?;
         let (commit_tx, rx) = mpsc::channel();
+        let (indexed_tx, indexed_rx) = mpsc::channel();
+        let spawn_err = |e| NvmeError::Io {
+            op: "start the commit threads",
+            offset: 0,
+            len: 0,
+            source: e,
+        };
         let s = shared.clone();
-        let committer = std::thread::Builder::new()
-            .name("kvpool-nvme-commit".into())
-            .spawn(move || s.commit_loop(rx))
-            .map_err(|e| NvmeError::Io {
-                op: "start the commit thread",
-                offset: 0,
-                len: 0,
-                source: e,
-            })?;
+        let index_stage = std::thread::Builder::new()
+            .name("kvpool-nvme-index".into())
+            .spawn(move || s.index_stage(indexed_rx))
+            .map_err(spawn_err)?;
+        let s = shared.clone();
+        let sync_stage = std::thread::Builder::new()
+            .name("kvpool-nvme-sync".into())
+            .spawn(move || s.sync_stage(rx, indexed_tx))
+            .map_err(spawn_err)?;
         tracing::info!(
             path = %cfg.path.display(),
             index = %index_dir.display(),
@@ -386,7 +394,7 @@ impl NvmeTier {
             NvmeTier {
                 shared,
                 commit_tx: Some(commit_tx),
-                committer: Some(committer),
+                committers: vec![sync_stage, index_stage],
             },
             records,
         ))
@@ -412,14 +420,6 @@ impl NvmeTier {
             )));
         }
         let total = s.check_extent(offset, key.len(), value.len() as u64)?;
-        let actual = crc32c::crc32c(value);
-        if actual != checksum {
-            return Err(NvmeError::ChecksumMismatch {
-                offset,
-                expected: checksum,
-                actual,
-            });
-        }
         let _pending = Pending::register(s, replica)?;
 
         let hb = value_offset(key.len()) as usize;
@@ -435,6 +435,21 @@ impl NvmeTier {
             &mut header,
         );
         let piece = s.pool.buf_size();
+        let mismatch = |actual| NvmeError::ChecksumMismatch {
+            offset,
+            expected: checksum,
+            actual,
+        };
+        // A value that does not match its checksum must not touch the extent (it could still
+        // hold bytes someone reads). A one-piece record is checked as it is copied, in cache,
+        // before its single write; a larger one is checked up front, in a pass of its own.
+        let one_piece = total <= piece;
+        if !one_piece {
+            let actual = crc32c::crc32c(value);
+            if actual != checksum {
+                return Err(mismatch(actual));
+            }
+        }
         let mut inflight = FuturesUnordered::new();
         let mut first_err = None;
         let mut pos = 0usize;
@@ -442,7 +457,10 @@ impl NvmeTier {
             if pos < total && inflight.len() < PIECES_IN_FLIGHT && first_err.is_none() {
                 let n = (total - pos).min(piece);
                 let mut buf = s.pool.take_or_alloc(n);
-                fill_record(&mut buf, pos, &header, value);
+                let crc = fill_record(&mut buf, pos, &header, value, 0);
+                if one_piece && crc != checksum {
+                    return Err(mismatch(crc));
+                }
                 let at = offset + pos as u64;
                 inflight.push(async move { (at, n, s.engine.write(buf, at).await) });
                 pos += n;
@@ -637,9 +655,10 @@ impl NvmeTier {
 impl Drop for NvmeTier {
     fn drop(&mut self) {
         self.flush();
-        // The commit thread drains what is queued, then sees the channel closed.
+        // The sync stage drains what is queued and sees its channel closed, which closes the
+        // index stage's after it.
         self.commit_tx = None;
-        if let Some(t) = self.committer.take() {
+        for t in self.committers.drain(..) {
             let _ = t.join();
         }
     }
@@ -671,24 +690,35 @@ impl Drop for Pending<'_> {
 }
 
 /// Copies the part `pos..pos+dst.len()` of the record (header block, value, zero padding)
-/// into `dst`.
-fn fill_record(dst: &mut [u8], pos: usize, header: &[u8], value: &[u8]) {
+/// into `dst`, extending `crc` (the value's crc32c so far) over the value bytes copied.
+fn fill_record(dst: &mut [u8], pos: usize, header: &[u8], value: &[u8], mut crc: u32) -> u32 {
+    // Checksummed right after the copy, while the bytes are still in cache.
+    const STRIDE: usize = 64 << 10;
     let end = pos + dst.len();
     let hb = header.len();
-    let parts: [(usize, &[u8]); 2] = [(0, header), (hb, value)];
     let mut covered = pos;
-    for (at, src) in parts {
-        let (a, b) = (at.max(pos), (at + src.len()).min(end));
-        if a < b {
-            dst[a - pos..b - pos].copy_from_slice(&src[a - at..b - at]);
-            covered = b;
+    let (a, b) = (pos, hb.min(end));
+    if a < b {
+        dst[..b - a].copy_from_slice(&header[a..b]);
+        covered = b;
+    }
+    let (a, b) = (hb.max(pos), (hb + value.len()).min(end));
+    if a < b {
+        for (d, v) in dst[a - pos..b - pos]
+            .chunks_mut(STRIDE)
+            .zip(value[a - hb..b - hb].chunks(STRIDE))
+        {
+            d.copy_from_slice(v);
+            crc = crc32c::crc32c_append(crc, d);
         }
+        covered = b;
     }
     // What follows the value is padding; pool buffers hold earlier data, so zero it.
     let pad_from = covered.max(hb + value.len()).max(pos);
     if pad_from < end {
         dst[pad_from - pos..].fill(0);
     }
+    crc
 }
 
 impl Shared {
@@ -936,17 +966,38 @@ impl Shared {
         Ok(())
     }
 
-    /// The commit thread: groups writes whose bytes are on the device, syncs them once, then
-    /// indexes them and makes the index durable once.
-    fn commit_loop(&self, rx: mpsc::Receiver<Commit>) {
+    /// First commit stage: takes every write whose bytes are on the device, makes them
+    /// durable with one fdatasync, and passes them to the index stage. While the index stage
+    /// syncs one group's entries, this stage already syncs the next group's data.
+    fn sync_stage(&self, rx: mpsc::Receiver<Commit>, next: mpsc::Sender<Vec<Commit>>) {
         while let Ok(first) = rx.recv() {
             let mut group = vec![first];
             group.extend(rx.try_iter());
-            self.commit_group(group);
+            if let Some(group) = self.sync_group(group) {
+                if let Err(mpsc::SendError(group)) = next.send(group) {
+                    for c in group {
+                        let _ = c
+                            .reply
+                            .send(Err(NvmeError::Unhealthy("the index stage stopped".into())));
+                    }
+                }
+            }
         }
     }
 
-    fn commit_group(&self, group: Vec<Commit>) {
+    /// Second commit stage: indexes synced writes (all groups waiting, at once) and makes
+    /// the index durable with one WAL sync.
+    fn index_stage(&self, rx: mpsc::Receiver<Vec<Commit>>) {
+        while let Ok(mut group) = rx.recv() {
+            for more in rx.try_iter() {
+                group.extend(more);
+            }
+            self.index_group(group);
+        }
+    }
+
+    /// Syncs the device for `group`; on failure answers every writer and returns None.
+    fn sync_group(&self, group: Vec<Commit>) -> Option<Vec<Commit>> {
         if let Err(e) = self.engine.sync() {
             let msg = format!("fdatasync of the tier failed: {e}");
             self.mark_unhealthy(&msg);
@@ -962,8 +1013,12 @@ impl Shared {
                     }
                 }));
             }
-            return;
+            return None;
         }
+        Some(group)
+    }
+
+    fn index_group(&self, group: Vec<Commit>) {
         // Plan under the lock: a later record of the group wins over an earlier one it
         // overlaps, and both over indexed records they overlap.
         let mut st = self.lock();
@@ -1032,7 +1087,8 @@ mod tests {
         let value: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8 + 1).collect();
         let total = 4096 + 8192;
         let mut whole = vec![0xAAu8; total];
-        fill_record(&mut whole, 0, &header, &value);
+        let crc = fill_record(&mut whole, 0, &header, &value, 0);
+        assert_eq!(crc, crc32c::crc32c(&value));
         assert_eq!(&whole[..4096], &header[..]);
         assert_eq!(&whole[4096..4096 + 5000], &value[..]);
         assert!(whole[4096 + 5000..].iter().all(|&b| b == 0));
@@ -1040,14 +1096,16 @@ mod tests {
         for piece in [1usize, 100, 4096, 5000, 7000] {
             let mut out = Vec::new();
             let mut pos = 0;
+            let mut crc = 0;
             while pos < total {
                 let n = piece.min(total - pos);
                 let mut d = vec![0xAAu8; n];
-                fill_record(&mut d, pos, &header, &value);
+                crc = fill_record(&mut d, pos, &header, &value, crc);
                 out.extend_from_slice(&d);
                 pos += n;
             }
             assert_eq!(out, whole, "piece {piece}");
+            assert_eq!(crc, crc32c::crc32c(&value), "piece {piece}");
         }
     }
 
