@@ -145,6 +145,12 @@ async fn round_trip_at_several_sizes(engine: IoEngineKind) {
             .unwrap();
         placed.push((at, key, v));
     }
+    // A value that does not match its checksum never reaches the extent, whatever its size.
+    for (at, key, v) in &placed {
+        let crc = crc32c::crc32c(v) ^ 1;
+        let e = tier.write_record(*at, 99, key, v, crc).await.unwrap_err();
+        assert_eq!(e.code(), ErrorCode::ChecksumMismatch, "{e}");
+    }
     for (at, key, v) in &placed {
         let len = v.len() as u64;
         let got = tier
