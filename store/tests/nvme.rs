@@ -533,6 +533,45 @@ async fn real_enospc_when_the_filesystem_is_full(engine: IoEngineKind) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+async fn block_device_round_trip(engine: IoEngineKind) {
+    // Needs a scratch block device whose contents may be destroyed (e.g. a loop device:
+    // `losetup -f --show IMG`); point KVPOOL_TEST_BLOCK_DEVICE at it.
+    let Some(dev) = std::env::var_os("KVPOOL_TEST_BLOCK_DEVICE") else {
+        eprintln!("skipped: set KVPOOL_TEST_BLOCK_DEVICE to a scratch block device");
+        return;
+    };
+    let dir = test_dir("blockdev", engine);
+    let cfg = NvmeConfig {
+        path: PathBuf::from(dev),
+        size: ByteSize(0),
+        index_dir: Some(dir.join("index")),
+        ..config(&dir, 0, engine)
+    };
+    // The two engines' tests may run at once on the same device: disjoint extents.
+    let at: u64 = match engine {
+        IoEngineKind::Uring => 0,
+        IoEngineKind::Psync => 8 << 20,
+    };
+    let v = value(3 << 20, 5);
+    let crc = crc32c::crc32c(&v);
+    let capacity = {
+        let (tier, recs) = open(&cfg);
+        assert!(recs.is_empty());
+        assert!(
+            tier.capacity() >= 16 << 20,
+            "use a device of 16 MiB or more"
+        );
+        tier.write_record(at, 1, b"dev", &v, crc).await.unwrap();
+        tier.capacity()
+    };
+    let (tier, recs) = open(&cfg);
+    assert_eq!(tier.capacity(), capacity, "size 0 means the whole device");
+    assert_eq!(recs.len(), 1);
+    let len = v.len() as u64;
+    let got = tier.read_value(at, 3, len, (0, len)).await.unwrap();
+    assert!(got[..] == v[..]);
+}
+
 macro_rules! for_each_engine {
     ($($name:ident),* $(,)?) => {
         mod uring {
@@ -563,4 +602,5 @@ for_each_engine!(
     concurrent_writes_are_all_committed,
     device_faults_mark_the_tier_unhealthy,
     real_enospc_when_the_filesystem_is_full,
+    block_device_round_trip,
 );
