@@ -194,11 +194,21 @@ async fn node_killed_during_writes_serves_its_nvme_objects_after_restart() {
     s.kill();
     writer.await.unwrap();
 
-    let _s2 = store(&cfg, &master, &nvme);
+    let s2 = store(&cfg, &master, &nvme);
+    let new_node = s2.addr("node");
     wait_until(
         "restarted node registered",
         Duration::from_secs(20),
-        || async { alive_nodes(&c).await >= 1 && tier_use(&c, Tier::Nvme).await.1 > 0 },
+        || async {
+            c.status()
+                .await
+                .map(|st| {
+                    st.nodes
+                        .iter()
+                        .any(|n| n.alive && n.id.to_string() == new_node)
+                })
+                .unwrap_or(false)
+        },
     )
     .await;
     for &i in &on_nvme {

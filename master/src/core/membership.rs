@@ -267,6 +267,36 @@ impl MasterCore {
 
     /// Admits one inventory entry whose range the segment's allocator accepted; on refusal,
     /// gives the range back to the allocator.
+    /// A replica id names bytes on one disk. When another node reports an id the master
+    /// still places elsewhere, the disk moved: a node restarted (new identity, same NVMe
+    /// path) before the master noticed the old process died. The old claim is stale; it is
+    /// dropped here (its space released, no free sent: the old node must not delete a record
+    /// that is now the new node's) so the report can be admitted.
+    fn take_over_moved_replica(&mut self, e: &kvpool_proto::InventoryEntry) {
+        let Some(id) = self.objects.id_of(&e.key) else {
+            return;
+        };
+        let Some(obj) = self.objects.get_mut(id) else {
+            return;
+        };
+        let Some(pos) = obj.replicas.iter().position(|r| {
+            r.id == e.replica && r.segment != e.segment && r.state == RepState::Ready
+        }) else {
+            return;
+        };
+        if !(obj.is_complete() && obj.len == e.len && obj.checksum == e.checksum) {
+            return;
+        }
+        let old = obj.replicas.remove(pos);
+        let seq = obj.access_seq;
+        if let Some(seg) = self.cluster.segments.get_mut(&old.segment) {
+            seg.members.remove(&old.id);
+            seg.recency.remove(&(seq, old.id));
+            seg.alloc.free(old.offset);
+        }
+        tracing::info!(replica = old.id.0, from = %old.segment, to = %e.segment, "replica moved to a new node");
+    }
+
     fn admit(&mut self, e: &kvpool_proto::InventoryEntry) -> bool {
         let Some(seg) = self.cluster.segments.get(&e.segment) else {
             return false;
@@ -285,6 +315,9 @@ impl MasterCore {
             state: RepState::Ready,
         };
         let duplicate_id = seg.members.contains_key(&e.replica);
+        if !duplicate_id {
+            self.take_over_moved_replica(e);
+        }
         let ok = match self.objects.id_of(&e.key) {
             _ if duplicate_id => false,
             Some(id) => match self.objects.get_mut(id) {

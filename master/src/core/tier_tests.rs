@@ -477,3 +477,37 @@ fn a_restarted_master_rebuilds_dram_and_nvme_from_the_inventory() {
 fn ids(d: &[ReplicaDesc]) -> Vec<ReplicaId> {
     d.iter().map(|r| r.id).collect()
 }
+
+#[test]
+fn a_node_restarted_on_the_same_disk_takes_over_its_records_before_the_old_one_expires() {
+    // Given node 1 holding an NVMe record (reported at registration).
+    let mut w = World::with(cfg(Admission::Always));
+    tiered(&mut w, 64 * MIB, vec![nvme_entry(0)]);
+    assert_eq!(w.get("n0").unwrap().replicas[0].node, NodeId(1));
+    let acked = w.heartbeat(1, 0).frees_upto;
+    // When the process dies and a new one (node 2) opens the same disk before node 1's TTL
+    // runs out, reporting the same replica id on its own NVMe segment.
+    w.pass(secs(1));
+    let mut moved = nvme_entry(0);
+    moved.segment = SegmentId(21);
+    let resp = w.register_tiered(
+        2,
+        &[(20, 10 * MIB, Tier::Dram), (21, 64 * MIB, Tier::Nvme)],
+        vec![moved],
+    );
+    // Then the record is admitted on the new node, and the old node is not told to free it
+    // (it would delete a record that is now node 2's).
+    assert!(resp.rejected.is_empty(), "the moved record was rejected");
+    let info = w.get("n0").unwrap();
+    assert_eq!(info.replicas.len(), 1);
+    assert_eq!(
+        (info.replicas[0].node, info.replicas[0].segment),
+        (NodeId(2), SegmentId(21))
+    );
+    assert!(w.heartbeat(1, acked).frees.is_empty());
+    assert_eq!(
+        w.used(11),
+        0,
+        "the stale claim still holds space on the old segment"
+    );
+}
