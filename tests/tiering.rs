@@ -296,3 +296,52 @@ async fn corrupted_record_is_a_miss() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A tier that does not fit its disk is refused at start with a message naming the cause,
+/// instead of failing later in the middle of demotions. Needs root and a loop device (to make
+/// a small filesystem); skipped with a message where either is missing.
+#[test]
+fn a_tier_larger_than_its_disk_is_refused_clearly() {
+    use std::process::Command;
+    let dir = disk_dir("full");
+    let img = dir.join("fs.img");
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let ok = |c: &mut Command| c.output().map(|o| o.status.success()).unwrap_or(false);
+    if !ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img))
+        || !ok(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt))
+    {
+        eprintln!(
+            "SKIPPED: cannot make and mount a small filesystem here (needs root and a loop device)"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+        return;
+    }
+    let out = Command::new(kvpool_tests::kvpool_bin())
+        .args([
+            "store",
+            "--master",
+            "127.0.0.1:1",
+            "--listen",
+            "127.0.0.1:0",
+            "--dram",
+            "8MiB",
+        ])
+        .arg("--nvme")
+        .arg(mnt.join("nvme.dat"))
+        .args(["--nvme-size", "256MiB"])
+        .output()
+        .unwrap();
+    let _ = Command::new("umount").arg(&mnt).status();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("NVMe") && err.contains("full"), "{err}");
+}
