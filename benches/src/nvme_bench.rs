@@ -8,7 +8,7 @@
 //! Phases, each for `--seconds` with `--qd` tasks issuing requests back to back:
 //! sequential 1 MiB record writes, sequential 1 MiB whole-value reads (crc32c-verified), then
 //! random 64 KiB writes and reads (every record is written once, untimed, before reads).
-//! Each phase runs `--trials` times and the best trial counts.
+//! Each phase runs `--trials` times, tier and fio alternating, and the median trial counts.
 //! The tier is measured with each engine asked for; fio runs `--ioengine=io_uring --direct=1`
 //! with the same block size and depth on the same file right after the tier's phase, so
 //! drift of the shared machine hits both alike. Bandwidth counts value bytes for the tier
@@ -56,10 +56,14 @@ struct Args {
     /// The fio binary; without it the fio columns say "–".
     #[arg(long, default_value = "fio")]
     fio: String,
-    /// Trials of each phase (tier and fio alternating); the best of each is reported,
-    /// because the shared VM's disk varies more between runs than the engines differ.
+    /// Trials of each phase (tier and fio alternating); the median of each is reported,
+    /// because the shared VM's disk varies more between trials (host cache bursts) than
+    /// the engines differ.
     #[arg(long, default_value_t = 3)]
     trials: u32,
+    /// Only the read phases (the records are still written once, untimed).
+    #[arg(long)]
+    reads_only: bool,
     /// A short smoke run (64 MiB file, 0.5 s phases).
     #[arg(long)]
     quick: bool,
@@ -287,6 +291,12 @@ fn is_tmpfs(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
+fn median(v: &[f64]) -> Option<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
 fn mib(bps: f64) -> String {
     format!("{:.0}", bps / (1 << 20) as f64)
 }
@@ -330,9 +340,9 @@ fn main() -> Result<()> {
     let file = args.dir.join("tier");
     let index = args.dir.join("tier.index");
     // results[phase][engine]
-    let mut tier_bw = vec![vec![None; engines.len()]; Phase::ALL.len()];
-    let mut fio_bw = vec![None; Phase::ALL.len()];
-    let mut fio_sync_bw = vec![None; Phase::ALL.len()];
+    let mut tier_bw = vec![vec![Vec::new(); engines.len()]; Phase::ALL.len()];
+    let mut fio_bw = vec![Vec::new(); Phase::ALL.len()];
+    let mut fio_sync_bw = vec![Vec::new(); Phase::ALL.len()];
     for (ei, &kind) in engines.iter().enumerate() {
         let _ = std::fs::remove_file(&file);
         let _ = std::fs::remove_dir_all(&index);
@@ -355,21 +365,20 @@ fn main() -> Result<()> {
         };
         // fio's writes destroy the tier's records, so per block size: write trials (tier,
         // then fio, alternating), an untimed fill of every record, then read trials.
-        let best = |v: &mut Option<f64>, x: f64| *v = Some(v.map_or(x, |b: f64| b.max(x)));
         let with_fio = have_fio && ei == 0;
         for pair in Phase::ALL.chunks(2) {
             let (w, r) = (pair[0], pair[1]);
-            for _ in 0..args.trials {
+            for _ in 0..if args.reads_only { 0 } else { args.trials } {
                 let bw = rt.block_on(bench.run(w))?;
                 eprintln!("  {:<24} tier {} MiB/s", w.name(), mib(bw));
-                best(&mut tier_bw[w as usize][ei], bw);
+                tier_bw[w as usize][ei].push(bw);
                 if with_fio {
                     let f = fio(&args, &file, size, w, false)?;
                     eprintln!("  {:<24} fio  {} MiB/s", w.name(), mib(f));
-                    best(&mut fio_bw[w as usize], f);
+                    fio_bw[w as usize].push(f);
                     let f = fio(&args, &file, size, w, true)?;
                     eprintln!("  {:<24} fio --fdatasync {} MiB/s", w.name(), mib(f));
-                    best(&mut fio_sync_bw[w as usize], f);
+                    fio_sync_bw[w as usize].push(f);
                 }
             }
             eprintln!("  writing every {} KiB record", w.block() >> 10);
@@ -377,11 +386,11 @@ fn main() -> Result<()> {
             for _ in 0..args.trials {
                 let bw = rt.block_on(bench.run(r))?;
                 eprintln!("  {:<24} tier {} MiB/s", r.name(), mib(bw));
-                best(&mut tier_bw[r as usize][ei], bw);
+                tier_bw[r as usize][ei].push(bw);
                 if with_fio {
                     let f = fio(&args, &file, size, r, false)?;
                     eprintln!("  {:<24} fio  {} MiB/s", r.name(), mib(f));
-                    best(&mut fio_bw[r as usize], f);
+                    fio_bw[r as usize].push(f);
                 }
             }
         }
@@ -406,16 +415,16 @@ fn main() -> Result<()> {
     for (pi, phase) in Phase::ALL.iter().enumerate() {
         print!("| {} | {} |", phase.name(), args.qd);
         for bw in &tier_bw[pi] {
-            print!(" {} |", bw.map_or_else(dash, mib));
+            print!(" {} |", median(bw).map_or_else(dash, mib));
         }
-        let ratio = match (tier_bw[pi][0], fio_bw[pi]) {
+        let ratio = match (median(&tier_bw[pi][0]), median(&fio_bw[pi])) {
             (Some(t), Some(f)) if f > 0.0 => format!("{:.0} %", 100.0 * t / f),
             _ => dash(),
         };
         println!(
             " {} | {ratio} | {} |",
-            fio_bw[pi].map_or_else(dash, mib),
-            fio_sync_bw[pi].map_or_else(dash, mib)
+            median(&fio_bw[pi]).map_or_else(dash, mib),
+            median(&fio_sync_bw[pi]).map_or_else(dash, mib)
         );
     }
     Ok(())

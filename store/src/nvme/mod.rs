@@ -8,18 +8,20 @@
 //! - [`layout`]: what a record looks like on disk (header with magic, version, key, lengths
 //!   and checksums; the value 4 KiB-aligned).
 //!
-//! On top, [`index`] keeps replica -> extent in RocksDB, and [`NvmeTier`] ties them together.
+//! On top, `index` keeps replica -> extent in RocksDB, and [`NvmeTier`] ties them together.
 //!
 //! Space is the master's: it allocates 4 KiB-aligned extents of [`record_len`] bytes in the
 //! tier with its own allocator and tells the node where to write. The tier never allocates;
 //! it writes the record at the given offset, makes it durable, then indexes it.
 //!
 //! Durability and integrity: a write is acknowledged only after its bytes are synced and its
-//! index entry is durable, and an index entry is never written before its bytes are synced
-//! (writes are grouped: one fdatasync and one WAL sync per group of concurrent writes). A
-//! record whose header does not match its index entry is dropped at open; a value whose
-//! crc32c does not match is never returned. An I/O error, a short read or a full disk marks
-//! the tier unhealthy: writes are then refused, reads still tried.
+//! index entry is durable, and an index entry is never written before its bytes are synced.
+//! Concurrent writes share syncs: a sync thread fdatasyncs the device once for every write
+//! whose bytes landed, then an index thread writes their entries and syncs RocksDB's WAL
+//! once, while the sync thread already syncs the next group. A record whose header does not
+//! match its index entry is dropped at open; a value whose crc32c does not match is never
+//! returned. An I/O error, a short read or a full disk marks the tier unhealthy: writes are
+//! then refused, reads still tried.
 
 pub mod buf;
 pub mod device;
