@@ -33,8 +33,8 @@ fn is_tmpfs(p: &Path) -> bool {
 }
 
 /// A fresh folder on a disk-backed filesystem (O_DIRECT on tmpfs needs Linux 6.6 and
-/// measures nothing real).
-fn test_dir(name: &str, engine: IoEngineKind) -> PathBuf {
+/// measures nothing real), removed when the test passes; kept for a look when it fails.
+fn test_dir(name: &str, engine: IoEngineKind) -> TestDir {
     let candidates = [
         PathBuf::from(env!("CARGO_TARGET_TMPDIR")),
         std::env::temp_dir(),
@@ -52,7 +52,24 @@ fn test_dir(name: &str, engine: IoEngineKind) -> PathBuf {
         .join(format!("{name}-{engine:?}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    TestDir(dir)
+}
+
+struct TestDir(PathBuf);
+
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 fn config(dir: &Path, size: u64, engine: IoEngineKind) -> NvmeConfig {
