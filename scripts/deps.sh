@@ -8,8 +8,9 @@ have() { command -v "$1" >/dev/null 2>&1; }
 pkg_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 
 # librocksdb-dev: the NVMe tier's index links the system RocksDB; libclang-dev and clang run
-# its bindgen.
-for p in build-essential pkg-config librocksdb-dev libclang-dev clang; do
+# its bindgen. etcd-server: the HA tests start a real etcd; protobuf-compiler and
+# libprotobuf-dev: the etcd-client crate runs protoc at build time.
+for p in build-essential pkg-config librocksdb-dev libclang-dev clang etcd-server protobuf-compiler libprotobuf-dev; do
   pkg_installed "$p" || need_pkgs+=("$p")
 done
 # Tests and benchmarks that compare with a peer use these when present.

@@ -87,6 +87,9 @@ error_codes! {
     NeedRegister = 401,
     /// The node was declared dead.
     NodeDead = 402,
+    /// This master is a standby (HA): it does not lead the cluster now. The message names the
+    /// leader when known; find it through etcd and retry there.
+    NotLeader = 403,
     /// An offset or length falls outside the segment.
     OutOfRange = 500,
     /// Bytes read do not match the checksum the writer recorded.
@@ -119,6 +122,7 @@ impl ErrorCode {
                 | ErrorCode::Io
                 | ErrorCode::NeedRegister
                 | ErrorCode::NodeDead
+                | ErrorCode::NotLeader
                 | ErrorCode::LeaseExpired
                 | ErrorCode::Processing
                 | ErrorCode::HasLease
