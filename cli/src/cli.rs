@@ -20,6 +20,10 @@ pub struct Cli {
     /// More log output (-v info, -vv debug); KVPOOL_LOG takes a full filter.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// File holding the cluster token (first line). KVPOOL_TOKEN gives the token itself.
+    /// Servers require it of every connection; clients present it.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -119,6 +123,9 @@ pub struct MasterAddr {
     /// The master's RPC address [127.0.0.1:50051].
     #[arg(long, env = "KVPOOL_MASTER")]
     pub master: Option<String>,
+    /// The tenant (namespace) whose keys this command sees.
+    #[arg(long, env = "KVPOOL_TENANT")]
+    pub tenant: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -179,7 +186,9 @@ pub struct StatusArgs {
 }
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
-    let cfg = Config::load(cli.config.as_deref())?;
+    let mut cfg = Config::load(cli.config.as_deref())?;
+    let env_token = std::env::var("KVPOOL_TOKEN").ok();
+    cfg.resolve_tokens(cli.token_file.as_deref(), env_token.as_deref())?;
     match cli.command {
         Command::Up(a) => serve::up(cfg, a).await,
         Command::Master(a) => serve::master(cfg, a).await,

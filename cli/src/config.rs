@@ -1,11 +1,11 @@
 //! The one config file (TOML): `[master]`, `[store]` and `[client]` sections. Loading order:
 //! defaults, then the file (`--config` / `KVPOOL_CONFIG`), then flags.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use kvpool_master::config::MasterConfig;
-use kvpool_proto::{ByteSize, HumanDuration};
+use kvpool_proto::{ByteSize, HumanDuration, Token};
 use kvpool_store::config::StoreConfig;
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +31,14 @@ pub struct ClientSection {
     pub stripe_size: ByteSize,
     /// How long an operation retries transient failures ["30s"].
     pub deadline: HumanDuration,
+    /// File holding the cluster token (first line) [unset: no token].
+    pub token_file: Option<PathBuf>,
+    /// The tenant (namespace) the verbs' keys live in [unset: the shared namespace];
+    /// `--tenant` / `KVPOOL_TENANT` override it.
+    pub tenant: Option<String>,
+    /// The cluster token, once read; never in the file.
+    #[serde(skip)]
+    pub token: Option<Token>,
 }
 
 impl Default for ClientSection {
@@ -42,6 +50,9 @@ impl Default for ClientSection {
             conns_per_peer: c.engine.conns_per_peer,
             stripe_size: ByteSize(c.engine.stripe_size),
             deadline: HumanDuration(c.deadline),
+            token_file: None,
+            tenant: None,
+            token: None,
         }
     }
 }
@@ -53,6 +64,8 @@ impl ClientSection {
         c.engine.conns_per_peer = self.conns_per_peer.max(1);
         c.engine.stripe_size = self.stripe_size.0.max(4096);
         c.deadline = self.deadline.0;
+        c.token = self.token.clone();
+        c.tenant = self.tenant.clone();
         c
     }
 }
@@ -68,6 +81,42 @@ impl Config {
         let cfg: Config = toml::from_str(&text)
             .with_context(|| format!("parsing config file {}", path.display()))?;
         Ok(cfg)
+    }
+
+    /// Fills every section's token: `--token-file` first, then `KVPOOL_TOKEN` (both apply to
+    /// all sections), then each section's own `token-file`. An empty `KVPOOL_TOKEN` counts as
+    /// unset. Errors name the file, never the token.
+    pub fn resolve_tokens(
+        &mut self,
+        flag_file: Option<&Path>,
+        env_token: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let given = match (flag_file, env_token.filter(|t| !t.trim().is_empty())) {
+            (Some(p), _) => Some(
+                kvpool_transport::auth::read_token_file(p)
+                    .map_err(|e| anyhow::anyhow!("--token-file: {e}"))?,
+            ),
+            (None, Some(t)) => {
+                Some(Token::from_file_text(t).map_err(|e| anyhow::anyhow!("KVPOOL_TOKEN: {e}"))?)
+            }
+            (None, None) => None,
+        };
+        if let Some(t) = given {
+            self.master.token = Some(t.clone());
+            self.store.token = Some(t.clone());
+            self.client.token = Some(t);
+        }
+        self.master.load_token().map_err(anyhow::Error::msg)?;
+        self.store.load_token().map_err(anyhow::Error::msg)?;
+        if self.client.token.is_none() {
+            if let Some(p) = &self.client.token_file {
+                self.client.token = Some(
+                    kvpool_transport::auth::read_token_file(p)
+                        .map_err(|e| anyhow::anyhow!("client.token-file: {e}"))?,
+                );
+            }
+        }
+        Ok(())
     }
 
     /// The defaults as a TOML file, every key present.
@@ -100,6 +149,35 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn tokens_resolve_flag_then_env_then_file() {
+        let dir = std::env::temp_dir().join(format!("kvpool-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        std::fs::write(&a, "from-flag\n").unwrap();
+        std::fs::write(&b, "from-file\n").unwrap();
+        let text = format!("[client]\ntoken-file = {:?}\n", b.display().to_string());
+        let base: Config = toml::from_str(&text).unwrap();
+
+        let mut c = base.clone();
+        c.resolve_tokens(Some(&a), Some("from-env")).unwrap();
+        assert!(c.client.token.as_ref().unwrap().matches(b"from-flag"));
+        assert!(c.master.token.as_ref().unwrap().matches(b"from-flag"));
+        let mut c = base.clone();
+        c.resolve_tokens(None, Some("from-env")).unwrap();
+        assert!(c.store.token.as_ref().unwrap().matches(b"from-env"));
+        let mut c = base.clone();
+        c.resolve_tokens(None, Some("")).unwrap();
+        assert!(c.client.token.as_ref().unwrap().matches(b"from-file"));
+        assert!(c.master.token.is_none());
+        let mut c = base;
+        let err = c
+            .resolve_tokens(Some(&dir.join("missing")), None)
+            .unwrap_err();
+        assert!(err.to_string().contains("token file"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -144,11 +144,15 @@ pub async fn up(mut cfg: Config, a: UpArgs) -> anyhow::Result<ExitCode> {
         })
         .await
     });
+    // One process, one cluster: a token given only for the master guards the node too.
+    if cfg.store.token.is_none() {
+        cfg.store.token = cfg.master.token.clone();
+    }
     let store = kvpool_store::start(cfg.store.clone(), store_listener).await?;
     // Ready means usable: wait until the node has registered, so a put right after works.
-    let client = kvpool_client::Client::new(kvpool_client::ClientConfig::with_master(
-        master_addr.to_string(),
-    ));
+    let mut probe = kvpool_client::ClientConfig::with_master(master_addr.to_string());
+    probe.token = cfg.master.token.clone();
+    let client = kvpool_client::Client::new(probe);
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         match client.status().await {

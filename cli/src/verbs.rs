@@ -14,8 +14,13 @@ use crate::{
     config::Config,
 };
 
-fn client(cfg: &Config, addr: &MasterAddr) -> Client {
-    Client::new(cfg.client.to_client_config(addr.master.as_deref()))
+fn client(cfg: &Config, addr: &MasterAddr) -> anyhow::Result<Client> {
+    let mut c = cfg.client.to_client_config(addr.master.as_deref());
+    if let Some(t) = &addr.tenant {
+        c.tenant = Some(t.clone());
+    }
+    c.validate().map_err(anyhow::Error::msg)?;
+    Ok(Client::new(c))
 }
 
 pub async fn put(cfg: Config, a: PutArgs) -> anyhow::Result<ExitCode> {
@@ -38,7 +43,7 @@ pub async fn put(cfg: Config, a: PutArgs) -> anyhow::Result<ExitCode> {
         hard_pin: a.hard_pin,
         ..PutOptions::default()
     };
-    client(&cfg, &a.addr)
+    client(&cfg, &a.addr)?
         .put(a.key.as_bytes(), &value, &opts)
         .await
         .with_context(|| format!("put {:?} ({})", a.key, ByteSize(value.len() as u64)))?;
@@ -46,7 +51,7 @@ pub async fn put(cfg: Config, a: PutArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn get(cfg: Config, a: GetArgs) -> anyhow::Result<ExitCode> {
-    let value = client(&cfg, &a.addr)
+    let value = client(&cfg, &a.addr)?
         .get(a.key.as_bytes())
         .await
         .with_context(|| format!("get {:?}", a.key))?;
@@ -67,7 +72,7 @@ pub async fn get(cfg: Config, a: GetArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn rm(cfg: Config, a: RmArgs) -> anyhow::Result<ExitCode> {
-    let mut r = client(&cfg, &a.addr)
+    let mut r = client(&cfg, &a.addr)?
         .remove(&[a.key.as_bytes()], a.force)
         .await;
     match r.pop() {
@@ -79,7 +84,7 @@ pub async fn rm(cfg: Config, a: RmArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn exists(cfg: Config, a: KeyArgs) -> anyhow::Result<ExitCode> {
-    let mut r = client(&cfg, &a.addr)
+    let mut r = client(&cfg, &a.addr)?
         .exists(&[a.key.as_bytes()], false)
         .await;
     match r.pop() {
@@ -97,7 +102,7 @@ pub async fn exists(cfg: Config, a: KeyArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn status(cfg: Config, a: StatusArgs) -> anyhow::Result<ExitCode> {
-    let s = client(&cfg, &a.addr).status().await.context("status")?;
+    let s = client(&cfg, &a.addr)?.status().await.context("status")?;
     let tier_total = |tier: Tier| -> (u64, u64) {
         s.nodes
             .iter()

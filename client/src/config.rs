@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-use kvpool_proto::NodeId;
+use kvpool_proto::{NodeId, Token};
 use kvpool_transport::{engine::EngineOptions, rpc::RpcOptions};
 
 /// How a [`crate::Client`] reaches the pool and how hard it tries.
@@ -18,6 +18,13 @@ pub struct ClientConfig {
     pub max_batch: usize,
     /// This client's own node, if it runs beside one: written first, read first.
     pub local_node: Option<NodeId>,
+    /// The cluster token, presented on every connection to the master and to storage nodes.
+    /// When set it replaces `rpc.token` and `engine.token`.
+    pub token: Option<Token>,
+    /// The tenant (namespace) this client's keys live in [unset: the shared namespace]. Key
+    /// `k` of tenant `t` is `t 0x00 k` on the wire, so tenants never see each other's keys;
+    /// a name containing 0x00 is refused. An empty name is the same as none.
+    pub tenant: Option<String>,
 }
 
 impl Default for ClientConfig {
@@ -30,11 +37,25 @@ impl Default for ClientConfig {
             deadline: Duration::from_secs(30),
             max_batch: 1024,
             local_node: None,
+            token: None,
+            tenant: None,
         }
     }
 }
 
 impl ClientConfig {
+    /// Checks what the types cannot: a tenant name must not contain 0x00 (the separator).
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(t) = &self.tenant {
+            if t.as_bytes().contains(&0) {
+                return Err(format!(
+                    "tenant {t:?} contains a 0x00 byte, which separates tenant and key"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub fn with_master(master: impl Into<String>) -> Self {
         ClientConfig {
             master: master.into(),

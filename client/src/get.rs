@@ -130,10 +130,13 @@ impl Client {
     async fn lookup(&self, keys: &[&[u8]]) -> (Vec<Result<Option<ObjectInfo>>>, Instant) {
         // The lease is counted from before the request left: conservative, like Mooncake.
         let sent = Instant::now();
+        if let Err(e) = self.check_tenant() {
+            return (keys.iter().map(|_| Err(clone_err(&e))).collect(), sent);
+        }
         let mut out = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(self.cfg.max_batch.max(1)) {
             let msg = GetReplicas {
-                keys: chunk.iter().map(|k| k.to_vec()).collect(),
+                keys: chunk.iter().map(|k| self.wire_key(k)).collect(),
             };
             match self.master_call(&msg).await {
                 Ok(r) if r.items.len() == chunk.len() => {

@@ -44,20 +44,55 @@ pub struct Client {
     cfg: ClientConfig,
     master: RpcClient,
     engine: TransferEngine,
+    /// What every key is prefixed with on the wire: `tenant 0x00`, or nothing without a
+    /// tenant; or why the tenant is invalid (then every keyed operation fails with it).
+    key_prefix: std::result::Result<Vec<u8>, String>,
 }
 
 impl Client {
     /// A client for the master in `cfg`; connections are made on first use.
+    /// An invalid tenant (see [`ClientConfig::validate`]) does not fail here: every keyed
+    /// operation then fails with `InvalidArgument`.
     pub fn new(cfg: ClientConfig) -> Self {
-        let master = RpcClient::new(cfg.master.clone(), cfg.rpc.clone());
+        let mut rpc_opts = cfg.rpc.clone();
         let mut engine_opts = cfg.engine.clone();
+        if let Some(t) = &cfg.token {
+            rpc_opts.token = Some(t.clone());
+            engine_opts.token = Some(t.clone());
+        }
+        let master = RpcClient::new(cfg.master.clone(), rpc_opts);
         engine_opts.checksum_reads = cfg.verify_checksum;
         let engine = TransferEngine::new(engine_opts);
+        let key_prefix = cfg.validate().map(|()| match cfg.tenant.as_deref() {
+            None | Some("") => Vec::new(),
+            Some(t) => [t.as_bytes(), &[0]].concat(),
+        });
         Client {
             id: ClientId(rand::random()),
             cfg,
             master,
             engine,
+            key_prefix,
+        }
+    }
+
+    /// Fails when the configured tenant is invalid.
+    fn check_tenant(&self) -> Result<()> {
+        match &self.key_prefix {
+            Ok(_) => Ok(()),
+            Err(msg) => Err(ClientError::Remote(kvpool_proto::WireError::new(
+                ErrorCode::InvalidArgument,
+                msg.clone(),
+            ))),
+        }
+    }
+
+    /// A key as the master and nodes see it: prefixed with this client's tenant. An empty key
+    /// stays empty so the master refuses it as it refuses any empty key.
+    fn wire_key(&self, key: &[u8]) -> Vec<u8> {
+        match &self.key_prefix {
+            Ok(p) if !p.is_empty() && !key.is_empty() => [p.as_slice(), key].concat(),
+            _ => key.to_vec(),
         }
     }
 
@@ -115,10 +150,13 @@ impl Client {
 
     /// Whether each key is committed. With `lease`, present keys get a read lease.
     pub async fn exists(&self, keys: &[&[u8]], lease: bool) -> Vec<Result<bool>> {
+        if let Err(e) = self.check_tenant() {
+            return keys.iter().map(|_| Err(clone_err(&e))).collect();
+        }
         let mut out = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(self.cfg.max_batch.max(1)) {
             let msg = Exists {
-                keys: chunk.iter().map(|k| k.to_vec()).collect(),
+                keys: chunk.iter().map(|k| self.wire_key(k)).collect(),
                 lease,
             };
             match self.master_call(&msg).await {
@@ -131,10 +169,13 @@ impl Client {
 
     /// Removes keys; leased or hard-pinned ones only with `force`.
     pub async fn remove(&self, keys: &[&[u8]], force: bool) -> Vec<Result<()>> {
+        if let Err(e) = self.check_tenant() {
+            return keys.iter().map(|_| Err(clone_err(&e))).collect();
+        }
         let mut out = Vec::with_capacity(keys.len());
         for chunk in keys.chunks(self.cfg.max_batch.max(1)) {
             let msg = Remove {
-                keys: chunk.iter().map(|k| k.to_vec()).collect(),
+                keys: chunk.iter().map(|k| self.wire_key(k)).collect(),
                 force,
             };
             match self.master_call(&msg).await {
@@ -145,12 +186,22 @@ impl Client {
         out
     }
 
-    /// Removes every committed object; returns how many went.
+    /// Removes every committed object (of this client's tenant, when it has one: the
+    /// master removes only keys with the tenant's prefix); returns how many went.
     pub async fn remove_all(&self, force: bool) -> Result<u64> {
-        Ok(self.master_call(&RemoveAll { force }).await?.removed)
+        self.check_tenant()?;
+        let prefix = match &self.key_prefix {
+            Ok(p) if !p.is_empty() => Some(p.clone()),
+            _ => None,
+        };
+        Ok(self
+            .master_call(&RemoveAll { force, prefix })
+            .await?
+            .removed)
     }
 
-    /// Nodes, segments, capacity and use, as the master sees them.
+    /// Nodes, segments, capacity and use, as the master sees them (cluster-wide, also for a
+    /// client with a tenant).
     pub async fn status(&self) -> Result<StatusResponse> {
         self.master_call(&Status {}).await
     }
@@ -191,4 +242,39 @@ fn futures_are_send(c: std::sync::Arc<Client>) {
     let c2 = c.clone();
     tokio::spawn(async move { c.put(b"k", b"v", &PutOptions::default()).await });
     tokio::spawn(async move { c2.get(b"k").await });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_tenant(t: Option<&str>) -> Client {
+        Client::new(ClientConfig {
+            tenant: t.map(str::to_string),
+            ..ClientConfig::default()
+        })
+    }
+
+    #[test]
+    fn tenant_keys_are_prefixed_on_the_wire() {
+        assert_eq!(with_tenant(Some("a")).wire_key(b"k"), b"a\0k");
+        assert_eq!(with_tenant(None).wire_key(b"k"), b"k");
+        assert_eq!(with_tenant(Some("")).wire_key(b"k"), b"k");
+        // An empty key stays empty: the master refuses it like any empty key.
+        assert_eq!(with_tenant(Some("a")).wire_key(b""), b"");
+    }
+
+    #[tokio::test]
+    async fn a_tenant_with_a_nul_is_refused_without_a_request() {
+        let c = with_tenant(Some("a\0b"));
+        assert!(c.config().validate().is_err());
+        let e = c.get(b"k").await.unwrap_err();
+        assert_eq!(e.code(), ErrorCode::InvalidArgument);
+        let e = c.put(b"k", b"v", &PutOptions::default()).await.unwrap_err();
+        assert_eq!(e.code(), ErrorCode::InvalidArgument);
+        assert_eq!(
+            c.remove_all(false).await.unwrap_err().code(),
+            ErrorCode::InvalidArgument
+        );
+    }
 }

@@ -30,6 +30,9 @@ impl Client {
     }
 
     async fn put_chunk(&self, items: &[(&[u8], &[&[u8]])], opts: &PutOptions) -> Vec<Result<()>> {
+        if let Err(e) = self.check_tenant() {
+            return items.iter().map(|_| Err(clone_err(&e))).collect();
+        }
         let mut opts = opts.clone();
         if let Some(local) = self.cfg.local_node {
             if !opts.preferred_nodes.contains(&local) {
@@ -41,7 +44,7 @@ impl Client {
             items: items
                 .iter()
                 .map(|(key, parts)| PutStartItem {
-                    key: key.to_vec(),
+                    key: self.wire_key(key),
                     len: parts.iter().map(|p| p.len() as u64).sum(),
                     checksum: parts.iter().fold(0, |crc, p| crc32c::crc32c_append(crc, p)),
                     options: opts.clone(),
@@ -91,7 +94,7 @@ impl Client {
         if !revoke.is_empty() {
             let msg = PutRevoke {
                 client: self.id,
-                keys: revoke.iter().map(|&i| items[i].0.to_vec()).collect(),
+                keys: revoke.iter().map(|&i| start.items[i].key.clone()).collect(),
             };
             if let Err(e) = self.master_call(&msg).await {
                 // The master frees the space itself when the put times out.
@@ -101,7 +104,7 @@ impl Client {
         if !commit.is_empty() {
             let msg = PutEnd {
                 client: self.id,
-                keys: commit.iter().map(|&i| items[i].0.to_vec()).collect(),
+                keys: commit.iter().map(|&i| start.items[i].key.clone()).collect(),
             };
             match self.master_call(&msg).await {
                 Ok(r) => {

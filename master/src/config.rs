@@ -46,6 +46,12 @@ pub struct MasterConfig {
     pub promote_after_hits: u32,
     /// A demotion or promotion copy not reported done within this fails ["60s"].
     pub task_timeout: HumanDuration,
+    /// File holding the cluster token (first line) [unset: no token, every peer served].
+    pub token_file: Option<std::path::PathBuf>,
+    /// The cluster token itself, once read (from `token_file`, `--token-file` or
+    /// `KVPOOL_TOKEN`); never in the file, and its `Debug` is redacted.
+    #[serde(skip)]
+    pub token: Option<kvpool_proto::Token>,
 }
 
 impl Default for MasterConfig {
@@ -69,6 +75,8 @@ impl Default for MasterConfig {
             nvme_admission: core.nvme_admission,
             promote_after_hits: core.promote_after_hits,
             task_timeout: HumanDuration(core.task_timeout),
+            token_file: None,
+            token: None,
         }
     }
 }
@@ -116,6 +124,20 @@ impl MasterConfig {
         }
         if self.task_timeout.0.is_zero() {
             return Err("master.task-timeout must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// Reads `token_file` into `token` unless a token is already set (flags and the
+    /// environment win over the file).
+    pub fn load_token(&mut self) -> Result<(), String> {
+        if self.token.is_none() {
+            if let Some(p) = &self.token_file {
+                self.token = Some(
+                    kvpool_transport::auth::read_token_file(p)
+                        .map_err(|e| format!("master.token-file: {e}"))?,
+                );
+            }
         }
         Ok(())
     }

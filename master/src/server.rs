@@ -8,7 +8,7 @@ use std::{
 };
 
 use kvpool_proto::{decode_body, encode_body, FrameLimits, Message, Opcode, WireError};
-use kvpool_transport::server::{serve_rpc, RpcService};
+use kvpool_transport::server::{serve_rpc_with, RpcService, ServerOptions};
 use serde::Serialize;
 use tokio::net::TcpListener;
 
@@ -53,6 +53,11 @@ impl RpcService for Service {
             Opcode::Status => call(body, |_: kvpool_proto::Status| self.core().status(now)),
             Opcode::Register => call(body, |r| self.core().register(now, r)),
             Opcode::Heartbeat => call(body, |r| self.core().heartbeat(now, r)),
+            // The transport answers (and checks) Hello itself; this is only reached if a
+            // server is wired without it, and then an answer is still the right one.
+            Opcode::Hello => call(body, |_: kvpool_proto::Hello| kvpool_proto::HelloResponse {
+                server_version: u16::from(kvpool_proto::header::VERSION),
+            }),
             Opcode::Read | Opcode::Write => Err(WireError::new(
                 kvpool_proto::ErrorCode::WrongService,
                 "data-plane request sent to the master; send it to a storage node",
@@ -61,8 +66,16 @@ impl RpcService for Service {
     }
 }
 
-/// Serves the master on `listener` until `shutdown` completes.
+/// Serves the master on `listener` until `shutdown` completes. With a token in `cfg` (or a
+/// `token_file` to read it from), every connection must present it first. A token file that
+/// cannot be read is fatal: the master logs why and does not serve, rather than serve open.
 pub async fn run(listener: TcpListener, cfg: &MasterConfig, shutdown: impl Future<Output = ()>) {
+    let mut cfg = cfg.clone();
+    if let Err(e) = cfg.load_token() {
+        tracing::error!("not serving: {e}");
+        return;
+    }
+    let cfg = &cfg;
     // Replica ids must not repeat across master restarts (a node may still hold ids from
     // the previous master), so they start at the wall clock in nanoseconds.
     let id_base = SystemTime::now()
@@ -86,6 +99,13 @@ pub async fn run(listener: TcpListener, cfg: &MasterConfig, shutdown: impl Futur
             }
         })
     };
-    serve_rpc(listener, service, FrameLimits::default(), shutdown).await;
+    if cfg.token.is_some() {
+        tracing::info!("a cluster token is required on every connection");
+    }
+    let opts = ServerOptions {
+        limits: FrameLimits::default(),
+        token: cfg.token.clone(),
+    };
+    serve_rpc_with(listener, service, opts, shutdown).await;
     ticker.abort();
 }

@@ -5,6 +5,7 @@
 //!
 //! # Layout
 //! - [`header`]: the fixed 32-byte frame header and the size limits checked before allocation.
+//! - [`auth`]: the cluster [`auth::Token`] and its constant-time comparison.
 //! - [`msg`]: every request and response, the opcodes, body encoding and decoding.
 //! - [`error`]: [`ErrorCode`], the stable error numbers shared by all crates and the wire.
 //! - [`layout`]: where a value sits in an NVMe record (shared by master, node and client).
@@ -13,12 +14,14 @@
 //! A frame is `header | body | payload`: the body is a postcard-encoded message, the payload
 //! raw object bytes that no serializer touches. See `docs/protocol.md`.
 
+pub mod auth;
 pub mod error;
 pub mod header;
 pub mod layout;
 pub mod msg;
 pub mod units;
 
+pub use auth::Token;
 pub use error::{ErrorCode, ItemResult, WireError};
 pub use header::{FrameHeader, FrameLimits, HeaderError, HEADER_LEN};
 pub use msg::*;

@@ -85,11 +85,12 @@ pub struct ReplicaDesc {
     pub tier: Tier,
 }
 
-/// The opcodes. Master (control plane) opcodes are 0x10..0x3f, storage-node (data plane)
-/// opcodes 0x40..0x5f. Numbers are stable.
+/// The opcodes. Connection opcodes (served by every server) are 0x01..0x0f, master (control
+/// plane) opcodes 0x10..0x3f, storage-node (data plane) opcodes 0x40..0x5f. Numbers are stable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Opcode {
+    Hello = 0x01,
     PutStart = 0x10,
     PutEnd = 0x11,
     PutRevoke = 0x12,
@@ -106,6 +107,7 @@ pub enum Opcode {
 
 impl Opcode {
     pub const ALL: &'static [Opcode] = &[
+        Opcode::Hello,
         Opcode::PutStart,
         Opcode::PutEnd,
         Opcode::PutRevoke,
@@ -163,6 +165,38 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, WireError> {
             format!("body does not decode: {e}"),
         )),
     }
+}
+
+// ---------------------------------------------------------------- connection (every server)
+
+/// The first frame of a connection: presents the cluster token. A server configured with a
+/// token refuses (`Unauthorized`, then closes) a connection whose first frame is anything else
+/// or carries another token; a server without one accepts and ignores it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub token: Vec<u8>,
+    /// The protocol version the client speaks (the header's version byte today).
+    pub client_version: u16,
+}
+
+/// Hand-written so that logging a `Hello` never prints the token.
+impl std::fmt::Debug for Hello {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hello")
+            .field("token", &format_args!("<{} bytes>", self.token.len()))
+            .field("client_version", &self.client_version)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloResponse {
+    pub server_version: u16,
+}
+
+impl Message for Hello {
+    const OPCODE: Opcode = Opcode::Hello;
+    type Response = HelloResponse;
 }
 
 // ---------------------------------------------------------------- control plane (master)
@@ -303,10 +337,12 @@ impl Message for Remove {
     type Response = UnitResponse;
 }
 
-/// Removes every committed object (leased and pinned ones only with `force`).
+/// Removes every committed object (leased and pinned ones only with `force`); with `prefix`,
+/// only the objects whose key starts with it (a tenant's keys).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RemoveAll {
     pub force: bool,
+    pub prefix: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -564,6 +600,46 @@ mod tests {
     }
 
     #[test]
+    fn hello_golden_bytes() {
+        // Pinned: a Hello is what every client sends first, across versions.
+        let hello = Hello {
+            token: b"tok".to_vec(),
+            client_version: 1,
+        };
+        let b = encode_body(&hello);
+        assert_eq!(b, vec![3, b't', b'o', b'k', 1]);
+        assert_eq!(decode_body::<Hello>(&b).unwrap(), hello);
+        // client_version is a varint: 300 takes two bytes.
+        let b = encode_body(&Hello {
+            token: Vec::new(),
+            client_version: 300,
+        });
+        assert_eq!(b, vec![0, 0xac, 0x02]);
+        let b = encode_body(&HelloResponse { server_version: 1 });
+        assert_eq!(b, vec![1]);
+        assert_eq!(
+            decode_body::<HelloResponse>(&b).unwrap(),
+            HelloResponse { server_version: 1 }
+        );
+        assert_eq!(Opcode::try_from(0x01).unwrap(), Opcode::Hello);
+        assert!(!format!("{hello:?}").contains("116, 111, 107"));
+    }
+
+    #[test]
+    fn remove_all_golden_bytes() {
+        let b = encode_body(&RemoveAll {
+            force: true,
+            prefix: Some(b"t\0".to_vec()),
+        });
+        assert_eq!(b, vec![1, 1, 2, b't', 0]);
+        let b = encode_body(&RemoveAll {
+            force: false,
+            prefix: None,
+        });
+        assert_eq!(b, vec![0, 0]);
+    }
+
+    #[test]
     fn refuses_trailing_bytes() {
         let mut b = encode_body(&Remove {
             keys: vec![],
@@ -591,6 +667,8 @@ mod tests {
         // Every decoder, fed arbitrary bytes, returns a value or an error and never panics.
         #[test]
         fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_body::<Hello>(&bytes);
+            let _ = decode_body::<HelloResponse>(&bytes);
             let _ = decode_body::<PutStart>(&bytes);
             let _ = decode_body::<PutStartResponse>(&bytes);
             let _ = decode_body::<PutEnd>(&bytes);

@@ -23,7 +23,19 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Runs the agent until `shutdown` completes.
 pub async fn run_agent(node: Arc<Node>, master: String, shutdown: impl Future<Output = ()>) {
+    run_agent_with_token(node, master, None, shutdown).await
+}
+
+/// Runs the agent until `shutdown` completes, presenting `token` to the master. A master that
+/// refuses it is retried like an unreachable one (the operator may fix either side).
+pub async fn run_agent_with_token(
+    node: Arc<Node>,
+    master: String,
+    token: Option<kvpool_proto::Token>,
+    shutdown: impl Future<Output = ()>,
+) {
     let opts = RpcOptions {
+        token,
         connect_timeout: Duration::from_secs(1),
         // A registration checksums the whole inventory first, but that happens before the
         // call; the master's answer itself is quick.

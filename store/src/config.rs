@@ -28,6 +28,13 @@ pub struct StoreConfig {
     pub huge_pages: bool,
     /// Name shown in `kvpool status` and logs [unset: the host name].
     pub name: Option<String>,
+    /// File holding the cluster token (first line) [unset: no token]. The node presents it
+    /// to the master and requires it of every client of its data server.
+    pub token_file: Option<std::path::PathBuf>,
+    /// The cluster token itself, once read (from `token_file`, `--token-file` or
+    /// `KVPOOL_TOKEN`); never in the file, and its `Debug` is redacted.
+    #[serde(skip)]
+    pub token: Option<kvpool_proto::Token>,
     /// The NVMe tier (`[store.nvme]`) [unset: DRAM only].
     pub nvme: Option<crate::nvme::NvmeConfig>,
 }
@@ -41,12 +48,28 @@ impl Default for StoreConfig {
             dram: ByteSize::mib(256),
             huge_pages: false,
             name: None,
+            token_file: None,
+            token: None,
             nvme: None,
         }
     }
 }
 
 impl StoreConfig {
+    /// Reads `token_file` into `token` unless a token is already set (flags and the
+    /// environment win over the file).
+    pub fn load_token(&mut self) -> Result<(), String> {
+        if self.token.is_none() {
+            if let Some(p) = &self.token_file {
+                self.token = Some(
+                    kvpool_transport::auth::read_token_file(p)
+                        .map_err(|e| format!("store.token-file: {e}"))?,
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Checks what serde cannot: a segment must hold at least one page.
     pub fn validate(&self) -> Result<(), String> {
         if self.dram.0 < 4096 {

@@ -89,8 +89,12 @@ impl StoreHandle {
 
 /// Builds the node (maps and pre-faults its segment), then starts the master agent and the
 /// data server on `listener`, in the background of the current tokio runtime.
-pub async fn start(cfg: StoreConfig, listener: TcpListener) -> Result<StoreHandle, StoreError> {
+pub async fn start(
+    mut cfg: StoreConfig,
+    listener: TcpListener,
+) -> Result<StoreHandle, StoreError> {
     cfg.validate().map_err(StoreError::Config)?;
+    cfg.load_token().map_err(StoreError::Config)?;
     let local_addr = listener.local_addr()?;
     let addr = match &cfg.advertise {
         Some(a) => a.clone(),
@@ -133,17 +137,20 @@ pub async fn start(cfg: StoreConfig, listener: TcpListener) -> Result<StoreHandl
         advertise = node.addr(),
         master = cfg.master,
         dram = %cfg.dram,
+        token = cfg.token.is_some(),
         "storage node started"
     );
     let (stop, stop_rx) = watch::channel(false);
-    let server = tokio::spawn(server::serve(
+    let server = tokio::spawn(server::serve_with_token(
         listener,
         node.clone(),
+        cfg.token.clone(),
         stopped(stop_rx.clone()),
     ));
-    let agent = tokio::spawn(agent::run_agent(
+    let agent = tokio::spawn(agent::run_agent_with_token(
         node.clone(),
         cfg.master.clone(),
+        cfg.token.clone(),
         stopped(stop_rx),
     ));
     Ok(StoreHandle {

@@ -13,10 +13,10 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use kvpool_proto::{
-    decode_body, ErrorCode, FrameHeader, FrameLimits, HeaderError, Opcode, Read, UnitResponse,
-    WireError, Write, HEADER_LEN,
+    decode_body, ErrorCode, FrameHeader, FrameLimits, HeaderError, Opcode, Read, Token,
+    UnitResponse, WireError, Write, HEADER_LEN,
 };
-use kvpool_transport::{frame, TransportError};
+use kvpool_transport::{auth, frame, TransportError};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter},
     net::{
@@ -48,8 +48,20 @@ const DECODE_ANY: FrameLimits = FrameLimits {
 };
 
 /// Serves data-plane connections from `listener` until `shutdown` completes; then stops
-/// accepting and ends every connection.
+/// accepting and ends every connection. No token: see [`serve_with_token`].
 pub async fn serve(listener: TcpListener, node: Arc<Node>, shutdown: impl Future<Output = ()>) {
+    serve_with_token(listener, node, None, shutdown).await
+}
+
+/// [`serve`], requiring `token` (when set) in a `Hello` as the first frame of every
+/// connection; anything else is answered `Unauthorized` and the connection closed.
+pub async fn serve_with_token(
+    listener: TcpListener,
+    node: Arc<Node>,
+    token: Option<Token>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let token = token.map(Arc::new);
     let mut conns = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -57,7 +69,7 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>, shutdown: impl Future
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    conns.spawn(connection(stream, peer, node.clone()));
+                    conns.spawn(connection(stream, peer, node.clone(), token.clone()));
                 }
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");
@@ -105,7 +117,12 @@ impl From<std::io::Error> for Close {
     }
 }
 
-async fn connection(stream: TcpStream, peer: SocketAddr, node: Arc<Node>) {
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    node: Arc<Node>,
+    token: Option<Arc<Token>>,
+) {
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(%peer, "TCP_NODELAY: {e}");
     }
@@ -114,7 +131,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, node: Arc<Node>) {
         r: BufReader::with_capacity(BUF_SIZE, r),
         w: BufWriter::with_capacity(BUF_SIZE, w),
     };
-    match serve_connection(&mut io, &node).await {
+    match serve_connection(&mut io, &node, token.as_deref()).await {
         Ok(()) => tracing::trace!(%peer, "data connection closed"),
         Err(Close::Transport(e)) => tracing::debug!(%peer, "data connection ended: {e}"),
         Err(Close::Fatal {
@@ -141,7 +158,9 @@ async fn connection(stream: TcpStream, peer: SocketAddr, node: Arc<Node>) {
     }
 }
 
-async fn serve_connection(io: &mut Io, node: &Node) -> Result<(), Close> {
+async fn serve_connection(io: &mut Io, node: &Node, token: Option<&Token>) -> Result<(), Close> {
+    // Nothing is served before the Hello when a token is configured.
+    let mut authed = token.is_none();
     loop {
         // Answers go out before the server could block on input: a pipelined batch gets its
         // answers in few writes, and no answer waits on bytes the client has not sent yet.
@@ -165,6 +184,21 @@ async fn serve_connection(io: &mut Io, node: &Node) -> Result<(), Close> {
             }
             Err(e) => return Err(e.into()),
         };
+        if h.opcode == Opcode::Hello as u8 {
+            hello(io, &h, token).await?;
+            authed = true;
+            continue;
+        }
+        if !authed {
+            // Neither body nor payload of an unauthenticated request is read (the linger
+            // after the refusal discards what the peer already sent).
+            let e = auth::hello_required();
+            return Err(Close::Fatal {
+                opcode: h.opcode,
+                request_id: h.request_id,
+                err: e,
+            });
+        }
         if let Some(e) = over_limits(&h, node.limits()) {
             return Err(fatal(h.opcode, h.request_id, e.code(), e.to_string()));
         }
@@ -192,6 +226,33 @@ async fn serve_connection(io: &mut Io, node: &Node) -> Result<(), Close> {
             }
             other => other?,
         }
+    }
+}
+
+/// Answers a `Hello`: accepted (any token when none is configured), or refused and the
+/// connection closed. Its size is bounded before reading: the peer is not trusted yet.
+async fn hello(io: &mut Io, h: &FrameHeader, token: Option<&Token>) -> Result<(), Close> {
+    if h.body_len > auth::MAX_HELLO_BODY || h.payload_len > 0 {
+        return Err(Close::Fatal {
+            opcode: h.opcode,
+            request_id: h.request_id,
+            err: auth::hello_too_large(h.body_len, h.payload_len),
+        });
+    }
+    let body = frame::read_body(&mut io.r, h.body_len).await?;
+    match auth::check_hello(token, &body) {
+        Ok(resp) => {
+            let f = frame::encode_response(h.opcode, h.request_id, &resp, 0);
+            io.w.write_all(&f).await?;
+            Ok(())
+        }
+        Err(err) if err.code == ErrorCode::Unauthorized => Err(Close::Fatal {
+            opcode: h.opcode,
+            request_id: h.request_id,
+            err,
+        }),
+        // A malformed Hello to a node without a token: an ordinary bad request.
+        Err(err) => reply_error(io, h, err).await,
     }
 }
 

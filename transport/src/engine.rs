@@ -22,7 +22,7 @@ use std::{
 
 use futures::{stream, StreamExt};
 use kvpool_proto::{
-    decode_body, ErrorCode, FrameLimits, ItemResult, ObjectTag, Read, ReadOp, UnitResponse,
+    decode_body, ErrorCode, FrameLimits, ItemResult, ObjectTag, Read, ReadOp, Token, UnitResponse,
     WireError, Write, WriteOp,
 };
 use tokio::{io::AsyncWriteExt, net::TcpStream};
@@ -51,6 +51,9 @@ pub struct EngineOptions {
     pub limits: FrameLimits,
     /// Compute the crc32c of read bytes as each chunk lands [true].
     pub checksum_reads: bool,
+    /// The cluster token, sent in a `Hello` on every new connection before it is used. A
+    /// refused token fails the request with `Unauthorized`.
+    pub token: Option<Token>,
 }
 
 impl Default for EngineOptions {
@@ -62,6 +65,7 @@ impl Default for EngineOptions {
             io_timeout: Duration::from_secs(30),
             limits: FrameLimits::default(),
             checksum_reads: true,
+            token: None,
         }
     }
 }
@@ -401,7 +405,7 @@ impl TransferEngine {
         if let Some(c) = pooled {
             return Ok((c, true));
         }
-        let stream =
+        let mut stream =
             match tokio::time::timeout(self.opts.connect_timeout, TcpStream::connect(addr)).await {
                 Ok(s) => s?,
                 Err(_) => {
@@ -412,6 +416,15 @@ impl TransferEngine {
                 }
             };
         stream.set_nodelay(true)?;
+        if let Some(token) = &self.opts.token {
+            crate::auth::client_hello(
+                &mut stream,
+                token,
+                &self.opts.limits,
+                self.opts.connect_timeout,
+            )
+            .await?;
+        }
         Ok((stream, false))
     }
 

@@ -1,6 +1,7 @@
 //! kvpool's transfer engine and RPC plumbing.
 //!
 //! # Layout
+//! - [`auth`]: the cluster-token handshake (`Hello`), client and server side.
 //! - [`frame`]: reading and writing frames on a byte stream; payloads go straight between
 //!   the socket and their final buffer.
 //! - [`rpc`]: a multiplexed, reconnecting request/response client for control messages.
@@ -11,6 +12,7 @@
 //! The TCP transport is the only one today; shared memory (same host) and RDMA slot in
 //! behind [`engine::TransferEngine`] without changing its callers.
 
+pub mod auth;
 pub mod engine;
 mod error;
 pub mod frame;

@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use kvpool_proto::{FrameHeader, FrameLimits, Message};
+use kvpool_proto::{FrameHeader, FrameLimits, Message, Token};
 use tokio::{
     io::AsyncWriteExt,
     net::TcpStream,
@@ -31,6 +31,9 @@ pub struct RpcOptions {
     /// Limit for one request, from send to response.
     pub request_timeout: Duration,
     pub limits: FrameLimits,
+    /// The cluster token, sent in a `Hello` as the first frame of every connection (within
+    /// `connect_timeout`). A refused token fails the call with `Unauthorized`.
+    pub token: Option<Token>,
 }
 
 impl Default for RpcOptions {
@@ -39,6 +42,7 @@ impl Default for RpcOptions {
             connect_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(30),
             limits: FrameLimits::default(),
+            token: None,
         }
     }
 }
@@ -131,7 +135,7 @@ impl RpcClient {
             }
         }
         let opts = &self.inner.opts;
-        let stream =
+        let mut stream =
             match tokio::time::timeout(opts.connect_timeout, TcpStream::connect(&self.inner.addr))
                 .await
             {
@@ -144,6 +148,10 @@ impl RpcClient {
                 }
             };
         stream.set_nodelay(true)?;
+        if let Some(token) = &opts.token {
+            crate::auth::client_hello(&mut stream, token, &opts.limits, opts.connect_timeout)
+                .await?;
+        }
         let conn = Arc::new(spawn_conn(stream, opts.limits));
         *slot = Some(conn.clone());
         Ok(conn)

@@ -4,16 +4,16 @@
 
 use std::{future::Future, sync::Arc};
 
-use kvpool_proto::{ErrorCode, FrameLimits, Opcode, WireError};
+use kvpool_proto::{ErrorCode, FrameLimits, Opcode, Token, WireError};
 use tokio::{
-    io::AsyncWriteExt,
+    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::mpsc,
     task::JoinSet,
 };
 use tracing::{debug, warn};
 
-use crate::frame;
+use crate::{auth, frame};
 
 /// What a control-plane server does with one request.
 pub trait RpcService: Send + Sync + 'static {
@@ -21,13 +21,38 @@ pub trait RpcService: Send + Sync + 'static {
     fn handle(&self, opcode: Opcode, body: &[u8]) -> Result<Vec<u8>, WireError>;
 }
 
-/// Accepts connections until `shutdown` completes, then stops every connection task.
+/// How a control-plane server guards and bounds its connections.
+#[derive(Debug, Clone, Default)]
+pub struct ServerOptions {
+    pub limits: FrameLimits,
+    /// The cluster token. When set, every connection must start with a `Hello` carrying it;
+    /// anything else is answered `Unauthorized` and the connection closed.
+    pub token: Option<Token>,
+}
+
+/// Accepts connections until `shutdown` completes, then stops every connection task. No
+/// token: see [`serve_rpc_with`].
 pub async fn serve_rpc<S: RpcService>(
     listener: TcpListener,
     service: Arc<S>,
     limits: FrameLimits,
     shutdown: impl Future<Output = ()>,
 ) {
+    let opts = ServerOptions {
+        limits,
+        token: None,
+    };
+    serve_rpc_with(listener, service, opts, shutdown).await
+}
+
+/// Accepts connections until `shutdown` completes, then stops every connection task.
+pub async fn serve_rpc_with<S: RpcService>(
+    listener: TcpListener,
+    service: Arc<S>,
+    opts: ServerOptions,
+    shutdown: impl Future<Output = ()>,
+) {
+    let opts = Arc::new(opts);
     let mut tasks = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -36,9 +61,14 @@ pub async fn serve_rpc<S: RpcService>(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let service = service.clone();
+                    let opts = opts.clone();
                     tasks.spawn(async move {
-                        if let Err(e) = serve_conn(stream, service, limits).await {
-                            debug!(%peer, "rpc connection ended: {e}");
+                        match serve_conn(stream, service, &opts).await {
+                            Ok(()) => {}
+                            Err(crate::TransportError::Remote(e)) => {
+                                warn!(%peer, "refused a connection: {e}");
+                            }
+                            Err(e) => debug!(%peer, "rpc connection ended: {e}"),
                         }
                     });
                 }
@@ -54,11 +84,16 @@ pub async fn serve_rpc<S: RpcService>(
     tasks.shutdown().await;
 }
 
+/// Serves one connection. `Err(Remote(Unauthorized))` means the peer was refused (no or a
+/// wrong token) and the connection closed.
 async fn serve_conn<S: RpcService>(
     stream: TcpStream,
     service: Arc<S>,
-    limits: FrameLimits,
+    opts: &ServerOptions,
 ) -> Result<(), crate::TransportError> {
+    let limits = opts.limits;
+    // Nothing is served before the Hello when a token is configured.
+    let mut authed = opts.token.is_none();
     stream.set_nodelay(true)?;
     let (rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
@@ -96,6 +131,45 @@ async fn serve_conn<S: RpcService>(
             }
             Err(e) => break Err(e),
         };
+        if header.opcode == Opcode::Hello as u8 && !header.is_response() {
+            // The Hello is read from a peer not trusted yet: bound it before reading.
+            let checked = if header.body_len > auth::MAX_HELLO_BODY || header.payload_len > 0 {
+                Err(auth::hello_too_large(header.body_len, header.payload_len))
+            } else {
+                match frame::read_body(&mut rd, header.body_len).await {
+                    Ok(body) => auth::check_hello(opts.token.as_ref(), &body),
+                    Err(e) => break Err(e),
+                }
+            };
+            match checked {
+                Ok(resp) => {
+                    authed = true;
+                    let f = frame::encode_response(header.opcode, header.request_id, &resp, 0);
+                    if tx.send(f).is_err() {
+                        break Ok(());
+                    }
+                    continue;
+                }
+                Err(e) if e.code == ErrorCode::Unauthorized => {
+                    let _ = tx.send(frame::encode_error(header.opcode, header.request_id, &e));
+                    break Err(crate::TransportError::Remote(e));
+                }
+                Err(e) => {
+                    // A malformed Hello to a server without a token: an ordinary bad request.
+                    let f = frame::encode_error(header.opcode, header.request_id, &e);
+                    if tx.send(f).is_err() {
+                        break Ok(());
+                    }
+                    continue;
+                }
+            }
+        }
+        if !authed {
+            // Neither body nor payload of an unauthenticated request is read: refuse, close.
+            let e = auth::hello_required();
+            let _ = tx.send(frame::encode_error(header.opcode, header.request_id, &e));
+            break Err(crate::TransportError::Remote(e));
+        }
         let body = match frame::read_body(&mut rd, header.body_len).await {
             Ok(b) => b,
             Err(e) => break Err(e),
@@ -140,5 +214,140 @@ async fn serve_conn<S: RpcService>(
     };
     drop(tx);
     let _ = writer.await;
+    if matches!(&result, Err(crate::TransportError::Remote(_))) {
+        // The refusal is written and our side shut; keep reading for a moment so that the
+        // peer's unread requests do not turn the close into a reset that loses the refusal.
+        let drain = async {
+            let mut scratch = vec![0u8; 64 << 10];
+            let mut total = 0;
+            while total < auth::REFUSAL_LINGER_BYTES {
+                match rd.read(&mut scratch).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => total += n,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(auth::REFUSAL_LINGER, drain).await;
+    }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        rpc::{RpcClient, RpcOptions},
+        TransportError,
+    };
+    use kvpool_proto::{encode_body, FrameHeader, Status, StatusResponse, HEADER_LEN};
+    use tokio::io::AsyncReadExt;
+
+    /// Answers Status with an empty cluster; everything else is unknown.
+    struct Echo;
+
+    impl RpcService for Echo {
+        fn handle(&self, opcode: Opcode, _body: &[u8]) -> Result<Vec<u8>, WireError> {
+            match opcode {
+                Opcode::Status => Ok(encode_body(&StatusResponse {
+                    nodes: Vec::new(),
+                    objects: 7,
+                    processing: 0,
+                    evictions: 0,
+                })),
+                _ => Err(WireError::new(ErrorCode::WrongService, "not here")),
+            }
+        }
+    }
+
+    async fn server(token: Option<&str>) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let opts = ServerOptions {
+            limits: FrameLimits::default(),
+            token: token.map(|t| Token::new(t).unwrap()),
+        };
+        tokio::spawn(serve_rpc_with(
+            listener,
+            Arc::new(Echo),
+            opts,
+            std::future::pending(),
+        ));
+        addr
+    }
+
+    fn client(addr: &str, token: Option<&str>) -> RpcClient {
+        RpcClient::new(
+            addr,
+            RpcOptions {
+                token: token.map(|t| Token::new(t).unwrap()),
+                ..RpcOptions::default()
+            },
+        )
+    }
+
+    fn unauthorized(r: Result<StatusResponse, TransportError>) -> String {
+        match r {
+            Err(TransportError::Remote(w)) if w.code == ErrorCode::Unauthorized => w.message,
+            other => panic!("expected Unauthorized, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_token_server_refuses_all_but_the_right_token() {
+        let addr = server(Some("s3cret")).await;
+        let msg = unauthorized(client(&addr, None).call(&Status {}).await);
+        assert!(msg.contains("requires a token"), "{msg}");
+        let msg = unauthorized(client(&addr, Some("wrong")).call(&Status {}).await);
+        assert!(msg.contains("wrong cluster token"), "{msg}");
+        assert!(!msg.contains("s3cret"), "{msg}");
+        let ok = client(&addr, Some("s3cret"))
+            .call(&Status {})
+            .await
+            .unwrap();
+        assert_eq!(ok.objects, 7);
+    }
+
+    #[tokio::test]
+    async fn an_open_server_accepts_clients_with_or_without_a_token() {
+        let addr = server(None).await;
+        assert_eq!(
+            client(&addr, None).call(&Status {}).await.unwrap().objects,
+            7
+        );
+        assert_eq!(
+            client(&addr, Some("any"))
+                .call(&Status {})
+                .await
+                .unwrap()
+                .objects,
+            7
+        );
+    }
+
+    #[tokio::test]
+    async fn raw_frames_without_hello_are_refused_then_closed() {
+        let addr = server(Some("s3cret")).await;
+        let mut s = TcpStream::connect(&addr).await.unwrap();
+        let body = encode_body(&Status {});
+        let mut req = FrameHeader::request(Opcode::Status as u8, 42, body.len() as u32, 0)
+            .encode()
+            .to_vec();
+        req.extend_from_slice(&body);
+        // Two requests: the second must not be served either.
+        s.write_all(&req).await.unwrap();
+        s.write_all(&req).await.unwrap();
+        let mut head = [0u8; HEADER_LEN];
+        s.read_exact(&mut head).await.unwrap();
+        let h = FrameHeader::decode(&head, &FrameLimits::default()).unwrap();
+        assert_eq!((h.code(), h.request_id), (ErrorCode::Unauthorized, 42));
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest.len(), h.body_len as usize, "nothing after the refusal");
+        // The server goes on serving others.
+        let ok = client(&addr, Some("s3cret"))
+            .call(&Status {})
+            .await
+            .unwrap();
+        assert_eq!(ok.objects, 7);
+    }
 }

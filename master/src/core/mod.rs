@@ -231,10 +231,11 @@ impl MasterCore {
         UnitResponse { items }
     }
 
-    /// Removes every committed object (leased and hard-pinned ones only with force).
+    /// Removes every committed object (leased and hard-pinned ones only with force); with a
+    /// prefix, only the objects whose key starts with it (one tenant's keys).
     pub fn remove_all(&mut self, now: Duration, req: RemoveAll) -> RemoveAllResponse {
         RemoveAllResponse {
-            removed: self.remove_all_inner(now, req.force),
+            removed: self.remove_all_inner(now, req.force, req.prefix.as_deref().unwrap_or(&[])),
         }
     }
 

@@ -407,7 +407,13 @@ impl Sim {
                 );
             }
             Op::RemoveAll { force } => {
-                self.core.remove_all(self.now, RemoveAll { force });
+                self.core.remove_all(
+                    self.now,
+                    RemoveAll {
+                        force,
+                        prefix: None,
+                    },
+                );
             }
             Op::Advance { ms, silent } => {
                 // In steps no longer than a heartbeat period, so that only `silent` can die.

@@ -110,11 +110,15 @@ impl MasterCore {
         Ok(())
     }
 
-    pub(crate) fn remove_all_inner(&mut self, now: Duration, force: bool) -> u64 {
+    pub(crate) fn remove_all_inner(&mut self, now: Duration, force: bool, prefix: &[u8]) -> u64 {
         let victims: Vec<ObjId> = self
             .objects
             .iter()
-            .filter(|(_, o)| o.is_complete() && (force || (!o.leased(now) && !o.hard_pin)))
+            .filter(|(_, o)| {
+                o.is_complete()
+                    && o.key.starts_with(prefix)
+                    && (force || (!o.leased(now) && !o.hard_pin))
+            })
             .map(|(id, _)| id)
             .collect();
         let mut removed = 0;

@@ -553,7 +553,13 @@ fn hard_pinned_objects_need_force_and_are_never_evicted() {
     }
     assert!(w.exists("pinned"));
     assert_eq!(code(w.remove("pinned", false)), ErrorCode::Pinned);
-    w.core.remove_all(w.now, RemoveAll { force: false });
+    w.core.remove_all(
+        w.now,
+        RemoveAll {
+            force: false,
+            prefix: None,
+        },
+    );
     assert!(w.exists("pinned"));
     w.remove("pinned", true).unwrap();
 }
@@ -1031,11 +1037,27 @@ fn remove_all_skips_leased_and_pinned_unless_forced() {
     w.start(A, "writing", 10).unwrap();
     w.get("leased").unwrap();
     assert_eq!(
-        w.core.remove_all(w.now, RemoveAll { force: false }).removed,
+        w.core
+            .remove_all(
+                w.now,
+                RemoveAll {
+                    force: false,
+                    prefix: None
+                }
+            )
+            .removed,
         1
     );
     assert_eq!(
-        w.core.remove_all(w.now, RemoveAll { force: true }).removed,
+        w.core
+            .remove_all(
+                w.now,
+                RemoveAll {
+                    force: true,
+                    prefix: None
+                }
+            )
+            .removed,
         2
     );
     let st = w.core.status(w.now);
@@ -1044,6 +1066,42 @@ fn remove_all_skips_leased_and_pinned_unless_forced() {
         (0, 1),
         "puts in progress are not committed objects"
     );
+}
+
+#[test]
+fn remove_all_with_a_prefix_removes_only_those_keys() {
+    // A tenant's remove_all: keys are `tenant 0x00 key` on the wire.
+    let mut w = World::new();
+    w.node(1, &[(10, 64 * MIB)]);
+    w.put("a\0k1", 10);
+    w.put("a\0k2", 10);
+    w.put("b\0k1", 10);
+    w.put("plain", 10);
+    let removed = w
+        .core
+        .remove_all(
+            w.now,
+            RemoveAll {
+                force: false,
+                prefix: Some(b"a\0".to_vec()),
+            },
+        )
+        .removed;
+    assert_eq!(removed, 2);
+    assert!(!w.exists("a\0k1") && !w.exists("a\0k2"));
+    assert!(w.exists("b\0k1") && w.exists("plain"));
+    // An empty prefix is every key.
+    let removed = w
+        .core
+        .remove_all(
+            w.now,
+            RemoveAll {
+                force: false,
+                prefix: Some(Vec::new()),
+            },
+        )
+        .removed;
+    assert_eq!(removed, 2);
 }
 
 #[test]
