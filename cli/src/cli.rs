@@ -88,6 +88,16 @@ pub struct MasterArgs {
     /// RPC address [127.0.0.1:50051].
     #[arg(long)]
     pub listen: Option<String>,
+    /// etcd endpoints (comma-separated, e.g. http://10.0.0.1:2379): campaign for leadership
+    /// with the other masters of the cluster (HA). Without them this is the only master.
+    #[arg(long, env = "KVPOOL_ETCD", value_delimiter = ',', value_name = "URLS")]
+    pub etcd: Vec<String>,
+    /// Cluster name in etcd [default].
+    #[arg(long, env = "KVPOOL_CLUSTER")]
+    pub cluster: Option<String>,
+    /// Address published in etcd for clients and nodes [the listen address].
+    #[arg(long)]
+    pub advertise: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -95,6 +105,13 @@ pub struct StoreArgs {
     /// The master's RPC address.
     #[arg(long, env = "KVPOOL_MASTER")]
     pub master: Option<String>,
+    /// etcd endpoints (comma-separated, e.g. http://10.0.0.1:2379) to find the leading
+    /// master through (HA); overrides --master.
+    #[arg(long, env = "KVPOOL_ETCD", value_delimiter = ',', value_name = "URLS")]
+    pub etcd: Vec<String>,
+    /// Cluster name in etcd [default].
+    #[arg(long, env = "KVPOOL_CLUSTER")]
+    pub cluster: Option<String>,
     /// Data address [127.0.0.1:50052].
     #[arg(long)]
     pub listen: Option<String>,
@@ -123,6 +140,13 @@ pub struct MasterAddr {
     /// The master's RPC address [127.0.0.1:50051].
     #[arg(long, env = "KVPOOL_MASTER")]
     pub master: Option<String>,
+    /// etcd endpoints (comma-separated, e.g. http://10.0.0.1:2379) to find the leading
+    /// master through (HA); overrides --master.
+    #[arg(long, env = "KVPOOL_ETCD", value_delimiter = ',', value_name = "URLS")]
+    pub etcd: Vec<String>,
+    /// Cluster name in etcd [default].
+    #[arg(long, env = "KVPOOL_CLUSTER")]
+    pub cluster: Option<String>,
     /// The tenant (namespace) whose keys this command sees.
     #[arg(long, env = "KVPOOL_TENANT")]
     pub tenant: Option<String>,

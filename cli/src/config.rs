@@ -31,6 +31,11 @@ pub struct ClientSection {
     pub stripe_size: ByteSize,
     /// How long an operation retries transient failures ["30s"].
     pub deadline: HumanDuration,
+    /// etcd endpoints to find the leading master through (HA) [empty: use `master`];
+    /// `--etcd` / `KVPOOL_ETCD` override it.
+    pub etcd: Vec<String>,
+    /// Cluster name whose leader to follow ["default"]; `--cluster` / `KVPOOL_CLUSTER`.
+    pub cluster: String,
     /// File holding the cluster token (first line) [unset: no token].
     pub token_file: Option<PathBuf>,
     /// The tenant (namespace) the verbs' keys live in [unset: the shared namespace];
@@ -50,6 +55,8 @@ impl Default for ClientSection {
             conns_per_peer: c.engine.conns_per_peer,
             stripe_size: ByteSize(c.engine.stripe_size),
             deadline: HumanDuration(c.deadline),
+            etcd: c.etcd,
+            cluster: c.cluster,
             token_file: None,
             tenant: None,
             token: None,
@@ -64,6 +71,8 @@ impl ClientSection {
         c.engine.conns_per_peer = self.conns_per_peer.max(1);
         c.engine.stripe_size = self.stripe_size.0.max(4096);
         c.deadline = self.deadline.0;
+        c.etcd = self.etcd.clone();
+        c.cluster = self.cluster.clone();
         c.token = self.token.clone();
         c.tenant = self.tenant.clone();
         c

@@ -50,6 +50,15 @@ pub async fn master(mut cfg: Config, a: MasterArgs) -> anyhow::Result<ExitCode> 
     if let Some(l) = a.listen {
         cfg.master.listen = l;
     }
+    if !a.etcd.is_empty() {
+        cfg.master.etcd = a.etcd;
+    }
+    if let Some(c) = a.cluster {
+        cfg.master.cluster = c;
+    }
+    if let Some(ad) = a.advertise {
+        cfg.master.advertise = Some(ad);
+    }
     cfg.master.validate().map_err(anyhow::Error::msg)?;
     let listener = bind(&cfg.master.listen, "master").await?;
     let addr = listener.local_addr()?;
@@ -65,6 +74,12 @@ fn apply_store_flags(cfg: &mut Config, a: &StoreArgs) {
     }
     if let Some(l) = &a.listen {
         cfg.store.listen = l.clone();
+    }
+    if !a.etcd.is_empty() {
+        cfg.store.etcd = a.etcd.clone();
+    }
+    if let Some(c) = &a.cluster {
+        cfg.store.cluster = c.clone();
     }
     if let Some(ad) = &a.advertise {
         cfg.store.advertise = Some(ad.clone());

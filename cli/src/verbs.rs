@@ -19,6 +19,12 @@ fn client(cfg: &Config, addr: &MasterAddr) -> anyhow::Result<Client> {
     if let Some(t) = &addr.tenant {
         c.tenant = Some(t.clone());
     }
+    if !addr.etcd.is_empty() {
+        c.etcd = addr.etcd.clone();
+    }
+    if let Some(cl) = &addr.cluster {
+        c.cluster = cl.clone();
+    }
     c.validate().map_err(anyhow::Error::msg)?;
     Ok(Client::new(c))
 }

@@ -18,6 +18,11 @@ pub struct ClientConfig {
     pub max_batch: usize,
     /// This client's own node, if it runs beside one: written first, read first.
     pub local_node: Option<NodeId>,
+    /// etcd endpoints to find the leading master through (HA) [empty: use `master`]. The
+    /// client follows a new leader without being re-created.
+    pub etcd: Vec<String>,
+    /// Cluster name whose leader to follow when `etcd` is set ["default"].
+    pub cluster: String,
     /// The cluster token, presented on every connection to the master and to storage nodes.
     /// When set it replaces `rpc.token` and `engine.token`.
     pub token: Option<Token>,
@@ -37,6 +42,8 @@ impl Default for ClientConfig {
             deadline: Duration::from_secs(30),
             max_batch: 1024,
             local_node: None,
+            etcd: Vec::new(),
+            cluster: "default".into(),
             token: None,
             tenant: None,
         }

@@ -60,7 +60,7 @@ impl Client {
             rpc_opts.token = Some(t.clone());
             engine_opts.token = Some(t.clone());
         }
-        let master = RpcClient::new(cfg.master.clone(), rpc_opts);
+        let master = master_rpc(&cfg, rpc_opts);
         engine_opts.checksum_reads = cfg.verify_checksum;
         let engine = TransferEngine::new(engine_opts);
         let key_prefix = cfg.validate().map(|()| match cfg.tenant.as_deref() {
@@ -214,6 +214,16 @@ impl Client {
         loop {
             match self.master.call(msg).await {
                 Ok(r) => return Ok(r),
+                // A standby, or no leader yet (HA failover): the RPC client re-resolves the
+                // leader on the next call, so wait for the election like for a reconnect.
+                Err(TransportError::Remote(w))
+                    if w.code == ErrorCode::NotLeader
+                        && start.elapsed() + backoff < self.cfg.deadline =>
+                {
+                    tracing::debug!("master is not the leader, retrying in {backoff:?}: {w}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
                 Err(TransportError::Remote(w)) => return Err(ClientError::Remote(w)),
                 Err(e) if e.is_retryable() && start.elapsed() + backoff < self.cfg.deadline => {
                     tracing::debug!("master call failed, retrying in {backoff:?}: {e}");
@@ -223,6 +233,24 @@ impl Client {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+}
+
+/// The master connection: through etcd to whichever master leads when `cfg.etcd` is set or
+/// `cfg.master` is an `etcd://HOST:PORT,.../CLUSTER` address, else straight to `cfg.master`.
+fn master_rpc(cfg: &ClientConfig, opts: kvpool_transport::rpc::RpcOptions) -> RpcClient {
+    let target = if cfg.etcd.is_empty() {
+        kvpool_ha::parse_etcd_target(&cfg.master)
+    } else {
+        Some((cfg.etcd.clone(), cfg.cluster.clone()))
+    };
+    match target {
+        Some((endpoints, cluster)) => {
+            let describe = kvpool_ha::etcd_target(&endpoints, &cluster);
+            let resolver = kvpool_ha::Resolver::new(endpoints, &cluster);
+            RpcClient::with_resolver(describe, resolver.as_fn(), opts)
+        }
+        None => RpcClient::new(cfg.master.clone(), opts),
     }
 }
 

@@ -44,6 +44,38 @@ pub fn leader_key(cluster: &str) -> String {
     format!("/kvpool/{cluster}/leader")
 }
 
+/// The master address form that means "the leader, found through etcd":
+/// `etcd://HOST:PORT[,HOST:PORT...][/CLUSTER]` (cluster [default]). Anything else is a plain
+/// master address.
+pub fn etcd_target(endpoints: &[String], cluster: &str) -> String {
+    let hosts: Vec<&str> = endpoints
+        .iter()
+        .map(|e| {
+            e.trim_start_matches("http://")
+                .trim_start_matches("https://")
+                .trim_end_matches('/')
+        })
+        .collect();
+    format!("etcd://{}/{cluster}", hosts.join(","))
+}
+
+/// Splits an `etcd://` master address into etcd endpoints (`http://HOST:PORT`) and the
+/// cluster name; `None` for a plain address.
+pub fn parse_etcd_target(master: &str) -> Option<(Vec<String>, String)> {
+    let rest = master.strip_prefix("etcd://")?;
+    let (hosts, cluster) = match rest.split_once('/') {
+        Some((h, c)) if !c.is_empty() => (h, c),
+        Some((h, _)) => (h, DEFAULT_CLUSTER),
+        None => (rest, DEFAULT_CLUSTER),
+    };
+    let endpoints: Vec<String> = hosts
+        .split([',', ';'])
+        .filter(|h| !h.is_empty())
+        .map(|h| format!("http://{h}"))
+        .collect();
+    (!endpoints.is_empty()).then(|| (endpoints, cluster.to_string()))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum HaError {
     #[error("etcd: {0}")]
@@ -193,7 +225,7 @@ impl Election {
     }
 
     /// Stops campaigning and revokes the lease if leading, so a standby takes over at once.
-    pub async fn resign(self) {
+    pub async fn resign(&self) {
         self.task.abort();
         let lease = {
             let mut s = lock(&self.state);
@@ -598,6 +630,25 @@ mod tests {
             safety_margin(Duration::from_millis(100)),
             Duration::from_millis(100)
         );
+    }
+
+    #[test]
+    fn etcd_targets_round_trip() {
+        let eps = vec![
+            "http://10.0.0.1:2379".to_string(),
+            "10.0.0.2:2379".to_string(),
+        ];
+        let t = etcd_target(&eps, "prod");
+        assert_eq!(t, "etcd://10.0.0.1:2379,10.0.0.2:2379/prod");
+        let (back, cluster) = parse_etcd_target(&t).unwrap();
+        assert_eq!(back, ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]);
+        assert_eq!(cluster, "prod");
+        assert_eq!(
+            parse_etcd_target("etcd://h:1").unwrap().1,
+            DEFAULT_CLUSTER.to_string()
+        );
+        assert!(parse_etcd_target("127.0.0.1:50051").is_none());
+        assert!(parse_etcd_target("etcd://").is_none());
     }
 
     #[test]

@@ -46,6 +46,17 @@ pub struct MasterConfig {
     pub promote_after_hits: u32,
     /// A demotion or promotion copy not reported done within this fails ["60s"].
     pub task_timeout: HumanDuration,
+    /// etcd endpoints for high availability, e.g. ["http://10.0.0.1:2379"] [empty: a single
+    /// master, no election]. With them the master campaigns for leadership and answers
+    /// `NotLeader` while a standby.
+    pub etcd: Vec<String>,
+    /// Cluster name: the leader key is `/kvpool/<cluster>/leader` ["default"].
+    pub cluster: String,
+    /// TTL of the leader's etcd lease; a dead leader is replaced within about this ["5s"].
+    pub leader_ttl: HumanDuration,
+    /// Address published in etcd for clients and nodes to dial [unset: the listen address;
+    /// required when listening on a wildcard address].
+    pub advertise: Option<String>,
     /// File holding the cluster token (first line) [unset: no token, every peer served].
     pub token_file: Option<std::path::PathBuf>,
     /// The cluster token itself, once read (from `token_file`, `--token-file` or
@@ -75,6 +86,10 @@ impl Default for MasterConfig {
             nvme_admission: core.nvme_admission,
             promote_after_hits: core.promote_after_hits,
             task_timeout: HumanDuration(core.task_timeout),
+            etcd: Vec::new(),
+            cluster: "default".into(),
+            leader_ttl: HumanDuration(Duration::from_secs(5)),
+            advertise: None,
             token_file: None,
             token: None,
         }
@@ -124,6 +139,14 @@ impl MasterConfig {
         }
         if self.task_timeout.0.is_zero() {
             return Err("master.task-timeout must be positive".into());
+        }
+        if self.leader_ttl.0 < Duration::from_secs(2) {
+            // etcd grants whole seconds, and the leader steps down 30 % early: shorter TTLs
+            // leave no room for a renewal round trip.
+            return Err("master.leader-ttl must be at least 2s".into());
+        }
+        if self.cluster.is_empty() || self.cluster.contains('/') {
+            return Err("master.cluster must be a non-empty name without '/'".into());
         }
         Ok(())
     }

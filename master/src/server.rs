@@ -1,5 +1,12 @@
 //! The master's thin async shell: decode a request, hand it to [`MasterCore`] under a lock
 //! with the current time, encode the answer. Nothing in here decides anything.
+//!
+//! With etcd endpoints configured (HA), the master campaigns for leadership
+//! ([`kvpool_ha::Election`]) and serves only while it certainly holds the lease; a standby
+//! answers every request `NotLeader`. Each term starts from an empty core: the storage nodes
+//! get `need_register` on their next heartbeat and report their inventories again, which
+//! rebuilds the object map. Losing leadership drops the core, so a later term starts empty
+//! too and never serves a stale map.
 
 use std::{
     future::Future,
@@ -17,6 +24,24 @@ use crate::{config::MasterConfig, core::MasterCore};
 struct Service {
     core: Mutex<MasterCore>,
     epoch: Instant,
+    ha: Option<Ha>,
+}
+
+/// The HA gate: which term the core belongs to.
+struct Ha {
+    election: Arc<kvpool_ha::Election>,
+    core_cfg: crate::core::CoreConfig,
+    /// The term the current core serves; `None` while a standby (the core is then empty).
+    term: Mutex<Option<i64>>,
+}
+
+/// Replica ids must not repeat across master restarts or terms (a node may still hold ids
+/// from the previous master), so they start at the wall clock in nanoseconds.
+fn id_base() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
 }
 
 impl Service {
@@ -28,6 +53,35 @@ impl Service {
         // The core is only mutated through whole requests; a panic inside one is a bug we
         // would rather keep serving through than turn into a crash loop of every caller.
         self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether this master may act now (always, without HA). Switches the core to a fresh
+    /// one when a new term starts, and drops it when leadership is lost.
+    fn admit(&self) -> Result<(), WireError> {
+        let Some(ha) = &self.ha else { return Ok(()) };
+        let now_term = ha.election.leader_term();
+        let mut term = ha.term.lock().unwrap_or_else(|e| e.into_inner());
+        if *term != now_term {
+            // Either way the old map must go: a new term rebuilds it from the nodes, and a
+            // standby must not keep one that would be stale when it next leads.
+            *self.core() = MasterCore::new(ha.core_cfg.clone(), id_base());
+            *term = now_term;
+            match now_term {
+                Some(t) => tracing::info!(
+                    term = t,
+                    "leading: serving from an empty map that the nodes' reports rebuild"
+                ),
+                None => tracing::info!("not leading: map dropped, answering NotLeader"),
+            }
+        }
+        if now_term.is_some() {
+            return Ok(());
+        }
+        let msg = match ha.election.leader_hint() {
+            Some(l) => format!("this master is a standby; the leader is {l}"),
+            None => "this master is a standby; no leader is elected right now".to_string(),
+        };
+        Err(WireError::new(kvpool_proto::ErrorCode::NotLeader, msg))
     }
 }
 
@@ -42,6 +96,7 @@ fn call<M: Message, R: Serialize>(
 impl RpcService for Service {
     fn handle(&self, opcode: Opcode, body: &[u8]) -> Result<Vec<u8>, WireError> {
         let now = self.now();
+        self.admit()?;
         match opcode {
             Opcode::PutStart => call(body, |r| self.core().put_start(now, r)),
             Opcode::PutEnd => call(body, |r| self.core().put_end(now, r)),
@@ -76,15 +131,17 @@ pub async fn run(listener: TcpListener, cfg: &MasterConfig, shutdown: impl Futur
         return;
     }
     let cfg = &cfg;
-    // Replica ids must not repeat across master restarts (a node may still hold ids from
-    // the previous master), so they start at the wall clock in nanoseconds.
-    let id_base = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(1);
+    let ha = match start_election(&listener, cfg) {
+        Ok(ha) => ha,
+        Err(e) => {
+            tracing::error!("not serving: {e}");
+            return;
+        }
+    };
     let service = Arc::new(Service {
-        core: Mutex::new(MasterCore::new(cfg.core(), id_base)),
+        core: Mutex::new(MasterCore::new(cfg.core(), id_base())),
         epoch: Instant::now(),
+        ha,
     });
     let ticker = {
         let service = service.clone();
@@ -95,7 +152,11 @@ pub async fn run(listener: TcpListener, cfg: &MasterConfig, shutdown: impl Futur
             loop {
                 interval.tick().await;
                 let now = service.now();
-                service.core().tick(now);
+                // A standby has nothing to expire or evict; admit() also drops the map the
+                // moment leadership ends, even when no request arrives.
+                if service.admit().is_ok() {
+                    service.core().tick(now);
+                }
             }
         })
     };
@@ -106,6 +167,44 @@ pub async fn run(listener: TcpListener, cfg: &MasterConfig, shutdown: impl Futur
         limits: FrameLimits::default(),
         token: cfg.token.clone(),
     };
-    serve_rpc_with(listener, service, opts, shutdown).await;
+    serve_rpc_with(listener, service.clone(), opts, shutdown).await;
     ticker.abort();
+    if let Some(ha) = &service.ha {
+        // Hand leadership over at once instead of making the standbys wait out the lease.
+        ha.election.resign().await;
+    }
+}
+
+/// Starts campaigning when `cfg` names etcd endpoints.
+fn start_election(listener: &TcpListener, cfg: &MasterConfig) -> Result<Option<Ha>, String> {
+    if cfg.etcd.is_empty() {
+        return Ok(None);
+    }
+    let address = match &cfg.advertise {
+        Some(a) => a.clone(),
+        None => {
+            let local = listener
+                .local_addr()
+                .map_err(|e| format!("listener address: {e}"))?;
+            if local.ip().is_unspecified() {
+                return Err(format!(
+                    "listening on {local} with etcd: set master.advertise (--advertise) to the \
+                     address clients and nodes should dial"
+                ));
+            }
+            local.to_string()
+        }
+    };
+    tracing::info!(etcd = ?cfg.etcd, cluster = cfg.cluster, %address, "campaigning for leadership");
+    let election = kvpool_ha::Election::start(kvpool_ha::ElectionConfig {
+        endpoints: cfg.etcd.clone(),
+        cluster: cfg.cluster.clone(),
+        address,
+        ttl: cfg.leader_ttl.0,
+    });
+    Ok(Some(Ha {
+        election: Arc::new(election),
+        core_cfg: cfg.core(),
+        term: Mutex::new(None),
+    }))
 }

@@ -42,7 +42,14 @@ pub async fn run_agent_with_token(
         request_timeout: Duration::from_secs(10),
         ..RpcOptions::default()
     };
-    let client = RpcClient::new(master, opts);
+    // `etcd://...` (set when the node runs with --etcd): follow the elected leader.
+    let client = match kvpool_ha::parse_etcd_target(&master) {
+        Some((endpoints, cluster)) => {
+            let resolver = kvpool_ha::Resolver::new(endpoints, &cluster);
+            RpcClient::with_resolver(master, resolver.as_fn(), opts)
+        }
+        None => RpcClient::new(master, opts),
+    };
     tokio::select! {
         () = shutdown => {}
         () = agent_loop(&node, &client) => {}

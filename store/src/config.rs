@@ -28,6 +28,11 @@ pub struct StoreConfig {
     pub huge_pages: bool,
     /// Name shown in `kvpool status` and logs [unset: the host name].
     pub name: Option<String>,
+    /// etcd endpoints to find the leading master through (HA), e.g. ["http://10.0.0.1:2379"]
+    /// [empty: use `master`]. The node follows a new leader without a restart.
+    pub etcd: Vec<String>,
+    /// Cluster name whose leader to follow when `etcd` is set ["default"].
+    pub cluster: String,
     /// File holding the cluster token (first line) [unset: no token]. The node presents it
     /// to the master and requires it of every client of its data server.
     pub token_file: Option<std::path::PathBuf>,
@@ -48,6 +53,8 @@ impl Default for StoreConfig {
             dram: ByteSize::mib(256),
             huge_pages: false,
             name: None,
+            etcd: Vec::new(),
+            cluster: "default".into(),
             token_file: None,
             token: None,
             nvme: None,

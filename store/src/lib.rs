@@ -89,16 +89,21 @@ impl StoreHandle {
 
 /// Builds the node (maps and pre-faults its segment), then starts the master agent and the
 /// data server on `listener`, in the background of the current tokio runtime.
-pub async fn start(
-    mut cfg: StoreConfig,
-    listener: TcpListener,
-) -> Result<StoreHandle, StoreError> {
+pub async fn start(mut cfg: StoreConfig, listener: TcpListener) -> Result<StoreHandle, StoreError> {
     cfg.validate().map_err(StoreError::Config)?;
     cfg.load_token().map_err(StoreError::Config)?;
     let local_addr = listener.local_addr()?;
     let addr = match &cfg.advertise {
         Some(a) => a.clone(),
-        None => advertised_addr(local_addr, &cfg.master),
+        // With etcd, the route to etcd picks the interface (the masters share its network).
+        None => match cfg.etcd.first() {
+            Some(e) => advertised_addr(
+                local_addr,
+                e.trim_start_matches("http://")
+                    .trim_start_matches("https://"),
+            ),
+            None => advertised_addr(local_addr, &cfg.master),
+        },
     };
     let name = cfg.name.clone().unwrap_or_else(host_name);
     let (size, huge) = (cfg.dram.0, cfg.huge_pages);
@@ -147,9 +152,14 @@ pub async fn start(
         cfg.token.clone(),
         stopped(stop_rx.clone()),
     ));
+    let master = if cfg.etcd.is_empty() {
+        cfg.master.clone()
+    } else {
+        kvpool_ha::etcd_target(&cfg.etcd, &cfg.cluster)
+    };
     let agent = tokio::spawn(agent::run_agent_with_token(
         node.clone(),
-        cfg.master.clone(),
+        master,
         cfg.token.clone(),
         stopped(stop_rx),
     ));

@@ -223,3 +223,135 @@ pub async fn tier_use(c: &Client, tier: kvpool_proto::Tier) -> (u64, u64) {
         .filter(|seg| seg.tier == tier)
         .fold((0, 0), |(c, u), seg| (c + seg.capacity, u + seg.used))
 }
+
+/// The `etcd` binary: `$KVPOOL_ETCD_BIN`, else `etcd` on the PATH (Debian's `etcd-server`
+/// installs /usr/bin/etcd). Panics with what to install when there is none: the HA tests need
+/// a real etcd, and CI installs it (scripts/deps.sh).
+pub fn etcd_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("KVPOOL_ETCD_BIN") {
+        return PathBuf::from(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/local/bin")])
+        .map(|d| d.join("etcd"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "the HA tests need the `etcd` binary and none was found on the PATH or in \
+                 /usr/bin: install Debian's `etcd-server` (scripts/deps.sh does) or set \
+                 KVPOOL_ETCD_BIN"
+            )
+        })
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// A single-member etcd on free loopback ports with a temporary data folder; killed (and its
+/// folder removed) when dropped.
+pub struct Etcd {
+    child: Child,
+    /// The client URL, `http://127.0.0.1:PORT`.
+    pub url: String,
+    dir: PathBuf,
+}
+
+impl Etcd {
+    /// Starts etcd and waits (up to 30 s) until it reports itself healthy.
+    pub fn start() -> Etcd {
+        let dir = std::env::temp_dir().join(format!(
+            "kvpool-etcd-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).expect("etcd data dir");
+        let (cp, pp) = (free_port(), free_port());
+        let client = format!("http://127.0.0.1:{cp}");
+        let peer = format!("http://127.0.0.1:{pp}");
+        let log = std::fs::File::create(dir.join("etcd.log")).expect("etcd log");
+        let child = Command::new(etcd_bin())
+            .args(["--name", "t", "--data-dir"])
+            .arg(dir.join("data"))
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("t={peer}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn etcd");
+        let etcd = Etcd {
+            child,
+            url: client,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !etcd.healthy() {
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not become healthy within 30s; see {}",
+                etcd.dir.join("etcd.log").display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        etcd
+    }
+
+    /// Whether etcd answers `GET /health` with `"health":"true"`.
+    pub fn healthy(&self) -> bool {
+        use std::io::{Read, Write};
+        let addr = self.url.trim_start_matches("http://");
+        let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        if s.write_all(format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .is_err()
+        {
+            return false;
+        }
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out.contains("\"health\":\"true\"")
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on a child we spawned and have not reaped; no memory effects.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    /// SIGSTOP: etcd stops answering but keeps its connections open (a stalled etcd).
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`Etcd::pause`].
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

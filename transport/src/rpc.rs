@@ -4,9 +4,15 @@
 //! outgoing frames into few syscalls, and a reader task routes each response to its caller by
 //! id. A broken connection fails every request in flight with a retryable error, and the next
 //! call dials again, so callers never hold a dead connection.
+//!
+//! A client made [`RpcClient::with_resolver`] follows a server that moves (the HA master's
+//! leader): it asks the resolver for the address on every dial, and drops its connection on
+//! a `NotLeader` answer, a broken connection or a timeout, so the next call finds the leader.
 
 use std::{
     collections::HashMap,
+    future::Future,
+    pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -14,7 +20,7 @@ use std::{
     time::Duration,
 };
 
-use kvpool_proto::{FrameHeader, FrameLimits, Message, Token};
+use kvpool_proto::{ErrorCode, FrameHeader, FrameLimits, Message, Token, WireError};
 use tokio::{
     io::AsyncWriteExt,
     net::TcpStream,
@@ -62,6 +68,10 @@ impl Conn {
     }
 }
 
+/// Looks up the address to dial: `None` when there is none now (no leader elected).
+pub type Resolve =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Option<String>> + Send>> + Send + Sync>;
+
 /// A cheap-to-clone handle to one server; reconnects on demand.
 #[derive(Clone)]
 pub struct RpcClient {
@@ -70,6 +80,8 @@ pub struct RpcClient {
 
 struct Inner {
     addr: String,
+    /// With a resolver, `addr` only describes the target; each dial resolves the address.
+    resolver: Option<Resolve>,
     opts: RpcOptions,
     next_id: AtomicU64,
     conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
@@ -81,6 +93,22 @@ impl RpcClient {
         RpcClient {
             inner: Arc::new(Inner {
                 addr: addr.into(),
+                resolver: None,
+                opts,
+                next_id: AtomicU64::new(1),
+                conn: tokio::sync::Mutex::new(None),
+            }),
+        }
+    }
+
+    /// A client that dials whatever `resolver` names at the time (the current leader), and
+    /// re-resolves after a `NotLeader` answer or a failed connection. `describe` is what
+    /// [`RpcClient::addr`] shows in logs.
+    pub fn with_resolver(describe: impl Into<String>, resolver: Resolve, opts: RpcOptions) -> Self {
+        RpcClient {
+            inner: Arc::new(Inner {
+                addr: describe.into(),
+                resolver: Some(resolver),
                 opts,
                 next_id: AtomicU64::new(1),
                 conn: tokio::sync::Mutex::new(None),
@@ -92,8 +120,27 @@ impl RpcClient {
         &self.inner.addr
     }
 
-    /// Sends one request and waits for its response.
+    /// Sends one request and waits for its response; a client with a resolver forgets its
+    /// connection after an answer that says the server is not (or no longer) the one to ask.
     pub async fn call<M: Message>(&self, msg: &M) -> Result<M::Response, TransportError> {
+        let r = self.call_once(msg).await;
+        if self.inner.resolver.is_some() {
+            if let Err(e) = &r {
+                let moved = match e {
+                    TransportError::Remote(w) => w.code == ErrorCode::NotLeader,
+                    // A paused or partitioned server times out with its connection still
+                    // open: dial the (maybe new) leader next time rather than wait on it.
+                    other => other.is_retryable(),
+                };
+                if moved {
+                    *self.inner.conn.lock().await = None;
+                }
+            }
+        }
+        r
+    }
+
+    async fn call_once<M: Message>(&self, msg: &M) -> Result<M::Response, TransportError> {
         let timeout = self.inner.opts.request_timeout;
         let conn = self.connection().await?;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
@@ -135,10 +182,21 @@ impl RpcClient {
             }
         }
         let opts = &self.inner.opts;
+        let addr = match &self.inner.resolver {
+            None => self.inner.addr.clone(),
+            Some(resolve) => match tokio::time::timeout(opts.connect_timeout, resolve()).await {
+                Ok(Some(a)) => a,
+                // NotLeader is retryable: callers wait for an election as for any failover.
+                Ok(None) | Err(_) => {
+                    return Err(TransportError::Remote(WireError::new(
+                        ErrorCode::NotLeader,
+                        format!("no leader known for {}", self.inner.addr),
+                    )))
+                }
+            },
+        };
         let mut stream =
-            match tokio::time::timeout(opts.connect_timeout, TcpStream::connect(&self.inner.addr))
-                .await
-            {
+            match tokio::time::timeout(opts.connect_timeout, TcpStream::connect(&addr)).await {
                 Ok(s) => s?,
                 Err(_) => {
                     return Err(TransportError::Timeout {
