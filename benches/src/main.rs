@@ -11,7 +11,9 @@
 //! goes to standard error.
 
 mod backend;
+mod fio;
 mod limits;
+mod nvme_case;
 mod procs;
 mod report;
 mod resp;
@@ -69,6 +71,25 @@ struct Args {
     /// Longest one phase runs, in seconds [3; 0.3 with --quick].
     #[arg(long)]
     seconds: Option<f64>,
+    /// Skip the NVMe case (gets of NVMe-resident objects through a second, NVMe-backed pool).
+    #[arg(long)]
+    no_nvme_case: bool,
+    /// Only the NVMe case: no limits, no DRAM cases, no Redis.
+    #[arg(long, conflicts_with = "no_nvme_case")]
+    only_nvme_case: bool,
+    /// Folder for the NVMe case's tier file, on the disk to measure (not tmpfs); removed
+    /// afterwards [`kvpool-bench-nvme-PID` in the target folder this executable is in].
+    #[arg(long)]
+    nvme_dir: Option<PathBuf>,
+    /// Value sizes of the NVMe case.
+    #[arg(long, value_delimiter = ',', default_value = "1MiB,64KiB")]
+    nvme_sizes: Vec<ByteSize>,
+    /// Bytes of values the NVMe case writes per size [1GiB; 128MiB with --quick].
+    #[arg(long)]
+    nvme_bytes: Option<ByteSize>,
+    /// The fio binary for the NVMe case's disk limit; without it the fio column says "–".
+    #[arg(long, default_value = "fio")]
+    fio: String,
 }
 
 impl Args {
@@ -84,6 +105,43 @@ impl Args {
             bytes: self.bytes.map_or(bytes, |b| b.0).min(self.dram.0 / 2),
             time: Duration::from_secs_f64(self.seconds.unwrap_or(secs)),
         }
+    }
+
+    /// The NVMe case's plan. Its get phases have the time limit of the DRAM cases and no
+    /// byte limit beyond the data set (gets cycle over it).
+    fn nvme_plan<'a>(&self, bin: &'a Path) -> Result<nvme_case::Plan<'a>> {
+        let dir = match &self.nvme_dir {
+            Some(d) => d.clone(),
+            None => {
+                // target/release/kvpool-bench -> target/kvpool-bench-nvme-PID
+                let exe = std::env::current_exe().context("locating kvpool-bench itself")?;
+                let target = exe
+                    .parent()
+                    .and_then(Path::parent)
+                    .context("no folder above this executable's")?;
+                target.join(format!("kvpool-bench-nvme-{}", std::process::id()))
+            }
+        };
+        let bytes = self
+            .nvme_bytes
+            .map_or(if self.quick { 128 << 20 } else { 1 << 30 }, |b| b.0);
+        Ok(nvme_case::Plan {
+            bin,
+            dir,
+            sizes: self
+                .nvme_sizes
+                .iter()
+                .map(|s| usize::try_from(s.0).unwrap_or(usize::MAX).max(1))
+                .collect(),
+            clients: self.clients.iter().map(|&c| c.max(1)).collect(),
+            bytes,
+            budget: Budget {
+                bytes,
+                time: self.budget().time,
+            },
+            verify: !self.no_checksum_verify,
+            fio: fio::available(&self.fio).then(|| self.fio.clone()),
+        })
     }
 
     fn limit_plan(&self) -> LimitPlan {
@@ -140,6 +198,14 @@ fn main() -> Result<()> {
     let args = Args::parse();
     // Found first, so a missing binary fails before seconds of limit tests.
     let bin = procs::kvpool_bin(args.kvpool.as_deref())?;
+    if args.only_nvme_case {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        let nvme = runtime.block_on(run_nvme_case(&args, &bin))?;
+        print!("{}", nvme_case::render(&nvme));
+        return Ok(());
+    }
     // Measured before the servers start and again after they are gone, so nothing of ours
     // competes for the cores, and the two figures show how much the shared machine drifted.
     let before = measure_limits(&args, "before")?;
@@ -147,8 +213,14 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     let outcome = runtime.block_on(run(&args, &bin))?;
-    drop(runtime);
     let after = measure_limits(&args, "after")?;
+    // After the DRAM cases and their limits, on a pool of its own.
+    let nvme = if args.no_nvme_case {
+        None
+    } else {
+        Some(runtime.block_on(run_nvme_case(&args, &bin))?)
+    };
+    drop(runtime);
     let report = Report {
         machine: machine(),
         before,
@@ -157,7 +229,21 @@ fn main() -> Result<()> {
         notes: &outcome.notes,
     };
     print!("{}", report.render());
+    if let Some(n) = &nvme {
+        print!("\n{}", nvme_case::render(n));
+    }
     Ok(())
+}
+
+async fn run_nvme_case(args: &Args, bin: &Path) -> Result<nvme_case::Outcome> {
+    let plan = args.nvme_plan(bin)?;
+    if plan.fio.is_none() {
+        eprintln!(
+            "`{}` not found: the NVMe case has no fio column (apt-get install -y fio)",
+            args.fio
+        );
+    }
+    nvme_case::run(&plan).await.context("the NVMe case")
 }
 
 fn measure_limits(args: &Args, when: &str) -> Result<Limits> {

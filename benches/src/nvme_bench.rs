@@ -16,9 +16,10 @@
 //! are durable when acknowledged (fdatasync and an index WAL sync per group of concurrent
 //! writes); fio's are not, so writes also get a fio row with `--fdatasync=QD`.
 
+mod fio;
+
 use std::{
     path::{Path, PathBuf},
-    process::Command,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -229,49 +230,16 @@ impl Bench {
 
 /// fio on the tier's file: bytes per second.
 fn fio(args: &Args, file: &Path, size: u64, phase: Phase, fdatasync: bool) -> Result<f64> {
-    let mut cmd = Command::new(&args.fio);
-    cmd.args([
-        "--name=kvpool-nvme-bench",
-        "--ioengine=io_uring",
-        "--direct=1",
-        "--output-format=terse",
-        "--terse-version=3",
-        "--time_based",
-        "--randrepeat=0",
-        "--norandommap",
-    ])
-    .arg(format!("--filename={}", file.display()))
-    .arg(format!("--size={size}"))
-    .arg(format!("--rw={}", phase.fio_rw()))
-    .arg(format!("--bs={}", phase.block()))
-    .arg(format!("--iodepth={}", args.qd))
-    .arg(format!(
-        "--runtime={}ms",
-        (args_seconds(args) * 1000.0) as u64
-    ));
-    if fdatasync {
-        cmd.arg(format!("--fdatasync={}", args.qd));
+    fio::Job {
+        file,
+        size,
+        rw: phase.fio_rw(),
+        block: phase.block(),
+        iodepth: args.qd,
+        runtime: Duration::from_secs_f64(args_seconds(args)),
+        fdatasync: fdatasync.then_some(args.qd),
     }
-    let out = cmd
-        .output()
-        .with_context(|| format!("running {}", args.fio))?;
-    if !out.status.success() {
-        bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("3;"))
-        .context("no terse line in fio's output")?;
-    let fields: Vec<&str> = line.split(';').collect();
-    // Terse v3: field 7 is read bandwidth, field 48 write bandwidth, both KiB/s.
-    let at = if phase.writes() { 47 } else { 6 };
-    let kib: f64 = fields
-        .get(at)
-        .context("short fio terse line")?
-        .parse()
-        .context("fio bandwidth")?;
-    Ok(kib * 1024.0)
+    .run(&args.fio)
 }
 
 fn args_seconds(a: &Args) -> f64 {
@@ -280,15 +248,6 @@ fn args_seconds(a: &Args) -> f64 {
     } else {
         a.seconds
     }
-}
-
-fn is_tmpfs(p: &Path) -> bool {
-    let out = Command::new("stat")
-        .args(["-f", "-c", "%T"])
-        .arg(p)
-        .output();
-    out.map(|o| String::from_utf8_lossy(&o.stdout).trim() == "tmpfs")
-        .unwrap_or(false)
 }
 
 fn median(v: &[f64]) -> Option<f64> {
@@ -305,13 +264,13 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let size = if args.quick { 64 << 20 } else { args.size.0 };
     std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {:?}", args.dir))?;
-    if is_tmpfs(&args.dir) {
+    if fio::is_tmpfs(&args.dir) {
         eprintln!(
             "warning: {:?} is tmpfs; this measures memory, not a disk",
             args.dir
         );
     }
-    let have_fio = Command::new(&args.fio).arg("--version").output().is_ok();
+    let have_fio = fio::available(&args.fio);
     if !have_fio {
         eprintln!("fio not found ({}); fio columns stay empty", args.fio);
     }

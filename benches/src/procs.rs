@@ -2,6 +2,7 @@
 //! `redis-server`. Each is killed when its guard drops, so an aborted run leaves nothing behind.
 
 use std::{
+    ffi::OsStr,
     io::{BufRead, BufReader},
     net::TcpListener,
     path::{Path, PathBuf},
@@ -50,7 +51,21 @@ pub fn kvpool_bin(explicit: Option<&Path>) -> Result<PathBuf> {
 /// Starts `kvpool up` on free loopback ports with `dram` of memory and returns once its
 /// `ready master=ADDR store=ADDR` line says the pool is usable; `addr` is the master's.
 pub fn start_kvpool(bin: &Path, dram: &str) -> Result<Server> {
-    let mut child = Command::new(bin)
+    start_kvpool_with(bin, dram, None, &[])
+}
+
+/// [`start_kvpool`] with a config file (`--config`) and more `up` flags (`--nvme ...`).
+pub fn start_kvpool_with(
+    bin: &Path,
+    dram: &str,
+    config: Option<&Path>,
+    extra: &[&OsStr],
+) -> Result<Server> {
+    let mut cmd = Command::new(bin);
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
+    let mut child = cmd
         .args([
             "up",
             "--listen",
@@ -60,6 +75,7 @@ pub fn start_kvpool(bin: &Path, dram: &str) -> Result<Server> {
             "--dram",
             dram,
         ])
+        .args(extra)
         // Info logs would interleave with the report; warnings still show.
         .env("KVPOOL_LOG", "warn")
         .stdin(Stdio::null())

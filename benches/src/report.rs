@@ -234,7 +234,7 @@ impl Report<'_> {
 }
 
 /// Objects per second with thousands separators.
-fn rate(x: f64) -> String {
+pub fn rate(x: f64) -> String {
     let digits = format!("{:.0}", x.max(0.0));
     let mut out = String::new();
     for (i, ch) in digits.chars().enumerate() {
@@ -246,7 +246,7 @@ fn rate(x: f64) -> String {
     out
 }
 
-fn latency(d: Duration) -> String {
+pub fn latency(d: Duration) -> String {
     let us = d.as_secs_f64() * 1e6;
     if us < 1_000.0 {
         format!("{us:.0} µs")

@@ -66,19 +66,19 @@ pub struct CaseResult {
 }
 
 /// The values of one case: windows of one random buffer, so no time goes into making them.
-struct Values {
+pub struct Values {
     data: Vec<u8>,
     size: usize,
 }
 
 impl Values {
-    fn new(size: usize) -> Self {
+    pub fn new(size: usize) -> Self {
         let mut data = vec![0u8; size + WINDOWS as usize * WINDOW_STEP];
         rand::thread_rng().fill_bytes(&mut data);
         Values { data, size }
     }
 
-    fn get(&self, i: u64) -> &[u8] {
+    pub fn get(&self, i: u64) -> &[u8] {
         let off = (i % WINDOWS) as usize * WINDOW_STEP;
         &self.data[off..off + self.size]
     }
@@ -94,6 +94,8 @@ struct Plan {
     total: u64,
     /// Distinct keys: index `i` means key `i % keyspace` (gets cycle over what was put).
     keyspace: u64,
+    /// If set, index `i` means key `slots[i % slots.len()]` instead (gets of a chosen subset).
+    slots: Option<Arc<Vec<u64>>>,
     deadline: Instant,
     next: AtomicU64,
 }
@@ -110,16 +112,24 @@ impl Plan {
     }
 
     fn slot(&self, i: u64) -> u64 {
-        i % self.keyspace
+        match &self.slots {
+            Some(s) => s[(i % s.len() as u64) as usize],
+            None => i % self.keyspace,
+        }
     }
 
     fn key(&self, i: u64) -> Vec<u8> {
-        format!("{}/{:010}", self.prefix, self.slot(i)).into_bytes()
+        key(&self.prefix, self.slot(i))
     }
 
     fn value(&self, i: u64) -> &[u8] {
         self.values.get(self.slot(i))
     }
+}
+
+/// The key of object `slot` of a case whose keys start with `prefix`.
+pub fn key(prefix: &str, slot: u64) -> Vec<u8> {
+    format!("{prefix}/{slot:010}").into_bytes()
 }
 
 /// Latency samples and object count of one task.
@@ -168,15 +178,34 @@ pub async fn run_case(
     let total = object_budget(case, budget);
     let prefix = format!("bench/{id}/{}", case.size);
 
-    let put_plan = plan(&prefix, &values, case, total, total, budget);
+    let put_plan = plan(&prefix, &values, case, total, total, None, budget);
     let (conns, put) = run_phase(conns, put_plan, Op::Put, case.size).await?;
     if put.objects == 0 {
         bail!("no object was put within {:?}", budget.time);
     }
-    let get_plan = plan(&prefix, &values, case, total, put.objects, budget);
+    let get_plan = plan(&prefix, &values, case, total, put.objects, None, budget);
     let (mut conns, get) = run_phase(conns, get_plan, Op::Get, case.size).await?;
     conns[0].clear().await?;
     Ok((conns, CaseResult { put, get }))
+}
+
+/// Gets only, of objects already stored under `prefix` with `values` (see [`key`]): the
+/// objects `slots`, cycled over until the budget runs out. Stores nothing and removes nothing.
+pub async fn run_gets(
+    conns: Vec<Conn>,
+    case: Case,
+    budget: Budget,
+    prefix: &str,
+    values: &Arc<Values>,
+    slots: Arc<Vec<u64>>,
+) -> Result<(Vec<Conn>, Measured)> {
+    if slots.is_empty() {
+        bail!("no objects to get");
+    }
+    let total = object_budget(case, budget);
+    let n = slots.len() as u64;
+    let get_plan = plan(prefix, values, case, total, n, Some(slots), budget);
+    run_phase(conns, get_plan, Op::Get, case.size).await
 }
 
 /// Objects per phase: the byte budget's worth, but at least a few requests per task.
@@ -191,6 +220,7 @@ fn plan(
     case: Case,
     total: u64,
     keyspace: u64,
+    slots: Option<Arc<Vec<u64>>>,
     budget: Budget,
 ) -> Arc<Plan> {
     Arc::new(Plan {
@@ -199,6 +229,7 @@ fn plan(
         batch: case.batch,
         total,
         keyspace,
+        slots,
         deadline: Instant::now() + budget.time,
         next: AtomicU64::new(0),
     })
@@ -339,9 +370,36 @@ mod tests {
             bytes: 16 * 10,
             time: Duration::from_secs(60),
         };
-        let p = plan("t", &values, case, 10, 10, budget);
+        let p = plan("t", &values, case, 10, 10, None, budget);
         let claimed: Vec<Range<u64>> = std::iter::from_fn(|| p.claim()).collect();
         assert_eq!(claimed, vec![0..3, 3..6, 6..9, 9..10]);
+    }
+
+    #[test]
+    fn chosen_slots_are_cycled_over() {
+        let values = Arc::new(Values::new(16));
+        let case = Case {
+            size: 16,
+            clients: 1,
+            batch: 2,
+        };
+        let budget = Budget {
+            bytes: 16 * 5,
+            time: Duration::from_secs(60),
+        };
+        let p = plan(
+            "t",
+            &values,
+            case,
+            5,
+            3,
+            Some(Arc::new(vec![4, 7, 9])),
+            budget,
+        );
+        let keys: Vec<Vec<u8>> = (0..5).map(|i| p.key(i)).collect();
+        let want: Vec<Vec<u8>> = [4, 7, 9, 4, 7].iter().map(|&s| key("t", s)).collect();
+        assert_eq!(keys, want);
+        assert_eq!(p.value(3), values.get(4));
     }
 
     #[test]
