@@ -341,11 +341,22 @@ async fn read(io: &mut Io, node: &Node, h: &FrameHeader) -> Result<(), Close> {
     let mut items = Vec::with_capacity(req.ops.len());
     let mut slices: Vec<Bytes<'_>> = Vec::with_capacity(req.ops.len());
     let mut total = 0u64;
-    for op in &req.ops {
-        let bytes = match node.nvme(op.segment) {
-            // NVMe ranges are read off the disk before the answer's head goes out, so that
-            // a failed read becomes that op's error rather than a broken stream.
-            Some(nvme) => nvme.read(op.offset, op.len).await.map(Bytes::Nvme),
+    // NVMe ranges are read off the disk before the answer's head goes out, so that a failed
+    // read becomes that op's error rather than a broken stream; all of a request's NVMe reads
+    // are in flight at once, so a batch keeps the device's queue busy.
+    let mut from_disk: Vec<_> = futures::future::join_all(req.ops.iter().map(|op| async move {
+        match node.nvme(op.segment) {
+            Some(nvme) => Some(nvme.read(op.offset, op.len).await),
+            None => None,
+        }
+    }))
+    .await
+    .into_iter()
+    .map(Some)
+    .collect();
+    for (i, op) in req.ops.iter().enumerate() {
+        let bytes = match from_disk.get_mut(i).and_then(Option::take).flatten() {
+            Some(read) => read.map(Bytes::Nvme),
             None => node.segment(op.segment).and_then(|s| {
                 // SAFETY: a reader only reads ranges the master handed out to it; concurrent
                 // writes to the same bytes happen only after the object was freed or evicted,
