@@ -217,3 +217,75 @@ async fn restarted_master_gets_objects_back_from_live_nodes() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drained_node_empties_with_progress_and_takes_no_new_data() {
+    let cfg = config_file(FAST_TTL);
+    let m = master(&cfg, "127.0.0.1:0");
+    let addr = m.addr("master");
+    let _a = store(&addr, "a");
+    let _b = store(&addr, "b");
+    let c = client(&addr);
+    wait_until("both nodes registered", Duration::from_secs(20), || async {
+        alive_nodes(&c).await == 2
+    })
+    .await;
+    let len = 50_000;
+    for i in 0..40u64 {
+        let opts = PutOptions {
+            replicas: 1 + (i % 2) as u8,
+            ..Default::default()
+        };
+        c.put(format!("d/{i}").as_bytes(), &value(i, len), &opts)
+            .await
+            .unwrap();
+    }
+    let out = std::process::Command::new(kvpool_tests::kvpool_bin())
+        .args(["drain", "b", "--master", &addr, "--timeout", "30s"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "drain failed: {stderr}");
+    assert!(
+        stderr.contains("replica(s) left"),
+        "no progress shown: {stderr}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("is drained"));
+    let st = c.status().await.unwrap();
+    let b = st.nodes.iter().find(|n| n.name == "b").unwrap();
+    assert!(b.draining && b.segments.iter().all(|s| s.objects == 0 && s.used == 0));
+    // Objects with a copy on `a` are intact; the others are misses, never wrong bytes.
+    for i in 0..40u64 {
+        let got = c.get(format!("d/{i}").as_bytes()).await.unwrap();
+        if i % 2 == 1 {
+            assert_eq!(
+                got.as_deref(),
+                Some(&value(i, len)[..]),
+                "d/{i} had a copy on a"
+            );
+        } else {
+            assert!(
+                got.is_none() || got.as_deref() == Some(&value(i, len)[..]),
+                "d/{i}"
+            );
+        }
+    }
+    // New data lands on `a` only.
+    for i in 0..10u64 {
+        let key = format!("after/{i}");
+        c.put(key.as_bytes(), &value(i, len), &PutOptions::default())
+            .await
+            .unwrap();
+        let info = c
+            .locate(&[key.as_bytes()])
+            .await
+            .pop()
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(
+            info.replicas.iter().all(|r| r.node != b.id),
+            "{key} placed on the draining node"
+        );
+    }
+}

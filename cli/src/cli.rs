@@ -57,6 +57,9 @@ pub enum Command {
     Exists(KeyArgs),
     /// Nodes, segments, capacity, use and object count.
     Status(StatusArgs),
+    /// Drain a storage node (by id or name): it takes no new data and its replicas are
+    /// released; shows progress until it is empty.
+    Drain(DrainArgs),
     /// Print the default config file, every key with its default.
     Config,
 }
@@ -209,6 +212,23 @@ pub struct StatusArgs {
     pub raw: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct DrainArgs {
+    #[command(flatten)]
+    pub addr: MasterAddr,
+    /// The node's id (as `kvpool status` prints it) or its name.
+    pub node: String,
+    /// Take the node back into placement instead.
+    #[arg(long)]
+    pub cancel: bool,
+    /// Start the drain and return without waiting for it to finish.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Give up waiting after this long (leased objects wait for their lease).
+    #[arg(long, default_value = "10m")]
+    pub timeout: kvpool_proto::HumanDuration,
+}
+
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let mut cfg = Config::load(cli.config.as_deref())?;
     let env_token = std::env::var("KVPOOL_TOKEN").ok();
@@ -222,6 +242,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rm(a) => verbs::rm(cfg, a).await,
         Command::Exists(a) => verbs::exists(cfg, a).await,
         Command::Status(a) => verbs::status(cfg, a).await,
+        Command::Drain(a) => verbs::drain(cfg, a).await,
         Command::Config => {
             print!("{}", Config::default_toml());
             Ok(ExitCode::SUCCESS)

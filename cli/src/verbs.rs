@@ -10,7 +10,7 @@ use kvpool_client::{Client, ErrorCode};
 use kvpool_proto::{ByteSize, PutOptions, Tier};
 
 use crate::{
-    cli::{GetArgs, KeyArgs, MasterAddr, PutArgs, RmArgs, StatusArgs},
+    cli::{DrainArgs, GetArgs, KeyArgs, MasterAddr, PutArgs, RmArgs, StatusArgs},
     config::Config,
 };
 
@@ -130,8 +130,8 @@ pub async fn status(cfg: Config, a: StatusArgs) -> anyhow::Result<ExitCode> {
         for n in &s.nodes {
             for seg in &n.segments {
                 println!(
-                    "node={} name={} addr={} alive={} pending_frees={} segment={} tier={} healthy={} capacity={} used={} objects={}",
-                    n.id, n.name, n.addr, n.alive, n.pending_frees, seg.id, seg.tier, seg.healthy, seg.capacity, seg.used, seg.objects
+                    "node={} name={} addr={} alive={} draining={} pending_frees={} segment={} tier={} healthy={} capacity={} used={} objects={}",
+                    n.id, n.name, n.addr, n.alive, n.draining, n.pending_frees, seg.id, seg.tier, seg.healthy, seg.capacity, seg.used, seg.objects
                 );
             }
         }
@@ -172,10 +172,11 @@ pub async fn status(cfg: Config, a: StatusArgs) -> anyhow::Result<ExitCode> {
     );
     for n in &s.nodes {
         for seg in &n.segments {
-            let state = match (n.alive, seg.healthy) {
-                (false, _) => "down",
-                (true, false) => "FAIL",
-                (true, true) => "up",
+            let state = match (n.alive, seg.healthy, n.draining) {
+                (false, _, _) => "down",
+                (true, false, _) => "FAIL",
+                (true, true, true) => "drain",
+                (true, true, false) => "up",
             };
             println!(
                 "{:<18} {:<16} {:<22} {:<6} {:<18} {:<5} {:>10} {:>10} {:>9}",
@@ -192,4 +193,59 @@ pub async fn status(cfg: Config, a: StatusArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+pub async fn drain(cfg: Config, a: DrainArgs) -> anyhow::Result<ExitCode> {
+    let c = client(&cfg, &a.addr)?;
+    let status = c.status().await.context("status")?;
+    let matches: Vec<_> = status
+        .nodes
+        .iter()
+        .filter(|n| n.id.to_string() == a.node || n.name == a.node)
+        .collect();
+    let node = match matches.as_slice() {
+        [n] => n.id,
+        [] => bail!(
+            "drain: no node with id or name {:?} (see `kvpool status`)",
+            a.node
+        ),
+        _ => bail!(
+            "drain: {} nodes are named {:?}; give the id",
+            matches.len(),
+            a.node
+        ),
+    };
+    let mut left = c.drain(node, a.cancel).await.context("drain")?;
+    if a.cancel {
+        println!("node {node} takes new data again ({left} replica(s) on it)");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if a.no_wait {
+        println!("node {node} draining: {left} replica(s) left");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let start = std::time::Instant::now();
+    let first = left.max(1);
+    loop {
+        // One line per update on a terminal; the same lines in a log.
+        eprintln!(
+            "draining {node}: {left} replica(s) left ({:.0}% done, {:.0?})",
+            100.0 * (first - left.min(first)) as f64 / first as f64,
+            start.elapsed()
+        );
+        if left == 0 {
+            println!(
+                "node {node} is drained: it holds nothing and takes no new data; it can be stopped"
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        if start.elapsed() > a.timeout.0 {
+            bail!(
+                "drain {node}: {left} replica(s) still held after {} (leased or being copied)",
+                a.timeout
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        left = c.drain(node, false).await.context("drain")?;
+    }
 }

@@ -200,6 +200,14 @@ impl Client {
             .removed)
     }
 
+    /// Starts (or with `cancel` stops) draining a node; returns the replicas still on it.
+    pub async fn drain(&self, node: NodeId, cancel: bool) -> Result<u64> {
+        self.master_call(&kvpool_proto::Drain { node, cancel })
+            .await?
+            .replicas_left
+            .map_err(ClientError::Remote)
+    }
+
     /// Nodes, segments, capacity and use, as the master sees them (cluster-wide, also for a
     /// client with a tenant).
     pub async fn status(&self) -> Result<StatusResponse> {

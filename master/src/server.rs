@@ -106,6 +106,7 @@ impl RpcService for Service {
             Opcode::Remove => call(body, |r| self.core().remove(now, r)),
             Opcode::RemoveAll => call(body, |r| self.core().remove_all(now, r)),
             Opcode::Status => call(body, |_: kvpool_proto::Status| self.core().status(now)),
+            Opcode::Drain => call(body, |r| self.core().drain(now, r)),
             Opcode::Register => call(body, |r| self.core().register(now, r)),
             Opcode::Heartbeat => call(body, |r| self.core().heartbeat(now, r)),
             // The transport answers (and checks) Hello itself; this is only reached if a

@@ -99,6 +99,7 @@ pub enum Opcode {
     Remove = 0x15,
     RemoveAll = 0x16,
     Status = 0x17,
+    Drain = 0x18,
     Register = 0x20,
     Heartbeat = 0x21,
     Read = 0x40,
@@ -116,6 +117,7 @@ impl Opcode {
         Opcode::Remove,
         Opcode::RemoveAll,
         Opcode::Status,
+        Opcode::Drain,
         Opcode::Register,
         Opcode::Heartbeat,
         Opcode::Read,
@@ -380,6 +382,8 @@ pub struct NodeStatus {
     pub silent_ms: u64,
     /// Frees queued for the node that it has not acknowledged yet.
     pub pending_frees: u64,
+    /// Being drained: it gets no new data and its replicas are being released.
+    pub draining: bool,
     pub segments: Vec<SegmentStatus>,
 }
 
@@ -396,6 +400,26 @@ pub struct StatusResponse {
 impl Message for Status {
     const OPCODE: Opcode = Opcode::Status;
     type Response = StatusResponse;
+}
+
+/// Starts (or, with `cancel`, stops) the graceful drain of a node: it takes no new data and
+/// its replicas are released (those with a copy elsewhere at once, leased ones when their
+/// lease ends), so it can leave without readers hitting a vanished node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drain {
+    pub node: NodeId,
+    pub cancel: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainResponse {
+    /// Replicas still on the node, or why the drain was refused (an unknown node).
+    pub replicas_left: ItemResult<u64>,
+}
+
+impl Message for Drain {
+    const OPCODE: Opcode = Opcode::Drain;
+    type Response = DrainResponse;
 }
 
 /// A segment a node contributes.

@@ -42,6 +42,8 @@ pub(crate) struct Node {
     pub frees: VecDeque<(u64, ReplicaId)>,
     /// The highest sequence number queued for this node (0: none yet).
     pub last_free_seq: u64,
+    /// Being drained: no new data; its replicas are released in `tick`.
+    pub draining: bool,
 }
 
 /// The cluster as the master sees it.
@@ -128,6 +130,7 @@ impl Cluster {
                     alive: silent < ttl,
                     silent_ms: u64::try_from(silent.as_millis()).unwrap_or(u64::MAX),
                     pending_frees: n.frees.len() as u64,
+                    draining: n.draining,
                     segments: n
                         .segments
                         .iter()
@@ -185,6 +188,7 @@ impl MasterCore {
                 last_seen: now,
                 frees: VecDeque::new(),
                 last_free_seq: 0,
+                draining: false,
             },
         );
 

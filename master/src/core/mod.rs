@@ -16,6 +16,7 @@
 //! - `membership`: nodes, segments, inventories, liveness and the per-node free queues.
 //! - `invariants`: a self-check used by tests and available to the server's debug endpoints.
 
+mod drain;
 mod eviction;
 mod invariants;
 mod membership;
@@ -268,6 +269,7 @@ impl MasterCore {
         self.expire_tasks(now);
         self.release_zombies(now);
         self.evict_above_watermark(now);
+        self.release_draining(now);
     }
 
     /// Copy tasks issued and not yet ended.

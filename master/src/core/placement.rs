@@ -57,10 +57,15 @@ impl MasterCore {
     /// Clients write only DRAM segments; NVMe is filled by demotion. A segment that failed
     /// takes nothing new.
     fn takes_puts(&self, s: &SegmentId) -> bool {
-        self.cluster
-            .segments
-            .get(s)
-            .is_some_and(|seg| seg.tier == kvpool_proto::Tier::Dram && seg.healthy)
+        self.cluster.segments.get(s).is_some_and(|seg| {
+            seg.tier == kvpool_proto::Tier::Dram
+                && seg.healthy
+                && !self
+                    .cluster
+                    .nodes
+                    .get(&seg.node)
+                    .is_some_and(|n| n.draining)
+        })
     }
 
     /// Allocates up to `want` replicas of `len` bytes; fewer (possibly none) when space or

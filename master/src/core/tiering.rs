@@ -114,6 +114,11 @@ impl MasterCore {
         tier: Tier,
         len: u64,
     ) -> Option<(SegmentId, Allocation)> {
+        // A draining node takes no new data: its victims are dropped, its objects not
+        // promoted.
+        if self.cluster.nodes.get(&node)?.draining {
+            return None;
+        }
         let segs: Vec<SegmentId> = self
             .cluster
             .nodes
