@@ -154,3 +154,30 @@ impl From<HeaderError> for TransportError {
         TransportError::Header(e)
     }
 }
+
+/// Most bytes gathered into one socket write by [`write_coalesced`].
+const COALESCE_LIMIT: usize = 1 << 20;
+
+/// Writes every frame sent on `rx` to `w`, gathering frames queued meanwhile into one write so
+/// that many small pipelined requests or answers cost few syscalls. Ends when the channel
+/// closes (then shuts the write side down) or the socket fails.
+pub async fn write_coalesced<W: AsyncWrite + Unpin>(
+    mut w: W,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+) {
+    let mut buf = Vec::new();
+    while let Some(first) = rx.recv().await {
+        buf.clear();
+        buf.extend_from_slice(&first);
+        while buf.len() < COALESCE_LIMIT {
+            match rx.try_recv() {
+                Ok(more) => buf.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        if w.write_all(&buf).await.is_err() {
+            return;
+        }
+    }
+    let _ = w.shutdown().await;
+}

@@ -22,7 +22,6 @@ use std::{
 
 use kvpool_proto::{ErrorCode, FrameHeader, FrameLimits, Message, Token, WireError};
 use tokio::{
-    io::AsyncWriteExt,
     net::TcpStream,
     sync::{mpsc, oneshot},
 };
@@ -236,27 +235,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn spawn_conn(stream: TcpStream, limits: FrameLimits) -> Conn {
-    let (mut rd, mut wr) = stream.into_split();
-    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let (mut rd, wr) = stream.into_split();
+    let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
 
-    tokio::spawn(async move {
-        let mut buf = Vec::new();
-        while let Some(first) = rx.recv().await {
-            buf.clear();
-            buf.extend_from_slice(&first);
-            // Coalesce whatever else is queued into the same write.
-            while buf.len() < (1 << 20) {
-                match rx.try_recv() {
-                    Ok(more) => buf.extend_from_slice(&more),
-                    Err(_) => break,
-                }
-            }
-            if wr.write_all(&buf).await.is_err() {
-                break;
-            }
-        }
-    });
+    tokio::spawn(frame::write_coalesced(wr, rx));
 
     let reader_pending = pending.clone();
     tokio::spawn(async move {

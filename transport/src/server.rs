@@ -6,7 +6,7 @@ use std::{future::Future, sync::Arc};
 
 use kvpool_proto::{ErrorCode, FrameLimits, Opcode, Token, WireError};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::AsyncReadExt,
     net::{TcpListener, TcpStream},
     sync::mpsc,
     task::JoinSet,
@@ -95,25 +95,9 @@ async fn serve_conn<S: RpcService>(
     // Nothing is served before the Hello when a token is configured.
     let mut authed = opts.token.is_none();
     stream.set_nodelay(true)?;
-    let (rd, mut wr) = stream.into_split();
-    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
-    let writer = tokio::spawn(async move {
-        let mut buf = Vec::new();
-        while let Some(first) = rx.recv().await {
-            buf.clear();
-            buf.extend_from_slice(&first);
-            while buf.len() < (1 << 20) {
-                match rx.try_recv() {
-                    Ok(more) => buf.extend_from_slice(&more),
-                    Err(_) => break,
-                }
-            }
-            if wr.write_all(&buf).await.is_err() {
-                break;
-            }
-        }
-        let _ = wr.shutdown().await;
-    });
+    let (rd, wr) = stream.into_split();
+    let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let writer = tokio::spawn(frame::write_coalesced(wr, rx));
 
     let mut rd = tokio::io::BufReader::with_capacity(64 << 10, rd);
     let result = loop {
@@ -241,6 +225,7 @@ mod tests {
     };
     use kvpool_proto::{encode_body, FrameHeader, Status, StatusResponse, HEADER_LEN};
     use tokio::io::AsyncReadExt;
+    use tokio::io::AsyncWriteExt;
 
     /// Answers Status with an empty cluster; everything else is unknown.
     struct Echo;
