@@ -72,6 +72,13 @@ pub struct UpArgs {
     /// Storage node data address [127.0.0.1:50052].
     #[arg(long)]
     pub data_listen: Option<String>,
+    #[command(flatten)]
+    pub tiers: TierArgs,
+}
+
+/// The memory a storage node contributes: shared by `kvpool up` and `kvpool store`.
+#[derive(Debug, Args)]
+pub struct TierArgs {
     /// DRAM the node contributes, e.g. 256MiB, 4GiB.
     #[arg(long)]
     pub dram: Option<ByteSize>,
@@ -121,21 +128,11 @@ pub struct StoreArgs {
     /// Address clients should use for this node, if not the listen address.
     #[arg(long)]
     pub advertise: Option<String>,
-    /// DRAM the node contributes, e.g. 256MiB, 4GiB.
-    #[arg(long)]
-    pub dram: Option<ByteSize>,
-    /// Back DRAM with huge pages when available.
-    #[arg(long)]
-    pub huge_pages: bool,
     /// Name shown in `kvpool status`.
     #[arg(long)]
     pub name: Option<String>,
-    /// A file or block device for the NVMe tier (second tier under DRAM).
-    #[arg(long)]
-    pub nvme: Option<PathBuf>,
-    /// Size of the NVMe tier, e.g. 64GiB (required for a file).
-    #[arg(long)]
-    pub nvme_size: Option<ByteSize>,
+    #[command(flatten)]
+    pub tiers: TierArgs,
 }
 
 #[derive(Debug, Args)]

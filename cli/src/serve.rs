@@ -8,7 +8,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::{
-    cli::{MasterArgs, StoreArgs, UpArgs},
+    cli::{MasterArgs, StoreArgs, TierArgs, UpArgs},
     config::Config,
 };
 
@@ -84,32 +84,29 @@ fn apply_store_flags(cfg: &mut Config, a: &StoreArgs) {
     if let Some(ad) = &a.advertise {
         cfg.store.advertise = Some(ad.clone());
     }
-    if let Some(d) = a.dram {
-        cfg.store.dram = d;
-    }
-    if a.huge_pages {
-        cfg.store.huge_pages = true;
-    }
     if let Some(n) = &a.name {
         cfg.store.name = Some(n.clone());
     }
-    apply_nvme_flags(cfg, a.nvme.as_ref(), a.nvme_size);
+    apply_tier_flags(cfg, &a.tiers);
 }
 
-/// `--nvme PATH` and `--nvme-size SIZE` set (or create) the `[store.nvme]` section.
-fn apply_nvme_flags(
-    cfg: &mut Config,
-    path: Option<&std::path::PathBuf>,
-    size: Option<kvpool_proto::ByteSize>,
-) {
-    if path.is_none() && size.is_none() {
+/// `--dram`, `--huge-pages`, and `--nvme PATH` / `--nvme-size SIZE` (which set, or create,
+/// the `[store.nvme]` section).
+fn apply_tier_flags(cfg: &mut Config, t: &TierArgs) {
+    if let Some(d) = t.dram {
+        cfg.store.dram = d;
+    }
+    if t.huge_pages {
+        cfg.store.huge_pages = true;
+    }
+    if t.nvme.is_none() && t.nvme_size.is_none() {
         return;
     }
     let nvme = cfg.store.nvme.get_or_insert_with(Default::default);
-    if let Some(p) = path {
+    if let Some(p) = &t.nvme {
         nvme.path = p.clone();
     }
-    if let Some(s) = size {
+    if let Some(s) = t.nvme_size {
         nvme.size = s;
     }
 }
@@ -136,13 +133,7 @@ pub async fn up(mut cfg: Config, a: UpArgs) -> anyhow::Result<ExitCode> {
     if let Some(l) = a.data_listen {
         cfg.store.listen = l;
     }
-    if let Some(d) = a.dram {
-        cfg.store.dram = d;
-    }
-    if a.huge_pages {
-        cfg.store.huge_pages = true;
-    }
-    apply_nvme_flags(&mut cfg, a.nvme.as_ref(), a.nvme_size);
+    apply_tier_flags(&mut cfg, &a.tiers);
     cfg.master.validate().map_err(anyhow::Error::msg)?;
     cfg.store.validate().map_err(anyhow::Error::msg)?;
     let master_listener = bind(&cfg.master.listen, "master").await?;
