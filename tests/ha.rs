@@ -170,7 +170,16 @@ async fn leader_killed_under_load_a_standby_takes_over_and_nothing_acknowledged_
             }
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let acked_now = || acked.lock().unwrap().len();
+    wait_until(
+        "the load running before the kill",
+        Duration::from_secs(20),
+        || {
+            let n = acked_now();
+            async move { n >= 210 }
+        },
+    )
+    .await;
 
     masters[leader].kill();
     let killed = Instant::now();
@@ -194,7 +203,16 @@ async fn leader_killed_under_load_a_standby_takes_over_and_nothing_acknowledged_
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = acked_now();
+    wait_until(
+        "the load running against the new leader",
+        Duration::from_secs(20),
+        || {
+            let n = acked_now();
+            async move { n >= before + 10 }
+        },
+    )
+    .await;
     stop.store(true, Ordering::Relaxed);
     load.await.expect("load task");
     assert_eq!(

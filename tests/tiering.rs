@@ -3,7 +3,15 @@
 //! node killed with SIGKILL serves its NVMe objects again after a restart, and a corrupted
 //! record is a miss, never wrong bytes. Both I/O engines run the same tests.
 
-use std::{collections::HashSet, time::Duration};
+use std::{
+    collections::HashSet,
+    path::Path,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use kvpool_client::Client;
 use kvpool_proto::{PutOptions, Tier};
@@ -26,6 +34,26 @@ async fn wait_for_room(c: &Client) {
     .await;
 }
 
+/// `kvpool up` on free ports with `dram` of DRAM and an NVMe tier of `size` at `nvme`.
+fn tiered_pool(cfg: &Path, dram: &str, nvme: &Path, size: &str) -> Proc {
+    let (cfg, nvme) = (cfg.to_str().unwrap(), nvme.to_str().unwrap());
+    Proc::start(&[
+        "--config",
+        cfg,
+        "up",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-listen",
+        "127.0.0.1:0",
+        "--dram",
+        dram,
+        "--nvme",
+        nvme,
+        "--nvme-size",
+        size,
+    ])
+}
+
 async fn tiers_of(c: &Client, key: &str) -> Vec<Tier> {
     match c.locate(&[key.as_bytes()]).await.pop() {
         Some(Ok(Some(info))) => info.replicas.iter().map(|r| r.tier).collect(),
@@ -37,21 +65,7 @@ async fn ten_times_dram_round_trips(engine: &str) {
     let dir = disk_dir("tier");
     let nvme = dir.join("nvme.dat");
     let cfg = config(engine);
-    let pool = Proc::start(&[
-        "--config",
-        cfg.to_str().unwrap(),
-        "up",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-listen",
-        "127.0.0.1:0",
-        "--dram",
-        "32MiB",
-        "--nvme",
-        nvme.to_str().unwrap(),
-        "--nvme-size",
-        "512MiB",
-    ]);
+    let pool = tiered_pool(&cfg, "32MiB", &nvme, "512MiB");
     let c = client(&pool.addr("master"));
     let len = 256 << 10;
     let n = 1280u64; // 320 MiB: ten times the DRAM
@@ -175,8 +189,9 @@ async fn node_killed_during_writes_serves_its_nvme_objects_after_restart() {
         }
     }
     // Kill the node in the middle of more writes (puts run concurrently with the kill).
+    let done = Arc::new(AtomicU64::new(0));
     let writer = {
-        let master = master.clone();
+        let (master, done) = (master.clone(), done.clone());
         tokio::spawn(async move {
             let c = client(&master);
             for i in 10_000..10_200u64 {
@@ -187,10 +202,15 @@ async fn node_killed_during_writes_serves_its_nvme_objects_after_restart() {
                         &PutOptions::default(),
                     )
                     .await;
+                done.fetch_add(1, Ordering::Relaxed);
             }
         })
     };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    wait_until("the writer under way", Duration::from_secs(20), || {
+        let n = done.load(Ordering::Relaxed);
+        async move { n >= 5 }
+    })
+    .await;
     s.kill();
     writer.await.unwrap();
 
@@ -233,21 +253,7 @@ async fn corrupted_record_is_a_miss() {
     let dir = disk_dir("corrupt");
     let nvme = dir.join("nvme.dat");
     let cfg = config("psync");
-    let pool = Proc::start(&[
-        "--config",
-        cfg.to_str().unwrap(),
-        "up",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-listen",
-        "127.0.0.1:0",
-        "--dram",
-        "16MiB",
-        "--nvme",
-        nvme.to_str().unwrap(),
-        "--nvme-size",
-        "128MiB",
-    ]);
+    let pool = tiered_pool(&cfg, "16MiB", &nvme, "128MiB");
     let c = client(&pool.addr("master"));
     let len = 1 << 20;
     for i in 0..40u64 {

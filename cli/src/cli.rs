@@ -112,16 +112,8 @@ pub struct MasterArgs {
 
 #[derive(Debug, Args)]
 pub struct StoreArgs {
-    /// The master's RPC address.
-    #[arg(long, env = "KVPOOL_MASTER")]
-    pub master: Option<String>,
-    /// etcd endpoints (comma-separated, e.g. http://10.0.0.1:2379) to find the leading
-    /// master through (HA); overrides --master.
-    #[arg(long, env = "KVPOOL_ETCD", value_delimiter = ',', value_name = "URLS")]
-    pub etcd: Vec<String>,
-    /// Cluster name in etcd [default].
-    #[arg(long, env = "KVPOOL_CLUSTER")]
-    pub cluster: Option<String>,
+    #[command(flatten)]
+    pub leader: LeaderArgs,
     /// Data address [127.0.0.1:50052].
     #[arg(long)]
     pub listen: Option<String>,
@@ -135,8 +127,9 @@ pub struct StoreArgs {
     pub tiers: TierArgs,
 }
 
+/// How a node or a client finds the master: an address, or etcd (HA).
 #[derive(Debug, Args)]
-pub struct MasterAddr {
+pub struct LeaderArgs {
     /// The master's RPC address [127.0.0.1:50051].
     #[arg(long, env = "KVPOOL_MASTER")]
     pub master: Option<String>,
@@ -147,6 +140,12 @@ pub struct MasterAddr {
     /// Cluster name in etcd [default].
     #[arg(long, env = "KVPOOL_CLUSTER")]
     pub cluster: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct MasterAddr {
+    #[command(flatten)]
+    pub leader: LeaderArgs,
     /// The tenant (namespace) whose keys this command sees.
     #[arg(long, env = "KVPOOL_TENANT")]
     pub tenant: Option<String>,

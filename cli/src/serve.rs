@@ -69,16 +69,16 @@ pub async fn master(mut cfg: Config, a: MasterArgs) -> anyhow::Result<ExitCode> 
 }
 
 fn apply_store_flags(cfg: &mut Config, a: &StoreArgs) {
-    if let Some(m) = &a.master {
+    if let Some(m) = &a.leader.master {
         cfg.store.master = m.clone();
     }
     if let Some(l) = &a.listen {
         cfg.store.listen = l.clone();
     }
-    if !a.etcd.is_empty() {
-        cfg.store.etcd = a.etcd.clone();
+    if !a.leader.etcd.is_empty() {
+        cfg.store.etcd = a.leader.etcd.clone();
     }
-    if let Some(c) = &a.cluster {
+    if let Some(c) = &a.leader.cluster {
         cfg.store.cluster = c.clone();
     }
     if let Some(ad) = &a.advertise {

@@ -15,14 +15,14 @@ use crate::{
 };
 
 fn client(cfg: &Config, addr: &MasterAddr) -> anyhow::Result<Client> {
-    let mut c = cfg.client.to_client_config(addr.master.as_deref());
+    let mut c = cfg.client.to_client_config(addr.leader.master.as_deref());
     if let Some(t) = &addr.tenant {
         c.tenant = Some(t.clone());
     }
-    if !addr.etcd.is_empty() {
-        c.etcd = addr.etcd.clone();
+    if !addr.leader.etcd.is_empty() {
+        c.etcd = addr.leader.etcd.clone();
     }
-    if let Some(cl) = &addr.cluster {
+    if let Some(cl) = &addr.leader.cluster {
         c.cluster = cl.clone();
     }
     c.validate().map_err(anyhow::Error::msg)?;

@@ -290,32 +290,20 @@ impl TransferEngine {
             tags,
         };
         let payload: u64 = req.iter().map(|c| c.buf.len() as u64).sum();
-        let result = self
-            .with_conn(addr, |mut conn, id| {
-                let msg = &msg;
-                let req = &req;
-                async move {
-                    let mut head = frame::encode_request(id, msg, payload);
-                    for c in req {
-                        if c.buf.len() < COALESCE_BELOW {
-                            head.extend_from_slice(c.buf);
-                        } else {
-                            if !head.is_empty() {
-                                conn.write_all(&head).await?;
-                                head.clear();
-                            }
-                            conn.write_all(c.buf).await?;
-                        }
-                    }
-                    if !head.is_empty() {
-                        conn.write_all(&head).await?;
-                    }
-                    let resp =
-                        read_unit_response(&mut conn, &self.opts.limits, id, req.len()).await?;
-                    Ok((conn, resp))
-                }
-            })
-            .await;
+        let mut attempt = 0;
+        let result = loop {
+            attempt += 1;
+            let (conn, pooled) = match self.checkout(addr).await {
+                Ok(c) => c,
+                Err(e) => break Err(e),
+            };
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let exchange = write_exchange(conn, id, &msg, &req, payload, &self.opts.limits);
+            let r = tokio::time::timeout(self.opts.io_timeout, exchange).await;
+            if let Some(done) = self.settle(addr, r, pooled && attempt == 1, "write") {
+                break done;
+            }
+        };
         (items, result)
     }
 
@@ -343,55 +331,37 @@ impl TransferEngine {
                 Err(e) => break Err(e),
             };
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let fut = read_exchange(conn, id, &msg, &mut req, &self.opts);
-            match tokio::time::timeout(self.opts.io_timeout, fut).await {
-                Ok(Ok((conn, resp))) => {
-                    self.checkin(addr, conn);
-                    break Ok(resp);
-                }
-                Ok(Err(e)) if pooled && attempt == 1 && e.is_retryable() => continue,
-                Ok(Err(e)) => break Err(e),
-                Err(_) => {
-                    break Err(TransportError::Timeout {
-                        op: "read",
-                        after: self.opts.io_timeout,
-                    })
-                }
+            let exchange = read_exchange(conn, id, &msg, &mut req, &self.opts);
+            let r = tokio::time::timeout(self.opts.io_timeout, exchange).await;
+            if let Some(done) = self.settle(addr, r, pooled && attempt == 1, "read") {
+                break done;
             }
         };
         (items, result)
     }
 
-    /// Runs one exchange on a connection, retrying once on a fresh one if a pooled
-    /// connection turned out to be dead.
-    async fn with_conn<F, Fut>(
+    /// What one attempt at an exchange came to: its answer (the connection goes back to the
+    /// pool), or `None` when a connection taken from the pool turned out dead (`may_retry`)
+    /// and the exchange should run again on a fresh one. Reads and writes of a range are
+    /// idempotent, so running one twice is safe.
+    fn settle<T>(
         &self,
         addr: &str,
-        f: F,
-    ) -> Result<Vec<ItemResult<()>>, TransportError>
-    where
-        F: Fn(TcpStream, u64) -> Fut,
-        Fut: std::future::Future<Output = Result<(TcpStream, Vec<ItemResult<()>>), TransportError>>,
-    {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let (conn, pooled) = self.checkout(addr).await?;
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            match tokio::time::timeout(self.opts.io_timeout, f(conn, id)).await {
-                Ok(Ok((conn, resp))) => {
-                    self.checkin(addr, conn);
-                    return Ok(resp);
-                }
-                Ok(Err(e)) if pooled && attempt == 1 && e.is_retryable() => continue,
-                Ok(Err(e)) => return Err(e),
-                Err(_) => {
-                    return Err(TransportError::Timeout {
-                        op: "write",
-                        after: self.opts.io_timeout,
-                    })
-                }
+        r: Result<Result<(TcpStream, T), TransportError>, tokio::time::error::Elapsed>,
+        may_retry: bool,
+        op: &'static str,
+    ) -> Option<Result<T, TransportError>> {
+        match r {
+            Ok(Ok((conn, resp))) => {
+                self.checkin(addr, conn);
+                Some(Ok(resp))
             }
+            Ok(Err(e)) if may_retry && e.is_retryable() => None,
+            Ok(Err(e)) => Some(Err(e)),
+            Err(_) => Some(Err(TransportError::Timeout {
+                op,
+                after: self.opts.io_timeout,
+            })),
         }
     }
 
@@ -443,6 +413,35 @@ impl TransferEngine {
             .unwrap_or_else(|e| e.into_inner())
             .remove(addr);
     }
+}
+
+/// Sends one write request (small payloads gathered into the head's write, large ones
+/// straight from the caller's slice) and reads its per-op results.
+async fn write_exchange(
+    mut conn: TcpStream,
+    id: u64,
+    msg: &Write,
+    req: &[Chunk<&[u8]>],
+    payload: u64,
+    limits: &FrameLimits,
+) -> Result<(TcpStream, Vec<ItemResult<()>>), TransportError> {
+    let mut head = frame::encode_request(id, msg, payload);
+    for c in req {
+        if c.buf.len() < COALESCE_BELOW {
+            head.extend_from_slice(c.buf);
+        } else {
+            if !head.is_empty() {
+                conn.write_all(&head).await?;
+                head.clear();
+            }
+            conn.write_all(c.buf).await?;
+        }
+    }
+    if !head.is_empty() {
+        conn.write_all(&head).await?;
+    }
+    let resp = read_unit_response(&mut conn, limits, id, req.len()).await?;
+    Ok((conn, resp))
 }
 
 async fn read_exchange(
