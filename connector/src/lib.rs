@@ -10,8 +10,11 @@
 //! - [`pool`]: the async, batched lookup / save / load of a host cache's blocks.
 
 pub mod cache;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod keys;
 pub mod layout;
+pub mod pd;
 pub mod pool;
 
 pub use cache::{CacheError, HostKvCache};

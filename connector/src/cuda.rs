@@ -1,0 +1,1 @@
+//! KV caches in GPU memory (feature `cuda`); being built (issue 5).

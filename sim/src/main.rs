@@ -1,0 +1,2 @@
+//! kvpool-sim: being built (issue 5).
+fn main() {}

@@ -1,0 +1,1 @@
+//! Engine simulator end to end; being built (issue 5).
