@@ -178,31 +178,37 @@ impl HostKvCache {
         block_ids: &[usize],
         group: usize,
     ) -> Result<Vec<Vec<&mut [u8]>>, CacheError> {
-        // Every (block, position in its list, segment), sorted by offset, so the buffer can be
-        // split front to back into disjoint slices with `split_at_mut`: safe aliasing-free
-        // carving, then put back into each block's object order.
-        let mut segs: Vec<(usize, usize, Segment)> = Vec::new();
-        for (i, &b) in block_ids.iter().enumerate() {
-            self.check(b, group)?;
-            segs.extend(
-                self.layout
-                    .segments(b, group)
-                    .into_iter()
-                    .enumerate()
-                    .map(|(j, s)| (i, j, s)),
-            );
+        let mut by_group = self.blocks_groups_parts_mut(block_ids, group..group + 1)?;
+        Ok(by_group.pop().unwrap_or_default())
+    }
+
+    /// The scatter lists of several blocks for several groups at once, indexed
+    /// `[group - groups.start][block][part]`: disjoint slices, so every group can be in flight
+    /// at the same time (layer-wise loading) while each stays a safe `&mut`.
+    pub fn blocks_groups_parts_mut(
+        &mut self,
+        block_ids: &[usize],
+        groups: std::ops::Range<usize>,
+    ) -> Result<Vec<Vec<Vec<&mut [u8]>>>, CacheError> {
+        // Every (group, block, position in its list, segment), sorted by offset, so the buffer
+        // can be split front to back into disjoint slices with `split_at_mut`: safe
+        // aliasing-free carving, then put back into each block's object order.
+        let mut segs: Vec<(usize, usize, usize, Segment)> = Vec::new();
+        let mut out: Vec<Vec<Vec<Option<&mut [u8]>>>> = Vec::with_capacity(groups.len());
+        for (gi, g) in groups.clone().enumerate() {
+            let mut per_block = Vec::with_capacity(block_ids.len());
+            for (i, &b) in block_ids.iter().enumerate() {
+                self.check(b, g)?;
+                let list = self.layout.segments(b, g);
+                per_block.push((0..list.len()).map(|_| None).collect());
+                segs.extend(list.into_iter().enumerate().map(|(j, s)| (gi, i, j, s)));
+            }
+            out.push(per_block);
         }
-        segs.sort_by_key(|&(_, _, s)| s.addr);
-        let mut out: Vec<Vec<Option<&mut [u8]>>> = block_ids
-            .iter()
-            .map(|&b| {
-                let n = self.layout.segments(b, group).len();
-                (0..n).map(|_| None).collect()
-            })
-            .collect();
+        segs.sort_by_key(|&(_, _, _, s)| s.addr);
         let mut rest: &mut [u8] = &mut self.buf;
         let mut consumed = 0;
-        for (i, j, s) in segs {
+        for (gi, i, j, s) in segs {
             if s.addr < consumed {
                 // The layouts built here never overlap themselves, so an overlap is the same
                 // block twice.
@@ -213,11 +219,16 @@ impl HostKvCache {
             let (part, tail) = tail.split_at_mut(s.len);
             rest = tail;
             consumed = s.addr + s.len;
-            out[i][j] = Some(part);
+            out[gi][i][j] = Some(part);
         }
         Ok(out
             .into_iter()
-            .map(|parts| parts.into_iter().flatten().collect())
+            .map(|blocks| {
+                blocks
+                    .into_iter()
+                    .map(|parts| parts.into_iter().flatten().collect())
+                    .collect()
+            })
             .collect())
     }
 }

@@ -18,7 +18,7 @@ pub mod pd;
 pub mod pool;
 
 pub use cache::{CacheError, HostKvCache};
-pub use pool::{ConnectorError, PoolConnector};
+pub use pool::{ConnectorError, GroupLoaded, LayerwiseLoad, PoolConnector, SaveHandle};
 
 pub use keys::{BlockHasher, BlockId, BlockKey, ExternalHash, Namespace};
 pub use layout::{BlockShape, KvLayout, LayerGroups, LayerRegion, LayoutError, Segment};

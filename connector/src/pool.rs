@@ -5,7 +5,11 @@
 //! `BlockKey::wire(layout.key_group(g))`. A block counts as present only when every group's
 //! object is, because a block with a missing layer group cannot be used.
 
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
 
 use kvpool_client::{Client, ClientError, ErrorCode};
 use kvpool_proto::PutOptions;
@@ -40,12 +44,17 @@ pub struct PoolConnector {
     /// `key_group(g)` for each group: the `/g<g>` suffix, or none with one object per block.
     groups: Vec<Option<usize>>,
     put_options: PutOptions,
+    finished_tx: mpsc::UnboundedSender<(String, Vec<Result<()>>)>,
+    finished_rx: Mutex<mpsc::UnboundedReceiver<(String, Vec<Result<()>>)>>,
 }
 
 impl PoolConnector {
     /// A connector for caches of `layout`'s grouping (the layout's addresses are not used).
     pub fn new(client: Arc<Client>, layout: &KvLayout) -> Self {
+        let (finished_tx, finished_rx) = mpsc::unbounded_channel();
         Self {
+            finished_tx,
+            finished_rx: Mutex::new(finished_rx),
             client,
             groups: (0..layout.num_groups())
                 .map(|g| layout.key_group(g))
@@ -113,121 +122,62 @@ impl PoolConnector {
         Ok(n)
     }
 
-    /// Saves each `(key, block id)` from `cache`: one `put_batch_parts` per layer group,
-    /// gathering the block's bytes straight from the cache (no staging copy). A block already
-    /// in the pool (`AlreadyExists`, e.g. saved by another engine with the same prefix) counts
-    /// as saved: same key means same tokens in the same namespace, so the same KV. One result
-    /// per block, in order; a block is saved only if every group was.
-    pub async fn save(&self, cache: &HostKvCache, blocks: &[(BlockKey, usize)]) -> Vec<Result<()>> {
-        if let Err(e) = self.check_cache(cache) {
-            return blocks.iter().map(|_| Err(clone_err(&e))).collect();
-        }
-        let mut out: Vec<Result<()>> = blocks.iter().map(|_| Ok(())).collect();
-        for group in 0..self.groups.len() {
-            // Blocks that already failed (bad id, earlier group) are not written further.
-            let mut idx = Vec::new();
-            let mut parts = Vec::new();
-            for (i, (_, b)) in blocks.iter().enumerate() {
-                if out[i].is_err() {
-                    continue;
-                }
-                match cache.try_block_parts(*b, group) {
-                    Ok(p) => {
-                        idx.push(i);
-                        parts.push(p);
-                    }
-                    Err(e) => out[i] = Err(e.into()),
-                }
-            }
-            if idx.is_empty() {
-                break;
-            }
-            let keys = self.wire_keys(idx.iter().map(|&i| blocks[i].0.clone()), group);
-            let items: Vec<(&[u8], &[&[u8]])> = keys
-                .iter()
-                .zip(&parts)
-                .map(|(k, p)| (k.as_bytes(), p.as_slice()))
-                .collect();
-            let res = self.client.put_batch_parts(&items, &self.put_options).await;
-            for (i, r) in idx.into_iter().zip(res) {
-                match r {
-                    Ok(()) => {}
-                    Err(e) if e.code() == ErrorCode::AlreadyExists => {}
-                    Err(e) => out[i] = Err(e.into()),
-                }
-            }
-        }
-        out
-    }
-
-    /// Loads each `(key, block id)` into `cache`, scattering every object straight into the
-    /// block's slices. `Ok(true)`: every group was loaded; `Ok(false)`: a miss (the block, or
-    /// one of its groups, is not in the pool; its bytes in the cache are then partly
-    /// overwritten and must be recomputed). One result per block, in order.
+    /// One put batch for layer group `group`: each item is a block key and its object's
+    /// gather list (the slices concatenated are the object). A block already in the pool
+    /// (`AlreadyExists`, e.g. saved by another engine with the same prefix) counts as saved:
+    /// same key means same tokens in the same namespace, so the same KV. One result per item.
     ///
-    /// Groups are loaded in order, one batch each, so group 0 of every block is complete
-    /// before group 1 is asked for: the order a layer-wise engine needs. Overlapping compute
-    /// on group `g` with the transfer of `g + 1` needs the caller to drive
-    /// [`Self::load_group`] itself; this method simply waits for each group in turn.
-    pub async fn load(
+    /// This is the memory-agnostic primitive: host caches, pinned staging for GPU caches and
+    /// detached saves all come down to it.
+    pub async fn save_parts(
         &self,
-        cache: &mut HostKvCache,
-        blocks: &[(BlockKey, usize)],
-    ) -> Vec<Result<bool>> {
-        let mut out: Vec<Result<bool>> = blocks.iter().map(|_| Ok(true)).collect();
-        for group in 0..self.groups.len() {
-            // A block that missed or failed in an earlier group is not fetched further.
-            let idx: Vec<usize> = (0..blocks.len())
-                .filter(|&i| matches!(out[i], Ok(true)))
-                .collect();
-            if idx.is_empty() {
-                break;
-            }
-            let sub: Vec<(BlockKey, usize)> = idx.iter().map(|&i| blocks[i].clone()).collect();
-            let res = self.load_group(cache, &sub, group).await;
-            for (i, r) in idx.into_iter().zip(res) {
-                out[i] = r;
-            }
-        }
-        out
-    }
-
-    /// Loads one layer group's objects of `blocks` (one batch); results as for [`Self::load`].
-    pub async fn load_group(
-        &self,
-        cache: &mut HostKvCache,
-        blocks: &[(BlockKey, usize)],
         group: usize,
-    ) -> Vec<Result<bool>> {
-        if let Err(e) = self.check_cache(cache) {
-            return blocks.iter().map(|_| Err(clone_err(&e))).collect();
-        }
+        items: &[(BlockKey, &[&[u8]])],
+    ) -> Vec<Result<()>> {
         if group >= self.groups.len() {
-            let e = ConnectorError::Cache(CacheError::GroupOutOfRange {
-                group,
-                num_groups: self.groups.len(),
-            });
-            return blocks.iter().map(|_| Err(clone_err(&e))).collect();
+            let e = self.group_range_err(group);
+            return items.iter().map(|_| Err(clone_err(&e))).collect();
         }
-        let want = cache.layout().object_len(group);
-        let ids: Vec<usize> = blocks.iter().map(|(_, b)| *b).collect();
-        let mut dests = match cache.blocks_parts_mut(&ids, group) {
-            Ok(d) => d,
-            Err(e) => {
-                let e = ConnectorError::Cache(e);
-                return blocks.iter().map(|_| Err(clone_err(&e))).collect();
-            }
-        };
-        let keys = self.wire_keys(blocks.iter().map(|(k, _)| k.clone()), group);
-        let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
-        let mut dest_refs: Vec<&mut [&mut [u8]]> =
-            dests.iter_mut().map(|d| d.as_mut_slice()).collect();
-        let res = self
-            .client
-            .get_batch_into_parts(&refs, &mut dest_refs)
-            .await;
+        let keys = self.wire_keys(items.iter().map(|(k, _)| k.clone()), group);
+        let batch: Vec<(&[u8], &[&[u8]])> = keys
+            .iter()
+            .zip(items)
+            .map(|(k, (_, p))| (k.as_bytes(), *p))
+            .collect();
+        let res = self.client.put_batch_parts(&batch, &self.put_options).await;
         res.into_iter()
             .map(|r| match r {
+                Ok(()) => Ok(()),
+                Err(e) if e.code() == ErrorCode::AlreadyExists => Ok(()),
+                Err(e) => Err(e.into()),
+            })
+            .collect()
+    }
+
+    /// One get batch for layer group `group`, scattering each object straight into its
+    /// scatter list. `Ok(true)`: loaded; `Ok(false)`: a miss; an object whose length differs
+    /// from the list's total is an error (written under another layout with the same key,
+    /// which a correct namespace rules out) and its bytes must not be used.
+    pub async fn load_parts(
+        &self,
+        group: usize,
+        keys: &[BlockKey],
+        dests: &mut [&mut [&mut [u8]]],
+    ) -> Vec<Result<bool>> {
+        if group >= self.groups.len() {
+            let e = self.group_range_err(group);
+            return keys.iter().map(|_| Err(clone_err(&e))).collect();
+        }
+        let wants: Vec<usize> = dests
+            .iter()
+            .map(|d| d.iter().map(|p| p.len()).sum())
+            .collect();
+        let wire = self.wire_keys(keys.iter().cloned(), group);
+        let refs: Vec<&[u8]> = wire.iter().map(|k| k.as_bytes()).collect();
+        let res = self.client.get_batch_into_parts(&refs, dests).await;
+        res.into_iter()
+            .zip(wants)
+            .map(|(r, want)| match r {
                 Ok(Some(len)) if len as usize == want => Ok(true),
                 // Longer objects fail as BufferTooSmall in the client; shorter ones here.
                 Ok(Some(len)) => Err(ConnectorError::ObjectLength {
@@ -239,6 +189,267 @@ impl PoolConnector {
                 Err(e) => Err(e.into()),
             })
             .collect()
+    }
+
+    /// Saves each `(key, block id)` from `cache`, gathering straight from the cache (no
+    /// staging copy); all layer groups' batches are in flight together. One result per
+    /// block, in order; a block is saved only if every group was.
+    pub async fn save(&self, cache: &HostKvCache, blocks: &[(BlockKey, usize)]) -> Vec<Result<()>> {
+        if let Err(e) = self.check_cache(cache) {
+            return blocks.iter().map(|_| Err(clone_err(&e))).collect();
+        }
+        let mut out: Vec<Result<()>> = blocks.iter().map(|_| Ok(())).collect();
+        // A bad id fails its block before anything is written.
+        for (i, (_, b)) in blocks.iter().enumerate() {
+            if let Err(e) = cache.try_block_parts(*b, 0) {
+                out[i] = Err(e.into());
+            }
+        }
+        let idx: Vec<usize> = (0..blocks.len()).filter(|&i| out[i].is_ok()).collect();
+        let parts: Vec<Vec<Vec<&[u8]>>> = (0..self.groups.len())
+            .map(|g| {
+                idx.iter()
+                    .map(|&i| cache.block_parts(blocks[i].1, g))
+                    .collect()
+            })
+            .collect();
+        let batches = parts.iter().enumerate().map(|(g, per_block)| {
+            let items: Vec<(BlockKey, &[&[u8]])> = idx
+                .iter()
+                .zip(per_block)
+                .map(|(&i, p)| (blocks[i].0.clone(), p.as_slice()))
+                .collect();
+            async move { self.save_parts(g, &items).await }
+        });
+        for res in futures::future::join_all(batches).await {
+            for (&i, r) in idx.iter().zip(res) {
+                if let (Ok(()), Err(e)) = (&out[i], r) {
+                    out[i] = Err(e);
+                }
+            }
+        }
+        out
+    }
+
+    /// Copies each `(key, block id)`'s objects out of `cache` and saves them in a spawned
+    /// task, so the engine's step pays one memcpy per object instead of the transfer. The
+    /// handle reports the per-block results; they are also queued for
+    /// [`Self::finished_saves`] under `request_id`, the way vLLM's `get_finished` reports
+    /// finished sends per request.
+    ///
+    /// Must be called inside a tokio runtime.
+    pub fn save_detached(
+        self: &Arc<Self>,
+        request_id: &str,
+        cache: &HostKvCache,
+        blocks: &[(BlockKey, usize)],
+    ) -> SaveHandle {
+        let mut out: Vec<Option<Result<()>>> = blocks.iter().map(|_| None).collect();
+        if let Err(e) = self.check_cache(cache) {
+            out.iter_mut().for_each(|o| *o = Some(Err(clone_err(&e))));
+        }
+        // A bad id fails its block before anything is copied.
+        for (i, (_, b)) in blocks.iter().enumerate() {
+            if out[i].is_none() {
+                if let Err(e) = cache.try_block_parts(*b, 0) {
+                    out[i] = Some(Err(e.into()));
+                }
+            }
+        }
+        let idx: Vec<usize> = (0..blocks.len()).filter(|&i| out[i].is_none()).collect();
+        // [group][n] -> block idx[n]'s object bytes: owned, so the task outlives the borrow.
+        let staged: Vec<Vec<Vec<u8>>> = (0..self.groups.len())
+            .map(|g| {
+                idx.iter()
+                    .map(|&i| cache.block_parts(blocks[i].1, g).concat())
+                    .collect()
+            })
+            .collect();
+        let keys: Vec<BlockKey> = idx.iter().map(|&i| blocks[i].0.clone()).collect();
+        let this = Arc::clone(self);
+        let request_id = request_id.to_string();
+        let task = tokio::spawn(async move {
+            let batches = staged.iter().enumerate().map(|(g, objs)| {
+                let lists: Vec<[&[u8]; 1]> = objs.iter().map(|o| [o.as_slice()]).collect();
+                let this = &this;
+                let keys = &keys;
+                async move {
+                    let items: Vec<(BlockKey, &[&[u8]])> = keys
+                        .iter()
+                        .zip(&lists)
+                        .map(|(k, l)| (k.clone(), l.as_slice()))
+                        .collect();
+                    this.save_parts(g, &items).await
+                }
+            });
+            for res in futures::future::join_all(batches).await {
+                for (&i, r) in idx.iter().zip(res) {
+                    if let Err(e) = r {
+                        out[i].get_or_insert(Err(e));
+                    }
+                }
+            }
+            let out: Vec<Result<()>> = out.into_iter().map(|o| o.unwrap_or(Ok(()))).collect();
+            let report = out
+                .iter()
+                .map(|r| r.as_ref().map(|_| ()).map_err(clone_err))
+                .collect();
+            // The receiver lives as long as the connector, which `this` keeps alive.
+            let _ = this.finished_tx.send((request_id, report));
+            out
+        });
+        SaveHandle { task }
+    }
+
+    /// The requests whose detached saves finished since the last call, with their per-block
+    /// results.
+    pub fn finished_saves(&self) -> Vec<(String, Vec<Result<()>>)> {
+        let mut rx = self.finished_rx.lock().unwrap_or_else(|p| p.into_inner());
+        std::iter::from_fn(|| rx.try_recv().ok()).collect()
+    }
+
+    /// Loads each `(key, block id)` into `cache`, scattering every object straight into the
+    /// block's slices. `Ok(true)`: every group was loaded; `Ok(false)`: a miss (the block, or
+    /// one of its groups, is not in the pool; its bytes in the cache are then partly
+    /// overwritten and must be recomputed). One result per block, in order.
+    pub async fn load(
+        &self,
+        cache: &mut HostKvCache,
+        blocks: &[(BlockKey, usize)],
+    ) -> Vec<Result<bool>> {
+        match self.load_layerwise(cache, blocks, usize::MAX) {
+            Ok(mut l) => {
+                while l.next().await.is_some() {}
+                l.finish()
+            }
+            Err(e) => blocks.iter().map(|_| Err(clone_err(&e))).collect(),
+        }
+    }
+
+    /// Starts a layer-wise load: each layer group is one batch, at most `window` groups in
+    /// flight, and [`LayerwiseLoad::next`] hands back group 0, then 1, ... as each lands, with
+    /// the group's bytes, so an engine computes on layer group `g` while `g + 1` is in
+    /// flight. Transfers progress while the load is polled: run it concurrently with the
+    /// engine's work (`tokio::join!`, a spawned GPU launch) rather than between awaits.
+    pub fn load_layerwise<'a>(
+        &'a self,
+        cache: &'a mut HostKvCache,
+        blocks: &[(BlockKey, usize)],
+        window: usize,
+    ) -> Result<LayerwiseLoad<'a>> {
+        self.check_cache(cache)?;
+        let ids: Vec<usize> = blocks.iter().map(|(_, b)| *b).collect();
+        let dests = cache.blocks_groups_parts_mut(&ids, 0..self.groups.len())?;
+        let keys: Arc<[BlockKey]> = blocks.iter().map(|(k, _)| k.clone()).collect();
+        let pending = dests
+            .into_iter()
+            .enumerate()
+            .map(|(g, mut parts)| {
+                let keys = Arc::clone(&keys);
+                let fut: GroupFuture<'a> = Box::pin(async move {
+                    let mut refs: Vec<&mut [&mut [u8]]> =
+                        parts.iter_mut().map(|p| p.as_mut_slice()).collect();
+                    let res = self.load_parts(g, &keys, &mut refs).await;
+                    drop(refs);
+                    GroupLoaded {
+                        group: g,
+                        results: res,
+                        blocks: parts,
+                    }
+                });
+                fut
+            })
+            .collect::<Vec<_>>()
+            .into_iter();
+        let mut load = LayerwiseLoad {
+            pending,
+            in_flight: futures::stream::FuturesOrdered::new(),
+            window: window.max(1),
+            combined: blocks.iter().map(|_| Ok(true)).collect(),
+        };
+        load.refill();
+        Ok(load)
+    }
+
+    fn group_range_err(&self, group: usize) -> ConnectorError {
+        ConnectorError::Cache(CacheError::GroupOutOfRange {
+            group,
+            num_groups: self.groups.len(),
+        })
+    }
+}
+
+type GroupFuture<'a> = Pin<Box<dyn Future<Output = GroupLoaded<'a>> + Send + 'a>>;
+
+/// One layer group of a [`LayerwiseLoad`], landed.
+pub struct GroupLoaded<'a> {
+    pub group: usize,
+    /// Per block, as for [`PoolConnector::load`].
+    pub results: Vec<Result<bool>>,
+    /// Per block, the group's bytes in object order (layers ascending, K then V): the
+    /// engine's view of what it may now compute on. Valid only where `results` is `Ok(true)`.
+    pub blocks: Vec<Vec<&'a mut [u8]>>,
+}
+
+/// A load in progress, one layer group at a time (see [`PoolConnector::load_layerwise`]).
+pub struct LayerwiseLoad<'a> {
+    pending: std::vec::IntoIter<GroupFuture<'a>>,
+    in_flight: futures::stream::FuturesOrdered<GroupFuture<'a>>,
+    window: usize,
+    combined: Vec<Result<bool>>,
+}
+
+impl<'a> LayerwiseLoad<'a> {
+    fn refill(&mut self) {
+        while self.in_flight.len() < self.window {
+            match self.pending.next() {
+                Some(f) => self.in_flight.push_back(f),
+                None => break,
+            }
+        }
+    }
+
+    /// The next layer group, in group order, once all its objects have landed; `None` after
+    /// the last.
+    pub async fn next(&mut self) -> Option<GroupLoaded<'a>> {
+        use futures::StreamExt;
+        let done = self.in_flight.next().await?;
+        self.refill();
+        for (c, r) in self.combined.iter_mut().zip(&done.results) {
+            match (&*c, r) {
+                (Ok(true), Ok(true)) => {}
+                (Ok(true), Ok(false)) => *c = Ok(false),
+                (Ok(_), Err(e)) => *c = Err(clone_err(e)),
+                _ => {}
+            }
+        }
+        Some(done)
+    }
+
+    /// Per block: `Ok(true)` when every group loaded so far was loaded (all of them once
+    /// [`Self::next`] returned `None`), `Ok(false)` for a miss, or the first error.
+    pub fn finish(self) -> Vec<Result<bool>> {
+        self.combined
+    }
+}
+
+/// A detached save (see [`PoolConnector::save_detached`]).
+pub struct SaveHandle {
+    task: tokio::task::JoinHandle<Vec<Result<()>>>,
+}
+
+impl SaveHandle {
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Per-block results, in the order given.
+    pub async fn wait(self) -> Vec<Result<()>> {
+        match self.task.await {
+            Ok(r) => r,
+            // The task never panics by design; if it did, nothing is known to be saved.
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
     }
 }
 
