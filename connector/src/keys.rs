@@ -122,6 +122,39 @@ impl BlockKey {
     }
 }
 
+impl BlockKey {
+    /// A self-contained text form for hand-off parameters, which travel as JSON between
+    /// engines: `<hex(ns)>:<hex(h_i)>`, or `<hex(ns)>:x<hex(bytes)>` for external ids. Unlike
+    /// [`Self::wire`] it keeps the whole namespace digest, so it parses back.
+    pub fn to_param(&self) -> String {
+        match &self.id {
+            BlockId::Chained(h) => format!("{}:{}", hex(&self.ns), hex(h)),
+            BlockId::External(b) => format!("{}:x{}", hex(&self.ns), hex(b)),
+        }
+    }
+
+    /// The inverse of [`Self::to_param`]; `None` for anything else.
+    pub fn from_param(s: &str) -> Option<BlockKey> {
+        let (ns, id) = s.split_once(':')?;
+        let ns: Digest = unhex(ns)?.try_into().ok()?;
+        let id = match id.strip_prefix('x') {
+            Some(ext) => BlockId::External(unhex(ext)?),
+            None => BlockId::Chained(unhex(id)?.try_into().ok()?),
+        };
+        Some(BlockKey { ns, id })
+    }
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect()
+}
+
 /// A caller-provided block hash: vLLM's builtin hash is an integer, its `sha256_cbor` hash is
 /// 32 bytes; both become the same key shape.
 pub trait ExternalHash {
@@ -219,6 +252,36 @@ impl BlockHasher {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn param_form_round_trips_and_rejects_junk() {
+        let h = BlockHasher::new(Namespace {
+            model: "m".into(),
+            kv_dtype: "bf16".into(),
+            layout: "l".into(),
+            block_size: 4,
+            tp_rank: 0,
+            tp_size: 1,
+            pp_rank: 0,
+            pp_size: 1,
+        });
+        let mut keys = h.keys(&[1, 2, 3, 4, 5, 6, 7, 8]);
+        keys.extend(h.from_external(&[7u64]));
+        for k in &keys {
+            assert_eq!(BlockKey::from_param(&k.to_param()).as_ref(), Some(k));
+        }
+        let good = keys[0].to_param();
+        for bad in [
+            "",
+            "nocolon",
+            &good[1..],
+            &good[..good.len() - 1],
+            &good.replace(':', ";"),
+            &format!("{}:+a", &good[..32]),
+        ] {
+            assert_eq!(BlockKey::from_param(bad), None, "{bad:?}");
+        }
+    }
+
     use super::*;
 
     /// The golden namespace: Llama-3-8B, bf16, vLLM paged layout, all layers in one object.

@@ -34,6 +34,18 @@ pub enum ConnectorError {
     ObjectLength { group: usize, got: u64, want: usize },
 }
 
+impl ConnectorError {
+    /// The stable code, for callers that report failures per request.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ConnectorError::Client(c) => c.code(),
+            ConnectorError::Cache(_)
+            | ConnectorError::GroupMismatch { .. }
+            | ConnectorError::ObjectLength { .. } => ErrorCode::InvalidArgument,
+        }
+    }
+}
+
 pub type Result<T, E = ConnectorError> = std::result::Result<T, E>;
 
 /// The pool side of one engine (one TP/PP rank): a client and the layer grouping of its

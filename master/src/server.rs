@@ -118,6 +118,12 @@ impl RpcService for Service {
                 kvpool_proto::ErrorCode::WrongService,
                 "data-plane request sent to the master; send it to a storage node",
             )),
+            Opcode::HandoffClaim | Opcode::HandoffDone | Opcode::HandoffAbort => {
+                Err(WireError::new(
+                    kvpool_proto::ErrorCode::WrongService,
+                    "P/D hand-off request sent to the master; send it to the producer's bootstrap port",
+                ))
+            }
         }
     }
 }

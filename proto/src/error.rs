@@ -2,7 +2,7 @@
 //!
 //! Numbers are stable: a code, once released, keeps its number and meaning forever. Codes are
 //! grouped in ranges by subsystem (protocol 1xx, object 2xx, space 3xx, membership 4xx, data
-//! path 5xx, transport 6xx, security 7xx, internal 9xx), so a number alone tells an operator
+//! path 5xx, transport 6xx, security 7xx, P/D hand-off 8xx, internal 9xx), so a number alone tells an operator
 //! where to look. `docs/error-codes.md` lists them; a test keeps the two in step.
 
 use serde::{Deserialize, Serialize};
@@ -106,6 +106,12 @@ error_codes! {
     Io = 602,
     /// The cluster token is missing or wrong.
     Unauthorized = 700,
+    /// The producer knows no hand-off by this transfer id.
+    TransferUnknown = 800,
+    /// The hand-off was aborted (by the producer's engine or a consumer).
+    TransferAborted = 801,
+    /// No consumer claimed the hand-off within the producer's abort timeout.
+    TransferExpired = 802,
     /// A bug: an invariant did not hold.
     Internal = 900,
     /// A code this build does not know (sent by a newer peer).

@@ -86,7 +86,8 @@ pub struct ReplicaDesc {
 }
 
 /// The opcodes. Connection opcodes (served by every server) are 0x01..0x0f, master (control
-/// plane) opcodes 0x10..0x3f, storage-node (data plane) opcodes 0x40..0x5f. Numbers are stable.
+/// plane) opcodes 0x10..0x3f, storage-node (data plane) opcodes 0x40..0x5f, P/D bootstrap
+/// (a producer engine's hand-off port) opcodes 0x60..0x6f. Numbers are stable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Opcode {
@@ -104,6 +105,9 @@ pub enum Opcode {
     Heartbeat = 0x21,
     Read = 0x40,
     Write = 0x41,
+    HandoffClaim = 0x60,
+    HandoffDone = 0x61,
+    HandoffAbort = 0x62,
 }
 
 impl Opcode {
@@ -122,6 +126,9 @@ impl Opcode {
         Opcode::Heartbeat,
         Opcode::Read,
         Opcode::Write,
+        Opcode::HandoffClaim,
+        Opcode::HandoffDone,
+        Opcode::HandoffAbort,
     ];
 }
 
@@ -569,6 +576,55 @@ pub struct Write {
 impl Message for Write {
     const OPCODE: Opcode = Opcode::Write;
     type Response = UnitResponse;
+}
+
+// ---------------------------------------------------------------- P/D bootstrap (producer)
+
+/// A consumer announces it is about to load a hand-off: the producer keeps holding the
+/// blocks (its abort timer restarts) or answers why it cannot (`TransferUnknown`,
+/// `TransferAborted`, `TransferExpired`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoffClaim {
+    pub transfer_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoffClaimResponse {
+    /// Blocks held for this transfer.
+    pub blocks: u32,
+}
+
+impl Message for HandoffClaim {
+    const OPCODE: Opcode = Opcode::HandoffClaim;
+    type Response = HandoffClaimResponse;
+}
+
+/// The consumer loaded every block: the producer releases its hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoffDone {
+    pub transfer_id: String,
+}
+
+/// The answer to [`HandoffDone`] and [`HandoffAbort`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoffAck {}
+
+impl Message for HandoffDone {
+    const OPCODE: Opcode = Opcode::HandoffDone;
+    type Response = HandoffAck;
+}
+
+/// The consumer gives up (its timeout, a failed load, the request aborted): the producer
+/// releases its hold and counts the transfer as aborted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoffAbort {
+    pub transfer_id: String,
+    pub reason: String,
+}
+
+impl Message for HandoffAbort {
+    const OPCODE: Opcode = Opcode::HandoffAbort;
+    type Response = HandoffAck;
 }
 
 #[cfg(test)]

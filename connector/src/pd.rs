@@ -1,1 +1,0 @@
-//! The P/D hand-off (roles, bootstrap port, holds and abort timeouts); being built (issue 5).

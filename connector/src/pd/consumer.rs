@@ -1,0 +1,129 @@
+//! The consumer side: claim at the producer's bootstrap port, load from the pool, report
+//! done, all within the consumer timeout.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvpool_proto::{HandoffAbort, HandoffClaim, HandoffDone};
+use kvpool_transport::rpc::{RpcClient, RpcOptions};
+use tracing::warn;
+
+use super::{HandoffParams, PdConfig, PdError};
+use crate::cache::HostKvCache;
+use crate::pool::PoolConnector;
+
+/// How long an abort sent after a failure may take: it is a courtesy to the producer (its
+/// abort timeout releases the hold anyway), so it must not hold up the engine.
+const ABORT_SEND_LIMIT: Duration = Duration::from_secs(2);
+
+/// A consumer engine worker's hand-off side.
+pub struct Consumer {
+    connector: Arc<PoolConnector>,
+    cfg: PdConfig,
+}
+
+impl Consumer {
+    pub fn new(connector: Arc<PoolConnector>, cfg: PdConfig) -> Self {
+        Consumer { connector, cfg }
+    }
+
+    fn rpc(&self, addr: &str, limit: Duration) -> RpcClient {
+        RpcClient::new(
+            addr,
+            RpcOptions {
+                connect_timeout: limit.min(Duration::from_secs(3)),
+                request_timeout: limit,
+                token: self.cfg.token.clone(),
+                ..RpcOptions::default()
+            },
+        )
+    }
+
+    /// Loads a hand-off into `block_ids` of `cache` (one id per block of `params`, in
+    /// order): claim, load, done. Any failure, or the consumer timeout, fails the request
+    /// (the engine recomputes) and tells the producer to release its hold; a producer-side
+    /// abort shows up here as `TransferAborted`.
+    pub async fn receive(
+        &self,
+        params: &HandoffParams,
+        cache: &mut HostKvCache,
+        block_ids: &[usize],
+    ) -> Result<(), PdError> {
+        let keys = params.keys()?;
+        if keys.len() != block_ids.len() {
+            return Err(PdError::BadParams(format!(
+                "{} blocks handed off, {} destination blocks",
+                keys.len(),
+                block_ids.len()
+            )));
+        }
+        let limit = self.cfg.consumer_timeout;
+        let rpc = self.rpc(&params.bootstrap_addr, limit);
+        let producer_err = |source| PdError::Producer {
+            addr: params.bootstrap_addr.clone(),
+            source,
+        };
+        let work = async {
+            let claimed = rpc
+                .call(&HandoffClaim {
+                    transfer_id: params.transfer_id.clone(),
+                })
+                .await
+                .map_err(producer_err)?;
+            if claimed.blocks as usize != keys.len() {
+                return Err(PdError::BadParams(format!(
+                    "producer holds {} blocks, the parameters list {}",
+                    claimed.blocks,
+                    keys.len()
+                )));
+            }
+            let blocks: Vec<_> = keys.iter().cloned().zip(block_ids.iter().copied()).collect();
+            for (i, r) in self.connector.load(cache, &blocks).await.into_iter().enumerate() {
+                match r {
+                    Ok(true) => {}
+                    Ok(false) => return Err(PdError::Missing { block: i }),
+                    Err(e) => return Err(PdError::Load(e)),
+                }
+            }
+            rpc.call(&HandoffDone {
+                transfer_id: params.transfer_id.clone(),
+            })
+            .await
+            .map_err(producer_err)?;
+            Ok(())
+        };
+        let res = match tokio::time::timeout(limit, work).await {
+            Ok(r) => r,
+            Err(_) => Err(PdError::Timeout(limit)),
+        };
+        if let Err(e) = &res {
+            // A producer that answered with an error has already ended the hold (or never
+            // had it); everyone else hears about the failure.
+            if !matches!(e, PdError::Producer { source, .. } if source.code() as u16 / 100 == 8) {
+                self.send_abort(params, &e.to_string()).await;
+            }
+        }
+        res
+    }
+
+    /// The engine aborted the request: the producer releases its hold.
+    pub async fn abort(&self, params: &HandoffParams, reason: &str) -> Result<(), PdError> {
+        let rpc = self.rpc(&params.bootstrap_addr, ABORT_SEND_LIMIT);
+        rpc.call(&HandoffAbort {
+            transfer_id: params.transfer_id.clone(),
+            reason: reason.to_string(),
+        })
+        .await
+        .map(|_| ())
+        .map_err(|source| PdError::Producer {
+            addr: params.bootstrap_addr.clone(),
+            source,
+        })
+    }
+
+    async fn send_abort(&self, params: &HandoffParams, reason: &str) {
+        if let Err(e) = self.abort(params, reason).await {
+            warn!(transfer_id = %params.transfer_id, "could not tell the producer: {e}");
+        }
+    }
+}
