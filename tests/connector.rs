@@ -4,10 +4,14 @@
 
 use std::sync::Arc;
 
+use std::time::{Duration, Instant};
+
+use kvpool_connector::pd::{Consumer, HandoffParams, PdConfig, PdError, Producer, Role};
 use kvpool_connector::{
     BlockHasher, BlockKey, BlockShape, HostKvCache, LayerGroups, Namespace, PoolConnector,
 };
-use kvpool_tests::{client, up};
+use kvpool_proto::ErrorCode;
+use kvpool_tests::{client, up, wait_until};
 
 /// A small Llama-like shape: 4 layers, 2 KV heads, head dim 64, bf16, 16-token blocks.
 const LAYERS: usize = 4;
@@ -92,7 +96,7 @@ fn prompt(seed: u32, len: usize) -> Vec<u32> {
 struct Engine {
     hasher: BlockHasher,
     cache: HostKvCache,
-    conn: PoolConnector,
+    conn: Arc<PoolConnector>,
 }
 
 fn engine(master: &str, groups: LayerGroups, block_first: bool) -> Engine {
@@ -103,7 +107,7 @@ fn engine(master: &str, groups: LayerGroups, block_first: bool) -> Engine {
     }
     .unwrap();
     let hasher = BlockHasher::new(namespace(&cache.layout().grouping_tag()));
-    let conn = PoolConnector::new(Arc::new(client(master)), cache.layout());
+    let conn = Arc::new(PoolConnector::new(Arc::new(client(master)), cache.layout()));
     Engine {
         hasher,
         cache,
@@ -218,4 +222,233 @@ async fn a_missing_layer_group_is_a_hole() {
         .save(&e.cache, &pairs(&keys[..1], &[CACHE_BLOCKS]))
         .await;
     assert!(r[0].is_err());
+}
+
+/// Layer-wise: with one object per layer group, group 0 is handed back (with its bytes) before
+/// the later groups, and every group's bytes are the saved KV.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layerwise_load_hands_back_groups_in_order() {
+    let pool = up("128MiB", &[]);
+    let master = pool.addr("master");
+    let mut a = engine(&master, LayerGroups::PerObject(1), false);
+    let mut b = engine(&master, LayerGroups::PerObject(1), true);
+    let p = prompt(5, 128);
+    let keys = a.hasher.keys(&p);
+    let slots: Vec<usize> = (0..8).collect();
+    prefill(&mut a.cache, &p, &slots);
+    // A detached save: the handle and the per-request report agree.
+    let handle = a
+        .conn
+        .save_detached("req-a", &a.cache, &pairs(&keys, &slots));
+    for r in handle.wait().await {
+        r.unwrap();
+    }
+    let finished = a.conn.finished_saves();
+    assert_eq!(finished.len(), 1);
+    assert_eq!(finished[0].0, "req-a");
+    assert!(finished[0].1.iter().all(|r| r.is_ok()));
+    assert!(a.conn.finished_saves().is_empty());
+
+    let dest: Vec<usize> = (8..16).rev().collect();
+    let conn = Arc::clone(&b.conn);
+    let mut load = conn
+        .load_layerwise(&mut b.cache, &pairs(&keys, &dest), 2)
+        .unwrap();
+    let mut order = Vec::new();
+    while let Some(g) = load.next().await {
+        order.push(g.group);
+        // Group g is layer g (one layer per object): K then V of each block.
+        for (i, parts) in g.blocks.iter().enumerate() {
+            assert!(matches!(g.results[i], Ok(true)));
+            let got: Vec<u8> = parts.concat();
+            let want = [kv_bytes(&p, i, g.group, 0), kv_bytes(&p, i, g.group, 1)].concat();
+            assert!(got == want, "group {} block {i}: bytes differ", g.group);
+        }
+    }
+    assert_eq!(order, (0..LAYERS).collect::<Vec<_>>());
+    assert!(load.finish().iter().all(|r| matches!(r, Ok(true))));
+    for (i, &slot) in dest.iter().enumerate() {
+        assert_block(&b.cache, &p, i, slot);
+    }
+}
+
+/// A P/D pair of one model: producer and consumer engines with their own caches, clients and
+/// connectors, the producer's bootstrap on a free port.
+struct PdPair {
+    prod_engine: Engine,
+    producer: Producer,
+    cons_engine: Engine,
+    consumer: Consumer,
+}
+
+async fn pd_pair(master: &str, abort: Duration, consumer_timeout: Duration) -> PdPair {
+    let prod_engine = engine(master, LayerGroups::All, false);
+    let cons_engine = engine(master, LayerGroups::All, true);
+    let mut pcfg = PdConfig::new(Role::Producer, 0, 1, 0);
+    pcfg.base_port = 0;
+    pcfg.abort_timeout = abort;
+    pcfg.hold_renew = Duration::from_millis(200);
+    let producer = Producer::start(Arc::clone(&prod_engine.conn), pcfg)
+        .await
+        .unwrap();
+    let mut ccfg = PdConfig::new(Role::Consumer, 0, 1, 0);
+    ccfg.consumer_timeout = consumer_timeout;
+    let consumer = Consumer::new(Arc::clone(&cons_engine.conn), ccfg);
+    PdPair {
+        prod_engine,
+        producer,
+        cons_engine,
+        consumer,
+    }
+}
+
+/// Prefills a 6-block prompt on the producer and hands it off.
+async fn prefill_and_hand_off(
+    pd: &mut PdPair,
+    seed: u32,
+    request: &str,
+) -> (Vec<u32>, HandoffParams) {
+    let p = prompt(seed, 96);
+    let keys = pd.prod_engine.hasher.keys(&p);
+    let slots: Vec<usize> = (0..keys.len()).collect();
+    prefill(&mut pd.prod_engine.cache, &p, &slots);
+    let params = pd
+        .producer
+        .hand_off(request, &pd.prod_engine.cache, &pairs(&keys, &slots))
+        .await
+        .unwrap();
+    (p, params)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_off_reaches_the_consumer_and_the_hold_ends() {
+    let pool = up("128MiB", &[]);
+    let master = pool.addr("master");
+    let mut pd = pd_pair(&master, Duration::from_secs(60), Duration::from_secs(10)).await;
+    let (p, params) = prefill_and_hand_off(&mut pd, 7, "r1").await;
+    assert_eq!(params.block_keys.len(), 6);
+    assert_eq!(pd.producer.stats().held, 1);
+    // Params travel as JSON-ish text between engines; the keys parse back.
+    assert_eq!(params.keys().unwrap(), pd.prod_engine.hasher.keys(&p));
+
+    let dest = [9, 2, 14, 5, 0, 11];
+    pd.consumer
+        .receive(&params, &mut pd.cons_engine.cache, &dest)
+        .await
+        .unwrap();
+    for (i, &slot) in dest.iter().enumerate() {
+        assert_block(&pd.cons_engine.cache, &p, i, slot);
+    }
+    let st = pd.producer.stats();
+    assert_eq!((st.held, st.claimed, st.released), (0, 1, 1), "{st:?}");
+    // Claiming again is refused with a reason.
+    let e = pd
+        .consumer
+        .receive(&params, &mut pd.cons_engine.cache, &dest)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::TransferUnknown, "{e}");
+    // Wrong number of destination blocks: refused before anything moves.
+    let e = pd
+        .consumer
+        .receive(&params, &mut pd.cons_engine.cache, &dest[..2])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, PdError::BadParams(_)), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unclaimed_hand_off_is_released_after_the_abort_timeout() {
+    let pool = up("128MiB", &[]);
+    let master = pool.addr("master");
+    let mut pd = pd_pair(&master, Duration::from_millis(800), Duration::from_secs(10)).await;
+    let (_, params) = prefill_and_hand_off(&mut pd, 8, "r1").await;
+    let started = Instant::now();
+    let producer = &pd.producer;
+    wait_until("the hold expires", Duration::from_secs(10), || async {
+        producer.stats().expired == 1
+    })
+    .await;
+    assert!(started.elapsed() >= Duration::from_millis(700));
+    assert_eq!(pd.producer.stats().held, 0);
+    let e = pd
+        .consumer
+        .receive(&params, &mut pd.cons_engine.cache, &[0, 1, 2, 3, 4, 5])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::TransferExpired, "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aborts_reach_the_other_side() {
+    let pool = up("128MiB", &[]);
+    let master = pool.addr("master");
+    let mut pd = pd_pair(&master, Duration::from_secs(60), Duration::from_secs(10)).await;
+    // Producer-side abort: the consumer's claim is told.
+    let (_, params) = prefill_and_hand_off(&mut pd, 9, "r1").await;
+    assert_eq!(pd.producer.abort("r1"), 1);
+    let e = pd
+        .consumer
+        .receive(&params, &mut pd.cons_engine.cache, &[0, 1, 2, 3, 4, 5])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::TransferAborted, "{e}");
+    // Consumer-side abort: the producer's hold ends.
+    let (_, params) = prefill_and_hand_off(&mut pd, 10, "r2").await;
+    assert_eq!(pd.producer.stats().held, 1);
+    pd.consumer
+        .abort(&params, "request cancelled")
+        .await
+        .unwrap();
+    let st = pd.producer.stats();
+    assert_eq!((st.held, st.aborted), (0, 2), "{st:?}");
+}
+
+/// A producer that is gone (its process died: nothing listens) or hung (accepts, never
+/// answers) fails the consumer's request within the consumer timeout, never later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_fails_cleanly_when_the_producer_is_gone() {
+    let pool = up("128MiB", &[]);
+    let master = pool.addr("master");
+    let limit = Duration::from_millis(1500);
+    let mut pd = pd_pair(&master, Duration::from_secs(60), limit).await;
+    let (_, mut params) = prefill_and_hand_off(&mut pd, 11, "r1").await;
+    // Dead: the bootstrap server stops with the producer.
+    let dead = params.bootstrap_addr.clone();
+    drop(pd.producer);
+    let started = Instant::now();
+    let e = pd
+        .consumer
+        .receive(&params, &mut pd.cons_engine.cache, &[0, 1, 2, 3, 4, 5])
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() < limit + Duration::from_secs(1), "{e}");
+    assert!(
+        matches!(e, PdError::Producer { .. } | PdError::Timeout(_)),
+        "{e}"
+    );
+    assert_ne!(dead, "");
+
+    // Hung: a listener that accepts and never answers.
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    params.bootstrap_addr = hung.local_addr().unwrap().to_string();
+    let keep = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hung.accept().await {
+            held.push(s);
+        }
+    });
+    let started = Instant::now();
+    let e = pd
+        .consumer
+        .receive(&params, &mut pd.cons_engine.cache, &[0, 1, 2, 3, 4, 5])
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    assert!(
+        took >= limit - Duration::from_millis(100) && took < limit + Duration::from_secs(1),
+        "{took:?}: {e}"
+    );
+    assert_eq!(e.code(), ErrorCode::Timeout, "{e}");
+    keep.abort();
 }

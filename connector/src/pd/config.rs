@@ -178,7 +178,11 @@ mod tests {
     use super::*;
 
     fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
-        move |k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        move |k| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
     }
 
     #[test]
@@ -187,7 +191,11 @@ mod tests {
         assert_eq!(c.bootstrap_port().unwrap(), 8998 + 4 + 3);
         // TP ranks of one engine get distinct ports.
         let ports: Vec<u16> = (0..4)
-            .map(|r| PdConfig::new(Role::Producer, 0, 4, r).bootstrap_port().unwrap())
+            .map(|r| {
+                PdConfig::new(Role::Producer, 0, 4, r)
+                    .bootstrap_port()
+                    .unwrap()
+            })
             .collect();
         assert_eq!(ports, vec![8998, 8999, 9000, 9001]);
         let c = PdConfig::from_lookup(
@@ -234,7 +242,9 @@ mod tests {
             let e = PdConfig::from_lookup(Role::Producer, 0, 2, 1, env(&vars)).unwrap_err();
             assert!(matches!(e, PdError::Config(_)), "{vars:?}: {e}");
         }
-        assert!(PdConfig::new(Role::Producer, 0, 2, 2).bootstrap_port().is_err());
+        assert!(PdConfig::new(Role::Producer, 0, 2, 2)
+            .bootstrap_port()
+            .is_err());
         assert!("kv_sideways".parse::<Role>().is_err());
         assert_eq!("kv_both".parse::<Role>().unwrap(), Role::Both);
     }

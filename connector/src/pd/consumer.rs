@@ -77,8 +77,18 @@ impl Consumer {
                     keys.len()
                 )));
             }
-            let blocks: Vec<_> = keys.iter().cloned().zip(block_ids.iter().copied()).collect();
-            for (i, r) in self.connector.load(cache, &blocks).await.into_iter().enumerate() {
+            let blocks: Vec<_> = keys
+                .iter()
+                .cloned()
+                .zip(block_ids.iter().copied())
+                .collect();
+            for (i, r) in self
+                .connector
+                .load(cache, &blocks)
+                .await
+                .into_iter()
+                .enumerate()
+            {
                 match r {
                     Ok(true) => {}
                     Ok(false) => return Err(PdError::Missing { block: i }),
@@ -100,7 +110,7 @@ impl Consumer {
             // A producer that answered with an error has already ended the hold (or never
             // had it); everyone else hears about the failure.
             if !matches!(e, PdError::Producer { source, .. } if source.code() as u16 / 100 == 8) {
-                self.send_abort(params, &e.to_string()).await;
+                self.send_abort(params, &e.to_string());
             }
         }
         res
@@ -121,9 +131,18 @@ impl Consumer {
         })
     }
 
-    async fn send_abort(&self, params: &HandoffParams, reason: &str) {
-        if let Err(e) = self.abort(params, reason).await {
-            warn!(transfer_id = %params.transfer_id, "could not tell the producer: {e}");
-        }
+    /// Tells the producer in the background: the engine must not wait on a producer that
+    /// may be the reason for the failure.
+    fn send_abort(&self, params: &HandoffParams, reason: &str) {
+        let rpc = self.rpc(&params.bootstrap_addr, ABORT_SEND_LIMIT);
+        let msg = HandoffAbort {
+            transfer_id: params.transfer_id.clone(),
+            reason: reason.to_string(),
+        };
+        tokio::spawn(async move {
+            if let Err(e) = rpc.call(&msg).await {
+                warn!(transfer_id = %msg.transfer_id, "could not tell the producer: {e}");
+            }
+        });
     }
 }

@@ -65,7 +65,13 @@ impl HoldTable {
 
     /// Starts holding `keys` for `transfer_id` until claimed and done, aborted, or
     /// `now + abort_timeout`.
-    pub fn insert(&mut self, now: Duration, transfer_id: &str, request_id: &str, keys: Vec<BlockKey>) {
+    pub fn insert(
+        &mut self,
+        now: Duration,
+        transfer_id: &str,
+        request_id: &str,
+        keys: Vec<BlockKey>,
+    ) {
         self.stats.handed_off += 1;
         self.holds.insert(
             transfer_id.to_string(),
@@ -254,7 +260,10 @@ mod tests {
         let mut t = HoldTable::new(T);
         t.insert(s(0), "t1", "r1", keys(1));
         t.claim(s(8), "t1").unwrap();
-        assert!(t.expire(s(17)).is_empty(), "claimed at 8 s: held until 18 s");
+        assert!(
+            t.expire(s(17)).is_empty(),
+            "claimed at 8 s: held until 18 s"
+        );
         assert_eq!(t.expire(s(18)).len(), 1);
     }
 
@@ -266,13 +275,19 @@ mod tests {
         t.insert(s(0), "t3", "r2", keys(1));
         // The producer's engine aborts request r1: both its hand-offs end.
         assert_eq!(t.abort_request("r1"), 2);
-        assert_eq!(t.claim(s(1), "t1").unwrap_err().code, ErrorCode::TransferAborted);
+        assert_eq!(
+            t.claim(s(1), "t1").unwrap_err().code,
+            ErrorCode::TransferAborted
+        );
         // The consumer aborts t3.
         t.abort_transfer("t3").unwrap();
         assert_eq!(t.done("t3").unwrap_err().code, ErrorCode::TransferAborted);
         let st = t.stats();
         assert_eq!((st.held, st.aborted), (0, 3));
-        assert_eq!(t.claim(s(1), "never").unwrap_err().code, ErrorCode::TransferUnknown);
+        assert_eq!(
+            t.claim(s(1), "never").unwrap_err().code,
+            ErrorCode::TransferUnknown
+        );
     }
 
     #[test]

@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use kvpool_proto::{
-    decode_body, encode_body, ErrorCode, FrameLimits, HandoffAbort, HandoffClaim,
-    HandoffAck, HandoffClaimResponse, HandoffDone, Opcode, WireError,
+    decode_body, encode_body, ErrorCode, FrameLimits, HandoffAbort, HandoffAck, HandoffClaim,
+    HandoffClaimResponse, HandoffDone, Opcode, WireError,
 };
 use kvpool_transport::server::{serve_rpc_with, RpcService, ServerOptions};
 use tokio::net::TcpListener;
@@ -193,7 +193,11 @@ async fn renew(connector: &PoolConnector, keys: &[BlockKey]) {
             Ok(n) if n < chunk.len() => {
                 // Evicted or lost before the first lease (or a node died): the consumer
                 // will miss and recompute; nothing the producer can do but say so.
-                warn!(held = chunk.len(), present = n, "held blocks missing from the pool");
+                warn!(
+                    held = chunk.len(),
+                    present = n,
+                    "held blocks missing from the pool"
+                );
             }
             Ok(_) => {}
             Err(e) => warn!("renewing hand-off leases: {e}"),
