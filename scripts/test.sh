@@ -12,7 +12,11 @@ echo "== fmt"
 cargo fmt --all -- --check
 echo "== clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+# The GPU paths build everywhere (cudarc loads the driver at run time).
+cargo clippy -p kvpool-connector -p kvpool-tests --features cuda --all-targets -- -D warnings
 echo "== build (the e2e tests start the kvpool binary)"
 cargo build --workspace --bins
 echo "== test"
 cargo test --workspace --no-fail-fast
+echo "== test (feature cuda: the GPU tests skip, saying so, where no CUDA device is found)"
+cargo test -p kvpool-connector -p kvpool-tests --features cuda --no-fail-fast --lib --test cuda
