@@ -452,3 +452,56 @@ async fn consumer_fails_cleanly_when_the_producer_is_gone() {
     assert_eq!(e.code(), ErrorCode::Timeout, "{e}");
     keep.abort();
 }
+
+/// The bootstrap port is a kvpool server like the others: junk, another service's request
+/// and a malformed body get errors, and the producer keeps serving its hand-offs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_port_refuses_bad_input_and_keeps_serving() {
+    use kvpool_transport::rpc::{RpcClient, RpcOptions};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let pool = up("128MiB", &[]);
+    let master = pool.addr("master");
+    let mut pd = pd_pair(&master, Duration::from_secs(60), Duration::from_secs(10)).await;
+    let (p, params) = prefill_and_hand_off(&mut pd, 12, "r1").await;
+    let addr = params.bootstrap_addr.clone();
+
+    // Random bytes: the server closes the connection (bad magic), nothing else happens.
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    s.write_all(&[0x5a; 64]).await.unwrap();
+    let mut buf = vec![0u8; 256];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return true,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert_eq!(closed, Ok(true), "junk must close the connection");
+
+    // A master request on the bootstrap port: WrongService.
+    let rpc = RpcClient::new(addr.clone(), RpcOptions::default());
+    let e = rpc.call(&kvpool_proto::Status {}).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::WrongService, "{e}");
+    // An unknown transfer: TransferUnknown, and the real one is untouched.
+    let e = rpc
+        .call(&kvpool_proto::HandoffDone {
+            transfer_id: "no-such".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::TransferUnknown, "{e}");
+    assert_eq!(pd.producer.stats().held, 1);
+
+    let dest = [3, 4, 5, 6, 7, 8];
+    pd.consumer
+        .receive(&params, &mut pd.cons_engine.cache, &dest)
+        .await
+        .unwrap();
+    for (i, &slot) in dest.iter().enumerate() {
+        assert_block(&pd.cons_engine.cache, &p, i, slot);
+    }
+    assert_eq!(pd.producer.stats().released, 1);
+}
