@@ -33,7 +33,9 @@ impl Cli {
         match (&self.command, self.verbose) {
             (_, 2..) => "debug",
             (_, 1) => "info",
-            (Command::Up(_) | Command::Master(_) | Command::Store(_), 0) => "info",
+            (Command::Up(_) | Command::Master(_) | Command::Store(_) | Command::Proxy(_), 0) => {
+                "info"
+            }
             _ => "warn",
         }
     }
@@ -62,6 +64,31 @@ pub enum Command {
     Drain(DrainArgs),
     /// Print the default config file, every key with its default.
     Config,
+    /// A P/D router (OpenAI completions API): prefill on a kv_producer engine, then decode on
+    /// a kv_consumer engine with the hand-off parameters; the KV moves through the pool.
+    Proxy(ProxyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// Address to serve the OpenAI API on.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    pub listen: String,
+    /// A prefill engine's base URL (`http://host:port`); repeat for several.
+    #[arg(long = "prefill", required = true)]
+    pub prefill: Vec<String>,
+    /// A decode engine's base URL; repeat for several.
+    #[arg(long = "decode", required = true)]
+    pub decode: Vec<String>,
+    /// How often each engine's /health is polled.
+    #[arg(long, default_value = "2s")]
+    pub health_interval: kvpool_proto::HumanDuration,
+    /// Limit for one engine request.
+    #[arg(long, default_value = "600s")]
+    pub request_timeout: kvpool_proto::HumanDuration,
+    /// Prompt tokens that pick the prefiller (requests sharing them go to the same one).
+    #[arg(long, default_value_t = 256)]
+    pub affinity_tokens: usize,
 }
 
 #[derive(Debug, Args)]
@@ -239,6 +266,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Exists(a) => verbs::exists(cfg, a).await,
         Command::Status(a) => verbs::status(cfg, a).await,
         Command::Drain(a) => verbs::drain(cfg, a).await,
+        Command::Proxy(a) => serve::proxy(a).await,
         Command::Config => {
             print!("{}", Config::default_toml());
             Ok(ExitCode::SUCCESS)

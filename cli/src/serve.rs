@@ -185,3 +185,16 @@ pub async fn up(mut cfg: Config, a: UpArgs) -> anyhow::Result<ExitCode> {
     drop(stop_rx);
     Ok(ExitCode::SUCCESS)
 }
+
+pub async fn proxy(a: crate::cli::ProxyArgs) -> anyhow::Result<ExitCode> {
+    let mut cfg = kvpool_proxy::ProxyConfig::new(a.prefill, a.decode);
+    cfg.listen = a.listen;
+    cfg.health_interval = a.health_interval.0;
+    cfg.request_timeout = a.request_timeout.0;
+    cfg.affinity_tokens = a.affinity_tokens;
+    let (proxy, task) = kvpool_proxy::start(cfg, shutdown_signal()).await?;
+    tracing::info!(addr = %proxy.addr, "proxy listening");
+    ready(&format!("proxy={}", proxy.addr));
+    task.await?;
+    Ok(ExitCode::SUCCESS)
+}

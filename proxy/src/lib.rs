@@ -1,0 +1,91 @@
+//! `kvpool proxy`: a P/D router in front of prefill (`kv_producer`) and decode
+//! (`kv_consumer`) engines, speaking the OpenAI completions API.
+//!
+//! A request goes to a prefiller with `max_tokens = 1` and
+//! `kv_transfer_params = {"do_remote_decode": true}`; the hand-off parameters it answers with
+//! go to a decoder with the original request, and the decoder's answer goes back to the
+//! caller. The KV itself moves through the pool (docs/connector.md, "P/D hand-off").
+//!
+//! Beyond vLLM's example proxy: several prefillers and decoders; health checks that take a
+//! failing engine out of rotation and put it back when it answers again; a prefill that fails
+//! is retried on the next prefiller; prefix affinity: requests sharing their first
+//! `affinity_tokens` tokens go to the same prefiller (rendezvous hashing), whose own node
+//! then already holds the prefix.
+
+mod backends;
+mod route;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use backends::{Backend, Backends};
+
+/// How the proxy is set up.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub listen: String,
+    /// Base URLs (`http://host:port`) of prefill engines.
+    pub prefillers: Vec<String>,
+    /// Base URLs of decode engines.
+    pub decoders: Vec<String>,
+    /// How often each engine's `GET /health` is polled [2 s].
+    pub health_interval: Duration,
+    /// Limit for one engine request [600 s]: long generations are legitimate.
+    pub request_timeout: Duration,
+    /// Prompt tokens (or characters of a text prompt) that pick the prefiller [256].
+    pub affinity_tokens: usize,
+}
+
+impl ProxyConfig {
+    pub fn new(prefillers: Vec<String>, decoders: Vec<String>) -> Self {
+        ProxyConfig {
+            listen: "127.0.0.1:8000".into(),
+            prefillers,
+            decoders,
+            health_interval: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(600),
+            affinity_tokens: 256,
+        }
+    }
+}
+
+/// A running proxy.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub backends: Arc<Backends>,
+}
+
+/// Binds, starts the health checker, and serves until `shutdown` completes (in a spawned
+/// task; the returned handle ends with the server).
+pub async fn start(
+    cfg: ProxyConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<(Proxy, tokio::task::JoinHandle<()>)> {
+    anyhow::ensure!(
+        !cfg.prefillers.is_empty() && !cfg.decoders.is_empty(),
+        "the proxy needs at least one prefiller and one decoder"
+    );
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    let backends = Arc::new(Backends::new(&cfg.prefillers, &cfg.decoders)?);
+    let state = route::State::new(Arc::clone(&backends), &cfg);
+    let health = tokio::spawn(backends::check_health(
+        Arc::clone(&backends),
+        state.http.clone(),
+        cfg.health_interval,
+    ));
+    let app = route::router(state);
+    let task = tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await;
+        health.abort();
+        if let Err(e) = served {
+            tracing::error!("proxy server: {e}");
+        }
+    });
+    Ok((Proxy { addr, backends }, task))
+}
