@@ -325,6 +325,16 @@ async fn hand_off_reaches_the_consumer_and_the_hold_ends() {
     let pool = up("128MiB", &[]);
     let master = pool.addr("master");
     let mut pd = pd_pair(&master, Duration::from_secs(60), Duration::from_secs(10)).await;
+    // The pool's one node is on this host: it is the producer's local node.
+    let local = pd.prod_engine.conn.local_nodes("127.0.0.1").await.unwrap();
+    assert_eq!(local.len(), 1);
+    assert!(pd
+        .prod_engine
+        .conn
+        .local_nodes("10.9.9.9")
+        .await
+        .unwrap()
+        .is_empty());
     let (p, params) = prefill_and_hand_off(&mut pd, 7, "r1").await;
     assert_eq!(params.block_keys.len(), 6);
     assert_eq!(pd.producer.stats().held, 1);

@@ -81,6 +81,20 @@ impl PoolConnector {
         self
     }
 
+    /// The storage nodes on host `host` (an IP or name as the nodes advertise their data
+    /// address), alive and not draining: what an engine passes as `preferred_nodes` so its
+    /// saves, and a producer's hand-offs, land in its own host's memory and cost no network.
+    pub async fn local_nodes(&self, host: &str) -> Result<Vec<kvpool_proto::NodeId>> {
+        let status = self.client.status().await?;
+        Ok(status
+            .nodes
+            .into_iter()
+            .filter(|n| n.alive && !n.draining)
+            .filter(|n| n.addr.rsplit_once(':').map(|(h, _)| h) == Some(host))
+            .map(|n| n.id)
+            .collect())
+    }
+
     pub fn client(&self) -> &Arc<Client> {
         &self.client
     }
