@@ -515,3 +515,27 @@ async fn bootstrap_port_refuses_bad_input_and_keeps_serving() {
     }
     assert_eq!(pd.producer.stats().released, 1);
 }
+
+/// Two engines that computed the same prefix save it at the same moment: both saves succeed
+/// (one writes, the other finds it written or being written), and the prefix reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_saves_of_one_prefix_both_succeed() {
+    let pool = up("256MiB", &[]);
+    let master = pool.addr("master");
+    let mut a = engine(&master, LayerGroups::All, false);
+    let mut b = engine(&master, LayerGroups::All, true);
+    let p = prompt(13, 256);
+    let keys = a.hasher.keys(&p);
+    let slots: Vec<usize> = (0..keys.len()).collect();
+    prefill(&mut a.cache, &p, &slots);
+    prefill(&mut b.cache, &p, &slots);
+    let blocks = pairs(&keys, &slots);
+    let (ra, rb) = tokio::join!(
+        a.conn.save(&a.cache, &blocks),
+        b.conn.save(&b.cache, &blocks)
+    );
+    for r in ra.into_iter().chain(rb) {
+        r.unwrap();
+    }
+    assert_eq!(a.conn.lookup(&keys).await.unwrap(), keys.len());
+}

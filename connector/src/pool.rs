@@ -150,8 +150,11 @@ impl PoolConnector {
 
     /// One put batch for layer group `group`: each item is a block key and its object's
     /// gather list (the slices concatenated are the object). A block already in the pool
-    /// (`AlreadyExists`, e.g. saved by another engine with the same prefix) counts as saved:
-    /// same key means same tokens in the same namespace, so the same KV. One result per item.
+    /// (`AlreadyExists`, e.g. saved by another engine with the same prefix) or being put by
+    /// another writer (`Processing`) counts as saved: same key means same tokens in the same
+    /// namespace, so the same KV. (If that other put fails, the block is simply not in the
+    /// pool: a later lookup misses and the prefix is recomputed, never wrong.) One result per
+    /// item.
     ///
     /// This is the memory-agnostic primitive: host caches, pinned staging for GPU caches and
     /// detached saves all come down to it.
@@ -174,7 +177,11 @@ impl PoolConnector {
         res.into_iter()
             .map(|r| match r {
                 Ok(()) => Ok(()),
-                Err(e) if e.code() == ErrorCode::AlreadyExists => Ok(()),
+                // Someone else has it, or is putting it right now (two engines that computed
+                // the same prefix at once): same key, same bytes, nothing left to do here.
+                Err(e) if matches!(e.code(), ErrorCode::AlreadyExists | ErrorCode::Processing) => {
+                    Ok(())
+                }
                 Err(e) => Err(e.into()),
             })
             .collect()
