@@ -3,11 +3,11 @@
 # (32 layers, 8 KV heads, head dim 128, bf16, 16-token blocks: 2 MiB per block), against a
 # release `kvpool up` with 4 GiB of DRAM on this machine.
 #
-#   [LAYOUT=paged|block-first] [KV_GROUPS=all|N] [REPEAT=3] sim/ttft.sh [US_PER_TOKEN ...]
-#                                           (default: 83.3 0)
+#   [LAYOUT=paged|block-first] [KV_GROUPS=all|N] [REPEAT=3] [DRAM=4GiB] \
+#       sim/ttft.sh [US_PER_TOKEN ...]     (default: 83.3 0)
 #
 # For each modelled prefill cost (µs per token; 83.3 = 12k tokens/s, see docs/connector.md,
-# "The engine simulator"), a fresh simulator serves, REPEAT times (default 3), each with a
+# "The engine simulator"), a fresh pool and simulator serve, REPEAT times (default 3), each with a
 # prefix it has never seen:
 #   cold: prefix + 16 tokens        -> nothing in the pool, all 257 blocks computed
 #   warm: same prefix + 16 others   -> 256 blocks loaded from the pool, 1 computed
@@ -18,6 +18,10 @@ BIN=${BIN:-target/release}
 REPEAT=${REPEAT:-3}
 LAYOUT=${LAYOUT:-paged}
 KV_GROUPS=${KV_GROUPS:-all}
+if (( REPEAT > 6 )); then
+    echo "REPEAT=$REPEAT: at most 6 prefixes of 514 MiB fit the 4 GiB pool" >&2
+    exit 2
+fi
 if [[ ! -x $BIN/kvpool || ! -x $BIN/kvpool-sim ]]; then
     cargo build --release -p kvpool-cli -p kvpool-sim
 fi
@@ -43,11 +47,6 @@ ready() {
     exit 1
 }
 
-"$BIN/kvpool" up --listen 127.0.0.1:0 --data-listen 127.0.0.1:0 --dram 4GiB \
-    >"$work/up.out" 2>"$work/up.err" &
-pids+=($!)
-master=$(ready "$work/up.out" master)
-
 # N token ids starting at $1 (distinct per prefix so no run sees another's blocks).
 tokens() { seq -s, "$1" "$(($1 + $2 - 1))"; }
 
@@ -64,9 +63,17 @@ echo "kvpool up --dram 4GiB; kvpool-sim Llama-3-8B shape, --layout $LAYOUT --gro
 run=0
 for us in "${rates[@]}"; do
     run=$((run + 1))
+    # A fresh pool per figure: REPEAT cold prompts of 257 blocks (514 MiB) each must fit its
+    # 4 GiB, or eviction turns warm requests cold.
+    "$BIN/kvpool" up --listen 127.0.0.1:0 --data-listen 127.0.0.1:0 --dram "${DRAM:-4GiB}" \
+        >"$work/up$run.out" 2>"$work/up$run.err" &
+    up_pid=$!
+    pids+=("$up_pid")
+    master=$(ready "$work/up$run.out" master)
     "$BIN/kvpool-sim" --master "$master" --listen 127.0.0.1:0 --blocks 300 \
         --layout "$LAYOUT" --groups "$KV_GROUPS" --prefill-us-per-token "$us" >"$work/sim$run.out" 2>"$work/sim$run.err" &
-    pids+=($!)
+    sim_pid=$!
+    pids+=("$sim_pid")
     url="http://$(ready "$work/sim$run.out" http)"
     : >"$work/cold" && : >"$work/warm"
     for i in $(seq "$REPEAT"); do
@@ -82,4 +89,7 @@ for us in "${rates[@]}"; do
     printf 'us/token %-6s median cold model %.1f ms (wall %.1f), warm model %.1f ms (wall %.1f)\n' "$us" \
         "$(cut -d' ' -f1 "$work/cold" | median)" "$(cut -d' ' -f2 "$work/cold" | median)" \
         "$(cut -d' ' -f1 "$work/warm" | median)" "$(cut -d' ' -f2 "$work/warm" | median)"
+    curl -sf "$url/stats" | jq -c '{saved_blocks, save_errors, pool_errors, mismatched_blocks}'
+    kill "$sim_pid" "$up_pid"
+    wait "$sim_pid" "$up_pid" 2>/dev/null || true
 done
