@@ -653,6 +653,93 @@ async fn decoder_abort_ends_a_waiting_request() {
     assert_eq!(s["free_blocks"].u(), 64, "blocks leaked: {}", s.dump());
 }
 
+/// `kvpool proxy` in front of two prefillers and a decoder: requests go prefill, then
+/// decode with the hand-off, and the decoder's answer carries exactly the prefiller's KV;
+/// requests sharing a prefix stick to one prefiller; a dead prefiller is routed around.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_routes_prefill_then_decode() {
+    let pool = up("256MiB", &[]);
+    let master = pool.addr("master");
+    let producer = ["--role", "kv_producer", "--bootstrap-port", "0"];
+    let mut p = [sim(&master, &producer), sim(&master, &producer)];
+    let d = sim(
+        &master,
+        &["--role", "kv_consumer", "--consumer-timeout", "10s"],
+    );
+    let url = |proc: &Proc| format!("http://{}", proc.addr("http"));
+    let proxy = Proc::start(&[
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--prefill",
+        &url(&p[0]),
+        "--prefill",
+        &url(&p[1]),
+        "--decode",
+        &url(&d),
+        "--health-interval",
+        "200ms",
+        "--affinity-tokens",
+        "64",
+    ]);
+    let px = proxy.addr("proxy");
+    let (status, _) = http(&px, "GET", "/health", "").await;
+    assert_eq!(status, 200);
+
+    // Two requests sharing their first 64 tokens, through the proxy.
+    let shared = prompt(21, 64);
+    let mut served_by = Vec::new();
+    for seed in [22, 23] {
+        let mut toks = shared.clone();
+        toks.extend(prompt(seed, 80));
+        let r = complete(
+            &px,
+            &format!(r#"{{"prompt": {}, "max_tokens": 4}}"#, ids(&toks)),
+        )
+        .await;
+        // The decoder's answer: all 9 full blocks loaded from the hand-off, byte for byte.
+        assert_kv(&r, 9, 9);
+        assert_eq!(r["kvpool"]["kv_transfer_failed"], J::Null, "{}", r.dump());
+        let mut reqs = Vec::new();
+        for x in &p {
+            reqs.push(stats(&x.addr("http")).await["requests"].u());
+        }
+        served_by.push(reqs);
+    }
+    // Both went to the same prefiller (prefix affinity), none to the other.
+    let last = served_by.last().unwrap().clone();
+    let (hot, cold) = if last[0] == 2 { (0, 1) } else { (1, 0) };
+    assert_eq!((last[hot], last[cold]), (2, 0), "{served_by:?}");
+
+    // The affine prefiller dies: the next request with that prefix is prefilled by the other.
+    p[hot].kill();
+    let mut toks = shared.clone();
+    toks.extend(prompt(24, 80));
+    let r = complete(
+        &px,
+        &format!(r#"{{"prompt": {}, "max_tokens": 4}}"#, ids(&toks)),
+    )
+    .await;
+    assert_kv(&r, 9, 9);
+    assert_eq!(stats(&p[cold].addr("http")).await["requests"].u(), 1);
+    let (status, b) = http(&px, "GET", "/backends", "").await;
+    assert_eq!(status, 200);
+    let J::Arr(list) = &b else {
+        panic!("{}", b.dump())
+    };
+    let dead = format!("http://{}", p[hot].addr("http"));
+    assert!(
+        list.iter()
+            .any(|e| e["url"] == J::Str(dead.clone()) && !e["healthy"].b()),
+        "{}",
+        b.dump()
+    );
+
+    // Bad JSON is the caller's error, answered by the proxy itself.
+    let (status, _) = http(&px, "POST", "/v1/completions", "{not json").await;
+    assert_eq!(status, 400);
+}
+
 /// A tiny JSON value and reader: enough for the simulator's responses, and for passing a
 /// producer's `kv_transfer_params` on to a consumer verbatim.
 #[derive(Debug, Clone, PartialEq)]
