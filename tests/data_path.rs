@@ -219,3 +219,117 @@ async fn eviction_keeps_the_pool_accepting_and_spares_leased_and_pinned() {
     // The coldest went first: the first fill objects are gone.
     assert!(c.get(b"fill/0").await.unwrap().is_none());
 }
+
+/// Cuts `buf` into consecutive pieces whose lengths cycle through `shape` (the last piece
+/// takes what is left).
+fn scatter<'a>(mut buf: &'a mut [u8], shape: &[usize]) -> Vec<&'a mut [u8]> {
+    let mut out = Vec::new();
+    for &n in shape.iter().cycle() {
+        if buf.is_empty() {
+            break;
+        }
+        let (piece, rest) = buf.split_at_mut(n.min(buf.len()));
+        out.push(piece);
+        buf = rest;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_small_parts_in_one_shape_come_back_in_another() {
+    let pool = up("256MiB", &[]);
+    let master = pool.addr("master");
+    // One wire op per stripe chunk, whatever the parts: odd part sizes (empty ones too) cut
+    // across chunk boundaries, and a value over several stripes goes over several
+    // connections. A writer with a small, odd stripe makes every value span many chunks.
+    let mut small_stripe = kvpool_client::ClientConfig::with_master(&master);
+    small_stripe.engine.stripe_size = 100_003;
+    let writers = [client(&master), kvpool_client::Client::new(small_stripe)];
+    let reader = client(&master);
+    let put_shape = [1usize, 4095, 0, 32 << 10, 700, 65_537, 3];
+    let get_shape = [13usize, 8191, 50_000, 1, 32 << 10];
+    // A value of 64 KiB + 1 B parts spanning three 4 MiB stripes, a paged-like value of
+    // 64 x 32 KiB, and odd sizes from 1 byte up.
+    let lens = [
+        1usize,
+        4095,
+        32 << 10,
+        2 << 20,
+        9 * (65_537) + 17,
+        (12 << 20) + 5,
+    ];
+    for (w, writer) in writers.iter().enumerate() {
+        let keys: Vec<String> = lens.iter().map(|n| format!("parts/{w}/{n}")).collect();
+        let vals: Vec<Vec<u8>> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| value(1000 * w as u64 + i as u64, n))
+            .collect();
+        let parts: Vec<Vec<&[u8]>> = vals
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let shape: &[usize] = match i {
+                    3 => &[32 << 10],
+                    5 => &[65_537],
+                    _ => &put_shape,
+                };
+                let mut rest = v.as_slice();
+                let mut out = Vec::new();
+                for &n in shape.iter().cycle() {
+                    if rest.is_empty() {
+                        break;
+                    }
+                    let (p, r) = rest.split_at(n.min(rest.len()));
+                    out.push(p);
+                    rest = r;
+                }
+                out
+            })
+            .collect();
+        let items: Vec<(&[u8], &[&[u8]])> = keys
+            .iter()
+            .zip(&parts)
+            .map(|(k, p)| (k.as_bytes(), p.as_slice()))
+            .collect();
+        for (r, k) in writer
+            .put_batch_parts(&items, &PutOptions::default())
+            .await
+            .into_iter()
+            .zip(&keys)
+        {
+            r.unwrap_or_else(|e| panic!("put {k}: {e}"));
+        }
+
+        // Into a different scatter shape, with room to spare at the end.
+        let mut bufs: Vec<Vec<u8>> = lens.iter().map(|&n| vec![0xAAu8; n + 17]).collect();
+        let mut pieces: Vec<Vec<&mut [u8]>> =
+            bufs.iter_mut().map(|b| scatter(b, &get_shape)).collect();
+        let mut dests: Vec<&mut [&mut [u8]]> =
+            pieces.iter_mut().map(|p| p.as_mut_slice()).collect();
+        let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
+        let got = reader.get_batch_into_parts(&refs, &mut dests).await;
+        drop(dests);
+        drop(pieces);
+        for (i, r) in got.into_iter().enumerate() {
+            let n = r.unwrap_or_else(|e| panic!("get {}: {e}", keys[i]));
+            assert_eq!(n, Some(lens[i] as u64), "{}", keys[i]);
+            assert!(
+                bufs[i][..lens[i]] == vals[i][..],
+                "{}: bytes differ",
+                keys[i]
+            );
+            assert!(
+                bufs[i][lens[i]..].iter().all(|&b| b == 0xAA),
+                "{}: written past the value",
+                keys[i]
+            );
+        }
+        // And into one contiguous buffer each, through the small-stripe client too.
+        for c in [&reader, &writers[1]] {
+            for (v, r) in vals.iter().zip(c.get_batch(&refs).await) {
+                assert!(r.unwrap().as_deref() == Some(&v[..]), "get_batch differs");
+            }
+        }
+    }
+}

@@ -172,8 +172,8 @@ impl Client {
         let rounds = orders.iter().map(Vec::len).max().unwrap_or(0);
 
         for round in 0..rounds {
-            // Per address: the (item, part length) of each read, and the reads.
-            type Batch<'b> = (Vec<(usize, usize)>, Vec<ReadItem<'b>>);
+            // Per address: the item of each read, and the reads.
+            type Batch<'b> = (Vec<usize>, Vec<ReadItem<'b>>);
             let mut by_addr: HashMap<&str, Batch<'_>> = HashMap::new();
             for (i, parts) in dests.iter_mut().enumerate() {
                 if done[i].is_some() {
@@ -184,20 +184,17 @@ impl Client {
                 };
                 let r = &infos[i].replicas[ri];
                 let batch = by_addr.entry(r.addr.as_str()).or_default();
-                let mut off = 0u64;
-                for p in parts.iter_mut().filter(|p| !p.is_empty()) {
-                    let len = p.len() as u64;
-                    batch.0.push((i, p.len()));
-                    batch.1.push(ReadItem {
-                        op: ReadOp {
-                            segment: r.segment,
-                            offset: r.offset + off,
-                            len,
-                        },
-                        dst: p,
-                    });
-                    off += len;
-                }
+                // The replica's range is contiguous however scattered the parts are: one
+                // read, scattered over all of them.
+                batch.0.push(i);
+                batch.1.push(ReadItem {
+                    op: ReadOp {
+                        segment: r.segment,
+                        offset: r.offset,
+                        len: infos[i].len,
+                    },
+                    dst: parts.iter_mut().map(|p| &mut **p).collect(),
+                });
             }
             if by_addr.is_empty() {
                 break;
@@ -215,21 +212,17 @@ impl Client {
             )
             .await;
             let mut round_err: HashMap<usize, ClientError> = HashMap::new();
-            // Each item's crc32c, folded over its parts in order (they were pushed in order).
+            // Each item's crc32c, over all its parts in order.
             let mut crcs: HashMap<usize, u32> = HashMap::new();
             let mut tried: Vec<usize> = Vec::new();
             for (owners, res) in results {
                 match res {
                     Ok(items) => {
-                        for ((i, len), r) in owners.into_iter().zip(items) {
+                        for (i, r) in owners.into_iter().zip(items) {
                             tried.push(i);
                             match r {
                                 Ok(crc) => {
-                                    crcs.entry(i)
-                                        .and_modify(|acc| {
-                                            *acc = crc32c::crc32c_combine(*acc, crc, len)
-                                        })
-                                        .or_insert(crc);
+                                    crcs.insert(i, crc);
                                 }
                                 Err(e) => {
                                     round_err.entry(i).or_insert(ClientError::Remote(e));
@@ -238,7 +231,7 @@ impl Client {
                         }
                     }
                     Err(e) => {
-                        for (i, _) in owners {
+                        for i in owners {
                             tried.push(i);
                             round_err.entry(i).or_insert_with(|| {
                                 ClientError::Remote(kvpool_proto::WireError::new(

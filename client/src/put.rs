@@ -146,19 +146,17 @@ impl Client {
                     writes: Vec::new(),
                     tags: Vec::new(),
                 });
-                let mut off = 0u64;
-                for part in items[i].1.iter().filter(|p| !p.is_empty()) {
-                    b.owners.push(i);
-                    b.writes.push(WriteItem {
-                        op: WriteOp {
-                            segment: r.segment,
-                            offset: r.offset + off,
-                            len: part.len() as u64,
-                        },
-                        data: part,
-                    });
-                    off += part.len() as u64;
-                }
+                // The replica's range is contiguous however scattered the parts are: one
+                // write, gathered from all of them.
+                b.owners.push(i);
+                b.writes.push(WriteItem {
+                    op: WriteOp {
+                        segment: r.segment,
+                        offset: r.offset,
+                        len: starts[i].len,
+                    },
+                    data: items[i].1.to_vec(),
+                });
                 b.tags.push(ObjectTag {
                     replica: r.id,
                     key: starts[i].key.clone(),
