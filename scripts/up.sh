@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kvpool-target}"
-cargo build --release --bin kvpool
+cargo build --release --bin kvpool --bin kvpool-sim
 exec "$CARGO_TARGET_DIR/release/kvpool" up "$@"
