@@ -253,7 +253,7 @@ fn render(args: &Args, rows: &[Row], before: Option<Limits>, after: Option<Limit
          Plain client: the same bytes as 256 contiguous {} objects, `put_batch` / \
          `get_batch_into_parts`, in the same trials. Default client settings (crc32c on put and \
          get).\n\n",
-        machine(),
+        limits::machine(),
         args.dram,
         ByteSize(BLOCK_BYTES as u64),
         ByteSize(PREFIX_BYTES),
@@ -262,23 +262,7 @@ fn render(args: &Args, rows: &[Row], before: Option<Limits>, after: Option<Limit
     ));
     let best = match (before, after) {
         (Some(b), Some(a)) => {
-            out.push_str(
-                "| limit, GB/s (TCP: best of 3 trials) | before | after |\n|---|---:|---:|\n",
-            );
-            for (name, x, y) in [
-                ("memcpy, 64 MiB buffers", b.memcpy, a.memcpy),
-                ("loopback TCP, 1 stream, 64 MiB buffers", b.tcp1, a.tcp1),
-                ("loopback TCP, 4 streams, 64 MiB buffers", b.tcp4, a.tcp4),
-                (
-                    "loopback TCP, 1 stream, one 1 MiB buffer (cache-hot)",
-                    b.tcp1_hot,
-                    a.tcp1_hot,
-                ),
-                ("crc32c, one core", b.crc32c, a.crc32c),
-            ] {
-                out.push_str(&format!("| {name} | {x:.2} | {y:.2} |\n"));
-            }
-            out.push('\n');
+            out.push_str(&limits::table(&b, &a));
             Some((b.tcp1.max(a.tcp1), b.memcpy.max(a.memcpy)))
         }
         _ => None,
@@ -353,20 +337,6 @@ fn loadavg() -> f64 {
         .ok()
         .and_then(|s| s.split_whitespace().next().and_then(|x| x.parse().ok()))
         .unwrap_or(f64::NAN)
-}
-
-fn machine() -> String {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, m)| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    format!("{cpus} CPUs, {model}")
 }
 
 #[cfg(test)]

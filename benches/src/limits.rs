@@ -155,3 +155,44 @@ fn receive(mut rx: TcpStream, mut dst: Vec<u8>, bytes: u64) -> io::Result<()> {
 pub fn gbps(bytes: u64, elapsed: Duration) -> f64 {
     bytes as f64 / elapsed.as_secs_f64().max(1e-9) / 1e9
 }
+
+/// The limits measured before and after a run, as a markdown table (TCP figures are the best
+/// of 3 trials, the rest one measurement).
+pub fn table(b: &Limits, a: &Limits) -> String {
+    let mut out =
+        String::from("| limit, GB/s (TCP: best of 3 trials) | before | after |\n|---|---:|---:|\n");
+    for (name, x, y) in [
+        ("memcpy, 64 MiB buffers", b.memcpy, a.memcpy),
+        ("loopback TCP, 1 stream, 64 MiB buffers", b.tcp1, a.tcp1),
+        ("loopback TCP, 4 streams, 64 MiB buffers", b.tcp4, a.tcp4),
+        (
+            "loopback TCP, 1 stream, one 1 MiB buffer (cache-hot)",
+            b.tcp1_hot,
+            a.tcp1_hot,
+        ),
+        (
+            "crc32c, one core (kvpool checks every byte)",
+            b.crc32c,
+            a.crc32c,
+        ),
+    ] {
+        out.push_str(&format!("| {name} | {x:.2} | {y:.2} |\n"));
+    }
+    out.push('\n');
+    out
+}
+
+/// "2 CPUs, AMD EPYC ..." from the OS, so a saved report says where it ran.
+pub fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!("{cpus} CPUs, {model}")
+}

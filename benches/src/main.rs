@@ -222,7 +222,7 @@ fn main() -> Result<()> {
     };
     drop(runtime);
     let report = Report {
-        machine: machine(),
+        machine: limits::machine(),
         before,
         after,
         rows: &outcome.rows,
@@ -395,21 +395,6 @@ fn progress(name: &str, r: &CaseResult) {
         r.get.objects_per_s(),
         r.get.gbps()
     );
-}
-
-/// "2 CPUs, AMD EPYC ..." from the OS, so a saved report says where it ran.
-fn machine() -> String {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, m)| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    format!("{cpus} CPUs, {model}")
 }
 
 #[cfg(test)]

@@ -78,26 +78,7 @@ impl Report<'_> {
     fn header(&self, out: &mut String) {
         out.push_str("## kvpool-bench\n\n");
         out.push_str(&format!("Machine: {}\n\n", self.machine));
-        out.push_str("| limit, GB/s (TCP: best of 3 trials) | before | after |\n|---|---:|---:|\n");
-        let (b, a) = (&self.before, &self.after);
-        for (name, x, y) in [
-            ("memcpy, 64 MiB buffers", b.memcpy, a.memcpy),
-            ("loopback TCP, 1 stream, 64 MiB buffers", b.tcp1, a.tcp1),
-            ("loopback TCP, 4 streams, 64 MiB buffers", b.tcp4, a.tcp4),
-            (
-                "loopback TCP, 1 stream, one 1 MiB buffer (cache-hot)",
-                b.tcp1_hot,
-                a.tcp1_hot,
-            ),
-            (
-                "crc32c, one core (kvpool checks every byte)",
-                b.crc32c,
-                a.crc32c,
-            ),
-        ] {
-            out.push_str(&format!("| {name} | {x:.2} | {y:.2} |\n"));
-        }
-        out.push('\n');
+        out.push_str(&crate::limits::table(&self.before, &self.after));
         for note in self.notes {
             out.push_str(&format!("{note}\n\n"));
         }
