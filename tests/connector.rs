@@ -320,6 +320,17 @@ async fn prefill_and_hand_off(
     (p, params)
 }
 
+/// The consumer loads `params` into `dest` and every block is the prompt's KV.
+async fn receive_and_check(pd: &mut PdPair, params: &HandoffParams, p: &[u32], dest: &[usize]) {
+    pd.consumer
+        .receive(params, &mut pd.cons_engine.cache, dest)
+        .await
+        .unwrap();
+    for (i, &slot) in dest.iter().enumerate() {
+        assert_block(&pd.cons_engine.cache, p, i, slot);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hand_off_reaches_the_consumer_and_the_hold_ends() {
     let pool = up("128MiB", &[]);
@@ -342,13 +353,7 @@ async fn hand_off_reaches_the_consumer_and_the_hold_ends() {
     assert_eq!(params.keys().unwrap(), pd.prod_engine.hasher.keys(&p));
 
     let dest = [9, 2, 14, 5, 0, 11];
-    pd.consumer
-        .receive(&params, &mut pd.cons_engine.cache, &dest)
-        .await
-        .unwrap();
-    for (i, &slot) in dest.iter().enumerate() {
-        assert_block(&pd.cons_engine.cache, &p, i, slot);
-    }
+    receive_and_check(&mut pd, &params, &p, &dest).await;
     let st = pd.producer.stats();
     assert_eq!((st.held, st.claimed, st.released), (0, 1, 1), "{st:?}");
     // Claiming again is refused with a reason.
@@ -505,14 +510,7 @@ async fn bootstrap_port_refuses_bad_input_and_keeps_serving() {
     assert_eq!(e.code(), ErrorCode::TransferUnknown, "{e}");
     assert_eq!(pd.producer.stats().held, 1);
 
-    let dest = [3, 4, 5, 6, 7, 8];
-    pd.consumer
-        .receive(&params, &mut pd.cons_engine.cache, &dest)
-        .await
-        .unwrap();
-    for (i, &slot) in dest.iter().enumerate() {
-        assert_block(&pd.cons_engine.cache, &p, i, slot);
-    }
+    receive_and_check(&mut pd, &params, &p, &[3, 4, 5, 6, 7, 8]).await;
     assert_eq!(pd.producer.stats().released, 1);
 }
 

@@ -128,58 +128,53 @@ async fn completions(Extract(st): Extract<State>, body: Bytes) -> Response {
     let mut prefill = req.clone();
     prefill["max_tokens"] = json!(1);
     prefill["kv_transfer_params"] = json!({"do_remote_decode": true});
-    let mut params = None;
-    let mut failures = Vec::new();
-    for b in st.backends.prefill_order(key) {
-        let _busy = b.begin();
-        let url = format!("{}/v1/completions", b.url);
-        match post_json(&st.http, &url, &prefill, st.request_timeout).await {
-            Ok((status, body)) if status.is_success() => {
-                b.record(true);
-                params = serde_json::from_slice::<Value>(&body)
-                    .ok()
-                    .and_then(|v| handoff_params(&v));
-                break;
-            }
-            // The request itself is wrong: every engine would say the same.
-            Ok((status, body)) if status.is_client_error() => return raw(status, body),
-            Ok((status, _)) => {
-                b.record(false);
-                failures.push(format!("{}: HTTP {status}", b.url));
-            }
-            Err(e) => {
-                b.record(false);
-                failures.push(format!("{}: {e}", b.url));
-            }
-        }
-    }
-    let Some(mut params) = params else {
-        if failures.len() == st.backends.prefillers.len() {
+    let answer = match first_answer(&st, st.backends.prefill_order(key), &prefill).await {
+        Ok((status, body)) if status.is_success() => body,
+        Ok((status, body)) => return raw(status, body),
+        Err(failures) => {
             return error(
                 StatusCode::BAD_GATEWAY,
-                format!("no prefiller answered: {}", failures.join("; ")),
-            );
+                format!("no prefiller answered: {failures}"),
+            )
         }
-        // A prefiller answered without a hand-off (not a kv_producer): the decoder computes.
-        return decode(&st, req).await;
     };
-    params["do_remote_prefill"] = json!(true);
-    req["kv_transfer_params"] = params;
-    decode(&st, req).await
+    // A prefiller that answers without a hand-off (not a kv_producer) leaves the decoder to
+    // compute the prompt itself.
+    if let Some(mut params) = serde_json::from_slice::<Value>(&answer)
+        .ok()
+        .and_then(|v| handoff_params(&v))
+    {
+        params["do_remote_prefill"] = json!(true);
+        req["kv_transfer_params"] = params;
+    }
+    match first_answer(&st, st.backends.decode_order(), &req).await {
+        Ok((status, body)) => raw(status, body),
+        Err(failures) => error(
+            StatusCode::BAD_GATEWAY,
+            format!("no decoder answered: {failures}"),
+        ),
+    }
 }
 
-async fn decode(st: &State, req: Value) -> Response {
+/// Sends `body` to each engine in `order` until one answers with success or a client error
+/// (the request's own fault: every engine would say the same). A connection failure, a
+/// timeout or a 5xx takes the engine out of rotation until its health check passes, and the
+/// next is tried; a decode retried elsewhere finds the hand-off claimed or gone and
+/// recomputes: slower, but the caller gets an answer. `Err` lists why each engine failed.
+async fn first_answer(
+    st: &State,
+    order: Vec<Arc<crate::Backend>>,
+    body: &Value,
+) -> Result<(StatusCode, Bytes), String> {
     let mut failures = Vec::new();
-    for b in st.backends.decode_order() {
+    for b in order {
         let _busy = b.begin();
         let url = format!("{}/v1/completions", b.url);
-        match post_json(&st.http, &url, &req, st.request_timeout).await {
-            Ok((status, body)) if status.is_success() || status.is_client_error() => {
-                b.record(status.is_success());
-                return raw(status, body);
+        match post_json(&st.http, &url, body, st.request_timeout).await {
+            Ok((status, answer)) if status.is_success() || status.is_client_error() => {
+                b.record(true);
+                return Ok((status, answer));
             }
-            // A retry elsewhere finds the hand-off claimed or gone and recomputes: slower,
-            // but the caller gets an answer.
             Ok((status, _)) => {
                 b.record(false);
                 failures.push(format!("{}: HTTP {status}", b.url));
@@ -190,10 +185,7 @@ async fn decode(st: &State, req: Value) -> Response {
             }
         }
     }
-    error(
-        StatusCode::BAD_GATEWAY,
-        format!("no decoder answered: {}", failures.join("; ")),
-    )
+    Err(failures.join("; "))
 }
 
 async fn post_json(
