@@ -282,8 +282,17 @@ struct PdPair {
 }
 
 async fn pd_pair(master: &str, abort: Duration, consumer_timeout: Duration) -> PdPair {
-    let prod_engine = engine(master, LayerGroups::All, false);
-    let cons_engine = engine(master, LayerGroups::All, true);
+    pd_pair_grouped(master, abort, consumer_timeout, LayerGroups::All).await
+}
+
+async fn pd_pair_grouped(
+    master: &str,
+    abort: Duration,
+    consumer_timeout: Duration,
+    groups: LayerGroups,
+) -> PdPair {
+    let prod_engine = engine(master, groups, false);
+    let cons_engine = engine(master, groups, true);
     let mut pcfg = PdConfig::new(Role::Producer, 0, 1, 0);
     pcfg.base_port = 0;
     pcfg.abort_timeout = abort;
@@ -536,4 +545,37 @@ async fn concurrent_saves_of_one_prefix_both_succeed() {
         r.unwrap();
     }
     assert_eq!(a.conn.lookup(&keys).await.unwrap(), keys.len());
+}
+
+/// A decoder receiving layer-wise sees each layer group, in order, with the producer's bytes,
+/// before the hand-off completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_off_received_layer_by_layer() {
+    let pool = up("128MiB", &[]);
+    let master = pool.addr("master");
+    let secs = Duration::from_secs;
+    let mut pd = pd_pair_grouped(&master, secs(60), secs(10), LayerGroups::PerObject(1)).await;
+    let (p, params) = prefill_and_hand_off(&mut pd, 14, "r1").await;
+    let mut seen = Vec::new();
+    let mut wrong = 0;
+    pd.consumer
+        .receive_layerwise(
+            &params,
+            &mut pd.cons_engine.cache,
+            &[5, 4, 3, 2, 1, 0],
+            |g| {
+                seen.push(g.group);
+                for (i, parts) in g.blocks.iter().enumerate() {
+                    let want = [kv_bytes(&p, i, g.group, 0), kv_bytes(&p, i, g.group, 1)].concat();
+                    if parts.concat() != want {
+                        wrong += 1;
+                    }
+                }
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(seen, (0..LAYERS).collect::<Vec<_>>());
+    assert_eq!(wrong, 0);
+    assert_eq!(pd.producer.stats().released, 1);
 }

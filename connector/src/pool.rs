@@ -492,7 +492,7 @@ fn clone_client_err(e: &ClientError) -> ClientError {
     ClientError::Remote(kvpool_proto::WireError::new(e.code(), e.to_string()))
 }
 
-fn clone_err(e: &ConnectorError) -> ConnectorError {
+pub(crate) fn clone_err(e: &ConnectorError) -> ConnectorError {
     match e {
         ConnectorError::Client(c) => ConnectorError::Client(clone_client_err(c)),
         ConnectorError::Cache(c) => ConnectorError::Cache(c.clone()),

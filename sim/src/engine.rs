@@ -265,9 +265,16 @@ impl Engine {
             Transfer::RemotePrefill(params) => {
                 let n = params.block_keys.len();
                 let t = Instant::now();
-                let r = self.pd.receive(params, &mut cache, &slots[..n]).await;
+                let r = self
+                    .pd
+                    .receive(params, &mut cache, &slots[..n], |g| {
+                        group_ready[g] = us(t.elapsed());
+                    })
+                    .await;
                 rep.load_us = us(t.elapsed());
-                group_ready.fill(rep.load_us);
+                if r.is_err() {
+                    group_ready.fill(rep.load_us);
+                }
                 match r {
                     Ok(()) => {
                         self.stats.received.fetch_add(1, Relaxed);

@@ -67,14 +67,16 @@ impl PdSide {
             .map_err(|e| e.to_string())
     }
 
+    /// Receives a hand-off layer-wise; `on_group(g)` runs as layer group `g` lands.
     pub async fn receive(
         &self,
         params: &HandoffParams,
         cache: &mut HostKvCache,
         slots: &[usize],
+        mut on_group: impl FnMut(usize) + Send,
     ) -> Result<(), String> {
         let c = self.consumer.as_ref().ok_or("not a kv_consumer")?;
-        c.receive(params, cache, slots)
+        c.receive_layerwise(params, cache, slots, |g| on_group(g.group))
             .await
             .map_err(|e| e.to_string())
     }

@@ -10,11 +10,15 @@ use tracing::warn;
 
 use super::{HandoffParams, PdConfig, PdError};
 use crate::cache::HostKvCache;
-use crate::pool::PoolConnector;
+use crate::pool::{clone_err, GroupLoaded, PoolConnector};
 
 /// How long an abort sent after a failure may take: it is a courtesy to the producer (its
 /// abort timeout releases the hold anyway), so it must not hold up the engine.
 const ABORT_SEND_LIMIT: Duration = Duration::from_secs(2);
+
+/// Layer groups in flight at once: group 0 does not share the link with every later group,
+/// and the next group is already on its way when one lands.
+const LOAD_WINDOW: usize = 2;
 
 /// A consumer engine worker's hand-off side.
 pub struct Consumer {
@@ -49,6 +53,21 @@ impl Consumer {
         cache: &mut HostKvCache,
         block_ids: &[usize],
     ) -> Result<(), PdError> {
+        self.receive_layerwise(params, cache, block_ids, |_| {})
+            .await
+    }
+
+    /// [`Self::receive`], layer-wise: `on_group` sees each layer group (in order, with its
+    /// bytes) as soon as every block's object of that group has landed, while later groups
+    /// are still in flight, so a decode engine can start on layer group `g` early. The
+    /// request still fails as a whole if any group of any block misses.
+    pub async fn receive_layerwise(
+        &self,
+        params: &HandoffParams,
+        cache: &mut HostKvCache,
+        block_ids: &[usize],
+        mut on_group: impl FnMut(&GroupLoaded<'_>) + Send,
+    ) -> Result<(), PdError> {
         let keys = params.keys()?;
         if keys.len() != block_ids.len() {
             return Err(PdError::BadParams(format!(
@@ -82,18 +101,19 @@ impl Consumer {
                 .cloned()
                 .zip(block_ids.iter().copied())
                 .collect();
-            for (i, r) in self
+            let mut load = self
                 .connector
-                .load(cache, &blocks)
-                .await
-                .into_iter()
-                .enumerate()
-            {
-                match r {
-                    Ok(true) => {}
-                    Ok(false) => return Err(PdError::Missing { block: i }),
-                    Err(e) => return Err(PdError::Load(e)),
+                .load_layerwise(cache, &blocks, LOAD_WINDOW)
+                .map_err(PdError::Load)?;
+            while let Some(group) = load.next().await {
+                for (i, r) in group.results.iter().enumerate() {
+                    match r {
+                        Ok(true) => {}
+                        Ok(false) => return Err(PdError::Missing { block: i }),
+                        Err(e) => return Err(PdError::Load(clone_err(e))),
+                    }
                 }
+                on_group(&group);
             }
             rpc.call(&HandoffDone {
                 transfer_id: params.transfer_id.clone(),
