@@ -11,6 +11,7 @@ use kvpool_connector::{
     BlockHasher, BlockKey, BlockShape, HostKvCache, LayerGroups, Namespace, PoolConnector,
 };
 use kvpool_proto::ErrorCode;
+use kvpool_tests::kv::{self, prompt};
 use kvpool_tests::{client, up, wait_until};
 
 /// A small Llama-like shape: 4 layers, 2 KV heads, head dim 64, bf16, 16-token blocks.
@@ -36,30 +37,9 @@ fn namespace(grouping: &str) -> Namespace {
     }
 }
 
-/// FNV-1a over the token prefix: independent of the key hash, so a block loaded under the
-/// wrong key (or into the wrong slot) shows up as wrong bytes.
-fn prefix_hash(tokens: &[u32]) -> u64 {
-    tokens.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, t| {
-        t.to_le_bytes()
-            .iter()
-            .fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
-    })
-}
-
-/// The "KV" of block `block` of `tokens` for one layer's K (`kv = 0`) or V (`kv = 1`): what a
-/// forward pass would compute, a function of the whole prefix up to that block.
+/// The "KV" of prompt block `block` for one layer's K (`kv = 0`) or V (`kv = 1`).
 fn kv_bytes(tokens: &[u32], block: usize, layer: usize, kv: usize) -> Vec<u8> {
-    let end = (block + 1) * SHAPE.block_size;
-    let mut x = prefix_hash(&tokens[..end]) ^ ((layer as u64) << 32 | kv as u64) | 1;
-    (0..SHAPE.bytes())
-        .map(|_| {
-            // xorshift64: cheap, deterministic, every byte position differs.
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    kv::block_bytes(tokens, SHAPE.block_size, SHAPE.bytes(), block, layer, kv)
 }
 
 /// Writes the KV of the prompt's blocks `0..n` into cache blocks `slots[i]`, as prefill would.
@@ -85,12 +65,6 @@ fn assert_block(cache: &HostKvCache, tokens: &[u32], i: usize, slot: usize) {
             );
         }
     }
-}
-
-fn prompt(seed: u32, len: usize) -> Vec<u32> {
-    (0..len as u32)
-        .map(|i| seed.wrapping_mul(7919).wrapping_add(i * 31) % 128_000)
-        .collect()
 }
 
 struct Engine {

@@ -13,6 +13,7 @@ use kvpool_connector::cuda::{
 use kvpool_connector::{
     BlockHasher, BlockKey, BlockShape, HostKvCache, LayerGroups, Namespace, PoolConnector,
 };
+use kvpool_tests::kv::{self, prompt};
 use kvpool_tests::{client, up};
 
 /// Llama-like but small: 6 layers, 2 KV heads, head dim 64, bf16, 16-token blocks (4 KiB
@@ -51,31 +52,9 @@ fn namespace() -> Namespace {
     }
 }
 
-fn prompt(seed: u32, len: usize) -> Vec<u32> {
-    (0..len as u32)
-        .map(|i| seed.wrapping_mul(7919).wrapping_add(i * 31) % 128_000)
-        .collect()
-}
-
-/// The "KV" of prompt block `block` for one layer's K or V: a function of the whole prefix
-/// (FNV-1a of the tokens, then xorshift), so a block in the wrong slot or under the wrong key
-/// shows up as wrong bytes.
+/// The "KV" of prompt block `block` for one layer's K (`kv = 0`) or V (`kv = 1`).
 fn kv_bytes(tokens: &[u32], block: usize, layer: usize, kv: usize) -> Vec<u8> {
-    let end = (block + 1) * SHAPE.block_size;
-    let h = tokens[..end].iter().fold(0xcbf2_9ce4_8422_2325u64, |h, t| {
-        t.to_le_bytes()
-            .iter()
-            .fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
-    });
-    let mut x = h ^ ((layer as u64) << 32 | kv as u64) | 1;
-    (0..SHAPE.bytes())
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    kv::block_bytes(tokens, SHAPE.block_size, SHAPE.bytes(), block, layer, kv)
 }
 
 fn gpu_cache(ctx: &Arc<CudaContext>, alloc: GpuAlloc, mode: CopyMode) -> GpuKvCache {

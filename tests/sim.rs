@@ -11,6 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use kvpool_tests::kv::prompt;
 use kvpool_tests::{kvpool_bin, up, wait_until, Proc};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -65,13 +66,6 @@ fn sim(master: &str, extra: &[&str]) -> Proc {
     }
     args.extend_from_slice(extra);
     Proc::start_program(&sim_bin(), &args)
-}
-
-/// A prompt of `len` token ids, different for each seed.
-fn prompt(seed: u32, len: usize) -> Vec<u32> {
-    (0..len as u32)
-        .map(|i| seed.wrapping_mul(7919).wrapping_add(i * 31) % 128_000)
-        .collect()
 }
 
 fn ids(tokens: &[u32]) -> String {

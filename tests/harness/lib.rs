@@ -396,3 +396,47 @@ impl Proc {
         }
     }
 }
+
+/// Prompts and their "KV" for connector tests: bytes that depend on the whole token prefix
+/// (FNV-1a of the tokens, then xorshift), the layer and K/V, so a block loaded under the wrong
+/// key, into the wrong slot or from another layer shows up as wrong bytes.
+pub mod kv {
+    /// A prompt of `len` token ids, different for each seed.
+    pub fn prompt(seed: u32, len: usize) -> Vec<u32> {
+        (0..len as u32)
+            .map(|i| seed.wrapping_mul(7919).wrapping_add(i * 31) % 128_000)
+            .collect()
+    }
+
+    /// FNV-1a over the token prefix: independent of the block-key hash.
+    pub fn prefix_hash(tokens: &[u32]) -> u64 {
+        tokens.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, t| {
+            t.to_le_bytes()
+                .iter()
+                .fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+        })
+    }
+
+    /// The `len` bytes of prompt block `block` (blocks of `block_size` tokens) for one
+    /// layer's K (`kv = 0`) or V (`kv = 1`): what a forward pass would compute.
+    pub fn block_bytes(
+        tokens: &[u32],
+        block_size: usize,
+        len: usize,
+        block: usize,
+        layer: usize,
+        kv: usize,
+    ) -> Vec<u8> {
+        let end = (block + 1) * block_size;
+        let mut x = prefix_hash(&tokens[..end]) ^ ((layer as u64) << 32 | kv as u64) | 1;
+        (0..len)
+            .map(|_| {
+                // xorshift64: cheap, deterministic, every byte position differs.
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+}
