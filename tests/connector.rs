@@ -553,3 +553,49 @@ async fn hand_off_received_layer_by_layer() {
     assert_eq!(wrong, 0);
     assert_eq!(pd.producer.stats().released, 1);
 }
+
+/// A full pool loses a prefix's tail before its head: what is left of every prefix is still a
+/// prefix that lookup can reach (the connector sends each batch tail first, so a prefix's
+/// first block is its most recently touched).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eviction_keeps_what_remains_of_a_prefix_usable() {
+    const N: usize = 200;
+    let pool = up("32MiB", &[]);
+    let master = pool.addr("master");
+    let cache = HostKvCache::block_first(LAYERS, true, N, SHAPE.bytes(), LayerGroups::All).unwrap();
+    let hasher = BlockHasher::new(namespace(&cache.layout().grouping_tag()));
+    let conn = PoolConnector::new(Arc::new(client(&master)), cache.layout());
+    // Six 200-block prefixes of 32 KiB blocks: 37.5 MiB into a 32 MiB pool.
+    let prompts: Vec<Vec<u32>> = (0..6)
+        .map(|i| prompt(100 + i, N * SHAPE.block_size))
+        .collect();
+    let slots: Vec<usize> = (0..N).collect();
+    for p in &prompts {
+        for r in conn.save(&cache, &pairs(&hasher.keys(p), &slots)).await {
+            r.unwrap();
+        }
+    }
+    let mut kept = Vec::new();
+    for p in &prompts {
+        let wire: Vec<String> = hasher.keys(p).iter().map(|k| k.wire(None)).collect();
+        let refs: Vec<&[u8]> = wire.iter().map(|k| k.as_bytes()).collect();
+        let present: Vec<bool> = conn
+            .client()
+            .exists(&refs, false)
+            .await
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        let k = present.iter().take_while(|&&b| b).count();
+        assert!(
+            present[k..].iter().all(|&b| !b),
+            "a prefix kept blocks past a hole: {} of {N} present, first {k} leading",
+            present.iter().filter(|&&b| b).count()
+        );
+        kept.push(k);
+    }
+    // Eviction happened, the oldest prefix went first, and the newest is whole.
+    assert!(kept[0] < N, "{kept:?}");
+    assert_eq!(kept[5], N, "{kept:?}");
+    assert!(kept.windows(2).all(|w| w[0] <= w[1]), "{kept:?}");
+}

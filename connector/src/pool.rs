@@ -1,6 +1,14 @@
 //! Lookup, save and load of a host KV cache's blocks against the pool, batched: one master
 //! round trip per layer group, never one per block.
 //!
+//! Every batch goes to the pool **tail first** (blocks in reverse prefix order; results are
+//! given back in the caller's order). The master keeps objects in access order, touching a
+//! batch's items in the order they come, and evicts (and demotes) the least recently touched
+//! first: sent head first, a prefix's first block would be its coldest and go first, leaving
+//! a tail that no prefix lookup can reach. Sent tail first, a prefix always loses its tail
+//! before its head, so what survives of it is still a usable prefix. Callers list blocks in
+//! prefix order (as `BlockHasher::keys` gives them).
+//!
 //! A block is stored as one object per layer group (`KvLayout::num_groups`), keyed
 //! `BlockKey::wire(layout.key_group(g))`. A block counts as present only when every group's
 //! object is, because a block with a missing layer group cannot be used.
@@ -127,13 +135,16 @@ impl PoolConnector {
     /// as a miss and recompute); errors past the first hole do not matter and are ignored.
     pub async fn lookup(&self, keys: &[BlockKey]) -> Result<usize> {
         let g = self.groups.len();
-        // Block-major order: block i's groups are items i*g .. (i+1)*g.
+        // Block-major order, sent tail first (see `tail_first`); after un-reversing, block i's
+        // groups are items i*g .. (i+1)*g.
         let wire: Vec<String> = keys
             .iter()
-            .flat_map(|k| self.groups.iter().map(move |grp| k.wire(*grp)))
+            .rev()
+            .flat_map(|k| self.groups.iter().rev().map(move |grp| k.wire(*grp)))
             .collect();
         let refs: Vec<&[u8]> = wire.iter().map(|k| k.as_bytes()).collect();
-        let found = self.client.exists(&refs, true).await;
+        let mut found = self.client.exists(&refs, true).await;
+        found.reverse();
         let mut n = 0;
         for block in found.chunks(g.max(1)) {
             for r in block {
@@ -172,8 +183,10 @@ impl PoolConnector {
             .iter()
             .zip(items)
             .map(|(k, (_, p))| (k.as_bytes(), *p))
+            .rev()
             .collect();
-        let res = self.client.put_batch_parts(&batch, &self.put_options).await;
+        let mut res = self.client.put_batch_parts(&batch, &self.put_options).await;
+        res.reverse();
         res.into_iter()
             .map(|r| match r {
                 Ok(()) => Ok(()),
@@ -205,9 +218,12 @@ impl PoolConnector {
             .iter()
             .map(|d| d.iter().map(|p| p.len()).sum())
             .collect();
-        let wire = self.wire_keys(keys.iter().cloned(), group);
+        let wire = self.wire_keys(keys.iter().rev().cloned(), group);
         let refs: Vec<&[u8]> = wire.iter().map(|k| k.as_bytes()).collect();
-        let res = self.client.get_batch_into_parts(&refs, dests).await;
+        dests.reverse();
+        let mut res = self.client.get_batch_into_parts(&refs, dests).await;
+        dests.reverse();
+        res.reverse();
         res.into_iter()
             .zip(wants)
             .map(|(r, want)| match r {
