@@ -732,6 +732,28 @@ async fn proxy_routes_prefill_then_decode() {
     // Bad JSON is the caller's error, answered by the proxy itself.
     let (status, _) = http(&px, "POST", "/v1/completions", "{not json").await;
     assert_eq!(status, 400);
+
+    // No decoder left: a clear 502 naming it, and the proxy reports itself unhealthy.
+    let mut d = d;
+    d.kill();
+    let (status, j) = http(
+        &px,
+        "POST",
+        "/v1/completions",
+        &format!(r#"{{"prompt": {}, "max_tokens": 4}}"#, ids(&toks)),
+    )
+    .await;
+    assert_eq!(status, 502, "{}", j.dump());
+    assert!(j.dump().contains("no decoder answered"), "{}", j.dump());
+    wait_until(
+        "the proxy reports itself unhealthy",
+        Duration::from_secs(10),
+        || {
+            let px = px.clone();
+            async move { http(&px, "GET", "/health", "").await.0 == 503 }
+        },
+    )
+    .await;
 }
 
 /// A tiny JSON value and reader: enough for the simulator's responses, and for passing a
