@@ -2,6 +2,8 @@
 //! restart recovery, corruption, torn records, a tier too small, and device faults. Every
 //! test runs once per I/O engine.
 
+mod common;
+
 use std::{
     fs::OpenOptions,
     io,
@@ -13,6 +15,7 @@ use std::{
     },
 };
 
+use common::pattern;
 use kvpool_proto::{ByteSize, ErrorCode};
 use kvpool_store::nvme::{
     record_len, value_offset, AlignedBuf, IoEngine, IoEngineKind, IoFuture, NvmeConfig, NvmeError,
@@ -98,18 +101,6 @@ fn open(cfg: &NvmeConfig) -> (NvmeTier, Vec<kvpool_store::nvme::NvmeRecordInfo>)
     (tier, recs)
 }
 
-fn value(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// Records laid out back to back from offset 0, as the master's allocator might.
 struct Layout {
     next: u64,
@@ -155,7 +146,7 @@ async fn round_trip_at_several_sizes(engine: IoEngineKind) {
     let mut placed = Vec::new();
     for (i, &len) in sizes.iter().enumerate() {
         let key = format!("key-{i}-{len}").into_bytes();
-        let v = value(len, i as u64);
+        let v = pattern(i as u64, len);
         let at = l.place(&key, len);
         tier.write_record(at, i as u64 + 1, &key, &v, crc32c::crc32c(&v))
             .await
@@ -214,7 +205,7 @@ async fn reopen_finds_records_and_serves_them(engine: IoEngineKind) {
     let vals: Vec<(u64, Vec<u8>, Vec<u8>)> = (0..5u64)
         .map(|i| {
             let key = format!("object/{i}").into_bytes();
-            let v = value(1000 + i as usize * 70_000, i);
+            let v = pattern(i, 1000 + i as usize * 70_000);
             (l.place(&key, v.len()), key, v)
         })
         .collect();
@@ -256,7 +247,7 @@ async fn corrupt_value_is_detected_and_dropped(engine: IoEngineKind) {
     let dir = test_dir("corrupt-value", engine);
     let cfg = config(&dir, 8 << 20, engine);
     let key = b"k1";
-    let v = value(300_000, 7);
+    let v = pattern(7, 300_000);
     {
         let (tier, _) = open(&cfg);
         tier.write_record(0, 1, key, &v, crc32c::crc32c(&v))
@@ -284,7 +275,7 @@ async fn corrupt_header_is_dropped_at_open(engine: IoEngineKind) {
     let dir = test_dir("corrupt-header", engine);
     let cfg = config(&dir, 8 << 20, engine);
     let mut l = Layout { next: 0 };
-    let (a, b) = (value(5000, 1), value(5000, 2));
+    let (a, b) = (pattern(1, 5000), pattern(2, 5000));
     let (at_a, at_b) = (l.place(b"a", a.len()), l.place(b"b", b.len()));
     {
         let (tier, _) = open(&cfg);
@@ -311,7 +302,7 @@ async fn torn_records_are_dropped_or_detected(engine: IoEngineKind) {
     let dir = test_dir("torn", engine);
     let cfg = config(&dir, 8 << 20, engine);
     let mut l = Layout { next: 0 };
-    let (a, b) = (value(100_000, 3), value(100_000, 4));
+    let (a, b) = (pattern(3, 100_000), pattern(4, 100_000));
     let (at_a, at_b) = (l.place(b"a", a.len()), l.place(b"b", b.len()));
     {
         let (tier, _) = open(&cfg);
@@ -347,7 +338,7 @@ async fn tier_too_small_and_bad_requests_are_refused(engine: IoEngineKind) {
         .unwrap_err();
     assert_eq!(e.code(), ErrorCode::OutOfRange, "{e}");
     assert!(e.to_string().contains("does not fit"), "{e}");
-    let big = value(8192, 1);
+    let big = pattern(1, 8192);
     let e = tier
         .write_record(0, 3, b"k", &big, crc32c::crc32c(&big))
         .await
@@ -378,11 +369,11 @@ async fn overlapping_record_replaces_the_old_one(engine: IoEngineKind) {
     let dir = test_dir("overlap", engine);
     let cfg = config(&dir, 8 << 20, engine);
     let (tier, _) = open(&cfg);
-    let a = value(20_000, 1);
+    let a = pattern(1, 20_000);
     tier.write_record(0, 1, b"a", &a, crc32c::crc32c(&a))
         .await
         .unwrap();
-    let b = value(10, 2);
+    let b = pattern(2, 10);
     tier.write_record(8192, 2, b"b", &b, crc32c::crc32c(&b))
         .await
         .unwrap();
@@ -397,7 +388,7 @@ async fn concurrent_writes_are_all_committed(engine: IoEngineKind) {
     let items: Vec<(u64, Vec<u8>, Vec<u8>)> = (0..48u64)
         .map(|i| {
             let key = format!("c{i}").into_bytes();
-            let v = value(1 + (i as usize * 37_813) % 600_000, i);
+            let v = pattern(i, 1 + (i as usize * 37_813) % 600_000);
             (l.place(&key, v.len()), key, v)
         })
         .collect();
@@ -486,9 +477,9 @@ fn open_faulty(cfg: &NvmeConfig) -> (NvmeTier, Arc<AtomicU8>) {
 async fn device_faults_mark_the_tier_unhealthy(engine: IoEngineKind) {
     let dir = test_dir("faults", engine);
     let cfg = config(&dir, 8 << 20, engine);
-    let acked = value(50_000, 9);
+    let acked = pattern(9, 50_000);
     let crc = crc32c::crc32c(&acked);
-    let other = value(1000, 10);
+    let other = pattern(10, 1000);
     let other_crc = crc32c::crc32c(&other);
     let at = record_len(1, acked.len() as u64);
     for (mode, code) in [
@@ -569,7 +560,7 @@ async fn block_device_round_trip(engine: IoEngineKind) {
         IoEngineKind::Uring => 0,
         IoEngineKind::Psync => 8 << 20,
     };
-    let v = value(3 << 20, 5);
+    let v = pattern(5, 3 << 20);
     let crc = crc32c::crc32c(&v);
     let capacity = {
         let (tier, recs) = open(&cfg);
