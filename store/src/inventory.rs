@@ -119,7 +119,10 @@ impl Inventory {
     /// failed anyway) or their space was reused. Checksums are computed without the lock held,
     /// so this may take a while for a large segment but never stalls the data path.
     pub fn report(&self, segments: &[Segment]) -> Vec<InventoryEntry> {
-        let snapshot: Vec<ObjectTag> = self.lock().tags.values().cloned().collect();
+        let mut snapshot: Vec<ObjectTag> = self.lock().tags.values().cloned().collect();
+        // In replica order, not the map's: a report is then the same bytes for the same
+        // inventory (logs and tests compare them).
+        snapshot.sort_unstable_by_key(|t| t.replica.0);
         let mut out = Vec::with_capacity(snapshot.len());
         let mut stale = Vec::new();
         for tag in snapshot {
