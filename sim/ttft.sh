@@ -14,6 +14,9 @@
 # and the script prints each request's modelled and wall TTFT (ms) and the medians.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+for tool in curl jq; do
+    command -v "$tool" >/dev/null || { echo "sim/ttft.sh needs $tool (apt-get install $tool)" >&2; exit 2; }
+done
 BIN=${BIN:-target/release}
 REPEAT=${REPEAT:-3}
 LAYOUT=${LAYOUT:-paged}
