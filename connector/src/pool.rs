@@ -244,38 +244,17 @@ impl PoolConnector {
     /// staging copy); all layer groups' batches are in flight together. One result per
     /// block, in order; a block is saved only if every group was.
     pub async fn save(&self, cache: &HostKvCache, blocks: &[(BlockKey, usize)]) -> Vec<Result<()>> {
-        if let Err(e) = self.check_cache(cache) {
-            return blocks.iter().map(|_| Err(clone_err(&e))).collect();
-        }
-        let mut out: Vec<Result<()>> = blocks.iter().map(|_| Ok(())).collect();
-        // A bad id fails its block before anything is written.
-        for (i, (_, b)) in blocks.iter().enumerate() {
-            if let Err(e) = cache.try_block_parts(*b, 0) {
-                out[i] = Err(e.into());
-            }
-        }
-        let idx: Vec<usize> = (0..blocks.len()).filter(|&i| out[i].is_ok()).collect();
-        let parts: Vec<Vec<Vec<&[u8]>>> = (0..self.groups.len())
+        let mut out = self.check_blocks(cache, blocks);
+        let (idx, keys) = accepted(&out, blocks);
+        let objects: Vec<Vec<Vec<&[u8]>>> = (0..self.groups.len())
             .map(|g| {
                 idx.iter()
                     .map(|&i| cache.block_parts(blocks[i].1, g))
                     .collect()
             })
             .collect();
-        let batches = parts.iter().enumerate().map(|(g, per_block)| {
-            let items: Vec<(BlockKey, &[&[u8]])> = idx
-                .iter()
-                .zip(per_block)
-                .map(|(&i, p)| (blocks[i].0.clone(), p.as_slice()))
-                .collect();
-            async move { self.save_parts(g, &items).await }
-        });
-        for res in futures::future::join_all(batches).await {
-            for (&i, r) in idx.iter().zip(res) {
-                if let (Ok(()), Err(e)) = (&out[i], r) {
-                    out[i] = Err(e);
-                }
-            }
+        for (&i, r) in idx.iter().zip(self.save_groups(&keys, &objects).await) {
+            out[i] = r;
         }
         out
     }
@@ -293,19 +272,8 @@ impl PoolConnector {
         cache: &HostKvCache,
         blocks: &[(BlockKey, usize)],
     ) -> SaveHandle {
-        let mut out: Vec<Option<Result<()>>> = blocks.iter().map(|_| None).collect();
-        if let Err(e) = self.check_cache(cache) {
-            out.iter_mut().for_each(|o| *o = Some(Err(clone_err(&e))));
-        }
-        // A bad id fails its block before anything is copied.
-        for (i, (_, b)) in blocks.iter().enumerate() {
-            if out[i].is_none() {
-                if let Err(e) = cache.try_block_parts(*b, 0) {
-                    out[i] = Some(Err(e.into()));
-                }
-            }
-        }
-        let idx: Vec<usize> = (0..blocks.len()).filter(|&i| out[i].is_none()).collect();
+        let mut out = self.check_blocks(cache, blocks);
+        let (idx, keys) = accepted(&out, blocks);
         // [group][n] -> block idx[n]'s object bytes: owned, so the task outlives the borrow.
         let staged: Vec<Vec<Vec<u8>>> = (0..self.groups.len())
             .map(|g| {
@@ -314,31 +282,16 @@ impl PoolConnector {
                     .collect()
             })
             .collect();
-        let keys: Vec<BlockKey> = idx.iter().map(|&i| blocks[i].0.clone()).collect();
         let this = Arc::clone(self);
         let request_id = request_id.to_string();
         let task = tokio::spawn(async move {
-            let batches = staged.iter().enumerate().map(|(g, objs)| {
-                let lists: Vec<[&[u8]; 1]> = objs.iter().map(|o| [o.as_slice()]).collect();
-                let this = &this;
-                let keys = &keys;
-                async move {
-                    let items: Vec<(BlockKey, &[&[u8]])> = keys
-                        .iter()
-                        .zip(&lists)
-                        .map(|(k, l)| (k.clone(), l.as_slice()))
-                        .collect();
-                    this.save_parts(g, &items).await
-                }
-            });
-            for res in futures::future::join_all(batches).await {
-                for (&i, r) in idx.iter().zip(res) {
-                    if let Err(e) = r {
-                        out[i].get_or_insert(Err(e));
-                    }
-                }
+            let objects: Vec<Vec<Vec<&[u8]>>> = staged
+                .iter()
+                .map(|objs| objs.iter().map(|o| vec![o.as_slice()]).collect())
+                .collect();
+            for (&i, r) in idx.iter().zip(this.save_groups(&keys, &objects).await) {
+                out[i] = r;
             }
-            let out: Vec<Result<()>> = out.into_iter().map(|o| o.unwrap_or(Ok(()))).collect();
             let report = out
                 .iter()
                 .map(|r| r.as_ref().map(|_| ()).map_err(clone_err))
@@ -348,6 +301,42 @@ impl PoolConnector {
             out
         });
         SaveHandle { task }
+    }
+
+    /// Per block: `Ok` if it may be saved from `cache`, else why not (the cache is not of
+    /// this connector's grouping, or the id is out of range), so a bad id fails its block
+    /// before anything is copied or written.
+    fn check_blocks(&self, cache: &HostKvCache, blocks: &[(BlockKey, usize)]) -> Vec<Result<()>> {
+        if let Err(e) = self.check_cache(cache) {
+            return blocks.iter().map(|_| Err(clone_err(&e))).collect();
+        }
+        blocks
+            .iter()
+            .map(|(_, b)| cache.try_block_parts(*b, 0).map(|_| ()).map_err(Into::into))
+            .collect()
+    }
+
+    /// Every layer group's batch at once; `objects[g][n]` is the gather list of block
+    /// `keys[n]`'s object for group `g`. One result per block: its first failing group's
+    /// error, if any.
+    async fn save_groups(&self, keys: &[BlockKey], objects: &[Vec<Vec<&[u8]>>]) -> Vec<Result<()>> {
+        let batches = objects.iter().enumerate().map(|(g, per_block)| {
+            let items: Vec<(BlockKey, &[&[u8]])> = keys
+                .iter()
+                .zip(per_block)
+                .map(|(k, p)| (k.clone(), p.as_slice()))
+                .collect();
+            async move { self.save_parts(g, &items).await }
+        });
+        let mut out: Vec<Result<()>> = keys.iter().map(|_| Ok(())).collect();
+        for res in futures::future::join_all(batches).await {
+            for (o, r) in out.iter_mut().zip(res) {
+                if o.is_ok() {
+                    *o = r;
+                }
+            }
+        }
+        out
     }
 
     /// The requests whose detached saves finished since the last call, with their per-block
@@ -500,6 +489,14 @@ impl SaveHandle {
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         }
     }
+}
+
+/// The indices of the blocks `checked` accepts, and their keys.
+fn accepted(checked: &[Result<()>], blocks: &[(BlockKey, usize)]) -> (Vec<usize>, Vec<BlockKey>) {
+    (0..blocks.len())
+        .filter(|&i| checked[i].is_ok())
+        .map(|i| (i, blocks[i].0.clone()))
+        .unzip()
 }
 
 /// A copy of a client error for each item a batch-wide failure applies to (client errors do
