@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kvpool_proto::{HandoffAbort, HandoffClaim, HandoffDone};
+use kvpool_proto::{ErrorCode, HandoffAbort, HandoffClaim, HandoffDone};
 use kvpool_transport::rpc::{RpcClient, RpcOptions};
 use tracing::warn;
 
@@ -127,9 +127,15 @@ impl Consumer {
             Err(_) => Err(PdError::Timeout(limit)),
         };
         if let Err(e) = &res {
-            // A producer that answered with an error has already ended the hold (or never
-            // had it); everyone else hears about the failure.
-            if !matches!(e, PdError::Producer { source, .. } if source.code() as u16 / 100 == 8) {
+            // A producer that answered with a hand-off error has already ended the hold (or
+            // never had it); everyone else hears about the failure.
+            let hold_gone = matches!(
+                e.code(),
+                ErrorCode::TransferUnknown
+                    | ErrorCode::TransferAborted
+                    | ErrorCode::TransferExpired
+            );
+            if !hold_gone {
                 self.send_abort(params, &e.to_string());
             }
         }
