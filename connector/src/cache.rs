@@ -37,15 +37,8 @@ impl HostKvCache {
         block_bytes: usize,
         groups: LayerGroups,
     ) -> Result<Self, LayoutError> {
-        let layout = KvLayout::layer_first_contiguous(
-            0,
-            num_layers,
-            k_and_v,
-            num_blocks,
-            block_bytes,
-            groups,
-        )?;
-        Ok(Self::zeroed(layout))
+        KvLayout::layer_first_contiguous(0, num_layers, k_and_v, num_blocks, block_bytes, groups)
+            .map(Self::zeroed)
     }
 
     /// `[num_blocks][num_layers][K, V][block_bytes]`, zeroed (vLLM's cross-layer cache): one
@@ -57,15 +50,8 @@ impl HostKvCache {
         block_bytes: usize,
         groups: LayerGroups,
     ) -> Result<Self, LayoutError> {
-        let layout = KvLayout::block_first_contiguous(
-            0,
-            num_layers,
-            k_and_v,
-            num_blocks,
-            block_bytes,
-            groups,
-        )?;
-        Ok(Self::zeroed(layout))
+        KvLayout::block_first_contiguous(0, num_layers, k_and_v, num_blocks, block_bytes, groups)
+            .map(Self::zeroed)
     }
 
     /// Only the two constructors above build layouts, so regions never overlap and the buffer

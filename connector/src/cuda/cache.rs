@@ -273,25 +273,12 @@ impl GpuKvCache {
                 let a = DeviceAlloc::new(ctx, total)?;
                 let base = a.ptr as usize;
                 allocs.push(a);
-                if alloc == GpuAlloc::LayerFirst {
-                    KvLayout::layer_first_contiguous(
-                        base,
-                        num_layers,
-                        k_and_v,
-                        num_blocks,
-                        block_bytes,
-                        groups,
-                    )?
+                let contiguous = if alloc == GpuAlloc::LayerFirst {
+                    KvLayout::layer_first_contiguous
                 } else {
-                    KvLayout::block_first_contiguous(
-                        base,
-                        num_layers,
-                        k_and_v,
-                        num_blocks,
-                        block_bytes,
-                        groups,
-                    )?
-                }
+                    KvLayout::block_first_contiguous
+                };
+                contiguous(base, num_layers, k_and_v, num_blocks, block_bytes, groups)?
             }
         };
         // cuMemsetD8 may return before it is done, and the cache's stream does not wait for
