@@ -27,18 +27,10 @@ const NONE: u32 = u32::MAX;
 
 /// Converts a size to a bin index, rounding up: every block in that bin is at least `size`.
 fn bin_round_up(size: u64) -> u32 {
-    if size < MANTISSA_VALUE {
-        return size as u32;
-    }
-    let highest = 63 - size.leading_zeros();
-    let mantissa_start = highest - MANTISSA_BITS;
-    let exp = mantissa_start + 1;
-    let mut mantissa = (size >> mantissa_start) & MANTISSA_MASK;
-    if size & ((1u64 << mantissa_start) - 1) != 0 {
-        mantissa += 1;
-    }
-    // `+` rather than `|`: a mantissa overflow carries into the exponent, as intended.
-    (exp << MANTISSA_BITS) + mantissa as u32
+    let bin = bin_round_down(size);
+    // The next bin when `size` lies past this bin's smallest size. A mantissa overflow
+    // carries into the exponent, as intended.
+    bin + u32::from(bin_size(bin) < size)
 }
 
 /// Converts a size to a bin index, rounding down: the block fits every request of that bin.

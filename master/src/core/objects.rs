@@ -118,6 +118,12 @@ impl ObjectTable {
         self.objects.get(&id)
     }
 
+    /// The object under `key`, with its id.
+    pub fn lookup(&self, key: &[u8]) -> Option<(ObjId, &Object)> {
+        let id = self.id_of(key)?;
+        self.get(id).map(|o| (id, o))
+    }
+
     pub fn get_mut(&mut self, id: ObjId) -> Option<&mut Object> {
         self.objects.get_mut(&id)
     }
@@ -239,12 +245,14 @@ impl MasterCore {
         self.cluster.queue_free(node, rep.id);
     }
 
-    /// Records a read or commit: the object becomes the hottest in its segments.
-    pub(crate) fn touch(&mut self, id: ObjId) {
+    /// Records a read or commit: the object becomes the hottest in its segments. `update`
+    /// is applied to the object first, in the same lookup (a read's lease, a commit's pin).
+    pub(crate) fn touch(&mut self, id: ObjId, update: impl FnOnce(&mut Object)) {
         let seq = self.next_access();
         let Some(obj) = self.objects.get_mut(id) else {
             return;
         };
+        update(obj);
         let old = obj.access_seq;
         obj.access_seq = seq;
         if !obj.in_recency() {

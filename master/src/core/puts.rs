@@ -166,19 +166,13 @@ impl MasterCore {
 
     /// Takes a committed object's key away but keeps its space reserved until `until`.
     fn retire_until(&mut self, id: ObjId, until: Duration) {
-        let Some(obj) = self.objects.remove(id) else {
-            return;
-        };
-        for r in obj.replicas {
-            if self.detach_replica(&r, obj.access_seq) {
-                self.discard_seq += 1;
-                self.discarded.insert((until, self.discard_seq), r);
-            }
+        if let Some(obj) = self.objects.remove(id) {
+            self.reserve_until(obj, until);
         }
     }
 
     /// Takes a stale put's key away. Its space stays reserved until the release timeout (the
-    /// old writer may still be writing into it) and is then freed by `release_zombies`.
+    /// old writer may still be writing into it).
     fn preempt(&mut self, id: ObjId) {
         let Some(obj) = self.objects.remove(id) else {
             return;
@@ -187,13 +181,39 @@ impl MasterCore {
             return;
         };
         let release_at = started.saturating_add(self.cfg.put_release_timeout);
+        self.reserve_until(obj, release_at);
+    }
+
+    /// Takes a removed object's replicas out of their segments but keeps their space reserved
+    /// until `until`, when `release_zombies` frees it.
+    fn reserve_until(&mut self, obj: Object, until: Duration) {
         for r in obj.replicas {
-            if let Some(seg) = self.cluster.segments.get_mut(&r.segment) {
-                seg.members.remove(&r.id);
+            if self.detach_replica(&r, obj.access_seq) {
                 self.discard_seq += 1;
-                self.discarded.insert((release_at, self.discard_seq), r);
+                self.discarded.insert((until, self.discard_seq), r);
             }
         }
+    }
+
+    /// The object of `client`'s put of `key`: `NotFound` without one, `NotWriter` when another
+    /// client started it.
+    fn writers_put(&self, client: ClientId, key: &[u8]) -> ItemResult<(ObjId, &Object)> {
+        check_key(key)?;
+        let Some((id, obj)) = self.objects.lookup(key) else {
+            return Err(key_error(
+                ErrorCode::NotFound,
+                key,
+                "no put of this key in progress",
+            ));
+        };
+        if obj.writer != Some(client) {
+            return Err(key_error(
+                ErrorCode::NotWriter,
+                key,
+                "another client is the writer",
+            ));
+        }
+        Ok((id, obj))
     }
 
     pub(crate) fn put_end_one(
@@ -202,28 +222,7 @@ impl MasterCore {
         client: ClientId,
         key: &[u8],
     ) -> ItemResult<()> {
-        check_key(key)?;
-        let Some(id) = self.objects.id_of(key) else {
-            return Err(key_error(
-                ErrorCode::NotFound,
-                key,
-                "no put of this key in progress",
-            ));
-        };
-        let Some(obj) = self.objects.get(id) else {
-            return Err(key_error(
-                ErrorCode::NotFound,
-                key,
-                "no put of this key in progress",
-            ));
-        };
-        if obj.writer != Some(client) {
-            return Err(key_error(
-                ErrorCode::NotWriter,
-                key,
-                "another client is the writer",
-            ));
-        }
+        let (id, obj) = self.writers_put(client, key)?;
         if obj.is_complete() {
             // A retried PutEnd whose first response was lost.
             return Ok(());
@@ -232,34 +231,12 @@ impl MasterCore {
             .soft_pin
             .then(|| now.saturating_add(self.cfg.soft_pin_ttl));
         self.objects.mark_complete(id);
-        if let Some(obj) = self.objects.get_mut(id) {
-            obj.soft_pin_until = soft_pin_until;
-        }
-        self.touch(id);
+        self.touch(id, |obj| obj.soft_pin_until = soft_pin_until);
         Ok(())
     }
 
     pub(crate) fn put_revoke_one(&mut self, client: ClientId, key: &[u8]) -> ItemResult<()> {
-        check_key(key)?;
-        let Some(obj) = self
-            .objects
-            .id_of(key)
-            .and_then(|id| self.objects.get(id).map(|o| (id, o)))
-        else {
-            return Err(key_error(
-                ErrorCode::NotFound,
-                key,
-                "no put of this key in progress",
-            ));
-        };
-        let (id, obj) = obj;
-        if obj.writer != Some(client) {
-            return Err(key_error(
-                ErrorCode::NotWriter,
-                key,
-                "another client is the writer",
-            ));
-        }
+        let (id, obj) = self.writers_put(client, key)?;
         if obj.is_complete() {
             return Err(key_error(
                 ErrorCode::InvalidArgument,

@@ -5,35 +5,26 @@ use std::time::Duration;
 
 use kvpool_proto::{check_key, ErrorCode, ItemResult, ObjectInfo, Tier};
 
-use super::objects::ObjId;
+use super::objects::{ObjId, Object};
 use super::{key_error, MasterCore};
 
 impl MasterCore {
-    /// The id of a committed object, or `NotFound` (a Processing object is not there yet).
-    fn committed(&self, key: &[u8]) -> ItemResult<ObjId> {
+    /// A committed object and its id, or `NotFound` (a Processing object is not there yet).
+    fn committed(&self, key: &[u8]) -> ItemResult<(ObjId, &Object)> {
         check_key(key)?;
         self.objects
-            .id_of(key)
-            .filter(|id| {
-                self.objects
-                    .get(*id)
-                    .is_some_and(|o| o.is_complete() && o.has_readable())
-            })
+            .lookup(key)
+            .filter(|(_, o)| o.is_complete() && o.has_readable())
             .ok_or_else(|| key_error(ErrorCode::NotFound, key, "not in the pool"))
     }
 
-    fn grant_lease(&mut self, now: Duration, id: ObjId) {
-        let until = now.saturating_add(self.cfg.lease_ttl);
-        if let Some(obj) = self.objects.get_mut(id) {
-            obj.lease_until = obj.lease_until.max(until);
-        }
+    /// Where a read lease granted now ends.
+    fn lease_end(&self, now: Duration) -> Duration {
+        now.saturating_add(self.cfg.lease_ttl)
     }
 
     pub(crate) fn get_replicas_one(&mut self, now: Duration, key: &[u8]) -> ItemResult<ObjectInfo> {
-        let id = self.committed(key)?;
-        let Some(obj) = self.objects.get(id) else {
-            return Err(key_error(ErrorCode::NotFound, key, "not in the pool"));
-        };
+        let (id, obj) = self.committed(key)?;
         // A node past its TTL that `tick` has not dropped yet must not be read from.
         let ttl = self.cfg.node_ttl;
         let mut replicas: Vec<_> = obj
@@ -57,11 +48,11 @@ impl MasterCore {
             // from when it sent the request, so this is the conservative figure.
             lease_ms: u64::try_from(self.cfg.lease_ttl.as_millis()).unwrap_or(u64::MAX),
         };
-        self.grant_lease(now, id);
-        self.touch(id);
-        if let Some(obj) = self.objects.get_mut(id) {
+        let until = self.lease_end(now);
+        self.touch(id, |obj| {
+            obj.lease_until = obj.lease_until.max(until);
             obj.reads = obj.reads.saturating_add(1);
-        }
+        });
         if nvme_only {
             self.note_nvme_hit(now, id);
         }
@@ -75,12 +66,14 @@ impl MasterCore {
         lease: bool,
     ) -> ItemResult<bool> {
         match self.committed(key) {
-            Ok(id) => {
-                if lease {
-                    self.grant_lease(now, id);
-                }
+            Ok((id, _)) => {
+                let until = lease.then(|| self.lease_end(now));
                 // A lookup (the connector's prefix match) predicts a read: keep it warm.
-                self.touch(id);
+                self.touch(id, |obj| {
+                    if let Some(until) = until {
+                        obj.lease_until = obj.lease_until.max(until);
+                    }
+                });
                 Ok(true)
             }
             Err(e) if e.code == ErrorCode::NotFound => Ok(false),
@@ -89,22 +82,20 @@ impl MasterCore {
     }
 
     pub(crate) fn remove_one(&mut self, now: Duration, key: &[u8], force: bool) -> ItemResult<()> {
-        let id = self.committed(key)?;
-        if let Some(obj) = self.objects.get(id) {
-            if !force && obj.leased(now) {
-                return Err(key_error(
-                    ErrorCode::HasLease,
-                    key,
-                    "read lease held; retry or force",
-                ));
-            }
-            if !force && obj.hard_pin {
-                return Err(key_error(
-                    ErrorCode::Pinned,
-                    key,
-                    "hard-pinned; remove with force",
-                ));
-            }
+        let (id, obj) = self.committed(key)?;
+        if !force && obj.leased(now) {
+            return Err(key_error(
+                ErrorCode::HasLease,
+                key,
+                "read lease held; retry or force",
+            ));
+        }
+        if !force && obj.hard_pin {
+            return Err(key_error(
+                ErrorCode::Pinned,
+                key,
+                "hard-pinned; remove with force",
+            ));
         }
         self.drop_object(id);
         Ok(())

@@ -4,7 +4,7 @@
 
 use kvpool_proto::*;
 
-use super::tests::{code, secs, World, MIB};
+use super::tests::{code, ids, inventory_entry, overwriting, preferring, secs, World, MIB};
 use super::{Admission, CoreConfig};
 
 /// A short lease so that a read does not keep its object from eviction past the next second.
@@ -278,10 +278,7 @@ fn an_unhealthy_segment_gets_no_new_data() {
     w.report(2, 0, Vec::new(), vec![SegmentId(10), SegmentId(99)]);
     assert_eq!(w.segment(10).map(|s| s.healthy), Some(false));
     assert_eq!(w.segment(20).map(|s| s.healthy), Some(true));
-    let prefer_1 = PutOptions {
-        preferred_nodes: vec![NodeId(1)],
-        ..PutOptions::default()
-    };
+    let prefer_1 = preferring(1);
     for i in 0..4 {
         let d = w.put_with(&format!("k{i}"), MIB, prefer_1.clone());
         assert_eq!(d[0].segment, SegmentId(20));
@@ -303,10 +300,7 @@ fn a_node_that_dies_with_tasks_in_flight_takes_them_along() {
     let mut w = World::with(cfg(Admission::Always));
     tiered(&mut w, 64 * MIB, Vec::new());
     w.node(2, &[(20, 64 * MIB)]);
-    let prefer_1 = PutOptions {
-        preferred_nodes: vec![NodeId(1)],
-        ..PutOptions::default()
-    };
+    let prefer_1 = preferring(1);
     for i in 0..10 {
         w.put_with(&format!("k{i}"), MIB, prefer_1.clone());
     }
@@ -340,14 +334,7 @@ fn a_re_registering_node_drops_its_tasks_and_late_reports_are_ignored() {
     let inventory = d
         .iter()
         .enumerate()
-        .map(|(i, r)| InventoryEntry {
-            replica: r.id,
-            key: format!("k{i}").into_bytes(),
-            segment: r.segment,
-            offset: r.offset,
-            len: r.len,
-            checksum: MIB as u32,
-        })
+        .map(|(i, r)| inventory_entry(r, &format!("k{i}"), MIB as u32))
         .collect();
     assert!(tiered(&mut w, 64 * MIB, inventory).rejected.is_empty());
 
@@ -395,10 +382,7 @@ fn removing_or_overwriting_an_object_mid_demotion_leaks_nothing() {
     w.heartbeat(1, 0);
     let t2 = w.inbox[1].clone();
     assert_eq!(t2.key, b"k2");
-    let overwrite = PutOptions {
-        overwrite: true,
-        ..PutOptions::default()
-    };
+    let overwrite = overwriting();
     let fresh = w.put_with("k2", MIB, overwrite);
     w.report(1, 0, vec![failed(t2.id)], Vec::new());
     assert_eq!(w.used(11), 0);
@@ -420,14 +404,7 @@ fn a_restarted_master_rebuilds_dram_and_nvme_from_the_inventory() {
     let mut inventory: Vec<InventoryEntry> = d[1..]
         .iter()
         .zip(1..)
-        .map(|(r, i)| InventoryEntry {
-            replica: r.id,
-            key: format!("k{i}").into_bytes(),
-            segment: r.segment,
-            offset: r.offset,
-            len: r.len,
-            checksum: MIB as u32,
-        })
+        .map(|(r, i)| inventory_entry(r, &format!("k{i}"), MIB as u32))
         .collect();
     inventory.push(InventoryEntry {
         replica: t.replica,
@@ -472,10 +449,6 @@ fn a_restarted_master_rebuilds_dram_and_nvme_from_the_inventory() {
         (m.inbox[0].from, m.inbox[0].from_offset),
         (SegmentId(11), nvme_offset)
     );
-}
-
-fn ids(d: &[ReplicaDesc]) -> Vec<ReplicaId> {
-    d.iter().map(|r| r.id).collect()
 }
 
 #[test]

@@ -2,7 +2,7 @@
 
 use kvpool_proto::*;
 
-use super::{code, secs, World, MIB};
+use super::{code, replicated, secs, World, MIB};
 
 #[test]
 fn a_draining_node_gets_no_new_data_and_is_emptied_except_what_readers_hold() {
@@ -13,14 +13,7 @@ fn a_draining_node_gets_no_new_data_and_is_emptied_except_what_readers_hold() {
     for i in 0..8 {
         w.put(&format!("k{i}"), MIB);
     }
-    w.put_with(
-        "both",
-        MIB,
-        PutOptions {
-            replicas: 2,
-            ..Default::default()
-        },
-    );
+    w.put_with("both", MIB, replicated(2));
     let on_2: Vec<String> = (0..8)
         .map(|i| format!("k{i}"))
         .filter(|k| w.get(k).unwrap().replicas[0].node == NodeId(2))
@@ -31,17 +24,7 @@ fn a_draining_node_gets_no_new_data_and_is_emptied_except_what_readers_hold() {
     let held = on_2[0].clone();
     w.get(&held).unwrap();
     // When node 2 is drained.
-    let left = w
-        .core
-        .drain(
-            w.now,
-            Drain {
-                node: NodeId(2),
-                cancel: false,
-            },
-        )
-        .replicas_left
-        .unwrap();
+    let left = w.drain(2, false).unwrap();
     // Then only the leased replica is left, node 2 shows as draining, and new puts avoid it.
     assert_eq!(left, 1);
     let st = w.core.status(w.now);
@@ -60,41 +43,12 @@ fn a_draining_node_gets_no_new_data_and_is_emptied_except_what_readers_hold() {
     // And once the lease ends, the node is empty.
     w.pass(secs(11));
     w.core.tick(w.now);
-    let left = w
-        .core
-        .drain(
-            w.now,
-            Drain {
-                node: NodeId(2),
-                cancel: false,
-            },
-        )
-        .replicas_left
-        .unwrap();
+    let left = w.drain(2, false).unwrap();
     assert_eq!(left, 0);
     assert_eq!(w.used(20), 0);
     // Cancelling takes it back into placement; an unknown node is refused.
-    w.core
-        .drain(
-            w.now,
-            Drain {
-                node: NodeId(2),
-                cancel: true,
-            },
-        )
-        .replicas_left
-        .unwrap();
+    w.drain(2, true).unwrap();
     assert!(!w.core.status(w.now).nodes.iter().any(|n| n.draining));
-    let e = w
-        .core
-        .drain(
-            w.now,
-            Drain {
-                node: NodeId(9),
-                cancel: false,
-            },
-        )
-        .replicas_left
-        .unwrap_err();
+    let e = w.drain(9, false).unwrap_err();
     assert_eq!(e.code, ErrorCode::UnknownNode);
 }

@@ -2,7 +2,7 @@
 
 use kvpool_proto::*;
 
-use super::{code, secs, World, A, MIB};
+use super::{code, hard_pinned, secs, soft_pinned, World, A, MIB};
 use crate::core::CoreConfig;
 
 // ------------------------------------------------------------------ pins and leases
@@ -15,14 +15,7 @@ fn hard_pinned_objects_need_force_and_are_never_evicted() {
     };
     let mut w = World::with(cfg);
     w.node(1, &[(10, 16 * MIB)]);
-    w.put_with(
-        "pinned",
-        4 * MIB,
-        PutOptions {
-            hard_pin: true,
-            ..PutOptions::default()
-        },
-    );
+    w.put_with("pinned", 4 * MIB, hard_pinned());
     for i in 0..10 {
         w.put(&format!("filler{i}"), 2 * MIB);
         w.pass(secs(1));
@@ -50,14 +43,7 @@ fn soft_pinned_objects_go_only_in_a_second_eviction_pass() {
     };
     let mut w = World::with(cfg.clone());
     w.node(1, &[(10, 16 * MIB)]);
-    w.put_with(
-        "soft",
-        2 * MIB,
-        PutOptions {
-            soft_pin: true,
-            ..PutOptions::default()
-        },
-    );
+    w.put_with("soft", 2 * MIB, soft_pinned());
     w.put("plain1", 2 * MIB);
     w.put("plain2", 2 * MIB);
     // When the segment crosses the watermark...
@@ -71,14 +57,7 @@ fn soft_pinned_objects_go_only_in_a_second_eviction_pass() {
     let mut w = World::with(cfg.clone());
     w.node(1, &[(10, 16 * MIB)]);
     for i in 0..5 {
-        w.put_with(
-            &format!("s{i}"),
-            2 * MIB,
-            PutOptions {
-                soft_pin: true,
-                ..PutOptions::default()
-            },
-        );
+        w.put_with(&format!("s{i}"), 2 * MIB, soft_pinned());
     }
     w.pass(secs(11));
     assert!(!w.exists("s0"));
@@ -91,14 +70,7 @@ fn soft_pinned_objects_go_only_in_a_second_eviction_pass() {
     });
     w.node(1, &[(10, 16 * MIB)]);
     for i in 0..5 {
-        w.put_with(
-            &format!("s{i}"),
-            2 * MIB,
-            PutOptions {
-                soft_pin: true,
-                ..PutOptions::default()
-            },
-        );
+        w.put_with(&format!("s{i}"), 2 * MIB, soft_pinned());
     }
     w.pass(secs(11));
     assert!((0..5).all(|i| w.exists(&format!("s{i}"))));
@@ -193,14 +165,7 @@ fn puts_on_a_full_pool_evict_and_succeed() {
 fn a_full_pool_of_unevictable_objects_says_no_space() {
     let mut w = World::new();
     w.node(1, &[(10, 8 * MIB)]);
-    w.put_with(
-        "a",
-        4 * MIB,
-        PutOptions {
-            hard_pin: true,
-            ..PutOptions::default()
-        },
-    );
+    w.put_with("a", 4 * MIB, hard_pinned());
     w.put("b", 3 * MIB);
     w.get("b").unwrap();
     assert_eq!(code(w.start(A, "c", 3 * MIB)), ErrorCode::NoSpace);

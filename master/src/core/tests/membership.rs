@@ -3,7 +3,7 @@
 
 use kvpool_proto::*;
 
-use super::{code, ids, secs, World, A, MIB};
+use super::{code, ids, inventory_entry, preferring, replicated, secs, World, A, MIB};
 
 // ------------------------------------------------------------------ liveness
 
@@ -12,15 +12,9 @@ fn a_silent_node_dies_and_takes_its_only_replicas_with_it() {
     let mut w = World::new();
     w.node(1, &[(10, 64 * MIB)]);
     w.node(2, &[(20, 64 * MIB)]);
-    let two = PutOptions {
-        replicas: 2,
-        ..PutOptions::default()
-    };
+    let two = replicated(2);
     w.put_with("both", 100, two);
-    let only2 = PutOptions {
-        preferred_nodes: vec![NodeId(2)],
-        ..PutOptions::default()
-    };
+    let only2 = preferring(2);
     w.put_with("only-on-2", 100, only2.clone());
     w.start_with(A, "writing-on-2", 100, only2).unwrap();
 
@@ -51,10 +45,7 @@ fn a_restarted_master_rebuilds_from_inventories() {
     let mut w = World::new();
     w.node(1, &[(10, 64 * MIB)]);
     w.node(2, &[(20, 64 * MIB)]);
-    let two = PutOptions {
-        replicas: 2,
-        ..PutOptions::default()
-    };
+    let two = replicated(2);
     let mut inventory: Vec<(u64, InventoryEntry)> = Vec::new();
     for i in 0..20 {
         let key = format!("k{i}");
@@ -68,15 +59,7 @@ fn a_restarted_master_rebuilds_from_inventories() {
             },
         );
         for r in d {
-            let e = InventoryEntry {
-                replica: r.id,
-                key: key.clone().into_bytes(),
-                segment: r.segment,
-                offset: r.offset,
-                len: r.len,
-                checksum: (1000 + i) as u32,
-            };
-            inventory.push((r.node.0, e));
+            inventory.push((r.node.0, inventory_entry(&r, &key, (1000 + i) as u32)));
         }
     }
     let used_before = (w.used(10), w.used(20));

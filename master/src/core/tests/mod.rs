@@ -23,6 +23,58 @@ pub(super) fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
 }
 
+/// Put options asking for a soft pin.
+pub(super) fn soft_pinned() -> PutOptions {
+    PutOptions {
+        soft_pin: true,
+        ..PutOptions::default()
+    }
+}
+
+/// Put options asking for a hard pin.
+pub(super) fn hard_pinned() -> PutOptions {
+    PutOptions {
+        hard_pin: true,
+        ..PutOptions::default()
+    }
+}
+
+/// Put options asking for `n` replicas.
+pub(super) fn replicated(n: u8) -> PutOptions {
+    PutOptions {
+        replicas: n,
+        ..PutOptions::default()
+    }
+}
+
+/// Put options asking for a replace of a committed object.
+pub(super) fn overwriting() -> PutOptions {
+    PutOptions {
+        overwrite: true,
+        ..PutOptions::default()
+    }
+}
+
+/// Put options naming a node to try first.
+pub(super) fn preferring(node: u64) -> PutOptions {
+    PutOptions {
+        preferred_nodes: vec![NodeId(node)],
+        ..PutOptions::default()
+    }
+}
+
+/// What a node reports in its inventory for a replica it holds under `key`.
+pub(super) fn inventory_entry(r: &ReplicaDesc, key: &str, checksum: u32) -> InventoryEntry {
+    InventoryEntry {
+        replica: r.id,
+        key: key.as_bytes().to_vec(),
+        segment: r.segment,
+        offset: r.offset,
+        len: r.len,
+        checksum,
+    }
+}
+
 pub(super) struct World {
     pub core: MasterCore,
     pub now: Duration,
@@ -219,6 +271,19 @@ impl World {
             .remove(0)
     }
 
+    /// Drains a node (or, with `cancel`, takes it back); the replicas still on it.
+    pub fn drain(&mut self, node: u64, cancel: bool) -> ItemResult<u64> {
+        self.core
+            .drain(
+                self.now,
+                Drain {
+                    node: NodeId(node),
+                    cancel,
+                },
+            )
+            .replicas_left
+    }
+
     pub fn heartbeat(&mut self, node: u64, acked: u64) -> HeartbeatResponse {
         self.report(node, acked, Vec::new(), Vec::new())
     }
@@ -271,6 +336,6 @@ pub(super) fn code<T: std::fmt::Debug>(r: ItemResult<T>) -> ErrorCode {
     r.expect_err("expected an error").code
 }
 
-fn ids(d: &[ReplicaDesc]) -> Vec<ReplicaId> {
+pub(super) fn ids(d: &[ReplicaDesc]) -> Vec<ReplicaId> {
     d.iter().map(|r| r.id).collect()
 }

@@ -2,7 +2,7 @@
 
 use kvpool_proto::*;
 
-use super::{secs, World, A, MIB};
+use super::{preferring, replicated, secs, World, A, MIB};
 
 #[test]
 fn replicas_go_to_distinct_nodes_then_distinct_segments() {
@@ -10,10 +10,7 @@ fn replicas_go_to_distinct_nodes_then_distinct_segments() {
     w.node(1, &[(10, 64 * MIB), (11, 64 * MIB)]);
     w.node(2, &[(20, 64 * MIB)]);
     w.node(3, &[(30, 64 * MIB)]);
-    let three = PutOptions {
-        replicas: 3,
-        ..PutOptions::default()
-    };
+    let three = replicated(3);
     for i in 0..10 {
         let d = w.put_with(&format!("k{i}"), 1000, three.clone());
         let mut nodes: Vec<_> = d.iter().map(|r| r.node).collect();
@@ -21,19 +18,13 @@ fn replicas_go_to_distinct_nodes_then_distinct_segments() {
         nodes.dedup();
         assert_eq!(nodes.len(), 3, "three distinct nodes");
     }
-    let four = PutOptions {
-        replicas: 4,
-        ..PutOptions::default()
-    };
+    let four = replicated(4);
     let d = w.put_with("four", 1000, four);
     let mut segs: Vec<_> = d.iter().map(|r| r.segment).collect();
     segs.sort();
     segs.dedup();
     assert_eq!(segs.len(), 4, "four distinct segments over three nodes");
-    let ten = PutOptions {
-        replicas: 10,
-        ..PutOptions::default()
-    };
+    let ten = replicated(10);
     assert_eq!(
         w.put_with("ten", 1000, ten).len(),
         4,
@@ -48,10 +39,7 @@ fn preferred_nodes_come_first_and_others_rotate() {
     w.node(2, &[(20, 64 * MIB)]);
     w.node(3, &[(30, 64 * MIB)]);
     for i in 0..6 {
-        let opts = PutOptions {
-            preferred_nodes: vec![NodeId(3)],
-            ..PutOptions::default()
-        };
+        let opts = preferring(3);
         let d = w.put_with(&format!("p{i}"), 1000, opts);
         assert_eq!(d[0].node, NodeId(3));
     }

@@ -3,7 +3,7 @@
 
 use kvpool_proto::*;
 
-use super::{code, ids, secs, World, A, B, MIB};
+use super::{code, ids, overwriting, replicated, secs, World, A, B, MIB};
 
 // ------------------------------------------------------------------ two-phase put
 
@@ -50,10 +50,7 @@ fn bad_put_arguments_are_refused() {
         code(w.start(A, "k", (1 << 30) + 1)),
         ErrorCode::ValueTooLarge
     );
-    let zero = PutOptions {
-        replicas: 0,
-        ..PutOptions::default()
-    };
+    let zero = replicated(0);
     assert_eq!(
         code(w.start_with(A, "k", 10, zero)),
         ErrorCode::InvalidArgument
@@ -125,10 +122,7 @@ fn committed_objects_are_immutable_unless_overwritten() {
     let old = w.put("k", 100);
     assert_eq!(code(w.start(B, "k", 200)), ErrorCode::AlreadyExists);
 
-    let overwrite = PutOptions {
-        overwrite: true,
-        ..PutOptions::default()
-    };
+    let overwrite = overwriting();
     w.start_with(B, "k", 200, overwrite.clone()).unwrap();
     assert_eq!(
         code(w.get("k")),

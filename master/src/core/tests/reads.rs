@@ -2,7 +2,7 @@
 
 use kvpool_proto::*;
 
-use super::{code, secs, World, A, MIB};
+use super::{code, hard_pinned, secs, World, A, MIB};
 
 // ------------------------------------------------------------------ batches
 
@@ -70,14 +70,7 @@ fn remove_all_skips_leased_and_pinned_unless_forced() {
     w.node(1, &[(10, 64 * MIB)]);
     w.put("plain", 10);
     w.put("leased", 10);
-    w.put_with(
-        "pinned",
-        10,
-        PutOptions {
-            hard_pin: true,
-            ..PutOptions::default()
-        },
-    );
+    w.put_with("pinned", 10, hard_pinned());
     w.start(A, "writing", 10).unwrap();
     w.get("leased").unwrap();
     assert_eq!(
