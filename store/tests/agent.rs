@@ -85,14 +85,7 @@ async fn master_conn(mut s: TcpStream, script: Shared) {
 }
 
 fn tag(replica: u64, offset: u64, data: &[u8], seg: kvpool_proto::SegmentId) -> ObjectTag {
-    ObjectTag {
-        replica: ReplicaId(replica),
-        key: format!("key{replica}").into_bytes(),
-        segment: seg,
-        offset,
-        len: data.len() as u64,
-        checksum: crc32c::crc32c(data),
-    }
+    object_tag(replica, &format!("key{replica}"), seg, offset, data)
 }
 
 fn reported(r: &Register) -> Vec<u64> {
@@ -193,15 +186,7 @@ async fn re_registers_with_a_restarted_master() {
     let _ = m1.await;
     let second = Shared::default();
     lock(&second).knows_nothing = true;
-    let listener = within("rebind the master port", async {
-        loop {
-            match TcpListener::bind(&master).await {
-                Ok(l) => return l,
-                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-            }
-        }
-    })
-    .await;
+    let listener = eventually_ok("rebind the master port", || TcpListener::bind(&master)).await;
     let m2 = tokio::spawn(fake_master(listener, second.clone()));
     eventually("registration with the new master", || {
         !lock(&second).registers.is_empty()

@@ -312,13 +312,8 @@ async fn tags_build_an_inventory_that_drops_overwritten_objects() {
     let node = start_node(4 * MIB, &dead_addr().await).await;
     let seg = seg(&node);
     let mut c = RawClient::connect(node.local_addr()).await;
-    let tag = |replica: u64, offset: u64, data: &[u8]| ObjectTag {
-        replica: ReplicaId(replica),
-        key: format!("k{replica}").into_bytes(),
-        segment: seg,
-        offset,
-        len: data.len() as u64,
-        checksum: crc32c::crc32c(data),
+    let tag = |replica: u64, offset: u64, data: &[u8]| {
+        object_tag(replica, &format!("k{replica}"), seg, offset, data)
     };
     let a = pattern(1, 100_000);
     let b = pattern(2, 5000);

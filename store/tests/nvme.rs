@@ -114,6 +114,21 @@ impl Layout {
     }
 }
 
+/// Writes records "a" (replica 1) and "b" (replica 2) back to back into the tier at `cfg`,
+/// then closes it; returns where each record starts.
+async fn write_a_and_b(cfg: &NvmeConfig, a: &[u8], b: &[u8]) -> (u64, u64) {
+    let mut l = Layout { next: 0 };
+    let (at_a, at_b) = (l.place(b"a", a.len()), l.place(b"b", b.len()));
+    let (tier, _) = open(cfg);
+    tier.write_record(at_a, 1, b"a", a, crc32c::crc32c(a))
+        .await
+        .unwrap();
+    tier.write_record(at_b, 2, b"b", b, crc32c::crc32c(b))
+        .await
+        .unwrap();
+    (at_a, at_b)
+}
+
 /// Flips one byte of the tier file behind the tier's back (buffered; O_DIRECT reads flush
 /// the page cache of the range first).
 fn flip(path: &Path, at: u64) {
@@ -274,18 +289,8 @@ async fn corrupt_value_is_detected_and_dropped(engine: IoEngineKind) {
 async fn corrupt_header_is_dropped_at_open(engine: IoEngineKind) {
     let dir = test_dir("corrupt-header", engine);
     let cfg = config(&dir, 8 << 20, engine);
-    let mut l = Layout { next: 0 };
     let (a, b) = (pattern(1, 5000), pattern(2, 5000));
-    let (at_a, at_b) = (l.place(b"a", a.len()), l.place(b"b", b.len()));
-    {
-        let (tier, _) = open(&cfg);
-        tier.write_record(at_a, 1, b"a", &a, crc32c::crc32c(&a))
-            .await
-            .unwrap();
-        tier.write_record(at_b, 2, b"b", &b, crc32c::crc32c(&b))
-            .await
-            .unwrap();
-    }
+    let (_, at_b) = write_a_and_b(&cfg, &a, &b).await;
     flip(&cfg.path, at_b + 20); // inside the header's replica field
     let (tier, recs) = open(&cfg);
     assert_eq!(recs.iter().map(|r| r.replica).collect::<Vec<_>>(), [1]);
@@ -301,18 +306,8 @@ async fn corrupt_header_is_dropped_at_open(engine: IoEngineKind) {
 async fn torn_records_are_dropped_or_detected(engine: IoEngineKind) {
     let dir = test_dir("torn", engine);
     let cfg = config(&dir, 8 << 20, engine);
-    let mut l = Layout { next: 0 };
     let (a, b) = (pattern(3, 100_000), pattern(4, 100_000));
-    let (at_a, at_b) = (l.place(b"a", a.len()), l.place(b"b", b.len()));
-    {
-        let (tier, _) = open(&cfg);
-        tier.write_record(at_a, 1, b"a", &a, crc32c::crc32c(&a))
-            .await
-            .unwrap();
-        tier.write_record(at_b, 2, b"b", &b, crc32c::crc32c(&b))
-            .await
-            .unwrap();
-    }
+    let (at_a, at_b) = write_a_and_b(&cfg, &a, &b).await;
     // As if the device had acknowledged a flush it never did: a's bytes never landed at all,
     // b's header did but the second half of its value did not.
     zero(&cfg.path, at_a, record_len(1, a.len() as u64) as usize);

@@ -5,8 +5,8 @@
 use std::{future::Future, net::SocketAddr, time::Duration};
 
 use kvpool_proto::{
-    decode_body, encode_body, FrameHeader, FrameLimits, ObjectTag, Opcode, Read, ReadOp, SegmentId,
-    UnitResponse, Write, WriteOp,
+    decode_body, encode_body, FrameHeader, FrameLimits, ObjectTag, Opcode, Read, ReadOp, ReplicaId,
+    SegmentId, UnitResponse, Write, WriteOp,
 };
 use kvpool_store::{StoreConfig, StoreHandle};
 use kvpool_transport::frame;
@@ -48,6 +48,37 @@ pub async fn eventually<F: FnMut() -> bool>(what: &str, mut cond: F) {
             "timed out waiting for: {what}"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Retries `attempt` every few milliseconds until it succeeds, up to [`DEADLINE`]; gives
+/// its value.
+pub async fn eventually_ok<T, E, Fut>(what: &str, mut attempt: impl FnMut() -> Fut) -> T
+where
+    Fut: Future<Output = Result<T, E>>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Ok(v) = attempt().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The tag of an object `replica` under `key`, whose bytes `data` are written at `offset`.
+pub fn object_tag(replica: u64, key: &str, seg: SegmentId, offset: u64, data: &[u8]) -> ObjectTag {
+    ObjectTag {
+        replica: ReplicaId(replica),
+        key: key.as_bytes().to_vec(),
+        segment: seg,
+        offset,
+        len: data.len() as u64,
+        checksum: crc32c::crc32c(data),
     }
 }
 

@@ -12,7 +12,13 @@
 pub mod psync;
 pub mod uring;
 
-use std::{fmt, future::Future, io, pin::Pin, sync::Arc};
+use std::{
+    fmt,
+    future::Future,
+    io,
+    pin::Pin,
+    sync::{mpsc, Arc},
+};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -82,6 +88,27 @@ pub(crate) struct Op {
     pub buf: AlignedBuf,
     pub offset: u64,
     pub reply: oneshot::Sender<IoResult>,
+}
+
+/// Queues a request for an engine thread and gives the receiver of its result; a thread
+/// that is gone (`stopped` says which) gives the buffer back in a ready error instead.
+pub(crate) fn send_op(
+    tx: &mpsc::Sender<Op>,
+    kind: OpKind,
+    buf: AlignedBuf,
+    offset: u64,
+    stopped: &'static str,
+) -> Result<oneshot::Receiver<IoResult>, IoFuture> {
+    let (reply, rx) = oneshot::channel();
+    match tx.send(Op {
+        kind,
+        buf,
+        offset,
+        reply,
+    }) {
+        Ok(()) => Ok(rx),
+        Err(mpsc::SendError(op)) => Err(ready(op.buf, Err(io::Error::other(stopped)))),
+    }
 }
 
 /// The future of a request sent to an engine thread. A thread that is gone (it only stops

@@ -7,9 +7,7 @@ use std::{
     thread::JoinHandle,
 };
 
-use tokio::sync::oneshot;
-
-use super::{ready, reply_future, IoEngine, IoFuture, Op, OpKind};
+use super::{ready, reply_future, send_op, IoEngine, IoFuture, Op, OpKind};
 use crate::nvme::{buf::AlignedBuf, device::Device};
 
 /// Threads above this add nothing but memory: a device rarely serves more requests at once.
@@ -57,20 +55,12 @@ impl PsyncEngine {
     }
 
     fn submit(&self, kind: OpKind, buf: AlignedBuf, offset: u64) -> IoFuture {
-        let (reply, rx) = oneshot::channel();
         let Some(tx) = self.tx.as_ref().filter(|_| !self.threads.is_empty()) else {
             return ready(buf, Err(io::Error::other("no psync thread is running")));
         };
-        match tx.send(Op {
-            kind,
-            buf,
-            offset,
-            reply,
-        }) {
-            Ok(()) => reply_future(rx),
-            Err(mpsc::SendError(op)) => {
-                ready(op.buf, Err(io::Error::other("the psync threads stopped")))
-            }
+        match send_op(tx, kind, buf, offset, "the psync threads stopped") {
+            Ok(rx) => reply_future(rx),
+            Err(refused) => refused,
         }
     }
 }

@@ -15,9 +15,8 @@ use std::{
 };
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
-use tokio::sync::oneshot;
 
-use super::{ready, reply_future, IoEngine, IoFuture, Op, OpKind};
+use super::{ready, reply_future, send_op, IoEngine, IoFuture, Op, OpKind};
 use crate::nvme::{buf::AlignedBuf, device::Device, BufPool};
 
 /// user_data of the eventfd poll; request slots use their index.
@@ -96,18 +95,13 @@ impl UringEngine {
     }
 
     fn submit(&self, kind: OpKind, buf: AlignedBuf, offset: u64) -> IoFuture {
-        let (reply, rx) = oneshot::channel();
         let Some(tx) = &self.tx else {
             return ready(buf, Err(io::Error::other("io_uring engine closed")));
         };
-        if let Err(mpsc::SendError(op)) = tx.send(Op {
-            kind,
-            buf,
-            offset,
-            reply,
-        }) {
-            return ready(op.buf, Err(io::Error::other("the io_uring thread stopped")));
-        }
+        let rx = match send_op(tx, kind, buf, offset, "the io_uring thread stopped") {
+            Ok(rx) => rx,
+            Err(refused) => return refused,
+        };
         bump(&self.wake);
         reply_future(rx)
     }
