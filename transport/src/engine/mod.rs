@@ -1,0 +1,294 @@
+//! The transfer engine: moves bytes between caller buffers and storage-node segments.
+//!
+//! An item is one contiguous segment range whose bytes lie in one or more caller slices (a
+//! gather list for a write, a scatter list for a read: an object put from, or got into, a
+//! paged KV cache's many blocks). A batch for one peer is cut into chunks of at most
+//! `stripe_size` bytes of segment range, each with the sub-slices that cover it (a chunk
+//! boundary may fall inside a slice); the chunks are packed into requests, and up to
+//! `conns_per_peer` requests run at once, each on its own pooled TCP connection. Small items
+//! of a batch share one request (one round trip); a large one is striped across connections.
+//! Either way an item costs one wire op per chunk, however many slices it has.
+//!
+//! Payload bytes go from the caller's slices to the socket with vectored writes and from the
+//! socket into the caller's slices with vectored reads: the engine never copies a payload on
+//! the way out, and on the way in copies only what its response buffer read ahead (the
+//! header, the body and the payloads of chunks under [`DIRECT_READ_MIN`]).
+//!
+//! Reads and writes of a segment range are idempotent, so a request that failed on a pooled
+//! connection (which the peer may have closed while it idled) is retried once on a new one.
+//!
+//! # Layout
+//! - this module: [`TransferEngine`], its options and items, and running a batch: cut,
+//!   pack, run up to `conns_per_peer` requests at once, merge per-chunk into per-item results.
+//! - `chunk`: cutting items into stripe-sized chunks across the caller's slices; packing.
+//! - `exchange`: the write and read exchanges on the wire, with vectored I/O.
+//! - `pool`: pooled connections, and the retry of a request whose pooled connection died.
+
+mod chunk;
+mod exchange;
+mod pool;
+
+use std::{
+    collections::HashMap,
+    sync::{atomic::AtomicU64, Mutex},
+    time::Duration,
+};
+
+use futures::{stream, StreamExt};
+use kvpool_proto::{
+    FrameLimits, ItemResult, ObjectTag, Read, ReadOp, Token, WireError, Write, WriteOp,
+};
+use tokio::net::TcpStream;
+
+use crate::TransportError;
+use chunk::{Chunk, Item, Piece};
+use exchange::Exchange;
+
+/// A read chunk with at least this many bytes still to come once the response buffer is
+/// drained is read straight into its slices; smaller ones go through the buffer, so a batch
+/// of small payloads costs a few syscalls instead of one each.
+pub const DIRECT_READ_MIN: usize = 64 << 10;
+
+/// How the engine connects, stripes and waits.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Requests in flight to one peer, each on its own connection [4].
+    pub conns_per_peer: usize,
+    /// Largest chunk of one op, and the size at which requests are cut [4 MiB].
+    pub stripe_size: u64,
+    pub connect_timeout: Duration,
+    /// Limit for one request, from first byte sent to last byte received.
+    pub io_timeout: Duration,
+    pub limits: FrameLimits,
+    /// Compute the crc32c of read bytes as each chunk lands [true].
+    pub checksum_reads: bool,
+    /// The cluster token, sent in a `Hello` on every new connection before it is used. A
+    /// refused token fails the request with `Unauthorized`.
+    pub token: Option<Token>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            conns_per_peer: 4,
+            stripe_size: 4 << 20,
+            connect_timeout: Duration::from_secs(3),
+            io_timeout: Duration::from_secs(30),
+            limits: FrameLimits::default(),
+            checksum_reads: true,
+            token: None,
+        }
+    }
+}
+
+/// One write: `op`'s range is filled from `data`'s slices in order; their lengths must add
+/// up to `op.len` (empty slices are allowed and skipped).
+pub struct WriteItem<'a> {
+    pub op: WriteOp,
+    pub data: Vec<&'a [u8]>,
+}
+
+impl<'a> WriteItem<'a> {
+    /// A write from one slice.
+    pub fn new(op: WriteOp, data: &'a [u8]) -> Self {
+        WriteItem {
+            op,
+            data: vec![data],
+        }
+    }
+}
+
+/// One read: `op`'s range is scattered over `dst`'s slices in order; their lengths must add
+/// up to `op.len` (empty slices are allowed and skipped).
+pub struct ReadItem<'a> {
+    pub op: ReadOp,
+    pub dst: Vec<&'a mut [u8]>,
+}
+
+impl<'a> ReadItem<'a> {
+    /// A read into one slice.
+    pub fn new(op: ReadOp, dst: &'a mut [u8]) -> Self {
+        ReadItem { op, dst: vec![dst] }
+    }
+}
+
+/// A request's chunks, given back, and its per-op results, or its failure.
+type RequestOutcome<P, T> = (Vec<Chunk<P>>, Result<Vec<ItemResult<T>>, TransportError>);
+
+/// Moves batches of segment ranges to and from storage nodes over TCP.
+pub struct TransferEngine {
+    opts: EngineOptions,
+    idle: Mutex<HashMap<String, Vec<TcpStream>>>,
+    next_id: AtomicU64,
+}
+
+impl TransferEngine {
+    pub fn new(opts: EngineOptions) -> Self {
+        TransferEngine {
+            opts,
+            idle: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    pub fn options(&self) -> &EngineOptions {
+        &self.opts
+    }
+
+    /// Writes every item to the node at `addr`; `tags` name the objects the bytes belong to.
+    /// Returns one result per item. An `Err` means the batch as a whole failed (no connection).
+    pub async fn write(
+        &self,
+        addr: &str,
+        items: Vec<WriteItem<'_>>,
+        tags: Vec<ObjectTag>,
+    ) -> Result<Vec<ItemResult<()>>, TransportError> {
+        // The tags go with the first request.
+        let mut tags = Some(tags);
+        let ask = |chunks: &[Chunk<&[u8]>]| Write {
+            ops: chunks
+                .iter()
+                .map(|c| WriteOp {
+                    segment: c.segment,
+                    offset: c.offset,
+                    len: c.len as u64,
+                })
+                .collect(),
+            tags: tags.take().unwrap_or_default(),
+        };
+        self.transfer(addr, items, ask, |(), _, ()| ()).await
+    }
+
+    /// Reads every item from the node at `addr` into its destination slice. On success an
+    /// item's result is the crc32c of its bytes (0 unless `checksum_reads`), computed chunk
+    /// by chunk as each lands, so checksumming overlaps the transfer of the other chunks.
+    pub async fn read(
+        &self,
+        addr: &str,
+        items: Vec<ReadItem<'_>>,
+    ) -> Result<Vec<ItemResult<u32>>, TransportError> {
+        let ask = |chunks: &[Chunk<&mut [u8]>]| Read {
+            ops: chunks
+                .iter()
+                .map(|c| ReadOp {
+                    segment: c.segment,
+                    offset: c.offset,
+                    len: c.len as u64,
+                })
+                .collect(),
+        };
+        let checksum = self.opts.checksum_reads;
+        let fold = move |crc: &mut u32, c: &Chunk<&mut [u8]>, chunk_crc: u32| {
+            if checksum {
+                *crc = match c.seq {
+                    0 => chunk_crc,
+                    _ => crc32c::crc32c_combine(*crc, chunk_crc, c.len),
+                };
+            }
+        };
+        self.transfer(addr, items, ask, fold).await
+    }
+
+    /// Runs a batch for one peer: cuts the items into chunks, packs the chunks into requests,
+    /// each asking with the message `ask` builds, runs up to `conns_per_peer` requests at
+    /// once, and folds each item's chunk values into its result with `fold`, in `seq` order.
+    async fn transfer<I, M, A>(
+        &self,
+        addr: &str,
+        items: Vec<I>,
+        mut ask: impl FnMut(&[Chunk<I::Piece>]) -> M,
+        fold: impl FnMut(&mut A, &Chunk<I::Piece>, M::Value),
+    ) -> Result<Vec<ItemResult<A>>, TransportError>
+    where
+        I: Item,
+        M: Exchange<I::Piece>,
+        A: Default,
+    {
+        let n = items.len();
+        let mut chunks = Vec::new();
+        for (i, it) in items.into_iter().enumerate() {
+            let (segment, offset, len, slices) = it.into_parts();
+            let have: u64 = slices.iter().map(|s| s.len() as u64).sum();
+            if have != len {
+                return Err(TransportError::Protocol(format!(
+                    "{} item {i}: buffers of {have} bytes for an op of {len}",
+                    M::OP
+                )));
+            }
+            self.chunk_item(&mut chunks, i, segment, offset, slices);
+        }
+        // The futures are built up front (they do nothing until polled): a closure stored
+        // inside the stream would make the returned future not `Send` (rust-lang/rust#102211).
+        let requests: Vec<_> = self
+            .pack(chunks)
+            .into_iter()
+            .map(|req| self.request(addr, ask(&req), req))
+            .collect();
+        let results = stream::iter(requests)
+            .buffer_unordered(self.opts.conns_per_peer.max(1))
+            .collect::<Vec<_>>()
+            .await;
+        merge(n, results, fold)
+    }
+}
+
+/// Folds per-chunk results into per-item results: an item fails if any of its chunks did;
+/// otherwise `fold` takes each chunk's value, in `seq` order. `Err` only when every request
+/// failed.
+fn merge<P, T, A: Default>(
+    n: usize,
+    mut results: Vec<RequestOutcome<P, T>>,
+    mut fold: impl FnMut(&mut A, &Chunk<P>, T),
+) -> Result<Vec<ItemResult<A>>, TransportError> {
+    // Requests finish in any order; each holds a run of consecutive chunks, so ordering them
+    // by their first chunk puts every item's chunks back in `seq` order.
+    results.sort_unstable_by_key(|(chunks, _)| chunks.first().map(|c| (c.item, c.seq)));
+    let mut out: Vec<ItemResult<A>> = (0..n).map(|_| Ok(A::default())).collect();
+    let mut all_failed = true;
+    let mut first_err = None;
+    for (chunks, res) in results {
+        match res {
+            Ok(rs) => {
+                all_failed = false;
+                for (c, r) in chunks.iter().zip(rs) {
+                    match r {
+                        Ok(v) => {
+                            if let Some(Ok(acc)) = out.get_mut(c.item) {
+                                fold(acc, c, v);
+                            }
+                        }
+                        Err(e) => fail_item(out.get_mut(c.item), e),
+                    }
+                }
+            }
+            Err(e) => {
+                let w = WireError::new(e.code(), e.to_string());
+                for c in &chunks {
+                    fail_item(out.get_mut(c.item), w.clone());
+                }
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    match first_err {
+        Some(e) if all_failed => Err(e),
+        _ => Ok(out),
+    }
+}
+
+/// Records an item's first error; later errors of the same item are dropped.
+fn fail_item<T>(slot: Option<&mut ItemResult<T>>, e: WireError) {
+    if let Some(slot) = slot {
+        if slot.is_ok() {
+            *slot = Err(e);
+        }
+    }
+}
+
+/// Distinct bytes per position, so a misplaced byte shows.
+#[cfg(test)]
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8)
+        .collect()
+}
