@@ -1,32 +1,12 @@
 //! The `kvpool` binary as a user runs it: `up`, then the verbs in other processes, with
 //! exit codes and messages checked.
 
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
-use kvpool_tests::{config_file, kvpool_bin, up, value};
+use kvpool_tests::{config_file, run_kvpool, stderr, up, value};
 
 fn kvpool(args: &[&str], master: &str, stdin: Option<&[u8]>) -> Output {
-    use std::io::Write;
-    let mut child = Command::new(kvpool_bin())
-        .args(args)
-        .env("KVPOOL_MASTER", master)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    if let Some(input) = stdin {
-        child.stdin.take().unwrap().write_all(input).unwrap();
-    }
-    child.wait_with_output().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
+    run_kvpool(args, &[("KVPOOL_MASTER", master)], stdin)
 }
 
 #[test]
@@ -111,17 +91,18 @@ fn verbs_fail_clearly_without_a_master() {
         .unwrap()
         .to_string();
     let cfg = config_file("[client]\ndeadline = \"1s\"\n");
-    let o = Command::new(kvpool_bin())
-        .args([
+    let o = run_kvpool(
+        &[
             "--config",
             cfg.to_str().unwrap(),
             "get",
             "k",
             "--master",
             &free,
-        ])
-        .output()
-        .unwrap();
+        ],
+        &[],
+        None,
+    );
     assert_eq!(o.status.code(), Some(2));
     let e = stderr(&o);
     assert!(
@@ -130,17 +111,14 @@ fn verbs_fail_clearly_without_a_master() {
     );
 
     let bad = config_file("[master]\nno-such-key = 1\n");
-    let o = Command::new(kvpool_bin())
-        .args(["--config", bad.to_str().unwrap(), "status"])
-        .output()
-        .unwrap();
+    let o = run_kvpool(&["--config", bad.to_str().unwrap(), "status"], &[], None);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("no-such-key"), "{}", stderr(&o));
 }
 
 #[test]
 fn config_prints_every_default() {
-    let o = Command::new(kvpool_bin()).arg("config").output().unwrap();
+    let o = run_kvpool(&["config"], &[], None);
     assert!(o.status.success());
     let text = String::from_utf8_lossy(&o.stdout);
     for key in [

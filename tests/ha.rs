@@ -11,13 +11,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kvpool_client::{Client, ClientConfig, ErrorCode};
-use kvpool_proto::{PutOptions, Status};
-use kvpool_tests::{value, wait_until, Etcd, Proc};
-use kvpool_transport::{
-    rpc::{RpcClient, RpcOptions},
-    TransportError,
+use kvpool_proto::PutOptions;
+use kvpool_tests::{
+    ask_master, etcd_client, leaders, probe, the_leader, value, wait_until, Answer, Etcd, Proc,
 };
+use kvpool_transport::rpc::RpcClient;
 
 /// The leader's lease TTL (the default).
 const TTL: Duration = Duration::from_secs(5);
@@ -40,71 +38,6 @@ fn store(etcd: &Etcd, name: &str) -> Proc {
     ])
 }
 
-fn ha_client(etcd: &Etcd) -> Client {
-    let mut cfg = ClientConfig {
-        etcd: vec![etcd.url.clone()],
-        deadline: Duration::from_secs(20),
-        ..ClientConfig::default()
-    };
-    cfg.engine.io_timeout = Duration::from_secs(5);
-    cfg.rpc.request_timeout = Duration::from_secs(2);
-    cfg.rpc.connect_timeout = Duration::from_secs(1);
-    Client::new(cfg)
-}
-
-/// A direct line to one master, for asking it whether it leads (no retries, short limits).
-fn probe(addr: &str) -> RpcClient {
-    RpcClient::new(
-        addr,
-        RpcOptions {
-            connect_timeout: Duration::from_millis(500),
-            request_timeout: Duration::from_millis(500),
-            ..RpcOptions::default()
-        },
-    )
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Answer {
-    Leader,
-    NotLeader,
-    Down,
-}
-
-async fn ask(p: &RpcClient) -> Answer {
-    match p.call(&Status {}).await {
-        Ok(_) => Answer::Leader,
-        Err(TransportError::Remote(w)) if w.code == ErrorCode::NotLeader => Answer::NotLeader,
-        Err(_) => Answer::Down,
-    }
-}
-
-async fn leaders(probes: &[RpcClient]) -> Vec<usize> {
-    let mut out = Vec::new();
-    for (i, p) in probes.iter().enumerate() {
-        if ask(p).await == Answer::Leader {
-            out.push(i);
-        }
-    }
-    out
-}
-
-async fn the_leader(probes: &[RpcClient], within: Duration) -> usize {
-    let deadline = Instant::now() + within;
-    loop {
-        let l = leaders(probes).await;
-        assert!(l.len() <= 1, "two masters answer as leader: {l:?}");
-        if let [one] = l[..] {
-            return one;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no leader elected within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn val(i: u64) -> Vec<u8> {
     value(i, 1024 + (i as usize % 16) * 1024)
 }
@@ -116,7 +49,7 @@ async fn leader_killed_under_load_a_standby_takes_over_and_nothing_acknowledged_
     let probes: Vec<RpcClient> = masters.iter().map(|m| probe(&m.addr("master"))).collect();
     let leader = the_leader(&probes, Duration::from_secs(20)).await;
     let _stores: Vec<Proc> = (0..3).map(|i| store(&etcd, &format!("s{i}"))).collect();
-    let client = Arc::new(ha_client(&etcd));
+    let client = Arc::new(etcd_client(&etcd.url));
     wait_until(
         "3 nodes registered with the leader",
         Duration::from_secs(20),
@@ -252,6 +185,8 @@ async fn a_leader_cut_off_from_etcd_steps_down_before_its_lease_ends() {
                     "two masters answered as leader at once: {l:?}"
                 );
                 polls += 1;
+                // The sampling interval of a watch that runs until told to stop, not a wait
+                // for a condition.
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             polls
@@ -260,18 +195,21 @@ async fn a_leader_cut_off_from_etcd_steps_down_before_its_lease_ends() {
 
     etcd.pause();
     let paused = Instant::now();
-    let deadline = paused + TTL;
-    loop {
-        match ask(&probes[leader]).await {
-            Answer::NotLeader => break,
-            a => assert_eq!(a, Answer::Leader),
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the leader still acts {TTL:?} after etcd stalled: its lease may have expired"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let old = &probes[leader];
+    wait_until(
+        "the leader to step down after etcd stalled (past this, its lease may have expired)",
+        TTL,
+        || async move {
+            match ask_master(old).await {
+                Answer::NotLeader => true,
+                a => {
+                    assert_eq!(a, Answer::Leader);
+                    false
+                }
+            }
+        },
+    )
+    .await;
     let stepped = paused.elapsed();
     eprintln!("the leader stepped down {stepped:?} after etcd stalled");
     assert!(stepped < TTL, "stepped down after {stepped:?}");

@@ -15,13 +15,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kvpool_client::{Client, ClientConfig, ErrorCode};
-use kvpool_proto::{PutOptions, Status};
-use kvpool_tests::{alive_nodes, etcd_bin, kvpool_bin, value, wait_until, Proc};
-use kvpool_transport::{
-    rpc::{RpcClient, RpcOptions},
-    TransportError,
+use kvpool_client::Client;
+use kvpool_proto::PutOptions;
+use kvpool_tests::{
+    alive_nodes, etcd_bin, etcd_client, etcd_wait_healthy, kvpool_bin, leaders, probe, the_leader,
+    value, wait_until, Proc,
 };
+use kvpool_transport::rpc::RpcClient;
 
 /// The test network, 10.231.1.0/24 on a bridge private to this run.
 const NET: &str = "10.231.1";
@@ -215,25 +215,6 @@ impl NsEtcd {
             .expect("spawn etcd");
         NsEtcd { child, url, dir }
     }
-
-    /// Whether etcd answers `GET /health` healthy (call from a thread inside the network).
-    fn healthy(&self) -> bool {
-        use std::io::{Read, Write};
-        let addr = self.url.trim_start_matches("http://");
-        let Ok(sa) = addr.parse() else { return false };
-        let Ok(mut s) = std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(1)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-        if s.write_all(format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .is_err()
-        {
-            return false;
-        }
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out.contains("\"health\":\"true\"")
-    }
 }
 
 impl Drop for NsEtcd {
@@ -244,57 +225,9 @@ impl Drop for NsEtcd {
     }
 }
 
-fn client(etcd: &str) -> Client {
-    let mut cfg = ClientConfig {
-        etcd: vec![etcd.to_string()],
-        deadline: Duration::from_secs(20),
-        ..ClientConfig::default()
-    };
-    cfg.engine.io_timeout = Duration::from_secs(5);
-    cfg.rpc.request_timeout = Duration::from_secs(2);
-    cfg.rpc.connect_timeout = Duration::from_secs(1);
-    Client::new(cfg)
-}
-
-fn probe(addr: &str) -> RpcClient {
-    RpcClient::new(
-        addr,
-        RpcOptions {
-            connect_timeout: Duration::from_millis(500),
-            request_timeout: Duration::from_millis(500),
-            ..RpcOptions::default()
-        },
-    )
-}
-
-/// Indexes of the masters (by address) that answer `Status` as leader.
-async fn leaders(addrs: &[String]) -> Vec<usize> {
-    let mut out = Vec::new();
-    for (i, a) in addrs.iter().enumerate() {
-        match probe(a).call(&Status {}).await {
-            Ok(_) => out.push(i),
-            Err(TransportError::Remote(w)) if w.code == ErrorCode::NotLeader => {}
-            Err(_) => {}
-        }
-    }
-    out
-}
-
-/// Polls until exactly one of `addrs` leads (never two at once) and returns it.
-async fn the_leader(addrs: &[String], within: Duration) -> usize {
-    let deadline = Instant::now() + within;
-    loop {
-        let l = leaders(addrs).await;
-        assert!(l.len() <= 1, "two masters answer as leader: {l:?}");
-        if let [one] = l[..] {
-            return one;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no leader elected within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// Probes of the masters at `addrs`, made on the calling thread (inside its namespace).
+fn probes(addrs: &[String]) -> Vec<RpcClient> {
+    addrs.iter().map(|a| probe(a)).collect()
 }
 
 const OBJECTS: u64 = 48;
@@ -335,17 +268,7 @@ fn two_masters_three_stores_each_on_its_own_host() {
     };
     let etcd = NsEtcd::start(&net, "e");
     let url = etcd.url.clone();
-    net.on("c1", || {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !etcd.healthy() {
-            assert!(
-                Instant::now() < deadline,
-                "etcd did not become healthy within 30s; see {}",
-                etcd.dir.join("etcd.log").display()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    });
+    net.on("c1", || etcd_wait_healthy(&url, &etcd.dir.join("etcd.log")));
 
     let master_addrs: Vec<String> = ["m1", "m2"]
         .iter()
@@ -356,7 +279,9 @@ fn two_masters_three_stores_each_on_its_own_host() {
         .zip(&master_addrs)
         .map(|(h, a)| net.kvpool(h, &["master", "--listen", a, "--etcd", &url]))
         .collect();
-    let leader = net.run("c1", || the_leader(&master_addrs, Duration::from_secs(20)));
+    let leader = net.run("c1", || async {
+        the_leader(&probes(&master_addrs), Duration::from_secs(20)).await
+    });
 
     let mut stores: Vec<Proc> = ["s1", "s2", "s3"]
         .iter()
@@ -373,7 +298,7 @@ fn two_masters_three_stores_each_on_its_own_host() {
 
     // Host c1 writes every object with two replicas.
     net.run("c1", || async {
-        let c = client(&url);
+        let c = etcd_client(&url);
         wait_until("3 nodes registered", Duration::from_secs(20), || async {
             alive_nodes(&c).await == 3
         })
@@ -387,19 +312,23 @@ fn two_masters_three_stores_each_on_its_own_host() {
                 .await
                 .unwrap_or_else(|e| panic!("put {:?} from c1: {e}", key(i)));
         }
-        assert_eq!(leaders(&master_addrs).await, vec![leader], "one leader");
+        assert_eq!(
+            leaders(&probes(&master_addrs)).await,
+            vec![leader],
+            "one leader"
+        );
     });
 
     // Host c2 reads them back byte for byte.
     net.run("c2", || async {
-        let c = client(&url);
+        let c = etcd_client(&url);
         assert_eq!(correct(&c, "from c2").await, OBJECTS, "all objects from c2");
     });
 
     // A storage node dies: every object still comes from its other replica.
     stores[0].kill();
     net.run("c2", || async {
-        let c = client(&url);
+        let c = etcd_client(&url);
         assert_eq!(
             correct(&c, "s1 killed").await,
             OBJECTS,
@@ -412,26 +341,24 @@ fn two_masters_three_stores_each_on_its_own_host() {
     let killed = Instant::now();
     let standby = 1 - leader;
     net.run("c1", || async {
-        let only = std::slice::from_ref(&master_addrs[standby]);
-        the_leader(only, Duration::from_secs(10)).await;
+        let only = probes(std::slice::from_ref(&master_addrs[standby]));
+        the_leader(&only, Duration::from_secs(10)).await;
         let took = killed.elapsed();
         assert!(took < Duration::from_secs(10), "failover took {took:?}");
         eprintln!("the standby leads {took:?} after the leader was killed");
-        let c = client(&url);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if alive_nodes(&c).await == 2 && correct(&c, "after failover").await == OBJECTS {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "objects not all gettable 20s after the failover"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let c = etcd_client(&url);
+        let c = &c;
+        wait_until(
+            "every object gettable after the failover",
+            Duration::from_secs(20),
+            || async move {
+                alive_nodes(c).await == 2 && correct(c, "after failover").await == OBJECTS
+            },
+        )
+        .await;
     });
     net.run("c2", || async {
-        let c = client(&url);
+        let c = etcd_client(&url);
         assert_eq!(correct(&c, "c2 after failover").await, OBJECTS);
     });
 

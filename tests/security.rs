@@ -6,7 +6,6 @@ use std::{
     io::{Read, Write},
     net::TcpStream,
     path::PathBuf,
-    process::{Command, Output, Stdio},
     time::Duration,
 };
 
@@ -15,7 +14,7 @@ use kvpool_proto::{
     encode_body, FrameHeader, FrameLimits, Hello, Opcode, PutOptions, Read as ReadMsg, ReadOp,
     SegmentId, Status, Token, HEADER_LEN,
 };
-use kvpool_tests::{config_file, kvpool_bin, up, value, wait_until, Proc};
+use kvpool_tests::{config_file, run_kvpool as kvpool, stderr, up, value, wait_until, Proc};
 
 const TOKEN: &str = "correct horse battery staple";
 
@@ -102,7 +101,8 @@ async fn a_node_without_the_token_cannot_register() {
         "16MiB",
     ]);
     let outsider_id = outsider.addr("node");
-    // The node retries every second at most; three seconds is several refused attempts.
+    // The node retries every second at most; three seconds is several refused attempts. A
+    // sleep on purpose: what is under test is that nothing happens within the window.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let s = admin.status().await.unwrap();
     assert!(
@@ -258,32 +258,6 @@ async fn raw_frames_without_hello_are_refused_and_closed() {
         c.get(b"after").await.unwrap().as_deref(),
         Some(&b"still serving"[..])
     );
-}
-
-fn kvpool(args: &[&str], env: &[(&str, &str)], stdin: Option<&[u8]>) -> Output {
-    let mut cmd = Command::new(kvpool_bin());
-    cmd.args(args)
-        .env_remove("KVPOOL_TOKEN")
-        .env_remove("KVPOOL_TENANT")
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
-    if let Some(input) = stdin {
-        child.stdin.take().unwrap().write_all(input).unwrap();
-    }
-    child.wait_with_output().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 #[test]

@@ -6,12 +6,17 @@ use std::{
     collections::HashMap,
     io::{BufRead, BufReader},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, Command, Output, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
 
-use kvpool_client::{Client, ClientConfig};
+use kvpool_client::{Client, ClientConfig, ErrorCode};
+use kvpool_proto::Status;
+use kvpool_transport::{
+    rpc::{RpcClient, RpcOptions},
+    TransportError,
+};
 
 /// The `kvpool` binary built next to the running test (`target/<profile>/kvpool`), or
 /// `$KVPOOL_BIN`.
@@ -46,14 +51,30 @@ impl Proc {
 
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Proc {
         let mut cmd = Command::new(kvpool_bin());
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        cmd.args(args);
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("spawn kvpool");
+        Self::spawn_ready(cmd, "kvpool", args)
+    }
+
+    /// Starts `PROGRAM ARGS...` (a wrapper such as `ip netns exec NS kvpool ...` that ends by
+    /// exec'ing kvpool, so the pid is kvpool's) and waits (up to 60 s) for its `ready` line.
+    pub fn start_program(program: &std::path::Path, args: &[&str]) -> Proc {
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        Self::spawn_ready(cmd, &program.display().to_string(), args)
+    }
+
+    /// Spawns `cmd` (stdout piped, stderr inherited) and waits (up to 60 s) for the
+    /// `ready k=v ...` line; the reader thread keeps draining stdout after it.
+    fn spawn_ready(mut cmd: Command, name: &str, args: &[&str]) -> Proc {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -63,12 +84,10 @@ impl Proc {
                 }
             }
         });
-        let line = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(l) => l,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("kvpool {args:?} did not become ready within 60s");
-            }
+        let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{name} {args:?} did not become ready within 60s");
         };
         let ready = line
             .split_whitespace()
@@ -181,6 +200,19 @@ where
             "timed out after {limit:?} waiting for: {what}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// [`wait_until`] for plain threads (no runtime): polls `cond` every 20 ms until it holds or
+/// `limit` passes; panics with `what` on timeout.
+pub fn wait_until_blocking(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -300,34 +332,13 @@ impl Etcd {
             url: client,
             dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !etcd.healthy() {
-            assert!(
-                Instant::now() < deadline,
-                "etcd did not become healthy within 30s; see {}",
-                etcd.dir.join("etcd.log").display()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        etcd_wait_healthy(&etcd.url, &etcd.dir.join("etcd.log"));
         etcd
     }
 
     /// Whether etcd answers `GET /health` with `"health":"true"`.
     pub fn healthy(&self) -> bool {
-        use std::io::{Read, Write};
-        let addr = self.url.trim_start_matches("http://");
-        let Ok(mut s) = std::net::TcpStream::connect(addr) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-        if s.write_all(format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .is_err()
-        {
-            return false;
-        }
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out.contains("\"health\":\"true\"")
+        etcd_healthy(&self.url)
     }
 
     fn signal(&self, sig: i32) {
@@ -348,52 +359,144 @@ impl Etcd {
     }
 }
 
+/// Whether the etcd at `url` (`http://IP:PORT`) answers `GET /health` with
+/// `"health":"true"`. The socket is made on the calling thread (in its network namespace).
+pub fn etcd_healthy(url: &str) -> bool {
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("http://");
+    let Ok(sa) = addr.parse() else { return false };
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(1)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    if s.write_all(format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .is_err()
+    {
+        return false;
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.contains("\"health\":\"true\"")
+}
+
+/// Waits (up to 30 s, polling on this thread) until the etcd at `url` is healthy; the panic
+/// names its `log`.
+pub fn etcd_wait_healthy(url: &str, log: &std::path::Path) {
+    wait_until_blocking(
+        &format!("etcd to become healthy; see {}", log.display()),
+        Duration::from_secs(30),
+        || etcd_healthy(url),
+    );
+}
+
+/// A client that finds the leading master through the etcd at `url`, with limits short
+/// enough for failover tests.
+pub fn etcd_client(url: &str) -> Client {
+    let mut cfg = ClientConfig {
+        etcd: vec![url.to_string()],
+        deadline: Duration::from_secs(20),
+        ..ClientConfig::default()
+    };
+    cfg.engine.io_timeout = Duration::from_secs(5);
+    cfg.rpc.request_timeout = Duration::from_secs(2);
+    cfg.rpc.connect_timeout = Duration::from_secs(1);
+    Client::new(cfg)
+}
+
+/// A direct line to one master, for asking it whether it leads (no retries, short limits).
+pub fn probe(addr: &str) -> RpcClient {
+    RpcClient::new(
+        addr,
+        RpcOptions {
+            connect_timeout: Duration::from_millis(500),
+            request_timeout: Duration::from_millis(500),
+            ..RpcOptions::default()
+        },
+    )
+}
+
+/// What a master says when asked for `Status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    Leader,
+    NotLeader,
+    Down,
+}
+
+pub async fn ask_master(p: &RpcClient) -> Answer {
+    match p.call(&Status {}).await {
+        Ok(_) => Answer::Leader,
+        Err(TransportError::Remote(w)) if w.code == ErrorCode::NotLeader => Answer::NotLeader,
+        Err(_) => Answer::Down,
+    }
+}
+
+/// Indexes of the masters in `probes` that answer as leader.
+pub async fn leaders(probes: &[RpcClient]) -> Vec<usize> {
+    let mut out = Vec::new();
+    for (i, p) in probes.iter().enumerate() {
+        if ask_master(p).await == Answer::Leader {
+            out.push(i);
+        }
+    }
+    out
+}
+
+/// Polls until exactly one of `probes` leads (never two at once) and returns its index.
+pub async fn the_leader(probes: &[RpcClient], within: Duration) -> usize {
+    let found = &std::sync::OnceLock::new();
+    wait_until("a leader elected", within, || async move {
+        let l = leaders(probes).await;
+        assert!(l.len() <= 1, "two masters answer as leader: {l:?}");
+        match l[..] {
+            [one] => found.set(one).is_ok(),
+            _ => false,
+        }
+    })
+    .await;
+    found.get().copied().expect("set when the wait ended")
+}
+
+/// Runs `kvpool ARGS...` to completion with `env` (and without any `KVPOOL_TOKEN` or
+/// `KVPOOL_TENANT` of the test's own environment), feeding it `stdin` if given.
+pub fn run_kvpool(args: &[&str], env: &[(&str, &str)], stdin: Option<&[u8]>) -> Output {
+    use std::io::Write;
+    let mut cmd = Command::new(kvpool_bin());
+    cmd.args(args)
+        .env_remove("KVPOOL_TOKEN")
+        .env_remove("KVPOOL_TENANT")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn kvpool");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input)
+            .expect("write stdin");
+    }
+    child.wait_with_output().expect("wait for kvpool")
+}
+
+/// A finished command's stderr, as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
 impl Drop for Etcd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-impl Proc {
-    /// Starts `PROGRAM ARGS...` (a wrapper such as `ip netns exec NS kvpool ...` that ends by
-    /// exec'ing kvpool, so the pid is kvpool's) and waits (up to 60 s) for its `ready` line.
-    pub fn start_program(program: &std::path::Path, args: &[&str]) -> Proc {
-        let mut child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.strip_prefix("ready ") {
-                    let _ = tx.send(rest.to_string());
-                }
-            }
-        });
-        let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{} {args:?} did not become ready within 60s",
-                program.display()
-            );
-        };
-        let ready = line
-            .split_whitespace()
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        Proc {
-            child,
-            ready,
-            args: args.iter().map(|s| s.to_string()).collect(),
-        }
     }
 }
 
