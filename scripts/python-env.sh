@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Sourced by test.sh and up.sh: makes the Python virtualenv (outside the clone, so CI reuses
+# it) with the package's build and test tools, then builds the `kvpool` package (python/) with
+# maturin and installs it there. Afterwards $KVPOOL_VENV/bin/python imports kvpool.
+#   KVPOOL_VENV        the virtualenv [~/.cache/kvpool-venv]
+#   KVPOOL_PY_PROFILE  cargo profile of the extension: dev (fast to build, what the tests use)
+#                      or release (what up.sh installs and the benchmarks need) [dev]
+export KVPOOL_VENV="${KVPOOL_VENV:-$HOME/.cache/kvpool-venv}"
+export PIP_CACHE_DIR="${PIP_CACHE_DIR:-$HOME/.cache/pip}"
+KVPOOL_PY_PROFILE="${KVPOOL_PY_PROFILE:-dev}"
+
+kvpool_python=""
+for v in python3.13 python3.12 python3.11 python3.10 python3.9 python3; do
+  if command -v "$v" >/dev/null 2>&1 && "$v" -c 'import sys, venv; sys.exit(sys.version_info < (3, 9))' 2>/dev/null; then
+    kvpool_python="$v"
+    break
+  fi
+done
+if [ -z "$kvpool_python" ] || ! "$kvpool_python" -c 'import ensurepip' >/dev/null 2>&1; then
+  # Debian splits venv/ensurepip out of python3.
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""
+    [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    echo "installing: python3 python3-venv" >&2
+    $SUDO apt-get update -qq
+    $SUDO apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends python3 python3-venv >/dev/null
+    kvpool_python=python3
+  fi
+fi
+
+if [ ! -x "$KVPOOL_VENV/bin/python" ]; then
+  echo "creating the Python virtualenv $KVPOOL_VENV" >&2
+  "$kvpool_python" -m venv "$KVPOOL_VENV"
+fi
+# Build and test tools, pinned loosely; pip is quiet when all are present.
+if ! "$KVPOOL_VENV/bin/python" -c 'import maturin, pytest, numpy' >/dev/null 2>&1; then
+  "$KVPOOL_VENV/bin/python" -m pip install -q --upgrade pip
+  "$KVPOOL_VENV/bin/python" -m pip install -q "maturin>=1.9,<2" "pytest>=7" "numpy>=1.21"
+fi
+
+kvpool_py_build() {
+  local flags=()
+  [ "$KVPOOL_PY_PROFILE" = release ] && flags+=(--release)
+  echo "building the kvpool Python package ($KVPOOL_PY_PROFILE) into $KVPOOL_VENV" >&2
+  (cd python && VIRTUAL_ENV="$KVPOOL_VENV" PATH="$KVPOOL_VENV/bin:$PATH" \
+    maturin develop -q "${flags[@]}")
+}
