@@ -47,8 +47,14 @@ fn spans(
     let counts_owned;
     let counts = match counts {
         Some(c) => c,
+        None if ptrs.len() != items => {
+            return Err(BadBuffers(format!(
+                "{} buffers for {items} keys",
+                ptrs.len()
+            )));
+        }
         None => {
-            counts_owned = vec![1; ptrs.len()];
+            counts_owned = vec![1; items];
             &counts_owned
         }
     };
