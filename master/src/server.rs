@@ -93,6 +93,15 @@ fn call<M: Message, R: Serialize>(
     Ok(encode_body(&f(req)))
 }
 
+/// [`call`] for a request that is not a batch: its error is the whole answer's.
+fn try_call<M: Message, R: Serialize>(
+    body: &[u8],
+    f: impl FnOnce(M) -> Result<R, WireError>,
+) -> Result<Vec<u8>, WireError> {
+    let req: M = decode_body(body)?;
+    Ok(encode_body(&f(req)?))
+}
+
 impl RpcService for Service {
     fn handle(&self, opcode: Opcode, body: &[u8]) -> Result<Vec<u8>, WireError> {
         let now = self.now();
@@ -107,8 +116,11 @@ impl RpcService for Service {
             Opcode::RemoveAll => call(body, |r| self.core().remove_all(now, r)),
             Opcode::Status => call(body, |_: kvpool_proto::Status| self.core().status(now)),
             Opcode::Drain => call(body, |r| self.core().drain(now, r)),
+            Opcode::ListKeys => call(body, |r| self.core().list_keys(r)),
+            Opcode::RemoveRegex => try_call(body, |r| self.core().remove_regex(now, r)),
             Opcode::Register => call(body, |r| self.core().register(now, r)),
             Opcode::Heartbeat => call(body, |r| self.core().heartbeat(now, r)),
+            Opcode::Leave => call(body, |r| self.core().leave(now, r)),
             // The transport answers (and checks) Hello itself; this is only reached if a
             // server is wired without it, and then an answer is still the right one.
             Opcode::Hello => call(body, |_: kvpool_proto::Hello| kvpool_proto::HelloResponse {

@@ -101,8 +101,11 @@ pub enum Opcode {
     RemoveAll = 0x16,
     Status = 0x17,
     Drain = 0x18,
+    ListKeys = 0x19,
+    RemoveRegex = 0x1a,
     Register = 0x20,
     Heartbeat = 0x21,
+    Leave = 0x22,
     Read = 0x40,
     Write = 0x41,
     HandoffClaim = 0x60,
@@ -122,8 +125,11 @@ impl Opcode {
         Opcode::RemoveAll,
         Opcode::Status,
         Opcode::Drain,
+        Opcode::ListKeys,
+        Opcode::RemoveRegex,
         Opcode::Register,
         Opcode::Heartbeat,
+        Opcode::Leave,
         Opcode::Read,
         Opcode::Write,
         Opcode::HandoffClaim,
@@ -364,6 +370,53 @@ impl Message for RemoveAll {
     type Response = RemoveAllResponse;
 }
 
+/// Most keys one [`ListKeys`] answer carries, whatever its `limit`: 10 000 keys of at most
+/// 4 KiB stay below the 64 MiB body limit.
+pub const MAX_LIST_KEYS: u32 = 10_000;
+
+/// One page of the committed keys that start with `prefix`, in byte order: the first `limit`
+/// (at most [`MAX_LIST_KEYS`]) keys after `start_after` (from the first key when `None`).
+/// The next page starts after the last key of this one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListKeys {
+    pub prefix: Vec<u8>,
+    pub start_after: Option<Vec<u8>>,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListKeysResponse {
+    pub keys: Vec<Vec<u8>>,
+    /// Whether keys after the last one listed match too.
+    pub more: bool,
+}
+
+impl Message for ListKeys {
+    const OPCODE: Opcode = Opcode::ListKeys;
+    type Response = ListKeysResponse;
+}
+
+/// Longest pattern [`RemoveRegex`] accepts, in bytes.
+pub const MAX_PATTERN_LEN: usize = 64 << 10;
+
+/// Removes the committed objects whose key, after `prefix`, matches the regular expression
+/// `pattern` anywhere (a search, not a full match: anchor with `^...$`), in the syntax of the
+/// `regex` crate. With `prefix` (a tenant's), only keys that start with it are candidates and
+/// the pattern sees the rest of the key. Leased and hard-pinned objects go only with `force`,
+/// exactly as for [`RemoveAll`]. A malformed or oversized pattern is answered
+/// `InvalidArgument`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoveRegex {
+    pub pattern: String,
+    pub prefix: Option<Vec<u8>>,
+    pub force: bool,
+}
+
+impl Message for RemoveRegex {
+    const OPCODE: Opcode = Opcode::RemoveRegex;
+    type Response = RemoveAllResponse;
+}
+
 /// The cluster's state, for `kvpool status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {}
@@ -523,6 +576,20 @@ pub struct HeartbeatResponse {
 impl Message for Heartbeat {
     const OPCODE: Opcode = Opcode::Heartbeat;
     type Response = HeartbeatResponse;
+}
+
+/// A node shutting down leaves the pool: the master drops it at once, as if it had been
+/// declared dead (its segments and replicas go; objects left without a replica are misses).
+/// Answered with one item: `()`, or `UnknownNode` for a node the master does not know (never
+/// registered, already left or declared dead).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Leave {
+    pub node: NodeId,
+}
+
+impl Message for Leave {
+    const OPCODE: Opcode = Opcode::Leave;
+    type Response = UnitResponse;
 }
 
 // ---------------------------------------------------------------- data plane (storage node)
@@ -720,6 +787,37 @@ mod tests {
     }
 
     #[test]
+    fn list_remove_regex_and_leave_golden_bytes() {
+        let b = encode_body(&ListKeys {
+            prefix: b"t\0".to_vec(),
+            start_after: Some(b"a".to_vec()),
+            limit: 300,
+        });
+        assert_eq!(b, vec![2, b't', 0, 1, 1, b'a', 0xac, 0x02]);
+        let b = encode_body(&ListKeysResponse {
+            keys: vec![b"a".to_vec(), b"bc".to_vec()],
+            more: true,
+        });
+        assert_eq!(b, vec![2, 1, b'a', 2, b'b', b'c', 1]);
+        let b = encode_body(&RemoveRegex {
+            pattern: "^a".to_string(),
+            prefix: None,
+            force: true,
+        });
+        assert_eq!(b, vec![2, b'^', b'a', 0, 1]);
+        assert_eq!(encode_body(&Leave { node: NodeId(300) }), vec![0xac, 0x02]);
+    }
+
+    #[test]
+    fn docs_list_every_opcode() {
+        let doc = include_str!("../../docs/protocol.md");
+        for &o in Opcode::ALL {
+            let row = format!("| 0x{:02x} | {o:?} |", o as u8);
+            assert!(doc.contains(&row), "docs/protocol.md lacks the row `{row}`");
+        }
+    }
+
+    #[test]
     fn refuses_trailing_bytes() {
         let mut b = encode_body(&Remove {
             keys: vec![],
@@ -761,6 +859,10 @@ mod tests {
             let _ = decode_body::<RemoveAll>(&bytes);
             let _ = decode_body::<RemoveAllResponse>(&bytes);
             let _ = decode_body::<StatusResponse>(&bytes);
+            let _ = decode_body::<ListKeys>(&bytes);
+            let _ = decode_body::<ListKeysResponse>(&bytes);
+            let _ = decode_body::<RemoveRegex>(&bytes);
+            let _ = decode_body::<Leave>(&bytes);
             let _ = decode_body::<Register>(&bytes);
             let _ = decode_body::<RegisterResponse>(&bytes);
             let _ = decode_body::<Heartbeat>(&bytes);

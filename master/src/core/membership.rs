@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use kvpool_proto::{
-    check_key, Heartbeat, HeartbeatResponse, NodeId, NodeStatus, Register, RegisterResponse,
-    ReplicaId, SegmentId, SegmentStatus, Tier,
+    check_key, ErrorCode, Heartbeat, HeartbeatResponse, ItemResult, NodeId, NodeStatus, Register,
+    RegisterResponse, ReplicaId, SegmentId, SegmentStatus, Tier, WireError,
 };
 
 use super::objects::{ObjId, Object, RepState, Replica, State};
@@ -412,6 +412,20 @@ impl MasterCore {
         let gone: HashSet<SegmentId> = n.segments.iter().copied().collect();
         self.discarded.retain(|_, r| !gone.contains(&r.segment));
         self.cluster.rebuild_order();
+    }
+
+    /// A node leaving: the same path as a node declared dead, at once instead of after its
+    /// TTL of silence.
+    pub(crate) fn leave_inner(&mut self, node: NodeId) -> ItemResult<()> {
+        if !self.cluster.nodes.contains_key(&node) {
+            return Err(WireError::new(
+                ErrorCode::UnknownNode,
+                format!("node {node} is not registered (never was, left, or declared dead)"),
+            ));
+        }
+        tracing::info!(node = %node, "node leaves the pool");
+        self.drop_node(node);
+        Ok(())
     }
 
     /// Declares nodes silent for `node_ttl` dead.

@@ -39,8 +39,9 @@ use std::time::Duration;
 
 use kvpool_proto::{
     ErrorCode, Exists, ExistsResponse, GetReplicas, GetReplicasResponse, Heartbeat,
-    HeartbeatResponse, PutEnd, PutRevoke, PutStart, PutStartResponse, Register, RegisterResponse,
-    Remove, RemoveAll, RemoveAllResponse, StatusResponse, UnitResponse, WireError,
+    HeartbeatResponse, Leave, ListKeys, ListKeysResponse, PutEnd, PutRevoke, PutStart,
+    PutStartResponse, Register, RegisterResponse, Remove, RemoveAll, RemoveAllResponse,
+    RemoveRegex, StatusResponse, UnitResponse, WireError, MAX_LIST_KEYS,
 };
 
 use self::membership::Cluster;
@@ -235,9 +236,33 @@ impl MasterCore {
     /// Removes every committed object (leased and hard-pinned ones only with force); with a
     /// prefix, only the objects whose key starts with it (one tenant's keys).
     pub fn remove_all(&mut self, now: Duration, req: RemoveAll) -> RemoveAllResponse {
+        let prefix = req.prefix.as_deref().unwrap_or(&[]);
         RemoveAllResponse {
-            removed: self.remove_all_inner(now, req.force, req.prefix.as_deref().unwrap_or(&[])),
+            removed: self.remove_matching(now, req.force, prefix, |_| true),
         }
+    }
+
+    /// `remove_all` of the keys whose bytes after the prefix match a regular expression
+    /// anywhere (`Regex::is_match`: a search, like `std::regex_search`; `^...$` anchors it).
+    /// A malformed or oversized pattern is `InvalidArgument`, and nothing is removed.
+    pub fn remove_regex(
+        &mut self,
+        now: Duration,
+        req: RemoveRegex,
+    ) -> Result<RemoveAllResponse, WireError> {
+        let re = reads::key_regex(&req.pattern)?;
+        let prefix = req.prefix.as_deref().unwrap_or(&[]);
+        Ok(RemoveAllResponse {
+            removed: self.remove_matching(now, req.force, prefix, |rest| re.is_match(rest)),
+        })
+    }
+
+    /// A page of committed keys with a prefix, in byte order; `limit` is capped at
+    /// [`MAX_LIST_KEYS`]. Takes no lease and changes no recency: listing is not a use.
+    pub fn list_keys(&self, req: ListKeys) -> ListKeysResponse {
+        let limit = req.limit.min(MAX_LIST_KEYS) as usize;
+        let (keys, more) = self.list_keys_inner(&req.prefix, req.start_after.as_deref(), limit);
+        ListKeysResponse { keys, more }
     }
 
     /// The cluster's state.
@@ -253,6 +278,15 @@ impl MasterCore {
     /// A node joins or re-joins, reporting its segments and what they hold.
     pub fn register(&mut self, now: Duration, req: Register) -> RegisterResponse {
         self.register_inner(now, req)
+    }
+
+    /// A node shutting down leaves: it is dropped at once, exactly as a node declared dead
+    /// (its segments and replicas go, objects left without a replica are misses). A node the
+    /// master does not know gets `UnknownNode`.
+    pub fn leave(&mut self, _now: Duration, req: Leave) -> UnitResponse {
+        UnitResponse {
+            items: vec![self.leave_inner(req.node)],
+        }
     }
 
     /// A node's liveness signal: applies its finished tasks and failed segments; returns the

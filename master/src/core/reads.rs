@@ -1,12 +1,48 @@
 //! Lookups, read leases and removal. Readers only ever see Complete objects, and of those
 //! only the replicas that hold the bytes (not the Filling targets of copy tasks), DRAM first.
 
+use std::collections::BinaryHeap;
 use std::time::Duration;
 
-use kvpool_proto::{check_key, ErrorCode, ItemResult, ObjectInfo, Tier};
+use kvpool_proto::{check_key, ErrorCode, ItemResult, ObjectInfo, Tier, WireError};
+use regex::bytes::{Regex, RegexBuilder};
 
 use super::objects::{ObjId, Object};
 use super::{key_error, MasterCore};
+
+/// The most memory a compiled `RemoveRegex` pattern may take (its program, and separately
+/// its lazy DFA's cache): a hostile pattern such as `\w{1000}{1000}` is refused instead of
+/// exhausting the master.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+/// Compiles a `RemoveRegex` pattern (the `regex` crate's syntax, Unicode on), bounded in
+/// length and compiled size; a malformed or oversized one is `InvalidArgument`, naming it.
+pub(crate) fn key_regex(pattern: &str) -> Result<Regex, WireError> {
+    let shown: String = pattern.chars().take(64).collect();
+    let more = if shown.len() < pattern.len() {
+        "…"
+    } else {
+        ""
+    };
+    let refuse = |what: String| {
+        WireError::new(
+            ErrorCode::InvalidArgument,
+            format!("pattern {shown:?}{more}: {what}"),
+        )
+    };
+    if pattern.len() > kvpool_proto::MAX_PATTERN_LEN {
+        return Err(refuse(format!(
+            "{} bytes long (allowed up to {})",
+            pattern.len(),
+            kvpool_proto::MAX_PATTERN_LEN
+        )));
+    }
+    RegexBuilder::new(pattern)
+        .size_limit(REGEX_SIZE_LIMIT)
+        .dfa_size_limit(REGEX_SIZE_LIMIT)
+        .build()
+        .map_err(|e| refuse(e.to_string()))
+}
 
 impl MasterCore {
     /// A committed object and its id, or `NotFound` (a Processing object is not there yet).
@@ -101,14 +137,23 @@ impl MasterCore {
         Ok(())
     }
 
-    pub(crate) fn remove_all_inner(&mut self, now: Duration, force: bool, prefix: &[u8]) -> u64 {
+    /// Removes the committed objects whose key starts with `prefix` and whose rest (the key
+    /// after `prefix`) satisfies `matches`; leased and hard-pinned ones only with `force`.
+    /// `RemoveAll` and `RemoveRegex` are this. Returns how many went.
+    pub(crate) fn remove_matching(
+        &mut self,
+        now: Duration,
+        force: bool,
+        prefix: &[u8],
+        matches: impl Fn(&[u8]) -> bool,
+    ) -> u64 {
         let victims: Vec<ObjId> = self
             .objects
             .iter()
             .filter(|(_, o)| {
                 o.is_complete()
-                    && o.key.starts_with(prefix)
                     && (force || (!o.leased(now) && !o.hard_pin))
+                    && o.key.strip_prefix(prefix).is_some_and(&matches)
             })
             .map(|(id, _)| id)
             .collect();
@@ -119,6 +164,47 @@ impl MasterCore {
             }
         }
         removed
+    }
+
+    /// One page of the committed keys that start with `prefix`, in byte order: the first
+    /// `limit` after `start_after`, and whether more follow.
+    ///
+    /// The object table is a hash map (every get and put looks a key up; only this admin
+    /// call wants order), so a page is one pass over it that keeps the `limit + 1` smallest
+    /// matching keys in a bounded max-heap of borrowed keys: O(n log limit) time, O(limit)
+    /// memory, and only the keys returned are copied. Paging by `start_after` stays stable
+    /// while keys come and go: a page never repeats or skips a key that existed throughout.
+    pub(crate) fn list_keys_inner(
+        &self,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: usize,
+    ) -> (Vec<Vec<u8>>, bool) {
+        let mut smallest: BinaryHeap<&[u8]> = BinaryHeap::with_capacity(limit + 1);
+        let candidates = self.objects.iter().map(|(_, o)| o).filter(|o| {
+            o.is_complete()
+                && o.has_readable()
+                && o.key.starts_with(prefix)
+                && start_after.is_none_or(|after| o.key.as_slice() > after)
+        });
+        for o in candidates {
+            if smallest.len() <= limit {
+                smallest.push(&o.key);
+            } else if smallest.peek().is_some_and(|top| o.key.as_slice() < *top) {
+                smallest.pop();
+                smallest.push(&o.key);
+            }
+        }
+        let more = smallest.len() > limit;
+        if more {
+            smallest.pop();
+        }
+        let keys = smallest
+            .into_sorted_vec()
+            .into_iter()
+            .map(<[u8]>::to_vec)
+            .collect();
+        (keys, more)
     }
 
     /// Whether any alive node has a segment.

@@ -222,3 +222,37 @@ fn status_reports_nodes_segments_and_counts() {
         }
     );
 }
+
+// ------------------------------------------------------------------ leaving
+
+#[test]
+fn a_leaving_node_is_dropped_at_once_like_a_dead_one() {
+    let mut w = World::new();
+    w.node(1, &[(10, 64 * MIB)]);
+    w.node(2, &[(20, 64 * MIB)]);
+    w.put_with("both", 100, replicated(2));
+    w.put_with("only-on-2", 100, preferring(2));
+    w.put_with("leased-on-2", 100, preferring(2));
+    w.get("leased-on-2").unwrap();
+    w.start_with(A, "writing-on-2", 100, preferring(2)).unwrap();
+
+    w.leave(2).unwrap();
+
+    // No TTL to wait out: its sole replicas are misses now, leased or not.
+    assert_eq!(code(w.get("only-on-2")), ErrorCode::NotFound);
+    assert!(!w.exists("leased-on-2"));
+    assert_eq!(code(w.end(A, "writing-on-2")), ErrorCode::NotFound);
+    let info = w.get("both").unwrap();
+    assert_eq!(info.replicas.len(), 1);
+    assert_eq!(info.replicas[0].node, NodeId(1));
+    let st = w.core.status(w.now);
+    assert_eq!(st.nodes.len(), 1);
+    assert_eq!((st.objects, st.processing), (1, 0));
+    // New puts go to the nodes left.
+    assert_eq!(w.put("after", 100)[0].node, NodeId(1));
+    // The node is forgotten: a late heartbeat is told to register, and a second Leave (or
+    // one from a node never seen) is UnknownNode.
+    assert!(w.heartbeat(2, 0).need_register);
+    assert_eq!(code(w.leave(2)), ErrorCode::UnknownNode);
+    assert_eq!(code(w.leave(9)), ErrorCode::UnknownNode);
+}

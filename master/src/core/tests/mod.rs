@@ -271,6 +271,43 @@ impl World {
             .remove(0)
     }
 
+    /// A page of `limit` committed keys with `prefix` after `start_after`, as strings, and
+    /// whether more follow.
+    pub fn list(&self, prefix: &str, start_after: Option<&str>, limit: u32) -> (Vec<String>, bool) {
+        let r = self.core.list_keys(ListKeys {
+            prefix: prefix.as_bytes().to_vec(),
+            start_after: start_after.map(|a| a.as_bytes().to_vec()),
+            limit,
+        });
+        let keys = r
+            .keys
+            .into_iter()
+            .map(|k| String::from_utf8(k).unwrap())
+            .collect();
+        (keys, r.more)
+    }
+
+    /// `RemoveRegex`: how many went, or why the pattern was refused.
+    pub fn remove_regex(
+        &mut self,
+        pattern: &str,
+        prefix: Option<&str>,
+        force: bool,
+    ) -> Result<u64, WireError> {
+        let req = RemoveRegex {
+            pattern: pattern.to_string(),
+            prefix: prefix.map(|p| p.as_bytes().to_vec()),
+            force,
+        };
+        self.core.remove_regex(self.now, req).map(|r| r.removed)
+    }
+
+    /// A node leaves the pool.
+    pub fn leave(&mut self, node: u64) -> ItemResult<()> {
+        let req = Leave { node: NodeId(node) };
+        self.core.leave(self.now, req).items.remove(0)
+    }
+
     /// Drains a node (or, with `cancel`, takes it back); the replicas still on it.
     pub fn drain(&mut self, node: u64, cancel: bool) -> ItemResult<u64> {
         self.core
