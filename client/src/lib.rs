@@ -9,7 +9,8 @@
 //! ```
 //!
 //! # Layout
-//! - [`Client`]: put / get / exists / remove, each a batch underneath; `put_parts` and
+//! - [`Client`]: put / get / exists / remove, each a batch underneath (and the
+//!   whole-namespace `remove_all`, `remove_regex`, `list_keys`); `put_parts` and
 //!   `get_into_parts` gather from and scatter into several caller buffers (one per layer)
 //!   without copying.
 //! - `put.rs`, `get.rs`: the two data paths. A put is two-phase: the master allocates
@@ -30,7 +31,8 @@ mod put;
 use std::time::{Duration, Instant};
 
 use kvpool_proto::{
-    ClientId, Exists, Message, PutOptions, Remove, RemoveAll, Status, StatusResponse,
+    ClientId, Exists, ListKeys, Message, PutOptions, Remove, RemoveAll, RemoveRegex, Status,
+    StatusResponse,
 };
 use kvpool_transport::{engine::TransferEngine, rpc::RpcClient, TransportError};
 
@@ -85,6 +87,16 @@ impl Client {
                 msg.clone(),
             ))),
         }
+    }
+
+    /// The tenant's key prefix for whole-namespace requests (`None` without a tenant), or
+    /// why the tenant is invalid.
+    fn tenant_prefix(&self) -> Result<Option<Vec<u8>>> {
+        self.check_tenant()?;
+        Ok(match &self.key_prefix {
+            Ok(p) if !p.is_empty() => Some(p.clone()),
+            _ => None,
+        })
     }
 
     /// A key as the master and nodes see it: prefixed with this client's tenant. An empty key
@@ -189,15 +201,58 @@ impl Client {
     /// Removes every committed object (of this client's tenant, when it has one: the
     /// master removes only keys with the tenant's prefix); returns how many went.
     pub async fn remove_all(&self, force: bool) -> Result<u64> {
-        self.check_tenant()?;
-        let prefix = match &self.key_prefix {
-            Ok(p) if !p.is_empty() => Some(p.clone()),
-            _ => None,
-        };
+        let prefix = self.tenant_prefix()?;
         Ok(self
             .master_call(&RemoveAll { force, prefix })
             .await?
             .removed)
+    }
+
+    /// Removes the committed objects (of this client's tenant) whose key matches the regular
+    /// expression `pattern` anywhere (a search, like `std::regex_search`: anchor with
+    /// `^...$` for a whole-key match; with a tenant, `^` is the start of the tenant's key).
+    /// The syntax is the `regex` crate's, Unicode on; leased and hard-pinned objects go only
+    /// with `force`. Returns how many went; a malformed pattern fails with
+    /// `InvalidArgument`.
+    pub async fn remove_regex(&self, pattern: &str, force: bool) -> Result<u64> {
+        let prefix = self.tenant_prefix()?;
+        let msg = RemoveRegex {
+            pattern: pattern.to_string(),
+            prefix,
+            force,
+        };
+        Ok(self.master_call(&msg).await?.removed)
+    }
+
+    /// One page of the committed keys (of this client's tenant) that start with `prefix`,
+    /// in byte order: the first `limit` after `start_after` (from the first when `None`),
+    /// and whether more follow. The master caps a page at 10 000 keys. The next page starts
+    /// after the last key of this one; paging never repeats a key, and never skips one that
+    /// stayed in the pool throughout.
+    pub async fn list_keys(
+        &self,
+        prefix: &[u8],
+        start_after: Option<&[u8]>,
+        limit: u32,
+    ) -> Result<(Vec<Vec<u8>>, bool)> {
+        let tenant = self.tenant_prefix()?.unwrap_or_default();
+        // Not `wire_key`: an empty prefix or start here is meaningful (every key of the
+        // tenant, from its first one) and must still carry the tenant.
+        let msg = ListKeys {
+            prefix: [tenant.as_slice(), prefix].concat(),
+            start_after: start_after.map(|a| [tenant.as_slice(), a].concat()),
+            limit,
+        };
+        let r = self.master_call(&msg).await?;
+        let keys = r
+            .keys
+            .into_iter()
+            .map(|k| match k.strip_prefix(tenant.as_slice()) {
+                Some(rest) => Ok(rest.to_vec()),
+                None => Err(internal("the master listed a key outside the prefix")),
+            })
+            .collect::<Result<_>>()?;
+        Ok((keys, r.more))
     }
 
     /// Starts (or with `cancel` stops) draining a node; returns the replicas still on it.
@@ -310,6 +365,14 @@ mod tests {
         assert_eq!(e.code(), ErrorCode::InvalidArgument);
         assert_eq!(
             c.remove_all(false).await.unwrap_err().code(),
+            ErrorCode::InvalidArgument
+        );
+        assert_eq!(
+            c.remove_regex("k", false).await.unwrap_err().code(),
+            ErrorCode::InvalidArgument
+        );
+        assert_eq!(
+            c.list_keys(b"", None, 10).await.unwrap_err().code(),
             ErrorCode::InvalidArgument
         );
     }
