@@ -1,13 +1,15 @@
-//! The node's link to the master: register (with an inventory report), then heartbeat.
+//! The node's link to the master: register (with an inventory report), then heartbeat, and
+//! leave when the node shuts down.
 //!
 //! The master may restart, fail over, or declare this node dead at any time; the agent then
 //! registers again with a fresh report, so the master re-learns what the node holds. While
 //! the master is unreachable the agent retries forever with a capped back-off; the data
-//! server keeps serving meanwhile.
+//! server keeps serving meanwhile. On shutdown the agent sends `Leave`, so the master stops
+//! handing out this node's replicas at once instead of after the node TTL.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use kvpool_proto::{ErrorCode, Heartbeat, Register, RegisterResponse};
+use kvpool_proto::{ErrorCode, Heartbeat, Leave, Register, RegisterResponse};
 use kvpool_transport::{
     rpc::{RpcClient, RpcOptions},
     TransportError,
@@ -20,14 +22,18 @@ const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
 /// First retry delay after a failed registration; doubles up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// How long a node shutting down waits for the master to acknowledge its `Leave`; past it
+/// the node stops anyway and the master drops it after the node TTL.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Runs the agent until `shutdown` completes.
+/// Runs the agent until `shutdown` completes, then leaves the pool.
 pub async fn run_agent(node: Arc<Node>, master: String, shutdown: impl Future<Output = ()>) {
     run_agent_with_token(node, master, None, shutdown).await
 }
 
-/// Runs the agent until `shutdown` completes, presenting `token` to the master. A master that
-/// refuses it is retried like an unreachable one (the operator may fix either side).
+/// Runs the agent until `shutdown` completes, presenting `token` to the master, then leaves
+/// the pool (waiting at most [`LEAVE_TIMEOUT`] for the master). A master that refuses the
+/// token is retried like an unreachable one (the operator may fix either side).
 pub async fn run_agent_with_token(
     node: Arc<Node>,
     master: String,
@@ -53,6 +59,37 @@ pub async fn run_agent_with_token(
     tokio::select! {
         () = shutdown => {}
         () = agent_loop(&node, &client) => {}
+    }
+    leave(&node, &client).await;
+}
+
+/// Tells the master this node is going away. One attempt, bounded by [`LEAVE_TIMEOUT`]: a
+/// node shutting down must not hang on an unreachable master, and one that could not leave
+/// is dropped after the node TTL anyway, as if it had died.
+async fn leave(node: &Node, client: &RpcClient) {
+    let msg = Leave { node: node.id() };
+    let answer = match tokio::time::timeout(LEAVE_TIMEOUT, client.call(&msg)).await {
+        Ok(Ok(r)) => r.items.into_iter().next().unwrap_or(Ok(())),
+        Ok(Err(TransportError::Remote(e))) => Err(e),
+        Ok(Err(e)) => {
+            tracing::warn!(
+                master = client.addr(),
+                "could not leave the pool (the master drops this node after its TTL): {e}"
+            );
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(master = client.addr(), "no answer to leaving the pool within {LEAVE_TIMEOUT:?} (the master drops this node after its TTL)");
+            return;
+        }
+    };
+    match answer {
+        Ok(()) => tracing::info!(node = %node.id(), "left the pool"),
+        // Never registered, or already declared dead: there is nothing to leave.
+        Err(e) if e.code == ErrorCode::UnknownNode => {
+            tracing::info!(node = %node.id(), "the master does not know this node: {e}")
+        }
+        Err(e) => tracing::warn!(node = %node.id(), "the master refused the leave: {e}"),
     }
 }
 

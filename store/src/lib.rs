@@ -64,7 +64,8 @@ pub enum StoreError {
 pub struct StoreHandle {
     node: Arc<Node>,
     local_addr: SocketAddr,
-    stop: watch::Sender<bool>,
+    stop_agent: watch::Sender<bool>,
+    stop_server: watch::Sender<bool>,
     server: JoinHandle<()>,
     agent: JoinHandle<()>,
 }
@@ -79,11 +80,15 @@ impl StoreHandle {
         self.local_addr
     }
 
-    /// Stops the agent and the server (closing every data connection) and waits for both.
+    /// Leaves the pool, then stops the server (closing every data connection). The agent
+    /// tells the master first, waiting at most a couple of seconds for it, so the master stops
+    /// handing out this node's replicas while the node still serves them: readers get misses,
+    /// not connection errors.
     pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
-        let _ = self.server.await;
+        let _ = self.stop_agent.send(true);
         let _ = self.agent.await;
+        let _ = self.stop_server.send(true);
+        let _ = self.server.await;
     }
 }
 
@@ -145,18 +150,19 @@ pub async fn start(mut cfg: StoreConfig, listener: TcpListener) -> Result<StoreH
         token = cfg.token.is_some(),
         "storage node started"
     );
-    let (stop, stop_rx) = watch::channel(false);
+    let (stop_server, stop_rx) = watch::channel(false);
     let server = tokio::spawn(server::serve_with_token(
         listener,
         node.clone(),
         cfg.token.clone(),
-        stopped(stop_rx.clone()),
+        stopped(stop_rx),
     ));
     let master = if cfg.etcd.is_empty() {
         cfg.master.clone()
     } else {
         kvpool_ha::etcd_target(&cfg.etcd, &cfg.cluster)
     };
+    let (stop_agent, stop_rx) = watch::channel(false);
     let agent = tokio::spawn(agent::run_agent_with_token(
         node.clone(),
         master,
@@ -166,7 +172,8 @@ pub async fn start(mut cfg: StoreConfig, listener: TcpListener) -> Result<StoreH
     Ok(StoreHandle {
         node,
         local_addr,
-        stop,
+        stop_agent,
+        stop_server,
         server,
         agent,
     })

@@ -9,8 +9,8 @@ use std::{
 
 use common::*;
 use kvpool_proto::{
-    decode_body, ErrorCode, FrameLimits, Heartbeat, HeartbeatResponse, ObjectTag, Opcode, Register,
-    RegisterResponse, ReplicaId, WireError,
+    decode_body, ErrorCode, FrameLimits, Heartbeat, HeartbeatResponse, Leave, ObjectTag, Opcode,
+    Register, RegisterResponse, ReplicaId, UnitResponse, WireError,
 };
 use kvpool_transport::frame;
 use tokio::{
@@ -23,6 +23,7 @@ use tokio::{
 struct Script {
     registers: Vec<Register>,
     heartbeats: Vec<Heartbeat>,
+    leaves: Vec<Leave>,
     /// Replicas to refuse at the next registration.
     reject: Vec<ReplicaId>,
     /// Answers for the next heartbeats; an empty queue answers "all well, nothing freed".
@@ -75,6 +76,12 @@ async fn master_conn(mut s: TcpStream, script: Shared) {
                 });
                 frame::encode_response(h.opcode, h.request_id, &resp, 0)
             }
+        } else if h.opcode == Opcode::Leave as u8 {
+            lock(&script).leaves.push(decode_body(&body).unwrap());
+            let resp = UnitResponse {
+                items: vec![Ok(())],
+            };
+            frame::encode_response(h.opcode, h.request_id, &resp, 0)
         } else {
             panic!("unexpected opcode {:#x} at the master", h.opcode);
         };
@@ -200,4 +207,45 @@ async fn re_registers_with_a_restarted_master() {
     .await;
     m2.abort();
     node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaves_the_pool_on_shutdown() {
+    let master = dead_addr().await;
+    let script = Shared::default();
+    let listener = TcpListener::bind(&master).await.unwrap();
+    let m = tokio::spawn(fake_master(listener, script.clone()));
+    let node = start_node(1 << 20, &master).await;
+    let id = node.node().id();
+    eventually("heartbeats", || lock(&script).heartbeats.len() >= 2).await;
+    node.shutdown().await;
+    assert_eq!(lock(&script).leaves, [Leave { node: id }]);
+    m.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_gives_up_leaving_a_master_that_does_not_answer() {
+    // A master that accepts connections and never answers: the registration hangs, and so
+    // does the Leave, which the node gives up on after a couple of seconds.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let master = listener.local_addr().unwrap().to_string();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let m = tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (s, _) = listener.accept().await.unwrap();
+            held.push(s);
+            let _ = tx.send(());
+        }
+    });
+    let node = start_node(1 << 20, &master).await;
+    rx.recv().await.expect("the agent connects");
+    let start = std::time::Instant::now();
+    node.shutdown().await;
+    let took = start.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "shutdown took {took:?}"
+    );
+    m.abort();
 }
