@@ -11,7 +11,7 @@ it runs, so threads overlap their transfers. Failures raise the typed exceptions
 from __future__ import annotations
 
 import os
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from . import _native
 from ._buffer import Pinned, flat
@@ -281,6 +281,28 @@ class Client:
         """Removes every object (of this client's tenant); returns how many went."""
         self._check_open()
         return check(self._native.remove_all(force))
+
+    def remove_regex(self, pattern: str, *, force: bool = False) -> int:
+        """Removes every object (of this client's tenant) whose key matches ``pattern``
+        (searched, as ``re.search``; Rust regex syntax); returns how many went."""
+        self._check_open()
+        return check(self._native.remove_regex(pattern, force))
+
+    def keys(self, prefix: Key = b"", *, limit: Optional[int] = None, page: int = 1000) -> Iterator[bytes]:
+        """Committed keys starting with ``prefix``, in byte order, fetched ``page`` at a
+        time (at most ``limit`` in all). Keys written meanwhile may or may not appear."""
+        self._check_open()
+        after: Optional[bytes] = None
+        left = limit
+        while left is None or left > 0:
+            n = page if left is None else min(page, left)
+            keys, more = check(self._native.list_keys(prefix, after, n))
+            yield from keys
+            if left is not None:
+                left -= len(keys)
+            if not more or not keys:
+                return
+            after = keys[-1]
 
     def status(self) -> dict:
         """Nodes, segments, capacity and use, as the master sees them."""

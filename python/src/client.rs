@@ -13,7 +13,7 @@ use pyo3::{
     exceptions::PyValueError,
     prelude::*,
     pybacked::{PyBackedBytes, PyBackedStr},
-    types::PyDict,
+    types::{PyBytes, PyDict},
     IntoPyObjectExt,
 };
 
@@ -251,6 +251,43 @@ impl NativeClient {
         let client = &self.client;
         let r = block_on(py, client.remove_all(force))?;
         single(py, r)
+    }
+
+    /// Removes every object of this client's tenant whose key matches `pattern` (a search,
+    /// like `re.search`); how many went, or a failure (`InvalidArgument` for a bad pattern).
+    #[pyo3(signature = (pattern, force=false))]
+    fn remove_regex<'py>(
+        &self,
+        py: Python<'py>,
+        pattern: String,
+        force: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let client = &self.client;
+        let r = block_on(py, client.remove_regex(&pattern, force))?;
+        single(py, r)
+    }
+
+    /// One page of committed keys starting with `prefix`, in byte order, after `start_after`:
+    /// `[keys as bytes, more]` (a list: tuples are failures), or a failure.
+    #[pyo3(signature = (prefix, start_after=None, limit=1000))]
+    fn list_keys<'py>(
+        &self,
+        py: Python<'py>,
+        prefix: Key,
+        start_after: Option<Key>,
+        limit: u32,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let client = &self.client;
+        let after = start_after.as_ref().map(Key::as_bytes);
+        let r = block_on(py, client.list_keys(prefix.as_bytes(), after, limit))?;
+        match r {
+            Ok((keys, more)) => {
+                let keys: Vec<Bound<'py, PyBytes>> =
+                    keys.iter().map(|k| PyBytes::new(py, k)).collect();
+                [keys.into_bound_py_any(py)?, more.into_bound_py_any(py)?].into_bound_py_any(py)
+            }
+            Err(e) => outcome::error(py, &e),
+        }
     }
 
     /// The pool as the master sees it: a dict (`nodes`, `objects`, `processing`, `evictions`),

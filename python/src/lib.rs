@@ -49,4 +49,3 @@ fn init_logging() {
         .with_writer(std::io::stderr)
         .try_init();
 }
-

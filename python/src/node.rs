@@ -28,6 +28,7 @@ impl EmbeddedNode {
     /// Maps `dram` bytes, listens on `listen` ("host:port", port 0 picks one) and registers
     /// with the master. `name` defaults to the advertised address.
     #[new]
+    #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (master, dram, *, listen="127.0.0.1:0".to_string(), name=None, token=None, etcd=Vec::new(), cluster=None))]
     fn start(
         py: Python<'_>,

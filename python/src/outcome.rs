@@ -33,7 +33,12 @@ pub fn error<'py>(py: Python<'py>, e: &ClientError) -> PyResult<Bound<'py, PyAny
 
 /// An invalid argument found before any request was sent.
 pub fn invalid<'py>(py: Python<'py>, msg: &str) -> PyResult<Bound<'py, PyAny>> {
-    failure(py, ErrorCode::InvalidArgument, ErrorCode::InvalidArgument.name(), msg)
+    failure(
+        py,
+        ErrorCode::InvalidArgument,
+        ErrorCode::InvalidArgument.name(),
+        msg,
+    )
 }
 
 /// One entry per item: the success value converted, or the failure tuple.
@@ -54,5 +59,8 @@ where
 /// Every code the pool answers with, for the Python layer's tables: `{number: name}`.
 #[pyfunction]
 pub fn error_codes() -> Vec<(u16, &'static str)> {
-    ErrorCode::ALL.iter().map(|&c| (c as u16, c.name())).collect()
+    ErrorCode::ALL
+        .iter()
+        .map(|&c| (c as u16, c.name()))
+        .collect()
 }

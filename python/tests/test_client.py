@@ -249,3 +249,17 @@ def test_a_dead_master_fails_within_the_timeout(tmp_path, unique):
     with pytest.raises(kvpool.UnavailableError):
         c.get(unique)
     assert time.monotonic() - start < 10
+
+
+def test_keys_and_remove_regex(client, unique):
+    for i in range(25):
+        client.put(f"{unique}k{i:02d}", b"v")
+    client.put(unique.encode() + b"\xff", b"raw bytes key")
+    keys = list(client.keys(unique, page=7))
+    assert keys == sorted(keys) and len(keys) == 26
+    assert keys[0] == (unique + "k00").encode() and keys[-1] == unique.encode() + b"\xff"
+    assert list(client.keys(unique, limit=3)) == keys[:3]
+    assert client.remove_regex("^" + unique.replace("/", "\\/") + "k1[0-9]$") == 10
+    assert len(list(client.keys(unique))) == 16
+    with pytest.raises(kvpool.InvalidArgumentError, match="unclosed"):
+        client.remove_regex("(unclosed")
