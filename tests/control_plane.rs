@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use kvpool_client::{Client, ClientConfig, ErrorCode};
 use kvpool_proto::{NodeId, PutOptions};
-use kvpool_tests::{alive_nodes, client, config_file, up, value, wait_until, Proc};
+use kvpool_tests::{alive_nodes, client, config_file, store, up, value, wait_until, Proc};
 
 fn tenant_client(master: &str, tenant: &str) -> Client {
     let mut cfg = ClientConfig::with_master(master);
@@ -92,20 +92,6 @@ async fn keys_are_listed_page_by_page_and_removed_by_regex_per_tenant() {
     // Without a tenant, the pattern sees whole wire keys (tenants' included).
     assert_eq!(shared.remove_regex("^page/", false).await.unwrap(), 25);
     assert_eq!(list_all(&shared, "", 1000).await.0.len(), 1 + 15);
-}
-
-fn store(master: &str, name: &str) -> Proc {
-    Proc::start(&[
-        "store",
-        "--master",
-        master,
-        "--listen",
-        "127.0.0.1:0",
-        "--dram",
-        "64MiB",
-        "--name",
-        name,
-    ])
 }
 
 #[tokio::test]

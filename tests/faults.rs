@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use kvpool_proto::PutOptions;
-use kvpool_tests::{alive_nodes, client, config_file, value, wait_until, Proc};
+use kvpool_tests::{alive_nodes, client, config_file, store, value, wait_until, Proc};
 
 const FAST_TTL: &str = "[master]\nnode-ttl = \"2s\"\nheartbeat-interval = \"200ms\"\n";
 
@@ -15,20 +15,6 @@ fn master(cfg: &std::path::Path, listen: &str) -> Proc {
         cfg.to_str().unwrap(),
         "--listen",
         listen,
-    ])
-}
-
-fn store(master: &str, name: &str) -> Proc {
-    Proc::start(&[
-        "store",
-        "--master",
-        master,
-        "--listen",
-        "127.0.0.1:0",
-        "--dram",
-        "64MiB",
-        "--name",
-        name,
     ])
 }
 

@@ -150,6 +150,21 @@ pub fn up(dram: &str, extra: &[&str]) -> Proc {
     Proc::start(&args)
 }
 
+/// `kvpool store` on a free port with 64 MiB of DRAM, registered with `master` as `name`.
+pub fn store(master: &str, name: &str) -> Proc {
+    Proc::start(&[
+        "store",
+        "--master",
+        master,
+        "--listen",
+        "127.0.0.1:0",
+        "--dram",
+        "64MiB",
+        "--name",
+        name,
+    ])
+}
+
 /// A config file in a temp folder, for settings without a flag (short TTLs in fault tests).
 pub fn config_file(text: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
