@@ -355,3 +355,25 @@ def test_import_shim(tmp_path):
     )
     r = run_python(code)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_a_lending_process_that_exits_leaves_the_pool(store, pool, unique):
+    # No close(): the interpreter's exit makes the embedded node leave, so readers get a
+    # clean miss at once instead of errors until the node TTL.
+    code = textwrap.dedent(
+        """
+        import sys
+        from kvpool.mooncake import MooncakeDistributedStore, ReplicateConfig
+        s = MooncakeDistributedStore()
+        assert s.setup("127.0.0.1", "P2PHANDSHAKE", 16 << 20, 0, "tcp", "", sys.argv[1]) == 0
+        cfg = ReplicateConfig(); cfg.preferred_segment = s.get_hostname()
+        assert s.put(sys.argv[2], b"lent" * 1000, cfg) == 0
+        print(s.get_hostname())
+        """
+    )
+    r = run_python(code, pool.master, unique + "k")
+    assert r.returncode == 0, r.stderr
+    seg = r.stdout.strip()
+    assert not any(n["name"] == seg and n["alive"] for n in store._client.status()["nodes"])
+    assert store.is_exist(unique + "k") == 0
+    assert store.get(unique + "k") == b""
