@@ -245,12 +245,15 @@ async fn storage_node_refuses_bad_writes_and_keeps_serving() {
     assert_eq!(h.code(), ErrorCode::BadMagic);
     assert!(closed(&mut s).await);
 
-    // A write cut off mid-payload by a dying client.
+    // A write cut off mid-payload by a dying client. It targets the segment's last MiB: the
+    // node may still be copying its bytes when the next put, which the master places at the
+    // start of the empty segment, is written, and a raw write over that range would corrupt it
+    // (a real client only writes ranges the master gave it).
     let mut s = connect(&data).await;
     let body = encode_body(&Write {
         ops: vec![WriteOp {
             segment: seg,
-            offset: 0,
+            offset: (64 << 20) - (1 << 20),
             len: 1 << 20,
         }],
         tags: vec![],
