@@ -11,6 +11,7 @@
 
 mod buffers;
 mod client;
+mod connector;
 mod node;
 mod outcome;
 mod runtime;
@@ -21,6 +22,10 @@ use pyo3::prelude::*;
 mod _native {
     #[pymodule_export]
     use crate::client::NativeClient;
+    #[pymodule_export]
+    use crate::connector::{
+        cuda_unavailable, BlockHasher, BlockKey, Connector, KvLayout, LayerwiseLoad,
+    };
     #[pymodule_export]
     use crate::node::EmbeddedNode;
     #[pymodule_export]

@@ -1,0 +1,646 @@
+//! The connector's API over engine memory given by address: `BlockHasher` / `BlockKey` (the
+//! block keys), `KvLayout` (an engine's KV cache by address, checked), `Connector` (lookup,
+//! save, load, layer-wise load, detached saves) and `LayerwiseLoad` (a load in flight).
+//! `kvpool.connector` is the documented Python API over them (docs/connector.md, "From
+//! Python").
+//!
+//! Memory is the engine's: a host cache's block ranges become slices only here
+//! ([`host::HostCache`]), and only from a layout's segments, with the block ids checked
+//! against the layout first; a GPU cache (feature `cuda`) goes through
+//! `kvpool_connector::cuda::GpuKvCache`. The transfers are `PoolConnector`'s batched
+//! primitives (`lookup`, `save_parts`, `load_parts`), so the key, tail-first and
+//! already-saved rules are the Rust connector's.
+//!
+//! Every call releases the GIL while it runs. A whole call refused before any transfer (keys
+//! and ids of different lengths, an id out of range, an id listed twice in a load) raises
+//! `ValueError`; per-block outcomes come back one per block, failures as the
+//! `(code, name, message)` tuples of [`crate::outcome`].
+
+#[cfg(feature = "cuda")]
+mod gpu;
+mod host;
+mod keys;
+mod layout;
+mod load;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Condvar, Mutex};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use kvpool_client::{Client, ClientConfig, ClientError, ErrorCode};
+use kvpool_connector::{ConnectorError, PoolConnector};
+use kvpool_proto::{NodeId, PutOptions, Token};
+use pyo3::{exceptions::PyValueError, prelude::*, IntoPyObjectExt};
+
+pub use keys::{BlockHasher, BlockKey};
+pub use layout::KvLayout;
+pub use load::LayerwiseLoad;
+
+use crate::{outcome, runtime};
+use layout::check_ids;
+
+/// A block's failure, without Python objects, so background tasks can hold it and a result
+/// can be handed out more than once.
+#[derive(Debug, Clone)]
+pub(crate) struct Failure {
+    code: ErrorCode,
+    name: &'static str,
+    message: String,
+}
+
+impl Failure {
+    fn new(code: ErrorCode, message: String) -> Self {
+        Failure {
+            code,
+            name: code.name(),
+            message,
+        }
+    }
+
+    fn to_py<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        outcome::failure(py, self.code, self.name, &self.message)
+    }
+}
+
+impl From<&ConnectorError> for Failure {
+    fn from(e: &ConnectorError) -> Self {
+        match e {
+            // The same name `NativeClient` gives it (it has no wire code of its own).
+            ConnectorError::Client(c @ ClientError::BufferTooSmall { .. }) => Failure {
+                code: c.code(),
+                name: outcome::BUFFER_TOO_SMALL,
+                message: c.to_string(),
+            },
+            e => Failure::new(e.code(), e.to_string()),
+        }
+    }
+}
+
+/// A block's save: saved, or why not.
+pub(crate) type Saved = Result<(), Failure>;
+/// A block's load: `Ok(true)` loaded, `Ok(false)` a miss, or why it failed.
+pub(crate) type Loaded = Result<bool, Failure>;
+
+fn saved_to_py<'py>(py: Python<'py>, r: &Saved) -> PyResult<Bound<'py, PyAny>> {
+    match r {
+        Ok(()) => true.into_bound_py_any(py),
+        Err(f) => f.to_py(py),
+    }
+}
+
+fn loaded_to_py<'py>(py: Python<'py>, r: &Loaded) -> PyResult<Bound<'py, PyAny>> {
+    match r {
+        Ok(b) => b.into_bound_py_any(py),
+        Err(f) => f.to_py(py),
+    }
+}
+
+/// Folds one group's results into a load's per-block results: a block is loaded only if
+/// every group was; the first failure wins over a miss.
+fn combine(into: &mut [Loaded], group: &[Loaded]) {
+    for (c, r) in into.iter_mut().zip(group) {
+        match (&*c, r) {
+            (Ok(true), Ok(false)) => *c = Ok(false),
+            (Ok(_), Err(e)) => *c = Err(e.clone()),
+            _ => {}
+        }
+    }
+}
+
+/// Runs `futs` with at most `window` in flight, started in order, and hands each output to
+/// `done` with its index as soon as it is ready. Layer groups are independent batches, so a
+/// group that lands early is published early.
+pub(crate) async fn windowed<F: Future>(
+    futs: Vec<F>,
+    window: usize,
+    mut done: impl FnMut(usize, F::Output),
+) {
+    let mut next = futs.into_iter().enumerate();
+    let mut running: Vec<(usize, Pin<Box<F>>)> = Vec::new();
+    loop {
+        while running.len() < window.max(1) {
+            match next.next() {
+                Some((i, f)) => running.push((i, Box::pin(f))),
+                None => break,
+            }
+        }
+        if running.is_empty() {
+            return;
+        }
+        let (k, out) = std::future::poll_fn(|cx| {
+            for (k, (_, f)) in running.iter_mut().enumerate() {
+                if let Poll::Ready(out) = f.as_mut().poll(cx) {
+                    return Poll::Ready((k, out));
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        // A finished future is never polled again.
+        let (i, _) = running.swap_remove(k);
+        done(i, out);
+    }
+}
+
+/// Every layer group's put batch at once; `objects[g][n]` is block `keys[n]`'s gather list
+/// for group `g`. A block is saved only if every group was (its first failure otherwise).
+pub(crate) async fn save_groups(
+    conn: &PoolConnector,
+    keys: &[kvpool_connector::BlockKey],
+    objects: &[Vec<Vec<&[u8]>>],
+) -> Vec<Saved> {
+    let futs = objects
+        .iter()
+        .enumerate()
+        .map(|(g, per_block)| async move {
+            let items: Vec<(kvpool_connector::BlockKey, &[&[u8]])> = keys
+                .iter()
+                .cloned()
+                .zip(per_block.iter().map(Vec::as_slice))
+                .collect();
+            conn.save_parts(g, &items).await
+        })
+        .collect();
+    let mut out: Vec<Saved> = vec![Ok(()); keys.len()];
+    windowed(futs, usize::MAX, |_, res| {
+        for (o, r) in out.iter_mut().zip(res) {
+            if let (Ok(()), Err(e)) = (&*o, r) {
+                *o = Err(Failure::from(&e));
+            }
+        }
+    })
+    .await;
+    out
+}
+
+/// Every layer group's get batch, at most `window` at once, scattering into
+/// `dests[g][n]` (block `keys[n]`'s scatter list for group `g`); `on_group` sees each group's
+/// results as it lands. Returns the per-block results over all groups.
+pub(crate) async fn load_groups(
+    conn: &PoolConnector,
+    keys: &[kvpool_connector::BlockKey],
+    dests: Vec<Vec<Vec<&mut [u8]>>>,
+    window: usize,
+    mut on_group: impl FnMut(usize, Vec<Loaded>),
+) -> Vec<Loaded> {
+    let futs = dests
+        .into_iter()
+        .enumerate()
+        .map(|(g, mut per_block)| async move {
+            let mut refs: Vec<&mut [&mut [u8]]> =
+                per_block.iter_mut().map(Vec::as_mut_slice).collect();
+            let res = conn.load_parts(g, keys, &mut refs).await;
+            res.iter()
+                .map(|r| r.as_ref().map(|b| *b).map_err(Failure::from))
+                .collect::<Vec<Loaded>>()
+        })
+        .collect();
+    let mut combined: Vec<Loaded> = vec![Ok(true); keys.len()];
+    windowed(futs, window, |g, res| {
+        combine(&mut combined, &res);
+        on_group(g, res);
+    })
+    .await;
+    combined
+}
+
+/// Where the cache's bytes are.
+enum Memory {
+    Host(host::HostCache),
+    #[cfg(feature = "cuda")]
+    Gpu(Arc<kvpool_connector::cuda::GpuKvCache>),
+}
+
+/// Detached saves in flight, and the finished ones not yet collected.
+#[derive(Default)]
+struct DetachedSaves {
+    state: Mutex<SavesState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct SavesState {
+    in_flight: usize,
+    finished: Vec<(String, Vec<Saved>)>,
+}
+
+impl DetachedSaves {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SavesState> {
+        // Only plain data is behind the lock.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Counts a detached save as in flight until it ends, however it ends.
+struct InFlight(Arc<DetachedSaves>);
+
+impl InFlight {
+    fn start(saves: &Arc<DetachedSaves>) -> Self {
+        saves.lock().in_flight += 1;
+        InFlight(saves.clone())
+    }
+
+    fn finish(self, request_id: String, results: Vec<Saved>) {
+        self.0.lock().finished.push((request_id, results));
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.lock().in_flight -= 1;
+        self.0.cv.notify_all();
+    }
+}
+
+/// The pool side of one engine rank over a KV cache given by address (see the module docs).
+#[pyclass(module = "kvpool._native", frozen)]
+pub struct Connector {
+    conn: Arc<PoolConnector>,
+    /// Keeps the layout, and so the memory's owners, alive.
+    layout: Py<KvLayout>,
+    memory: Memory,
+    saves: Arc<DetachedSaves>,
+}
+
+impl Connector {
+    fn num_blocks(&self, py: Python<'_>) -> usize {
+        self.layout.bind(py).get().inner.num_blocks()
+    }
+
+    /// The `(key, block id)` pairs of a call, refused as a whole if the lists differ in
+    /// length or an id is out of range (or, with `distinct`, listed twice).
+    fn blocks(
+        &self,
+        py: Python<'_>,
+        keys: &[PyRef<'_, BlockKey>],
+        block_ids: &[usize],
+        distinct: bool,
+    ) -> PyResult<Vec<(kvpool_connector::BlockKey, usize)>> {
+        if keys.len() != block_ids.len() {
+            return Err(PyValueError::new_err(format!(
+                "{} keys but {} block ids",
+                keys.len(),
+                block_ids.len()
+            )));
+        }
+        check_ids(&self.layout.bind(py).get().inner, block_ids, distinct)?;
+        Ok(keys
+            .iter()
+            .map(|k| k.0.clone())
+            .zip(block_ids.iter().copied())
+            .collect())
+    }
+}
+
+#[pymethods]
+impl Connector {
+    /// A connector for the cache `layout` describes, with its own client of the pool at
+    /// `master` (the client options are `NativeClient`'s). Saves use `replicas`,
+    /// `preferred_nodes` (node ids tried first: the engine's own host's) and `soft_pin`.
+    ///
+    /// The caller's contract, for every call: the layout's memory stays allocated while this
+    /// connector (or a load from it) exists; a block being saved is not written until the
+    /// call returns (for a GPU cache's `save_detached`: until `finished_saves` reports the
+    /// request); a block being loaded is neither read nor written by anyone else until its
+    /// load reports it (`load` returned, `wait_group` for its group, or the handle dropped).
+    #[new]
+    #[pyo3(signature = (
+        layout, master, *, token=None, tenant=None, etcd=Vec::new(), cluster=None,
+        deadline=30.0, verify_checksum=true, local_node=None, max_batch=1024, replicas=1,
+        preferred_nodes=Vec::new(), soft_pin=false
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        layout: Bound<'_, KvLayout>,
+        master: String,
+        token: Option<String>,
+        tenant: Option<String>,
+        etcd: Vec<String>,
+        cluster: Option<String>,
+        deadline: f64,
+        verify_checksum: bool,
+        local_node: Option<u64>,
+        max_batch: usize,
+        replicas: u8,
+        preferred_nodes: Vec<u64>,
+        soft_pin: bool,
+    ) -> PyResult<Self> {
+        let cfg = client_config(
+            master,
+            token,
+            tenant,
+            etcd,
+            cluster,
+            deadline,
+            verify_checksum,
+            local_node,
+            max_batch,
+        )?;
+        if replicas == 0 {
+            return Err(PyValueError::new_err("replicas = 0: must be at least 1"));
+        }
+        let l = layout.get();
+        let opts = PutOptions {
+            replicas,
+            preferred_nodes: preferred_nodes.into_iter().map(NodeId).collect(),
+            soft_pin,
+            ..PutOptions::default()
+        };
+        let conn = PoolConnector::new(Arc::new(Client::new(cfg)), &l.inner).with_put_options(opts);
+        let memory = match l.device {
+            None => Memory::Host(host::HostCache::new(l.inner.clone())),
+            #[cfg(feature = "cuda")]
+            Some(ordinal) => Memory::Gpu(gpu::open(layout.py(), &l.inner, ordinal)?),
+            #[cfg(not(feature = "cuda"))]
+            Some(ordinal) => {
+                return Err(PyValueError::new_err(format!(
+                    "the layout is in memory of CUDA device {ordinal}, and this kvpool was \
+                     built without the cuda feature"
+                )))
+            }
+        };
+        Ok(Connector {
+            conn: Arc::new(conn),
+            layout: layout.unbind(),
+            memory,
+            saves: Arc::default(),
+        })
+    }
+
+    /// The layout this connector moves blocks of.
+    #[getter]
+    fn layout(&self, py: Python<'_>) -> Py<KvLayout> {
+        self.layout.clone_ref(py)
+    }
+
+    /// Pool objects per block.
+    #[getter]
+    fn num_groups(&self) -> usize {
+        self.conn.num_groups()
+    }
+
+    /// How many leading blocks of `keys` are in the pool, every layer group of them (a hole
+    /// ends the match); they get a read lease that keeps them for the load that follows.
+    /// An int, or a failure tuple for a failure inside the matched prefix.
+    fn lookup<'py>(
+        &self,
+        py: Python<'py>,
+        keys: Vec<PyRef<'py, BlockKey>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let keys: Vec<kvpool_connector::BlockKey> = keys.iter().map(|k| k.0.clone()).collect();
+        match runtime::block_on(py, self.conn.lookup(&keys))? {
+            Ok(n) => n.into_bound_py_any(py),
+            Err(e) => Failure::from(&e).to_py(py),
+        }
+    }
+
+    /// Saves block `block_ids[i]` under `keys[i]`, every layer group's batch at once. Per
+    /// block: `True` (saved, or already in the pool) or a failure tuple.
+    fn save<'py>(
+        &self,
+        py: Python<'py>,
+        keys: Vec<PyRef<'py, BlockKey>>,
+        block_ids: Vec<usize>,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let blocks = self.blocks(py, &keys, &block_ids, false)?;
+        drop(keys);
+        let results = match &self.memory {
+            Memory::Host(h) => {
+                let keys: Vec<_> = blocks.iter().map(|(k, _)| k.clone()).collect();
+                // SAFETY: the ids are in range (checked by `blocks`), and the caller's contract
+                // (`Connector.__new__`) keeps the blocks allocated, initialised and unwritten
+                // until this call returns; the slices end with it.
+                let objects = unsafe { h.gather(&block_ids) };
+                runtime::block_on(py, save_groups(&self.conn, &keys, &objects))?
+            }
+            #[cfg(feature = "cuda")]
+            Memory::Gpu(g) => gpu::save(py, g, &self.conn, &blocks)?,
+        };
+        results.iter().map(|r| saved_to_py(py, r)).collect()
+    }
+
+    /// Loads `keys[i]` into block `block_ids[i]` (ids distinct), every layer group's batch at
+    /// once. Per block: `True` (loaded), `False` (a miss: recompute it; its bytes may be
+    /// partly overwritten) or a failure tuple.
+    fn load<'py>(
+        &self,
+        py: Python<'py>,
+        keys: Vec<PyRef<'py, BlockKey>>,
+        block_ids: Vec<usize>,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let blocks = self.blocks(py, &keys, &block_ids, true)?;
+        drop(keys);
+        let results = match &self.memory {
+            Memory::Host(h) => {
+                let keys: Vec<_> = blocks.iter().map(|(k, _)| k.clone()).collect();
+                // SAFETY: the caller's contract (`Connector.__new__`) gives this call the
+                // blocks' bytes alone until it returns; the slices end with it.
+                let dests = unsafe { h.scatter(&block_ids)? };
+                runtime::block_on(
+                    py,
+                    load_groups(&self.conn, &keys, dests, usize::MAX, |_, _| {}),
+                )?
+            }
+            #[cfg(feature = "cuda")]
+            Memory::Gpu(g) => gpu::load(py, g, &self.conn, &blocks)?,
+        };
+        results.iter().map(|r| loaded_to_py(py, r)).collect()
+    }
+
+    /// Starts a layer-wise load and returns at once: one batch per layer group, at most
+    /// `window` groups in flight (2 keeps group 0 from sharing the link with every later
+    /// group), each published as it lands. See `LayerwiseLoad`.
+    #[pyo3(signature = (keys, block_ids, window=2))]
+    fn start_load(
+        slf: &Bound<'_, Self>,
+        keys: Vec<PyRef<'_, BlockKey>>,
+        block_ids: Vec<usize>,
+        window: usize,
+    ) -> PyResult<LayerwiseLoad> {
+        let py = slf.py();
+        let this = slf.get();
+        let blocks = this.blocks(py, &keys, &block_ids, true)?;
+        drop(keys);
+        let connector = slf.clone().unbind();
+        match &this.memory {
+            Memory::Host(h) => load::start_host(connector, h, &this.conn, blocks, window),
+            #[cfg(feature = "cuda")]
+            Memory::Gpu(g) => load::start_gpu(connector, g, &this.conn, blocks),
+        }
+    }
+
+    /// Saves the blocks in the background and returns at once; `finished_saves` reports
+    /// `request_id` with the per-block results when it ends. A host cache's blocks are copied
+    /// out during the call (one memcpy per object), so the engine may reuse them at once; a
+    /// GPU cache's must stay unchanged until the request is reported.
+    fn save_detached(
+        &self,
+        py: Python<'_>,
+        request_id: String,
+        keys: Vec<PyRef<'_, BlockKey>>,
+        block_ids: Vec<usize>,
+    ) -> PyResult<()> {
+        let blocks = self.blocks(py, &keys, &block_ids, false)?;
+        drop(keys);
+        let rt = runtime::runtime()?;
+        let conn = self.conn.clone();
+        let in_flight = InFlight::start(&self.saves);
+        match &self.memory {
+            Memory::Host(h) => {
+                // SAFETY: the ids are in range (checked by `blocks`), and the caller's contract
+                // keeps the blocks allocated, initialised and unwritten until this call
+                // returns; the copies are owned.
+                let staged = py.detach(|| unsafe { h.copy_out(&block_ids) });
+                rt.spawn(async move {
+                    let keys: Vec<_> = blocks.into_iter().map(|(k, _)| k).collect();
+                    let objects: Vec<Vec<Vec<&[u8]>>> = staged
+                        .iter()
+                        .map(|objs| objs.iter().map(|o| vec![o.as_slice()]).collect())
+                        .collect();
+                    let results = save_groups(&conn, &keys, &objects).await;
+                    in_flight.finish(request_id, results);
+                });
+            }
+            #[cfg(feature = "cuda")]
+            Memory::Gpu(g) => {
+                let (cache, owner) = (g.clone(), self.layout.clone_ref(py));
+                rt.spawn(async move {
+                    let results = cache.save(&conn, &blocks).await;
+                    let results = results.iter().map(gpu::saved).collect();
+                    in_flight.finish(request_id, results);
+                    // The device memory stayed referenced until the copies were done.
+                    drop(owner);
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The requests whose detached saves ended since the last call, with their per-block
+    /// results (`True` or a failure tuple), in the order they ended.
+    fn finished_saves<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> PyResult<Vec<(String, Vec<Bound<'py, PyAny>>)>> {
+        let finished = std::mem::take(&mut self.saves.lock().finished);
+        finished
+            .into_iter()
+            .map(|(id, rs)| {
+                let rs = rs
+                    .iter()
+                    .map(|r| saved_to_py(py, r))
+                    .collect::<PyResult<_>>()?;
+                Ok((id, rs))
+            })
+            .collect()
+    }
+
+    /// Blocks until no detached save is in flight (their results stay queued for
+    /// `finished_saves`), at most `timeout` seconds; whether none is.
+    #[pyo3(signature = (timeout=None))]
+    fn wait_saves(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        let deadline = match timeout {
+            None => None,
+            Some(t) if t.is_finite() && t >= 0.0 => {
+                Some(Instant::now() + Duration::from_secs_f64(t))
+            }
+            Some(t) => {
+                return Err(PyValueError::new_err(format!(
+                    "timeout = {t}: must be a non-negative number of seconds"
+                )))
+            }
+        };
+        let saves = &self.saves;
+        Ok(py.detach(|| {
+            let mut s = saves.lock();
+            while s.in_flight > 0 {
+                s = match deadline {
+                    None => saves.cv.wait(s).unwrap_or_else(|p| p.into_inner()),
+                    Some(d) => {
+                        let left = d.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            return false;
+                        }
+                        saves
+                            .cv
+                            .wait_timeout(s, left)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0
+                    }
+                };
+            }
+            true
+        }))
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        format!(
+            "<kvpool Connector master={:?} blocks={} groups={}>",
+            self.conn.client().config().master,
+            self.num_blocks(py),
+            self.conn.num_groups()
+        )
+    }
+}
+
+/// The client configuration, checked as `NativeClient` checks it.
+#[allow(clippy::too_many_arguments)]
+fn client_config(
+    master: String,
+    token: Option<String>,
+    tenant: Option<String>,
+    etcd: Vec<String>,
+    cluster: Option<String>,
+    deadline: f64,
+    verify_checksum: bool,
+    local_node: Option<u64>,
+    max_batch: usize,
+) -> PyResult<ClientConfig> {
+    let token = token
+        .map(|t| Token::new(t.into_bytes()))
+        .transpose()
+        .map_err(|e| PyValueError::new_err(format!("token: {e}")))?;
+    if !(deadline.is_finite() && deadline > 0.0) {
+        return Err(PyValueError::new_err(format!(
+            "deadline = {deadline}: must be a positive number of seconds"
+        )));
+    }
+    if max_batch == 0 {
+        return Err(PyValueError::new_err("max_batch = 0: must be at least 1"));
+    }
+    let defaults = ClientConfig::default();
+    let cfg = ClientConfig {
+        master,
+        token,
+        tenant,
+        etcd,
+        cluster: cluster.unwrap_or(defaults.cluster.clone()),
+        deadline: Duration::from_secs_f64(deadline),
+        verify_checksum,
+        local_node: local_node.map(NodeId),
+        max_batch,
+        ..defaults
+    };
+    cfg.validate().map_err(PyValueError::new_err)?;
+    Ok(cfg)
+}
+
+/// Why GPU memory cannot be used on CUDA device `ordinal`, or `None` when it can.
+#[pyfunction]
+#[pyo3(signature = (ordinal=0))]
+pub fn cuda_unavailable(ordinal: usize) -> Option<String> {
+    #[cfg(feature = "cuda")]
+    {
+        kvpool_connector::cuda::open_device(ordinal)
+            .err()
+            .map(|e| e.to_string())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Some(format!(
+            "kvpool was built without the cuda feature (device {ordinal} not tried)"
+        ))
+    }
+}
