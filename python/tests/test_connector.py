@@ -1,17 +1,22 @@
-"""The connector from Python against a live pool: block keys (the Rust golden vectors),
-layouts by address, save / lookup / load of numpy-backed paged caches byte for byte, layer-wise
-loads, detached saves, refusals, threads and two processes."""
+"""kvpool.connector against a live pool: block keys (the Rust golden vectors), layouts by
+address, save / lookup / load of numpy-backed paged caches byte for byte (vLLM's per-layer
+layouts, MLA, a cross-layer cache sharing their objects), holes and misses, refusals,
+layer-wise loads, detached saves, failures, threads, two processes, and GPU memory where
+there is one."""
 
 from __future__ import annotations
 
+import ctypes
 import threading
 
 import numpy as np
 import pytest
 
+import kvpool
 from kvpool import _native
+from kvpool import connector as kc
 
-from conftest import run_python
+from conftest import run_python, start_pool
 
 GOLDEN = dict(model="meta-llama/Meta-Llama-3-8B", kv_dtype="bf16", layout="vllm-nhd/all", block_size=4)
 
@@ -19,9 +24,9 @@ GOLDEN = dict(model="meta-llama/Meta-Llama-3-8B", kv_dtype="bf16", layout="vllm-
 # ---------------------------------------------------------------------- block keys
 
 
-def golden_hasher(**kw) -> _native.BlockHasher:
+def golden_hasher(**kw) -> kc.BlockHasher:
     g = {**GOLDEN, **kw}
-    return _native.BlockHasher(g["model"], g["kv_dtype"], g["layout"], g["block_size"])
+    return kc.BlockHasher(g["model"], g["kv_dtype"], g["layout"], g["block_size"])
 
 
 def test_keys_match_the_golden_vectors():
@@ -105,51 +110,97 @@ def test_layouts_refuse_aliasing_and_null_regions():
 
 class PagedCache:
     """vLLM's per-layer paged cache in numpy: per layer `[2, num_blocks, block_size, heads,
-    head_dim]` (K then V), or `[num_blocks, block_size, head_dim]` for MLA."""
+    head_dim]` (FlashAttention, K then V), `[num_blocks, 2, ...]` (FlashInfer) or
+    `[num_blocks, block_size, head_dim]` (MLA)."""
 
-    def __init__(self, layers=4, blocks=16, block_size=4, heads=2, head_dim=8, mla=False, layers_per_group=None):
-        self.mla = mla
-        shape = (blocks, block_size, head_dim) if mla else (2, blocks, block_size, heads, head_dim)
+    def __init__(
+        self, layers=4, blocks=16, block_size=4, heads=2, head_dim=8, kind="flash", layers_per_group=None
+    ):
+        self.kind = kind
+        shape = {
+            "flash": (2, blocks, block_size, heads, head_dim),
+            "flashinfer": (blocks, 2, block_size, heads, head_dim),
+            "mla": (blocks, block_size, head_dim),
+        }[kind]
         self.tensors = [np.zeros(shape, dtype=np.float16) for _ in range(layers)]
-        block_bytes = self.block(0, 0, 0).nbytes
-        bases = []
-        for t in self.tensors:
-            bases.append(t.ctypes.data)
-            if not mla:
-                bases.append(t.ctypes.data + blocks * block_bytes)
-        self.layout = _native.KvLayout.paged_vllm(
-            bases, block_bytes, blocks, k_and_v=not mla, layers_per_group=layers_per_group, keepalive=self.tensors
-        )
+        named = {f"model.layers.{i}.attn": t for i, t in enumerate(self.tensors)}
+        self.layout = kc.paged_layout(named, layers_per_group=layers_per_group)
+
+    @property
+    def kvs(self) -> range:
+        return range(1 if self.kind == "mla" else 2)
 
     def block(self, layer: int, kv: int, b: int) -> np.ndarray:
-        return self.tensors[layer][b] if self.mla else self.tensors[layer][kv, b]
+        t = self.tensors[layer]
+        if self.kind == "mla":
+            return t[b]
+        return t[kv, b] if self.kind == "flash" else t[b, kv]
 
     def fill(self, b: int, seed: int) -> None:
-        """What a forward pass writes into block `b`: bytes that depend on `seed`."""
+        """What a forward pass writes into block `b`: values that depend on `seed`."""
         rng = np.random.default_rng(seed)
         for layer in range(len(self.tensors)):
-            for kv in range(1 if self.mla else 2):
+            for kv in self.kvs:
                 blk = self.block(layer, kv, b)
                 blk[...] = rng.standard_normal(blk.shape).astype(np.float16)
 
     def bytes_of(self, b: int, layers=None) -> bytes:
+        """Block `b`'s object bytes (§2.1: layers ascending, K then V)."""
         layers = range(len(self.tensors)) if layers is None else layers
-        return b"".join(self.block(l, kv, b).tobytes() for l in layers for kv in range(1 if self.mla else 2))
+        return b"".join(self.block(l, kv, b).tobytes() for l in layers for kv in self.kvs)
 
 
-def connector(pool, cache: PagedCache, **kw) -> _native.Connector:
-    return _native.Connector(cache.layout, pool.master, deadline=10.0, **kw)
+def connector(pool, cache, **kw) -> kc.Connector:
+    return kc.Connector(cache.layout, pool.master, timeout=10, **kw)
 
 
-def hasher_for(unique: str, cache: PagedCache, block_size=4) -> _native.BlockHasher:
-    return _native.BlockHasher(unique, "f16", "vllm-nhd/" + cache.layout.grouping_tag, block_size)
+def hasher_for(unique: str, cache, block_size=4) -> kc.BlockHasher:
+    return kc.BlockHasher(unique, "f16", "vllm-nhd/" + cache.layout.grouping_tag, block_size)
 
 
-@pytest.mark.parametrize("mla", [False, True], ids=["kv", "mla"])
+def test_paged_layout_reads_vllm_tensors():
+    flash = PagedCache(layers=2, blocks=8, kind="flash")
+    t = flash.tensors[0]
+    bb = 4 * 2 * 8 * 2
+    assert flash.layout.regions[:2] == [(t.ctypes.data, bb, bb), (t.ctypes.data + 8 * bb, bb, bb)]
+    assert (flash.layout.num_layers, flash.layout.regions_per_layer, flash.layout.num_blocks) == (2, 2, 8)
+    inf = PagedCache(layers=2, blocks=8, kind="flashinfer")
+    t = inf.tensors[1]
+    assert inf.layout.regions[2:] == [(t.ctypes.data, 2 * bb, bb), (t.ctypes.data + bb, 2 * bb, bb)]
+    mla = PagedCache(layers=3, blocks=8, kind="mla")
+    assert mla.layout.regions_per_layer == 1 and mla.layout.object_len(0) == 3 * 4 * 8 * 2
+    assert flash.layout.device is None
+    # HND: the tensor is [2, blocks, heads, block_size, dim] in memory, seen as NHD; a block
+    # is still one range, copied as laid out.
+    hnd = np.zeros((2, 8, 2, 4, 8), dtype=np.float16).transpose(0, 1, 3, 2, 4)
+    l = kc.paged_layout([hnd])
+    assert l.regions == [(hnd.ctypes.data, bb, bb), (hnd.ctypes.data + 8 * bb, bb, bb)]
+    with pytest.raises(kvpool.InvalidArgumentError, match="not contiguous"):
+        kc.paged_layout([np.zeros((2, 8, 4, 2, 16), dtype=np.float16)[..., ::2]])
+    with pytest.raises(kvpool.InvalidArgumentError, match="read-only"):
+        ro = np.zeros((2, 8, 4, 2, 8), dtype=np.float16)
+        ro.flags.writeable = False
+        kc.paged_layout([ro])
+    with pytest.raises(kvpool.InvalidArgumentError, match="blocks"):
+        kc.paged_layout([np.zeros((2, 8, 4, 2, 8)), np.zeros((2, 9, 4, 2, 8))])
+    with pytest.raises(kvpool.InvalidArgumentError, match="K/V"):
+        kc.paged_layout([np.zeros((3, 8, 4, 2, 8))])
+    with pytest.raises(kvpool.InvalidArgumentError):
+        kc.paged_layout([])
+    with pytest.raises(TypeError):
+        kc.paged_layout([bytearray(64)])
+    buf = np.zeros((8, 3, 2, 64), dtype=np.uint8)
+    l = kc.block_first_layout(buf, num_layers=3, num_blocks=8)
+    assert l.segments(5, 0) == [(buf.ctypes.data + 5 * 384, 384)]
+    with pytest.raises(kvpool.InvalidArgumentError, match="split"):
+        kc.layer_first_layout(buf, num_layers=5, num_blocks=8)
+
+
+@pytest.mark.parametrize("kind", ["flash", "flashinfer", "mla"])
 @pytest.mark.parametrize("layers_per_group", [None, 2], ids=["all", "l2"])
-def test_save_then_load_into_another_cache_byte_for_byte(pool, unique, mla, layers_per_group):
-    src = PagedCache(layers=5, mla=mla, layers_per_group=layers_per_group)
-    dst = PagedCache(layers=5, mla=mla, layers_per_group=layers_per_group)
+def test_save_then_load_into_another_cache_byte_for_byte(pool, unique, kind, layers_per_group):
+    src = PagedCache(layers=5, kind=kind, layers_per_group=layers_per_group)
+    dst = PagedCache(layers=5, kind=kind, layers_per_group=layers_per_group)
     h = hasher_for(unique, src)
     keys = h.keys(list(range(6 * 4 + 3)))  # 6 full blocks and a partial one
     assert len(keys) == 6
@@ -159,47 +210,69 @@ def test_save_then_load_into_another_cache_byte_for_byte(pool, unique, mla, laye
     a, b = connector(pool, src), connector(pool, dst)
     assert a.num_groups == (1 if layers_per_group is None else 3)
     assert b.lookup(keys) == 0
-    assert a.save(keys, src_ids) == [True] * 6
-    assert a.save(keys, src_ids) == [True] * 6  # already in the pool counts as saved
+    assert a.save(keys, src_ids) == [None] * 6
+    assert a.save(keys, np.array(src_ids)) == [None] * 6  # already in the pool counts as saved
     assert b.lookup(keys) == 6
     dst_ids = [15, 1, 2, 8, 4, 11]
     assert b.load(keys, dst_ids) == [True] * 6
     for s, d in zip(src_ids, dst_ids):
         assert dst.bytes_of(d) == src.bytes_of(s)
-    # The objects are the layout's object format: layers ascending, K then V.
-    c = _native.NativeClient(pool.master)
-    g = 0 if layers_per_group is None else 1
-    layers = range(5) if layers_per_group is None else range(2, 4)
-    assert c.get_values([keys[0].wire(None if layers_per_group is None else g)])[0] == src.bytes_of(3, layers)
+    # The objects are the object format of docs/connector.md §2.1.
+    g = None if layers_per_group is None else 1
+    layers = range(5) if g is None else range(2, 4)
+    with kvpool.Client(pool.master) as c:
+        assert c.get(keys[0].wire(g)) == src.bytes_of(3, layers)
+
+
+def test_a_cross_layer_cache_shares_objects_with_a_paged_one(pool, unique):
+    paged = PagedCache(layers=3, blocks=8)
+    # vLLM's cross-layer (block-first) cache: [num_blocks][layers][K, V][block_size, heads, dim].
+    cross = np.zeros((8, 3, 2, 4, 2, 8), dtype=np.float16)
+    layout = kc.block_first_layout(cross, num_layers=3, num_blocks=8)
+    keys = hasher_for(unique, paged).keys(list(range(12)))
+    for b in (1, 2, 3):
+        paged.fill(b, 40 + b)
+    a = connector(pool, paged)
+    x = kc.Connector(layout, pool.master, timeout=10)
+    assert a.save(keys, [1, 2, 3]) == [None] * 3
+    assert x.load(keys, [7, 0, 5]) == [True] * 3
+    for s, d in ((1, 7), (2, 0), (3, 5)):
+        for layer in range(3):
+            for kv in range(2):
+                assert (cross[d, layer, kv] == paged.block(layer, kv, s)).all()
+    # And back: the cross-layer cache saves, the paged one loads.
+    cross[6] = np.arange(cross[6].size, dtype=np.float16).reshape(cross[6].shape)
+    more = hasher_for(unique, paged).keys(list(range(16)))[3:]
+    assert x.save(more, [6]) == [None]
+    assert a.load(more, [0]) == [True]
+    assert paged.bytes_of(0) == cross[6].tobytes()
 
 
 def test_lookup_stops_at_a_hole_and_misses_load_false(pool, unique):
     src, dst = PagedCache(), PagedCache()
-    h = hasher_for(unique, src)
-    keys = h.keys(list(range(5 * 4)))
+    keys = hasher_for(unique, src).keys(list(range(5 * 4)))
     for b in range(5):
         src.fill(b, seed=10 + b)
     a, b = connector(pool, src), connector(pool, dst)
     # Blocks 0, 1, 3, 4 saved; block 2 is a hole.
-    assert a.save([keys[i] for i in (0, 1, 3, 4)], [0, 1, 3, 4]) == [True] * 4
+    assert a.save([keys[i] for i in (0, 1, 3, 4)], [0, 1, 3, 4]) == [None] * 4
     assert b.lookup(keys) == 2
     assert b.lookup(keys[:2]) == 2
     assert b.lookup([]) == 0
-    res = b.load(keys, [10, 11, 12, 13, 14])
-    assert res == [True, True, False, True, True]
+    assert b.load(keys, [10, 11, 12, 13, 14]) == [True, True, False, True, True]
     for s, d in ((0, 10), (1, 11), (3, 13), (4, 14)):
         assert dst.bytes_of(d) == src.bytes_of(s)
 
 
 def test_a_missing_layer_group_is_a_miss(pool, unique):
     src, dst = PagedCache(layers_per_group=2), PagedCache(layers_per_group=2)
-    h = hasher_for(unique, src)
-    keys = h.keys(list(range(8)))
+    keys = hasher_for(unique, src).keys(list(range(8)))
     src.fill(0, 1)
     src.fill(1, 2)
     a, b = connector(pool, src), connector(pool, dst)
-    assert a.save(keys, [0, 1]) == [True, True]
-    _native.NativeClient(pool.master).remove([keys[1].wire(1)], True)
+    assert a.save(keys, [0, 1]) == [None, None]
+    with kvpool.Client(pool.master) as c:
+        assert c.remove(keys[1].wire(1), force=True)
     assert b.lookup(keys) == 1
     assert b.load(keys, [5, 6]) == [True, False]
     assert dst.bytes_of(5) == src.bytes_of(0)
@@ -207,38 +280,40 @@ def test_a_missing_layer_group_is_a_miss(pool, unique):
 
 def test_bad_block_ids_are_refused_before_any_transfer(pool, unique):
     src = PagedCache(blocks=8)
-    h = hasher_for(unique, src)
-    keys = h.keys(list(range(12)))
+    keys = hasher_for(unique, src).keys(list(range(12)))
     c = connector(pool, src)
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(kvpool.InvalidArgumentError, match="out of range") as e:
         c.save(keys, [0, 1, 8])
-    with pytest.raises(ValueError, match="keys but"):
+    assert e.value.name == "InvalidArgument" and e.value.code == kvpool.errors.CODES["InvalidArgument"]
+    with pytest.raises(kvpool.InvalidArgumentError, match="keys but"):
         c.save(keys, [0, 1])
     assert c.lookup(keys) == 0  # nothing was written
-    with pytest.raises(ValueError, match="twice"):
+    with pytest.raises(kvpool.InvalidArgumentError, match="twice"):
         c.load(keys, [0, 1, 1])
-    with pytest.raises(ValueError, match="twice"):
+    with pytest.raises(kvpool.InvalidArgumentError, match="twice"):
         c.start_load(keys, [2, 2, 3])
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(kvpool.InvalidArgumentError, match="out of range"):
         c.save_detached("r", keys, [0, 1, 99])
-    with pytest.raises(OverflowError):
+    with pytest.raises(kvpool.InvalidArgumentError):
         c.load(keys, [0, 1, -1])
-    # A save may list a block twice (two keys, same bytes): only loads may not.
+    # The native layer refuses the same way, with ValueError.
+    with pytest.raises(ValueError, match="out of range"):
+        c._native.load(keys, [0, 1, 8])
+    # A save may list a block twice (two keys, same bytes): only a load may not.
     src.fill(4, 4)
-    assert c.save(keys[:2], [4, 4]) == [True, True]
+    assert c.save(keys[:2], [4, 4]) == [None, None]
 
 
 def test_layerwise_load_publishes_each_group(pool, unique):
     src, dst = PagedCache(layers=6, layers_per_group=2), PagedCache(layers=6, layers_per_group=2)
-    h = hasher_for(unique, src)
-    keys = h.keys(list(range(4 * 4)))
+    keys = hasher_for(unique, src).keys(list(range(4 * 4)))
     for b in range(4):
         src.fill(b, 20 + b)
     a, b = connector(pool, src), connector(pool, dst)
-    assert a.save(keys[:3], [0, 1, 2]) == [True] * 3
+    assert a.save(keys[:3], [0, 1, 2]) == [None] * 3
     load = b.start_load(keys, [8, 9, 10, 11], window=2)
     assert load.num_groups == 3
-    for g in range(3):
+    for g in range(3):  # in group order, as an engine's forward pass waits
         assert load.wait_group(g) == [True, True, True, False]
         layers = range(2 * g, 2 * g + 2)
         for s, d in ((0, 8), (1, 9), (2, 10)):
@@ -246,16 +321,24 @@ def test_layerwise_load_publishes_each_group(pool, unique):
     assert load.wait() == [True, True, True, False]
     assert load.wait_group(0) == [True, True, True, False]  # again, any order
     assert load.done()
-    with pytest.raises(ValueError):
+    with pytest.raises(kvpool.InvalidArgumentError):
         load.wait_group(3)
-    # Dropping a load that was never waited for cancels it safely.
+    # Dropping a load that was never waited for cancels it, and waits for it to stop.
     b.start_load(keys, [12, 13, 14, 15])
+    # Threads wait for different groups of one load.
+    load = b.start_load(keys[:3], [4, 5, 6], window=1)
+    got = {}
+    ts = [threading.Thread(target=lambda g=g: got.__setitem__(g, load.wait_group(g))) for g in (2, 0, 1)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    assert got == {g: [True] * 3 for g in range(3)}
 
 
 def test_detached_saves_are_reported_per_request(pool, unique):
     src, dst = PagedCache(), PagedCache()
-    h = hasher_for(unique, src)
-    keys = h.keys(list(range(6 * 4)))
+    keys = hasher_for(unique, src).keys(list(range(6 * 4)))
     for b in range(6):
         src.fill(b, 30 + b)
     want = [src.bytes_of(b) for b in range(6)]
@@ -265,33 +348,43 @@ def test_detached_saves_are_reported_per_request(pool, unique):
     for b in range(6):  # the blocks were copied: the engine may reuse them at once
         src.fill(b, 99)
     assert a.wait_saves(timeout=10)
-    done = dict(a.finished_saves())
-    assert done == {"req-1": [True] * 3, "req-2": [True] * 3}
+    assert dict(a.finished_saves()) == {"req-1": [None] * 3, "req-2": [None] * 3}
     assert a.finished_saves() == []
     b = connector(pool, dst)
     assert b.load(keys, list(range(6))) == [True] * 6
     assert [dst.bytes_of(i) for i in range(6)] == want
 
 
-def test_failures_are_tuples_and_lookup_failures_too(tmp_path, unique):
-    from conftest import start_pool
-
+def test_failures_per_block_and_whole_call(tmp_path, unique):
     p = start_pool(tmp_path, "--dram", "32MiB")
     p.stop()
     src = PagedCache()
-    c = _native.Connector(src.layout, p.master, deadline=0.5)
     keys = hasher_for(unique, src).keys(list(range(8)))
-    res = c.save(keys, [0, 1])
+    # Native: failures are (code, name, message) tuples, per block.
+    n = _native.Connector(src.layout, p.master, deadline=0.5)
+    res = n.save(keys, [0, 1])
     assert all(type(r) is tuple and len(r) == 3 for r in res), res
     code, name, msg = res[0]
     assert dict(_native.error_codes())[code] == name and msg
-    assert type(c.lookup(keys)) is tuple
-    assert type(c.load(keys, [0, 1])[0]) is tuple
+    assert type(n.lookup(keys)) is tuple
+    # Python: per-block errors are returned as the typed exceptions, a failed lookup raises.
+    c = kc.Connector(src.layout, p.master, timeout=0.5)
+    assert all(isinstance(e, kvpool.UnavailableError) for e in c.save(keys, [0, 1]))
+    assert all(isinstance(e, kvpool.UnavailableError) for e in c.load(keys, [0, 1]))
+    with pytest.raises(kvpool.UnavailableError):
+        c.lookup(keys)
+    c.save_detached("r", keys, [0, 1])
+    assert c.wait_saves(10)
+    [(rid, errs)] = c.finished_saves()
+    assert rid == "r" and all(isinstance(e, kvpool.UnavailableError) for e in errs)
+    with pytest.raises(kvpool.InvalidArgumentError):
+        kc.Connector(src.layout, p.master, timeout=0)
+    with pytest.raises(kvpool.InvalidArgumentError):
+        kc.Connector(src.layout, p.master, replicas=0)
 
 
 def test_threads_share_a_connector(pool, unique):
-    src = PagedCache(blocks=64)
-    dst = PagedCache(blocks=64)
+    src, dst = PagedCache(blocks=64), PagedCache(blocks=64)
     h = hasher_for(unique, src)
     a, b = connector(pool, src), connector(pool, dst)
     errors = []
@@ -302,9 +395,10 @@ def test_threads_share_a_connector(pool, unique):
             ids = list(range(t * 8, t * 8 + 8))
             for i in ids:
                 src.fill(i, 1000 + i)
-            assert a.save(keys, ids) == [True] * 8
+            assert a.save(keys, ids) == [None] * 8
             assert b.lookup(keys) == 8
-            assert b.load(keys, ids) == [True] * 8
+            load = b.start_load(keys, ids)
+            assert load.wait() == [True] * 8
             for i in ids:
                 assert dst.bytes_of(i) == src.bytes_of(i)
         except BaseException as e:  # reported by the main thread
@@ -321,27 +415,22 @@ def test_threads_share_a_connector(pool, unique):
 SAVER = """
 import sys
 import numpy as np
-from kvpool import _native
+from kvpool import connector as kc
 
 master, model = sys.argv[1], sys.argv[2]
-t = [np.zeros((2, 8, 4, 2, 8), dtype=np.float16) for _ in range(3)]
-bb = t[0][0, 0].nbytes
-bases = [x for a in t for x in (a.ctypes.data, a.ctypes.data + 8 * bb)]
-layout = _native.KvLayout.paged_vllm(bases, bb, 8, keepalive=t)
-for layer, a in enumerate(t):
-    a[...] = np.arange(a.size, dtype=np.float16).reshape(a.shape) + layer
-c = _native.Connector(layout, master)
-keys = _native.BlockHasher(model, "f16", "vllm-nhd/all", 4).keys(list(range(12)))
-print(c.save(keys, [5, 6, 7]))
+t = [np.arange(2 * 8 * 4 * 2 * 8, dtype=np.float16).reshape(2, 8, 4, 2, 8) + l for l in range(3)]
+c = kc.Connector(kc.paged_layout(t), master)
+keys = kc.BlockHasher(model, "f16", "vllm-nhd/all", 4).keys(list(range(12)))
+print(c.save(keys, [5, 6, 7]), [k.to_param() for k in keys])
 """
 
 
 def test_another_process_saves_and_this_one_loads(pool, unique):
     out = run_python(SAVER, pool.master, unique)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[True, True, True]"
     dst = PagedCache(layers=3, blocks=8, block_size=4, heads=2, head_dim=8)
     keys = hasher_for(unique, dst).keys(list(range(12)))
+    assert out.stdout.strip() == f"[None, None, None] {[k.to_param() for k in keys]}"
     c = connector(pool, dst)
     assert c.lookup(keys) == 3
     assert c.load(keys, [0, 1, 2]) == [True] * 3
@@ -350,7 +439,86 @@ def test_another_process_saves_and_this_one_loads(pool, unique):
         assert (dst.tensors[layer][:, 0:3] == want[:, 5:8]).all()
 
 
-def test_gpu_memory_needs_the_cuda_feature_and_a_device():
-    reason = _native.cuda_unavailable(0)
+# ---------------------------------------------------------------------- GPU memory
+
+
+class Cuda:
+    """Just enough of the CUDA driver API (ctypes, no torch) to own device memory."""
+
+    def __init__(self) -> None:
+        self.lib = ctypes.CDLL("libcuda.so.1")
+        self.check(self.lib.cuInit(0))
+        dev, ctx = ctypes.c_int(), ctypes.c_void_p()
+        self.check(self.lib.cuDeviceGet(ctypes.byref(dev), 0))
+        # The primary context: the one the CUDA runtime (torch) and kvpool's connector use.
+        self.check(self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev))
+        self.check(self.lib.cuCtxSetCurrent(ctx))
+
+    @staticmethod
+    def check(r: int) -> None:
+        assert r == 0, f"CUDA driver error {r}"
+
+    def alloc(self, n: int) -> int:
+        p = ctypes.c_uint64()
+        self.check(self.lib.cuMemAlloc_v2(ctypes.byref(p), ctypes.c_size_t(n)))
+        return p.value
+
+    def free(self, p: int) -> None:
+        self.check(self.lib.cuMemFree_v2(ctypes.c_uint64(p)))
+
+    def upload(self, dst: int, a: np.ndarray) -> None:
+        n = ctypes.c_size_t(a.nbytes)
+        self.check(self.lib.cuMemcpyHtoD_v2(ctypes.c_uint64(dst), ctypes.c_void_p(a.ctypes.data), n))
+
+    def download(self, src: int, a: np.ndarray) -> None:
+        n = ctypes.c_size_t(a.nbytes)
+        self.check(self.lib.cuMemcpyDtoH_v2(ctypes.c_void_p(a.ctypes.data), ctypes.c_uint64(src), n))
+
+
+def test_gpu_memory_saves_and_loads_through_the_pool(pool, unique):
+    reason = kc.cuda_unavailable(0)
     if reason is not None:
-        pytest.skip(f"no GPU path here: {reason}")
+        pytest.skip(f"no GPU memory path here: {reason}")
+    cuda = Cuda()
+    layers, blocks = 4, 8
+    host = PagedCache(layers=layers, blocks=blocks, layers_per_group=2)
+    bb = host.block(0, 0, 0).nbytes
+    tensor = 2 * blocks * bb  # one FlashAttention tensor per layer
+    src = [cuda.alloc(tensor) for _ in range(layers)]
+    dst = [cuda.alloc(tensor) for _ in range(layers)]
+    try:
+        for b in range(blocks):
+            host.fill(b, 500 + b)
+        for p, t in zip(src, host.tensors):
+            cuda.upload(p, t)
+
+        def gpu_layout(ptrs):
+            bases = [x for p in ptrs for x in (p, p + blocks * bb)]
+            return kc.KvLayout.paged_vllm(bases, bb, blocks, layers_per_group=2, device=0)
+
+        keys = hasher_for(unique, host).keys(list(range(4 * 4)))
+        g_src = kc.Connector(gpu_layout(src), pool.master, timeout=10)
+        g_dst = kc.Connector(gpu_layout(dst), pool.master, timeout=10)
+        assert g_src.save(keys, [1, 3, 5, 7]) == [None] * 4
+        # A host cache loads what the GPU saved.
+        back = PagedCache(layers=layers, blocks=blocks, layers_per_group=2)
+        assert connector(pool, back).load(keys, [0, 1, 2, 3]) == [True] * 4
+        for s, d in ((1, 0), (3, 1), (5, 2), (7, 3)):
+            assert back.bytes_of(d) == host.bytes_of(s)
+        # Another GPU cache loads it, layer-wise, and blocking.
+        load = g_dst.start_load(keys[:2], [6, 7])
+        for g in range(load.num_groups):
+            assert load.wait_group(g) is None
+        assert load.wait() == [True, True]
+        assert g_dst.load(keys[2:], [0, 2]) == [True, True]
+        out = np.zeros_like(host.tensors[0])
+        for layer, p in enumerate(dst):
+            cuda.download(p, out)
+            for kv in range(2):
+                for s, d in ((1, 6), (3, 7), (5, 0), (7, 2)):
+                    assert (out[kv, d] == host.block(layer, kv, s)).all()
+        with pytest.raises(kvpool.InvalidArgumentError, match="twice"):
+            g_dst.load(keys[:2], [1, 1])
+    finally:
+        for p in src + dst:
+            cuda.free(p)
