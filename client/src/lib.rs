@@ -323,7 +323,11 @@ fn internal(msg: &str) -> ClientError {
 
 /// A copy of an error for every item of a batch that failed as a whole.
 fn clone_err(e: &ClientError) -> ClientError {
-    ClientError::Remote(kvpool_proto::WireError::new(e.code(), e.to_string()))
+    match e {
+        // Copied as is: re-wrapping would print the code twice ("Io(602): Io(602): ...").
+        ClientError::Remote(w) => ClientError::Remote(w.clone()),
+        _ => ClientError::Remote(kvpool_proto::WireError::new(e.code(), e.to_string())),
+    }
 }
 
 /// Engines spawn client calls on multi-threaded runtimes: every public future must be `Send`.
@@ -353,6 +357,18 @@ mod tests {
         assert_eq!(with_tenant(Some("")).wire_key(b"k"), b"k");
         // An empty key stays empty: the master refuses it like any empty key.
         assert_eq!(with_tenant(Some("a")).wire_key(b""), b"");
+    }
+
+    #[test]
+    fn a_copied_error_names_its_code_once() {
+        let remote = ClientError::Remote(kvpool_proto::WireError::new(ErrorCode::Io, "refused"));
+        assert_eq!(clone_err(&remote).to_string(), "Io(602): refused");
+        assert_eq!(
+            clone_err(&clone_err(&remote)).to_string(),
+            "Io(602): refused"
+        );
+        let local = ClientError::LeaseExpired;
+        assert_eq!(clone_err(&local).code(), ErrorCode::LeaseExpired);
     }
 
     #[tokio::test]
