@@ -475,6 +475,17 @@ class Cuda:
         self.check(self.lib.cuMemcpyDtoH_v2(ctypes.c_void_p(a.ctypes.data), ctypes.c_uint64(src), n))
 
 
+def test_a_gpu_layout_without_a_gpu_path_is_refused(pool):
+    reason = kc.cuda_unavailable(0)
+    if reason is None:
+        pytest.skip("this machine has a GPU memory path")
+    buf = np.zeros(4096, dtype=np.uint8)  # a host address standing in for a device pointer
+    layout = kc.KvLayout.block_first(buf.ctypes.data, 2, 4, 256, device=0)
+    assert layout.device == 0
+    with pytest.raises(kvpool.InvalidArgumentError, match="cuda|CUDA"):
+        kc.Connector(layout, pool.master)
+
+
 def test_gpu_memory_saves_and_loads_through_the_pool(pool, unique):
     reason = kc.cuda_unavailable(0)
     if reason is not None:
