@@ -142,7 +142,9 @@ class Client:
             self._check_open()
             out = self._native.put_values(keys, values, **_put_opts(opts))
             return _unit_results(out, raise_on_error)
-        return self.put_batch_parts(keys, [[v] for v in values], raise_on_error=raise_on_error, **opts)
+        return self.put_batch_parts(
+            keys, [[v] for v in values], raise_on_error=raise_on_error, **opts
+        )
 
     def put_batch_parts(
         self,
@@ -178,8 +180,11 @@ class Client:
         with ``counts``, ``counts[i]`` consecutive buffers gathered for key ``i``."""
         self._check_open()
         out = self._native.put_from(
-            list(keys), list(addresses), list(sizes),
-            None if counts is None else list(counts), **_put_opts(opts)
+            list(keys),
+            list(addresses),
+            list(sizes),
+            None if counts is None else list(counts),
+            **_put_opts(opts),
         )
         return _unit_results(out, raise_on_error)
 
@@ -189,7 +194,9 @@ class Client:
         """The value of ``key`` as bytes, or ``None`` when it is not in the pool."""
         return self.get_batch([key])[0]
 
-    def get_batch(self, keys: Sequence[Key], *, raise_on_error: bool = True) -> List[Optional[bytes]]:
+    def get_batch(
+        self, keys: Sequence[Key], *, raise_on_error: bool = True
+    ) -> List[Optional[bytes]]:
         """Each key's value as bytes (``None`` on a miss)."""
         self._check_open()
         return _results(self._native.get_values(list(keys)), raise_on_error)
@@ -207,7 +214,9 @@ class Client:
         self, keys: Sequence[Key], buffers: Sequence[Buffer], *, raise_on_error: bool = True
     ) -> List[Optional[int]]:
         """Reads each key into its buffer; each value's length or ``None``."""
-        return self.get_batch_into_parts(keys, [[b] for b in buffers], raise_on_error=raise_on_error)
+        return self.get_batch_into_parts(
+            keys, [[b] for b in buffers], raise_on_error=raise_on_error
+        )
 
     def get_batch_into_parts(
         self,
@@ -288,7 +297,9 @@ class Client:
         self._check_open()
         return check(self._native.remove_regex(pattern, force))
 
-    def keys(self, prefix: Key = b"", *, limit: Optional[int] = None, page: int = 1000) -> Iterator[bytes]:
+    def keys(
+        self, prefix: Key = b"", *, limit: Optional[int] = None, page: int = 1000
+    ) -> Iterator[bytes]:
         """Committed keys starting with ``prefix``, in byte order, fetched ``page`` at a
         time (at most ``limit`` in all). Keys written meanwhile may or may not appear."""
         self._check_open()

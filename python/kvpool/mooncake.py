@@ -378,7 +378,9 @@ class MooncakeDistributedStore:
         """Mooncake's dummy client attaches to a local real client; kvpool clients need no
         such helper, so this connects straight to the master at ``server_address`` and
         lends no memory (``mem_pool_size`` and ``local_buffer_size`` are not needed)."""
-        return self.setup("localhost", "P2PHANDSHAKE", 0, local_buffer_size, "tcp", "", server_address)
+        return self.setup(
+            "localhost", "P2PHANDSHAKE", 0, local_buffer_size, "tcp", "", server_address
+        )
 
     def close(self) -> int:
         """Leaves the pool (the embedded node, if any, goes first) and closes. Idempotent."""
@@ -451,7 +453,9 @@ class MooncakeDistributedStore:
             return [INTERNAL_ERROR] * len(keys)
         if not _same_len(ptrs, sizes) or (counts is None and len(keys) != len(ptrs)):
             return [INVALID_PARAMS] * len(keys)
-        return _int_results(c.put_from(list(keys), list(ptrs), list(sizes), counts, **self._opts(config, overwrite)))
+        return _int_results(
+            c.put_from(list(keys), list(ptrs), list(sizes), counts, **self._opts(config, overwrite))
+        )
 
     def _put_buffers(self, keys, values, config, overwrite) -> List[int]:
         c = self._c()
@@ -477,7 +481,9 @@ class MooncakeDistributedStore:
         try:
             with Pinned() as pinned:
                 ptrs, sizes, counts = flat(pinned, [parts], writable=False)
-                return _int_results(c.put_from([key], ptrs, sizes, counts, **self._opts(config, overwrite)))[0]
+                return _int_results(
+                    c.put_from([key], ptrs, sizes, counts, **self._opts(config, overwrite))
+                )[0]
         except (BufferError, TypeError) as e:
             _warn(f"put_parts: {e}")
             return INVALID_PARAMS
@@ -487,7 +493,9 @@ class MooncakeDistributedStore:
     def put(self, key: str, value, config: Optional[ReplicateConfig] = None) -> int:
         return self._put_buffers([key], [value], config, False)[0]
 
-    def put_batch(self, keys: List[str], values: list, config: Optional[ReplicateConfig] = None) -> int:
+    def put_batch(
+        self, keys: List[str], values: list, config: Optional[ReplicateConfig] = None
+    ) -> int:
         """0 when every value was stored, else the first failure's code."""
         return _first_error(self._put_buffers(keys, values, config, False))
 
@@ -497,7 +505,9 @@ class MooncakeDistributedStore:
     def upsert(self, key: str, value, config: Optional[ReplicateConfig] = None) -> int:
         return self._put_buffers([key], [value], config, True)[0]
 
-    def upsert_batch(self, keys: List[str], values: list, config: Optional[ReplicateConfig] = None) -> int:
+    def upsert_batch(
+        self, keys: List[str], values: list, config: Optional[ReplicateConfig] = None
+    ) -> int:
         return _first_error(self._put_buffers(keys, values, config, True))
 
     def upsert_parts(self, key: str, *parts, config: Optional[ReplicateConfig] = None) -> int:
@@ -568,19 +578,41 @@ class MooncakeDistributedStore:
     def unregister_buffer(self, buffer_ptr: int) -> int:
         return OK if self._registered.pop(int(buffer_ptr), None) is not None else INVALID_PARAMS
 
-    def put_from(self, key: str, buffer_ptr: int, size: int, config: Optional[ReplicateConfig] = None) -> int:
+    def put_from(
+        self, key: str, buffer_ptr: int, size: int, config: Optional[ReplicateConfig] = None
+    ) -> int:
         return self._put_from([key], [buffer_ptr], [size], None, config, False)[0]
 
-    def upsert_from(self, key: str, buffer_ptr: int, size: int, config: Optional[ReplicateConfig] = None) -> int:
+    def upsert_from(
+        self, key: str, buffer_ptr: int, size: int, config: Optional[ReplicateConfig] = None
+    ) -> int:
         return self._put_from([key], [buffer_ptr], [size], None, config, True)[0]
 
-    def batch_put_from(self, keys: List[str], buffer_ptrs: List[int], sizes: List[int], config: Optional[ReplicateConfig] = None) -> List[int]:
+    def batch_put_from(
+        self,
+        keys: List[str],
+        buffer_ptrs: List[int],
+        sizes: List[int],
+        config: Optional[ReplicateConfig] = None,
+    ) -> List[int]:
         return self._put_from(keys, buffer_ptrs, sizes, None, config, False)
 
-    def batch_upsert_from(self, keys: List[str], buffer_ptrs: List[int], sizes: List[int], config: Optional[ReplicateConfig] = None) -> List[int]:
+    def batch_upsert_from(
+        self,
+        keys: List[str],
+        buffer_ptrs: List[int],
+        sizes: List[int],
+        config: Optional[ReplicateConfig] = None,
+    ) -> List[int]:
         return self._put_from(keys, buffer_ptrs, sizes, None, config, True)
 
-    def batch_put_from_multi_buffers(self, keys: List[str], all_buffer_ptrs: List[List[int]], all_sizes: List[List[int]], config: Optional[ReplicateConfig] = None) -> List[int]:
+    def batch_put_from_multi_buffers(
+        self,
+        keys: List[str],
+        all_buffer_ptrs: List[List[int]],
+        all_sizes: List[List[int]],
+        config: Optional[ReplicateConfig] = None,
+    ) -> List[int]:
         """Each object gathered from its list of buffers (one per layer, say), in order."""
         flat_ptrs, flat_sizes, counts = _flatten(all_buffer_ptrs, all_sizes)
         if counts is None or len(counts) != len(keys):
@@ -592,7 +624,9 @@ class MooncakeDistributedStore:
         INVALID_PARAMS when the value does not fit)."""
         return self.batch_get_into([key], [buffer_ptr], [size])[0]
 
-    def batch_get_into(self, keys: List[str], buffer_ptrs: List[int], sizes: List[int]) -> List[int]:
+    def batch_get_into(
+        self, keys: List[str], buffer_ptrs: List[int], sizes: List[int]
+    ) -> List[int]:
         c = self._c()
         if c is None:
             return [INTERNAL_ERROR] * len(keys)
@@ -600,7 +634,13 @@ class MooncakeDistributedStore:
             return [INVALID_PARAMS] * len(keys)
         return _int_results(c.get_into(list(keys), list(buffer_ptrs), list(sizes)))
 
-    def batch_get_into_multi_buffers(self, keys: List[str], all_buffer_ptrs: List[List[int]], all_sizes: List[List[int]], prefer_alloc_in_same_node: bool = False) -> List[int]:
+    def batch_get_into_multi_buffers(
+        self,
+        keys: List[str],
+        all_buffer_ptrs: List[List[int]],
+        all_sizes: List[List[int]],
+        prefer_alloc_in_same_node: bool = False,
+    ) -> List[int]:
         """Each object scattered over its list of buffers, filled in order."""
         c = self._c()
         if c is None:
@@ -610,13 +650,22 @@ class MooncakeDistributedStore:
             return [INVALID_PARAMS] * len(keys)
         return _int_results(c.get_into(list(keys), flat_ptrs, flat_sizes, counts))
 
-    def get_into_ranges(self, buffer_ptrs: List[int], all_keys: List[List[str]], all_dst_offsets: List[List[List[int]]], all_src_offsets: List[List[List[int]]], all_sizes: List[List[List[int]]]) -> List[List[List[int]]]:
+    def get_into_ranges(
+        self,
+        buffer_ptrs: List[int],
+        all_keys: List[List[str]],
+        all_dst_offsets: List[List[List[int]]],
+        all_src_offsets: List[List[List[int]]],
+        all_sizes: List[List[List[int]]],
+    ) -> List[List[List[int]]]:
         """Byte ranges of objects into buffers (Mooncake's buffer-major shape:
         ``results[i][j][k]`` is fragment k of key j into buffer i, its size or a negative
         code). Each object is read whole (checksum-verified) once, then its fragments are
         copied out; see docs/python.md."""
         c = self._c()
-        if c is None or not _same_len(buffer_ptrs, all_keys, all_dst_offsets, all_src_offsets, all_sizes):
+        if c is None or not _same_len(
+            buffer_ptrs, all_keys, all_dst_offsets, all_src_offsets, all_sizes
+        ):
             return [[[INTERNAL_ERROR if c is None else INVALID_PARAMS]] for _ in buffer_ptrs]
         names = sorted({k for ks in all_keys for k in ks})
         values = dict(zip(names, self.batch_get_buffer(names)))

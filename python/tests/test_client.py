@@ -76,7 +76,9 @@ def test_raw_addresses(client, unique):
     base = region.ctypes.data
     client.put_batch_from(keys, [base + i * 4096 for i in range(16)], [4096] * 16)
     out = np.zeros_like(region)
-    got = client.get_batch_into_address(keys, [out.ctypes.data + i * 4096 for i in range(16)], [4096] * 16)
+    got = client.get_batch_into_address(
+        keys, [out.ctypes.data + i * 4096 for i in range(16)], [4096] * 16
+    )
     assert got == [4096] * 16
     assert (out == region).all()
 
@@ -139,7 +141,9 @@ def test_bad_input_is_refused_with_a_clear_error(client, unique):
     # Two destinations over the same bytes would clobber each other: refused, nothing read.
     buf = np.zeros(2000, dtype=np.uint8)
     with pytest.raises(kvpool.InvalidArgumentError, match="overlap"):
-        client.get_batch_into_address([unique + "big", unique + "big"], [buf.ctypes.data, buf.ctypes.data + 500], [1000, 1000])
+        client.get_batch_into_address(
+            [unique + "big", unique + "big"], [buf.ctypes.data, buf.ctypes.data + 500], [1000, 1000]
+        )
     with pytest.raises(kvpool.InvalidArgumentError, match="null address"):
         client.put_from(unique + "null", 0, 10)
     with pytest.raises(kvpool.InvalidArgumentError, match="1 buffers for 2 keys"):

@@ -26,8 +26,10 @@ def free_port() -> int:
 
 
 def etcd_bin() -> str:
-    found = os.environ.get("KVPOOL_ETCD_BIN") or shutil.which("etcd") or (
-        "/usr/bin/etcd" if Path("/usr/bin/etcd").exists() else None
+    found = (
+        os.environ.get("KVPOOL_ETCD_BIN")
+        or shutil.which("etcd")
+        or ("/usr/bin/etcd" if Path("/usr/bin/etcd").exists() else None)
     )
     if not found:
         pytest.skip("no etcd binary (Debian's etcd-server; scripts/deps.sh installs it)")
@@ -39,11 +41,25 @@ def etcd(tmp_path):
     cp, pp = free_port(), free_port()
     url, peer = f"http://127.0.0.1:{cp}", f"http://127.0.0.1:{pp}"
     proc = subprocess.Popen(
-        [etcd_bin(), "--name", "t", "--data-dir", str(tmp_path / "etcd"),
-         "--listen-client-urls", url, "--advertise-client-urls", url,
-         "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-         "--initial-cluster", f"t={peer}"],
-        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "etcd.log", "wb"),
+        [
+            etcd_bin(),
+            "--name",
+            "t",
+            "--data-dir",
+            str(tmp_path / "etcd"),
+            "--listen-client-urls",
+            url,
+            "--advertise-client-urls",
+            url,
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+            "--initial-cluster",
+            f"t={peer}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "etcd.log", "wb"),
     )
     deadline = time.monotonic() + 30
     while True:
@@ -54,7 +70,9 @@ def etcd(tmp_path):
             pass
         if time.monotonic() > deadline or proc.poll() is not None:
             proc.kill()
-            pytest.fail("etcd did not become healthy: " + (tmp_path / "etcd.log").read_text()[-2000:])
+            pytest.fail(
+                "etcd did not become healthy: " + (tmp_path / "etcd.log").read_text()[-2000:]
+            )
         time.sleep(0.05)
     yield url
     proc.kill()

@@ -25,7 +25,9 @@ def rand(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
 
 
-def client_store(master: str, segment: int = 0, host: str = "localhost") -> MooncakeDistributedStore:
+def client_store(
+    master: str, segment: int = 0, host: str = "localhost"
+) -> MooncakeDistributedStore:
     s = MooncakeDistributedStore()
     # Mooncake's positional form: the first seven arguments.
     assert s.setup(host, "P2PHANDSHAKE", segment, 16 << 20, "tcp", "", master) == 0
@@ -92,7 +94,9 @@ def test_zero_copy_api(store, unique):
     keys = [f"{k}blk{i}" for i in range(n)]
     assert store.batch_put_from(keys, [base + i * sz for i in range(n)], [sz] * n) == [0] * n
     dst[:] = 0
-    got = store.batch_get_into(keys + [k + "missing"], [dbase + i * sz for i in range(n + 1)], [sz] * (n + 1))
+    got = store.batch_get_into(
+        keys + [k + "missing"], [dbase + i * sz for i in range(n + 1)], [sz] * (n + 1)
+    )
     assert got == [sz] * n + [mc.OBJECT_NOT_FOUND]
     assert (dst[: n * sz] == src[: n * sz]).all()
     assert store.batch_put_from(keys[:1], [base], [sz]) == [-705]
@@ -143,7 +147,9 @@ def test_get_into_ranges(store, unique):
     assert bytes(buf0[0:4]) == a[1:5].tobytes() and bytes(buf0[20:23]) == a[30:33].tobytes()
     assert bytes(buf0[8:13]) == b[2:7].tobytes()
     assert bytes(buf1[4:10]) == b[0:6].tobytes() and bytes(buf1[16:20]) == a[10:14].tobytes()
-    res = store.get_into_ranges([p0], [[unique + "none", unique + "k1"]], [[[0], [0]]], [[[0], [60]]], [[[4], [8]]])
+    res = store.get_into_ranges(
+        [p0], [[unique + "none", unique + "k1"]], [[[0], [0]]], [[[0], [60]]], [[[4], [8]]]
+    )
     assert res == [[[mc.OBJECT_NOT_FOUND], [mc.INVALID_PARAMS]]]  # a miss; a range past the end
     res = store.get_into_ranges([p0], [[unique + "k1"]], [[[30]]], [[[0]]], [[[8]]])
     assert res == [[[mc.BUFFER_OVERFLOW]]]  # past the registered destination
@@ -190,10 +196,15 @@ def test_bad_sizes_and_buffers(store, unique):
     assert store.put_from(unique + "null", 0, 100) == mc.INVALID_PARAMS
     assert store.put(unique + "empty", b"") == mc.INVALID_PARAMS
     assert store.put("", b"v") == mc.INVALID_PARAMS
-    assert store.batch_put_from([unique + "x", unique + "y"], [src.ctypes.data], [10]) == [mc.INVALID_PARAMS] * 2
+    assert (
+        store.batch_put_from([unique + "x", unique + "y"], [src.ctypes.data], [10])
+        == [mc.INVALID_PARAMS] * 2
+    )
     assert store.put(unique + "nc", np.zeros((4, 4))[:, ::2]) == mc.INVALID_PARAMS
     dst = np.zeros(8192, dtype=np.uint8)
-    overlapping = store.batch_get_into([unique + "a", unique + "a"], [dst.ctypes.data, dst.ctypes.data + 10], [4096, 4096])
+    overlapping = store.batch_get_into(
+        [unique + "a", unique + "a"], [dst.ctypes.data, dst.ctypes.data + 10], [4096, 4096]
+    )
     assert overlapping == [mc.INVALID_PARAMS] * 2
 
 
@@ -205,21 +216,42 @@ def test_not_set_up_and_closed(pool, unique):
     assert s.is_exist(unique) == -1
     s = client_store(pool.master)
     assert s.health_check() == 0
-    assert s.setup("localhost", "P2PHANDSHAKE", 0, 0, "tcp", "", pool.master) == mc.INVALID_PARAMS  # twice
+    assert (
+        s.setup("localhost", "P2PHANDSHAKE", 0, 0, "tcp", "", pool.master) == mc.INVALID_PARAMS
+    )  # twice
     assert s.close() == 0 and s.close() == 0
     assert s.health_check() == 1 and s.put(unique, b"v") == mc.INTERNAL_ERROR
 
 
 def test_setup_forms(pool, unique, tmp_path, monkeypatch):
     s = MooncakeDistributedStore()
-    assert s.setup({"local_hostname": "localhost", "metadata_server": "P2PHANDSHAKE",
-                    "global_segment_size": 0, "master_server_address": pool.master}) == 0
+    assert (
+        s.setup(
+            {
+                "local_hostname": "localhost",
+                "metadata_server": "P2PHANDSHAKE",
+                "global_segment_size": 0,
+                "master_server_address": pool.master,
+            }
+        )
+        == 0
+    )
     assert s.put(unique + "d", b"dict") == 0
     s.close()
     cfg = tmp_path / "mooncake.json"
-    cfg.write_text(json.dumps({"local_hostname": "127.0.0.1", "metadata_server": "http://x:8080/metadata",
-                               "global_segment_size": "0gb", "local_buffer_size": "512mb",
-                               "protocol": "tcp", "device_name": "", "master_server_address": pool.master}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "local_hostname": "127.0.0.1",
+                "metadata_server": "http://x:8080/metadata",
+                "global_segment_size": "0gb",
+                "local_buffer_size": "512mb",
+                "protocol": "tcp",
+                "device_name": "",
+                "master_server_address": pool.master,
+            }
+        )
+    )
     monkeypatch.setenv("MOONCAKE_CONFIG_PATH", str(cfg))
     s = MooncakeDistributedStore()
     assert s.setup() == 0
@@ -234,8 +266,18 @@ def test_setup_forms(pool, unique, tmp_path, monkeypatch):
     assert s.setup_dummy(256 << 20, 64 << 20, pool.master) == 0
     assert s.get(unique + "d") == b"dict"
     s.close()
-    assert MooncakeDistributedStore().setup("localhost", "P2PHANDSHAKE", "lots", 0, "tcp", "", pool.master) == mc.INVALID_PARAMS
-    assert MooncakeDistributedStore().setup("localhost", "P2PHANDSHAKE", 0, 0, "carrier-pigeon", "", pool.master) == mc.INVALID_PARAMS
+    assert (
+        MooncakeDistributedStore().setup(
+            "localhost", "P2PHANDSHAKE", "lots", 0, "tcp", "", pool.master
+        )
+        == mc.INVALID_PARAMS
+    )
+    assert (
+        MooncakeDistributedStore().setup(
+            "localhost", "P2PHANDSHAKE", 0, 0, "carrier-pigeon", "", pool.master
+        )
+        == mc.INVALID_PARAMS
+    )
 
 
 def test_a_process_lends_memory_and_another_reads_it(pool, unique):
@@ -245,8 +287,7 @@ def test_a_process_lends_memory_and_another_reads_it(pool, unique):
     seg = lender.get_hostname()
     assert seg.startswith("127.0.0.1:")
     data = rand(3 << 20, 30)
-    code = textwrap.dedent(
-        """
+    code = textwrap.dedent("""
         import sys, numpy as np
         from kvpool.mooncake import MooncakeDistributedStore, ReplicateConfig
         master, key, seg, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -257,8 +298,7 @@ def test_a_process_lends_memory_and_another_reads_it(pool, unique):
         rc = s.put_from(key, data.ctypes.data, data.nbytes, cfg)
         print(rc)
         s.close()
-        """
-    )
+        """)
     r = run_python(code, pool.master, unique + "lent", seg, str(data.nbytes))
     assert r.returncode == 0 and r.stdout.strip() == "0", r.stderr
     out = np.zeros_like(data)
@@ -278,8 +318,7 @@ def test_a_process_lends_memory_and_another_reads_it(pool, unique):
 
 
 def test_two_processes_share_data(store, pool, unique):
-    code = textwrap.dedent(
-        """
+    code = textwrap.dedent("""
         import sys, numpy as np
         from kvpool.mooncake import MooncakeDistributedStore
         master, prefix = sys.argv[1], sys.argv[2]
@@ -289,8 +328,7 @@ def test_two_processes_share_data(store, pool, unique):
         rc = s.put(prefix + "from-child", got[::-1])
         print(len(got), rc)
         s.close()
-        """
-    )
+        """)
     payload = rand(100_000, 40).tobytes()
     assert store.put(unique + "from-parent", payload) == 0
     r = run_python(code, pool.master, unique)
@@ -309,7 +347,10 @@ def test_threads_at_once(store, unique):
             k = f"{unique}{t}/{i}"
             if store.put_from(k, src.ctypes.data, src.nbytes) != 0:
                 failures.append(("put", t, i))
-            if store.get_into(k, dst.ctypes.data, dst.nbytes) != src.nbytes or not (dst == src).all():
+            if (
+                store.get_into(k, dst.ctypes.data, dst.nbytes) != src.nbytes
+                or not (dst == src).all()
+            ):
                 failures.append(("get", t, i))
 
     threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
@@ -341,8 +382,7 @@ def test_dead_master_codes(tmp_path, unique, monkeypatch):
 
 
 def test_import_shim(tmp_path):
-    code = textwrap.dedent(
-        """
+    code = textwrap.dedent("""
         import sys
         from kvpool.mooncake import install_import_shim
         install_import_shim()
@@ -351,8 +391,7 @@ def test_import_shim(tmp_path):
         import kvpool.mooncake
         assert MooncakeDistributedStore is kvpool.mooncake.MooncakeDistributedStore
         print("ok")
-        """
-    )
+        """)
     r = run_python(code)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
@@ -360,8 +399,7 @@ def test_import_shim(tmp_path):
 def test_a_lending_process_that_exits_leaves_the_pool(store, pool, unique):
     # No close(): the interpreter's exit makes the embedded node leave, so readers get a
     # clean miss at once instead of errors until the node TTL.
-    code = textwrap.dedent(
-        """
+    code = textwrap.dedent("""
         import sys
         from kvpool.mooncake import MooncakeDistributedStore, ReplicateConfig
         s = MooncakeDistributedStore()
@@ -369,8 +407,7 @@ def test_a_lending_process_that_exits_leaves_the_pool(store, pool, unique):
         cfg = ReplicateConfig(); cfg.preferred_segment = s.get_hostname()
         assert s.put(sys.argv[2], b"lent" * 1000, cfg) == 0
         print(s.get_hostname())
-        """
-    )
+        """)
     r = run_python(code, pool.master, unique + "k")
     assert r.returncode == 0, r.stderr
     seg = r.stdout.strip()
