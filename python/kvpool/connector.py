@@ -68,6 +68,15 @@ def _invalid(why: object) -> InvalidArgumentError:
     return InvalidArgumentError(str(why), code=CODES["InvalidArgument"], name="InvalidArgument")
 
 
+def _checked(call, *args, **kwargs):
+    """Calls into the native layer, whose refusals (``ValueError``, or ``OverflowError`` for
+    a negative or huge number) become :class:`~kvpool.errors.InvalidArgumentError`."""
+    try:
+        return call(*args, **kwargs)
+    except (ValueError, OverflowError) as e:
+        raise _invalid(e) from None
+
+
 # ---------------------------------------------------------------------- layouts
 
 
@@ -96,7 +105,7 @@ class _Memory:
                 raise _invalid("the array is read-only: loads write into it")
             self.addr = addr
             self.shape = tuple(ai["shape"])
-            self.itemsize = t.itemsize
+            self.itemsize = int(ai["typestr"][2:])
             strides = ai.get("strides")
             if strides is None:  # C-contiguous
                 strides, step = [], self.itemsize
@@ -193,15 +202,14 @@ def paged_layout(
             raise _invalid(f"layer {i} is on another device than layer 0")
         num_blocks = n
         regions += r
-    return _layout(
-        lambda: KvLayout(
-            regions,
-            1 if mla else 2,
-            num_blocks,
-            layers_per_group,
-            device=mems[0].device,
-            keepalive=tensors,
-        )
+    return _checked(
+        KvLayout,
+        regions,
+        1 if mla else 2,
+        num_blocks,
+        layers_per_group,
+        device=mems[0].device,
+        keepalive=tensors,
     )
 
 
@@ -239,25 +247,17 @@ def _contiguous(make, buffer, num_layers, num_blocks, k_and_v, layers_per_group)
             f"{total} bytes do not split into {num_layers} layers x {num_blocks} blocks"
             f"{' x K/V' if k_and_v else ''}"
         )
-    return _layout(
-        lambda: make(
-            m.addr,
-            num_layers,
-            num_blocks,
-            total // parts,
-            k_and_v=k_and_v,
-            layers_per_group=layers_per_group,
-            device=m.device,
-            keepalive=[buffer],
-        )
+    return _checked(
+        make,
+        m.addr,
+        num_layers,
+        num_blocks,
+        total // parts,
+        k_and_v=k_and_v,
+        layers_per_group=layers_per_group,
+        device=m.device,
+        keepalive=[buffer],
     )
-
-
-def _layout(make) -> KvLayout:
-    try:
-        return make()
-    except (ValueError, OverflowError) as e:
-        raise _invalid(str(e)) from None
 
 
 # ---------------------------------------------------------------------- the connector
@@ -313,23 +313,21 @@ class Connector:
                 timeout = float(raw)
             except ValueError:
                 raise _invalid(f"KVPOOL_CLIENT_DEADLINE={raw!r}: expected seconds") from None
-        try:
-            self._native = _native.Connector(
-                layout,
-                master,
-                token=token,
-                tenant=tenant,
-                etcd=list(etcd),
-                cluster=cluster,
-                deadline=float(timeout),
-                verify_checksum=verify_checksum,
-                max_batch=max_batch,
-                replicas=replicas,
-                preferred_nodes=[int(n) for n in preferred_nodes],
-                soft_pin=soft_pin,
-            )
-        except (ValueError, OverflowError) as e:
-            raise _invalid(e) from None
+        self._native = _checked(
+            _native.Connector,
+            layout,
+            master,
+            token=token,
+            tenant=tenant,
+            etcd=list(etcd),
+            cluster=cluster,
+            deadline=float(timeout),
+            verify_checksum=verify_checksum,
+            max_batch=max_batch,
+            replicas=replicas,
+            preferred_nodes=[int(n) for n in preferred_nodes],
+            soft_pin=soft_pin,
+        )
 
     @property
     def layout(self) -> KvLayout:
@@ -355,12 +353,12 @@ class Connector:
     def save(self, keys: Sequence[BlockKey], block_ids: Sequence[int]) -> List[Optional[KvpoolError]]:
         """Saves block ``block_ids[i]`` under ``keys[i]``; per block ``None`` (saved, or
         already in the pool: same key, same KV) or the error."""
-        return [_save_result(r) for r in self._call(self._native.save, keys, block_ids)]
+        return [_save_result(r) for r in _checked(self._native.save, list(keys), _ids(block_ids))]
 
     def load(self, keys: Sequence[BlockKey], block_ids: Sequence[int]) -> List[LoadResult]:
         """Loads ``keys[i]`` into block ``block_ids[i]`` (ids distinct); per block ``True``,
         ``False`` (a miss: recompute it, its bytes may be partly overwritten) or the error."""
-        return [_load_result(r) for r in self._call(self._native.load, keys, block_ids)]
+        return [_load_result(r) for r in _checked(self._native.load, list(keys), _ids(block_ids))]
 
     def start_load(
         self, keys: Sequence[BlockKey], block_ids: Sequence[int], *, window: int = 2
@@ -368,13 +366,13 @@ class Connector:
         """Starts a layer-wise load and returns at once: one batch per layer group, at most
         ``window`` in flight, each group published as it lands (see :class:`LayerwiseLoad`).
         Dropping the handle cancels the load and waits until nothing more is written."""
-        return LayerwiseLoad(self._call(self._native.start_load, keys, block_ids, window))
+        return LayerwiseLoad(_checked(self._native.start_load, list(keys), _ids(block_ids), window))
 
     def save_detached(self, request_id: str, keys: Sequence[BlockKey], block_ids: Sequence[int]) -> None:
         """Saves in the background and returns at once; :meth:`finished_saves` reports
         ``request_id`` when it ends. Host memory is copied during the call (the blocks may be
         reused at once); GPU memory must stay unchanged until the request is reported."""
-        self._call(self._native.save_detached, keys, block_ids, request_id=request_id)
+        _checked(self._native.save_detached, request_id, list(keys), _ids(block_ids))
 
     def finished_saves(self) -> List[Tuple[str, List[Optional[KvpoolError]]]]:
         """The requests whose detached saves ended since the last call, in the order they
@@ -385,16 +383,6 @@ class Connector:
         """Blocks until no detached save is in flight, at most ``timeout`` seconds; whether
         none is. Their outcomes stay queued for :meth:`finished_saves`."""
         return self._native.wait_saves(timeout)
-
-    @staticmethod
-    def _call(method, keys, block_ids, *extra, request_id: Optional[str] = None):
-        args = (list(keys), _ids(block_ids), *extra)
-        try:
-            if request_id is not None:
-                return method(request_id, *args)
-            return method(*args)
-        except (ValueError, OverflowError) as e:
-            raise _invalid(e) from None
 
 
 class LayerwiseLoad:
@@ -414,10 +402,7 @@ class LayerwiseLoad:
         """Blocks until layer group ``group`` has landed (GIL released). Host memory: the
         group's per-block outcomes. GPU memory: ``None`` (the per-block outcomes come from
         :meth:`wait`). Groups may be waited for in any order, and again."""
-        try:
-            rs = self._native.wait_group(group)
-        except (ValueError, OverflowError) as e:
-            raise _invalid(e) from None
+        rs = _checked(self._native.wait_group, group)
         return None if rs is None else [_load_result(r) for r in rs]
 
     def wait(self) -> List[LoadResult]:

@@ -11,7 +11,7 @@ use kvpool_connector::layout::KvLayout;
 use kvpool_connector::{BlockKey, PoolConnector};
 use pyo3::{exceptions::PyValueError, prelude::*};
 
-use super::{Failure, Loaded, Saved};
+use super::batch::{Failure, Loaded, Saved};
 use crate::runtime;
 
 impl From<&GpuError> for Failure {
@@ -110,6 +110,9 @@ impl GpuLoadHandle {
         self.load.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Waits with the lock held (`wait_all` takes the load by value), so threads waiting for
+    /// different groups of one GPU load take turns; the first group a thread waits for is
+    /// normally the earliest to land anyway.
     pub(crate) fn wait_group(&self, group: usize) -> Result<(), Failure> {
         match &*self.lock() {
             Some(l) => l.wait_group(group).map_err(|e| Failure::from(&e)),

@@ -109,6 +109,7 @@ impl KvLayout {
                 bases.len()
             )));
         }
+        // `paged_vllm` takes the block's shape only for its byte count.
         let shape = layout::BlockShape {
             block_size: 1,
             kv_heads: 1,

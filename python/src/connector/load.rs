@@ -13,8 +13,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use kvpool_connector::{BlockKey, PoolConnector};
 use pyo3::{exceptions::PyValueError, prelude::*};
 
+use super::batch::{load_groups, loaded_to_py, Failure, Loaded};
 use super::host::{HostCache, Parts};
-use super::{load_groups, loaded_to_py, Connector, Failure, Loaded};
+use super::Connector;
 use crate::runtime;
 
 /// A load in flight (see the module docs). Every wait blocks with the GIL released.

@@ -15,7 +15,16 @@
 //! and ids of different lengths, an id out of range, an id listed twice in a load) raises
 //! `ValueError`; per-block outcomes come back one per block, failures as the
 //! `(code, name, message)` tuples of [`crate::outcome`].
+//!
+//! # Layout
+//! - [`keys`]: `BlockHasher`, `BlockKey`.
+//! - [`layout`]: `KvLayout` and its checks (no aliasing block ranges, ids in range).
+//! - [`host`]: host memory's block ranges as slices (the `unsafe` of this module).
+//! - [`batch`]: per-block outcomes, and every layer group's batch run together.
+//! - [`load`]: `LayerwiseLoad`, a load that outlives the call starting it.
+//! - `gpu` (feature `cuda`): device memory through `GpuKvCache`.
 
+mod batch;
 #[cfg(feature = "cuda")]
 mod gpu;
 mod host;
@@ -23,14 +32,11 @@ mod keys;
 mod layout;
 mod load;
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Condvar, Mutex};
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use kvpool_client::{Client, ClientConfig, ClientError, ErrorCode};
-use kvpool_connector::{ConnectorError, PoolConnector};
+use kvpool_client::{Client, ClientConfig};
+use kvpool_connector::PoolConnector;
 use kvpool_proto::{NodeId, PutOptions, Token};
 use pyo3::{exceptions::PyValueError, prelude::*, IntoPyObjectExt};
 
@@ -38,173 +44,9 @@ pub use keys::{BlockHasher, BlockKey};
 pub use layout::KvLayout;
 pub use load::LayerwiseLoad;
 
-use crate::{outcome, runtime};
+use crate::runtime;
+use batch::{load_groups, loaded_to_py, save_groups, saved_to_py, Failure, Saved};
 use layout::check_ids;
-
-/// A block's failure, without Python objects, so background tasks can hold it and a result
-/// can be handed out more than once.
-#[derive(Debug, Clone)]
-pub(crate) struct Failure {
-    code: ErrorCode,
-    name: &'static str,
-    message: String,
-}
-
-impl Failure {
-    fn new(code: ErrorCode, message: String) -> Self {
-        Failure {
-            code,
-            name: code.name(),
-            message,
-        }
-    }
-
-    fn to_py<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        outcome::failure(py, self.code, self.name, &self.message)
-    }
-}
-
-impl From<&ConnectorError> for Failure {
-    fn from(e: &ConnectorError) -> Self {
-        match e {
-            // The same name `NativeClient` gives it (it has no wire code of its own).
-            ConnectorError::Client(c @ ClientError::BufferTooSmall { .. }) => Failure {
-                code: c.code(),
-                name: outcome::BUFFER_TOO_SMALL,
-                message: c.to_string(),
-            },
-            e => Failure::new(e.code(), e.to_string()),
-        }
-    }
-}
-
-/// A block's save: saved, or why not.
-pub(crate) type Saved = Result<(), Failure>;
-/// A block's load: `Ok(true)` loaded, `Ok(false)` a miss, or why it failed.
-pub(crate) type Loaded = Result<bool, Failure>;
-
-fn saved_to_py<'py>(py: Python<'py>, r: &Saved) -> PyResult<Bound<'py, PyAny>> {
-    match r {
-        Ok(()) => true.into_bound_py_any(py),
-        Err(f) => f.to_py(py),
-    }
-}
-
-fn loaded_to_py<'py>(py: Python<'py>, r: &Loaded) -> PyResult<Bound<'py, PyAny>> {
-    match r {
-        Ok(b) => b.into_bound_py_any(py),
-        Err(f) => f.to_py(py),
-    }
-}
-
-/// Folds one group's results into a load's per-block results: a block is loaded only if
-/// every group was; the first failure wins over a miss.
-fn combine(into: &mut [Loaded], group: &[Loaded]) {
-    for (c, r) in into.iter_mut().zip(group) {
-        match (&*c, r) {
-            (Ok(true), Ok(false)) => *c = Ok(false),
-            (Ok(_), Err(e)) => *c = Err(e.clone()),
-            _ => {}
-        }
-    }
-}
-
-/// Runs `futs` with at most `window` in flight, started in order, and hands each output to
-/// `done` with its index as soon as it is ready. Layer groups are independent batches, so a
-/// group that lands early is published early.
-pub(crate) async fn windowed<F: Future>(
-    futs: Vec<F>,
-    window: usize,
-    mut done: impl FnMut(usize, F::Output),
-) {
-    let mut next = futs.into_iter().enumerate();
-    let mut running: Vec<(usize, Pin<Box<F>>)> = Vec::new();
-    loop {
-        while running.len() < window.max(1) {
-            match next.next() {
-                Some((i, f)) => running.push((i, Box::pin(f))),
-                None => break,
-            }
-        }
-        if running.is_empty() {
-            return;
-        }
-        let (k, out) = std::future::poll_fn(|cx| {
-            for (k, (_, f)) in running.iter_mut().enumerate() {
-                if let Poll::Ready(out) = f.as_mut().poll(cx) {
-                    return Poll::Ready((k, out));
-                }
-            }
-            Poll::Pending
-        })
-        .await;
-        // A finished future is never polled again.
-        let (i, _) = running.swap_remove(k);
-        done(i, out);
-    }
-}
-
-/// Every layer group's put batch at once; `objects[g][n]` is block `keys[n]`'s gather list
-/// for group `g`. A block is saved only if every group was (its first failure otherwise).
-pub(crate) async fn save_groups(
-    conn: &PoolConnector,
-    keys: &[kvpool_connector::BlockKey],
-    objects: &[Vec<Vec<&[u8]>>],
-) -> Vec<Saved> {
-    let futs = objects
-        .iter()
-        .enumerate()
-        .map(|(g, per_block)| async move {
-            let items: Vec<(kvpool_connector::BlockKey, &[&[u8]])> = keys
-                .iter()
-                .cloned()
-                .zip(per_block.iter().map(Vec::as_slice))
-                .collect();
-            conn.save_parts(g, &items).await
-        })
-        .collect();
-    let mut out: Vec<Saved> = vec![Ok(()); keys.len()];
-    windowed(futs, usize::MAX, |_, res| {
-        for (o, r) in out.iter_mut().zip(res) {
-            if let (Ok(()), Err(e)) = (&*o, r) {
-                *o = Err(Failure::from(&e));
-            }
-        }
-    })
-    .await;
-    out
-}
-
-/// Every layer group's get batch, at most `window` at once, scattering into
-/// `dests[g][n]` (block `keys[n]`'s scatter list for group `g`); `on_group` sees each group's
-/// results as it lands. Returns the per-block results over all groups.
-pub(crate) async fn load_groups(
-    conn: &PoolConnector,
-    keys: &[kvpool_connector::BlockKey],
-    dests: Vec<Vec<Vec<&mut [u8]>>>,
-    window: usize,
-    mut on_group: impl FnMut(usize, Vec<Loaded>),
-) -> Vec<Loaded> {
-    let futs = dests
-        .into_iter()
-        .enumerate()
-        .map(|(g, mut per_block)| async move {
-            let mut refs: Vec<&mut [&mut [u8]]> =
-                per_block.iter_mut().map(Vec::as_mut_slice).collect();
-            let res = conn.load_parts(g, keys, &mut refs).await;
-            res.iter()
-                .map(|r| r.as_ref().map(|b| *b).map_err(Failure::from))
-                .collect::<Vec<Loaded>>()
-        })
-        .collect();
-    let mut combined: Vec<Loaded> = vec![Ok(true); keys.len()];
-    windowed(futs, window, |g, res| {
-        combine(&mut combined, &res);
-        on_group(g, res);
-    })
-    .await;
-    combined
-}
 
 /// Where the cache's bytes are.
 enum Memory {
@@ -405,7 +247,6 @@ impl Connector {
         block_ids: Vec<usize>,
     ) -> PyResult<Vec<Bound<'py, PyAny>>> {
         let blocks = self.blocks(py, &keys, &block_ids, false)?;
-        drop(keys);
         let results = match &self.memory {
             Memory::Host(h) => {
                 let keys: Vec<_> = blocks.iter().map(|(k, _)| k.clone()).collect();
@@ -431,7 +272,6 @@ impl Connector {
         block_ids: Vec<usize>,
     ) -> PyResult<Vec<Bound<'py, PyAny>>> {
         let blocks = self.blocks(py, &keys, &block_ids, true)?;
-        drop(keys);
         let results = match &self.memory {
             Memory::Host(h) => {
                 let keys: Vec<_> = blocks.iter().map(|(k, _)| k.clone()).collect();
@@ -462,7 +302,6 @@ impl Connector {
         let py = slf.py();
         let this = slf.get();
         let blocks = this.blocks(py, &keys, &block_ids, true)?;
-        drop(keys);
         let connector = slf.clone().unbind();
         match &this.memory {
             Memory::Host(h) => load::start_host(connector, h, &this.conn, blocks, window),
@@ -483,7 +322,6 @@ impl Connector {
         block_ids: Vec<usize>,
     ) -> PyResult<()> {
         let blocks = self.blocks(py, &keys, &block_ids, false)?;
-        drop(keys);
         let rt = runtime::runtime()?;
         let conn = self.conn.clone();
         let in_flight = InFlight::start(&self.saves);
