@@ -278,6 +278,27 @@ def test_a_missing_layer_group_is_a_miss(pool, unique):
     assert dst.bytes_of(5) == src.bytes_of(0)
 
 
+def test_a_layout_without_memory_only_looks_up(pool, unique):
+    src = PagedCache(layers_per_group=2)
+    keys = hasher_for(unique, src).keys(list(range(12)))
+    src.fill(0, 7)
+    src.fill(1, 8)
+    assert connector(pool, src).save(keys[:2], [0, 1]) == [None, None]
+    # vLLM's scheduler: no KV cache in the process, only the model's layer count.
+    layout = kc.KvLayout.without_memory(4, layers_per_group=2)
+    assert (layout.has_memory, layout.num_groups, layout.grouping_tag) == (False, 2, "l2")
+    assert layout.regions == [] and layout.num_blocks == 0
+    sched = kc.Connector(layout, pool.master, timeout=10)
+    assert sched.lookup(keys) == 2
+    for call in (sched.save, sched.load, sched.start_load):
+        with pytest.raises(kvpool.InvalidArgumentError, match="no memory"):
+            call(keys[:1], [0])
+    with pytest.raises(kvpool.InvalidArgumentError, match="no memory"):
+        sched.save_detached("r", keys[:1], [0])
+    with pytest.raises(ValueError, match="no memory"):
+        layout.segments(0, 0)
+
+
 def test_bad_block_ids_are_refused_before_any_transfer(pool, unique):
     src = PagedCache(blocks=8)
     keys = hasher_for(unique, src).keys(list(range(12)))

@@ -20,8 +20,14 @@ pub struct KvLayout {
     pub(crate) inner: Arc<layout::KvLayout>,
     /// `None`: host memory; `Some(ordinal)`: device memory of that CUDA device.
     pub(crate) device: Option<usize>,
+    /// False for [`KvLayout::without_memory`]: the grouping only, for lookups.
+    pub(crate) memory: bool,
     _owners: Vec<Py<PyAny>>,
 }
+
+/// Why a layout without memory refuses what needs memory.
+pub(crate) const NO_MEMORY: &str =
+    "the layout has no memory (KvLayout.without_memory): it only looks blocks up";
 
 impl KvLayout {
     fn checked(
@@ -35,8 +41,16 @@ impl KvLayout {
         Ok(KvLayout {
             inner: Arc::new(inner),
             device,
+            memory: true,
             _owners: owners,
         })
+    }
+
+    fn check_memory(&self) -> PyResult<()> {
+        if !self.memory {
+            return Err(PyValueError::new_err(NO_MEMORY));
+        }
+        Ok(())
     }
 }
 
@@ -178,14 +192,47 @@ impl KvLayout {
         Self::checked(l, device, keepalive)
     }
 
+    /// A layout with no memory, for a process that only looks blocks up (vLLM's scheduler):
+    /// a connector over it answers `lookup` and refuses saves and loads. Only the layer
+    /// grouping matters to keys, so only the layer count and `layers_per_group` are given.
+    #[staticmethod]
+    #[pyo3(signature = (num_layers, layers_per_group=None))]
+    fn without_memory(num_layers: usize, layers_per_group: Option<usize>) -> PyResult<Self> {
+        // `PoolConnector` reads a layout's grouping only: one 1-byte region per layer at a
+        // stand-in address, never turned into memory (`memory: false`).
+        let l = layout::KvLayout::layer_first_contiguous(
+            1,
+            num_layers,
+            false,
+            1,
+            1,
+            groups(layers_per_group),
+        );
+        Ok(KvLayout {
+            memory: false,
+            ..Self::checked(l, None, Vec::new())?
+        })
+    }
+
+    /// Whether the layout describes memory (false for `without_memory`).
+    #[getter]
+    fn has_memory(&self) -> bool {
+        self.memory
+    }
+
     #[getter]
     fn num_layers(&self) -> usize {
         self.inner.num_layers()
     }
 
+    /// 0 for a layout without memory.
     #[getter]
     fn num_blocks(&self) -> usize {
-        self.inner.num_blocks()
+        if self.memory {
+            self.inner.num_blocks()
+        } else {
+            0
+        }
     }
 
     /// Pool objects per block.
@@ -223,6 +270,9 @@ impl KvLayout {
     /// The regions, `(base, block_stride, block_bytes)`, in layout order.
     #[getter]
     fn regions(&self) -> Vec<(usize, usize, usize)> {
+        if !self.memory {
+            return Vec::new();
+        }
         self.inner
             .regions()
             .iter()
@@ -232,6 +282,7 @@ impl KvLayout {
 
     /// Bytes of one block's object for `group`.
     fn object_len(&self, group: usize) -> PyResult<usize> {
+        self.check_memory()?;
         check_group(&self.inner, group)?;
         Ok(self.inner.object_len(group))
     }
@@ -246,6 +297,7 @@ impl KvLayout {
     /// Block `block`'s object for `group` as address ranges `(address, length)`, in object
     /// order (layers ascending, K then V; adjacent ranges merged).
     fn segments(&self, block: usize, group: usize) -> PyResult<Vec<(usize, usize)>> {
+        self.check_memory()?;
         check_group(&self.inner, group)?;
         check_ids(&self.inner, &[block], false)?;
         Ok(self
@@ -257,14 +309,16 @@ impl KvLayout {
     }
 
     fn __repr__(&self) -> String {
-        let where_ = self
-            .device
-            .map_or("host".to_string(), |d| format!("cuda:{d}"));
+        let where_ = match (self.memory, self.device) {
+            (false, _) => "no memory".to_string(),
+            (true, None) => "host".to_string(),
+            (true, Some(d)) => format!("cuda:{d}"),
+        };
         format!(
             "KvLayout(layers={}, regions_per_layer={}, blocks={}, groups={} ({}), {where_})",
             self.inner.num_layers(),
             self.regions_per_layer(),
-            self.inner.num_blocks(),
+            self.num_blocks(),
             self.inner.num_groups(),
             self.inner.grouping_tag(),
         )

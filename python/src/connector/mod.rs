@@ -102,13 +102,20 @@ pub struct Connector {
     conn: Arc<PoolConnector>,
     /// Keeps the layout, and so the memory's owners, alive.
     layout: Py<KvLayout>,
-    memory: Memory,
+    /// `None` for a layout without memory (lookups only).
+    memory: Option<Memory>,
     saves: Arc<DetachedSaves>,
 }
 
 impl Connector {
     fn num_blocks(&self, py: Python<'_>) -> usize {
         self.layout.bind(py).get().inner.num_blocks()
+    }
+
+    fn memory(&self) -> PyResult<&Memory> {
+        self.memory
+            .as_ref()
+            .ok_or_else(|| PyValueError::new_err(layout::NO_MEMORY))
     }
 
     /// The `(key, block id)` pairs of a call, refused as a whole if the lists differ in
@@ -120,6 +127,7 @@ impl Connector {
         block_ids: &[usize],
         distinct: bool,
     ) -> PyResult<Vec<(kvpool_connector::BlockKey, usize)>> {
+        self.memory()?;
         if keys.len() != block_ids.len() {
             return Err(PyValueError::new_err(format!(
                 "{} keys but {} block ids",
@@ -192,9 +200,10 @@ impl Connector {
         };
         let conn = PoolConnector::new(Arc::new(Client::new(cfg)), &l.inner).with_put_options(opts);
         let memory = match l.device {
-            None => Memory::Host(host::HostCache::new(l.inner.clone())),
+            _ if !l.memory => None,
+            None => Some(Memory::Host(host::HostCache::new(l.inner.clone()))),
             #[cfg(feature = "cuda")]
-            Some(ordinal) => Memory::Gpu(gpu::open(layout.py(), &l.inner, ordinal)?),
+            Some(ordinal) => Some(Memory::Gpu(gpu::open(layout.py(), &l.inner, ordinal)?)),
             #[cfg(not(feature = "cuda"))]
             Some(ordinal) => {
                 return Err(PyValueError::new_err(format!(
@@ -247,7 +256,7 @@ impl Connector {
         block_ids: Vec<usize>,
     ) -> PyResult<Vec<Bound<'py, PyAny>>> {
         let blocks = self.blocks(py, &keys, &block_ids, false)?;
-        let results = match &self.memory {
+        let results = match self.memory()? {
             Memory::Host(h) => {
                 let keys: Vec<_> = blocks.iter().map(|(k, _)| k.clone()).collect();
                 // SAFETY: the ids are in range (checked by `blocks`), and the caller's contract
@@ -272,7 +281,7 @@ impl Connector {
         block_ids: Vec<usize>,
     ) -> PyResult<Vec<Bound<'py, PyAny>>> {
         let blocks = self.blocks(py, &keys, &block_ids, true)?;
-        let results = match &self.memory {
+        let results = match self.memory()? {
             Memory::Host(h) => {
                 let keys: Vec<_> = blocks.iter().map(|(k, _)| k.clone()).collect();
                 // SAFETY: the caller's contract (`Connector.__new__`) gives this call the
@@ -303,7 +312,7 @@ impl Connector {
         let this = slf.get();
         let blocks = this.blocks(py, &keys, &block_ids, true)?;
         let connector = slf.clone().unbind();
-        match &this.memory {
+        match this.memory()? {
             Memory::Host(h) => load::start_host(connector, h, &this.conn, blocks, window),
             #[cfg(feature = "cuda")]
             Memory::Gpu(g) => load::start_gpu(connector, g, &this.conn, blocks),
@@ -325,7 +334,7 @@ impl Connector {
         let rt = runtime::runtime()?;
         let conn = self.conn.clone();
         let in_flight = InFlight::start(&self.saves);
-        match &self.memory {
+        match self.memory()? {
             Memory::Host(h) => {
                 // SAFETY: the ids are in range (checked by `blocks`), and the caller's contract
                 // keeps the blocks allocated, initialised and unwritten until this call
