@@ -75,24 +75,47 @@ impl DetachedSaves {
     }
 }
 
-/// Counts a detached save as in flight until it ends, however it ends.
-struct InFlight(Arc<DetachedSaves>);
+/// A detached save, counted in flight until it ends, however it ends: one that ends without
+/// results (its task panicked or was dropped) is still reported, every block failed, so an
+/// engine waiting for the request to free its blocks is never left waiting.
+struct InFlight {
+    saves: Arc<DetachedSaves>,
+    request_id: String,
+    blocks: usize,
+    results: Option<Vec<Saved>>,
+}
 
 impl InFlight {
-    fn start(saves: &Arc<DetachedSaves>) -> Self {
+    fn start(saves: &Arc<DetachedSaves>, request_id: String, blocks: usize) -> Self {
         saves.lock().in_flight += 1;
-        InFlight(saves.clone())
+        InFlight {
+            saves: saves.clone(),
+            request_id,
+            blocks,
+            results: None,
+        }
     }
 
-    fn finish(self, request_id: String, results: Vec<Saved>) {
-        self.0.lock().finished.push((request_id, results));
+    fn finish(mut self, results: Vec<Saved>) {
+        self.results = Some(results);
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.lock().in_flight -= 1;
-        self.0.cv.notify_all();
+        let results = self.results.take().unwrap_or_else(|| {
+            let f = Failure::new(
+                kvpool_client::ErrorCode::Internal,
+                "the save ended before this block was done".into(),
+            );
+            vec![Err(f); self.blocks]
+        });
+        let mut s = self.saves.lock();
+        s.finished
+            .push((std::mem::take(&mut self.request_id), results));
+        s.in_flight -= 1;
+        drop(s);
+        self.saves.cv.notify_all();
     }
 }
 
@@ -109,7 +132,10 @@ pub struct Connector {
 
 impl Connector {
     fn num_blocks(&self, py: Python<'_>) -> usize {
-        self.layout.bind(py).get().inner.num_blocks()
+        match self.memory {
+            Some(_) => self.layout.bind(py).get().inner.num_blocks(),
+            None => 0,
+        }
     }
 
     fn memory(&self) -> PyResult<&Memory> {
@@ -333,7 +359,7 @@ impl Connector {
         let blocks = self.blocks(py, &keys, &block_ids, false)?;
         let rt = runtime::runtime()?;
         let conn = self.conn.clone();
-        let in_flight = InFlight::start(&self.saves);
+        let in_flight = InFlight::start(&self.saves, request_id, blocks.len());
         match self.memory()? {
             Memory::Host(h) => {
                 // SAFETY: the ids are in range (checked by `blocks`), and the caller's contract
@@ -347,7 +373,7 @@ impl Connector {
                         .map(|objs| objs.iter().map(|o| vec![o.as_slice()]).collect())
                         .collect();
                     let results = save_groups(&conn, &keys, &objects).await;
-                    in_flight.finish(request_id, results);
+                    in_flight.finish(results);
                 });
             }
             #[cfg(feature = "cuda")]
@@ -356,7 +382,7 @@ impl Connector {
                 rt.spawn(async move {
                     let results = cache.save(&conn, &blocks).await;
                     let results = results.iter().map(gpu::saved).collect();
-                    in_flight.finish(request_id, results);
+                    in_flight.finish(results);
                     // The device memory stayed referenced until the copies were done.
                     drop(owner);
                 });
