@@ -10,20 +10,38 @@ use std::{sync::Arc, time::Duration};
 use kvpool_client::{Client, ClientConfig, ClientError};
 use kvpool_proto::{NodeId, PutOptions, Token};
 use pyo3::{
-    exceptions::PyValueError,
+    exceptions::{PyTypeError, PyValueError},
     prelude::*,
     pybacked::{PyBackedBytes, PyBackedStr},
-    types::{PyBytes, PyDict},
+    types::{PyBytes, PyDict, PyString},
     IntoPyObjectExt,
 };
 
 use crate::{buffers, outcome, runtime::block_on};
 
 /// A key as Python gives it: `str` (UTF-8 bytes on the wire, as Mooncake keys are) or `bytes`.
-#[derive(FromPyObject)]
 pub enum Key {
     Str(PyBackedStr),
     Bytes(PyBackedBytes),
+}
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Key {
+    type Error = PyErr;
+
+    // By hand: a derived impl tries the variants in turn and builds (then drops) a Python
+    // exception for every key that is not the first, which made 256 `bytes` keys cost 0.6 ms.
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        if let Ok(s) = obj.cast::<PyString>() {
+            return Ok(Key::Str(PyBackedStr::try_from(s.to_owned())?));
+        }
+        if let Ok(b) = obj.cast::<PyBytes>() {
+            return Ok(Key::Bytes(PyBackedBytes::from(b.to_owned())));
+        }
+        Err(PyTypeError::new_err(format!(
+            "a key must be str or bytes, not {}",
+            obj.get_type().name()?
+        )))
+    }
 }
 
 impl Key {
