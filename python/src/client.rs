@@ -67,6 +67,15 @@ pub struct NativeClient {
     client: Arc<Client>,
 }
 
+impl NativeClient {
+    /// The Rust client, for native classes that share this client's connections (the
+    /// connector).
+    #[allow(dead_code)]
+    pub(crate) fn shared(&self) -> Arc<Client> {
+        self.client.clone()
+    }
+}
+
 #[pymethods]
 impl NativeClient {
     /// A client of the pool whose master is `master` ("host:port", or
