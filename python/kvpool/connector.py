@@ -418,6 +418,139 @@ class LayerwiseLoad:
         return repr(self._native)
 
 
+
+
+# ---------------------------------------------------------------------- the P/D hand-off
+
+
+class PdProducer:
+    """A prefill worker's side of the P/D hand-off (docs/connector.md §4): the bootstrap
+    server consumers claim transfers at, and the holds. The blocks are saved through
+    ``connector`` first (any memory); :meth:`hold` then keeps them in the pool (renewing
+    their read leases) until the consumer reports them loaded, either side aborts, or the
+    abort timeout passes.
+
+    Port ``base + dp_rank * tp_size + tp_rank``; base from ``base_port``, else
+    ``KVPOOL_BOOTSTRAP_PORT`` / ``VLLM_MOONCAKE_BOOTSTRAP_PORT`` [8998] (0: a free port). Host
+    from ``host``, else ``KVPOOL_BOOTSTRAP_HOST`` / ``VLLM_HOST_IP`` [127.0.0.1]: bound and
+    advertised. ``abort_timeout`` (seconds), else ``KVPOOL_ABORT_REQUEST_TIMEOUT`` /
+    ``VLLM_MOONCAKE_ABORT_REQUEST_TIMEOUT`` [480].
+    """
+
+    def __init__(
+        self,
+        connector: Connector,
+        *,
+        role: str = "kv_producer",
+        dp_rank: int = 0,
+        tp_size: int = 1,
+        tp_rank: int = 0,
+        host: Optional[str] = None,
+        base_port: Optional[int] = None,
+        abort_timeout: Optional[float] = None,
+        hold_renew: Optional[float] = None,
+    ) -> None:
+        self._native = _checked(
+            _native.PdProducer,
+            connector._native,
+            role=role,
+            dp_rank=dp_rank,
+            tp_size=tp_size,
+            tp_rank=tp_rank,
+            host=host,
+            base_port=base_port,
+            abort_timeout=abort_timeout,
+            hold_renew=hold_renew,
+        )
+
+    @property
+    def bootstrap_addr(self) -> str:
+        """``host:port`` as consumers dial it."""
+        return self._native.bootstrap_addr
+
+    @property
+    def port(self) -> int:
+        return self._native.port
+
+    @property
+    def abort_timeout(self) -> float:
+        return self._native.abort_timeout
+
+    def hold(self, request_id: str, keys: Sequence[BlockKey], transfer_id: Optional[str] = None) -> str:
+        """Holds ``keys`` (already saved) for ``request_id``; returns the transfer id
+        (``transfer_id``, or a new one)."""
+        return _checked(self._native.hold, request_id, list(keys), transfer_id)
+
+    def outcome(self, transfer_id: str) -> Optional[str]:
+        """``"released"`` (the consumer loaded it), ``"aborted"``, ``"expired"``, or ``None``
+        while held (or unknown)."""
+        return self._native.outcome(transfer_id)
+
+    def abort(self, request_id: str) -> int:
+        """Ends ``request_id``'s holds (a later claim is told ``TransferAborted``)."""
+        return self._native.abort(request_id)
+
+    def stats(self) -> dict:
+        return self._native.stats()
+
+    def close(self) -> None:
+        """Stops the bootstrap server and the renewals (also done when garbage collected)."""
+        self._native.close()
+
+    def __repr__(self) -> str:
+        return repr(self._native)
+
+
+class PdConsumer:
+    """A decode worker's side of the P/D hand-off: :meth:`claim` at the producer before
+    loading the blocks through ``connector``, :meth:`done` after, :meth:`abort` when the
+    load failed. Claims and dones are bounded by ``consumer_timeout`` (seconds), else
+    ``KVPOOL_CONSUMER_TIMEOUT`` [60]."""
+
+    def __init__(
+        self,
+        connector: Connector,
+        *,
+        dp_rank: int = 0,
+        tp_size: int = 1,
+        tp_rank: int = 0,
+        consumer_timeout: Optional[float] = None,
+    ) -> None:
+        self._native = _checked(
+            _native.PdConsumer,
+            connector._native,
+            dp_rank=dp_rank,
+            tp_size=tp_size,
+            tp_rank=tp_rank,
+            consumer_timeout=consumer_timeout,
+        )
+
+    @property
+    def timeout(self) -> float:
+        return self._native.timeout
+
+    def claim(self, transfer_id: str, bootstrap_addr: str) -> int:
+        """The number of blocks the producer holds; raises the typed error (unreachable
+        producer, ``TransferAborted`` / ``TransferExpired`` / ``TransferUnknown``, timeout)."""
+        r = self._native.claim(transfer_id, bootstrap_addr)
+        if is_failure(r):
+            raise from_failure(r)
+        return r
+
+    def done(self, transfer_id: str, bootstrap_addr: str) -> None:
+        """The blocks are loaded: the producer's hold ends. Raises the typed error."""
+        r = self._native.done(transfer_id, bootstrap_addr)
+        if is_failure(r):
+            raise from_failure(r)
+
+    def abort(self, transfer_id: str, bootstrap_addr: str, reason: str = "aborted") -> None:
+        """Asks the producer to release its hold, in the background."""
+        self._native.abort(transfer_id, bootstrap_addr, reason)
+
+    def __repr__(self) -> str:
+        return repr(self._native)
+
+
 __all__ = [
     "BlockHasher",
     "BlockKey",
@@ -429,4 +562,6 @@ __all__ = [
     "block_first_layout",
     "layer_first_layout",
     "cuda_unavailable",
+    "PdProducer",
+    "PdConsumer",
 ]

@@ -24,7 +24,8 @@ mod _native {
     use crate::client::NativeClient;
     #[pymodule_export]
     use crate::connector::{
-        cuda_unavailable, BlockHasher, BlockKey, Connector, KvLayout, LayerwiseLoad,
+        cuda_unavailable, BlockHasher, BlockKey, Connector, KvLayout, LayerwiseLoad, PdConsumer,
+        PdProducer,
     };
     #[pymodule_export]
     use crate::node::EmbeddedNode;

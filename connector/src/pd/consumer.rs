@@ -142,6 +142,53 @@ impl Consumer {
         res
     }
 
+    /// The claim alone, for an engine that loads the blocks itself (from memory that is not
+    /// a [`HostKvCache`]): the producer restarts its abort timer and answers how many blocks
+    /// it holds. Bounded by the consumer timeout. After the load, [`Self::done`]; after a
+    /// failure, [`Self::abort_in_background`].
+    pub async fn claim(&self, params: &HandoffParams) -> Result<u32, PdError> {
+        let limit = self.cfg.consumer_timeout;
+        let rpc = self.rpc(&params.bootstrap_addr, limit);
+        let msg = HandoffClaim {
+            transfer_id: params.transfer_id.clone(),
+        };
+        let call = rpc.call(&msg);
+        match tokio::time::timeout(limit, call).await {
+            Ok(Ok(r)) => Ok(r.blocks),
+            Ok(Err(source)) => Err(PdError::Producer {
+                addr: params.bootstrap_addr.clone(),
+                source,
+            }),
+            Err(_) => Err(PdError::Timeout(limit)),
+        }
+    }
+
+    /// Tells the producer the blocks are loaded: its hold ends. Bounded by the consumer
+    /// timeout.
+    pub async fn done(&self, params: &HandoffParams) -> Result<(), PdError> {
+        let limit = self.cfg.consumer_timeout;
+        let rpc = self.rpc(&params.bootstrap_addr, limit);
+        let msg = HandoffDone {
+            transfer_id: params.transfer_id.clone(),
+        };
+        let call = rpc.call(&msg);
+        match tokio::time::timeout(limit, call).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(source)) => Err(PdError::Producer {
+                addr: params.bootstrap_addr.clone(),
+                source,
+            }),
+            Err(_) => Err(PdError::Timeout(limit)),
+        }
+    }
+
+    /// Tells the producer to release its hold, in the background (a spawned task, at most
+    /// 2 s): the engine must not wait on a producer that may be why the request failed.
+    /// Must be called inside a tokio runtime.
+    pub fn abort_in_background(&self, params: &HandoffParams, reason: &str) {
+        self.send_abort(params, reason)
+    }
+
     /// The engine aborted the request: the producer releases its hold.
     pub async fn abort(&self, params: &HandoffParams, reason: &str) -> Result<(), PdError> {
         let rpc = self.rpc(&params.bootstrap_addr, ABORT_SEND_LIMIT);

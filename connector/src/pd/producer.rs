@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Notify};
 use tracing::{debug, info, warn};
 
-use super::{HandoffParams, HoldTable, PdConfig, PdError, ProducerStats};
+use super::{HandoffParams, HoldTable, Outcome, PdConfig, PdError, ProducerStats};
 use crate::cache::HostKvCache;
 use crate::keys::BlockKey;
 use crate::pool::PoolConnector;
@@ -124,24 +124,46 @@ impl Producer {
             r.map_err(PdError::Save)?;
         }
         let keys: Vec<BlockKey> = blocks.iter().map(|(k, _)| k.clone()).collect();
+        Ok(self.hold(request_id, None, keys).await)
+    }
+
+    /// Holds blocks the engine already saved (an engine that saves layer by layer, or from
+    /// memory that is not a [`HostKvCache`]): the second half of [`Self::hand_off`].
+    /// `transfer_id` lets the engine name the transfer before the hold exists (vLLM's
+    /// scheduler answers the hand-off parameters before its worker holds the blocks); `None`
+    /// makes one. A hold under an id already held replaces it.
+    pub async fn hold(
+        &self,
+        request_id: &str,
+        transfer_id: Option<String>,
+        keys: Vec<BlockKey>,
+    ) -> HandoffParams {
         // The first lease now: the keeper's next renewal may be up to `hold_renew` away.
         renew(&self.connector, &keys).await;
-        let transfer_id = format!(
-            "{}-{}-{}",
-            self.addr.port(),
-            std::process::id(),
-            self.seq.fetch_add(1, Ordering::Relaxed)
-        );
+        let transfer_id = transfer_id.unwrap_or_else(|| {
+            format!(
+                "{}-{}-{}",
+                self.addr.port(),
+                std::process::id(),
+                self.seq.fetch_add(1, Ordering::Relaxed)
+            )
+        });
         self.shared
             .table()
             .insert(self.shared.now(), &transfer_id, request_id, keys.clone());
         self.shared.changed.notify_one();
         debug!(%transfer_id, request_id, blocks = keys.len(), "hand-off held");
-        Ok(HandoffParams {
+        HandoffParams {
             transfer_id,
             bootstrap_addr: self.advertised.clone(),
             block_keys: keys.iter().map(BlockKey::to_param).collect(),
-        })
+        }
+    }
+
+    /// How `transfer_id` ended (released by its consumer, aborted, expired), or `None`
+    /// while it is held (or when it is unknown or long forgotten).
+    pub fn outcome(&self, transfer_id: &str) -> Option<Outcome> {
+        self.shared.table().outcome(transfer_id)
     }
 
     /// The engine aborted `request_id`: its hand-offs end now, and a consumer that claims

@@ -23,6 +23,7 @@
 //! - [`batch`]: per-block outcomes, and every layer group's batch run together.
 //! - [`load`]: `LayerwiseLoad`, a load that outlives the call starting it.
 //! - `gpu` (feature `cuda`): device memory through `GpuKvCache`.
+//! - [`pd`]: `PdProducer` / `PdConsumer`, the P/D hand-off's holds and messages.
 
 mod batch;
 #[cfg(feature = "cuda")]
@@ -31,6 +32,7 @@ mod host;
 mod keys;
 mod layout;
 mod load;
+mod pd;
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -43,6 +45,7 @@ use pyo3::{exceptions::PyValueError, prelude::*, IntoPyObjectExt};
 pub use keys::{BlockHasher, BlockKey};
 pub use layout::KvLayout;
 pub use load::LayerwiseLoad;
+pub use pd::{PdConsumer, PdProducer};
 
 use crate::runtime;
 use batch::{load_groups, loaded_to_py, save_groups, saved_to_py, Failure, Saved};
