@@ -6,150 +6,15 @@
 //! No HTTP client crate: a request is one HTTP/1.1 exchange over a `TcpStream` with
 //! `Connection: close`, and responses are read as `serde_json` values.
 
-use std::{
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use kvpool_tests::kv::prompt;
-use kvpool_tests::{kvpool_bin, up, wait_until, Proc};
+use kvpool_tests::{up, wait_until};
 use serde_json::Value;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
 
-/// A small Llama-like shape (4 layers, 2 KV heads, head dim 64, bf16, 16-token blocks: 32 KiB
-/// per block object), so a test moves little data but every layer and K/V is checked.
-const SHAPE: &[&str] = &[
-    "--layers",
-    "4",
-    "--kv-heads",
-    "2",
-    "--head-dim",
-    "64",
-    "--dtype-bytes",
-    "2",
-    "--block-size",
-    "16",
-    "--blocks",
-    "64",
-    "--model",
-    "test/llama-tiny",
-];
-const BS: usize = 16;
-/// Bytes of one block across all layers, K and V: what `verified_bytes` counts per block.
-const BLOCK_BYTES: u64 = 4 * 2 * 16 * 2 * 64 * 2;
+mod engines;
 
-/// `kvpool-sim` next to the `kvpool` binary (`cargo build --bins` builds both), or
-/// `$KVPOOL_SIM_BIN`.
-fn sim_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("KVPOOL_SIM_BIN") {
-        return PathBuf::from(p);
-    }
-    let bin = kvpool_bin().with_file_name("kvpool-sim");
-    assert!(
-        bin.exists(),
-        "{} not found: build it first (`cargo build --bins`)",
-        bin.display()
-    );
-    bin
-}
-
-/// A simulator against `master` with the test shape and `extra` flags (which replace the
-/// shape's flag of the same name: clap refuses a flag given twice).
-fn sim(master: &str, extra: &[&str]) -> Proc {
-    let mut args = vec!["--master", master, "--listen", "127.0.0.1:0"];
-    for pair in SHAPE.chunks(2) {
-        if !extra.contains(&pair[0]) {
-            args.extend_from_slice(pair);
-        }
-    }
-    args.extend_from_slice(extra);
-    Proc::start_program(&sim_bin(), &args)
-}
-
-/// Token ids as a JSON array.
-fn ids(tokens: &[u32]) -> String {
-    serde_json::to_string(tokens).expect("token ids as JSON")
-}
-
-/// One HTTP/1.1 request; the status and the body parsed as JSON (a body that is not JSON comes
-/// back as a string, so a test can still print it).
-async fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, Value) {
-    let mut s = TcpStream::connect(addr)
-        .await
-        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.expect("send request");
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await.expect("read response");
-    let text = String::from_utf8(raw).expect("utf-8 response");
-    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP header end");
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line: {head}"));
-    let chunked = head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    let body = if chunked {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
-    let json = serde_json::from_str(&body).unwrap_or(Value::String(body));
-    (status, json)
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((len, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(len.trim(), 16).expect("chunk length");
-        if n == 0 {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = &rest[n + 2..];
-    }
-    out
-}
-
-async fn complete(addr: &str, body: &str) -> Value {
-    let (status, j) = http(addr, "POST", "/v1/completions", body).await;
-    assert_eq!(status, 200, "completion failed: {j}");
-    j
-}
-
-/// A plain completion of `tokens`; returns the response's `kvpool` report and the response.
-async fn ask(addr: &str, tokens: &[u32]) -> Value {
-    complete(
-        addr,
-        &format!(r#"{{"prompt": {}, "max_tokens": 4}}"#, ids(tokens)),
-    )
-    .await
-}
-
-async fn stats(addr: &str) -> Value {
-    let (status, j) = http(addr, "GET", "/stats", "").await;
-    assert_eq!(status, 200, "{j}");
-    j
-}
-
-/// Asserts where a response's KV came from, and that every loaded byte was right.
-fn assert_kv(r: &Value, blocks: u64, loaded: u64) {
-    let k = &r["kvpool"];
-    assert_eq!(k["mismatched_blocks"].u(), 0, "wrong bytes loaded: {r}");
-    assert_eq!(k["blocks"].u(), blocks, "{r}");
-    assert_eq!(k["loaded_blocks"].u(), loaded, "{r}");
-    assert_eq!(k["computed_blocks"].u(), blocks - loaded, "{r}");
-    assert_eq!(k["verified_bytes"].u(), loaded * BLOCK_BYTES, "{r}");
-}
+use engines::*;
 
 /// Two engines (one with vLLM's paged per-layer cache, one block-first) share a pool: what one
 /// computed, the other loads, byte for byte, into whatever blocks it has free.
@@ -274,6 +139,17 @@ async fn bad_input_is_a_400() {
             "/v1/completions",
             r#"{"prompt": [1], "kv_transfer_params": {"do_remote_prefill": true}}"#,
             "kv_consumer",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"prompt": [1]}"#,
+            "missing field `messages`",
+        ),
+        ("/v1/chat/completions", r#"{"messages": []}"#, "empty"),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}"#,
+            "not supported",
         ),
         ("/abort", "[]", "invalid abort body"),
     ];
@@ -632,135 +508,4 @@ async fn decoder_abort_ends_a_waiting_request() {
     assert_eq!(s["aborted_requests"].u(), 1);
     assert_eq!(s["in_flight"].u(), 0);
     assert_eq!(s["free_blocks"].u(), 64, "blocks leaked: {s}");
-}
-
-/// `kvpool proxy` in front of two prefillers and a decoder: requests go prefill, then
-/// decode with the hand-off, and the decoder's answer carries exactly the prefiller's KV;
-/// requests sharing a prefix stick to one prefiller; a dead prefiller is routed around.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn proxy_routes_prefill_then_decode() {
-    let pool = up("256MiB", &[]);
-    let master = pool.addr("master");
-    let producer = ["--role", "kv_producer", "--bootstrap-port", "0"];
-    let mut p = [sim(&master, &producer), sim(&master, &producer)];
-    let d = sim(
-        &master,
-        &["--role", "kv_consumer", "--consumer-timeout", "10s"],
-    );
-    let url = |proc: &Proc| format!("http://{}", proc.addr("http"));
-    let proxy = Proc::start(&[
-        "proxy",
-        "--listen",
-        "127.0.0.1:0",
-        "--prefill",
-        &url(&p[0]),
-        "--prefill",
-        &url(&p[1]),
-        "--decode",
-        &url(&d),
-        "--health-interval",
-        "200ms",
-        "--affinity-tokens",
-        "64",
-    ]);
-    let px = proxy.addr("proxy");
-    let (status, _) = http(&px, "GET", "/health", "").await;
-    assert_eq!(status, 200);
-
-    // Two requests sharing their first 64 tokens, through the proxy.
-    let shared = prompt(21, 64);
-    let mut served_by = Vec::new();
-    for seed in [22, 23] {
-        let mut toks = shared.clone();
-        toks.extend(prompt(seed, 80));
-        let r = complete(
-            &px,
-            &format!(r#"{{"prompt": {}, "max_tokens": 4}}"#, ids(&toks)),
-        )
-        .await;
-        // The decoder's answer: all 9 full blocks loaded from the hand-off, byte for byte.
-        assert_kv(&r, 9, 9);
-        assert_eq!(r["kvpool"]["kv_transfer_failed"], Value::Null, "{r}");
-        let mut reqs = Vec::new();
-        for x in &p {
-            reqs.push(stats(&x.addr("http")).await["requests"].u());
-        }
-        served_by.push(reqs);
-    }
-    // Both went to the same prefiller (prefix affinity), none to the other.
-    let last = served_by.last().unwrap().clone();
-    let (hot, cold) = if last[0] == 2 { (0, 1) } else { (1, 0) };
-    assert_eq!((last[hot], last[cold]), (2, 0), "{served_by:?}");
-
-    // The affine prefiller dies: the next request with that prefix is prefilled by the other.
-    p[hot].kill();
-    let mut toks = shared.clone();
-    toks.extend(prompt(24, 80));
-    let r = complete(
-        &px,
-        &format!(r#"{{"prompt": {}, "max_tokens": 4}}"#, ids(&toks)),
-    )
-    .await;
-    assert_kv(&r, 9, 9);
-    assert_eq!(stats(&p[cold].addr("http")).await["requests"].u(), 1);
-    let (status, b) = http(&px, "GET", "/backends", "").await;
-    assert_eq!(status, 200);
-    let Some(list) = b.as_array() else {
-        panic!("{b}")
-    };
-    let dead = format!("http://{}", p[hot].addr("http"));
-    assert!(
-        list.iter().any(|e| e["url"] == dead && !e["healthy"].b()),
-        "{b}"
-    );
-
-    // Bad JSON is the caller's error, answered by the proxy itself.
-    let (status, _) = http(&px, "POST", "/v1/completions", "{not json").await;
-    assert_eq!(status, 400);
-
-    // No decoder left: a clear 502 naming it, and the proxy reports itself unhealthy.
-    let mut d = d;
-    d.kill();
-    let (status, j) = http(
-        &px,
-        "POST",
-        "/v1/completions",
-        &format!(r#"{{"prompt": {}, "max_tokens": 4}}"#, ids(&toks)),
-    )
-    .await;
-    assert_eq!(status, 502, "{j}");
-    assert!(j.to_string().contains("no decoder answered"), "{j}");
-    wait_until(
-        "the proxy reports itself unhealthy",
-        Duration::from_secs(10),
-        || {
-            let px = px.clone();
-            async move { http(&px, "GET", "/health", "").await.0 == 503 }
-        },
-    )
-    .await;
-}
-
-/// Typed reads of a response field that panic with the value when it has another type.
-trait Field {
-    fn u(&self) -> u64;
-    fn b(&self) -> bool;
-    fn s(&self) -> &str;
-}
-
-impl Field for Value {
-    fn u(&self) -> u64 {
-        self.as_u64()
-            .unwrap_or_else(|| panic!("not an unsigned integer: {self}"))
-    }
-
-    fn b(&self) -> bool {
-        self.as_bool()
-            .unwrap_or_else(|| panic!("not a boolean: {self}"))
-    }
-
-    fn s(&self) -> &str {
-        self.as_str()
-            .unwrap_or_else(|| panic!("not a string: {self}"))
-    }
 }

@@ -64,8 +64,9 @@ pub enum Command {
     Drain(DrainArgs),
     /// Print the default config file, every key with its default.
     Config,
-    /// A P/D router (OpenAI completions API): prefill on a kv_producer engine, then decode on
-    /// a kv_consumer engine with the hand-off parameters; the KV moves through the pool.
+    /// A P/D router (OpenAI completions, chat completions, models; streaming): prefill on a
+    /// kv_producer engine, then decode on a kv_consumer engine with the hand-off parameters;
+    /// the KV moves through the pool. See docs/proxy.md.
     Proxy(ProxyArgs),
 }
 
@@ -74,8 +75,9 @@ pub struct ProxyArgs {
     /// Address to serve the OpenAI API on.
     #[arg(long, default_value = "127.0.0.1:8000")]
     pub listen: String,
-    /// A prefill engine's base URL (`http://host:port`); repeat for several.
-    #[arg(long = "prefill", required = true)]
+    /// A prefill engine's base URL (`http://host:port`); repeat for several. None: requests
+    /// go straight to the decoders.
+    #[arg(long = "prefill")]
     pub prefill: Vec<String>,
     /// A decode engine's base URL; repeat for several.
     #[arg(long = "decode", required = true)]
@@ -89,6 +91,10 @@ pub struct ProxyArgs {
     /// Prompt tokens that pick the prefiller (requests sharing them go to the same one).
     #[arg(long, default_value_t = 256)]
     pub affinity_tokens: usize,
+    /// The pool master's RPC address: the prefiller is then the one whose host holds the
+    /// longest prefix of the prompt (affinity when nothing is stored or the master is down).
+    #[arg(long)]
+    pub master: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -266,7 +272,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Exists(a) => verbs::exists(cfg, a).await,
         Command::Status(a) => verbs::status(cfg, a).await,
         Command::Drain(a) => verbs::drain(cfg, a).await,
-        Command::Proxy(a) => serve::proxy(a).await,
+        Command::Proxy(a) => serve::proxy(cfg, a).await,
         Command::Config => {
             print!("{}", Config::default_toml());
             Ok(ExitCode::SUCCESS)

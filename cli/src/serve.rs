@@ -186,12 +186,18 @@ pub async fn up(mut cfg: Config, a: UpArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn proxy(a: crate::cli::ProxyArgs) -> anyhow::Result<ExitCode> {
+pub async fn proxy(config: Config, a: crate::cli::ProxyArgs) -> anyhow::Result<ExitCode> {
     let mut cfg = kvpool_proxy::ProxyConfig::new(a.prefill, a.decode);
     cfg.listen = a.listen;
     cfg.health_interval = a.health_interval.0;
     cfg.request_timeout = a.request_timeout.0;
     cfg.affinity_tokens = a.affinity_tokens;
+    if let Some(m) = a.master.as_deref() {
+        // The client config (token included) as every kvpool client has it.
+        let c = config.client.to_client_config(Some(m));
+        c.validate().map_err(anyhow::Error::msg)?;
+        cfg.pool = Some(c);
+    }
     let (proxy, task) = kvpool_proxy::start(cfg, shutdown_signal()).await?;
     tracing::info!(addr = %proxy.addr, "proxy listening");
     ready(&format!("proxy={}", proxy.addr));

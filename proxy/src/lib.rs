@@ -1,18 +1,22 @@
 //! `kvpool proxy`: a P/D router in front of prefill (`kv_producer`) and decode
-//! (`kv_consumer`) engines, speaking the OpenAI completions API.
+//! (`kv_consumer`) engines, speaking the OpenAI API (`/v1/completions`,
+//! `/v1/chat/completions`, `/v1/models`). User documentation: docs/proxy.md.
 //!
-//! A request goes to a prefiller with `max_tokens = 1` and
+//! A request goes to a prefiller with `max_tokens = 1`, `stream = false` and
 //! `kv_transfer_params = {"do_remote_decode": true}`; the hand-off parameters it answers with
-//! go to a decoder with the original request, and the decoder's answer goes back to the
-//! caller. The KV itself moves through the pool (docs/connector.md, "P/D hand-off").
+//! go to a decoder with the original request, and the decoder's answer (server-sent events
+//! when the caller asked for a stream) is passed back to the caller as it arrives. The KV
+//! itself moves through the pool (docs/connector.md, "P/D hand-off").
 //!
 //! Beyond vLLM's example proxy: several prefillers and decoders; health checks that take a
 //! failing engine out of rotation and put it back when it answers again; a prefill that fails
-//! is retried on the next prefiller; prefix affinity: requests sharing their first
-//! `affinity_tokens` tokens go to the same prefiller (rendezvous hashing), whose own node
-//! then already holds the prefix.
+//! is retried on the next prefiller; the prefiller is the one whose host holds the longest
+//! prefix of the prompt (asked of the master, `placement`), else by prefix affinity
+//! (rendezvous hashing of the first `affinity_tokens` tokens). With no prefillers it is a
+//! plain router over the decoders.
 
 mod backends;
+mod placement;
 mod route;
 
 use std::net::SocketAddr;
@@ -35,6 +39,9 @@ pub struct ProxyConfig {
     pub request_timeout: Duration,
     /// Prompt tokens (or characters of a text prompt) that pick the prefiller [256].
     pub affinity_tokens: usize,
+    /// The pool's master, asked where a prompt's prefix lives to pick the prefiller holding
+    /// it [none: affinity only].
+    pub pool: Option<kvpool_client::ClientConfig>,
 }
 
 impl ProxyConfig {
@@ -46,6 +53,7 @@ impl ProxyConfig {
             health_interval: Duration::from_secs(2),
             request_timeout: Duration::from_secs(600),
             affinity_tokens: 256,
+            pool: None,
         }
     }
 }
@@ -63,8 +71,8 @@ pub async fn start(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<(Proxy, tokio::task::JoinHandle<()>)> {
     anyhow::ensure!(
-        !cfg.prefillers.is_empty() && !cfg.decoders.is_empty(),
-        "the proxy needs at least one prefiller and one decoder"
+        !cfg.decoders.is_empty(),
+        "the proxy needs at least one decoder (prefillers are optional)"
     );
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await

@@ -132,6 +132,8 @@ pub struct Engine {
     /// Seeds the simulated KV: the model and TP rank.
     seed: u64,
     cache: tokio::sync::Mutex<HostKvCache>,
+    /// The first layer group's key tag: [`Engine::probe_keys`] names that object per block.
+    first_group: Option<usize>,
     free: Mutex<Vec<usize>>,
     stats: Counters,
     pub pd: PdSide,
@@ -167,11 +169,13 @@ impl Engine {
         // which are then stale from earlier requests (what verification must see through).
         let free = (0..cfg.num_blocks).rev().collect();
         let seed = kv::model_seed(&cfg.model, cfg.tp_rank);
+        let first_group = cache.layout().key_group(0);
         Self {
             cfg,
             hasher,
             conn,
             seed,
+            first_group,
             cache: tokio::sync::Mutex::new(cache),
             free: Mutex::new(free),
             stats: Counters::default(),
@@ -181,6 +185,16 @@ impl Engine {
 
     pub fn config(&self) -> &EngineConfig {
         &self.cfg
+    }
+
+    /// The pool keys of the first layer group's object of each full block of `tokens`: what
+    /// a router asks the master about to find where this prompt's prefix lives.
+    pub fn probe_keys(&self, tokens: &[u32]) -> Vec<String> {
+        self.hasher
+            .keys(tokens)
+            .iter()
+            .map(|k| k.wire(self.first_group))
+            .collect()
     }
 
     pub fn stats(&self) -> Stats {

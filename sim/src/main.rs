@@ -18,6 +18,7 @@ use kvpool_client::{Client, ClientConfig};
 use kvpool_connector::{
     BlockHasher, BlockShape, HostKvCache, LayerGroups, Namespace, PoolConnector,
 };
+use kvpool_proto::PutOptions;
 
 use kvpool_connector::pd::PdConfig;
 
@@ -84,6 +85,13 @@ struct Args {
     /// Modelled prefill cost per token in µs (0: no GPU time, only the pool's).
     #[arg(long, default_value_t = 0.0)]
     prefill_us_per_token: f64,
+    /// Time between the tokens of a streamed answer (modelled decode speed; 0: all at once).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    token_interval: Duration,
+    /// Save to (and hand off through) the storage nodes on this host first, as an engine
+    /// does with its own host's node (the nodes' data address host, e.g. 127.0.0.2).
+    #[arg(long)]
+    prefer_host: Option<String>,
 }
 
 fn groups(s: &str) -> anyhow::Result<LayerGroups> {
@@ -168,7 +176,22 @@ async fn run(a: Args) -> anyhow::Result<()> {
         ccfg.token = Some(kvpool_proto::Token::new(t.into_bytes()).context("KVPOOL_TOKEN")?);
     }
     let client = Arc::new(Client::new(ccfg));
-    let conn = Arc::new(PoolConnector::new(client, cache.layout()));
+    let mut conn = PoolConnector::new(client, cache.layout());
+    if let Some(host) = &a.prefer_host {
+        // Asked once at start: the nodes of a host rarely change, and a node that left is
+        // skipped by the master's placement anyway.
+        match conn.local_nodes(host).await {
+            Ok(nodes) if !nodes.is_empty() => {
+                conn = conn.with_put_options(PutOptions {
+                    preferred_nodes: nodes,
+                    ..PutOptions::default()
+                });
+            }
+            Ok(_) => tracing::warn!("--prefer-host {host}: no live storage node on that host"),
+            Err(e) => tracing::warn!("--prefer-host {host}: cannot list the nodes: {e}"),
+        }
+    }
+    let conn = Arc::new(conn);
     let mut pd_cfg = PdConfig::from_env(a.role, a.dp_rank, a.tp_size, a.tp_rank)?;
     if let Some(p) = a.bootstrap_port {
         pd_cfg.base_port = p;
@@ -193,7 +216,7 @@ async fn run(a: Args) -> anyhow::Result<()> {
     };
     let engine = Engine::new(cfg, cache, BlockHasher::new(ns), conn, pd);
     let bootstrap = engine.pd.bootstrap_addr();
-    let app = Arc::new(http::App::new(engine));
+    let app = Arc::new(http::App::new(engine, a.token_interval));
     let listener = tokio::net::TcpListener::bind(&a.listen)
         .await
         .with_context(|| format!("listening on {}", a.listen))?;
