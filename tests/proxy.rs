@@ -222,9 +222,40 @@ async fn proxy_without_prefillers_streams_from_the_engine() {
 /// Two prefillers on two simulated hosts (127.0.0.1 and 127.0.0.2, each with its own storage
 /// node and saving there first): a request goes to the prefiller whose host holds the longest
 /// prefix of its prompt, whatever prefix affinity would say; with nothing stored, or no
-/// master, affinity decides and requests are still served.
+/// master, affinity decides and requests are still served. Keys from the engine
+/// (`/kvpool/block_keys`, token-id prompts).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_prefers_the_prefiller_holding_the_prefix() {
+    prefix_choice(false).await;
+}
+
+/// The same with keys hashed by the proxy in the engines' namespace (`--prefix-namespace`,
+/// the path for vLLM), tokens from the prefiller's `/tokenize`, on chat requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_prefers_the_prefiller_holding_the_prefix_by_namespace() {
+    prefix_choice(true).await;
+}
+
+/// Prefix `i`'s request with a tail from `seed`: (route, body, full blocks shared with every
+/// other request on prefix `i`). Token ids, or (`chat`) a long system message then a user one.
+fn prefix_request(chat: bool, i: usize, seed: u32) -> (&'static str, Value, usize) {
+    if chat {
+        let sys = format!("{i} {}", "You are a helpful assistant. ".repeat(4));
+        let user = format!("{seed}: tell me more");
+        // "<|system|>\n" + sys + "\n<|user|>\n", then the user text differs at once.
+        let shared = 11 + sys.chars().count() + 1 + 9;
+        let body = json!({"messages": [{"role": "system", "content": sys},
+                                       {"role": "user", "content": user}], "max_tokens": 2});
+        ("/v1/chat/completions", body, shared / BS)
+    } else {
+        let mut toks = prompt(50 + i as u32, 6 * BS);
+        toks.extend(prompt(seed, 40));
+        let body = json!({"prompt": toks, "max_tokens": 2});
+        ("/v1/completions", body, 6)
+    }
+}
+
+async fn prefix_choice(by_namespace: bool) {
     let pool = up("128MiB", &[]);
     let master = pool.addr("master");
     let _host_b = Proc::start(&[
@@ -266,56 +297,59 @@ async fn proxy_prefers_the_prefiller_holding_the_prefix() {
         &master,
         &["--role", "kv_consumer", "--consumer-timeout", "10s"],
     );
-    let px = proxy(&[
+    let (p0, p1, du) = (url(&hosts[0]), url(&hosts[1]), url(&d));
+    let ns = r#"{"model": "test/llama-tiny", "kv_dtype": "bf16", "layout": "vllm-nhd/all", "block_size": 16}"#;
+    let mut args = vec![
         "--prefill",
-        &url(&hosts[0]),
+        &p0,
         "--prefill",
-        &url(&hosts[1]),
+        &p1,
         "--decode",
-        &url(&d),
+        &du,
         "--master",
         &master,
-    ]);
+    ];
+    if by_namespace {
+        args.extend_from_slice(&["--prefix-namespace", ns]);
+    }
+    let px = proxy(&args);
     let px = px.addr("proxy");
 
     // Nothing stored yet: affinity picks, and the header says no block was found.
-    let (status, head, r) = http_head(
-        &px,
-        "POST",
-        "/v1/completions",
-        &json!({"prompt": prompt(40, 50), "max_tokens": 2}).to_string(),
-    )
-    .await;
+    let (path, body, _) = prefix_request(by_namespace, 9, 1);
+    let (status, head, r) = http_head(&px, "POST", path, &body.to_string()).await;
     assert_eq!(status, 200, "{r}");
     assert_eq!(header(&head, "x-kvpool-prefix-blocks"), Some("0"), "{head}");
 
-    // Four long prefixes (6 blocks each), each computed on one host by a direct request.
-    let prefixes: Vec<Vec<u32>> = (0..4).map(|i| prompt(50 + i, 6 * BS)).collect();
-    for (i, pre) in prefixes.iter().enumerate() {
-        let r = ask(&hosts[i % 2].addr("http"), pre).await;
-        assert_kv(&r, 6, 0);
+    // Four long prefixes, each computed on one host by a direct request.
+    for i in 0..4 {
+        let (path, body, _) = prefix_request(by_namespace, i, 2);
+        let (status, r) = http(&hosts[i % 2].addr("http"), "POST", path, &body.to_string()).await;
+        assert_eq!(status, 200, "{r}");
+        assert_eq!(r["kvpool"]["loaded_blocks"].u(), 0, "{r}");
     }
     // Through the proxy, a request sharing a prefix goes to the host holding it (affinity
     // alone would get all four right one time in sixteen).
-    for (i, pre) in prefixes.iter().enumerate() {
-        let mut toks = pre.clone();
-        toks.extend(prompt(60 + i as u32, 40));
-        let (status, head, r) = http_head(
-            &px,
-            "POST",
-            "/v1/completions",
-            &json!({"prompt": toks, "max_tokens": 2}).to_string(),
-        )
-        .await;
+    for i in 0..4 {
+        let (path, body, shared) = prefix_request(by_namespace, i, 3);
+        let (status, head, r) = http_head(&px, "POST", path, &body.to_string()).await;
         assert_eq!(status, 200, "{r}");
         assert_eq!(
             header(&head, "x-kvpool-prefiller"),
             Some(url(&hosts[i % 2]).as_str()),
             "prefix {i}: {head}"
         );
-        assert_eq!(header(&head, "x-kvpool-prefix-blocks"), Some("6"), "{head}");
-        // The decoder got all 8 full blocks from the hand-off.
-        assert_kv(&r, 9, 8);
+        let found = shared.to_string();
+        assert_eq!(
+            header(&head, "x-kvpool-prefix-blocks"),
+            Some(found.as_str()),
+            "{head}"
+        );
+        // The decoder got every full block from the hand-off, byte for byte.
+        let k = &r["kvpool"];
+        assert_eq!(k["mismatched_blocks"].u(), 0, "{r}");
+        assert_eq!(k["loaded_blocks"].u(), k["blocks"].u() - 1, "{r}");
+        assert_eq!(k["kv_transfer_failed"], Value::Null, "{r}");
     }
     for h in &hosts {
         // Each prefiller: its 2 direct requests and its 2 routed ones (and maybe the first).
@@ -324,25 +358,22 @@ async fn proxy_prefers_the_prefiller_holding_the_prefix() {
     }
 
     // A proxy whose master does not answer still serves, by affinity.
-    let px2 = proxy(&[
+    let mut args = vec![
         "--prefill",
-        &url(&hosts[0]),
+        &p0,
         "--prefill",
-        &url(&hosts[1]),
+        &p1,
         "--decode",
-        &url(&d),
+        &du,
         "--master",
         "127.0.0.1:1",
-    ]);
-    let mut toks = prefixes[0].clone();
-    toks.extend(prompt(70, 40));
-    let (status, head, r) = http_head(
-        &px2.addr("proxy"),
-        "POST",
-        "/v1/completions",
-        &json!({"prompt": toks, "max_tokens": 2}).to_string(),
-    )
-    .await;
+    ];
+    if by_namespace {
+        args.extend_from_slice(&["--prefix-namespace", ns]);
+    }
+    let px2 = proxy(&args);
+    let (path, body, _) = prefix_request(by_namespace, 0, 4);
+    let (status, head, r) = http_head(&px2.addr("proxy"), "POST", path, &body.to_string()).await;
     assert_eq!(status, 200, "{r}");
     assert!(header(&head, "x-kvpool-prefiller").is_some(), "{head}");
     assert_eq!(header(&head, "x-kvpool-prefix-blocks"), None, "{head}");

@@ -95,6 +95,12 @@ pub struct ProxyArgs {
     /// longest prefix of the prompt (affinity when nothing is stored or the master is down).
     #[arg(long)]
     pub master: Option<String>,
+    /// The engines' block-key namespace as JSON (`{"model", "kv_dtype", "layout",
+    /// "block_size", "tp_size", "pp_size"}`): with --master, the proxy hashes the prompt's
+    /// block keys itself (tokens from the prefiller's /tokenize), for engines without
+    /// /kvpool/block_keys such as vLLM.
+    #[arg(long, requires = "master")]
+    pub prefix_namespace: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -198,6 +198,9 @@ pub async fn proxy(config: Config, a: crate::cli::ProxyArgs) -> anyhow::Result<E
         c.validate().map_err(anyhow::Error::msg)?;
         cfg.pool = Some(c);
     }
+    if let Some(ns) = a.prefix_namespace.as_deref() {
+        cfg.prefix_namespace = Some(kvpool_proxy::KeyNamespace::parse(ns)?);
+    }
     let (proxy, task) = kvpool_proxy::start(cfg, shutdown_signal()).await?;
     tracing::info!(addr = %proxy.addr, "proxy listening");
     ready(&format!("proxy={}", proxy.addr));

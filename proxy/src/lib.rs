@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use backends::{Backend, Backends};
+pub use placement::KeyNamespace;
 
 /// How the proxy is set up.
 #[derive(Debug, Clone)]
@@ -42,6 +43,9 @@ pub struct ProxyConfig {
     /// The pool's master, asked where a prompt's prefix lives to pick the prefiller holding
     /// it [none: affinity only].
     pub pool: Option<kvpool_client::ClientConfig>,
+    /// The engines' key namespace: the proxy then hashes block keys itself (tokens from the
+    /// prefiller's `/tokenize`) instead of asking the engine's `/kvpool/block_keys` [none].
+    pub prefix_namespace: Option<KeyNamespace>,
 }
 
 impl ProxyConfig {
@@ -54,6 +58,7 @@ impl ProxyConfig {
             request_timeout: Duration::from_secs(600),
             affinity_tokens: 256,
             pool: None,
+            prefix_namespace: None,
         }
     }
 }

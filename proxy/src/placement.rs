@@ -3,7 +3,9 @@
 //!
 //! 1. The prompt's block keys come from an engine (`POST /kvpool/block_keys` on the first
 //!    prefiller in affinity order): the engine tokenizes and hashes in its own namespace, so
-//!    the proxy needs no tokenizer, block size or namespace of its own.
+//!    the proxy needs no tokenizer, block size or namespace of its own. Or, given the engines'
+//!    namespace ([`KeyNamespace`], for vLLM), the proxy hashes tokens itself: a token-id
+//!    prompt as it is, text and chat through the prefiller's `POST /tokenize`.
 //! 2. The master says where each key's replicas are (`Client::locate`, one batched
 //!    `GetReplicas`; it grants a short read lease, as an engine's own lookup does, so the
 //!    blocks found stay until the chosen prefiller's lookup follows).
@@ -19,23 +21,92 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use kvpool_client::{Client, ClientConfig, ObjectInfo};
+use kvpool_connector::{BlockHasher, Namespace};
+use serde::Deserialize;
 
 /// The limit for the whole placement step (keys from the engine, then the master).
 pub(crate) const LIMIT: Duration = Duration::from_secs(2);
 /// How long placement stays off after the master failed to answer.
 pub(crate) const BACKOFF: Duration = Duration::from_secs(5);
 
+/// The engines' key namespace as the proxy is given it (`--prefix-namespace`, JSON): what
+/// the engines' connector hashes block keys in, at TP rank 0 and PP rank 0 (whose blocks stand
+/// for the whole prefix). `layout` is the full layout tag, grouping included (e.g.
+/// `vllm-nhd/all`, `vllm-lbnhc/l4`): with a grouping other than `all` the first group's object
+/// (`#g0`) stands for each block.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyNamespace {
+    pub model: String,
+    pub kv_dtype: String,
+    pub layout: String,
+    pub block_size: u32,
+    #[serde(default = "one")]
+    pub tp_size: u32,
+    #[serde(default = "one")]
+    pub pp_size: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl KeyNamespace {
+    pub fn parse(json: &str) -> anyhow::Result<Self> {
+        let ns: KeyNamespace = serde_json::from_str(json).map_err(|e| {
+            anyhow::anyhow!(
+                "--prefix-namespace {json:?}: {e} (want {{\"model\", \"kv_dtype\", \"layout\", \"block_size\", \"tp_size\", \"pp_size\"}})"
+            )
+        })?;
+        anyhow::ensure!(
+            ns.block_size > 0,
+            "--prefix-namespace: block_size must be > 0"
+        );
+        anyhow::ensure!(
+            ns.layout.contains('/'),
+            "--prefix-namespace: layout {:?} lacks its grouping (e.g. vllm-nhd/all)",
+            ns.layout
+        );
+        Ok(ns)
+    }
+
+    /// The hasher, and the layer group whose object names a block in the pool.
+    pub(crate) fn hasher(&self) -> (BlockHasher, Option<usize>) {
+        let grouped = !self.layout.ends_with("/all");
+        let ns = Namespace {
+            model: self.model.clone(),
+            kv_dtype: self.kv_dtype.clone(),
+            layout: self.layout.clone(),
+            block_size: self.block_size,
+            tp_rank: 0,
+            tp_size: self.tp_size,
+            pp_rank: 0,
+            pp_size: self.pp_size,
+        };
+        (BlockHasher::new(ns), grouped.then_some(0))
+    }
+}
+
 pub(crate) struct Placement {
     client: Client,
     off_until: Mutex<Option<Instant>>,
+    /// Set: the proxy hashes keys itself; unset: it asks the engine.
+    pub(crate) hasher: Option<(BlockHasher, Option<usize>)>,
 }
 
 impl Placement {
-    pub(crate) fn new(cfg: ClientConfig) -> Self {
+    pub(crate) fn new(cfg: ClientConfig, ns: Option<&KeyNamespace>) -> Self {
         Placement {
             client: Client::new(cfg),
             off_until: Mutex::new(None),
+            hasher: ns.map(KeyNamespace::hasher),
         }
+    }
+
+    /// The pool keys of the full blocks of `tokens`, hashed here.
+    pub(crate) fn keys_of(&self, tokens: &[u32]) -> Option<Vec<String>> {
+        let (h, group) = self.hasher.as_ref()?;
+        Some(h.keys(tokens).iter().map(|k| k.wire(*group)).collect())
     }
 
     pub(crate) fn is_off(&self) -> bool {
@@ -126,6 +197,43 @@ mod tests {
                 })
                 .collect(),
         })
+    }
+
+    #[test]
+    fn a_namespace_is_parsed_and_hashes_like_the_engines() {
+        let ns = KeyNamespace::parse(
+            r#"{"model": "m", "kv_dtype": "bf16", "layout": "vllm-nhd/all", "block_size": 4}"#,
+        )
+        .unwrap();
+        assert_eq!((ns.tp_size, ns.pp_size), (1, 1));
+        let (h, g) = ns.hasher();
+        assert_eq!(g, None);
+        let keys = h.keys(&[1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        assert_eq!(keys.len(), 2, "full blocks only");
+        let engine = BlockHasher::new(Namespace {
+            model: "m".into(),
+            kv_dtype: "bf16".into(),
+            layout: "vllm-nhd/all".into(),
+            block_size: 4,
+            tp_rank: 0,
+            tp_size: 1,
+            pp_rank: 0,
+            pp_size: 1,
+        });
+        assert_eq!(keys, engine.keys(&[1, 2, 3, 4, 5, 6, 7, 8]));
+        let grouped = KeyNamespace::parse(
+            r#"{"model": "m", "kv_dtype": "bf16", "layout": "vllm-nhd/l2", "block_size": 4}"#,
+        )
+        .unwrap();
+        assert_eq!(grouped.hasher().1, Some(0));
+        for bad in [
+            r#"{"model": "m"}"#,
+            r#"{"model": "m", "kv_dtype": "bf16", "layout": "nhd", "block_size": 4}"#,
+            r#"{"model": "m", "kv_dtype": "bf16", "layout": "a/all", "block_size": 0}"#,
+            r#"{"model": "m", "kv_dtype": "bf16", "layout": "a/all", "block_size": 4, "x": 1}"#,
+        ] {
+            assert!(KeyNamespace::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -52,7 +52,10 @@ impl State {
             request_timeout: cfg.request_timeout,
             affinity_tokens: cfg.affinity_tokens,
             next_id: Arc::new(AtomicU64::new(0)),
-            placement: cfg.pool.clone().map(|c| Arc::new(Placement::new(c))),
+            placement: cfg
+                .pool
+                .clone()
+                .map(|c| Arc::new(Placement::new(c, cfg.prefix_namespace.as_ref()))),
         }
     }
 }
@@ -276,7 +279,16 @@ async fn prefill_order(st: &State, req: &Value, api: Api) -> (Vec<Arc<Backend>>,
         return (order, None);
     }
     let found = match tokio::time::timeout(placement::LIMIT, async {
-        let keys = block_keys(st, &order[0], api, prompt).await?;
+        let keys = match &pl.hasher {
+            None => block_keys(st, &order[0], api, prompt).await?,
+            Some(_) => {
+                let tokens = tokens(st, &order[0], api, prompt).await?;
+                pl.keys_of(&tokens).unwrap_or_default()
+            }
+        };
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
         pl.locate(&keys).await
     })
     .await
@@ -330,6 +342,40 @@ async fn block_keys(
                 .collect()
         })
         .ok_or_else(|| format!("{url}: no `keys` in the answer"))
+}
+
+/// The prompt's token ids: a token-id prompt as it is; text, or a chat's messages (through
+/// the engine's chat template), from the engine at `b` (`POST /tokenize`, vLLM's route).
+async fn tokens(st: &State, b: &Backend, api: Api, prompt: &Value) -> Result<Vec<u32>, String> {
+    if let Value::Array(ids) = prompt {
+        if api == Api::Completions {
+            return ids
+                .iter()
+                .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
+                .collect::<Option<Vec<u32>>>()
+                .ok_or_else(|| "a prompt that is not one list of token ids".to_string());
+        }
+    }
+    let body = match api {
+        Api::Completions => json!({ "prompt": prompt }),
+        Api::Chat => json!({ "messages": prompt, "add_generation_prompt": true }),
+    };
+    let url = format!("{}/tokenize", b.url);
+    let (status, answer) = post_json(&st.http, &url, &body, None, placement::LIMIT)
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    if !status.is_success() {
+        return Err(format!("{url}: HTTP {status}"));
+    }
+    let v: Value = serde_json::from_slice(&answer).map_err(|e| format!("{url}: {e}"))?;
+    v["tokens"]
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
+                .collect()
+        })
+        .ok_or_else(|| format!("{url}: no `tokens` in the answer"))
 }
 
 /// Whether an engine's answer means the engine (not the request) failed: try the next one.
