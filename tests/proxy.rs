@@ -65,7 +65,7 @@ async fn proxy_streams_completions_and_chat() {
     let pool = up("256MiB", &[]);
     let master = pool.addr("master");
     let mut p = sim(&master, &["--role", "kv_producer", "--bootstrap-port", "0"]);
-    let d = sim(
+    let mut d = sim(
         &master,
         &[
             "--role",
@@ -179,6 +179,23 @@ async fn proxy_streams_completions_and_chat() {
     )
     .await;
     assert_eq!(stats(&dc).await["free_blocks"].u(), 64);
+
+    // The decoder dies mid-stream: the client's stream ends at once, without `[DONE]` and
+    // without HTTP's last chunk (the proxy cuts the response short rather than pretend it
+    // finished).
+    let body = json!({"prompt": prompt(33, 40), "max_tokens": 100, "stream": true});
+    let mut s = Stream::open(&px, "POST", "/v1/completions", &body.to_string()).await;
+    assert_eq!(s.status, 200);
+    s.next_event().await.expect("a first event");
+    d.kill();
+    let rest = tokio::time::timeout(Duration::from_secs(10), s.rest())
+        .await
+        .expect("the stream ends when its decoder dies");
+    assert!(!rest.contains("[DONE]"), "{rest}");
+    assert!(
+        !s.ended_cleanly(),
+        "a cut-off stream must not look complete"
+    );
 
     // The only prefiller dies: a 502 that names it.
     let dead = url(&p);

@@ -281,6 +281,11 @@ impl Stream {
         }
     }
 
+    /// Whether a chunked body ended with its terminating chunk (not cut short).
+    pub fn ended_cleanly(&self) -> bool {
+        self.done
+    }
+
     fn finished(&self) -> bool {
         self.done || self.eof
     }
