@@ -1,0 +1,336 @@
+"""`kvpool.vllm.KVPoolConnector` driven by vLLM itself: vLLM's own `Scheduler` (built on CPU
+from a tiny LlamaForCausalLM config.json written here: no download) with the connector
+loaded by name from `kvpool.vllm`, and the worker-side calls, in the model runner's order,
+on real torch CPU tensors in FlashAttention's layout (`[2, num_blocks, block_size, heads,
+head_dim]` per layer). The "forward" writes each computed token's K and V (a function of the
+token and its position), so a load can be checked byte for byte against the engine that
+saved the blocks.
+
+Runs in the vLLM virtualenv (scripts/vllm-env.sh) with PYTHONPATH=python; skips, quoting the
+reason, where vLLM is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+
+
+def _install_error() -> str:
+    path = os.environ.get("KVPOOL_VLLM_INSTALL_ERROR")
+    if path and Path(path).exists():
+        return Path(path).read_text(errors="replace").strip()[-1500:]
+    return ""
+
+
+try:
+    import torch
+    from vllm import SamplingParams
+    from vllm.config import (
+        CacheConfig,
+        DeviceConfig,
+        KVTransferConfig,
+        ModelConfig,
+        SchedulerConfig,
+        VllmConfig,
+    )
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+    from vllm.v1.request import Request, RequestStatus
+    from vllm.v1.structured_output import StructuredOutputManager
+except Exception as e:  # noqa: BLE001 - any import failure means "no usable vLLM here"
+    pytest.skip(
+        f"vLLM is not importable here ({type(e).__name__}: {e}). {_install_error()}",
+        allow_module_level=True,
+    )
+
+import kvpool.vllm as kv_vllm  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+BS = 16
+LAYERS = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
+HEADS, HEAD_DIM = 2, 16
+NUM_BLOCKS = 64
+
+MODEL_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": HEADS * 2 * HEAD_DIM,
+    "intermediate_size": 128,
+    "num_attention_heads": HEADS * 2,
+    "num_key_value_heads": HEADS,
+    "head_dim": HEAD_DIM,
+    "num_hidden_layers": len(LAYERS),
+    "vocab_size": 1000,
+    "max_position_embeddings": 1024,
+    "rms_norm_eps": 1e-5,
+    "torch_dtype": "float16",
+}
+
+init_none_hash(sha256)
+BLOCK_HASHER = get_request_block_hasher(BS, sha256)
+
+
+def write_model(folder: Path) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(MODEL_CONFIG))
+    return str(folder)
+
+
+def kv_value(token: int, pos: int, layer: int, kv: int) -> "torch.Tensor":
+    """What the "forward" writes for one token: `[heads, head_dim]` of f16."""
+    base = float((token * 31 + pos * 7 + layer * 3 + kv) % 997)
+    return (torch.arange(HEADS * HEAD_DIM, dtype=torch.float32) / 64 + base).to(torch.float16).view(HEADS, HEAD_DIM)
+
+
+class Engine:
+    """vLLM's Scheduler with the connector, and one worker's connector over CPU tensors."""
+
+    def __init__(
+        self, model_dir: str, master: str, *, role: str = "kv_both", policy: str = "recompute", **extra
+    ) -> None:
+        extra = {"master": master, "timeout": 5, "bootstrap_port": 0, **extra}
+        mc = ModelConfig(model=model_dir, skip_tokenizer_init=True, max_model_len=1024, dtype="float16")
+        sc = SchedulerConfig(
+            max_num_seqs=16,
+            max_num_batched_tokens=1024,
+            max_model_len=1024,
+            enable_chunked_prefill=True,
+            is_encoder_decoder=False,
+        )
+        cc = CacheConfig(block_size=BS, enable_prefix_caching=True)
+        cc.num_gpu_blocks = NUM_BLOCKS
+        kt = KVTransferConfig(
+            kv_connector="KVPoolConnector",
+            kv_connector_module_path="kvpool.vllm",
+            kv_role=role,
+            kv_connector_extra_config=extra,
+            kv_load_failure_policy=policy,
+        )
+        self.config = VllmConfig(
+            model_config=mc, scheduler_config=sc, cache_config=cc, kv_transfer_config=kt, device_config=DeviceConfig("cpu")
+        )
+        self.kv_cache_config = KVCacheConfig(
+            num_blocks=NUM_BLOCKS,
+            kv_cache_tensors=[],
+            kv_cache_groups=[
+                KVCacheGroupSpec(LAYERS, FullAttentionSpec(block_size=BS, num_kv_heads=HEADS, head_size=HEAD_DIM, dtype=torch.float16))
+            ],
+        )
+        self.scheduler = Scheduler(
+            vllm_config=self.config,
+            kv_cache_config=self.kv_cache_config,
+            structured_output_manager=StructuredOutputManager(self.config),
+            block_size=BS,
+            log_stats=False,
+        )
+        assert type(self.scheduler.connector).__name__ == "KVPoolConnector"
+        self.worker = kv_vllm.KVPoolConnector(self.config, KVConnectorRole.WORKER, self.kv_cache_config)
+        self.kv = {n: torch.zeros(2, NUM_BLOCKS, BS, HEADS, HEAD_DIM, dtype=torch.float16) for n in LAYERS}
+        self.worker.register_kv_caches(self.kv)
+        self.finished_params: Dict[str, Optional[dict]] = {}
+        self.load_errors: List[set] = []
+        #: Each request's block ids as of its last scheduled step (they outlive the request).
+        self.ids: Dict[str, List[int]] = {}
+
+    @property
+    def connector(self) -> "kv_vllm.KVPoolConnector":
+        return self.scheduler.connector
+
+    def add(self, rid: str, prompt: List[int], *, max_tokens: int = 1, params: Optional[dict] = None) -> Request:
+        sp = SamplingParams(max_tokens=max_tokens, extra_args={"kv_transfer_params": params} if params else None)
+        req = Request(rid, prompt, sp, None, block_hasher=BLOCK_HASHER)
+        self.scheduler.add_request(req)
+        return req
+
+    def block_ids(self, rid: str) -> List[int]:
+        return list(self.scheduler.kv_cache_manager.get_block_ids(rid)[0])
+
+    def step(self):
+        """One engine step: schedule, the worker's connector calls around a "forward" that
+        writes the scheduled tokens' KV, and the outputs back to the scheduler."""
+        so = self.scheduler.schedule()
+        pre = {r.req_id: r.num_computed_tokens for r in so.scheduled_new_reqs}
+        pre.update(zip(so.scheduled_cached_reqs.req_ids, so.scheduled_cached_reqs.num_computed_tokens))
+        w = self.worker
+        w.bind_connector_metadata(so.kv_connector_metadata)
+        w.start_load_kv(None)
+        for layer, name in enumerate(LAYERS):
+            w.wait_for_layer_load(name)
+            for rid, n in so.num_scheduled_tokens.items():
+                req = self.scheduler.requests[rid]
+                ids = self.ids[rid] = self.block_ids(rid)
+                for pos in range(pre[rid], pre[rid] + n):
+                    tok = req.all_token_ids[pos]
+                    for kv in (0, 1):
+                        self.kv[name][kv, ids[pos // BS], pos % BS] = kv_value(tok, pos, layer, kv)
+            w.save_kv_layer(name, self.kv[name], None)
+        w.wait_for_save()
+        res = w.get_transfer_results(so.finished_req_ids)
+        errors = w.get_block_ids_with_load_errors()
+        self.load_errors.append(errors)
+        w.clear_connector_metadata()
+        req_ids = list(so.num_scheduled_tokens)
+        sampled = []
+        for rid in req_ids:
+            req = self.scheduler.requests[rid]
+            done = pre[rid] + so.num_scheduled_tokens[rid] >= req.num_tokens
+            sampled.append([7] if done else [])
+        out = ModelRunnerOutput(
+            req_ids=req_ids,
+            req_id_to_index={r: i for i, r in enumerate(req_ids)},
+            sampled_token_ids=sampled,
+            kv_connector_output=KVConnectorOutput(
+                finished_sending=res.finished_sending or None,
+                finished_recving=res.finished_recving or None,
+                invalid_block_ids=errors,
+            ),
+        )
+        eco = self.scheduler.update_from_output(so, out)
+        for outs in eco.values():
+            for o in outs.outputs:
+                if o.finished:
+                    self.finished_params[o.request_id] = o.kv_transfer_params
+        return so, pre
+
+    def run(self, timeout: float = 30.0, until=None) -> None:
+        """Steps until nothing is scheduled or held (or `until()`), as vLLM's engine loop
+        does (an idle step waits a little: the detached saves finish meanwhile)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if until is not None and until():
+                return
+            if until is None and not (self.scheduler.has_requests() or self.connector.has_pending_push_work()):
+                return
+            so, _ = self.step()
+            if not so.num_scheduled_tokens:
+                time.sleep(0.01)
+        raise AssertionError("the engine did not settle")
+
+    def block_bytes(self, block: int) -> bytes:
+        return b"".join(self.kv[n][kv, block].numpy().tobytes() for n in LAYERS for kv in (0, 1))
+
+    def expected_bytes(self, tokens: List[int], b: int) -> bytes:
+        out = []
+        for layer in range(len(LAYERS)):
+            for kv in (0, 1):
+                out.append(
+                    torch.stack([kv_value(tokens[p], p, layer, kv) for p in range(b * BS, (b + 1) * BS)]).numpy().tobytes()
+                )
+        return b"".join(out)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    return write_model(tmp_path_factory.mktemp("model"))
+
+
+def prompt(seed: int, n: int) -> List[int]:
+    return [(seed * 7919 + i * 104729) % 997 + 1 for i in range(n)]
+
+
+@pytest.mark.parametrize("layers_per_group", [None, 1])
+def test_a_shared_prefix_is_matched_and_loaded_byte_for_byte(pool, model_dir, unique, layers_per_group):
+    prefix = prompt(1, 4 * BS)
+    a = Engine(model_dir, pool.master, model_id=unique, layers_per_group=layers_per_group)
+    a.add("r1", prefix + prompt(2, 8))
+    so, pre = a.step()
+    assert pre["r1"] == 0 and so.num_scheduled_tokens["r1"] == 4 * BS + 8  # nothing in the pool yet
+    a.run()
+    assert a.finished_params == {"r1": None}
+    assert not a.connector.has_pending_push_work()
+
+    # Another engine (its own scheduler, worker and KV cache) gets the prefix from the pool.
+    b = Engine(model_dir, pool.master, model_id=unique, layers_per_group=layers_per_group)
+    b.add("r2", prefix + prompt(3, 8))
+    so, pre = b.step()
+    assert pre["r2"] == 4 * BS, "the 4 prefix blocks are matched"
+    assert so.num_scheduled_tokens["r2"] == 8
+    meta = so.kv_connector_metadata
+    assert [len(r.load_ids) for r in meta.reqs] == [4]
+    ids_a, ids_b = a.ids["r1"], b.ids["r2"]
+    for i in range(4):
+        # What a computed and saved, and what the forward would have written.
+        assert b.block_bytes(ids_b[i]) == a.block_bytes(ids_a[i]) == b.expected_bytes(prefix, i)
+    assert b.load_errors[-1] == set()
+    b.run()
+    assert b.finished_params == {"r2": None}
+
+    # The same engine again: vLLM's own prefix cache has the blocks; the connector adds none.
+    b.add("r3", prefix + prompt(4, 8))
+    so, pre = b.step()
+    assert pre["r3"] == 4 * BS
+    assert all(not r.load_ids for r in so.kv_connector_metadata.reqs)
+    b.run()
+
+
+def test_a_prefix_saved_by_another_process_loads_byte_for_byte(pool, model_dir, unique, tmp_path):
+    prefix = prompt(5, 3 * BS)
+    out = tmp_path / "saved.json"
+    code = f"""
+import sys, json
+sys.path.insert(0, {str(ROOT / 'python')!r}); sys.path.insert(0, {str(ROOT / 'python/tests')!r})
+from test_vllm import Engine, BS
+e = Engine({model_dir!r}, {pool.master!r}, model_id={unique!r})
+e.add("p1", {prefix!r} + [5, 6, 7])
+e.run()
+json.dump([e.block_bytes(b).hex() for b in e.ids["p1"][:3]], open({str(out)!r}, "w"))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    saved = json.loads(out.read_text())
+    b = Engine(model_dir, pool.master, model_id=unique)
+    b.add("q1", prefix + [9, 9, 9, 9])
+    so, pre = b.step()
+    assert pre["q1"] == 3 * BS
+    ids = b.ids["q1"]
+    for i in range(3):
+        assert b.block_bytes(ids[i]).hex() == saved[i]
+    b.run()
+
+
+@pytest.mark.parametrize("policy", ["recompute", "fail"])
+def test_a_failed_load_is_reported_and_vllm_recomputes(pool, fresh_pool, model_dir, unique, policy):
+    """The scheduler's pool has the prefix, the worker's pool is gone: the load fails and the
+    blocks are reported. With `kv_load_failure_policy: recompute`, vLLM's scheduler truncates
+    the request at its first failed block and recomputes it; with vLLM's default, `fail`, the
+    request ends with an error (never with wrong KV)."""
+    prefix = prompt(8, 2 * BS)
+    a = Engine(model_dir, pool.master, model_id=unique)
+    a.add("r1", prefix + [1, 2, 3])
+    a.run()
+    b = Engine(model_dir, pool.master, model_id=unique, policy=policy)
+    # The worker talks to another pool, which then stops.
+    b.worker = kv_vllm.KVPoolConnector(
+        Engine(model_dir, fresh_pool.master, model_id=unique).config, KVConnectorRole.WORKER, b.kv_cache_config
+    )
+    b.worker.register_kv_caches(b.kv)
+    fresh_pool.stop()
+    req = b.add("r2", prefix + [4, 5, 6])
+    so, pre = b.step()
+    assert pre["r2"] == 2 * BS
+    ids = b.ids["r2"]
+    assert b.load_errors[-1] == set(ids[:2])
+    if policy == "fail":
+        assert req.status == RequestStatus.FINISHED_ERROR
+        return
+    assert req.num_computed_tokens == 0, "vLLM truncated the request at its first failed block"
+    assert req.status == RequestStatus.RUNNING
+    so, pre = b.step()
+    assert pre["r2"] == 0 and so.num_scheduled_tokens["r2"] == 2 * BS + 3, "recomputed from the start"
+    assert all(not r.load_ids for r in so.kv_connector_metadata.reqs)
+    b.run(until=lambda: "r2" in b.finished_params)
