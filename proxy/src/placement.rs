@@ -24,7 +24,7 @@ use kvpool_client::{Client, ClientConfig, ObjectInfo};
 use kvpool_connector::{BlockHasher, Namespace};
 use serde::Deserialize;
 
-/// The limit for the whole placement step (keys from the engine, then the master).
+/// The limit for each placement step (keys from the engine, then the master).
 pub(crate) const LIMIT: Duration = Duration::from_secs(2);
 /// How long placement stays off after the master failed to answer.
 pub(crate) const BACKOFF: Duration = Duration::from_secs(5);

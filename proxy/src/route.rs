@@ -257,19 +257,22 @@ async fn handle(Extract(st): Extract<State>, body: Bytes, api: Api) -> Response 
         if let Ok(v) = HeaderValue::from_str(&url) {
             h.insert(PREFILLER, v);
         }
-        if let Some(n) = prefix {
-            h.insert(PREFIX_BLOCKS, HeaderValue::from(n));
+        if let Some((_, n)) = prefix.iter().flatten().find(|(u, _)| *u == url) {
+            h.insert(PREFIX_BLOCKS, HeaderValue::from(*n));
         }
     }
     resp
 }
 
-/// Prefillers in the order to try, and how many leading blocks the first one's host holds
+/// Leading prompt blocks found on each prefiller's host, by URL.
+type Held = Vec<(String, usize)>;
+
+/// Prefillers in the order to try, and how many leading blocks each one's host holds
 /// (`None`: placement was not asked or could not answer). Affinity order, with the
 /// prefillers whose host holds the longest prefix moved to the front when the pool knows.
-async fn prefill_order(st: &State, req: &Value, api: Api) -> (Vec<Arc<Backend>>, Option<usize>) {
+async fn prefill_order(st: &State, req: &Value, api: Api) -> (Vec<Arc<Backend>>, Option<Held>) {
     let prompt = api.prompt(req);
-    let mut order = st
+    let order = st
         .backends
         .prefill_order(affinity(prompt, st.affinity_tokens));
     let Some(pl) = &st.placement else {
@@ -278,7 +281,9 @@ async fn prefill_order(st: &State, req: &Value, api: Api) -> (Vec<Arc<Backend>>,
     if order.len() < 2 || pl.is_off() {
         return (order, None);
     }
-    let found = match tokio::time::timeout(placement::LIMIT, async {
+    // Each step has its own limit (`placement::LIMIT`): a master that does not answer in time
+    // turns placement off for a while (in `locate`); a slow engine only costs this request.
+    let found = async {
         let keys = match &pl.hasher {
             None => block_keys(st, &order[0], api, prompt).await?,
             Some(_) => {
@@ -290,29 +295,25 @@ async fn prefill_order(st: &State, req: &Value, api: Api) -> (Vec<Arc<Backend>>,
             return Ok(Vec::new());
         }
         pl.locate(&keys).await
-    })
-    .await
-    {
-        Ok(Ok(f)) => f,
-        Ok(Err(e)) => {
+    };
+    let found = match found.await {
+        Ok(f) => f,
+        Err(e) => {
             tracing::debug!("prefix placement unavailable, affinity decides: {e}");
             return (order, None);
         }
-        Err(_) => {
-            tracing::debug!("prefix placement took over {:?}", placement::LIMIT);
-            return (order, None);
-        }
     };
-    let held: Vec<usize> = order
-        .iter()
-        .map(|b| placement::leading_on_host(&found, placement::url_host(&b.url)))
+    let mut ranked: Vec<(usize, Arc<Backend>)> = order
+        .into_iter()
+        .map(|b| {
+            let n = placement::leading_on_host(&found, placement::url_host(&b.url));
+            (n, b)
+        })
         .collect();
-    let mut ranked: Vec<(usize, Arc<Backend>)> = held.into_iter().zip(order).collect();
     // Stable: equal prefixes keep the affinity order; unhealthy engines stay last.
     ranked.sort_by_key(|(n, b)| (!b.is_healthy(), std::cmp::Reverse(*n)));
-    let best = ranked.first().map(|(n, _)| *n);
-    order = ranked.into_iter().map(|(_, b)| b).collect();
-    (order, best)
+    let held = ranked.iter().map(|(n, b)| (b.url.clone(), *n)).collect();
+    (ranked.into_iter().map(|(_, b)| b).collect(), Some(held))
 }
 
 /// The prompt's block keys as the engine at `b` computes them (`POST /kvpool/block_keys`).
