@@ -566,6 +566,14 @@ class _Worker:
     def save(self, meta: KVPoolConnectorMetadata) -> None:
         for rid, tid, n in meta.sends:
             self.sends[rid] = (tid, n)
+        if self.conn is not None and self.conn.layout.device is not None and any(rm.save_ids for rm in meta.reqs):
+            # GPU cache: the forward's writes must be complete on the device before the
+            # connector's own stream copies the blocks out (docs/connector.md §7.3). The
+            # blocks then stay unchanged until the save is reported: vLLM holds them (the
+            # request is reported by get_finished only after its saves ended).
+            import torch
+
+            torch.cuda.current_stream(self.conn.layout.device).synchronize()
         for rm in meta.reqs:
             if not rm.save_ids:
                 continue

@@ -334,3 +334,101 @@ def test_a_failed_load_is_reported_and_vllm_recomputes(pool, fresh_pool, model_d
     assert pre["r2"] == 0 and so.num_scheduled_tokens["r2"] == 2 * BS + 3, "recomputed from the start"
     assert all(not r.load_ids for r in so.kv_connector_metadata.reqs)
     b.run(until=lambda: "r2" in b.finished_params)
+
+
+# ---------------------------------------------------------------------- the P/D hand-off
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def producer_of(engine: Engine):
+    return engine.worker._worker.producer
+
+
+def prefill(p: Engine, rid: str, tokens: List[int]) -> dict:
+    """The proxy's first leg: the prefiller runs the prompt with max_tokens = 1 and
+    `do_remote_decode`, and answers the hand-off's kv_transfer_params."""
+    p.add(rid, tokens, max_tokens=1, params={"do_remote_decode": True, "do_remote_prefill": False})
+    p.run(until=lambda: rid in p.finished_params)
+    params = p.finished_params[rid]
+    assert params["do_remote_prefill"] is True and params["do_remote_decode"] is False
+    return params
+
+
+def test_a_pd_pair_in_two_processes_hands_a_request_over(pool, model_dir, unique, tmp_path):
+    base = free_port()
+    p = Engine(model_dir, pool.master, role="kv_producer", model_id=unique, bootstrap_port=base)
+    tokens = prompt(11, 3 * BS + 5)
+    params = prefill(p, "p1", tokens)
+    assert params["num_blocks"] == 3 and params["remote_port"] == base and params["transfer_id"]
+    # vLLM keeps the request's blocks (request_finished answered True) while the pool holds
+    # them for the decoder.
+    p.run(until=lambda: producer_of(p).stats()["held"] == 1)
+    assert p.connector.has_pending_push_work()
+    for _ in range(3):
+        p.step()
+    assert p.connector.has_pending_push_work(), "held until the decoder loads"
+
+    out = tmp_path / "decoder.json"
+    code = f"""
+import sys, json
+sys.path.insert(0, {str(ROOT / 'python')!r}); sys.path.insert(0, {str(ROOT / 'python/tests')!r})
+from test_vllm import Engine, BS
+d = Engine({model_dir!r}, {pool.master!r}, role="kv_consumer", model_id={unique!r})
+d.add("d1", {tokens!r}, max_tokens=3, params=json.loads({json.dumps(params)!r}))
+so, pre = d.step()
+res = {{"computed": pre["d1"], "scheduled": so.num_scheduled_tokens["d1"], "errors": sorted(d.load_errors[-1]),
+       "blocks": [d.block_bytes(b).hex() for b in d.ids["d1"][:3]]}}
+d.run(until=lambda: "d1" in d.finished_params)
+json.dump(res, open({str(out)!r}, "w"))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["errors"] == []
+    assert res["computed"] == 3 * BS and res["scheduled"] == 5, "the decoder loaded the 3 blocks"
+    assert res["blocks"] == [p.block_bytes(b).hex() for b in p.ids["p1"][:3]]
+    # The decoder said done: the producer's hold ends and vLLM frees the request's blocks.
+    p.run(timeout=10)
+    assert not p.connector.has_pending_push_work()
+    assert producer_of(p).stats()["released"] == 1
+
+
+def test_an_unclaimed_handoff_is_released_after_the_abort_timeout(pool, model_dir, unique, monkeypatch):
+    base = free_port()
+    monkeypatch.setenv("VLLM_MOONCAKE_BOOTSTRAP_PORT", str(base))
+    monkeypatch.setenv("VLLM_MOONCAKE_ABORT_REQUEST_TIMEOUT", "1")
+    p = Engine(model_dir, pool.master, role="kv_producer", model_id=unique, bootstrap_port=None)
+    params = prefill(p, "p1", prompt(12, 2 * BS + 1))
+    assert params["remote_port"] == base
+    assert producer_of(p).port == base and producer_of(p).abort_timeout == 1.0
+    t = time.monotonic()
+    p.run(timeout=15)  # no decoder ever claims it
+    assert time.monotonic() - t >= 0.9
+    assert producer_of(p).stats()["expired"] == 1
+    assert not p.connector.has_pending_push_work()
+
+
+def test_a_decoder_whose_producer_died_reports_load_errors_and_recomputes(pool, model_dir, unique):
+    p = Engine(model_dir, pool.master, role="kv_producer", model_id=unique, bootstrap_port=free_port())
+    tokens = prompt(13, 2 * BS + 3)
+    params = prefill(p, "p1", tokens)
+    p.run(until=lambda: producer_of(p).stats()["held"] == 1)
+    producer_of(p).close()  # the prefiller is gone (its bootstrap port refuses)
+    d = Engine(model_dir, pool.master, role="kv_consumer", model_id=unique)
+    req = d.add("d1", tokens, max_tokens=2, params=params)
+    t = time.monotonic()
+    so, pre = d.step()
+    assert time.monotonic() - t < 5
+    assert pre["d1"] == 2 * BS
+    assert d.load_errors[-1] == set(d.ids["d1"][:2])
+    assert req.num_computed_tokens == 0 and req.status == RequestStatus.RUNNING
+    so, pre = d.step()
+    assert so.num_scheduled_tokens["d1"] == len(tokens), "recomputed"
+    d.run(until=lambda: "d1" in d.finished_params)
