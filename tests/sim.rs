@@ -509,3 +509,33 @@ async fn decoder_abort_ends_a_waiting_request() {
     assert_eq!(s["in_flight"].u(), 0);
     assert_eq!(s["free_blocks"].u(), 64, "blocks leaked: {s}");
 }
+
+/// A streamed answer: one event per token, `--token-interval` apart; `POST /abort` mid-stream
+/// ends it with `finish_reason: "abort"` and `[DONE]`, and the request leaves the engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_is_paced_and_can_be_aborted() {
+    let pool = up("64MiB", &[]);
+    let s = sim(&pool.addr("master"), &["--token-interval", "100ms"]);
+    let addr = s.addr("http");
+    let body = format!(
+        r#"{{"prompt": {}, "max_tokens": 200, "stream": true, "request_id": "a1"}}"#,
+        ids(&prompt(5, 40))
+    );
+    let mut st = Stream::open(&addr, "POST", "/v1/completions", &body).await;
+    assert_eq!(st.status, 200, "{}", st.head);
+    st.next_event().await.expect("a first event");
+    assert_eq!(stats(&addr).await["in_flight"].u(), 1);
+    let (status, j) = http(&addr, "POST", "/abort", r#"{"request_id": "a1"}"#).await;
+    assert_eq!(status, 200, "{j}");
+    assert!(j["in_flight"].b(), "{j}");
+    let (chunks, done) = events(&st.rest().await);
+    assert!(done);
+    let last = chunks.last().expect("an abort event");
+    assert_eq!(last["choices"][0]["finish_reason"], "abort", "{last}");
+    // Far fewer than 200 tokens were sent.
+    assert!(chunks.len() < 100, "{}", chunks.len());
+    let s = stats(&addr).await;
+    assert_eq!(s["aborted_requests"].u(), 1, "{s}");
+    assert_eq!(s["in_flight"].u(), 0, "{s}");
+    assert_eq!(s["free_blocks"].u(), 64, "{s}");
+}
