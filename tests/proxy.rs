@@ -234,6 +234,12 @@ async fn proxy_without_prefillers_streams_from_the_engine() {
     let (status, j) = http(&px, "POST", "/v1/completions", r#"{"prompt": []}"#).await;
     assert_eq!(status, 400, "{j}");
     assert!(j["error"]["message"].s().contains("empty"), "{j}");
+    // A 3 MB body (400k token ids) reaches the engine, whose answer is about its cache.
+    let big = json!({"prompt": prompt(6, 400_000), "max_tokens": 1}).to_string();
+    assert!(big.len() > 2 << 20);
+    let (status, j) = http(&px, "POST", "/v1/completions", &big).await;
+    assert_eq!(status, 400, "{j}");
+    assert!(j["error"]["message"].s().contains("KV blocks"), "{j}");
 }
 
 /// Two prefillers on two simulated hosts (127.0.0.1 and 127.0.0.2, each with its own storage

@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::State as Extract;
+use axum::extract::{DefaultBodyLimit, State as Extract};
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -97,6 +97,9 @@ pub(crate) fn router(state: State) -> Router {
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/backends", get(backends))
+        // Token ids as JSON are ~7 bytes each: room for long prompts, past axum's 2 MB (the
+        // engines set their own limits).
+        .layer(DefaultBodyLimit::max(64 << 20))
         .with_state(state)
 }
 
