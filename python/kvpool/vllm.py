@@ -117,6 +117,8 @@ class KVPoolConnectorMetadata(KVConnectorMetadata):
     sends: List[Tuple[str, str, int]] = field(default_factory=list)
     #: P/D consumer: hand-offs not needed after all (``(transfer_id, bootstrap_addr)``).
     releases: List[Tuple[str, str]] = field(default_factory=list)
+    #: Requests preempted this step: their blocks are free for reuse at once.
+    preempted: List[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------- shared settings
@@ -315,7 +317,9 @@ class _Scheduler:
         st.pending_load = None
 
     def build_connector_meta(self, so: "SchedulerOutput", block_ids_of) -> KVPoolConnectorMetadata:
-        meta = KVPoolConnectorMetadata(sends=self.sends, releases=self.releases)
+        meta = KVPoolConnectorMetadata(
+            sends=self.sends, releases=self.releases, preempted=list(so.preempted_req_ids or ())
+        )
         self.sends, self.releases = [], []
         bs = self.s.block_size
         pre: Dict[str, int] = {r.req_id: r.num_computed_tokens for r in so.scheduled_new_reqs}
@@ -618,6 +622,15 @@ class _Worker:
             self.held.pop(rid, None)
         return (done or None), None
 
+    def handle_preemptions(self, meta: KVPoolConnectorMetadata) -> None:
+        # A host cache's detached saves copied their blocks out when they started; a GPU
+        # cache's read the device while they run, and a preempted request's blocks are
+        # reused at once, so its saves must end first.
+        if self.conn is None or self.conn.layout.device is None:
+            return
+        if any(self.inflight.get(rid) for rid in meta.preempted):
+            self.conn.wait_saves()
+
     def take_load_errors(self) -> Set[int]:
         e, self.load_errors = self.load_errors, set()
         return e
@@ -676,6 +689,10 @@ class KVPoolConnector(KVConnectorBase_V1):
         # Blocks are saved once the forward is over (wait_for_save): a block's pool object
         # holds all the layers of its group, and the copies are detached.
         return
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        if self._worker is not None and isinstance(kv_connector_metadata, KVPoolConnectorMetadata):
+            self._worker.handle_preemptions(kv_connector_metadata)
 
     def wait_for_save(self) -> None:
         assert self._worker is not None

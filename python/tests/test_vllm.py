@@ -44,6 +44,7 @@ try:
         SchedulerConfig,
         VllmConfig,
     )
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
     from vllm.utils.hashing import sha256
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
@@ -59,6 +60,7 @@ except Exception as e:  # noqa: BLE001 - any import failure means "no usable vLL
     )
 
 import kvpool.vllm as kv_vllm  # noqa: E402
+from kvpool import connector as kc  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 BS = 16
@@ -101,7 +103,14 @@ class Engine:
     """vLLM's Scheduler with the connector, and one worker's connector over CPU tensors."""
 
     def __init__(
-        self, model_dir: str, master: str, *, role: str = "kv_both", policy: str = "recompute", **extra
+        self,
+        model_dir: str,
+        master: str,
+        *,
+        role: str = "kv_both",
+        policy: str = "recompute",
+        device: str = "cpu",
+        **extra,
     ) -> None:
         extra = {"master": master, "timeout": 5, "bootstrap_port": 0, **extra}
         mc = ModelConfig(model=model_dir, skip_tokenizer_init=True, max_model_len=1024, dtype="float16")
@@ -139,8 +148,13 @@ class Engine:
             log_stats=False,
         )
         assert type(self.scheduler.connector).__name__ == "KVPoolConnector"
-        self.worker = kv_vllm.KVPoolConnector(self.config, KVConnectorRole.WORKER, self.kv_cache_config)
-        self.kv = {n: torch.zeros(2, NUM_BLOCKS, BS, HEADS, HEAD_DIM, dtype=torch.float16) for n in LAYERS}
+        # The worker's connector as vLLM's model runner makes it: through the factory.
+        self.worker = KVConnectorFactory.create_connector(self.config, KVConnectorRole.WORKER, self.kv_cache_config)
+        assert isinstance(self.worker, kv_vllm.KVPoolConnector)
+        self.device = device
+        self.kv = {
+            n: torch.zeros(2, NUM_BLOCKS, BS, HEADS, HEAD_DIM, dtype=torch.float16, device=device) for n in LAYERS
+        }
         self.worker.register_kv_caches(self.kv)
         self.finished_params: Dict[str, Optional[dict]] = {}
         self.load_errors: List[set] = []
@@ -167,6 +181,7 @@ class Engine:
         pre = {r.req_id: r.num_computed_tokens for r in so.scheduled_new_reqs}
         pre.update(zip(so.scheduled_cached_reqs.req_ids, so.scheduled_cached_reqs.num_computed_tokens))
         w = self.worker
+        w.handle_preemptions(so.kv_connector_metadata)
         w.bind_connector_metadata(so.kv_connector_metadata)
         w.start_load_kv(None)
         for layer, name in enumerate(LAYERS):
@@ -177,7 +192,7 @@ class Engine:
                 for pos in range(pre[rid], pre[rid] + n):
                     tok = req.all_token_ids[pos]
                     for kv in (0, 1):
-                        self.kv[name][kv, ids[pos // BS], pos % BS] = kv_value(tok, pos, layer, kv)
+                        self.kv[name][kv, ids[pos // BS], pos % BS] = kv_value(tok, pos, layer, kv).to(self.device)
             w.save_kv_layer(name, self.kv[name], None)
         w.wait_for_save()
         res = w.get_transfer_results(so.finished_req_ids)
@@ -222,7 +237,7 @@ class Engine:
         raise AssertionError("the engine did not settle")
 
     def block_bytes(self, block: int) -> bytes:
-        return b"".join(self.kv[n][kv, block].numpy().tobytes() for n in LAYERS for kv in (0, 1))
+        return b"".join(self.kv[n][kv, block].cpu().numpy().tobytes() for n in LAYERS for kv in (0, 1))
 
     def expected_bytes(self, tokens: List[int], b: int) -> bytes:
         out = []
@@ -243,10 +258,29 @@ def prompt(seed: int, n: int) -> List[int]:
     return [(seed * 7919 + i * 104729) % 997 + 1 for i in range(n)]
 
 
+def cuda_skip() -> Optional[str]:
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    return kc.cuda_unavailable(0)
+
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(cuda_skip() is not None, reason=f"GPU memory: {cuda_skip()}")),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layers_per_group", [None, 1])
-def test_a_shared_prefix_is_matched_and_loaded_byte_for_byte(pool, model_dir, unique, layers_per_group):
+def test_a_shared_prefix_is_matched_and_loaded_byte_for_byte(pool, model_dir, unique, layers_per_group, device):
+    """Engine a computes a prompt and saves its blocks; engine b (its own scheduler, worker
+    and KV cache) gets a prompt with the same 4-block prefix: vLLM's scheduler is told 64
+    tokens are matched, schedules only the rest, and b's blocks hold a's bytes. With
+    `device="cuda"` (skipped without a GPU) the caches are CUDA tensors, moved by address
+    through the connector's cuda path."""
     prefix = prompt(1, 4 * BS)
-    a = Engine(model_dir, pool.master, model_id=unique, layers_per_group=layers_per_group)
+    kw = dict(model_id=unique, layers_per_group=layers_per_group, device=device)
+    a = Engine(model_dir, pool.master, **kw)
     a.add("r1", prefix + prompt(2, 8))
     so, pre = a.step()
     assert pre["r1"] == 0 and so.num_scheduled_tokens["r1"] == 4 * BS + 8  # nothing in the pool yet
@@ -255,7 +289,7 @@ def test_a_shared_prefix_is_matched_and_loaded_byte_for_byte(pool, model_dir, un
     assert not a.connector.has_pending_push_work()
 
     # Another engine (its own scheduler, worker and KV cache) gets the prefix from the pool.
-    b = Engine(model_dir, pool.master, model_id=unique, layers_per_group=layers_per_group)
+    b = Engine(model_dir, pool.master, **kw)
     b.add("r2", prefix + prompt(3, 8))
     so, pre = b.step()
     assert pre["r2"] == 4 * BS, "the 4 prefix blocks are matched"
