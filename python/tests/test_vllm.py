@@ -110,13 +110,14 @@ class Engine:
         role: str = "kv_both",
         policy: str = "recompute",
         device: str = "cpu",
+        max_batched: int = 1024,
         **extra,
     ) -> None:
         extra = {"master": master, "timeout": 5, "bootstrap_port": 0, **extra}
         mc = ModelConfig(model=model_dir, skip_tokenizer_init=True, max_model_len=1024, dtype="float16")
         sc = SchedulerConfig(
             max_num_seqs=16,
-            max_num_batched_tokens=1024,
+            max_num_batched_tokens=max_batched,
             max_model_len=1024,
             enable_chunked_prefill=True,
             is_encoder_decoder=False,
@@ -309,6 +310,28 @@ def test_a_shared_prefix_is_matched_and_loaded_byte_for_byte(pool, model_dir, un
     so, pre = b.step()
     assert pre["r3"] == 4 * BS
     assert all(not r.load_ids for r in so.kv_connector_metadata.reqs)
+    b.run()
+
+
+def test_chunked_prefills_save_and_load_every_block(pool, model_dir, unique):
+    """A prompt computed 32 tokens a step (chunked prefill): each step saves the blocks it
+    completed, the workers' key chain continuing from the last step's; another engine, also
+    chunked, matches all of them."""
+    tokens = prompt(21, 5 * BS + 3)
+    a = Engine(model_dir, pool.master, model_id=unique, max_batched=32)
+    a.add("r1", tokens)
+    saves = []
+    while "r1" not in a.finished_params:
+        so, _ = a.step()
+        saves += [(r.save_from, len(r.save_ids)) for r in so.kv_connector_metadata.reqs if r.save_ids]
+    assert saves == [(0, 2), (2, 2), (4, 1)]
+    a.run()
+    b = Engine(model_dir, pool.master, model_id=unique, max_batched=32)
+    b.add("r2", tokens[: 5 * BS] + [1, 2])
+    so, pre = b.step()
+    assert pre["r2"] == 5 * BS
+    for i in range(5):
+        assert b.block_bytes(b.ids["r2"][i]) == a.block_bytes(a.ids["r1"][i])
     b.run()
 
 
