@@ -290,7 +290,7 @@ async fn prefill_order(st: &State, req: &Value, api: Api) -> (Vec<Arc<Backend>>,
         let keys = match &pl.hasher {
             None => block_keys(st, &order[0], api, prompt).await?,
             Some(_) => {
-                let tokens = tokens(st, &order[0], api, prompt).await?;
+                let tokens = tokens(st, &order[0], api, req).await?;
                 pl.keys_of(&tokens).unwrap_or_default()
             }
         };
@@ -348,22 +348,42 @@ async fn block_keys(
         .ok_or_else(|| format!("{url}: no `keys` in the answer"))
 }
 
-/// The prompt's token ids: a token-id prompt as it is; text, or a chat's messages (through
-/// the engine's chat template), from the engine at `b` (`POST /tokenize`, vLLM's route).
-async fn tokens(st: &State, b: &Backend, api: Api, prompt: &Value) -> Result<Vec<u32>, String> {
-    if let Value::Array(ids) = prompt {
-        if api == Api::Completions {
-            return ids
-                .iter()
-                .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
-                .collect::<Option<Vec<u32>>>()
-                .ok_or_else(|| "a prompt that is not one list of token ids".to_string());
+/// What of a request shapes its tokens besides the prompt, passed on to `/tokenize` (vLLM's
+/// tokenize requests take the same fields, so the chat template renders alike).
+const TOKENIZE_FIELDS: &[&str] = &[
+    "add_special_tokens",
+    "add_generation_prompt",
+    "continue_final_message",
+    "chat_template",
+    "chat_template_kwargs",
+    "tools",
+];
+
+/// The body of a `/tokenize` request for `req`.
+fn tokenize_request(req: &Value, api: Api) -> Value {
+    let mut body = match api {
+        Api::Completions => json!({ "prompt": req["prompt"] }),
+        Api::Chat => json!({ "messages": req["messages"], "add_generation_prompt": true }),
+    };
+    for f in TOKENIZE_FIELDS {
+        if let Some(v) = req.get(*f) {
+            body[*f] = v.clone();
         }
     }
-    let body = match api {
-        Api::Completions => json!({ "prompt": prompt }),
-        Api::Chat => json!({ "messages": prompt, "add_generation_prompt": true }),
-    };
+    body
+}
+
+/// The prompt's token ids: a token-id prompt as it is; text, or a chat's messages (through
+/// the engine's chat template), from the engine at `b` (`POST /tokenize`, vLLM's route).
+async fn tokens(st: &State, b: &Backend, api: Api, req: &Value) -> Result<Vec<u32>, String> {
+    if let (Api::Completions, Value::Array(ids)) = (api, &req["prompt"]) {
+        return ids
+            .iter()
+            .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
+            .collect::<Option<Vec<u32>>>()
+            .ok_or_else(|| "a prompt that is not one list of token ids".to_string());
+    }
+    let body = tokenize_request(req, api);
     let url = format!("{}/tokenize", b.url);
     let (status, answer) = post_json(&st.http, &url, &body, None, placement::LIMIT)
         .await
@@ -598,6 +618,26 @@ mod tests {
             Some(p)
         );
         assert_eq!(handoff_params(&json!({"kvpool": {}})), None);
+    }
+
+    #[test]
+    fn tokenize_gets_what_shapes_the_tokens() {
+        let req = json!({
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+            "chat_template_kwargs": {"enable_thinking": false}, "tools": [],
+            "add_generation_prompt": false,
+        });
+        assert_eq!(
+            tokenize_request(&req, Api::Chat),
+            json!({
+                "messages": req["messages"], "add_generation_prompt": false,
+                "chat_template_kwargs": {"enable_thinking": false}, "tools": [],
+            })
+        );
+        assert_eq!(
+            tokenize_request(&json!({"prompt": "x", "stream": true}), Api::Completions),
+            json!({"prompt": "x"})
+        );
     }
 
     #[test]
