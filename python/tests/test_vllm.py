@@ -489,3 +489,23 @@ def test_a_decoder_whose_producer_died_reports_load_errors_and_recomputes(pool, 
     so, pre = d.step()
     assert so.num_scheduled_tokens["d1"] == len(tokens), "recomputed"
     d.run(until=lambda: "d1" in d.finished_params)
+
+
+def test_a_decoder_that_needs_no_handoff_releases_it_at_once(pool, model_dir, unique):
+    """The decoder's own prefix cache already holds the prompt's blocks: it loads nothing and
+    tells the producer, whose hold ends then, not at the abort timeout."""
+    p = Engine(model_dir, pool.master, role="kv_producer", model_id=unique, bootstrap_port=free_port())
+    tokens = prompt(14, 2 * BS + 3)
+    params = prefill(p, "p1", tokens)
+    p.run(until=lambda: producer_of(p).stats()["held"] == 1)
+    d = Engine(model_dir, pool.master, role="kv_consumer", model_id=unique + "-other-namespace")
+    d.add("warm", tokens, max_tokens=1)
+    d.run()
+    d.add("d1", tokens, max_tokens=1, params=params)
+    so, pre = d.step()
+    assert pre["d1"] == 2 * BS and all(not r.load_ids for r in so.kv_connector_metadata.reqs)
+    assert so.kv_connector_metadata.releases
+    p.run(timeout=10)
+    assert producer_of(p).stats()["aborted"] == 1
+    assert not p.connector.has_pending_push_work()
+    d.run(until=lambda: "d1" in d.finished_params)
