@@ -309,7 +309,10 @@ class _Scheduler:
         if st is None:
             return
         if num_external_tokens > 0 and st.pending_load is not None:
-            st.load = st.pending_load
+            # The scheduler may take fewer tokens than offered (block-aligned trims): load
+            # the blocks of the tokens it counts as computed.
+            lo = st.pending_load[0]
+            st.load = (lo, min(st.pending_load[1], -(-(lo * self.s.block_size + num_external_tokens) // self.s.block_size)))
         elif st.recv is not None and not st.recv_consumed:
             # Nothing to load after all (the local cache had it all): the producer may let go.
             self.releases.append(st.recv)
