@@ -111,6 +111,7 @@ class Engine:
         policy: str = "recompute",
         device: str = "cpu",
         max_batched: int = 1024,
+        num_blocks: int = NUM_BLOCKS,
         **extra,
     ) -> None:
         extra = {"master": master, "timeout": 5, "bootstrap_port": 0, **extra}
@@ -123,7 +124,7 @@ class Engine:
             is_encoder_decoder=False,
         )
         cc = CacheConfig(block_size=BS, enable_prefix_caching=True)
-        cc.num_gpu_blocks = NUM_BLOCKS
+        cc.num_gpu_blocks = num_blocks
         kt = KVTransferConfig(
             kv_connector="KVPoolConnector",
             kv_connector_module_path="kvpool.vllm",
@@ -135,7 +136,7 @@ class Engine:
             model_config=mc, scheduler_config=sc, cache_config=cc, kv_transfer_config=kt, device_config=DeviceConfig("cpu")
         )
         self.kv_cache_config = KVCacheConfig(
-            num_blocks=NUM_BLOCKS,
+            num_blocks=num_blocks,
             kv_cache_tensors=[],
             kv_cache_groups=[
                 KVCacheGroupSpec(LAYERS, FullAttentionSpec(block_size=BS, num_kv_heads=HEADS, head_size=HEAD_DIM, dtype=torch.float16))
@@ -154,7 +155,7 @@ class Engine:
         assert isinstance(self.worker, kv_vllm.KVPoolConnector)
         self.device = device
         self.kv = {
-            n: torch.zeros(2, NUM_BLOCKS, BS, HEADS, HEAD_DIM, dtype=torch.float16, device=device) for n in LAYERS
+            n: torch.zeros(2, num_blocks, BS, HEADS, HEAD_DIM, dtype=torch.float16, device=device) for n in LAYERS
         }
         self.worker.register_kv_caches(self.kv)
         self.finished_params: Dict[str, Optional[dict]] = {}
@@ -333,6 +334,32 @@ def test_chunked_prefills_save_and_load_every_block(pool, model_dir, unique):
     for i in range(5):
         assert b.block_bytes(b.ids["r2"][i]) == a.block_bytes(a.ids["r1"][i])
     b.run()
+
+
+def test_preempted_requests_resume_and_finish(pool, model_dir, unique):
+    """A cache too small for two growing requests: vLLM preempts one (its blocks are freed at
+    once); it resumes through the connector's scheduler side again (here vLLM's own prefix
+    cache still has its prompt blocks, so the connector loads nothing) and both finish, with
+    no load error and nothing left held."""
+    e = Engine(model_dir, pool.master, model_id=unique, num_blocks=10, max_batched=64)
+    e.add("r1", prompt(31, 3 * BS + 2), max_tokens=40)
+    e.add("r2", prompt(32, 3 * BS + 2), max_tokens=40)
+    preempted, resumed = set(), {}
+    end = time.monotonic() + 60
+    while len(e.finished_params) < 2 and time.monotonic() < end:
+        so, pre = e.step()
+        preempted |= set(so.preempted_req_ids or ())
+        for r in so.scheduled_new_reqs:
+            if r.req_id in preempted:
+                resumed[r.req_id] = pre[r.req_id]
+        for r in so.scheduled_cached_reqs.resumed_req_ids:
+            if r in preempted:
+                resumed.setdefault(r, pre[r])
+    assert set(e.finished_params) == {"r1", "r2"}
+    assert preempted, "the cache was meant to be too small"
+    assert resumed and all(n >= 3 * BS for n in resumed.values()), resumed
+    assert not any(e.load_errors)
+    e.run()
 
 
 def test_a_prefix_saved_by_another_process_loads_byte_for_byte(pool, model_dir, unique, tmp_path):
