@@ -141,7 +141,9 @@ def _dense(shape: Sequence[int], strides: Sequence[int], itemsize: int) -> Optio
     return expect
 
 
-def _layer_regions(m: _Memory, mla: bool, kv_dim: Optional[int]) -> Tuple[List[Tuple[int, int, int]], int]:
+def _layer_regions(
+    m: _Memory, mla: bool, kv_dim: Optional[int]
+) -> Tuple[List[Tuple[int, int, int]], int]:
     """One vLLM per-layer tensor's regions ``(base, block_stride, block_bytes)`` and block
     count: MLA ``[num_blocks, ...]``, or K and V along ``kv_dim`` (0: FlashAttention's
     ``[2, num_blocks, ...]``, 1: FlashInfer's ``[num_blocks, 2, ...]``)."""
@@ -149,7 +151,9 @@ def _layer_regions(m: _Memory, mla: bool, kv_dim: Optional[int]) -> Tuple[List[T
         block_dim, inner = 0, range(1, len(m.shape))
     else:
         if len(m.shape) < 3:
-            raise _invalid(f"shape {m.shape}: expected [2, num_blocks, ...] or [num_blocks, 2, ...]")
+            raise _invalid(
+                f"shape {m.shape}: expected [2, num_blocks, ...] or [num_blocks, 2, ...]"
+            )
         if kv_dim is None:
             kv_dim = 0 if m.shape[0] == 2 else 1 if m.shape[1] == 2 else None
             if kv_dim is None:
@@ -223,7 +227,9 @@ def block_first_layout(
 ) -> KvLayout:
     """The layout of one contiguous tensor ``[num_blocks][num_layers][K, V][block]`` (vLLM's
     cross-layer cache): a block's object is one range, the fastest layout to move."""
-    return _contiguous(KvLayout.block_first, buffer, num_layers, num_blocks, k_and_v, layers_per_group)
+    return _contiguous(
+        KvLayout.block_first, buffer, num_layers, num_blocks, k_and_v, layers_per_group
+    )
 
 
 def layer_first_layout(
@@ -235,7 +241,9 @@ def layer_first_layout(
     layers_per_group: Optional[int] = None,
 ) -> KvLayout:
     """The layout of one contiguous tensor ``[num_layers][K, V][num_blocks][block]``."""
-    return _contiguous(KvLayout.layer_first, buffer, num_layers, num_blocks, k_and_v, layers_per_group)
+    return _contiguous(
+        KvLayout.layer_first, buffer, num_layers, num_blocks, k_and_v, layers_per_group
+    )
 
 
 def _contiguous(make, buffer, num_layers, num_blocks, k_and_v, layers_per_group) -> KvLayout:
@@ -350,7 +358,9 @@ class Connector:
             raise from_failure(r)
         return r
 
-    def save(self, keys: Sequence[BlockKey], block_ids: Sequence[int]) -> List[Optional[KvpoolError]]:
+    def save(
+        self, keys: Sequence[BlockKey], block_ids: Sequence[int]
+    ) -> List[Optional[KvpoolError]]:
         """Saves block ``block_ids[i]`` under ``keys[i]``; per block ``None`` (saved, or
         already in the pool: same key, same KV) or the error."""
         return [_save_result(r) for r in _checked(self._native.save, list(keys), _ids(block_ids))]
@@ -368,7 +378,9 @@ class Connector:
         Dropping the handle cancels the load and waits until nothing more is written."""
         return LayerwiseLoad(_checked(self._native.start_load, list(keys), _ids(block_ids), window))
 
-    def save_detached(self, request_id: str, keys: Sequence[BlockKey], block_ids: Sequence[int]) -> None:
+    def save_detached(
+        self, request_id: str, keys: Sequence[BlockKey], block_ids: Sequence[int]
+    ) -> None:
         """Saves in the background and returns at once; :meth:`finished_saves` reports
         ``request_id`` when it ends. Host memory is copied during the call (the blocks may be
         reused at once); GPU memory must stay unchanged until the request is reported."""
@@ -416,8 +428,6 @@ class LayerwiseLoad:
 
     def __repr__(self) -> str:
         return repr(self._native)
-
-
 
 
 # ---------------------------------------------------------------------- the P/D hand-off
@@ -476,7 +486,9 @@ class PdProducer:
     def abort_timeout(self) -> float:
         return self._native.abort_timeout
 
-    def hold(self, request_id: str, keys: Sequence[BlockKey], transfer_id: Optional[str] = None) -> str:
+    def hold(
+        self, request_id: str, keys: Sequence[BlockKey], transfer_id: Optional[str] = None
+    ) -> str:
         """Holds ``keys`` (already saved) for ``request_id``; returns the transfer id
         (``transfer_id``, or a new one)."""
         return _checked(self._native.hold, request_id, list(keys), transfer_id)

@@ -148,7 +148,11 @@ def _bootstrap_host(extra: Dict[str, Any]) -> str:
 def _bootstrap_base(extra: Dict[str, Any]) -> int:
     v = extra.get("bootstrap_port")
     if v is None:
-        v = os.environ.get("KVPOOL_BOOTSTRAP_PORT") or os.environ.get("VLLM_MOONCAKE_BOOTSTRAP_PORT") or 8998
+        v = (
+            os.environ.get("KVPOOL_BOOTSTRAP_PORT")
+            or os.environ.get("VLLM_MOONCAKE_BOOTSTRAP_PORT")
+            or 8998
+        )
     return int(v)
 
 
@@ -186,7 +190,9 @@ class _Settings:
         lpg = self.extra.get("layers_per_group")
         self.layers_per_group: Optional[int] = None if lpg in (None, "all") else int(lpg)
         self.num_layers = num_layers
-        self.grouping_tag = kc.KvLayout.without_memory(num_layers, self.layers_per_group).grouping_tag
+        self.grouping_tag = kc.KvLayout.without_memory(
+            num_layers, self.layers_per_group
+        ).grouping_tag
         self.master: Optional[str] = self.extra.get("master")
         self.timeout: Optional[float] = self.extra.get("timeout")
         self.produces = self.role in ("kv_producer", "kv_both")
@@ -251,7 +257,11 @@ class _Scheduler:
     def hashers(self, tag: str) -> List[kc.BlockHasher]:
         hs = self._hashers.get(tag)
         if hs is None:
-            hs = [self.s.hasher(tag, t, p) for p in range(self.s.pp_size) for t in range(self.s.tp_size)]
+            hs = [
+                self.s.hasher(tag, t, p)
+                for p in range(self.s.pp_size)
+                for t in range(self.s.tp_size)
+            ]
             self._hashers[tag] = hs
         return hs
 
@@ -284,7 +294,9 @@ class _Scheduler:
                 break
         return hit
 
-    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> Tuple[Optional[int], bool]:
+    def get_num_new_matched_tokens(
+        self, request: "Request", num_computed_tokens: int
+    ) -> Tuple[Optional[int], bool]:
         st = self.state(request)
         if st is None:
             return 0, False
@@ -297,14 +309,20 @@ class _Scheduler:
             try:
                 hit = self.lookup(st.tag, prompt)
             except KvpoolError as e:
-                logger.warning("kvpool lookup failed, computing request %s: %s", request.request_id, e)
+                logger.warning(
+                    "kvpool lookup failed, computing request %s: %s", request.request_id, e
+                )
                 hit = 0
         tokens = min(hit * bs, last)
         ext = max(0, tokens - num_computed_tokens)
-        st.pending_load = (num_computed_tokens // bs, -(-(num_computed_tokens + ext) // bs)) if ext else None
+        st.pending_load = (
+            (num_computed_tokens // bs, -(-(num_computed_tokens + ext) // bs)) if ext else None
+        )
         return ext, False
 
-    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
+    def update_state_after_alloc(
+        self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int
+    ) -> None:
         st = self.reqs.get(request.request_id)
         if st is None:
             return
@@ -312,7 +330,13 @@ class _Scheduler:
             # The scheduler may take fewer tokens than offered (block-aligned trims): load
             # the blocks of the tokens it counts as computed.
             lo = st.pending_load[0]
-            st.load = (lo, min(st.pending_load[1], -(-(lo * self.s.block_size + num_external_tokens) // self.s.block_size)))
+            st.load = (
+                lo,
+                min(
+                    st.pending_load[1],
+                    -(-(lo * self.s.block_size + num_external_tokens) // self.s.block_size),
+                ),
+            )
         elif st.recv is not None and not st.recv_consumed:
             # Nothing to load after all (the local cache had it all): the producer may let go.
             self.releases.append(st.recv)
@@ -360,7 +384,9 @@ class _Scheduler:
                 st.saved_upto = computed_before // bs
             # Prefix reuse saves what this engine computes; a hand-off saves every full
             # prompt block (a local prefix hit included), so the decoder finds them all.
-            first = 0 if hand_off and not st.saved_any else max(st.saved_upto, computed_before // bs)
+            first = (
+                0 if hand_off and not st.saved_any else max(st.saved_upto, computed_before // bs)
+            )
             full = min(after, len(prompt)) // bs
             if full > first:
                 rm.save_from, rm.save_ids = first, list(ids[first:full])
@@ -375,7 +401,9 @@ class _Scheduler:
                 meta.reqs.append(rm)
         return meta
 
-    def request_finished(self, request: "Request", block_ids: List[int]) -> Tuple[bool, Optional[Dict[str, Any]]]:
+    def request_finished(
+        self, request: "Request", block_ids: List[int]
+    ) -> Tuple[bool, Optional[Dict[str, Any]]]:
         st = self.reqs.pop(request.request_id, None)
         if st is None:
             return False, None
@@ -467,8 +495,12 @@ class _Worker:
                     self.conn,
                     role=self.s.role,
                     host=ex.get("bootstrap_host"),
-                    base_port=None if ex.get("bootstrap_port") is None else int(ex["bootstrap_port"]),
-                    abort_timeout=None if ex.get("abort_timeout") is None else float(ex["abort_timeout"]),
+                    base_port=(
+                        None if ex.get("bootstrap_port") is None else int(ex["bootstrap_port"])
+                    ),
+                    abort_timeout=(
+                        None if ex.get("abort_timeout") is None else float(ex["abort_timeout"])
+                    ),
                     **pd_kw,
                 )
             except (KvpoolError, OSError) as e:
@@ -477,7 +509,9 @@ class _Worker:
                 logger.warning("kvpool: no P/D bootstrap port (%s); prefix reuse only", e)
         if self.s.consumes:
             ct = ex.get("consumer_timeout")
-            self.consumer = kc.PdConsumer(self.conn, consumer_timeout=None if ct is None else float(ct), **pd_kw)
+            self.consumer = kc.PdConsumer(
+                self.conn, consumer_timeout=None if ct is None else float(ct), **pd_kw
+            )
 
     def hasher(self, tag: str) -> kc.BlockHasher:
         h = self.hashers.get(tag)
@@ -501,7 +535,9 @@ class _Worker:
     def start_load(self, meta: KVPoolConnectorMetadata) -> None:
         for tid, addr in meta.releases:
             if self.consumer is not None:
-                self.consumer.abort(tid, self._rank_addr(addr), "not needed: the decoder had the prefix")
+                self.consumer.abort(
+                    tid, self._rank_addr(addr), "not needed: the decoder had the prefix"
+                )
         keys: List[kc.BlockKey] = []
         ids: List[int] = []
         self.load_recvs = []
@@ -541,7 +577,9 @@ class _Worker:
                 logger.warning("kvpool: hand-off %s from %s failed (%s); recomputing", tid, addr, e)
                 return False
         if held < blocks:
-            logger.warning("kvpool: producer holds %d blocks of hand-off %s, %d expected", held, tid, blocks)
+            logger.warning(
+                "kvpool: producer holds %d blocks of hand-off %s, %d expected", held, tid, blocks
+            )
             self.consumer.abort(tid, addr, "fewer blocks held than expected")
             return False
         return True
@@ -573,7 +611,11 @@ class _Worker:
     def save(self, meta: KVPoolConnectorMetadata) -> None:
         for rid, tid, n in meta.sends:
             self.sends[rid] = (tid, n)
-        if self.conn is not None and self.conn.layout.device is not None and any(rm.save_ids for rm in meta.reqs):
+        if (
+            self.conn is not None
+            and self.conn.layout.device is not None
+            and any(rm.save_ids for rm in meta.reqs)
+        ):
             # GPU cache: the forward's writes must be complete on the device before the
             # connector's own stream copies the blocks out (docs/connector.md §7.3). The
             # blocks then stay unchanged until the save is reported: vLLM holds them (the
@@ -591,7 +633,9 @@ class _Worker:
             self.inflight[rm.req_id] = self.inflight.get(rm.req_id, 0) + 1
             self.had_saves.add(rm.req_id)
 
-    def get_finished(self, finished_req_ids: Set[str]) -> Tuple[Optional[Set[str]], Optional[Set[str]]]:
+    def get_finished(
+        self, finished_req_ids: Set[str]
+    ) -> Tuple[Optional[Set[str]], Optional[Set[str]]]:
         if self.conn is not None:
             for rid, results in self.conn.finished_saves():
                 self.inflight[rid] -= 1
@@ -616,7 +660,11 @@ class _Worker:
                     self.producer.hold(rid, keys[:n], tid)
                     self.held[rid] = tid
                     continue
-            if rid in self.held and self.producer is not None and self.producer.outcome(self.held[rid]) is None:
+            if (
+                rid in self.held
+                and self.producer is not None
+                and self.producer.outcome(self.held[rid]) is None
+            ):
                 continue
             done.add(rid)
             self.finished.discard(rid)
@@ -648,7 +696,12 @@ class _Worker:
 class KVPoolConnector(KVConnectorBase_V1):
     """vLLM's KV connector over a kvpool pool (see the module docs)."""
 
-    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig" = None):
+    def __init__(
+        self,
+        vllm_config: "VllmConfig",
+        role: KVConnectorRole,
+        kv_cache_config: "KVCacheConfig" = None,
+    ):
         super().__init__(vllm_config, role, kv_cache_config)
         num_layers = 0
         if kv_cache_config is not None and kv_cache_config.kv_cache_groups:
@@ -664,7 +717,10 @@ class KVPoolConnector(KVConnectorBase_V1):
         else:
             tp_rank = pp_rank = 0
             try:
-                from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
+                from vllm.distributed.parallel_state import (
+                    get_pp_group,
+                    get_tensor_model_parallel_rank,
+                )
 
                 tp_rank = get_tensor_model_parallel_rank()
                 pp_rank = get_pp_group().rank_in_group
@@ -688,7 +744,9 @@ class KVPoolConnector(KVConnectorBase_V1):
         assert self._worker is not None
         self._worker.wait_layer(layer_name)
 
-    def save_kv_layer(self, layer_name: str, kv_layer: "torch.Tensor", attn_metadata: Any, **kwargs: Any) -> None:
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: "torch.Tensor", attn_metadata: Any, **kwargs: Any
+    ) -> None:
         # Blocks are saved once the forward is over (wait_for_save): a block's pool object
         # holds all the layers of its group, and the copies are detached.
         return
@@ -710,7 +768,9 @@ class KVPoolConnector(KVConnectorBase_V1):
             w._held_keys[rid] = list(w.chains.get(rid, []))
         w.save(meta)
 
-    def get_finished(self, finished_req_ids: Set[str]) -> Tuple[Optional[Set[str]], Optional[Set[str]]]:
+    def get_finished(
+        self, finished_req_ids: Set[str]
+    ) -> Tuple[Optional[Set[str]], Optional[Set[str]]]:
         assert self._worker is not None
         return self._worker.get_finished(finished_req_ids)
 
@@ -724,11 +784,15 @@ class KVPoolConnector(KVConnectorBase_V1):
 
     # ---- scheduler side
 
-    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> Tuple[Optional[int], bool]:
+    def get_num_new_matched_tokens(
+        self, request: "Request", num_computed_tokens: int
+    ) -> Tuple[Optional[int], bool]:
         assert self._sched is not None
         return self._sched.get_num_new_matched_tokens(request, num_computed_tokens)
 
-    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int) -> None:
+    def update_state_after_alloc(
+        self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int
+    ) -> None:
         assert self._sched is not None
         self._sched.update_state_after_alloc(request, blocks, num_external_tokens)
 
@@ -745,7 +809,9 @@ class KVPoolConnector(KVConnectorBase_V1):
         assert self._sched is not None
         self._sched.update_connector_output(connector_output)
 
-    def request_finished(self, request: "Request", block_ids: List[int]) -> Tuple[bool, Optional[Dict[str, Any]]]:
+    def request_finished(
+        self, request: "Request", block_ids: List[int]
+    ) -> Tuple[bool, Optional[Dict[str, Any]]]:
         assert self._sched is not None
         return self._sched.request_finished(request, block_ids)
 

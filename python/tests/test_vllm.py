@@ -96,7 +96,11 @@ def write_model(folder: Path) -> str:
 def kv_value(token: int, pos: int, layer: int, kv: int) -> "torch.Tensor":
     """What the "forward" writes for one token: `[heads, head_dim]` of f16."""
     base = float((token * 31 + pos * 7 + layer * 3 + kv) % 997)
-    return (torch.arange(HEADS * HEAD_DIM, dtype=torch.float32) / 64 + base).to(torch.float16).view(HEADS, HEAD_DIM)
+    return (
+        (torch.arange(HEADS * HEAD_DIM, dtype=torch.float32) / 64 + base)
+        .to(torch.float16)
+        .view(HEADS, HEAD_DIM)
+    )
 
 
 class Engine:
@@ -115,7 +119,9 @@ class Engine:
         **extra,
     ) -> None:
         extra = {"master": master, "timeout": 5, "bootstrap_port": 0, **extra}
-        mc = ModelConfig(model=model_dir, skip_tokenizer_init=True, max_model_len=1024, dtype="float16")
+        mc = ModelConfig(
+            model=model_dir, skip_tokenizer_init=True, max_model_len=1024, dtype="float16"
+        )
         sc = SchedulerConfig(
             max_num_seqs=16,
             max_num_batched_tokens=max_batched,
@@ -133,13 +139,22 @@ class Engine:
             kv_load_failure_policy=policy,
         )
         self.config = VllmConfig(
-            model_config=mc, scheduler_config=sc, cache_config=cc, kv_transfer_config=kt, device_config=DeviceConfig("cpu")
+            model_config=mc,
+            scheduler_config=sc,
+            cache_config=cc,
+            kv_transfer_config=kt,
+            device_config=DeviceConfig("cpu"),
         )
         self.kv_cache_config = KVCacheConfig(
             num_blocks=num_blocks,
             kv_cache_tensors=[],
             kv_cache_groups=[
-                KVCacheGroupSpec(LAYERS, FullAttentionSpec(block_size=BS, num_kv_heads=HEADS, head_size=HEAD_DIM, dtype=torch.float16))
+                KVCacheGroupSpec(
+                    LAYERS,
+                    FullAttentionSpec(
+                        block_size=BS, num_kv_heads=HEADS, head_size=HEAD_DIM, dtype=torch.float16
+                    ),
+                )
             ],
         )
         self.scheduler = Scheduler(
@@ -151,11 +166,14 @@ class Engine:
         )
         assert type(self.scheduler.connector).__name__ == "KVPoolConnector"
         # The worker's connector as vLLM's model runner makes it: through the factory.
-        self.worker = KVConnectorFactory.create_connector(self.config, KVConnectorRole.WORKER, self.kv_cache_config)
+        self.worker = KVConnectorFactory.create_connector(
+            self.config, KVConnectorRole.WORKER, self.kv_cache_config
+        )
         assert isinstance(self.worker, kv_vllm.KVPoolConnector)
         self.device = device
         self.kv = {
-            n: torch.zeros(2, num_blocks, BS, HEADS, HEAD_DIM, dtype=torch.float16, device=device) for n in LAYERS
+            n: torch.zeros(2, num_blocks, BS, HEADS, HEAD_DIM, dtype=torch.float16, device=device)
+            for n in LAYERS
         }
         self.worker.register_kv_caches(self.kv)
         self.finished_params: Dict[str, Optional[dict]] = {}
@@ -167,8 +185,12 @@ class Engine:
     def connector(self) -> "kv_vllm.KVPoolConnector":
         return self.scheduler.connector
 
-    def add(self, rid: str, prompt: List[int], *, max_tokens: int = 1, params: Optional[dict] = None) -> Request:
-        sp = SamplingParams(max_tokens=max_tokens, extra_args={"kv_transfer_params": params} if params else None)
+    def add(
+        self, rid: str, prompt: List[int], *, max_tokens: int = 1, params: Optional[dict] = None
+    ) -> Request:
+        sp = SamplingParams(
+            max_tokens=max_tokens, extra_args={"kv_transfer_params": params} if params else None
+        )
         req = Request(rid, prompt, sp, None, block_hasher=BLOCK_HASHER)
         self.scheduler.add_request(req)
         return req
@@ -181,7 +203,9 @@ class Engine:
         writes the scheduled tokens' KV, and the outputs back to the scheduler."""
         so = self.scheduler.schedule()
         pre = {r.req_id: r.num_computed_tokens for r in so.scheduled_new_reqs}
-        pre.update(zip(so.scheduled_cached_reqs.req_ids, so.scheduled_cached_reqs.num_computed_tokens))
+        pre.update(
+            zip(so.scheduled_cached_reqs.req_ids, so.scheduled_cached_reqs.num_computed_tokens)
+        )
         w = self.worker
         w.handle_preemptions(so.kv_connector_metadata)
         w.bind_connector_metadata(so.kv_connector_metadata)
@@ -194,7 +218,9 @@ class Engine:
                 for pos in range(pre[rid], pre[rid] + n):
                     tok = req.all_token_ids[pos]
                     for kv in (0, 1):
-                        self.kv[name][kv, ids[pos // BS], pos % BS] = kv_value(tok, pos, layer, kv).to(self.device)
+                        self.kv[name][kv, ids[pos // BS], pos % BS] = kv_value(
+                            tok, pos, layer, kv
+                        ).to(self.device)
             w.save_kv_layer(name, self.kv[name], None)
         w.wait_for_save()
         res = w.get_transfer_results(so.finished_req_ids)
@@ -231,7 +257,9 @@ class Engine:
         while time.monotonic() < end:
             if until is not None and until():
                 return
-            if until is None and not (self.scheduler.has_requests() or self.connector.has_pending_push_work()):
+            if until is None and not (
+                self.scheduler.has_requests() or self.connector.has_pending_push_work()
+            ):
                 return
             so, _ = self.step()
             if not so.num_scheduled_tokens:
@@ -239,14 +267,20 @@ class Engine:
         raise AssertionError("the engine did not settle")
 
     def block_bytes(self, block: int) -> bytes:
-        return b"".join(self.kv[n][kv, block].cpu().numpy().tobytes() for n in LAYERS for kv in (0, 1))
+        return b"".join(
+            self.kv[n][kv, block].cpu().numpy().tobytes() for n in LAYERS for kv in (0, 1)
+        )
 
     def expected_bytes(self, tokens: List[int], b: int) -> bytes:
         out = []
         for layer in range(len(LAYERS)):
             for kv in (0, 1):
                 out.append(
-                    torch.stack([kv_value(tokens[p], p, layer, kv) for p in range(b * BS, (b + 1) * BS)]).numpy().tobytes()
+                    torch.stack(
+                        [kv_value(tokens[p], p, layer, kv) for p in range(b * BS, (b + 1) * BS)]
+                    )
+                    .numpy()
+                    .tobytes()
                 )
         return b"".join(out)
 
@@ -268,13 +302,18 @@ def cuda_skip() -> Optional[str]:
 
 DEVICES = [
     "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(cuda_skip() is not None, reason=f"GPU memory: {cuda_skip()}")),
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(cuda_skip() is not None, reason=f"GPU memory: {cuda_skip()}"),
+    ),
 ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layers_per_group", [None, 1])
-def test_a_shared_prefix_is_matched_and_loaded_byte_for_byte(pool, model_dir, unique, layers_per_group, device):
+def test_a_shared_prefix_is_matched_and_loaded_byte_for_byte(
+    pool, model_dir, unique, layers_per_group, device
+):
     """Engine a computes a prompt and saves its blocks; engine b (its own scheduler, worker
     and KV cache) gets a prompt with the same 4-block prefix: vLLM's scheduler is told 64
     tokens are matched, schedules only the rest, and b's blocks hold a's bytes. With
@@ -324,7 +363,9 @@ def test_chunked_prefills_save_and_load_every_block(pool, model_dir, unique):
     saves = []
     while "r1" not in a.finished_params:
         so, _ = a.step()
-        saves += [(r.save_from, len(r.save_ids)) for r in so.kv_connector_metadata.reqs if r.save_ids]
+        saves += [
+            (r.save_from, len(r.save_ids)) for r in so.kv_connector_metadata.reqs if r.save_ids
+        ]
     assert saves == [(0, 2), (2, 2), (4, 1)]
     a.run()
     b = Engine(model_dir, pool.master, model_id=unique, max_batched=32)
@@ -400,7 +441,9 @@ def test_a_failed_load_is_reported_and_vllm_recomputes(pool, fresh_pool, model_d
     b = Engine(model_dir, pool.master, model_id=unique, policy=policy)
     # The worker talks to another pool, which then stops.
     b.worker = kv_vllm.KVPoolConnector(
-        Engine(model_dir, fresh_pool.master, model_id=unique).config, KVConnectorRole.WORKER, b.kv_cache_config
+        Engine(model_dir, fresh_pool.master, model_id=unique).config,
+        KVConnectorRole.WORKER,
+        b.kv_cache_config,
     )
     b.worker.register_kv_caches(b.kv)
     fresh_pool.stop()
@@ -415,7 +458,9 @@ def test_a_failed_load_is_reported_and_vllm_recomputes(pool, fresh_pool, model_d
     assert req.num_computed_tokens == 0, "vLLM truncated the request at its first failed block"
     assert req.status == RequestStatus.RUNNING
     so, pre = b.step()
-    assert pre["r2"] == 0 and so.num_scheduled_tokens["r2"] == 2 * BS + 3, "recomputed from the start"
+    assert (
+        pre["r2"] == 0 and so.num_scheduled_tokens["r2"] == 2 * BS + 3
+    ), "recomputed from the start"
     assert all(not r.load_ids for r in so.kv_connector_metadata.reqs)
     b.run(until=lambda: "r2" in b.finished_params)
 
@@ -484,7 +529,9 @@ json.dump(res, open({str(out)!r}, "w"))
     assert producer_of(p).stats()["released"] == 1
 
 
-def test_an_unclaimed_handoff_is_released_after_the_abort_timeout(pool, model_dir, unique, monkeypatch):
+def test_an_unclaimed_handoff_is_released_after_the_abort_timeout(
+    pool, model_dir, unique, monkeypatch
+):
     base = free_port()
     monkeypatch.setenv("VLLM_MOONCAKE_BOOTSTRAP_PORT", str(base))
     monkeypatch.setenv("VLLM_MOONCAKE_ABORT_REQUEST_TIMEOUT", "1")
@@ -500,7 +547,9 @@ def test_an_unclaimed_handoff_is_released_after_the_abort_timeout(pool, model_di
 
 
 def test_a_decoder_whose_producer_died_reports_load_errors_and_recomputes(pool, model_dir, unique):
-    p = Engine(model_dir, pool.master, role="kv_producer", model_id=unique, bootstrap_port=free_port())
+    p = Engine(
+        model_dir, pool.master, role="kv_producer", model_id=unique, bootstrap_port=free_port()
+    )
     tokens = prompt(13, 2 * BS + 3)
     params = prefill(p, "p1", tokens)
     p.run(until=lambda: producer_of(p).stats()["held"] == 1)
@@ -521,7 +570,9 @@ def test_a_decoder_whose_producer_died_reports_load_errors_and_recomputes(pool, 
 def test_a_decoder_that_needs_no_handoff_releases_it_at_once(pool, model_dir, unique):
     """The decoder's own prefix cache already holds the prompt's blocks: it loads nothing and
     tells the producer, whose hold ends then, not at the abort timeout."""
-    p = Engine(model_dir, pool.master, role="kv_producer", model_id=unique, bootstrap_port=free_port())
+    p = Engine(
+        model_dir, pool.master, role="kv_producer", model_id=unique, bootstrap_port=free_port()
+    )
     tokens = prompt(14, 2 * BS + 3)
     params = prefill(p, "p1", tokens)
     p.run(until=lambda: producer_of(p).stats()["held"] == 1)
