@@ -557,6 +557,11 @@ class _Worker:
             assert self.conn is not None
             self.load = self.conn.start_load(keys, ids, window=self.window)
             self.load_ids = ids
+            if self.s.layers_per_group is None:
+                # One object per block: nothing to overlap with the forward, and the load is
+                # complete before it starts, so the attention layers' hooks (skipped inside
+                # full CUDA graphs) are not needed for correctness.
+                self.load.wait_group(0)
 
     def _rank_addr(self, addr: str) -> str:
         host, _, port = addr.rpartition(":")
@@ -823,6 +828,12 @@ class KVPoolConnector(KVConnectorBase_V1):
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: "VllmConfig") -> Optional[str]:
         return None
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: Dict[str, Any]) -> bool:
+        # Layer-wise loading relies on wait_for_layer_load running inside the forward, which
+        # full CUDA graphs skip; a whole-block load is waited for in start_load_kv.
+        return (extra_config or {}).get("layers_per_group") not in (None, "all")
 
 
 __all__ = ["KVPoolConnector", "KVPoolConnectorMetadata", "ReqMeta"]

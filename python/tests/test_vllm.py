@@ -319,6 +319,13 @@ def test_a_shared_prefix_is_matched_and_loaded_byte_for_byte(
     tokens are matched, schedules only the rest, and b's blocks hold a's bytes. With
     `device="cuda"` (skipped without a GPU) the caches are CUDA tensors, moved by address
     through the connector's cuda path."""
+    layerwise = layers_per_group is not None
+    assert (
+        kv_vllm.KVPoolConnector.requires_piecewise_for_cudagraph(
+            {"layers_per_group": layers_per_group}
+        )
+        == layerwise
+    ), "layer-wise loading needs the attention layers' hooks"
     prefix = prompt(1, 4 * BS)
     kw = dict(model_id=unique, layers_per_group=layers_per_group, device=device)
     a = Engine(model_dir, pool.master, **kw)
