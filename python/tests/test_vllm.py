@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -207,8 +208,10 @@ class Engine:
             zip(so.scheduled_cached_reqs.req_ids, so.scheduled_cached_reqs.num_computed_tokens)
         )
         w = self.worker
-        w.handle_preemptions(so.kv_connector_metadata)
-        w.bind_connector_metadata(so.kv_connector_metadata)
+        # The worker gets a copy, as vLLM's multiprocess executor sends it (pickled).
+        meta = pickle.loads(pickle.dumps(so.kv_connector_metadata))
+        w.handle_preemptions(meta)
+        w.bind_connector_metadata(meta)
         w.start_load_kv(None)
         for layer, name in enumerate(LAYERS):
             w.wait_for_layer_load(name)
