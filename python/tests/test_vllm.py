@@ -41,6 +41,7 @@ try:
         CacheConfig,
         DeviceConfig,
         KVTransferConfig,
+        ParallelConfig,
         ModelConfig,
         SchedulerConfig,
         VllmConfig,
@@ -94,9 +95,10 @@ def write_model(folder: Path) -> str:
     return str(folder)
 
 
-def kv_value(token: int, pos: int, layer: int, kv: int) -> "torch.Tensor":
-    """What the "forward" writes for one token: `[heads, head_dim]` of f16."""
-    base = float((token * 31 + pos * 7 + layer * 3 + kv) % 997)
+def kv_value(token: int, pos: int, layer: int, kv: int, rank: int = 0) -> "torch.Tensor":
+    """What the "forward" writes for one token: `[heads, head_dim]` of f16 (TP rank `rank`
+    holds other heads: other values)."""
+    base = float((token * 31 + pos * 7 + layer * 3 + kv + rank * 500) % 997)
     return (
         (torch.arange(HEADS * HEAD_DIM, dtype=torch.float32) / 64 + base)
         .to(torch.float16)
@@ -105,7 +107,9 @@ def kv_value(token: int, pos: int, layer: int, kv: int) -> "torch.Tensor":
 
 
 class Engine:
-    """vLLM's Scheduler with the connector, and one worker's connector over CPU tensors."""
+    """vLLM's Scheduler with the connector, and one worker's connector over CPU tensors per
+    TP rank (`tp` > 1: vLLM's `tensor_parallel_size`, each rank's cache written with values
+    of its own)."""
 
     def __init__(
         self,
@@ -117,6 +121,7 @@ class Engine:
         device: str = "cpu",
         max_batched: int = 1024,
         num_blocks: int = NUM_BLOCKS,
+        tp: int = 1,
         **extra,
     ) -> None:
         extra = {"master": master, "timeout": 5, "bootstrap_port": 0, **extra}
@@ -145,6 +150,7 @@ class Engine:
             cache_config=cc,
             kv_transfer_config=kt,
             device_config=DeviceConfig("cpu"),
+            parallel_config=ParallelConfig(tensor_parallel_size=tp),
         )
         self.kv_cache_config = KVCacheConfig(
             num_blocks=num_blocks,
@@ -166,17 +172,25 @@ class Engine:
             log_stats=False,
         )
         assert type(self.scheduler.connector).__name__ == "KVPoolConnector"
-        # The worker's connector as vLLM's model runner makes it: through the factory.
-        self.worker = KVConnectorFactory.create_connector(
-            self.config, KVConnectorRole.WORKER, self.kv_cache_config
-        )
-        assert isinstance(self.worker, kv_vllm.KVPoolConnector)
         self.device = device
-        self.kv = {
-            n: torch.zeros(2, num_blocks, BS, HEADS, HEAD_DIM, dtype=torch.float16, device=device)
-            for n in LAYERS
-        }
-        self.worker.register_kv_caches(self.kv)
+        #: Per TP rank: its worker connector and its KV cache.
+        self.ranks = []
+        for rank in range(tp):
+            # The worker's connector as vLLM's model runner makes it: through the factory.
+            w = KVConnectorFactory.create_connector(
+                self.config, KVConnectorRole.WORKER, self.kv_cache_config
+            )
+            assert isinstance(w, kv_vllm.KVPoolConnector)
+            w._worker.tp_rank = rank  # vLLM's TP group is not initialised here
+            kv = {
+                n: torch.zeros(
+                    2, num_blocks, BS, HEADS, HEAD_DIM, dtype=torch.float16, device=device
+                )
+                for n in LAYERS
+            }
+            w.register_kv_caches(kv)
+            self.ranks.append([w, kv])
+        self.pending_sends: Dict[str, int] = {}
         self.finished_params: Dict[str, Optional[dict]] = {}
         self.load_errors: List[set] = []
         #: Each request's block ids as of its last scheduled step (they outlive the request).
@@ -185,6 +199,18 @@ class Engine:
     @property
     def connector(self) -> "kv_vllm.KVPoolConnector":
         return self.scheduler.connector
+
+    @property
+    def worker(self) -> "kv_vllm.KVPoolConnector":
+        return self.ranks[0][0]
+
+    @worker.setter
+    def worker(self, w) -> None:
+        self.ranks[0][0] = w
+
+    @property
+    def kv(self):
+        return self.ranks[0][1]
 
     def add(
         self, rid: str, prompt: List[int], *, max_tokens: int = 1, params: Optional[dict] = None
@@ -207,29 +233,36 @@ class Engine:
         pre.update(
             zip(so.scheduled_cached_reqs.req_ids, so.scheduled_cached_reqs.num_computed_tokens)
         )
-        w = self.worker
-        # The worker gets a copy, as vLLM's multiprocess executor sends it (pickled).
-        meta = pickle.loads(pickle.dumps(so.kv_connector_metadata))
-        w.handle_preemptions(meta)
-        w.bind_connector_metadata(meta)
-        w.start_load_kv(None)
-        for layer, name in enumerate(LAYERS):
-            w.wait_for_layer_load(name)
-            for rid, n in so.num_scheduled_tokens.items():
-                req = self.scheduler.requests[rid]
-                ids = self.ids[rid] = self.block_ids(rid)
-                for pos in range(pre[rid], pre[rid] + n):
-                    tok = req.all_token_ids[pos]
-                    for kv in (0, 1):
-                        self.kv[name][kv, ids[pos // BS], pos % BS] = kv_value(
-                            tok, pos, layer, kv
-                        ).to(self.device)
-            w.save_kv_layer(name, self.kv[name], None)
-        w.wait_for_save()
-        res = w.get_transfer_results(so.finished_req_ids)
-        errors = w.get_block_ids_with_load_errors()
+        sending, errors = set(), set()
+        for rank, (w, kvs) in enumerate(self.ranks):
+            # The worker gets a copy, as vLLM's multiprocess executor sends it (pickled).
+            meta = pickle.loads(pickle.dumps(so.kv_connector_metadata))
+            w.handle_preemptions(meta)
+            w.bind_connector_metadata(meta)
+            w.start_load_kv(None)
+            for layer, name in enumerate(LAYERS):
+                w.wait_for_layer_load(name)
+                for rid, n in so.num_scheduled_tokens.items():
+                    req = self.scheduler.requests[rid]
+                    ids = self.ids[rid] = self.block_ids(rid)
+                    for pos in range(pre[rid], pre[rid] + n):
+                        tok = req.all_token_ids[pos]
+                        for kv in (0, 1):
+                            kvs[name][kv, ids[pos // BS], pos % BS] = kv_value(
+                                tok, pos, layer, kv, rank
+                            ).to(self.device)
+                w.save_kv_layer(name, kvs[name], None)
+            w.wait_for_save()
+            res = w.get_transfer_results(so.finished_req_ids)
+            errors |= w.get_block_ids_with_load_errors()
+            w.clear_connector_metadata()
+            # vLLM's output aggregator: a request is done sending once every rank said so.
+            for rid in res.finished_sending:
+                self.pending_sends[rid] = self.pending_sends.get(rid, 0) + 1
+                if self.pending_sends[rid] == len(self.ranks):
+                    del self.pending_sends[rid]
+                    sending.add(rid)
         self.load_errors.append(errors)
-        w.clear_connector_metadata()
         req_ids = list(so.num_scheduled_tokens)
         sampled = []
         for rid in req_ids:
@@ -241,8 +274,8 @@ class Engine:
             req_id_to_index={r: i for i, r in enumerate(req_ids)},
             sampled_token_ids=sampled,
             kv_connector_output=KVConnectorOutput(
-                finished_sending=res.finished_sending or None,
-                finished_recving=res.finished_recving or None,
+                finished_sending=sending or None,
+                finished_recving=None,
                 invalid_block_ids=errors,
             ),
         )
@@ -269,10 +302,9 @@ class Engine:
                 time.sleep(0.01)
         raise AssertionError("the engine did not settle")
 
-    def block_bytes(self, block: int) -> bytes:
-        return b"".join(
-            self.kv[n][kv, block].cpu().numpy().tobytes() for n in LAYERS for kv in (0, 1)
-        )
+    def block_bytes(self, block: int, rank: int = 0) -> bytes:
+        kvs = self.ranks[rank][1]
+        return b"".join(kvs[n][kv, block].cpu().numpy().tobytes() for n in LAYERS for kv in (0, 1))
 
     def expected_bytes(self, tokens: List[int], b: int) -> bytes:
         out = []
@@ -411,6 +443,36 @@ def test_preempted_requests_resume_and_finish(pool, model_dir, unique):
     assert resumed and all(n >= 3 * BS for n in resumed.values()), resumed
     assert not any(e.load_errors)
     e.run()
+
+
+def test_tensor_parallel_ranks_save_and_load_their_own_blocks(pool, model_dir, unique):
+    """TP = 2: each rank keys its blocks with its own rank (its heads differ), the scheduler
+    matches a prefix only as far as every rank holds it, and each rank loads its own bytes."""
+    prefix = prompt(41, 3 * BS)
+    a = Engine(model_dir, pool.master, model_id=unique, tp=2)
+    a.add("r1", prefix + [1, 2])
+    a.run()
+    b = Engine(model_dir, pool.master, model_id=unique, tp=2)
+    b.add("r2", prefix + [3, 4])
+    so, pre = b.step()
+    assert pre["r2"] == 3 * BS
+    for rank in (0, 1):
+        for i in range(3):
+            assert b.block_bytes(b.ids["r2"][i], rank) == a.block_bytes(a.ids["r1"][i], rank)
+    assert b.block_bytes(b.ids["r2"][0], 0) != b.block_bytes(b.ids["r2"][0], 1)
+    b.run()
+    # A prefix only rank 0 holds is no match: remove rank 1's last block from the pool.
+    h1 = b.ranks[1][0]._worker.hasher("")
+    key = h1.keys(prefix + [5])[2]
+    from kvpool import Client
+
+    with Client(pool.master) as c:
+        assert c.remove(key.wire(), force=True)
+    c2 = Engine(model_dir, pool.master, model_id=unique, tp=2)
+    c2.add("r3", prefix + [5, 6])
+    so, pre = c2.step()
+    assert pre["r3"] == 2 * BS
+    c2.run()
 
 
 def test_a_prefix_saved_by_another_process_loads_byte_for_byte(pool, model_dir, unique, tmp_path):
