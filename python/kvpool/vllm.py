@@ -555,13 +555,25 @@ class _Worker:
             ids += rm.load_ids
         if keys:
             assert self.conn is not None
-            self.load = self.conn.start_load(keys, ids, window=self.window)
+            try:
+                self.load = self.conn.start_load(keys, ids, window=self.window)
+            except KvpoolError as e:  # refused as a whole: every block is recomputed
+                logger.warning("kvpool: load of %d blocks refused: %s", len(ids), e)
+                self.load_errors.update(ids)
+                for (tid, addr), _ in self.load_recvs:
+                    self._consumer().abort(tid, self._rank_addr(addr), "load refused")
+                self.load_recvs = []
+                return
             self.load_ids = ids
             if self.s.layers_per_group is None:
                 # One object per block: nothing to overlap with the forward, and the load is
                 # complete before it starts, so the attention layers' hooks (skipped inside
                 # full CUDA graphs) are not needed for correctness.
                 self.load.wait_group(0)
+
+    def _consumer(self) -> kc.PdConsumer:
+        assert self.consumer is not None
+        return self.consumer
 
     def _rank_addr(self, addr: str) -> str:
         host, _, port = addr.rpartition(":")
@@ -662,15 +674,18 @@ class _Worker:
                 tid, n = send
                 keys = self._held_keys.pop(rid, None)
                 if self.producer is not None and keys:
-                    self.producer.hold(rid, keys[:n], tid)
-                    self.held[rid] = tid
-                    continue
-            if (
-                rid in self.held
-                and self.producer is not None
-                and self.producer.outcome(self.held[rid]) is None
-            ):
-                continue
+                    try:
+                        self.producer.hold(rid, keys[:n], tid)
+                        self.held[rid] = tid
+                        continue
+                    except KvpoolError as e:  # closed: the decoder will recompute
+                        logger.warning("kvpool: cannot hold hand-off %s: %s", tid, e)
+            if rid in self.held and self.producer is not None:
+                try:
+                    if self.producer.outcome(self.held[rid]) is None:
+                        continue
+                except KvpoolError:  # the producer was closed: the hold is gone
+                    pass
             done.add(rid)
             self.finished.discard(rid)
             self.had_saves.discard(rid)

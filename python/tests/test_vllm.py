@@ -637,6 +637,9 @@ def test_a_decoder_whose_producer_died_reports_load_errors_and_recomputes(pool, 
     so, pre = d.step()
     assert so.num_scheduled_tokens["d1"] == len(tokens), "recomputed"
     d.run(until=lambda: "d1" in d.finished_params)
+    # The prefiller's engine goes on: the request whose hand-off died is freed.
+    p.run(timeout=10)
+    assert not p.connector.has_pending_push_work()
 
 
 def test_a_decoder_that_needs_no_handoff_releases_it_at_once(pool, model_dir, unique):
