@@ -496,14 +496,14 @@ class PdProducer:
     def outcome(self, transfer_id: str) -> Optional[str]:
         """``"released"`` (the consumer loaded it), ``"aborted"``, ``"expired"``, or ``None``
         while held (or unknown)."""
-        return self._native.outcome(transfer_id)
+        return _checked(self._native.outcome, transfer_id)
 
     def abort(self, request_id: str) -> int:
         """Ends ``request_id``'s holds (a later claim is told ``TransferAborted``)."""
-        return self._native.abort(request_id)
+        return _checked(self._native.abort, request_id)
 
     def stats(self) -> dict:
-        return self._native.stats()
+        return _checked(self._native.stats)
 
     def close(self) -> None:
         """Stops the bootstrap server and the renewals (also done when garbage collected)."""
