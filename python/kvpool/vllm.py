@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -108,6 +109,9 @@ class ReqMeta:
     #: Blocks to save after the forward: ``(first block index, block ids)``.
     save_from: int = 0
     save_ids: List[int] = field(default_factory=list)
+    #: The load (a P/D hand-off's) runs in the background; the request waits in vLLM's
+    #: WAITING_FOR_REMOTE_KVS until the worker reports it received.
+    load_async: bool = False
 
 
 @dataclass
@@ -195,6 +199,7 @@ class _Settings:
         ).grouping_tag
         self.master: Optional[str] = self.extra.get("master")
         self.timeout: Optional[float] = self.extra.get("timeout")
+        self.async_handoff = bool(self.extra.get("async_handoff", False))
         self.produces = self.role in ("kv_producer", "kv_both")
         self.consumes = self.role in ("kv_consumer", "kv_both")
 
@@ -241,6 +246,9 @@ class _SchedReq:
     recv_blocks: int = 0
     recv_consumed: bool = False
     saved_any: bool = False
+    #: An asynchronous hand-off load was started: the workers report the request when its
+    #: load ended (finished_recving), and again, when it finishes, as done sending.
+    had_async: bool = False
 
 
 class _Scheduler:
@@ -252,6 +260,8 @@ class _Scheduler:
         self.holding: Set[str] = set()
         self.sends: List[Tuple[str, str, int]] = []
         self.releases: List[Tuple[str, str]] = []
+        #: Asynchronous loads decided since the last step's metadata.
+        self.async_reqs: List[ReqMeta] = []
         self._hashers: Dict[str, List[kc.BlockHasher]] = {}
 
     def hashers(self, tag: str) -> List[kc.BlockHasher]:
@@ -318,7 +328,10 @@ class _Scheduler:
         st.pending_load = (
             (num_computed_tokens // bs, -(-(num_computed_tokens + ext) // bs)) if ext else None
         )
-        return ext, False
+        is_async = bool(
+            ext and self.s.async_handoff and st.recv is not None and not st.recv_consumed
+        )
+        return ext, is_async
 
     def update_state_after_alloc(
         self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int
@@ -337,6 +350,14 @@ class _Scheduler:
                     -(-(lo * self.s.block_size + num_external_tokens) // self.s.block_size),
                 ),
             )
+            if self.s.async_handoff and st.recv is not None and not st.recv_consumed:
+                # The request is not scheduled while it waits: its load goes out in the next
+                # step's metadata on its own, with the blocks allocated for it now.
+                ids = list(blocks.get_block_ids()[0])
+                rm = ReqMeta(req_id=request.request_id, ns_tag=st.tag, load_async=True)
+                self._load_meta(st, rm, ids)
+                self.async_reqs.append(rm)
+                st.had_async = True
         elif st.recv is not None and not st.recv_consumed:
             # Nothing to load after all (the local cache had it all): the producer may let go.
             self.releases.append(st.recv)
@@ -347,7 +368,8 @@ class _Scheduler:
         meta = KVPoolConnectorMetadata(
             sends=self.sends, releases=self.releases, preempted=list(so.preempted_req_ids or ())
         )
-        self.sends, self.releases = [], []
+        meta.reqs.extend(self.async_reqs)
+        self.sends, self.releases, self.async_reqs = [], [], []
         bs = self.s.block_size
         pre: Dict[str, int] = {r.req_id: r.num_computed_tokens for r in so.scheduled_new_reqs}
         cached = so.scheduled_cached_reqs
@@ -367,14 +389,8 @@ class _Scheduler:
             params = req.kv_transfer_params or {}
             hand_off = self.s.produces and params.get("do_remote_decode")
             if st.load is not None:
-                lo, hi = st.load
-                rm.load_from, rm.load_ids = lo, list(ids[lo:hi])
-                if st.recv is not None and not st.recv_consumed:
-                    rm.recv = st.recv
-                    st.recv_consumed = True
-                st.saved_upto = max(st.saved_upto, hi)
-                need = hi
-                st.load = None
+                hi = st.load[1]
+                self._load_meta(st, rm, ids)
                 computed_before = max(computed_before, hi * bs)
             elif st.recv is not None and not st.recv_consumed:
                 self.releases.append(st.recv)
@@ -393,13 +409,32 @@ class _Scheduler:
                 st.saved_upto = full
                 st.saved_any = True
                 need = max(need, full)
-            if need > st.chain_sent:
-                rm.chain_from = st.chain_sent
-                rm.chain_tokens = list(prompt[st.chain_sent * bs : need * bs])
-                st.chain_sent = need
+            self._chain(st, rm, need)
             if rm.load_ids or rm.save_ids or rm.chain_tokens or rm.recv:
                 meta.reqs.append(rm)
         return meta
+
+    def _load_meta(self, st: _SchedReq, rm: ReqMeta, ids: List[int]) -> None:
+        """Moves the request's decided load into ``rm`` (with its hand-off's claim)."""
+        assert st.load is not None
+        lo, hi = st.load
+        rm.load_from, rm.load_ids = lo, list(ids[lo:hi])
+        if st.recv is not None and not st.recv_consumed:
+            rm.recv = st.recv
+            st.recv_consumed = True
+        st.saved_upto = max(st.saved_upto, hi)
+        st.load = None
+        self._chain(st, rm, hi)
+
+    def _chain(self, st: _SchedReq, rm: ReqMeta, need: int) -> None:
+        """Sends the workers the tokens of blocks up to ``need`` they have not seen."""
+        if need > st.chain_sent:
+            bs = self.s.block_size
+            prompt = st.request.prompt_token_ids or []
+            if not rm.chain_tokens:
+                rm.chain_from = st.chain_sent
+            rm.chain_tokens += prompt[st.chain_sent * bs : need * bs]
+            st.chain_sent = need
 
     def request_finished(
         self, request: "Request", block_ids: List[int]
@@ -433,7 +468,7 @@ class _Scheduler:
                     self.holding.add(request.request_id)
                     return True, out
                 return st.saved_any and self._hold(request.request_id), out
-        if st.saved_any:
+        if st.saved_any or st.had_async:
             return self._hold(request.request_id), None
         return False, None
 
@@ -472,6 +507,12 @@ class _Worker:
         self.producer: Optional[kc.PdProducer] = None
         self.consumer: Optional[kc.PdConsumer] = None
         self.window = int(s.extra.get("load_window", 2))
+        #: Asynchronous hand-off loads: in flight (request ids), and those that ended, with
+        #: their failed block ids, not yet reported.
+        self.async_inflight: Set[str] = set()
+        self.async_ended: List[Tuple[str, List[int]]] = []
+        self.had_async: Set[str] = set()
+        self._async_lock = threading.Lock()
 
     # -- setup
 
@@ -546,6 +587,9 @@ class _Worker:
             if not rm.load_ids:
                 continue
             k = chain[rm.load_from : rm.load_from + len(rm.load_ids)]
+            if rm.load_async:
+                self._start_async(rm, k)
+                continue
             if rm.recv is not None and not self._claim(rm.recv, len(k)):
                 self.load_errors.update(rm.load_ids)
                 continue
@@ -570,6 +614,38 @@ class _Worker:
                 # complete before it starts, so the attention layers' hooks (skipped inside
                 # full CUDA graphs) are not needed for correctness.
                 self.load.wait_group(0)
+
+    def _start_async(self, rm: ReqMeta, keys: List[kc.BlockKey]) -> None:
+        """A hand-off loaded in the background: claim, load, done (or abort); the request
+        is reported received by get_finished, its failed blocks as load errors then."""
+        rid, ids, recv = rm.req_id, list(rm.load_ids), rm.recv
+        assert self.conn is not None and recv is not None
+        conn = self.conn
+        with self._async_lock:
+            self.async_inflight.add(rid)
+        self.had_async.add(rid)
+
+        def run() -> None:
+            failed = list(ids)
+            try:
+                if self._claim(recv, len(keys)):
+                    results = conn.load(keys, ids)
+                    failed = [i for i, r in zip(ids, results) if r is not True]
+                    addr = self._rank_addr(recv[1])
+                    if failed:
+                        self._consumer().abort(recv[0], addr, "load failed")
+                    else:
+                        try:
+                            self._consumer().done(recv[0], addr)
+                        except KvpoolError as e:
+                            logger.warning("kvpool: done for hand-off %s: %s", recv[0], e)
+            except Exception as e:  # noqa: BLE001 - reported as failed blocks, never lost
+                logger.warning("kvpool: hand-off load of %s failed: %s", rid, e)
+            with self._async_lock:
+                self.async_inflight.discard(rid)
+                self.async_ended.append((rid, failed))
+
+        threading.Thread(target=run, name=f"kvpool-handoff-{rid}", daemon=True).start()
 
     def _consumer(self) -> kc.PdConsumer:
         assert self.consumer is not None
@@ -661,13 +737,20 @@ class _Worker:
                 bad = [r for r in results if r is not None]
                 if bad:
                     logger.warning("kvpool: %d blocks of %s not saved: %s", len(bad), rid, bad[0])
+        with self._async_lock:
+            ended, self.async_ended = self.async_ended, []
+            loading = set(self.async_inflight)
+        recving: Set[str] = set()
+        for rid, failed in ended:
+            recving.add(rid)
+            self.load_errors.update(failed)
         for rid in finished_req_ids:
             self.chains.pop(rid, None)
-            if rid in self.had_saves or rid in self.sends:
+            if rid in self.had_saves or rid in self.sends or rid in self.had_async:
                 self.finished.add(rid)
         done: Set[str] = set()
         for rid in list(self.finished):
-            if self.inflight.get(rid):
+            if self.inflight.get(rid) or rid in loading:
                 continue
             send = self.sends.get(rid)
             if send is not None and rid not in self.held:
@@ -691,7 +774,8 @@ class _Worker:
             self.had_saves.discard(rid)
             self.sends.pop(rid, None)
             self.held.pop(rid, None)
-        return (done or None), None
+            self.had_async.discard(rid)
+        return (done or None), (recving or None)
 
     def handle_preemptions(self, meta: KVPoolConnectorMetadata) -> None:
         # A host cache's detached saves copied their blocks out when they started; a GPU

@@ -190,7 +190,7 @@ class Engine:
             }
             w.register_kv_caches(kv)
             self.ranks.append([w, kv])
-        self.pending_sends: Dict[str, int] = {}
+        self.pending_sends: Dict[tuple, int] = {}
         self.finished_params: Dict[str, Optional[dict]] = {}
         self.load_errors: List[set] = []
         #: Each request's block ids as of its last scheduled step (they outlive the request).
@@ -233,7 +233,7 @@ class Engine:
         pre.update(
             zip(so.scheduled_cached_reqs.req_ids, so.scheduled_cached_reqs.num_computed_tokens)
         )
-        sending, errors = set(), set()
+        sending, recving, errors = set(), set(), set()
         for rank, (w, kvs) in enumerate(self.ranks):
             # The worker gets a copy, as vLLM's multiprocess executor sends it (pickled).
             meta = pickle.loads(pickle.dumps(so.kv_connector_metadata))
@@ -257,11 +257,16 @@ class Engine:
             errors |= w.get_block_ids_with_load_errors()
             w.clear_connector_metadata()
             # vLLM's output aggregator: a request is done sending once every rank said so.
-            for rid in res.finished_sending:
-                self.pending_sends[rid] = self.pending_sends.get(rid, 0) + 1
-                if self.pending_sends[rid] == len(self.ranks):
-                    del self.pending_sends[rid]
-                    sending.add(rid)
+            for kind, done, got in (
+                ("send", res.finished_sending, sending),
+                ("recv", res.finished_recving, recving),
+            ):
+                for rid in done:
+                    key = (kind, rid)
+                    self.pending_sends[key] = self.pending_sends.get(key, 0) + 1
+                    if self.pending_sends[key] == len(self.ranks):
+                        del self.pending_sends[key]
+                        got.add(rid)
         self.load_errors.append(errors)
         req_ids = list(so.num_scheduled_tokens)
         sampled = []
@@ -275,7 +280,7 @@ class Engine:
             sampled_token_ids=sampled,
             kv_connector_output=KVConnectorOutput(
                 finished_sending=sending or None,
-                finished_recving=None,
+                finished_recving=recving or None,
                 invalid_block_ids=errors,
             ),
         )
@@ -662,3 +667,67 @@ def test_a_decoder_that_needs_no_handoff_releases_it_at_once(pool, model_dir, un
     assert producer_of(p).stats()["aborted"] == 1
     assert not p.connector.has_pending_push_work()
     d.run(until=lambda: "d1" in d.finished_params)
+
+
+def first_scheduled(e: Engine, rid: str, timeout: float = 20.0):
+    """Steps until `rid` is scheduled; its (scheduler output, tokens computed before)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        so, pre = e.step()
+        if rid in so.num_scheduled_tokens:
+            return so, pre[rid]
+        time.sleep(0.01)
+    raise AssertionError(f"{rid} was never scheduled")
+
+
+def test_an_async_handoff_waits_for_remote_kvs_then_decodes(pool, model_dir, unique):
+    """`async_handoff: true`: the decoder's scheduler parks the request in vLLM's
+    WAITING_FOR_REMOTE_KVS while a worker thread claims and loads it; the worker reports it
+    received (get_finished's second set) and vLLM then schedules only the tail."""
+    p = Engine(
+        model_dir, pool.master, role="kv_producer", model_id=unique, bootstrap_port=free_port()
+    )
+    tokens = prompt(15, 3 * BS + 5)
+    params = prefill(p, "p1", tokens)
+    p.run(until=lambda: producer_of(p).stats()["held"] == 1)
+    d = Engine(model_dir, pool.master, role="kv_consumer", model_id=unique, async_handoff=True)
+    req = d.add("d1", tokens, max_tokens=2, params=params)
+    so, pre = d.step()
+    assert "d1" not in so.num_scheduled_tokens
+    assert req.status == RequestStatus.WAITING_FOR_REMOTE_KVS
+    assert [(r.load_async, len(r.load_ids)) for r in so.kv_connector_metadata.reqs] == [(True, 3)]
+    so, computed = first_scheduled(d, "d1")
+    assert computed == 3 * BS and so.num_scheduled_tokens["d1"] == 5
+    assert not any(d.load_errors)
+    for i in range(3):
+        assert d.block_bytes(d.ids["d1"][i]) == p.block_bytes(p.ids["p1"][i])
+    d.run(until=lambda: "d1" in d.finished_params)
+    d.run()
+    p.run(timeout=10)
+    assert producer_of(p).stats()["released"] == 1
+
+
+def test_an_async_handoff_from_a_dead_producer_reports_load_errors(pool, model_dir, unique):
+    """The claim fails in the worker's thread: the request is reported received with its
+    blocks as load errors, and vLLM reschedules it from the start."""
+    p = Engine(
+        model_dir, pool.master, role="kv_producer", model_id=unique, bootstrap_port=free_port()
+    )
+    tokens = prompt(16, 2 * BS + 3)
+    params = prefill(p, "p1", tokens)
+    p.run(until=lambda: producer_of(p).stats()["held"] == 1)
+    producer_of(p).close()
+    # The decoder keys another namespace, so its retry finds nothing in the pool and computes
+    # the prompt (with the producer's, the retry would load the saved blocks as a prefix hit).
+    d = Engine(
+        model_dir, pool.master, role="kv_consumer", model_id=unique + "-d", async_handoff=True
+    )
+    req = d.add("d1", tokens, max_tokens=2, params=params)
+    so, _ = d.step()
+    ids = so.kv_connector_metadata.reqs[0].load_ids
+    assert len(ids) == 2 and req.status == RequestStatus.WAITING_FOR_REMOTE_KVS
+    so, computed = first_scheduled(d, "d1")
+    assert set(ids) <= set().union(*d.load_errors), "the failed blocks were reported"
+    assert computed == 0 and so.num_scheduled_tokens["d1"] == len(tokens), "recomputed"
+    d.run(until=lambda: "d1" in d.finished_params)
+    d.run()
