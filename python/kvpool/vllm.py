@@ -41,6 +41,7 @@ try first), ``load_window`` (layer groups in flight during a load [2]), ``bootst
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -203,11 +204,26 @@ class _Settings:
         self.produces = self.role in ("kv_producer", "kv_both")
         self.consumes = self.role in ("kv_consumer", "kv_both")
 
+    @property
+    def layout_tag(self) -> str:
+        return f"vllm-{self.layout_name}/{self.grouping_tag}"
+
+    def namespace(self) -> Dict[str, Any]:
+        """The block-key namespace, as `kvpool proxy --prefix-namespace` takes it."""
+        return {
+            "model": self.model,
+            "kv_dtype": self.dtype,
+            "layout": self.layout_tag,
+            "block_size": self.block_size,
+            "tp_size": self.tp_size,
+            "pp_size": self.pp_size,
+        }
+
     def hasher(self, tag: str, tp_rank: int, pp_rank: int = 0) -> kc.BlockHasher:
         return kc.BlockHasher(
             self.model + tag,
             self.dtype,
-            f"vllm-{self.layout_name}/{self.grouping_tag}",
+            self.layout_tag,
             self.block_size,
             tp_rank=tp_rank,
             tp_size=self.tp_size,
@@ -255,6 +271,7 @@ class _Scheduler:
     def __init__(self, s: _Settings) -> None:
         self.s = s
         self.conn = s.connector(kc.KvLayout.without_memory(s.num_layers, s.layers_per_group))
+        logger.info("kvpool: block-key namespace %s", json.dumps(s.namespace()))
         self.reqs: Dict[str, _SchedReq] = {}
         #: Requests request_finished answered True for, until the workers report them.
         self.holding: Set[str] = set()

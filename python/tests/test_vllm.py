@@ -375,6 +375,15 @@ def test_a_shared_prefix_is_matched_and_loaded_byte_for_byte(
     a.run()
     assert a.finished_params == {"r1": None}
     assert not a.connector.has_pending_push_work()
+    # The namespace `kvpool proxy --prefix-namespace` takes (docs/vllm.md).
+    assert a.connector._s.namespace() == {
+        "model": unique,
+        "kv_dtype": "f16",
+        "layout": "vllm-lbnhc/" + ("all" if layers_per_group is None else "l1"),
+        "block_size": BS,
+        "tp_size": 1,
+        "pp_size": 1,
+    }
 
     # Another engine (its own scheduler, worker and KV cache) gets the prefix from the pool.
     b = Engine(model_dir, pool.master, **kw)
