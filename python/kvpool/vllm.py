@@ -68,7 +68,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
-logger = logging.getLogger("kvpool.vllm")
+# A child of vLLM's logger: its handler, format and level (VLLM_LOGGING_LEVEL) apply.
+logger = logging.getLogger("vllm.kvpool")
 
 #: How long a decoder retries a claim the producer does not know yet: the producer's worker
 #: holds the blocks one engine step after its scheduler answered the parameters.
