@@ -4,6 +4,7 @@ Loaded by vLLM with::
 
     vllm serve MODEL --kv-transfer-config '{"kv_connector":"KVPoolConnector",
         "kv_connector_module_path":"kvpool.vllm","kv_role":"kv_both",
+        "kv_load_failure_policy":"recompute",
         "kv_connector_extra_config":{"master":"10.0.0.1:50051"}}'
 
 One class, instantiated twice by vLLM: in the scheduler process (role SCHEDULER: looks the
@@ -28,7 +29,9 @@ Two jobs in one connector:
   ``VLLM_MOONCAKE_ABORT_REQUEST_TIMEOUT``, ``VLLM_HOST_IP``; ``KVPOOL_*`` win).
 
 Failed loads (a pool or producer that is gone, an evicted block) are reported through
-``get_block_ids_with_load_errors``, so vLLM recomputes those blocks.
+``get_block_ids_with_load_errors``, so vLLM recomputes those blocks (with
+``kv_load_failure_policy: recompute``; vLLM's default, ``fail``, ends such a request with an
+error).
 
 ``kv_connector_extra_config`` keys (all optional): ``master`` [``KVPOOL_MASTER``, else
 127.0.0.1:50051], ``token``, ``tenant``, ``timeout`` (seconds a pool call may take [30]),
@@ -36,7 +39,9 @@ Failed loads (a pool or producer that is gone, an evicted block) are reported th
 [default]; ``n`` = layer-wise loading in groups of ``n``), ``model_id`` (the namespace's model
 name [the model vLLM serves]), ``replicas`` [1], ``preferred_nodes`` ([]: the node ids saves
 try first), ``load_window`` (layer groups in flight during a load [2]), ``bootstrap_port``,
-``bootstrap_host``, ``abort_timeout``, ``consumer_timeout`` (override the environment).
+``bootstrap_host``, ``abort_timeout``, ``consumer_timeout`` (override the environment),
+``async_handoff`` (a decoder loads hand-offs in a worker thread while vLLM parks the request
+in WAITING_FOR_REMOTE_KVS [false: in the step that schedules it]).
 """
 
 from __future__ import annotations
