@@ -740,3 +740,25 @@ def test_an_async_handoff_from_a_dead_producer_reports_load_errors(pool, model_d
     assert computed == 0 and so.num_scheduled_tokens["d1"] == len(tokens), "recomputed"
     d.run(until=lambda: "d1" in d.finished_params)
     d.run()
+
+
+def test_kv_both_engines_play_either_side_of_a_handoff(pool, model_dir, unique):
+    """`kv_both` on both sides: the engine that gets `do_remote_decode` produces, the one that
+    gets `do_remote_prefill` consumes; afterwards the hand-off's blocks are an ordinary shared
+    prefix for a third request."""
+    p = Engine(model_dir, pool.master, role="kv_both", model_id=unique, bootstrap_port=free_port())
+    tokens = prompt(17, 2 * BS + 4)
+    params = prefill(p, "p1", tokens)
+    p.run(until=lambda: producer_of(p).stats()["held"] == 1)
+    d = Engine(model_dir, pool.master, role="kv_both", model_id=unique)
+    d.add("d1", tokens, max_tokens=2, params=params)
+    so, pre = d.step()
+    assert pre["d1"] == 2 * BS and not d.load_errors[-1]
+    d.run(until=lambda: "d1" in d.finished_params)
+    p.run(timeout=10)
+    assert producer_of(p).stats()["released"] == 1
+    e = Engine(model_dir, pool.master, role="kv_both", model_id=unique)
+    e.add("e1", tokens[: 2 * BS] + [9, 9])
+    so, pre = e.step()
+    assert pre["e1"] == 2 * BS
+    e.run()
