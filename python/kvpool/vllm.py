@@ -316,14 +316,17 @@ class _Scheduler:
             self.reqs[request.request_id] = st
         return st
 
-    def lookup(self, tag: str, tokens: List[int]) -> int:
+    def lookup(self, tag: str, tokens: List[int], start: int = 0) -> int:
+        """How many leading full blocks of ``tokens`` every rank can get: the first
+        ``start`` (vLLM's own cache has them) and those the pool holds right after them."""
         n = len(tokens) // self.s.block_size
-        if n == 0:
-            return 0
+        if n <= start:
+            return n
         hit = n
         for h in self.hashers(tag):
-            hit = min(hit, self.conn.lookup(h.keys(tokens[: hit * self.s.block_size])))
-            if hit == 0:
+            keys = h.keys(tokens[: hit * self.s.block_size])
+            hit = min(hit, start + self.conn.lookup(keys[start:]))
+            if hit == start:
                 break
         return hit
 
@@ -340,7 +343,7 @@ class _Scheduler:
             hit = min(st.recv_blocks, len(prompt) // bs)
         else:
             try:
-                hit = self.lookup(st.tag, prompt)
+                hit = self.lookup(st.tag, prompt, num_computed_tokens // bs)
             except KvpoolError as e:
                 logger.warning(
                     "kvpool lookup failed, computing request %s: %s", request.request_id, e

@@ -762,3 +762,27 @@ def test_kv_both_engines_play_either_side_of_a_handoff(pool, model_dir, unique):
     so, pre = e.step()
     assert pre["e1"] == 2 * BS
     e.run()
+
+
+def test_the_pool_serves_the_tail_of_a_prefix_whose_head_vllm_has(pool, model_dir, unique):
+    """The pool lost a prefix's first block, but the engine's own prefix cache has it: the
+    lookup starts after vLLM's local hit, so the remaining 3 blocks still come from the pool."""
+    from kvpool import Client
+
+    prefix = prompt(18, 4 * BS)
+    a = Engine(model_dir, pool.master, model_id=unique)
+    a.add("r1", prefix + [1, 2])
+    a.run()
+    first = a.worker._worker.hasher("").keys(prefix[:BS])[0]
+    b = Engine(model_dir, pool.master, model_id=unique)
+    b.add("warm", prefix[:BS] + [3])  # b computes block 0 itself (and saves it)
+    b.run()
+    with Client(pool.master) as c:  # the pool loses block 0
+        assert c.remove(first.wire(), force=True)
+    b.add("r2", prefix + [4, 5])
+    so, pre = b.step()
+    assert pre["r2"] == 4 * BS
+    assert [(r.load_from, len(r.load_ids)) for r in so.kv_connector_metadata.reqs] == [(1, 3)]
+    for i in range(1, 4):
+        assert b.block_bytes(b.ids["r2"][i]) == a.block_bytes(a.ids["r1"][i])
+    b.run()
