@@ -25,10 +25,16 @@ source scripts/python-env.sh
 kvpool_py_build
 # -rs: every skipped test is listed with its reason in the summary.
 (cd python && KVPOOL_BIN="$CARGO_TARGET_DIR/debug/kvpool" "$KVPOOL_VENV/bin/python" -m pytest -q -rs tests \
-  --ignore=tests/test_sglang.py)
+  --ignore=tests/test_sglang.py --ignore=tests/test_vllm.py)
 echo "== python: the SGLang HiCache backend, in SGLang's own virtualenv (its torch differs)"
 # When SGLang cannot be installed, KVPOOL_SGLANG_PYTHON is the dev venv's and the tests skip,
 # quoting pip's error. -p no:warnings: importing SGLang prints dozens of deprecation warnings.
 source scripts/sglang-env.sh
 (cd python && KVPOOL_BIN="$CARGO_TARGET_DIR/debug/kvpool" PYTHONPATH=. "$KVPOOL_SGLANG_PYTHON" \
   -m pytest -q -rs -p no:warnings tests/test_sglang.py)
+echo "== python: the vLLM connector, in vLLM's own virtualenv (its torch differs)"
+# When vLLM cannot be installed, KVPOOL_VLLM_PYTHON is the dev venv's and the tests skip,
+# quoting pip's error.
+source scripts/vllm-env.sh
+(cd python && KVPOOL_BIN="$CARGO_TARGET_DIR/debug/kvpool" PYTHONPATH=. "$KVPOOL_VLLM_PYTHON" \
+  -m pytest -q -rs -p no:warnings tests/test_vllm.py)
