@@ -41,10 +41,10 @@ block is a miss to the engine, which recomputes it.
 
 from __future__ import annotations
 
-import os
 from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import _native
+from .client import Client
 from .errors import CODES, InvalidArgumentError, KvpoolError, from_failure, is_failure
 
 BlockHasher = _native.BlockHasher
@@ -53,8 +53,6 @@ KvLayout = _native.KvLayout
 
 #: A load's per-block outcome: ``True`` loaded, ``False`` a miss, or the error.
 LoadResult = Union[bool, KvpoolError]
-
-DEFAULT_MASTER = "127.0.0.1:50051"
 
 
 def cuda_unavailable(device: int = 0) -> Optional[str]:
@@ -302,6 +300,7 @@ class Connector:
         layout: KvLayout,
         master: Optional[str] = None,
         *,
+        client: Optional[Client] = None,
         token: Optional[str] = None,
         tenant: Optional[str] = None,
         timeout: Optional[float] = None,
@@ -313,29 +312,33 @@ class Connector:
         verify_checksum: bool = True,
         max_batch: int = 1024,
     ) -> None:
-        master = master or os.environ.get("KVPOOL_MASTER") or DEFAULT_MASTER
-        token = token if token is not None else (os.environ.get("KVPOOL_TOKEN") or None)
-        if timeout is None:
-            raw = os.environ.get("KVPOOL_CLIENT_DEADLINE") or "30"
-            try:
-                timeout = float(raw)
-            except ValueError:
-                raise _invalid(f"KVPOOL_CLIENT_DEADLINE={raw!r}: expected seconds") from None
+        # One client per process is the norm: pass `client` to share its connections; the
+        # other arguments (defaults and environment as kvpool.Client's) make a new one.
+        if client is None:
+            client = Client(
+                master,
+                token=token,
+                tenant=tenant,
+                timeout=timeout,
+                etcd=etcd,
+                cluster=cluster,
+                verify_checksum=verify_checksum,
+                max_batch=max_batch,
+            )
+        self._client = client
         self._native = _checked(
             _native.Connector,
             layout,
-            master,
-            token=token,
-            tenant=tenant,
-            etcd=list(etcd),
-            cluster=cluster,
-            deadline=float(timeout),
-            verify_checksum=verify_checksum,
-            max_batch=max_batch,
+            client.native,
             replicas=replicas,
             preferred_nodes=[int(n) for n in preferred_nodes],
             soft_pin=soft_pin,
         )
+
+    @property
+    def client(self) -> Client:
+        """The client this connector moves blocks with."""
+        return self._client
 
     @property
     def layout(self) -> KvLayout:

@@ -70,7 +70,6 @@ pub struct NativeClient {
 impl NativeClient {
     /// The Rust client, for native classes that share this client's connections (the
     /// connector).
-    #[allow(dead_code)]
     pub(crate) fn shared(&self) -> Arc<Client> {
         self.client.clone()
     }

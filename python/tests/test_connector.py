@@ -382,7 +382,7 @@ def test_failures_per_block_and_whole_call(tmp_path, unique):
     src = PagedCache()
     keys = hasher_for(unique, src).keys(list(range(8)))
     # Native: failures are (code, name, message) tuples, per block.
-    n = _native.Connector(src.layout, p.master, deadline=0.5)
+    n = _native.Connector(src.layout, _native.NativeClient(p.master, deadline=0.5))
     res = n.save(keys, [0, 1])
     assert all(type(r) is tuple and len(r) == 3 for r in res), res
     code, name, msg = res[0]

@@ -48,7 +48,9 @@ pub struct Producer {
     addr: SocketAddr,
     advertised: String,
     seq: AtomicU64,
-    _stop: oneshot::Sender<()>,
+    /// Dropping it stops the server (`None` once `shutdown` took it).
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
     keeper: tokio::task::JoinHandle<()>,
 }
 
@@ -80,7 +82,7 @@ impl Producer {
             token: cfg.token.clone(),
         };
         let service = Arc::new(Bootstrap(Arc::clone(&shared)));
-        tokio::spawn(serve_rpc_with(listener, service, opts, async move {
+        let server = tokio::spawn(serve_rpc_with(listener, service, opts, async move {
             let _ = stop_rx.await;
         }));
         let keeper = tokio::spawn(keep(
@@ -95,9 +97,22 @@ impl Producer {
             addr,
             advertised,
             seq: AtomicU64::new(0),
-            _stop: stop_tx,
+            stop: Some(stop_tx),
+            server: Some(server),
             keeper,
         })
+    }
+
+    /// Stops the holds' renewal and the bootstrap server, and waits until the server has let
+    /// go of its port: a consumer dialing it afterwards is refused at once, never accepted and
+    /// then cut off mid-answer (which a plain drop, stopping the server in the background,
+    /// allows for a moment).
+    pub async fn shutdown(mut self) {
+        self.keeper.abort();
+        drop(self.stop.take());
+        if let Some(server) = self.server.take() {
+            let _ = server.await;
+        }
     }
 
     /// The bound address (the real port when the base was 0).

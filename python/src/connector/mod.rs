@@ -37,9 +37,9 @@ mod pd;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use kvpool_client::{Client, ClientConfig};
+use crate::client::NativeClient;
 use kvpool_connector::PoolConnector;
-use kvpool_proto::{NodeId, PutOptions, Token};
+use kvpool_proto::{NodeId, PutOptions};
 use pyo3::{exceptions::PyValueError, prelude::*, IntoPyObjectExt};
 
 pub use keys::{BlockHasher, BlockKey};
@@ -185,38 +185,14 @@ impl Connector {
     /// request); a block being loaded is neither read nor written by anyone else until its
     /// load reports it (`load` returned, `wait_group` for its group, or the handle dropped).
     #[new]
-    #[pyo3(signature = (
-        layout, master, *, token=None, tenant=None, etcd=Vec::new(), cluster=None,
-        deadline=30.0, verify_checksum=true, local_node=None, max_batch=1024, replicas=1,
-        preferred_nodes=Vec::new(), soft_pin=false
-    ))]
-    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (layout, client, *, replicas=1, preferred_nodes=Vec::new(), soft_pin=false))]
     fn new(
         layout: Bound<'_, KvLayout>,
-        master: String,
-        token: Option<String>,
-        tenant: Option<String>,
-        etcd: Vec<String>,
-        cluster: Option<String>,
-        deadline: f64,
-        verify_checksum: bool,
-        local_node: Option<u64>,
-        max_batch: usize,
+        client: Bound<'_, NativeClient>,
         replicas: u8,
         preferred_nodes: Vec<u64>,
         soft_pin: bool,
     ) -> PyResult<Self> {
-        let cfg = client_config(
-            master,
-            token,
-            tenant,
-            etcd,
-            cluster,
-            deadline,
-            verify_checksum,
-            local_node,
-            max_batch,
-        )?;
         if replicas == 0 {
             return Err(PyValueError::new_err("replicas = 0: must be at least 1"));
         }
@@ -227,7 +203,8 @@ impl Connector {
             soft_pin,
             ..PutOptions::default()
         };
-        let conn = PoolConnector::new(Arc::new(Client::new(cfg)), &l.inner).with_put_options(opts);
+        // The client's connections are shared with whoever else uses it (kvpool.Client).
+        let conn = PoolConnector::new(client.get().shared(), &l.inner).with_put_options(opts);
         let memory = match l.device {
             _ if !l.memory => None,
             None => Some(Memory::Host(host::HostCache::new(l.inner.clone()))),
@@ -459,48 +436,6 @@ impl Connector {
             self.conn.num_groups()
         )
     }
-}
-
-/// The client configuration, checked as `NativeClient` checks it.
-#[allow(clippy::too_many_arguments)]
-fn client_config(
-    master: String,
-    token: Option<String>,
-    tenant: Option<String>,
-    etcd: Vec<String>,
-    cluster: Option<String>,
-    deadline: f64,
-    verify_checksum: bool,
-    local_node: Option<u64>,
-    max_batch: usize,
-) -> PyResult<ClientConfig> {
-    let token = token
-        .map(|t| Token::new(t.into_bytes()))
-        .transpose()
-        .map_err(|e| PyValueError::new_err(format!("token: {e}")))?;
-    if !(deadline.is_finite() && deadline > 0.0) {
-        return Err(PyValueError::new_err(format!(
-            "deadline = {deadline}: must be a positive number of seconds"
-        )));
-    }
-    if max_batch == 0 {
-        return Err(PyValueError::new_err("max_batch = 0: must be at least 1"));
-    }
-    let defaults = ClientConfig::default();
-    let cfg = ClientConfig {
-        master,
-        token,
-        tenant,
-        etcd,
-        cluster: cluster.unwrap_or(defaults.cluster.clone()),
-        deadline: Duration::from_secs_f64(deadline),
-        verify_checksum,
-        local_node: local_node.map(NodeId),
-        max_batch,
-        ..defaults
-    };
-    cfg.validate().map_err(PyValueError::new_err)?;
-    Ok(cfg)
 }
 
 /// Why GPU memory cannot be used on CUDA device `ordinal`, or `None` when it can.

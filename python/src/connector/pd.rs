@@ -223,12 +223,7 @@ impl PdProducer {
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         let p = self.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(p) = p {
-            // Dropped inside the runtime: the server's shutdown signal is delivered there.
-            let rt = runtime::runtime()?;
-            py.detach(|| {
-                let _g = rt.enter();
-                drop(p)
-            });
+            runtime::block_on(py, p.shutdown())?;
         }
         Ok(())
     }
