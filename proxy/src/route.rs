@@ -331,13 +331,7 @@ async fn block_keys(
         Api::Chat => json!({ "messages": prompt }),
     };
     let url = format!("{}/kvpool/block_keys", b.url);
-    let (status, answer) = post_json(&st.http, &url, &body, None, placement::LIMIT)
-        .await
-        .map_err(|e| format!("{url}: {e}"))?;
-    if !status.is_success() {
-        return Err(format!("{url}: HTTP {status}"));
-    }
-    let v: Value = serde_json::from_slice(&answer).map_err(|e| format!("{url}: {e}"))?;
+    let v = ask_engine(st, &url, &body).await?;
     v["keys"]
         .as_array()
         .map(|a| {
@@ -346,6 +340,18 @@ async fn block_keys(
                 .collect()
         })
         .ok_or_else(|| format!("{url}: no `keys` in the answer"))
+}
+
+/// A placement question to an engine (`POST url` with `body`, within the placement limit):
+/// its JSON answer, or why there is none, naming `url`.
+async fn ask_engine(st: &State, url: &str, body: &Value) -> Result<Value, String> {
+    let (status, answer) = post_json(&st.http, url, body, None, placement::LIMIT)
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    if !status.is_success() {
+        return Err(format!("{url}: HTTP {status}"));
+    }
+    serde_json::from_slice(&answer).map_err(|e| format!("{url}: {e}"))
 }
 
 /// What of a request shapes its tokens besides the prompt, passed on to `/tokenize` (vLLM's
@@ -385,13 +391,7 @@ async fn tokens(st: &State, b: &Backend, api: Api, req: &Value) -> Result<Vec<u3
     }
     let body = tokenize_request(req, api);
     let url = format!("{}/tokenize", b.url);
-    let (status, answer) = post_json(&st.http, &url, &body, None, placement::LIMIT)
-        .await
-        .map_err(|e| format!("{url}: {e}"))?;
-    if !status.is_success() {
-        return Err(format!("{url}: HTTP {status}"));
-    }
-    let v: Value = serde_json::from_slice(&answer).map_err(|e| format!("{url}: {e}"))?;
+    let v = ask_engine(st, &url, &body).await?;
     v["tokens"]
         .as_array()
         .and_then(|a| {

@@ -15,13 +15,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from . import _native
 from ._buffer import Pinned, flat
-from .errors import (
-    InvalidArgumentError,
-    KvpoolError,
-    check,
-    from_failure,
-    is_failure,
-)
+from .errors import InvalidArgumentError, KvpoolError, check, from_failure, is_failure, result
 
 Key = Union[str, bytes]
 Buffer = object  # anything exposing the buffer protocol
@@ -338,12 +332,10 @@ def _results(items: list, raise_on_error: bool) -> list:
     out = []
     first = None
     for item in items:
-        if is_failure(item):
-            e = from_failure(item)
-            first = first or e
-            out.append(e)
-        else:
-            out.append(item)
+        r = result(item)
+        if first is None and isinstance(r, KvpoolError):
+            first = r
+        out.append(r)
     if first is not None and raise_on_error:
         raise first
     return out

@@ -45,7 +45,15 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import _native
 from .client import Client
-from .errors import CODES, InvalidArgumentError, KvpoolError, from_failure, is_failure
+from .errors import (
+    CODES,
+    InvalidArgumentError,
+    KvpoolError,
+    check,
+    from_failure,
+    is_failure,
+    result,
+)
 
 BlockHasher = _native.BlockHasher
 BlockKey = _native.BlockKey
@@ -276,10 +284,6 @@ def _ids(block_ids: Any) -> List[int]:
     return list(block_ids)
 
 
-def _load_result(item: Any) -> LoadResult:
-    return from_failure(item) if is_failure(item) else item
-
-
 def _save_result(item: Any) -> Optional[KvpoolError]:
     return from_failure(item) if is_failure(item) else None
 
@@ -356,10 +360,7 @@ class Connector:
         """How many leading blocks of ``keys`` are in the pool, every layer group of them (a
         hole ends the match). They get a read lease, which keeps them for the load that
         follows. Raises the typed error of a failure inside the matched prefix."""
-        r = self._native.lookup(list(keys))
-        if is_failure(r):
-            raise from_failure(r)
-        return r
+        return check(self._native.lookup(list(keys)))
 
     def save(
         self, keys: Sequence[BlockKey], block_ids: Sequence[int]
@@ -371,7 +372,7 @@ class Connector:
     def load(self, keys: Sequence[BlockKey], block_ids: Sequence[int]) -> List[LoadResult]:
         """Loads ``keys[i]`` into block ``block_ids[i]`` (ids distinct); per block ``True``,
         ``False`` (a miss: recompute it, its bytes may be partly overwritten) or the error."""
-        return [_load_result(r) for r in _checked(self._native.load, list(keys), _ids(block_ids))]
+        return [result(r) for r in _checked(self._native.load, list(keys), _ids(block_ids))]
 
     def start_load(
         self, keys: Sequence[BlockKey], block_ids: Sequence[int], *, window: int = 2
@@ -418,12 +419,12 @@ class LayerwiseLoad:
         group's per-block outcomes. GPU memory: ``None`` (the per-block outcomes come from
         :meth:`wait`). Groups may be waited for in any order, and again."""
         rs = _checked(self._native.wait_group, group)
-        return None if rs is None else [_load_result(r) for r in rs]
+        return None if rs is None else [result(r) for r in rs]
 
     def wait(self) -> List[LoadResult]:
         """Blocks until every group has landed; per block ``True`` (all groups loaded),
         ``False`` (a miss) or the error."""
-        return [_load_result(r) for r in self._native.wait()]
+        return [result(r) for r in self._native.wait()]
 
     def done(self) -> bool:
         """Whether the load has ended (GPU: fetched and copies enqueued)."""
@@ -547,16 +548,11 @@ class PdConsumer:
     def claim(self, transfer_id: str, bootstrap_addr: str) -> int:
         """The number of blocks the producer holds; raises the typed error (unreachable
         producer, ``TransferAborted`` / ``TransferExpired`` / ``TransferUnknown``, timeout)."""
-        r = self._native.claim(transfer_id, bootstrap_addr)
-        if is_failure(r):
-            raise from_failure(r)
-        return r
+        return check(self._native.claim(transfer_id, bootstrap_addr))
 
     def done(self, transfer_id: str, bootstrap_addr: str) -> None:
         """The blocks are loaded: the producer's hold ends. Raises the typed error."""
-        r = self._native.done(transfer_id, bootstrap_addr)
-        if is_failure(r):
-            raise from_failure(r)
+        check(self._native.done(transfer_id, bootstrap_addr))
 
     def abort(self, transfer_id: str, bootstrap_addr: str, reason: str = "aborted") -> None:
         """Asks the producer to release its hold, in the background."""

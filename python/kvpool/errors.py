@@ -124,6 +124,12 @@ def from_failure(f: Failure) -> KvpoolError:
     return cls(message, code=code, name=name)
 
 
+def result(item):
+    """A native batch entry as Python hands it out: the typed exception in a failure's place,
+    anything else as it is."""
+    return from_failure(item) if type(item) is tuple else item
+
+
 def check(item):
     """Returns a native batch entry, raising it if it is a failure."""
     if type(item) is tuple:

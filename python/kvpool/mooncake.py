@@ -461,7 +461,8 @@ class MooncakeDistributedStore:
         if not _same_len(ptrs, sizes) or (counts is None and len(keys) != len(ptrs)):
             return [INVALID_PARAMS] * len(keys)
         return _int_results(
-            c.put_from(list(keys), list(ptrs), list(sizes), counts, **self._opts(config, overwrite))
+            # The caller's lists go down as they are: the native side reads any sequence.
+            c.put_from(keys, ptrs, sizes, counts, **self._opts(config, overwrite))
         )
 
     def _put_buffers(self, keys, values, config, overwrite) -> List[int]:
@@ -472,11 +473,11 @@ class MooncakeDistributedStore:
             return [INVALID_PARAMS] * len(keys)
         opts = self._opts(config, overwrite)
         if all(type(v) is bytes for v in values):
-            return _int_results(c.put_values(list(keys), list(values), **opts))
+            return _int_results(c.put_values(keys, values, **opts))
         try:
             with Pinned() as pinned:
                 ptrs, sizes, counts = flat(pinned, [[v] for v in values], writable=False)
-                return _int_results(c.put_from(list(keys), ptrs, sizes, counts, **opts))
+                return _int_results(c.put_from(keys, ptrs, sizes, counts, **opts))
         except (BufferError, TypeError) as e:
             _warn(f"put: {e}")
             return [INVALID_PARAMS] * len(keys)
@@ -529,7 +530,7 @@ class MooncakeDistributedStore:
         if c is None:
             return [b""] * len(keys)
         out = []
-        for r in c.get_values(list(keys)):
+        for r in c.get_values(keys):
             if type(r) is bytes:
                 out.append(r)
             else:
@@ -639,7 +640,7 @@ class MooncakeDistributedStore:
             return [INTERNAL_ERROR] * len(keys)
         if not _same_len(keys, buffer_ptrs, sizes):
             return [INVALID_PARAMS] * len(keys)
-        return _int_results(c.get_into(list(keys), list(buffer_ptrs), list(sizes)))
+        return _int_results(c.get_into(keys, buffer_ptrs, sizes))
 
     def batch_get_into_multi_buffers(
         self,
@@ -655,7 +656,7 @@ class MooncakeDistributedStore:
         flat_ptrs, flat_sizes, counts = _flatten(all_buffer_ptrs, all_sizes)
         if counts is None or len(counts) != len(keys):
             return [INVALID_PARAMS] * len(keys)
-        return _int_results(c.get_into(list(keys), flat_ptrs, flat_sizes, counts))
+        return _int_results(c.get_into(keys, flat_ptrs, flat_sizes, counts))
 
     def get_into_ranges(
         self,
@@ -714,7 +715,7 @@ class MooncakeDistributedStore:
         c = self._c()
         if c is None:
             return [-1] * len(keys)
-        return [(1 if r else 0) if type(r) is bool else -1 for r in c.exists(list(keys))]
+        return [(1 if r else 0) if type(r) is bool else -1 for r in c.exists(keys)]
 
     def get_size(self, key: str) -> int:
         """The value's length in bytes, or a negative code (OBJECT_NOT_FOUND)."""
@@ -732,7 +733,7 @@ class MooncakeDistributedStore:
         c = self._c()
         if c is None:
             return [INTERNAL_ERROR] * len(keys)
-        return _int_results(c.remove(list(keys), force))
+        return _int_results(c.remove(keys, force))
 
     def remove_by_regex(self, regex: str, force: bool = False) -> int:
         """Removes every object whose key matches ``regex`` (a search, as ``re.search``);

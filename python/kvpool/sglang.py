@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from .client import Client
-from .errors import from_failure, is_failure
+from .errors import check, is_failure
 
 logger = logging.getLogger(__name__)
 
@@ -148,9 +148,7 @@ class KVPoolStorage(_Base):
         self.mem_pool_host = None
 
     def _check_reachable(self) -> None:
-        probe = self._native.exists(["sglang/probe"])[0]
-        if is_failure(probe):
-            raise from_failure(probe)
+        check(self._native.exists(["sglang/probe"])[0])
 
     # ------------------------------------------------------------------ host pool
 

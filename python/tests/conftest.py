@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import pytest
 
@@ -110,6 +110,14 @@ def fresh_pool(tmp_path) -> Pool:
 def unique(request) -> str:
     """A key prefix unique to the test."""
     return f"{request.node.name}-{os.getpid()}-{time.monotonic_ns()}/"
+
+
+def wait_until(what: str, cond, timeout: float = 10.0, every: float = 0.02) -> None:
+    """Polls `cond()` until it is true; fails naming `what` once `timeout` seconds passed."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for: {what}"
+        time.sleep(every)
 
 
 def run_python(code: str, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:

@@ -16,7 +16,7 @@ import pytest
 
 import kvpool
 
-from conftest import kvpool_bin, read_ready
+from conftest import kvpool_bin, read_ready, wait_until
 
 
 def free_port() -> int:
@@ -91,10 +91,7 @@ def test_client_follows_the_leader_through_etcd(etcd, unique):
     try:
         c = kvpool.Client(f"etcd://{etcd.removeprefix('http://')}/default", timeout=60)
         # The node prints `ready` when it listens; it joins once it has found the leader.
-        deadline = time.monotonic() + 30
-        while not c.status()["nodes"]:
-            assert time.monotonic() < deadline, "the storage node never registered"
-            time.sleep(0.02)
+        wait_until("the storage node to register", lambda: c.status()["nodes"], timeout=30)
         c.put(unique + "k", b"survives failover")
         assert c.get(unique + "k") == b"survives failover"
 
@@ -111,10 +108,11 @@ def test_client_follows_the_leader_through_etcd(etcd, unique):
         # The standby wins once the old lease is over and the same client object finds it by
         # itself; the object is back once the node re-registers with its inventory (until
         # then the new leader answers a miss, which a cache recomputes).
-        deadline = time.monotonic() + 30
-        while c.get(unique + "k") != b"survives failover":
-            assert time.monotonic() < deadline, "the object never came back after failover"
-            time.sleep(0.05)
+        wait_until(
+            "the object to come back after failover",
+            lambda: c.get(unique + "k") == b"survives failover",
+            timeout=30,
+        )
         c.put(unique + "after", b"new leader")
         assert c.get(unique + "after") == b"new leader"
     finally:

@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
-import sys
 import textwrap
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -18,7 +15,7 @@ import pytest
 from kvpool import mooncake as mc
 from kvpool.mooncake import MooncakeDistributedStore, ReplicateConfig, SoftPinAction
 
-from conftest import run_python, start_pool
+from conftest import run_python, start_pool, wait_until
 
 
 def rand(n: int, seed: int = 0) -> np.ndarray:
@@ -308,9 +305,7 @@ def test_a_process_lends_memory_and_another_reads_it(pool, unique):
     node = next(n for n in reader._client.status()["nodes"] if n["name"] == seg)
     assert node["segments"][0]["capacity"] == 64 << 20 and node["segments"][0]["objects"] >= 1
     lender.close()  # leaves the pool: what lived only there is a miss at once
-    deadline = time.monotonic() + 5
-    while reader.is_exist(unique + "lent") == 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until("the lender's object to be gone", lambda: reader.is_exist(unique + "lent") != 1, 5)
     assert reader.is_exist(unique + "lent") == 0
     assert reader.get(unique + "lent") == b""
     assert not any(n["name"] == seg and n["alive"] for n in reader._client.status()["nodes"])

@@ -14,6 +14,8 @@ import pytest
 from kvpool import connector as kc
 from kvpool.errors import InvalidArgumentError, KvpoolError, UnavailableError
 
+from conftest import wait_until
+
 
 def caches(pool):
     a = np.zeros((2, 8, 4, 2, 8), np.float16)
@@ -56,9 +58,7 @@ def test_an_unclaimed_handoff_expires_and_an_abort_ends_a_hold(pool, unique):
     cons = kc.PdConsumer(cb, consumer_timeout=5)
     assert prod.abort_timeout == 1.0
     tid = prod.hold("req-1", keys)
-    end = time.monotonic() + 10
-    while prod.outcome(tid) is None and time.monotonic() < end:
-        time.sleep(0.05)
+    wait_until("the hold to expire", lambda: prod.outcome(tid) is not None)
     assert prod.outcome(tid) == "expired"
     with pytest.raises(KvpoolError) as e:
         cons.claim(tid, prod.bootstrap_addr)
@@ -72,8 +72,7 @@ def test_an_unclaimed_handoff_expires_and_an_abort_ends_a_hold(pool, unique):
     # The consumer's abort ends a hold too.
     tid = prod.hold("req-4", keys)
     cons.abort(tid, prod.bootstrap_addr, "decoder gave up")
-    while prod.outcome(tid) is None and time.monotonic() < end:
-        time.sleep(0.02)
+    wait_until("the consumer's abort to end the hold", lambda: prod.outcome(tid) is not None)
     assert prod.outcome(tid) == "aborted"
     prod.close()
 
