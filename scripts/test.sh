@@ -13,7 +13,7 @@ cargo fmt --all -- --check
 echo "== clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 # The GPU paths build everywhere (cudarc loads the driver at run time).
-cargo clippy -p kvpool-connector -p kvpool-tests --features cuda --all-targets -- -D warnings
+cargo clippy -p kvpool-connector -p kvpool-tests -p kvpool-python --features cuda --all-targets -- -D warnings
 echo "== build (the e2e tests start the kvpool binary)"
 cargo build --workspace --bins
 echo "== test"

@@ -23,6 +23,7 @@ mod transfer;
 
 use std::sync::Arc;
 
+pub use cudarc::driver::sys::CUevent;
 pub use cudarc::driver::{CudaContext, CudaEvent, CudaStream, DriverError};
 
 pub use cache::{CopyMode, GpuAlloc, GpuKvCache, GpuOptions};

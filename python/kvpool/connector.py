@@ -383,12 +383,28 @@ class Connector:
         return LayerwiseLoad(_checked(self._native.start_load, list(keys), _ids(block_ids), window))
 
     def save_detached(
-        self, request_id: str, keys: Sequence[BlockKey], block_ids: Sequence[int]
+        self,
+        request_id: str,
+        keys: Sequence[BlockKey],
+        block_ids: Sequence[int],
+        groups: Optional[Sequence[int]] = None,
+        after_event: Optional[int] = None,
     ) -> None:
         """Saves in the background and returns at once; :meth:`finished_saves` reports
-        ``request_id`` when it ends. Host memory is copied during the call (the blocks may be
-        reused at once); GPU memory must stay unchanged until the request is reported."""
-        _checked(self._native.save_detached, request_id, list(keys), _ids(block_ids))
+        ``request_id`` when it ends (once per call). ``groups``: the layer groups to save
+        (default all), for a layer-wise save that starts each group as soon as the forward has
+        written it. Host memory is copied during the call (the blocks may be reused at once);
+        GPU memory must stay unchanged until the request is reported, and is copied after
+        ``after_event`` (a ``CUevent`` handle, such as a recorded ``torch.cuda.Event``'s
+        ``cuda_event``, from the stream that wrote the blocks)."""
+        _checked(
+            self._native.save_detached,
+            request_id,
+            list(keys),
+            _ids(block_ids),
+            None if groups is None else [int(g) for g in groups],
+            after_event,
+        )
 
     def finished_saves(self) -> List[Tuple[str, List[Optional[KvpoolError]]]]:
         """The requests whose detached saves ended since the last call, in the order they

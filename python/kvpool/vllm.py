@@ -17,7 +17,10 @@ Two jobs in one connector:
 - **Prefix reuse** (every role): every full prompt block an engine computes is saved, keyed
   by docs/connector.md §1's chained token keys (so any engine of the same model, dtype,
   layout and rank shares it, whatever its own block hash); a new request loads the longest
-  prefix the pool holds (synchronously, before the forward, layer group by layer group).
+  prefix the pool holds (before the forward, layer group by layer group; or, with
+  ``async_load``, in the background while vLLM schedules other requests). With
+  ``layers_per_group``, a group's blocks are saved as soon as the forward has written the
+  group's last layer (``save_kv_layer``), while later layers compute.
 - **The P/D hand-off** (``kv_producer`` / ``kv_consumer``, vLLM's MooncakeConnector
   protocol): a request sent to the prefiller with ``kv_transfer_params =
   {"do_remote_decode": true}`` ends (``max_tokens = 1``) with its prompt's blocks saved and
@@ -36,12 +39,13 @@ error).
 ``kv_connector_extra_config`` keys (all optional): ``master`` [``KVPOOL_MASTER``, else
 127.0.0.1:50051], ``token``, ``tenant``, ``timeout`` (seconds a pool call may take [30]),
 ``layers_per_group`` (layers per pool object: ``null`` = a block's layers in one object
-[default]; ``n`` = layer-wise loading in groups of ``n``), ``model_id`` (the namespace's model
-name [the model vLLM serves]), ``replicas`` [1], ``preferred_nodes`` ([]: the node ids saves
-try first), ``load_window`` (layer groups in flight during a load [2]), ``bootstrap_port``,
-``bootstrap_host``, ``abort_timeout``, ``consumer_timeout`` (override the environment),
+[default]; ``n`` = layer-wise loading and saving in groups of ``n``), ``model_id`` (the
+namespace's model name [the model vLLM serves]), ``replicas`` [1], ``preferred_nodes`` ([]:
+the node ids saves try first), ``load_window`` (layer groups in flight during a load [2]),
+``bootstrap_port``, ``bootstrap_host``, ``abort_timeout``, ``consumer_timeout`` (override the environment),
 ``async_handoff`` (a decoder loads hand-offs in a worker thread while vLLM parks the request
-in WAITING_FOR_REMOTE_KVS [false: in the step that schedules it]).
+in WAITING_FOR_REMOTE_KVS [false: in the step that schedules it]), ``async_load`` (the same
+for prefix loads from the pool [false]).
 """
 
 from __future__ import annotations
@@ -207,6 +211,7 @@ class _Settings:
         self.master: Optional[str] = self.extra.get("master")
         self.timeout: Optional[float] = self.extra.get("timeout")
         self.async_handoff = bool(self.extra.get("async_handoff", False))
+        self.async_load = bool(self.extra.get("async_load", False))
         self.produces = self.role in ("kv_producer", "kv_both")
         self.consumes = self.role in ("kv_consumer", "kv_both")
 
@@ -354,10 +359,15 @@ class _Scheduler:
         st.pending_load = (
             (num_computed_tokens // bs, -(-(num_computed_tokens + ext) // bs)) if ext else None
         )
-        is_async = bool(
-            ext and self.s.async_handoff and st.recv is not None and not st.recv_consumed
-        )
-        return ext, is_async
+        return ext, bool(ext and self._loads_async(st))
+
+    def _loads_async(self, st: _SchedReq) -> bool:
+        """Whether the request's load runs in the background while vLLM schedules others
+        (the request waits for it in WAITING_FOR_REMOTE_KVS): a hand-off with
+        ``async_handoff``, a prefix from the pool with ``async_load``."""
+        if st.recv is not None and not st.recv_consumed:
+            return self.s.async_handoff
+        return self.s.async_load
 
     def update_state_after_alloc(
         self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int
@@ -376,7 +386,7 @@ class _Scheduler:
                     -(-(lo * self.s.block_size + num_external_tokens) // self.s.block_size),
                 ),
             )
-            if self.s.async_handoff and st.recv is not None and not st.recv_consumed:
+            if self._loads_async(st):
                 # The request is not scheduled while it waits: its load goes out in the next
                 # step's metadata on its own, with the blocks allocated for it now.
                 ids = list(blocks.get_block_ids()[0])
@@ -517,6 +527,11 @@ class _Worker:
         self.pp_rank = pp_rank
         self.conn: Optional[kc.Connector] = None
         self.layer_group: Dict[str, int] = {}
+        #: The last layer of each layer group, by name: its `save_kv_layer` starts the group's
+        #: save (layer-wise saving, with `layers_per_group`).
+        self.group_ends: Dict[str, int] = {}
+        #: The layer groups this step's blocks were already saved in, by the layer hooks.
+        self.saved_groups: Set[int] = set()
         self.hashers: Dict[str, kc.BlockHasher] = {}
         self.chains: Dict[str, List[kc.BlockKey]] = {}
         self.load: Optional[kc.LayerwiseLoad] = None
@@ -533,6 +548,7 @@ class _Worker:
         self.producer: Optional[kc.PdProducer] = None
         self.consumer: Optional[kc.PdConsumer] = None
         self.window = int(s.extra.get("load_window", 2))
+        self._event: Any = None
         #: Asynchronous hand-off loads: in flight (request ids), and those that ended, with
         #: their failed block ids, not yet reported.
         self.async_inflight: Set[str] = set()
@@ -547,6 +563,9 @@ class _Worker:
         lpg = self.s.layers_per_group
         layout = kc.paged_layout(kv_caches, layers_per_group=lpg)
         self.layer_group = {n: (i // lpg if lpg else 0) for i, n in enumerate(names)}
+        if lpg:
+            last = {g: n for n, g in self.layer_group.items()}  # names are in layer order
+            self.group_ends = {n: g for g, n in last.items()}
         if layout.num_layers != self.s.num_layers:
             logger.warning(
                 "kvpool: %d KV cache tensors but %d layers in the scheduler's config",
@@ -642,10 +661,11 @@ class _Worker:
                 self.load.wait_group(0)
 
     def _start_async(self, rm: ReqMeta, keys: List[kc.BlockKey]) -> None:
-        """A hand-off loaded in the background: claim, load, done (or abort); the request
-        is reported received by get_finished, its failed blocks as load errors then."""
+        """A load in the background (a hand-off: claim, load, done or abort; a prefix: the
+        load alone); the request is reported received by get_finished, its failed blocks as
+        load errors then."""
         rid, ids, recv = rm.req_id, list(rm.load_ids), rm.recv
-        assert self.conn is not None and recv is not None
+        assert self.conn is not None
         conn = self.conn
         with self._async_lock:
             self.async_inflight.add(rid)
@@ -654,7 +674,10 @@ class _Worker:
         def run() -> None:
             failed = list(ids)
             try:
-                if self._claim(recv, len(keys)):
+                if recv is None:
+                    results = conn.load(keys, ids)
+                    failed = [i for i, r in zip(ids, results) if r is not True]
+                elif self._claim(recv, len(keys)):
                     results = conn.load(keys, ids)
                     failed = [i for i, r in zip(ids, results) if r is not True]
                     addr = self._rank_addr(recv[1])
@@ -727,30 +750,58 @@ class _Worker:
             except KvpoolError as e:  # the blocks are loaded: only the producer's hold is late
                 logger.warning("kvpool: done for hand-off %s: %s", tid, e)
 
-    def save(self, meta: KVPoolConnectorMetadata) -> None:
-        for rid, tid, n in meta.sends:
-            self.sends[rid] = (tid, n)
-        if (
-            self.conn is not None
-            and self.conn.layout.device is not None
-            and any(rm.save_ids for rm in meta.reqs)
-        ):
-            # GPU cache: the forward's writes must be complete on the device before the
-            # connector's own stream copies the blocks out (docs/connector.md §7.3). The
-            # blocks then stay unchanged until the save is reported: vLLM holds them (the
-            # request is reported by get_finished only after its saves ended).
-            import torch
+    def _after_forward_event(self) -> Optional[int]:
+        """For a GPU cache: a CUDA event on the engine's current stream, after the forward's
+        writes so far; the connector's copy stream waits for it on the device (no host
+        synchronization). The blocks then stay unchanged until the save is reported: vLLM
+        holds them (the request is reported by get_finished only after its saves ended)."""
+        if self.conn is None or self.conn.layout.device is None:
+            return None
+        import torch
 
-            torch.cuda.current_stream(self.conn.layout.device).synchronize()
-        for rm in meta.reqs:
-            if not rm.save_ids:
-                continue
-            assert self.conn is not None
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.conn.layout.device))
+        self._event = ev  # alive until the next one: the handle must outlive the call
+        return int(ev.cuda_event)
+
+    def _save_groups(self, meta: KVPoolConnectorMetadata, groups: Optional[List[int]]) -> None:
+        """Starts the detached saves of this step's blocks in layer groups `groups` (all for
+        `None`), one per request."""
+        reqs = [rm for rm in meta.reqs if rm.save_ids]
+        if not reqs:
+            return
+        assert self.conn is not None
+        event = self._after_forward_event()
+        for rm in reqs:
             chain = self.chains.get(rm.req_id, [])
             k = chain[rm.save_from : rm.save_from + len(rm.save_ids)]
-            self.conn.save_detached(rm.req_id, k, rm.save_ids)
+            self.conn.save_detached(rm.req_id, k, rm.save_ids, groups=groups, after_event=event)
             self.inflight[rm.req_id] = self.inflight.get(rm.req_id, 0) + 1
             self.had_saves.add(rm.req_id)
+
+    def save_layer(self, layer_name: str, meta: KVPoolConnectorMetadata) -> None:
+        """Layer-wise saving: once the forward has written the last layer of a group, that
+        group's objects are saved while later layers compute."""
+        g = self.group_ends.get(layer_name)
+        if g is None or g in self.saved_groups:
+            return
+        self.saved_groups.add(g)
+        self._save_groups(meta, [g])
+
+    def save(self, meta: KVPoolConnectorMetadata) -> None:
+        """After the forward: the hand-offs' bookkeeping, and the saves of the groups the
+        layer hooks did not start (all of them without `layers_per_group`, or when vLLM ran
+        the layers without their hooks, as inside full CUDA graphs)."""
+        for rid, tid, n in meta.sends:
+            self.sends[rid] = (tid, n)
+        done, self.saved_groups = self.saved_groups, set()
+        if not done:
+            self._save_groups(meta, None)
+            return
+        assert self.conn is not None
+        rest = [g for g in range(self.conn.num_groups) if g not in done]
+        if rest:
+            self._save_groups(meta, rest)
 
     def get_finished(
         self, finished_req_ids: Set[str]
@@ -877,9 +928,13 @@ class KVPoolConnector(KVConnectorBase_V1):
     def save_kv_layer(
         self, layer_name: str, kv_layer: "torch.Tensor", attn_metadata: Any, **kwargs: Any
     ) -> None:
-        # Blocks are saved once the forward is over (wait_for_save): a block's pool object
-        # holds all the layers of its group, and the copies are detached.
-        return
+        # With `layers_per_group`, a group's blocks are saved once its last layer is written
+        # (the copies are detached); otherwise once the forward is over (wait_for_save).
+        assert self._worker is not None
+        if self._worker.group_ends and self.has_connector_metadata():
+            meta = self._get_connector_metadata()
+            assert isinstance(meta, KVPoolConnectorMetadata)
+            self._worker.save_layer(layer_name, meta)
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         if self._worker is not None and isinstance(kv_connector_metadata, KVPoolConnectorMetadata):

@@ -18,7 +18,9 @@ from kvpool import connector as kc
 
 from conftest import run_python, start_pool
 
-GOLDEN = dict(model="meta-llama/Meta-Llama-3-8B", kv_dtype="bf16", layout="vllm-nhd/all", block_size=4)
+GOLDEN = dict(
+    model="meta-llama/Meta-Llama-3-8B", kv_dtype="bf16", layout="vllm-nhd/all", block_size=4
+)
 
 
 # ---------------------------------------------------------------------- block keys
@@ -37,7 +39,10 @@ def test_keys_match_the_golden_vectors():
         "kvp1/51e79b2b68e7113f/b0097b15bce0f7db9c18da8a9cdbcee4",
         "kvp1/51e79b2b68e7113f/3f56a781e881f72e5a33106a2cc89bcb",
     ]
-    assert h.keys([0x01020304, 0xFFFFFFFF, 0, 128000])[0].hash.hex() == "c3495ea1ad908e0bc1e26d5bcd69cb13"
+    assert (
+        h.keys([0x01020304, 0xFFFFFFFF, 0, 128000])[0].hash.hex()
+        == "c3495ea1ad908e0bc1e26d5bcd69cb13"
+    )
     ext = h.from_external([0x0123456789ABCDEF])
     assert ext[0].wire(3) == "kvp1/51e79b2b68e7113f/x0123456789abcdef/g3"
     assert ext[0].external and not keys[0].external
@@ -114,7 +119,14 @@ class PagedCache:
     `[num_blocks, block_size, head_dim]` (MLA)."""
 
     def __init__(
-        self, layers=4, blocks=16, block_size=4, heads=2, head_dim=8, kind="flash", layers_per_group=None
+        self,
+        layers=4,
+        blocks=16,
+        block_size=4,
+        heads=2,
+        head_dim=8,
+        kind="flash",
+        layers_per_group=None,
     ):
         self.kind = kind
         shape = {
@@ -163,7 +175,11 @@ def test_paged_layout_reads_vllm_tensors():
     t = flash.tensors[0]
     bb = 4 * 2 * 8 * 2
     assert flash.layout.regions[:2] == [(t.ctypes.data, bb, bb), (t.ctypes.data + 8 * bb, bb, bb)]
-    assert (flash.layout.num_layers, flash.layout.regions_per_layer, flash.layout.num_blocks) == (2, 2, 8)
+    assert (flash.layout.num_layers, flash.layout.regions_per_layer, flash.layout.num_blocks) == (
+        2,
+        2,
+        8,
+    )
     inf = PagedCache(layers=2, blocks=8, kind="flashinfer")
     t = inf.tensors[1]
     assert inf.layout.regions[2:] == [(t.ctypes.data, 2 * bb, bb), (t.ctypes.data + bb, 2 * bb, bb)]
@@ -305,7 +321,9 @@ def test_bad_block_ids_are_refused_before_any_transfer(pool, unique):
     c = connector(pool, src)
     with pytest.raises(kvpool.InvalidArgumentError, match="out of range") as e:
         c.save(keys, [0, 1, 8])
-    assert e.value.name == "InvalidArgument" and e.value.code == kvpool.errors.CODES["InvalidArgument"]
+    assert (
+        e.value.name == "InvalidArgument" and e.value.code == kvpool.errors.CODES["InvalidArgument"]
+    )
     with pytest.raises(kvpool.InvalidArgumentError, match="keys but"):
         c.save(keys, [0, 1])
     assert c.lookup(keys) == 0  # nothing was written
@@ -349,7 +367,10 @@ def test_layerwise_load_publishes_each_group(pool, unique):
     # Threads wait for different groups of one load.
     load = b.start_load(keys[:3], [4, 5, 6], window=1)
     got = {}
-    ts = [threading.Thread(target=lambda g=g: got.__setitem__(g, load.wait_group(g))) for g in (2, 0, 1)]
+    ts = [
+        threading.Thread(target=lambda g=g: got.__setitem__(g, load.wait_group(g)))
+        for g in (2, 0, 1)
+    ]
     for t in ts:
         t.start()
     for t in ts:
@@ -374,6 +395,39 @@ def test_detached_saves_are_reported_per_request(pool, unique):
     b = connector(pool, dst)
     assert b.load(keys, list(range(6))) == [True] * 6
     assert [dst.bytes_of(i) for i in range(6)] == want
+
+
+def test_a_detached_save_of_chosen_layer_groups_saves_only_those(pool, unique):
+    """Layer-wise saving: `groups=[g]` puts group g's objects only (a lookup, which wants
+    every group, still misses); saving the other groups later completes the blocks, which
+    then load byte for byte. Bad group lists and a GPU-only event on host memory are
+    refused whole."""
+    src, dst = PagedCache(layers=4, layers_per_group=2), PagedCache(layers=4, layers_per_group=2)
+    keys = hasher_for(unique, src).keys(list(range(3 * 4)))
+    for b in range(3):
+        src.fill(b, 50 + b)
+    want = [src.bytes_of(b) for b in range(3)]
+    a = connector(pool, src)
+    with pytest.raises(ValueError, match="layer group 2"):
+        a.save_detached("r", keys, [0, 1, 2], groups=[2])
+    with pytest.raises(ValueError, match="listed twice"):
+        a.save_detached("r", keys, [0, 1, 2], groups=[0, 0])
+    with pytest.raises(ValueError, match="after_event"):
+        a.save_detached("r", keys, [0, 1, 2], groups=[0], after_event=1234)
+    a.save_detached("r", keys, [0, 1, 2], groups=[1])
+    assert a.wait_saves(timeout=10)
+    assert a.finished_saves() == [("r", [None] * 3)], "one report per call, none for refusals"
+    with kvpool.Client(pool.master) as c:
+        assert c.exists_batch([k.wire(1) for k in keys]) == [True] * 3
+        assert c.exists_batch([k.wire(0) for k in keys]) == [False] * 3
+    assert a.lookup(keys) == 0
+    a.save_detached("r", keys, [0, 1, 2], groups=[0])
+    assert a.wait_saves(timeout=10)
+    assert a.finished_saves() == [("r", [None] * 3)]
+    assert a.lookup(keys) == 3
+    b = connector(pool, dst)
+    assert b.load(keys, [0, 1, 2]) == [True] * 3
+    assert [dst.bytes_of(i) for i in range(3)] == want
 
 
 def test_failures_per_block_and_whole_call(tmp_path, unique):
@@ -489,11 +543,15 @@ class Cuda:
 
     def upload(self, dst: int, a: np.ndarray) -> None:
         n = ctypes.c_size_t(a.nbytes)
-        self.check(self.lib.cuMemcpyHtoD_v2(ctypes.c_uint64(dst), ctypes.c_void_p(a.ctypes.data), n))
+        self.check(
+            self.lib.cuMemcpyHtoD_v2(ctypes.c_uint64(dst), ctypes.c_void_p(a.ctypes.data), n)
+        )
 
     def download(self, src: int, a: np.ndarray) -> None:
         n = ctypes.c_size_t(a.nbytes)
-        self.check(self.lib.cuMemcpyDtoH_v2(ctypes.c_void_p(a.ctypes.data), ctypes.c_uint64(src), n))
+        self.check(
+            self.lib.cuMemcpyDtoH_v2(ctypes.c_void_p(a.ctypes.data), ctypes.c_uint64(src), n)
+        )
 
 
 def test_a_gpu_layout_without_a_gpu_path_is_refused(pool):

@@ -63,6 +63,7 @@ except Exception as e:  # noqa: BLE001 - any import failure means "no usable vLL
 
 import kvpool.vllm as kv_vllm  # noqa: E402
 from kvpool import connector as kc  # noqa: E402
+from conftest import wait_until  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 BS = 16
@@ -195,6 +196,8 @@ class Engine:
         self.load_errors: List[set] = []
         #: Each request's block ids as of its last scheduled step (they outlive the request).
         self.ids: Dict[str, List[int]] = {}
+        #: Called as `(layer, worker, scheduler_output)` after each layer's `save_kv_layer`.
+        self.after_layer = None
 
     @property
     def connector(self) -> "kv_vllm.KVPoolConnector":
@@ -252,6 +255,8 @@ class Engine:
                                 tok, pos, layer, kv, rank
                             ).to(self.device)
                 w.save_kv_layer(name, kvs[name], None)
+                if self.after_layer is not None:
+                    self.after_layer(layer, w, so)
             w.wait_for_save()
             res = w.get_transfer_results(so.finished_req_ids)
             errors |= w.get_block_ids_with_load_errors()
@@ -406,6 +411,44 @@ def test_a_shared_prefix_is_matched_and_loaded_byte_for_byte(
     so, pre = b.step()
     assert pre["r3"] == 4 * BS
     assert all(not r.load_ids for r in so.kv_connector_metadata.reqs)
+    b.run()
+
+
+def test_layer_groups_are_saved_as_the_forward_writes_them(pool, model_dir, unique):
+    """With `layers_per_group`, a group's blocks are saved from its last layer's
+    `save_kv_layer`, while later layers still compute: layer 0's objects reach the pool
+    before layer 1 is written and before `wait_for_save`; no group is saved twice; another
+    engine loads the blocks byte for byte."""
+    from kvpool import Client
+
+    tokens = prompt(31, 3 * BS + 5)
+    a = Engine(model_dir, pool.master, model_id=unique, layers_per_group=1)
+    a.add("r1", tokens)
+    seen = []
+    with Client(pool.master) as c:
+
+        def after_layer(layer, w, so):
+            rms = [r for r in so.kv_connector_metadata.reqs if r.save_ids]
+            if layer != 0 or not rms:
+                return
+            keys = w._worker.chains["r1"][:3]
+            g0 = [k.wire(0) for k in keys]
+            g1 = [k.wire(1) for k in keys]
+            # Group 1's layer is not written yet: its objects cannot be in the pool.
+            assert c.exists_batch(g1) == [False] * 3
+            wait_until("group 0 saved before layer 1", lambda: c.exists_batch(g0) == [True] * 3)
+            seen.append(w._worker.inflight.get("r1"))
+
+        a.after_layer = after_layer
+        a.run()
+        assert seen == [1], "one detached save (group 0) was in flight during layer 1"
+    b = Engine(model_dir, pool.master, model_id=unique, layers_per_group=1)
+    b.add("r2", tokens[: 3 * BS] + [5, 6])
+    so, pre = b.step()
+    assert pre["r2"] == 3 * BS
+    for i in range(3):
+        assert b.block_bytes(b.ids["r2"][i]) == b.expected_bytes(tokens, i)
+    assert b.load_errors[-1] == set()
     b.run()
 
 
@@ -714,6 +757,58 @@ def test_an_async_handoff_waits_for_remote_kvs_then_decodes(pool, model_dir, uni
     d.run()
     p.run(timeout=10)
     assert producer_of(p).stats()["released"] == 1
+
+
+def test_an_async_prefix_load_parks_the_request_then_schedules_the_tail(pool, model_dir, unique):
+    """`async_load: true`: a prefix found in the pool is loaded by a worker thread while vLLM
+    parks the request in WAITING_FOR_REMOTE_KVS (other requests keep being scheduled); the
+    worker reports it received and vLLM schedules only the tail, the blocks holding the
+    saved bytes. A prefix removed from the pool between the lookup and the load comes back
+    as load errors and vLLM recomputes it."""
+    from kvpool import Client
+
+    tokens = prompt(41, 3 * BS + 4)
+    a = Engine(model_dir, pool.master, model_id=unique)
+    a.add("r1", tokens)
+    a.run()
+    b = Engine(model_dir, pool.master, model_id=unique, async_load=True)
+    req = b.add("r2", tokens[: 3 * BS] + [9, 9])
+    other = b.add("o1", prompt(42, 5))
+    so, pre = b.step()
+    assert "r2" not in so.num_scheduled_tokens and "o1" in so.num_scheduled_tokens
+    assert req.status == RequestStatus.WAITING_FOR_REMOTE_KVS
+    assert [
+        (r.load_async, len(r.load_ids)) for r in so.kv_connector_metadata.reqs if r.load_ids
+    ] == [(True, 3)]
+    so, computed = first_scheduled(b, "r2")
+    assert computed == 3 * BS and so.num_scheduled_tokens["r2"] == 2
+    assert not any(b.load_errors)
+    for i in range(3):
+        assert b.block_bytes(b.ids["r2"][i]) == a.block_bytes(a.ids["r1"][i])
+    b.run()
+    assert other.is_finished()
+
+    # The prefix leaves the pool after the scheduler's lookup: the load fails, vLLM recomputes.
+    c = Engine(model_dir, pool.master, model_id=unique, async_load=True)
+    req = c.add("r3", tokens[: 3 * BS] + [8, 8])
+    orig = c.connector._sched.get_num_new_matched_tokens
+
+    def lookup_then_remove(request, computed):
+        out = orig(request, computed)
+        with Client(pool.master) as cl:
+            sched = c.connector._sched
+            keys = sched.hashers(sched.reqs["r3"].tag)[0].keys(tokens[: 3 * BS])
+            assert cl.remove_batch([k.wire() for k in keys], force=True) == [True] * 3
+        return out
+
+    c.connector._sched.get_num_new_matched_tokens = lookup_then_remove
+    so, pre = c.step()
+    assert req.status == RequestStatus.WAITING_FOR_REMOTE_KVS
+    c.connector._sched.get_num_new_matched_tokens = orig
+    so, computed = first_scheduled(c, "r3")
+    assert computed == 0 and so.num_scheduled_tokens["r3"] == 3 * BS + 2, "recomputed"
+    assert set().union(*c.load_errors) == set(c.ids["r3"][:3])
+    c.run()
 
 
 def test_an_async_handoff_from_a_dead_producer_reports_load_errors(pool, model_dir, unique):

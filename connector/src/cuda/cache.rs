@@ -484,6 +484,19 @@ impl GpuKvCache {
         Ok(Arc::new(ev))
     }
 
+    /// Orders every copy enqueued after this call behind `event`, an event another stream
+    /// (the engine's compute stream) recorded after writing the blocks to save: the save
+    /// waits on the device instead of the host synchronizing the engine's stream.
+    ///
+    /// # Safety
+    /// `event` is a live `CUevent` of this cache's device (torch's `Event.cuda_event` once
+    /// recorded), alive for this call; the stream wait takes the event's state at the call.
+    pub unsafe fn wait_event(&self, event: sys::CUevent) -> Result<()> {
+        // SAFETY: the precondition; the stream is the cache's own, alive with it.
+        let r = unsafe { sys::cuStreamWaitEvent(self.stream.cu_stream(), event, 0) };
+        Ok(r.result()?)
+    }
+
     fn region(&self, layer: usize, kv: usize, block: usize) -> Result<(usize, usize)> {
         let per_layer = self.layout.regions().len() / self.layout.num_layers();
         if layer >= self.layout.num_layers() || kv >= per_layer {

@@ -90,6 +90,19 @@ impl GpuKvCache {
         conn: &PoolConnector,
         blocks: &[(BlockKey, usize)],
     ) -> Vec<Result<()>> {
+        let all: Vec<usize> = (0..self.layout.num_groups()).collect();
+        self.save_groups(conn, blocks, &all).await
+    }
+
+    /// [`Self::save`] for layer groups `groups` only (each in range, listed once: a layer-wise
+    /// save starts a group's objects as soon as the forward has written its layers). A group
+    /// out of range fails every block.
+    pub async fn save_groups(
+        &self,
+        conn: &PoolConnector,
+        blocks: &[(BlockKey, usize)],
+        groups: &[usize],
+    ) -> Vec<Result<()>> {
         let ids: Vec<usize> = blocks.iter().map(|(_, b)| *b).collect();
         if self.group_mismatch(conn).is_some() {
             return blocks
@@ -101,7 +114,15 @@ impl GpuKvCache {
         let valid: Vec<usize> = (0..blocks.len()).filter(|&i| out[i].is_ok()).collect();
         let mut st = self.staging.lock().await;
         let mut rounds: Vec<(usize, &[usize])> = Vec::new();
-        for g in 0..self.layout.num_groups() {
+        for &g in groups {
+            let num_groups = self.layout.num_groups();
+            if g >= num_groups {
+                let e = || GpuError::GroupOutOfRange {
+                    group: g,
+                    num_groups,
+                };
+                return blocks.iter().map(|_| Err(e())).collect();
+            }
             for r in plan::chunks(valid.len(), self.layout.object_len(g), st.len()) {
                 rounds.push((g, &valid[r]));
             }

@@ -110,17 +110,19 @@ async fn windowed<F: Future>(futs: Vec<F>, window: usize, mut done: impl FnMut(u
     }
 }
 
-/// Every layer group's put batch at once; `objects[g][n]` is block `keys[n]`'s gather list
-/// for group `g`. A block is saved only if every group was (its first failure otherwise).
+/// The put batches of layer groups `groups` at once; `objects[i][n]` is block `keys[n]`'s
+/// gather list for group `groups[i]`. A block is saved only if every one of those groups
+/// was (its first failure otherwise).
 pub(crate) async fn save_groups(
     conn: &PoolConnector,
     keys: &[BlockKey],
+    groups: &[usize],
     objects: &[Vec<Vec<&[u8]>>],
 ) -> Vec<Saved> {
-    let futs = objects
+    let futs = groups
         .iter()
-        .enumerate()
-        .map(|(g, per_block)| async move {
+        .zip(objects)
+        .map(|(&g, per_block)| async move {
             let items: Vec<(BlockKey, &[&[u8]])> = keys
                 .iter()
                 .cloned()

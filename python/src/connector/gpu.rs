@@ -64,6 +64,17 @@ pub(super) fn open(
     })
 }
 
+/// Orders the cache's next copies behind the engine's event `handle` (a `CUevent`).
+pub(super) fn wait_event(cache: &GpuKvCache, handle: usize) -> PyResult<()> {
+    if handle == 0 {
+        return Err(PyValueError::new_err("after_event = 0: not a CUDA event"));
+    }
+    // SAFETY: the caller's contract (`Connector.save_detached`): a live event of this
+    // device, recorded on the stream that wrote the blocks; it is read only during the call.
+    unsafe { cache.wait_event(handle as kvpool_connector::cuda::CUevent) }
+        .map_err(|e| PyValueError::new_err(format!("after_event: {e}")))
+}
+
 pub(super) fn save(
     py: Python<'_>,
     cache: &GpuKvCache,

@@ -27,17 +27,20 @@ impl HostCache {
         HostCache { layout }
     }
 
-    /// The gather lists of `ids`' objects, `[group][block][part]`.
+    /// The gather lists of `ids`' objects in layer groups `groups`, `[i][block][part]` for
+    /// group `groups[i]`.
     ///
     /// # Panics
-    /// If an id is out of range (callers check first, with `check_ids`).
+    /// If an id or a group is out of range (callers check first, with `check_ids` and
+    /// `check_groups`).
     ///
     /// # Safety
     /// For `'a`, every block range of `ids` is allocated, initialised host memory that nobody
     /// writes.
-    pub(crate) unsafe fn gather<'a>(&self, ids: &[usize]) -> Parts<&'a [u8]> {
-        (0..self.layout.num_groups())
-            .map(|g| {
+    pub(crate) unsafe fn gather<'a>(&self, ids: &[usize], groups: &[usize]) -> Parts<&'a [u8]> {
+        groups
+            .iter()
+            .map(|&g| {
                 ids.iter()
                     .map(|&b| {
                         self.layout
@@ -89,16 +92,17 @@ impl HostCache {
             .collect())
     }
 
-    /// Owned copies of `ids`' objects, `[group][block]` (for saves that outlive the call).
+    /// Owned copies of `ids`' objects in layer groups `groups`, `[i][block]` (for saves that
+    /// outlive the call).
     ///
     /// # Panics
-    /// If an id is out of range.
+    /// If an id or a group is out of range.
     ///
     /// # Safety
     /// As [`Self::gather`], for the duration of this call.
-    pub(crate) unsafe fn copy_out(&self, ids: &[usize]) -> Vec<Vec<Vec<u8>>> {
+    pub(crate) unsafe fn copy_out(&self, ids: &[usize], groups: &[usize]) -> Vec<Vec<Vec<u8>>> {
         // SAFETY: this function's precondition, for the slices' lifetime (this call).
-        let parts = unsafe { self.gather(ids) };
+        let parts = unsafe { self.gather(ids, groups) };
         parts
             .into_iter()
             .map(|blocks| blocks.into_iter().map(|p| p.concat()).collect())

@@ -357,6 +357,28 @@ pub(crate) fn check_ids(l: &layout::KvLayout, ids: &[usize], distinct: bool) -> 
     Ok(())
 }
 
+/// The layer groups a call names: all of them for `None`, else each in range and listed
+/// once (a group saved twice in one call would be two puts of one key).
+pub(crate) fn check_groups(num_groups: usize, groups: Option<Vec<usize>>) -> PyResult<Vec<usize>> {
+    let Some(groups) = groups else {
+        return Ok((0..num_groups).collect());
+    };
+    let mut seen = vec![false; num_groups];
+    for (i, &g) in groups.iter().enumerate() {
+        if g >= num_groups {
+            return Err(PyValueError::new_err(format!(
+                "layer group {g} (item {i}) out of range (num_groups {num_groups})"
+            )));
+        }
+        if std::mem::replace(&mut seen[g], true) {
+            return Err(PyValueError::new_err(format!(
+                "layer group {g} is listed twice"
+            )));
+        }
+    }
+    Ok(groups)
+}
+
 /// One past the last byte of region `r`'s last block (`KvLayout::new` checked it fits).
 fn end(r: &LayerRegion, num_blocks: usize) -> usize {
     r.base + (num_blocks - 1) * r.block_stride + r.block_bytes

@@ -49,7 +49,7 @@ pub use pd::{PdConsumer, PdProducer};
 
 use crate::runtime;
 use batch::{load_groups, loaded_to_py, save_groups, saved_to_py, Failure, Saved};
-use layout::check_ids;
+use layout::{check_groups, check_ids};
 
 /// Where the cache's bytes are.
 enum Memory {
@@ -265,11 +265,13 @@ impl Connector {
         let results = match self.memory()? {
             Memory::Host(h) => {
                 let keys: Vec<_> = blocks.iter().map(|(k, _)| k.clone()).collect();
-                // SAFETY: the ids are in range (checked by `blocks`), and the caller's contract
-                // (`Connector.__new__`) keeps the blocks allocated, initialised and unwritten
-                // until this call returns; the slices end with it.
-                let objects = unsafe { h.gather(&block_ids) };
-                runtime::block_on(py, save_groups(&self.conn, &keys, &objects))?
+                let groups: Vec<usize> = (0..self.conn.num_groups()).collect();
+                // SAFETY: the ids are in range (checked by `blocks`), the groups are all the
+                // layout's, and the caller's contract (`Connector.__new__`) keeps the blocks
+                // allocated, initialised and unwritten until this call returns; the slices end
+                // with it.
+                let objects = unsafe { h.gather(&block_ids, &groups) };
+                runtime::block_on(py, save_groups(&self.conn, &keys, &groups, &objects))?
             }
             #[cfg(feature = "cuda")]
             Memory::Gpu(g) => gpu::save(py, g, &self.conn, &blocks)?,
@@ -326,41 +328,58 @@ impl Connector {
     }
 
     /// Saves the blocks in the background and returns at once; `finished_saves` reports
-    /// `request_id` with the per-block results when it ends. A host cache's blocks are copied
+    /// `request_id` with the per-block results when it ends (one report per call). `groups`
+    /// names the layer groups to save (all by default): a layer-wise save calls once per group
+    /// as soon as the forward has written the group's layers. A host cache's blocks are copied
     /// out during the call (one memcpy per object), so the engine may reuse them at once; a
-    /// GPU cache's must stay unchanged until the request is reported.
+    /// GPU cache's must stay unchanged until the request is reported, and its copies run after
+    /// `after_event` (a `CUevent` handle, e.g. torch's `Event.cuda_event`, recorded on the
+    /// stream that wrote the blocks) instead of needing that stream synchronized first.
+    #[pyo3(signature = (request_id, keys, block_ids, groups=None, after_event=None))]
     fn save_detached(
         &self,
         py: Python<'_>,
         request_id: String,
         keys: Vec<PyRef<'_, BlockKey>>,
         block_ids: Vec<usize>,
+        groups: Option<Vec<usize>>,
+        after_event: Option<usize>,
     ) -> PyResult<()> {
         let blocks = self.blocks(py, &keys, &block_ids, false)?;
+        let groups = check_groups(self.conn.num_groups(), groups)?;
         let rt = runtime::runtime()?;
         let conn = self.conn.clone();
-        let in_flight = InFlight::start(&self.saves, request_id, blocks.len());
         match self.memory()? {
             Memory::Host(h) => {
-                // SAFETY: the ids are in range (checked by `blocks`), and the caller's contract
-                // keeps the blocks allocated, initialised and unwritten until this call
-                // returns; the copies are owned.
-                let staged = py.detach(|| unsafe { h.copy_out(&block_ids) });
+                if after_event.is_some() {
+                    return Err(PyValueError::new_err(
+                        "after_event orders GPU copies; this cache is in host memory",
+                    ));
+                }
+                let in_flight = InFlight::start(&self.saves, request_id, blocks.len());
+                // SAFETY: the ids and groups are in range (checked by `blocks` and
+                // `check_groups`), and the caller's contract keeps the blocks allocated,
+                // initialised and unwritten until this call returns; the copies are owned.
+                let staged = py.detach(|| unsafe { h.copy_out(&block_ids, &groups) });
                 rt.spawn(async move {
                     let keys: Vec<_> = blocks.into_iter().map(|(k, _)| k).collect();
                     let objects: Vec<Vec<Vec<&[u8]>>> = staged
                         .iter()
                         .map(|objs| objs.iter().map(|o| vec![o.as_slice()]).collect())
                         .collect();
-                    let results = save_groups(&conn, &keys, &objects).await;
+                    let results = save_groups(&conn, &keys, &groups, &objects).await;
                     in_flight.finish(results);
                 });
             }
             #[cfg(feature = "cuda")]
             Memory::Gpu(g) => {
+                if let Some(ev) = after_event {
+                    gpu::wait_event(g, ev)?;
+                }
+                let in_flight = InFlight::start(&self.saves, request_id, blocks.len());
                 let (cache, owner) = (g.clone(), self.layout.clone_ref(py));
                 rt.spawn(async move {
-                    let results = cache.save(&conn, &blocks).await;
+                    let results = cache.save_groups(&conn, &blocks, &groups).await;
                     let results = results.iter().map(gpu::saved).collect();
                     in_flight.finish(results);
                     // The device memory stayed referenced until the copies were done.
