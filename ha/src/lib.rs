@@ -30,7 +30,7 @@ use etcd_client::{
 };
 use tokio::{sync::watch, task::JoinHandle, time::Instant};
 
-/// Lease TTL a leader holds (DESIGN: HA, Mooncake's default).
+/// Lease TTL a leader holds (docs/design.md §3, high availability: Mooncake's default).
 pub const DEFAULT_TTL: Duration = Duration::from_secs(5);
 /// Cluster name when none is given (`--cluster` / `KVPOOL_CLUSTER`).
 pub const DEFAULT_CLUSTER: &str = "default";

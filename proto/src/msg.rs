@@ -9,7 +9,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::{ErrorCode, ItemResult, WireError};
 
-/// Longest key accepted anywhere (DESIGN §3).
+/// Longest key accepted anywhere (docs/design.md §3).
 pub const MAX_KEY_LEN: usize = 4096;
 
 /// A storage node's identity, chosen by the node at start-up and kept while it runs.

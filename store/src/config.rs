@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 /// Default data-plane port of a storage node.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50052";
-/// Default master RPC address (DESIGN: names and defaults).
+/// Default master RPC address (docs/design.md, names and defaults).
 pub const DEFAULT_MASTER: &str = "127.0.0.1:50051";
 
 /// How a storage node runs. Every field has a default, so an empty file is a valid config.

@@ -51,7 +51,7 @@ use crate::alloc::DEFAULT_ALIGN;
 
 pub use self::tiering::Admission;
 
-/// The master's tunables. Defaults follow Mooncake (DESIGN §3).
+/// The master's tunables. Defaults follow Mooncake (docs/design.md §3).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CoreConfig {
     /// How long a lookup's read lease keeps an object from removal and eviction [10 s].

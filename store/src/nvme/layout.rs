@@ -15,7 +15,7 @@
 pub const NVME_ALIGN: u64 = 4096;
 /// Bytes of the fixed header at the start of a record.
 pub const HEADER_LEN: usize = 64;
-/// Longest key a record holds (DESIGN §3: keys are at most 4 KiB).
+/// Longest key a record holds (docs/design.md §3: keys are at most 4 KiB).
 pub const MAX_KEY_LEN: usize = 4096;
 /// "KVNV", little endian.
 pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"KVNV");
