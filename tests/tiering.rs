@@ -351,3 +351,102 @@ fn a_tier_larger_than_its_disk_is_refused_clearly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("NVMe") && err.contains("full"), "{err}");
 }
+
+/// Issue 13's new-user case with the default configuration (write-through): 80 puts of 8 MiB
+/// from the CLI, one process each, into a node with 64 MiB of DRAM and a 2 GiB NVMe tier.
+/// Writers faster than the disk are held back (`NoSpaceYet`, retried by the client) instead
+/// of the pool dropping data, so all 80 are kept, byte for byte, and once written through
+/// they survive a SIGKILL of the node and its restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_puts_of_eight_mib_into_64_mib_of_dram_are_all_kept_across_a_node_kill() {
+    let dir = disk_dir("wt80");
+    let nvme = dir.join("nvme.dat");
+    let m = Proc::start(&["master", "--listen", "127.0.0.1:0"]);
+    let master = m.addr("master");
+    let node = |nvme: &Path| {
+        Proc::start(&[
+            "store",
+            "--master",
+            &master,
+            "--listen",
+            "127.0.0.1:0",
+            "--dram",
+            "64MiB",
+            "--nvme",
+            nvme.to_str().unwrap(),
+            "--nvme-size",
+            "2GiB",
+        ])
+    };
+    let mut s = node(&nvme);
+    let c = client(&master);
+    wait_until("node registered", Duration::from_secs(20), || async {
+        alive_nodes(&c).await == 1
+    })
+    .await;
+    let len = 8 << 20;
+    let file = dir.join("value.bin");
+    for i in 0..80u64 {
+        std::fs::write(&file, value(i, len)).unwrap();
+        let o = kvpool_tests::run_kvpool(
+            &["put", &format!("big/{i}"), file.to_str().unwrap()],
+            &[("KVPOOL_MASTER", &master)],
+            None,
+        );
+        assert!(
+            o.status.success(),
+            "put big/{i}: {}",
+            kvpool_tests::stderr(&o)
+        );
+    }
+    let keys: Vec<String> = (0..80).map(|i| format!("big/{i}")).collect();
+    for (i, k) in keys.iter().enumerate() {
+        let got = c.get(k.as_bytes()).await.unwrap();
+        assert!(
+            got.as_deref() == Some(&value(i as u64, len)[..]),
+            "{k} lost or wrong"
+        );
+    }
+    wait_until(
+        "every object written through to NVMe",
+        Duration::from_secs(60),
+        || async {
+            for k in &keys {
+                if !tiers_of(&c, k).await.contains(&Tier::Nvme) {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+
+    s.kill();
+    let s2 = node(&nvme);
+    let restarted = s2.addr("node");
+    wait_until(
+        "restarted node registered",
+        Duration::from_secs(20),
+        || async {
+            c.status()
+                .await
+                .map(|st| {
+                    st.nodes
+                        .iter()
+                        .any(|n| n.alive && n.id.to_string() == restarted)
+                })
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    for (i, k) in keys.iter().enumerate() {
+        let got = c.get(k.as_bytes()).await;
+        let got = got.unwrap_or_else(|e| panic!("{k} after the restart: {e}"));
+        assert!(
+            got.as_deref() == Some(&value(i as u64, len)[..]),
+            "{k} not served again after the node's restart"
+        );
+    }
+    drop(s2);
+    let _ = std::fs::remove_dir_all(dir);
+}

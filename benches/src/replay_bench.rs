@@ -134,11 +134,16 @@ fn main() -> Result<()> {
         pool.vanished,
         pool.seconds
     );
+    if !pool.refused.is_empty() {
+        println!("Puts refused: {:?}.", pool.refused);
+    }
     Ok(())
 }
 
 struct PoolRun {
     served: Served,
+    /// Puts refused, by error code.
+    refused: std::collections::BTreeMap<String, u64>,
     puts: u64,
     vanished: u64,
     objects: u64,
@@ -181,6 +186,7 @@ async fn replay_pool(args: &Args, bin: &Path, requests: &[Request]) -> Result<Po
     let opts = PutOptions::default();
     let mut run = PoolRun {
         served: Served::default(),
+        refused: Default::default(),
         puts: 0,
         vanished: 0,
         objects: 0,
@@ -228,7 +234,7 @@ async fn replay_pool(args: &Args, bin: &Path, requests: &[Request]) -> Result<Po
                 Ok(()) => run.puts += 1,
                 Err(e) if matches!(e.code(), ErrorCode::AlreadyExists | ErrorCode::Processing) => {}
                 // A full pool refuses a put; the engine recomputes next time, as here.
-                Err(_) => {}
+                Err(e) => *run.refused.entry(format!("{:?}", e.code())).or_default() += 1,
             }
         }
         if (n + 1) % 500 == 0 {

@@ -2,11 +2,12 @@
 //! then commit (PutEnd) or give the space back (PutRevoke).
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use kvpool_proto::{
-    ItemResult, ObjectTag, PutEnd, PutOptions, PutRevoke, PutStart, PutStartItem, ReplicaDesc,
-    WireError, WriteOp,
+    ErrorCode, ItemResult, ObjectTag, PutEnd, PutOptions, PutRevoke, PutStart, PutStartItem,
+    PutStartResponse, ReplicaDesc, WireError, WriteOp,
 };
 use kvpool_transport::engine::WriteItem;
 
@@ -27,6 +28,41 @@ impl Client {
             out.extend(self.put_chunk(chunk, opts).await);
         }
         out
+    }
+
+    /// Phase one for a batch. Items the master answers `NoSpaceYet` (its DRAM is held by
+    /// copies to NVMe in flight) are asked again, alone, with backoff until the deadline:
+    /// the writer waits for the disk instead of failing a put the pool will soon have room
+    /// for. One result per item, in order.
+    async fn start_puts(&self, start: &PutStart) -> Result<PutStartResponse> {
+        let began = Instant::now();
+        let mut backoff = Duration::from_millis(5);
+        let mut resp = self.master_call(start).await?;
+        if resp.items.len() != start.items.len() {
+            return Ok(resp); // the caller reports the mismatch
+        }
+        let out = &mut resp.items;
+        loop {
+            let waiting: Vec<usize> = (0..out.len())
+                .filter(|&i| matches!(&out[i], Err(e) if e.code == ErrorCode::NoSpaceYet))
+                .collect();
+            if waiting.is_empty() || began.elapsed() + backoff >= self.cfg.deadline {
+                return Ok(resp);
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(200));
+            let again = PutStart {
+                client: start.client,
+                items: waiting.iter().map(|&i| start.items[i].clone()).collect(),
+            };
+            let got = self.master_call(&again).await?.items;
+            if got.len() != waiting.len() {
+                return Ok(resp);
+            }
+            for (i, r) in waiting.into_iter().zip(got) {
+                out[i] = r;
+            }
+        }
     }
 
     async fn put_chunk(&self, items: &[(&[u8], &[&[u8]])], opts: &PutOptions) -> Vec<Result<()>> {
@@ -51,7 +87,7 @@ impl Client {
                 })
                 .collect(),
         };
-        let allocated = match self.master_call(&start).await {
+        let allocated = match self.start_puts(&start).await {
             Ok(r) if r.items.len() == items.len() => r.items,
             Ok(r) => {
                 let e = crate::internal(&format!(

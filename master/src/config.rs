@@ -39,8 +39,9 @@ pub struct MasterConfig {
     pub nvme_high_watermark: f64,
     /// NVMe segment use an eviction round brings it down to [0.80].
     pub nvme_low_watermark: f64,
-    /// Which DRAM eviction victims are demoted to NVMe: "always" or "after-read" (read at
-    /// least once since their put) ["after-read"].
+    /// What goes to NVMe: "write-through" (every object, at commit), "always" (every DRAM
+    /// eviction victim) or "after-read" (victims read at least once since their put)
+    /// ["write-through"].
     pub nvme_admission: Admission,
     /// NVMe-only reads after which an object is promoted back to DRAM [2].
     pub promote_after_hits: u32,
@@ -262,6 +263,7 @@ mod tests {
         };
         assert_eq!(parse("always").ok(), Some(Admission::Always));
         assert_eq!(parse("after-read").ok(), Some(Admission::AfterRead));
+        assert_eq!(parse("write-through").ok(), Some(Admission::WriteThrough));
         assert!(parse("AfterRead").is_err());
     }
 }

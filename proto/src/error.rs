@@ -81,6 +81,10 @@ error_codes! {
     NoSpace = 300,
     /// The pool has no storage segment at all.
     NoSegment = 301,
+    /// No room right now, but room is coming: the space is held by copies to NVMe in flight
+    /// (write-through, demotion). Clients retry until their deadline, so writers that outrun
+    /// the disk are slowed to its pace instead of the pool dropping data.
+    NoSpaceYet = 302,
     /// The node is not registered with this master.
     UnknownNode = 400,
     /// The master does not know this node any more; it must register again.
@@ -132,6 +136,7 @@ impl ErrorCode {
                 | ErrorCode::LeaseExpired
                 | ErrorCode::Processing
                 | ErrorCode::HasLease
+                | ErrorCode::NoSpaceYet
         )
     }
 }

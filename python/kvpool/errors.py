@@ -88,6 +88,7 @@ _BY_NAME: Dict[str, Type[KvpoolError]] = {
     "InvalidArgument": InvalidArgumentError,
     "BufferTooSmall": BufferTooSmallError,
     "NoSpace": NoSpaceError,
+    "NoSpaceYet": NoSpaceError,
     "NoSegment": NoSpaceError,
     "Timeout": UnavailableError,
     "ConnectionClosed": UnavailableError,

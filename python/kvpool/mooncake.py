@@ -67,6 +67,7 @@ _CODE_OF: Dict[str, int] = {
     "InvalidArgument": INVALID_PARAMS,
     "BufferTooSmall": INVALID_PARAMS,
     "NoSpace": NO_AVAILABLE_HANDLE,
+    "NoSpaceYet": NO_AVAILABLE_HANDLE,
     "NoSegment": NO_AVAILABLE_HANDLE,
     "UnknownNode": TRANSFER_FAIL,
     "NeedRegister": TRANSFER_FAIL,

@@ -10,7 +10,10 @@ use tokio::{sync::Notify, task::JoinSet};
 use crate::node::Node;
 
 /// Copies running at once; more wait their turn (a demotion burst must not starve reads).
-const MAX_RUNNING: usize = 8;
+/// Enough that the NVMe tier's group commit syncs many small records per fdatasync: at 8,
+/// write-through of 16 KiB blocks was sync-bound and DRAM filled with objects waiting for
+/// their copy (docs/benchmarks.md, replay).
+const MAX_RUNNING: usize = 64;
 
 /// Runs tasks in the background and collects their outcomes for the next heartbeat. Dropping
 /// it aborts the tasks still running (the master that sent them is gone).

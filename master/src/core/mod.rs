@@ -85,8 +85,8 @@ pub struct CoreConfig {
     pub nvme_high_watermark: f64,
     /// ...until its used fraction is at most this [0.80].
     pub nvme_low_watermark: f64,
-    /// Which DRAM eviction victims are demoted to their node's NVMe rather than dropped
-    /// [`Admission::AfterRead`].
+    /// What goes to the node's NVMe: every object at commit, or which DRAM eviction victims
+    /// are demoted rather than dropped [`Admission::WriteThrough`].
     pub nvme_admission: Admission,
     /// Lookups served from NVMe alone after which an object is promoted back to DRAM [2].
     pub promote_after_hits: u32,
@@ -110,7 +110,7 @@ impl Default for CoreConfig {
             alloc_align: DEFAULT_ALIGN,
             nvme_high_watermark: 0.90,
             nvme_low_watermark: 0.80,
-            nvme_admission: Admission::AfterRead,
+            nvme_admission: Admission::WriteThrough,
             promote_after_hits: 2,
             task_timeout: Duration::from_secs(60),
         }

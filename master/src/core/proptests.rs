@@ -155,13 +155,13 @@ fn segments(node: u64) -> Vec<SegmentInfo> {
 }
 
 impl Sim {
-    fn new() -> Self {
+    fn new(nvme_admission: Admission) -> Self {
         let cfg = CoreConfig {
             // Low enough that ticks demote often; a short lease so reads do not block it.
             high_watermark: 0.5,
             eviction_ratio: 0.1,
             lease_ttl: Duration::from_secs(2),
-            nvme_admission: Admission::Always,
+            nvme_admission,
             // Every NVMe-only hit promotes, so promotions race with everything else often;
             // the counting itself is a scenario test.
             promote_after_hits: 1,
@@ -472,8 +472,13 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
 
     #[test]
-    fn random_operations_keep_the_invariants(ops in proptest::collection::vec(op(), 1..120)) {
-        let mut sim = Sim::new();
+    fn random_operations_keep_the_invariants(
+        ops in proptest::collection::vec(op(), 1..120),
+        write_through in any::<bool>(),
+    ) {
+        // Demotion of every victim, or write-through copies at commit racing with it all.
+        let admission = if write_through { Admission::WriteThrough } else { Admission::Always };
+        let mut sim = Sim::new(admission);
         for (i, op) in ops.into_iter().enumerate() {
             let shown = format!("{op:?}");
             sim.apply(op);

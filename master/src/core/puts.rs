@@ -75,6 +75,15 @@ impl MasterCore {
             &item.options.preferred_nodes,
         );
         if placed.is_empty() {
+            // Replicas being copied to NVMe are not evicted until their copy ends; then
+            // room comes back (demotion frees them, write-through makes them droppable).
+            if self.tasks.copies_from_dram() {
+                return Err(key_error(
+                    ErrorCode::NoSpaceYet,
+                    key,
+                    "no room until the copies to NVMe in flight end; retry",
+                ));
+            }
             return Err(key_error(
                 ErrorCode::NoSpace,
                 key,
@@ -232,6 +241,7 @@ impl MasterCore {
             .then(|| now.saturating_add(self.cfg.soft_pin_ttl));
         self.objects.mark_complete(id);
         self.touch(id, |obj| obj.soft_pin_until = soft_pin_until);
+        self.write_through(now, id);
         Ok(())
     }
 

@@ -1,6 +1,6 @@
-//! Copy tasks between a node's tiers (demotion DRAM → NVMe, promotion NVMe → DRAM): the
-//! pending table, the per-node outboxes that heartbeat responses empty, and what a task's end
-//! does to the replicas involved.
+//! Copy tasks between a node's tiers (write-through and demotion DRAM → NVMe, promotion
+//! NVMe → DRAM): the pending table, the per-node outboxes that heartbeat responses empty, and
+//! what a task's end does to the replicas involved.
 //!
 //! A task's target replica is Filling until the node reports the copy done; a demotion's source
 //! is Leaving until then. A task always runs between two segments of one node, so a node's
@@ -18,6 +18,8 @@ use super::{MasterCore, MAX_TASKS_PER_HEARTBEAT};
 pub(crate) enum TaskKind {
     Demote,
     Promote,
+    /// Write-through: a committed object's DRAM replica copied to NVMe; the source stays.
+    WriteThrough,
 }
 
 #[derive(Debug, Clone)]
@@ -87,6 +89,14 @@ impl Tasks {
         }
         task.orphan = true;
         true
+    }
+
+    /// Whether a copy out of DRAM (write-through or demotion) is pending: DRAM held by its
+    /// source becomes evictable or free when it ends.
+    pub fn copies_from_dram(&self) -> bool {
+        self.pending
+            .values()
+            .any(|t| matches!(t.kind, TaskKind::Demote | TaskKind::WriteThrough))
     }
 
     pub fn is_source(&self, replica: ReplicaId) -> bool {

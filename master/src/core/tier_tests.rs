@@ -108,6 +108,64 @@ fn a_read_victim_is_demoted_and_its_dram_is_freed_only_when_the_copy_is_done() {
 }
 
 #[test]
+fn write_through_copies_at_commit_and_dram_eviction_then_loses_nothing() {
+    // Given write-through admission and room on NVMe for everything.
+    let mut w = World::with(cfg(Admission::WriteThrough));
+    tiered(&mut w, 64 * MIB, Vec::new());
+    let d0 = w.put("k0", MIB);
+
+    // Then the commit queued a copy to NVMe; the DRAM replica alone serves until it is done.
+    w.heartbeat(1, 0);
+    assert_eq!(w.inbox.len(), 1);
+    let t = w.inbox[0].clone();
+    assert_eq!((t.from, t.from_offset), (SegmentId(10), d0[0].offset));
+    assert_eq!(
+        (t.to, t.to_offset, t.key.as_slice()),
+        (SegmentId(11), 0, &b"k0"[..])
+    );
+    assert_eq!(ids(&w.get("k0").unwrap().replicas), vec![d0[0].id]);
+
+    // While the copy is in flight, its source is not evicted: a DRAM full of such objects
+    // refuses new puts (the writer slows down) instead of dropping them.
+    fill(&mut w, 1..10);
+    assert_eq!(w.used(10), 10 * MIB);
+    w.heartbeat(1, 0);
+    let copies: Vec<CopyTask> = w.inbox.drain(..).collect();
+    assert_eq!(copies.len(), 10, "one copy per committed object");
+    let full = w.start_with(ClientId(1), "k10", MIB, PutOptions::default());
+    assert_eq!(
+        code(full),
+        ErrorCode::NoSpaceYet,
+        "room comes when the copies end"
+    );
+
+    // When the copies are done both replicas serve; DRAM stays full (nothing was demoted).
+    let done = copies.iter().map(|t| ok(t.id)).collect();
+    w.report(1, 0, done, Vec::new());
+    assert_eq!(w.get("k0").unwrap().replicas.len(), 2);
+    assert_eq!(w.used(10), 10 * MIB);
+
+    // And DRAM eviction (the watermark pass, then puts that need room) drops DRAM replicas
+    // only: every object is still there, from NVMe, and no copy task is issued for them.
+    w.pass(secs(1));
+    fill(&mut w, 10..14);
+    for i in 0..14 {
+        assert!(w.exists(&format!("k{i}")), "k{i} lost");
+    }
+    // k1 is the coldest (k0 was read since).
+    let tiers: Vec<Tier> = w
+        .get("k1")
+        .unwrap()
+        .replicas
+        .iter()
+        .map(|r| r.tier)
+        .collect();
+    assert_eq!(tiers, vec![Tier::Nvme]);
+    w.heartbeat(1, 0);
+    assert_eq!(w.inbox.len(), 4, "copies of k10..k13 only");
+}
+
+#[test]
 fn an_unread_victim_is_dropped_after_read_and_demoted_with_always() {
     for (admission, demoted) in [(Admission::AfterRead, false), (Admission::Always, true)] {
         let mut w = World::with(cfg(admission));

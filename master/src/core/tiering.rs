@@ -1,6 +1,7 @@
-//! Moving objects between a node's tiers: demotion of DRAM eviction victims to NVMe, and
-//! promotion of NVMe-only objects that keep being read back to DRAM. Both allocate a Filling
-//! target and queue a copy task for the node; `tasks` applies the outcome.
+//! Moving objects between a node's tiers: write-through copies of new objects to NVMe,
+//! demotion of DRAM eviction victims to NVMe, and promotion of NVMe-only objects that keep
+//! being read back to DRAM. Each allocates a Filling target and queues a copy task for the
+//! node; `tasks` applies the outcome.
 
 use std::time::Duration;
 
@@ -12,11 +13,19 @@ use super::tasks::{Task, TaskKind};
 use super::MasterCore;
 use crate::alloc::Allocation;
 
-/// Which DRAM victims may go to NVMe.
+/// Which objects go to NVMe, and when.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Admission {
-    /// Every victim.
+    /// Every object is copied to its node's NVMe as soon as it is committed (the DRAM copy
+    /// stays); evicting it from DRAM then costs nothing and loses nothing, however fast DRAM
+    /// turns over. A KV block is typically written once and read, if ever, after DRAM has
+    /// turned over (a conversation's next turn): on the shared trace this serves far more
+    /// prompt tokens than demoting at eviction (docs/benchmarks.md, replay). While its copy is
+    /// in flight an object's DRAM replica is not evicted, which slows writers that outrun the
+    /// disk instead of dropping what the disk has room for.
+    WriteThrough,
+    /// Every eviction victim.
     Always,
     /// Victims read at least once since their commit: a KV block nobody reused is unlikely
     /// to be reused later, and NVMe writes cost endurance.
@@ -33,7 +42,7 @@ impl MasterCore {
             return false;
         };
         let admitted = match self.cfg.nvme_admission {
-            Admission::Always => true,
+            Admission::WriteThrough | Admission::Always => true,
             Admission::AfterRead => obj.reads > 0,
         };
         let has_nvme = obj
@@ -64,6 +73,49 @@ impl MasterCore {
         // On DRAM the allocation offset is the value offset.
         self.issue(now, TaskKind::Demote, oid, &src, src.offset, target, node);
         true
+    }
+
+    /// Write-through: queues the copy of a just-committed object from its DRAM replica to an
+    /// NVMe segment of the same node, if the node has one with room (NVMe eviction may make
+    /// it). The DRAM replica stays Ready and readable; the copy's source is protected from
+    /// eviction until the task ends.
+    pub(crate) fn write_through(&mut self, now: Duration, oid: ObjId) {
+        if self.cfg.nvme_admission != Admission::WriteThrough {
+            return;
+        }
+        let Some(obj) = self.objects.get(oid) else {
+            return;
+        };
+        let on_nvme = |r: &Replica| self.tier_of(r.segment) == Some(Tier::Nvme);
+        if !obj.is_complete() || obj.replicas.iter().any(on_nvme) {
+            return;
+        }
+        let Some(src) = obj
+            .replicas
+            .iter()
+            .find(|r| r.state == RepState::Ready && self.tier_of(r.segment) == Some(Tier::Dram))
+            .copied()
+        else {
+            return;
+        };
+        let record = layout::record_len(obj.key.len(), obj.len);
+        let Some(node) = self.cluster.segments.get(&src.segment).map(|s| s.node) else {
+            return;
+        };
+        let Some((to, a)) = self.alloc_on_node(now, node, Tier::Nvme, record) else {
+            return;
+        };
+        let target = self.add_filling(oid, to, a);
+        // On DRAM the allocation offset is the value offset.
+        self.issue(
+            now,
+            TaskKind::WriteThrough,
+            oid,
+            &src,
+            src.offset,
+            target,
+            node,
+        );
     }
 
     /// Counts a lookup served from NVMe alone and promotes the object after enough of them.
