@@ -134,8 +134,10 @@ impl Tracker {
         out
     }
 
-    /// Posting `(lane, chain)` failed at request `index` (the device refused it before it
-    /// ran): as an error completion there, and the device will report nothing for the chain.
+    /// Posting `(lane, chain)` was refused at request `index`: requests before it were
+    /// posted and will run, but unsignaled they will never report, so their items are not
+    /// trusted either. The lane is dead; the chain stays outstanding (unless nothing of it
+    /// was posted) until the lane's queue pair is destroyed.
     pub fn post_failed(
         &mut self,
         plan: &Plan,
@@ -144,8 +146,13 @@ impl Tracker {
         index: usize,
         e: WcError,
     ) {
+        for wr in &plan.lanes[lane][chain][..index] {
+            self.failed[wr.item].get_or_insert(Failure::Flushed(e));
+        }
         self.fail_from(plan, lane, chain, index, e);
-        self.lanes[lane].posted.retain(|&c| c != chain);
+        if index == 0 {
+            self.lanes[lane].posted.retain(|&c| c != chain);
+        }
     }
 
     /// Applies one completion from the device.
@@ -296,5 +303,262 @@ impl Tracker {
             self.failed[wr.item].get_or_insert(Failure::Flushed(e));
         }
         self.lanes[lane].dead = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use kvpool_proto::{rdma::RegionDesc, ErrorCode};
+
+    use super::*;
+    use crate::rdma::{
+        handshake::RemoteRegions,
+        plan::{plan, Limits, Op, Piece, Transfer},
+        registry::{Region, Registry},
+    };
+
+    const KIB4: u64 = 4096;
+
+    /// `sizes[i]` bytes for item `i` (multiples of 4 KiB; a stripe is 4 KiB, so an item of
+    /// n × 4 KiB is n requests), planned on `lanes` lanes with a send queue of `sq`.
+    fn planned(sizes: &[u64], lanes: usize, sq: u32) -> Plan {
+        let mut reg = Registry::default();
+        reg.insert(
+            Region {
+                id: 1,
+                addr: 0x100_0000,
+                len: 1 << 24,
+                lkey: 1,
+                rkey: 1,
+            },
+            (),
+        )
+        .unwrap();
+        let remote = RemoteRegions::new(&[RegionDesc {
+            id: 9,
+            addr: 0,
+            len: 1 << 30,
+            rkey: 2,
+        }]);
+        let mut at = 0;
+        let transfers: Vec<Transfer> = sizes
+            .iter()
+            .map(|&len| {
+                let t = Transfer {
+                    op: Op::Read,
+                    region: if len == 0 { 1234 } else { 9 },
+                    offset: at,
+                    local: vec![Piece {
+                        addr: 0x100_0000 + at,
+                        len: len.max(1),
+                    }],
+                };
+                at += len.max(1);
+                t
+            })
+            .collect();
+        let limits = Limits {
+            max_send_wr: sq,
+            max_sge: 4,
+            max_msg_size: 1 << 30,
+            stripe: KIB4,
+        };
+        plan(&transfers, &reg, &remote, lanes, &limits).unwrap()
+    }
+
+    fn tracker(plan: &Plan) -> (Tracker, Instant) {
+        let t0 = Instant::now();
+        (Tracker::new(plan, 3, t0, t0 + Duration::from_secs(1)), t0)
+    }
+
+    /// The id of the last request of `(lane, chain)`: the one signaled.
+    fn last(t: &Tracker, p: &Plan, lane: usize, chain: usize) -> u64 {
+        t.wr_id(lane, chain, p.lanes[lane][chain].len() - 1)
+            .encode()
+    }
+
+    const FAIL: WcError = WcError {
+        status: 12,
+        status_name: "transport retry counter exceeded",
+        vendor_err: 0x81,
+    };
+
+    fn codes(results: Vec<Result<(), RdmaError>>) -> Vec<Option<ErrorCode>> {
+        results
+            .iter()
+            .map(|r| r.as_ref().err().map(RdmaError::code))
+            .collect()
+    }
+
+    #[test]
+    fn wr_ids_round_trip() {
+        let id = WrId {
+            epoch: 0xbeef,
+            lane: 63,
+            chain: 0x00ab_cdef,
+            index: 65535,
+        };
+        assert_eq!(WrId::decode(id.encode()), id);
+    }
+
+    #[test]
+    fn chains_post_within_the_window_and_complete_in_order() {
+        // 6 items of one request each on one lane; send queue 4: chains of 2, 2 in flight.
+        let mut p = planned(&[KIB4; 6], 1, 4);
+        let (mut t, _) = tracker(&p);
+        assert_eq!(t.to_post(&p), vec![(0, 0), (0, 1)]);
+        assert!(t.to_post(&p).is_empty(), "the window is full");
+        // An unsignaled request never completes on its own; the chain's last does.
+        t.complete(&p, last(&t, &p, 0, 0), Ok(()));
+        assert_eq!(t.to_post(&p), vec![(0, 2)]);
+        assert!(!t.is_done());
+        // Chain 2's completion implies chain 1's (one queue pair completes in order).
+        t.complete(&p, last(&t, &p, 0, 2), Ok(()));
+        assert!(t.is_done() && t.is_quiescent());
+        assert_eq!(codes(t.results(&mut p)), vec![None; 6]);
+    }
+
+    #[test]
+    fn an_error_completion_fails_its_item_and_flushes_the_rest_of_its_lane() {
+        // Items 0..4 of 2 requests each on 2 lanes, queue 8: chains of 4.
+        let mut p = planned(&[2 * KIB4, 2 * KIB4, 2 * KIB4, 2 * KIB4], 2, 8);
+        let (mut t, _) = tracker(&p);
+        let posted = t.to_post(&p);
+        assert_eq!(posted.len(), 2, "one chain per lane: {posted:?}");
+        // Lane 0 fails at its third request; lane 1 completes.
+        let failing = &p.lanes[0][0][2];
+        let failing_item = failing.item;
+        t.complete(&p, t.wr_id(0, 0, 2).encode(), Err(FAIL));
+        t.complete(&p, last(&t, &p, 1, 0), Ok(()));
+        assert_eq!(t.dead_lanes(), vec![0]);
+        assert!(t.to_post(&p).is_empty(), "a dead lane posts nothing");
+        assert!(t.is_done(), "every item has its outcome");
+        assert!(
+            !t.is_quiescent(),
+            "the failed chain's last request is still posted"
+        );
+        // Its flush arrives: the device let go of the chain.
+        t.complete(&p, last(&t, &p, 0, 0), Err(WcError { status: 5, ..FAIL }));
+        assert!(t.is_quiescent());
+        let lane0_items: Vec<usize> = p.lanes[0][0].iter().map(|w| w.item).collect();
+        let results = t.results(&mut p);
+        for (item, r) in results.iter().enumerate() {
+            match r {
+                Err(RdmaError::Completion {
+                    status: 12,
+                    vendor_err: 0x81,
+                    ..
+                }) => {
+                    assert_eq!(item, failing_item)
+                }
+                Err(RdmaError::Flushed(why)) => {
+                    assert!(lane0_items[3..].contains(&item), "item {item}");
+                    assert!(why.contains("retry"), "{why}");
+                }
+                Ok(()) => assert!(!lane0_items[2..].contains(&item), "item {item}"),
+                Err(e) => panic!("item {item}: {e}"),
+            }
+        }
+        assert!(results.iter().any(Result::is_ok));
+    }
+
+    #[test]
+    fn an_item_split_over_lanes_fails_if_any_lane_fails() {
+        // One item of 2 requests, one per lane.
+        let mut p = planned(&[2 * KIB4], 2, 8);
+        let (mut t, _) = tracker(&p);
+        t.to_post(&p);
+        t.complete(&p, last(&t, &p, 1, 0), Ok(()));
+        assert!(!t.is_done());
+        t.complete(&p, last(&t, &p, 0, 0), Err(FAIL));
+        assert!(t.is_done() && t.is_quiescent());
+        assert_eq!(codes(t.results(&mut p)), vec![Some(ErrorCode::Io)]);
+    }
+
+    #[test]
+    fn completions_of_another_batch_or_lane_are_ignored() {
+        let p = planned(&[KIB4], 1, 8);
+        let (mut t, _) = tracker(&p);
+        t.to_post(&p);
+        let stale = WrId {
+            epoch: 2,
+            ..WrId::decode(last(&t, &p, 0, 0))
+        };
+        t.complete(&p, stale.encode(), Err(FAIL));
+        t.complete(&p, t.wr_id(5, 0, 0).encode(), Err(FAIL));
+        t.complete(&p, t.wr_id(0, 9, 0).encode(), Err(FAIL));
+        assert!(!t.is_done());
+        assert!(t.dead_lanes().is_empty());
+    }
+
+    #[test]
+    fn the_deadline_fails_what_is_unfinished_and_names_the_lanes_to_stop() {
+        // Two items on two lanes; lane 1 finishes, lane 0 hangs.
+        let mut p = planned(&[KIB4, KIB4], 2, 8);
+        let (mut t, t0) = tracker(&p);
+        t.to_post(&p);
+        t.complete(&p, last(&t, &p, 1, 0), Ok(()));
+        assert!(t.expire(&p, t0 + Duration::from_millis(999)).is_empty());
+        assert!(!t.is_done());
+        assert_eq!(t.expire(&p, t0 + Duration::from_secs(1)), vec![0]);
+        assert!(t.is_done());
+        assert!(!t.is_quiescent());
+        t.forget_lane(0);
+        assert!(t.is_quiescent());
+        let hung = p.lanes[0][0][0].item;
+        let results = t.results(&mut p);
+        assert!(
+            matches!(results[hung], Err(RdmaError::Timeout { after }) if after == Duration::from_secs(1))
+        );
+        assert!(results[1 - hung].is_ok());
+    }
+
+    #[test]
+    fn a_refused_post_fails_the_whole_chain() {
+        let mut p = planned(&[KIB4, KIB4, KIB4], 1, 8);
+        let (mut t, _) = tracker(&p);
+        t.to_post(&p);
+        t.post_failed(&p, 0, 0, 1, FAIL);
+        assert!(t.is_done());
+        assert!(
+            !t.is_quiescent(),
+            "request 0 was posted: on the device until the lane is destroyed"
+        );
+        t.forget_lane(0);
+        assert!(t.is_quiescent());
+        let order: Vec<usize> = p.lanes[0][0].iter().map(|w| w.item).collect();
+        let results = t.results(&mut p);
+        assert!(
+            matches!(results[order[0]], Err(RdmaError::Flushed(_))),
+            "posted but unsignaled: never confirmed"
+        );
+        assert!(matches!(
+            results[order[1]],
+            Err(RdmaError::Completion { .. })
+        ));
+        assert!(matches!(results[order[2]], Err(RdmaError::Flushed(_))));
+
+        // Refused at its first request: nothing reached the device.
+        let p = planned(&[KIB4, KIB4], 1, 8);
+        let (mut t, _) = tracker(&p);
+        t.to_post(&p);
+        t.post_failed(&p, 0, 0, 0, FAIL);
+        assert!(t.is_done() && t.is_quiescent());
+    }
+
+    #[test]
+    fn refused_items_keep_their_own_error() {
+        // Item 1 names an unknown remote region (see `planned`).
+        let mut p = planned(&[KIB4, 0, KIB4], 1, 8);
+        let (mut t, _) = tracker(&p);
+        t.to_post(&p);
+        t.complete(&p, last(&t, &p, 0, 0), Ok(()));
+        assert!(t.is_done());
+        assert_eq!(
+            codes(t.results(&mut p)),
+            vec![None, Some(ErrorCode::OutOfRange), None]
+        );
     }
 }

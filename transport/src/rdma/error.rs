@@ -57,6 +57,9 @@ pub enum RdmaError {
     Flushed(String),
     #[error("RDMA batch timed out after {after:?}")]
     Timeout { after: Duration },
+    /// The TCP connection the handshake runs on failed.
+    #[error("RDMA handshake connection: {0}")]
+    Connection(crate::TransportError),
 }
 
 impl RdmaError {
@@ -75,6 +78,7 @@ impl RdmaError {
             RdmaError::RemoteRange { .. } => ErrorCode::OutOfRange,
             RdmaError::Handshake(w) => w.code,
             RdmaError::Timeout { .. } => ErrorCode::Timeout,
+            RdmaError::Connection(t) => t.code(),
         }
     }
 
@@ -94,10 +98,13 @@ impl RdmaError {
 
     /// Whether the same transfer may succeed on new lanes (or over TCP).
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            RdmaError::Completion { .. } | RdmaError::Flushed(_) | RdmaError::Timeout { .. }
-        )
+        match self {
+            RdmaError::Completion { .. } | RdmaError::Flushed(_) | RdmaError::Timeout { .. } => {
+                true
+            }
+            RdmaError::Connection(t) => t.is_retryable(),
+            _ => false,
+        }
     }
 
     pub fn into_wire(self) -> WireError {

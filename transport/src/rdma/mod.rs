@@ -23,6 +23,8 @@
 //!   memory, and the two ends of a connection: [`RdmaDevice::accept`] (node) and
 //!   [`RdmaDevice::connect`] + [`Connecting::finish`] (client), which yield an [`RdmaPeer`]
 //!   that runs batches.
+//! - [`wire`]: the handshake on a data connection: [`wire::answer_connect`] (node) and
+//!   [`wire::connect_over`] (client).
 
 pub mod completion;
 pub mod device;
@@ -31,6 +33,7 @@ pub mod handshake;
 pub mod plan;
 pub mod registry;
 mod verbs;
+pub mod wire;
 
 pub use device::{Connecting, DeviceOptions, RdmaDevice, RdmaPeer};
 pub use error::RdmaError;
