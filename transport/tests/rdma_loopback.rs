@@ -13,7 +13,7 @@ use kvpool_transport::{
     frame,
     rdma::{
         wire::{answer_connect, connect_over},
-        DeviceOptions, Op, Piece, RdmaDevice, Transfer,
+        Access, DeviceOptions, Op, Piece, RdmaDevice, Transfer,
     },
 };
 use tokio::{
@@ -72,9 +72,12 @@ async fn loopback_puts_and_gets_over_rdma() {
     // SAFETY: the three buffers live until the end of the test, after the peers are gone and
     // the regions are unregistered; nothing touches them while a batch runs.
     unsafe {
-        dev.register(SEG, seg_addr, segment.len() as u64).unwrap();
-        dev.register(1, src_addr, src.len() as u64).unwrap();
-        dev.register(2, dst_addr, dst.len() as u64).unwrap();
+        dev.register(SEG, seg_addr, segment.len() as u64, Access::Remote)
+            .unwrap();
+        dev.register(1, src_addr, src.len() as u64, Access::Local)
+            .unwrap();
+        dev.register(2, dst_addr, dst.len() as u64, Access::Local)
+            .unwrap();
     }
 
     // The node answers one RdmaConnect and keeps its lanes until the client hangs up.
@@ -182,6 +185,10 @@ async fn loopback_puts_and_gets_over_rdma() {
     assert!(dst[2 * m + m / 2..3 * m] == src[3 * m..3 * m + m / 2]);
     assert!(dst[2 * m..2 * m + m / 2] == src[m..m + m / 2]);
     assert_eq!(peer.live_lanes(), DeviceOptions::default().lanes);
+
+    // Only the segment is described to peers; the client's buffers are local-only.
+    let described: Vec<u64> = dev.regions().iter().map(|r| r.id).collect();
+    assert_eq!(described, vec![SEG]);
 
     // Hang up: the node drops its lanes; then the regions can go.
     drop(peer);

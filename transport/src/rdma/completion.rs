@@ -316,7 +316,7 @@ mod tests {
     use crate::rdma::{
         handshake::RemoteRegions,
         plan::{plan, Limits, Op, Piece, Transfer},
-        registry::{Region, Registry},
+        registry::{Access, Region, Registry},
     };
 
     const KIB4: u64 = 4096;
@@ -332,6 +332,7 @@ mod tests {
                 len: 1 << 24,
                 lkey: 1,
                 rkey: 1,
+                access: Access::Local,
             },
             (),
         )

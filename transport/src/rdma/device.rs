@@ -31,7 +31,7 @@ use super::{
     completion::{Tracker, WcError},
     handshake::{initial_psn, pair, RemoteRegions},
     plan::{plan, Limits, Transfer},
-    registry::{Region, Registry},
+    registry::{Access, Region, Registry},
     verbs::{self, Context, Cq, Mr, Pd, Qp, QpConfig},
     RdmaError,
 };
@@ -145,6 +145,7 @@ impl RdmaDevice {
             max_rd_atomic: positive(dev.max_qp_rd_atom).min(16) as u8,
             ack_timeout: opts.ack_timeout,
             retry_cnt: opts.retry_cnt.min(7),
+            remote_access: false,
         };
         let port = RdmaPort {
             link_layer,
@@ -184,18 +185,24 @@ impl RdmaDevice {
         self.regions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers `[addr, addr + len)` under `id` (a segment id on a node, a buffer id on a
-    /// client), once: an overlap with a registered region is refused before the device is
-    /// asked.
+    /// Registers `[addr, addr + len)` under `id` (a segment id on a node, with
+    /// [`Access::Remote`]; a buffer id on a client, with [`Access::Local`]), once: an overlap
+    /// with a registered region is refused before the device is asked.
     ///
     /// # Safety
-    /// The memory must stay mapped until [`RdmaDevice::unregister`] succeeds for it, and a
-    /// peer with the connection's keys may read and write it at any time in between.
-    pub unsafe fn register(&self, id: u64, addr: u64, len: u64) -> Result<Region, RdmaError> {
+    /// The memory must stay mapped until [`RdmaDevice::unregister`] succeeds for it. With
+    /// [`Access::Remote`], peers may read and write it at any time in between.
+    pub unsafe fn register(
+        &self,
+        id: u64,
+        addr: u64,
+        len: u64,
+        access: Access,
+    ) -> Result<Region, RdmaError> {
         let mut reg = self.registry();
         reg.check_new(id, addr, len)?;
         // SAFETY: the caller keeps the memory mapped while it is registered.
-        let mr = unsafe { Mr::register(&self.pd, addr, len) }?;
+        let mr = unsafe { Mr::register(&self.pd, addr, len, access == Access::Remote) }?;
         let (lkey, rkey) = mr.keys();
         let region = Region {
             id,
@@ -203,6 +210,7 @@ impl RdmaDevice {
             len,
             lkey,
             rkey,
+            access,
         };
         reg.insert(region, mr).copied()
     }
@@ -219,7 +227,7 @@ impl RdmaDevice {
         self.registry().descs()
     }
 
-    fn new_lanes(&self, n: usize) -> Result<NewLanes, RdmaError> {
+    fn new_lanes(&self, n: usize, remote_access: bool) -> Result<NewLanes, RdmaError> {
         // Completions per lane: at most `chains_in_flight` signaled requests, plus the
         // flushes of a failed lane's chains.
         let cq = Arc::new(Cq::new(
@@ -229,7 +237,11 @@ impl RdmaDevice {
         let mut qps = Vec::with_capacity(n);
         let mut eps = Vec::with_capacity(n);
         for _ in 0..n {
-            let qp = Qp::new(&self.pd, &cq, self.qp)?;
+            let cfg = QpConfig {
+                remote_access,
+                ..self.qp
+            };
+            let qp = Qp::new(&self.pd, &cq, cfg)?;
             eps.push(QpEndpoint {
                 qp_num: qp.qp_num(),
                 psn: initial_psn(),
@@ -239,25 +251,28 @@ impl RdmaDevice {
         Ok((cq, qps, eps))
     }
 
-    fn endpoint(&self, qps: Vec<QpEndpoint>) -> RdmaEndpoint {
+    fn endpoint(&self, qps: Vec<QpEndpoint>, regions: Vec<RegionDesc>) -> RdmaEndpoint {
         RdmaEndpoint {
             version: RDMA_VERSION,
             port: self.port,
             qps,
-            regions: self.regions(),
+            regions,
         }
     }
 
-    /// Node side: answers a client's `RdmaConnect`. The returned peer owns the node's queue
-    /// pairs and must live as long as the TCP connection the request came on.
+    /// Node side: answers a client's `RdmaConnect` with at most this device's `lanes` queue
+    /// pairs (a client asking for more gets fewer, so one client cannot make a node create
+    /// many), which allow remote access, and the node's remote-access regions (its segments).
+    /// The returned peer owns the node's queue pairs and must live as long as the TCP
+    /// connection the request came on.
     pub fn accept(
         self: &Arc<Self>,
         request: &RdmaConnect,
     ) -> Result<(RdmaEndpoint, RdmaPeer), RdmaError> {
         let theirs = &request.endpoint;
         theirs.validate()?;
-        let (cq, qps, eps) = self.new_lanes(theirs.qps.len())?;
-        let ours = self.endpoint(eps);
+        let (cq, qps, eps) = self.new_lanes(theirs.qps.len().min(self.lanes), true)?;
+        let ours = self.endpoint(eps, self.regions());
         let lanes = pair(&ours, theirs)?;
         for (qp, lane) in qps.iter().zip(&lanes) {
             qp.connect(lane)?;
@@ -266,11 +281,12 @@ impl RdmaDevice {
         Ok((ours, peer))
     }
 
-    /// Client side: creates this connection's queue pairs; send
+    /// Client side: creates this connection's queue pairs (no remote access: the node never
+    /// initiates) and the request, which describes no regions; send
     /// [`Connecting::request`] and hand the answer to [`Connecting::finish`].
     pub fn connect(self: &Arc<Self>) -> Result<Connecting, RdmaError> {
-        let (cq, qps, eps) = self.new_lanes(self.lanes)?;
-        let local = self.endpoint(eps);
+        let (cq, qps, eps) = self.new_lanes(self.lanes, false)?;
+        let local = self.endpoint(eps, Vec::new());
         Ok(Connecting {
             dev: self.clone(),
             cq,
@@ -296,9 +312,21 @@ impl Connecting {
         }
     }
 
-    /// Connects the queue pairs to the node's answer.
-    pub fn finish(self, answer: &RdmaEndpoint) -> Result<RdmaPeer, RdmaError> {
+    /// Connects the queue pairs to the node's answer. A node may answer fewer lanes than
+    /// asked (its own cap); the extra queue pairs are dropped. More than asked is refused.
+    pub fn finish(mut self, answer: &RdmaEndpoint) -> Result<RdmaPeer, RdmaError> {
+        if answer.qps.len() > self.qps.len() {
+            return Err(RdmaError::Handshake(kvpool_proto::WireError::new(
+                kvpool_proto::ErrorCode::InvalidArgument,
+                format!(
+                    "the node answered {} lanes, {} were asked",
+                    answer.qps.len(),
+                    self.qps.len()
+                ),
+            )));
+        }
         let lanes = pair(&self.local, answer)?;
+        self.qps.truncate(lanes.len());
         for (qp, lane) in self.qps.iter().zip(&lanes) {
             qp.connect(lane)?;
         }

@@ -42,8 +42,9 @@ pub fn initial_psn() -> u32 {
     (h.finish() as u32) & MAX_24BIT
 }
 
-/// Pairs our lanes with the peer's, lane `i` with lane `i`. Refuses a peer whose endpoint is
-/// invalid, runs on another link layer, or answered a different number of lanes.
+/// Pairs our lanes with the peer's, lane `i` with lane `i`, as many as the shorter side has
+/// (a node answers at most its own lane count; the requester drops the rest). Refuses a peer
+/// whose endpoint is invalid or runs on another link layer.
 pub fn pair(local: &RdmaEndpoint, remote: &RdmaEndpoint) -> Result<Vec<LaneParams>, RdmaError> {
     remote.validate()?;
     let refuse =
@@ -52,13 +53,6 @@ pub fn pair(local: &RdmaEndpoint, remote: &RdmaEndpoint) -> Result<Vec<LaneParam
         return Err(refuse(format!(
             "link layers differ: ours {:?}, the peer's {:?}",
             local.port.link_layer, remote.port.link_layer
-        )));
-    }
-    if local.qps.len() != remote.qps.len() {
-        return Err(refuse(format!(
-            "{} lanes asked, {} answered",
-            local.qps.len(),
-            remote.qps.len()
         )));
     }
     let path_mtu = local.port.mtu.min(remote.port.mtu);
@@ -174,10 +168,6 @@ mod tests {
                 "link layers",
             ),
             (
-                endpoint(LinkLayer::Ethernet, 0, 1024, &[(1, 1)]),
-                "2 lanes asked, 1 answered",
-            ),
-            (
                 endpoint(LinkLayer::Ethernet, 0, 1000, &[(1, 1), (2, 2)]),
                 "MTU",
             ),
@@ -195,6 +185,21 @@ mod tests {
         let err = pair(&ours, &old).unwrap_err();
         assert_eq!(err.code(), ErrorCode::UnsupportedVersion);
         assert!(err.is_fallback(), "another version: stay on TCP");
+    }
+
+    #[test]
+    fn pairs_as_many_lanes_as_the_shorter_side_has() {
+        let four = endpoint(
+            LinkLayer::Ethernet,
+            0,
+            1024,
+            &[(1, 1), (2, 2), (3, 3), (4, 4)],
+        );
+        let two = endpoint(LinkLayer::Ethernet, 0, 1024, &[(8, 8), (9, 9)]);
+        let lanes = pair(&four, &two).unwrap();
+        assert_eq!(lanes.len(), 2);
+        assert_eq!((lanes[1].dest_qp_num, lanes[1].sq_psn), (9, 2));
+        assert_eq!(pair(&two, &four).unwrap().len(), 2);
     }
 
     #[test]

@@ -38,3 +38,4 @@ pub mod wire;
 pub use device::{Connecting, DeviceOptions, RdmaDevice, RdmaPeer};
 pub use error::RdmaError;
 pub use plan::{Limits, Op, Piece, Transfer};
+pub use registry::{Access, Region};

@@ -291,7 +291,7 @@ fn split<H>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rdma::registry::Region;
+    use crate::rdma::registry::{Access, Region};
     use kvpool_proto::rdma::RegionDesc;
 
     const SEG: u64 = 7;
@@ -308,6 +308,7 @@ mod tests {
                     len: 1 << 20,
                     lkey: id as u32,
                     rkey: 0,
+                    access: Access::Local,
                 },
                 (),
             )

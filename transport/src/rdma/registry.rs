@@ -1,9 +1,10 @@
 //! Registration bookkeeping: which memory is registered with the device, under which keys.
 //!
 //! Memory is registered once (registration pins pages and costs milliseconds) and then named
-//! by its keys in every transfer: a node registers its segments at start-up, a client its
-//! buffers (the Python `register_buffer` maps to [`Registry::insert`] through the client's
-//! RDMA context). The registry refuses an empty or wrapping range and any overlap with a
+//! by its keys in every transfer: a node registers its segments at start-up with
+//! [`Access::Remote`] (peers read and write them), a client its buffers with
+//! [`Access::Local`] (only its own requests use them: no peer can touch a client's memory,
+//! whatever keys it guesses). The Python `register_buffer` maps to a client registration. The registry refuses an empty or wrapping range and any overlap with a
 //! registered one, so an address has at most one region and one `lkey`; a lookup must fall
 //! inside one region (a transfer's scatter/gather piece names exactly one `lkey`). A region in
 //! use by a running batch is pinned and cannot be unregistered: deregistering memory the
@@ -18,6 +19,16 @@ use kvpool_proto::rdma::RegionDesc;
 
 use super::RdmaError;
 
+/// Who may use a region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// This side's requests only (a client's buffers): registered for local access alone and
+    /// never described to a peer.
+    Local,
+    /// Peers too (a node's segments): remote read and write, described in the handshake.
+    Remote,
+}
+
 /// A registered region, as transfers and the handshake see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Region {
@@ -27,8 +38,9 @@ pub struct Region {
     pub len: u64,
     /// Local key: names the region in this side's scatter/gather entries.
     pub lkey: u32,
-    /// Remote key: lets the peer read and write it.
+    /// Remote key: lets the peer read and write it (meaningless for [`Access::Local`]).
     pub rkey: u32,
+    pub access: Access,
 }
 
 impl Region {
@@ -154,9 +166,14 @@ impl<H> Registry<H> {
         }
     }
 
-    /// Every region, in address order, as the handshake describes them to the peer.
+    /// Every region peers may use ([`Access::Remote`]), in address order, as the handshake
+    /// describes them.
     pub fn descs(&self) -> Vec<RegionDesc> {
-        self.by_addr.values().map(|e| e.region.desc()).collect()
+        self.by_addr
+            .values()
+            .filter(|e| e.region.access == Access::Remote)
+            .map(|e| e.region.desc())
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -179,6 +196,11 @@ mod tests {
             len,
             lkey: id as u32 + 100,
             rkey: id as u32 + 200,
+            access: if id == 2 {
+                Access::Local
+            } else {
+                Access::Remote
+            },
         }
     }
 
@@ -253,11 +275,8 @@ mod tests {
         let (region, handle) = r.remove(0x1000).unwrap();
         assert_eq!((region.id, handle), (1, "a"));
         assert!(r.lookup(0x1000, 1).is_err());
-        // The range is free to register again.
+        // The range is free to register again. Region 2 is local: never described.
         r.insert(region, "a2").unwrap();
-        assert_eq!(
-            r.descs(),
-            vec![region.desc(), super::tests::region(2, 0x3000, 0x100).desc()]
-        );
+        assert_eq!(r.descs(), vec![region.desc()]);
     }
 }

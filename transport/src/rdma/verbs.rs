@@ -193,14 +193,18 @@ unsafe impl Send for Mr {}
 unsafe impl Sync for Mr {}
 
 impl Mr {
-    /// Registers `[addr, addr + len)` for local writes and remote reads and writes.
+    /// Registers `[addr, addr + len)` for local writes and, when `remote`, remote reads and
+    /// writes.
     ///
     /// # Safety
     /// The memory must stay mapped until the region is dropped.
-    pub unsafe fn register(pd: &Arc<Pd>, addr: u64, len: u64) -> Result<Mr, RdmaError> {
-        let access = ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE
-            | ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE
-            | ffi::ibv_access_flags::IBV_ACCESS_REMOTE_READ;
+    pub unsafe fn register(
+        pd: &Arc<Pd>,
+        addr: u64,
+        len: u64,
+        remote: bool,
+    ) -> Result<Mr, RdmaError> {
+        let access = access_flags(remote);
         // SAFETY: a live PD; the caller keeps the memory mapped while registered.
         let mr = unsafe { ffi::ibv_reg_mr(pd.pd, addr as *mut _, len as usize, access.0 as i32) };
         if mr.is_null() {
@@ -226,6 +230,19 @@ impl Drop for Mr {
         if rc != 0 {
             tracing::warn!(rc, "ibv_dereg_mr failed");
         }
+    }
+}
+
+/// Local write always (a READ lands in local memory); remote read and write when peers may
+/// use the memory or queue pair.
+fn access_flags(remote: bool) -> ffi::ibv_access_flags {
+    let local = ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE;
+    if remote {
+        local
+            | ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE
+            | ffi::ibv_access_flags::IBV_ACCESS_REMOTE_READ
+    } else {
+        local
     }
 }
 
@@ -311,6 +328,8 @@ pub(crate) struct QpConfig {
     /// Local ACK timeout exponent: 4.096 µs × 2^timeout.
     pub ack_timeout: u8,
     pub retry_cnt: u8,
+    /// Whether the peer may READ and WRITE through this QP (a node's, not a client's).
+    pub remote_access: bool,
 }
 
 /// A reliable-connection queue pair.
@@ -394,10 +413,7 @@ impl Qp {
             qp_state: ffi::ibv_qp_state::IBV_QPS_INIT,
             pkey_index: 0,
             port_num: cfg.port,
-            qp_access_flags: (ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE
-                | ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE
-                | ffi::ibv_access_flags::IBV_ACCESS_REMOTE_READ)
-                .0,
+            qp_access_flags: access_flags(cfg.remote_access).0,
             ..Default::default()
         };
         self.modify(
