@@ -36,7 +36,10 @@ pub struct Piece {
     pub len: u64,
 }
 
-/// One contiguous remote range and the local pieces that hold its bytes, in order.
+/// One contiguous remote range and the local pieces that hold its bytes, in order: the TCP
+/// engine's `WriteItem` / `ReadItem` (`op.segment` is `region`, `op.offset` is `offset`,
+/// each slice a piece by address). Empty pieces are skipped, as the engine skips empty
+/// slices.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transfer {
     pub op: Op,
@@ -213,16 +216,16 @@ fn split<H>(
     remote: &RemoteRegions,
     limits: &Limits,
 ) -> Result<(Vec<WorkRequest>, Vec<u64>), RdmaError> {
-    if t.local.is_empty() || t.local.iter().any(|p| p.len == 0) {
-        return Err(RdmaError::InvalidArgument(format!(
-            "transfer {item}: no local pieces, or an empty one"
-        )));
-    }
     let total = t
         .local
         .iter()
         .try_fold(0u64, |acc, p| acc.checked_add(p.len))
         .ok_or_else(|| RdmaError::InvalidArgument(format!("transfer {item}: length overflows")))?;
+    if total == 0 {
+        return Err(RdmaError::InvalidArgument(format!(
+            "transfer {item}: no bytes to move"
+        )));
+    }
     let (remote_base, rkey) = remote.resolve(t.region, t.offset, total)?;
     let cap = limits.wr_bytes();
     let max_sge = limits.max_sge as usize;
@@ -247,7 +250,8 @@ fn split<H>(
         };
         wrs.push(std::mem::replace(cur, next));
     };
-    for p in &t.local {
+    // Empty pieces are skipped, as the TCP engine skips empty slices.
+    for p in t.local.iter().filter(|p| p.len > 0) {
         let region = local.lookup(p.addr, p.len)?;
         regions.push(region.addr);
         let mut at = 0u64;
@@ -375,7 +379,12 @@ mod tests {
             }
             assert_eq!(at - base, t.len());
             // The local side: the pieces, in order, possibly cut.
-            let mut expect = t.local.iter().map(|p| (p.addr, p.len)).collect::<Vec<_>>();
+            let mut expect = t
+                .local
+                .iter()
+                .filter(|p| p.len > 0)
+                .map(|p| (p.addr, p.len))
+                .collect::<Vec<_>>();
             let merge = |v: &mut Vec<(u64, u64)>| {
                 let mut out: Vec<(u64, u64)> = Vec::new();
                 for &(a, l) in v.iter() {
@@ -525,8 +534,8 @@ mod tests {
                 ..get(0, &[(0x10_0000, 10)])
             }, // unknown region
             get(0, &[]),                  // nothing to move
-            get(0, &[(0x10_0000, 0)]),    // an empty piece
-            get(64, &[(0x20_0000, 10)]),
+            get(0, &[(0x10_0000, 0)]),    // only an empty piece: nothing either
+            get(64, &[(0x30_0000, 0), (0x20_0000, 10)]), // an empty piece is skipped
         ];
         let p = plan(&t, &local(), &remote(), 2, &limits(128, 4, 1 << 20)).unwrap();
         let codes: Vec<Option<kvpool_proto::ErrorCode>> = p
