@@ -213,12 +213,13 @@ impl Tracker {
                 self.failed[item] = Some(Failure::Timeout(after));
             }
         }
+        // Lanes still holding requests must stop; idle lanes stay usable for later batches.
         let mut reset = Vec::new();
         for (l, lane) in self.lanes.iter_mut().enumerate() {
             if !lane.dead && !lane.posted.is_empty() {
                 reset.push(l);
+                lane.dead = true;
             }
-            lane.dead = true;
         }
         reset
     }
@@ -504,6 +505,7 @@ mod tests {
         assert!(t.expire(&p, t0 + Duration::from_millis(999)).is_empty());
         assert!(!t.is_done());
         assert_eq!(t.expire(&p, t0 + Duration::from_secs(1)), vec![0]);
+        assert_eq!(t.dead_lanes(), vec![0], "the idle lane stays usable");
         assert!(t.is_done());
         assert!(!t.is_quiescent());
         t.forget_lane(0);

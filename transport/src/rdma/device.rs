@@ -30,7 +30,7 @@ use kvpool_proto::rdma::{
 use super::{
     completion::{Tracker, WcError},
     handshake::{initial_psn, pair, RemoteRegions},
-    plan::{plan, Limits, Transfer},
+    plan::{plan, Limits, Plan, Transfer},
     registry::{Access, Region, Registry},
     verbs::{self, Context, Cq, Mr, Pd, Qp, QpConfig},
     RdmaError,
@@ -78,6 +78,8 @@ pub struct RdmaDevice {
     qp: QpConfig,
     limits: Limits,
     lanes: usize,
+    /// The device's largest completion queue.
+    max_cqe: i32,
     regions: Mutex<Registry<Mr>>,
     epoch: AtomicU16,
 }
@@ -161,6 +163,7 @@ impl RdmaDevice {
             qp,
             limits,
             lanes: opts.lanes,
+            max_cqe: dev.max_cqe.max(1),
             regions: Mutex::new(Registry::default()),
             epoch: AtomicU16::new(0),
         }))
@@ -199,6 +202,8 @@ impl RdmaDevice {
         len: u64,
         access: Access,
     ) -> Result<Region, RdmaError> {
+        // The lock is held across the device's registration (milliseconds, once per region)
+        // so that two overlapping registrations cannot both pass the check.
         let mut reg = self.registry();
         reg.check_new(id, addr, len)?;
         // SAFETY: the caller keeps the memory mapped while it is registered.
@@ -228,12 +233,10 @@ impl RdmaDevice {
     }
 
     fn new_lanes(&self, n: usize, remote_access: bool) -> Result<NewLanes, RdmaError> {
-        // Completions per lane: at most `chains_in_flight` signaled requests, plus the
-        // flushes of a failed lane's chains.
-        let cq = Arc::new(Cq::new(
-            self.ctx.clone(),
-            (n * self.limits.max_send_wr as usize).clamp(16, 1 << 16) as i32,
-        )?);
+        // Room for every request a lane can hold (a failed lane may report each as flushed),
+        // within what the device allows.
+        let entries = (n * self.limits.max_send_wr as usize).clamp(16, 1 << 16) as i32;
+        let cq = Arc::new(Cq::new(self.ctx.clone(), entries.min(self.max_cqe))?);
         let mut qps = Vec::with_capacity(n);
         let mut eps = Vec::with_capacity(n);
         for _ in 0..n {
@@ -375,9 +378,9 @@ impl RdmaPeer {
         self.lanes.iter().flatten().count()
     }
 
-    /// Runs a batch: one result per transfer, in order. Returns `Err` only when the batch
-    /// could not start (no live lane, invalid limits); a device failure during it fails the
-    /// items it touched.
+    /// Runs a batch: one result per transfer, in order. Returns `Err` when the batch could
+    /// not start (no live lane, invalid limits) or the completion queue failed (every lane is
+    /// then destroyed); a failed request or the deadline fails only the items it touched.
     ///
     /// Returns only when the device no longer touches any of the batch's memory: every
     /// posted chain completed, or its queue pair was moved to the error state and destroyed
@@ -411,10 +414,31 @@ impl RdmaPeer {
         };
         let epoch = self.dev.epoch.fetch_add(1, Ordering::Relaxed);
         let mut tracker = Tracker::new(&plan, epoch, started, deadline);
+        let driven = self.drive(&plan, &mut tracker, &live);
+        {
+            let mut reg = self.dev.registry();
+            for &addr in &plan.local_regions {
+                reg.unpin(addr);
+            }
+        }
+        driven?;
+        Ok(tracker.results(&mut plan))
+    }
+
+    /// Posts and polls until every item has its outcome and the device holds none of the
+    /// batch's requests. A failed completion queue stops every lane and fails the batch.
+    fn drive(
+        &mut self,
+        plan: &Plan,
+        tracker: &mut Tracker,
+        live: &[usize],
+    ) -> Result<(), RdmaError> {
         let mut wcs = vec![verbs::empty_wc(); 64];
         let mut settle_until: Option<Instant> = None;
         loop {
-            for (l, c) in tracker.to_post(&plan) {
+            let mut changed = false;
+            for (l, c) in tracker.to_post(plan) {
+                changed = true;
                 let Some(qp) = self.lanes[live[l]].as_ref() else {
                     continue;
                 };
@@ -423,65 +447,63 @@ impl RdmaPeer {
                 // caller's promise); the batch does not return while the device holds them.
                 let posted = unsafe { qp.post(&plan.lanes[l][c], id) };
                 if let Err((index, e)) = posted {
-                    tracker.post_failed(&plan, l, c, index, e);
+                    tracker.post_failed(plan, l, c, index, e);
                 }
             }
-            match self.cq.poll(&mut wcs) {
-                Ok(n) => {
-                    for wc in &wcs[..n] {
-                        let status = match wc.error() {
-                            None => Ok(()),
-                            Some((status, vendor_err)) => Err(WcError {
-                                status,
-                                status_name: verbs::status_name(status),
-                                vendor_err,
-                            }),
-                        };
-                        tracker.complete(&plan, wc.wr_id(), status);
-                    }
-                }
+            let n = match self.cq.poll(&mut wcs) {
+                Ok(n) => n,
                 Err(e) => {
-                    // The queue is unusable: stop every lane and fail what is left.
-                    tracing::warn!(error = %e, "RDMA completion queue failed");
-                    for l in tracker.expire(&plan, deadline) {
-                        self.destroy_lane(&mut tracker, &live, l);
+                    // The queue is unusable, so nothing tells when the device is done:
+                    // destroying every lane is what makes it done.
+                    for l in 0..live.len() {
+                        self.destroy_lane(tracker, live, l);
                     }
+                    return Err(e);
                 }
+            };
+            for wc in &wcs[..n] {
+                let status = match wc.error() {
+                    None => Ok(()),
+                    Some((status, vendor_err)) => Err(WcError {
+                        status,
+                        status_name: verbs::status_name(status),
+                        vendor_err,
+                    }),
+                };
+                tracker.complete(plan, wc.wr_id(), status);
             }
-            // Lanes that failed are in the error state: destroy them so the device is
-            // certainly done with their requests.
-            for l in tracker.dead_lanes() {
-                if self.lanes[live[l]].is_some() {
-                    self.destroy_lane(&mut tracker, &live, l);
+            if changed || n > 0 {
+                // Lanes that failed are in the error state: destroy them so the device is
+                // certainly done with their requests.
+                for l in tracker.dead_lanes() {
+                    if self.lanes[live[l]].is_some() {
+                        self.destroy_lane(tracker, live, l);
+                    }
                 }
             }
             if tracker.is_done() && tracker.is_quiescent() {
-                break;
+                return Ok(());
             }
             let now = Instant::now();
             if tracker.is_done() {
-                // Only requests of already-failed items are outstanding; give them a moment.
+                // Only requests of already-failed items are outstanding; give them a moment
+                // to finish, then stop their lanes.
                 let until = *settle_until.get_or_insert(now + SETTLE);
                 if now >= until {
                     for l in 0..live.len() {
-                        if self.lanes[live[l]].is_some() && !tracker.is_lane_quiescent(l) {
-                            self.destroy_lane(&mut tracker, &live, l);
+                        if !tracker.is_lane_quiescent(l) {
+                            self.destroy_lane(tracker, live, l);
                         }
                     }
                 }
             }
-            for l in tracker.expire(&plan, now) {
-                self.destroy_lane(&mut tracker, &live, l);
+            for l in tracker.expire(plan, now) {
+                self.destroy_lane(tracker, live, l);
             }
-            std::thread::yield_now();
-        }
-        {
-            let mut reg = self.dev.registry();
-            for &addr in &plan.local_regions {
-                reg.unpin(addr);
+            if n == 0 {
+                std::thread::yield_now();
             }
         }
-        Ok(tracker.results(&mut plan))
     }
 
     /// Stops lane `l` of this batch for good: error state (the device stops processing its
