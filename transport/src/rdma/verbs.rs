@@ -491,6 +491,52 @@ impl Qp {
     /// Every entry must name registered memory that stays valid, and is touched by nothing
     /// else, until the chain's completion is polled or the QP is destroyed.
     pub unsafe fn post(&self, chain: &[WorkRequest], id: WrId) -> Result<(), (usize, WcError)> {
+        let mut list = WrList::new(chain, id);
+        let Some(first) = list.wrs.first_mut() else {
+            return Ok(());
+        };
+        let first: *mut ffi::ibv_send_wr = first;
+        let mut bad: *mut ffi::ibv_send_wr = ptr::null_mut();
+        // SAFETY: a live QP; the list and its entries live until the call returns (the
+        // provider copies them into the send queue); the memory they name is the caller's
+        // promise. `ibv_post_send` is an inline that calls the provider's op, as here.
+        let rc = unsafe {
+            let ctx = (*self.qp).context;
+            match (*ctx).ops.post_send {
+                Some(post) => post(self.qp, first, &mut bad),
+                None => ENOSYS,
+            }
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let index = if bad.is_null() {
+            0
+        } else {
+            // SAFETY: `bad` points into `list.wrs`, per the verbs contract.
+            unsafe { bad.offset_from(list.wrs.as_ptr()) }.max(0) as usize
+        };
+        Err((
+            index,
+            WcError {
+                status: u32::MAX,
+                status_name: "post refused",
+                vendor_err: rc.unsigned_abs(),
+            },
+        ))
+    }
+}
+
+/// A chain in verbs form: each request's scatter/gather entries, and the requests linked in
+/// order. The requests point into the entries' and each other's heap buffers, which moving
+/// the `WrList` does not move; nothing resizes them after `new`.
+struct WrList {
+    _sges: Vec<Vec<ffi::ibv_sge>>,
+    wrs: Vec<ffi::ibv_send_wr>,
+}
+
+impl WrList {
+    fn new(chain: &[WorkRequest], id: WrId) -> WrList {
         let mut sges: Vec<Vec<ffi::ibv_sge>> = chain
             .iter()
             .map(|wr| {
@@ -535,49 +581,16 @@ impl Qp {
                 w
             })
             .collect();
-        // Link the list; the vectors are not resized from here on, so the pointers hold.
         for i in 1..wrs.len() {
             let next: *mut ffi::ibv_send_wr = &mut wrs[i];
             wrs[i - 1].next = next;
         }
-        let Some(first) = wrs.first_mut() else {
-            return Ok(());
-        };
-        let first: *mut ffi::ibv_send_wr = first;
-        let mut bad: *mut ffi::ibv_send_wr = ptr::null_mut();
-        // SAFETY: a live QP; the list and its entries live until the call returns (the
-        // provider copies them into the send queue); the memory they name is the caller's
-        // promise. `ibv_post_send` is an inline that calls the provider's op, as here.
-        let rc = unsafe {
-            let ctx = (*self.qp).context;
-            match (*ctx).ops.post_send {
-                Some(post) => post(self.qp, first, &mut bad),
-                None => libc_enosys(),
-            }
-        };
-        if rc == 0 {
-            return Ok(());
-        }
-        let index = if bad.is_null() {
-            0
-        } else {
-            // SAFETY: `bad` points into `wrs`, per the verbs contract.
-            unsafe { bad.offset_from(wrs.as_ptr()) }.max(0) as usize
-        };
-        Err((
-            index,
-            WcError {
-                status: u32::MAX,
-                status_name: "post refused",
-                vendor_err: rc.unsigned_abs(),
-            },
-        ))
+        WrList { _sges: sges, wrs }
     }
 }
 
-fn libc_enosys() -> i32 {
-    38 // ENOSYS: the provider has no post_send.
-}
+/// What a provider without `post_send` amounts to.
+const ENOSYS: i32 = 38;
 
 impl Drop for Qp {
     fn drop(&mut self) {
@@ -587,5 +600,82 @@ impl Drop for Qp {
         if rc != 0 {
             tracing::warn!(rc, "ibv_destroy_qp failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rdma::plan::Sge;
+
+    #[test]
+    fn mtus_map_both_ways() {
+        for bytes in kvpool_proto::rdma::MTUS {
+            assert_eq!(mtu_bytes(mtu_enum(bytes)), bytes);
+        }
+        assert_eq!(mtu_bytes(ffi::IBV_MTU_1024), 1024);
+    }
+
+    #[test]
+    fn status_names_come_from_libibverbs() {
+        // Runs without a device: the strings are the library's own.
+        assert_eq!(status_name(0), "success");
+        assert_eq!(status_name(5), "Work Request Flushed Error");
+    }
+
+    #[test]
+    fn a_chain_becomes_a_linked_list_of_one_sided_requests() {
+        let wr = |op, signaled, sges: Vec<Sge>| WorkRequest {
+            item: 0,
+            op,
+            remote_addr: 0x9000,
+            rkey: 0x77,
+            sges,
+            signaled,
+        };
+        let sge = |addr, len| Sge { addr, len, lkey: 5 };
+        let chain = vec![
+            wr(Op::Read, false, vec![sge(0x100, 10), sge(0x200, 20)]),
+            wr(Op::Write, false, vec![sge(0x300, 30)]),
+            wr(Op::Read, true, vec![sge(0x400, 40)]),
+        ];
+        let id = WrId {
+            epoch: 9,
+            lane: 2,
+            chain: 4,
+            index: 0,
+        };
+        let list = WrList::new(&chain, id);
+        let w = &list.wrs;
+        assert_eq!(w.len(), 3);
+        for (i, r) in w.iter().enumerate() {
+            assert_eq!(
+                WrId::decode(r.wr_id),
+                WrId {
+                    index: i as u16,
+                    ..id
+                }
+            );
+            let next = if i + 1 < w.len() {
+                &w[i + 1] as *const ffi::ibv_send_wr
+            } else {
+                ptr::null()
+            };
+            assert_eq!(r.next as *const _, next, "request {i} links to the next");
+            assert_eq!(r.num_sge as usize, chain[i].sges.len());
+            // SAFETY: `sg_list` points at `num_sge` entries owned by `list`.
+            let sg = unsafe { std::slice::from_raw_parts(r.sg_list, r.num_sge as usize) };
+            for (e, want) in sg.iter().zip(&chain[i].sges) {
+                assert_eq!((e.addr, e.length, e.lkey), (want.addr, want.len, want.lkey));
+            }
+            // SAFETY: `rdma` is the union member `new` wrote.
+            let rdma = unsafe { r.wr.rdma };
+            assert_eq!((rdma.remote_addr, rdma.rkey), (0x9000, 0x77));
+        }
+        assert_eq!(w[0].opcode, ffi::ibv_wr_opcode::IBV_WR_RDMA_READ);
+        assert_eq!(w[1].opcode, ffi::ibv_wr_opcode::IBV_WR_RDMA_WRITE);
+        let signaled: Vec<bool> = w.iter().map(|r| r.send_flags != 0).collect();
+        assert_eq!(signaled, vec![false, false, true]);
+        assert_eq!(w[2].send_flags, ffi::ibv_send_flags::IBV_SEND_SIGNALED.0);
     }
 }
