@@ -144,7 +144,10 @@ impl RdmaDevice {
             gid_index: opts.gid_index,
             max_send_wr: limits.max_send_wr,
             max_sge: limits.max_sge,
-            max_rd_atomic: positive(dev.max_qp_rd_atom).min(16) as u8,
+            // The device bounds the initiator and responder depths separately; a QP asking
+            // for more than either fails its move to RTR or RTS.
+            max_rd_atomic: positive(dev.max_qp_init_rd_atom).min(16) as u8,
+            max_dest_rd_atomic: positive(dev.max_qp_rd_atom).min(16) as u8,
             ack_timeout: opts.ack_timeout,
             retry_cnt: opts.retry_cnt.min(7),
             remote_access: false,

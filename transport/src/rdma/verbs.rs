@@ -323,8 +323,10 @@ pub(crate) struct QpConfig {
     pub gid_index: u8,
     pub max_send_wr: u32,
     pub max_sge: u32,
-    /// Outstanding RDMA READs per QP, as initiator and as responder.
+    /// Outstanding RDMA READs this QP may have in flight as initiator.
     pub max_rd_atomic: u8,
+    /// Outstanding RDMA READs it accepts as responder.
+    pub max_dest_rd_atomic: u8,
     /// Local ACK timeout exponent: 4.096 µs × 2^timeout.
     pub ack_timeout: u8,
     pub retry_cnt: u8,
@@ -426,7 +428,7 @@ impl Qp {
             path_mtu: mtu_enum(lane.path_mtu),
             dest_qp_num: lane.dest_qp_num,
             rq_psn: lane.rq_psn,
-            max_dest_rd_atomic: cfg.max_rd_atomic,
+            max_dest_rd_atomic: cfg.max_dest_rd_atomic,
             min_rnr_timer: 12,
             ah_attr: ffi::ibv_ah_attr {
                 dlid: lane.dlid,
