@@ -319,6 +319,7 @@ mod tests {
         plan::{plan, Limits, Op, Piece, Transfer},
         registry::{Access, Region, Registry},
     };
+    use std::collections::VecDeque;
 
     const KIB4: u64 = 4096;
 
@@ -563,5 +564,87 @@ mod tests {
             codes(t.results(&mut p)),
             vec![None, Some(ErrorCode::OutOfRange), None]
         );
+    }
+
+    /// A device simulated lane by lane: posted chains run in order; a lane may fail at one
+    /// request, after which its later requests complete as flushed (the signaled ones: the
+    /// least a provider reports). Completions of different lanes interleave at random. For
+    /// many random batches, every item must end with one outcome, succeed exactly when none
+    /// of its requests is at or after a failure on its lane, and the batch must end
+    /// quiescent.
+    #[test]
+    fn random_batches_on_a_simulated_device() {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        use std::collections::HashSet;
+
+        for seed in 0..300u64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let sizes: Vec<u64> = (0..rng.gen_range(1..20))
+                .map(|_| KIB4 * rng.gen_range(1..6))
+                .collect();
+            let lanes = rng.gen_range(1..5);
+            let sq = rng.gen_range(1..9);
+            let mut p = planned(&sizes, lanes, sq);
+            // Per lane, maybe a failure at (chain, index).
+            let fail_at: Vec<Option<(usize, usize)>> = p
+                .lanes
+                .iter()
+                .map(|chains| {
+                    (rng.gen_bool(0.3) && !chains.is_empty()).then(|| {
+                        let c = rng.gen_range(0..chains.len());
+                        (c, rng.gen_range(0..chains[c].len()))
+                    })
+                })
+                .collect();
+            // The model: items with a request at or after a failure point on its lane.
+            let mut doomed = HashSet::new();
+            for (l, f) in fail_at.iter().enumerate() {
+                if let Some((fc, fi)) = *f {
+                    for (c, chain) in p.lanes[l].iter().enumerate() {
+                        for (i, wr) in chain.iter().enumerate() {
+                            if (c, i) >= (fc, fi) {
+                                doomed.insert(wr.item);
+                            }
+                        }
+                    }
+                }
+            }
+            let (mut t, _) = tracker(&p);
+            let mut device: Vec<VecDeque<usize>> = vec![VecDeque::new(); lanes];
+            let mut errored = vec![false; lanes];
+            for _step in 0..10_000 {
+                for (l, c) in t.to_post(&p) {
+                    device[l].push_back(c);
+                }
+                let busy: Vec<usize> = (0..lanes).filter(|&l| !device[l].is_empty()).collect();
+                if busy.is_empty() {
+                    break;
+                }
+                let l = busy[rng.gen_range(0..busy.len())];
+                let c = device[l].pop_front().unwrap_or_default();
+                let n = p.lanes[l][c].len();
+                if errored[l] {
+                    t.complete(&p, last(&t, &p, l, c), Err(WcError { status: 5, ..FAIL }));
+                } else if let Some((_, fi)) = fail_at[l].filter(|&(fc, _)| fc == c) {
+                    errored[l] = true;
+                    t.complete(&p, t.wr_id(l, c, fi).encode(), Err(FAIL));
+                    if fi + 1 < n {
+                        t.complete(&p, last(&t, &p, l, c), Err(WcError { status: 5, ..FAIL }));
+                    }
+                } else {
+                    t.complete(&p, last(&t, &p, l, c), Ok(()));
+                }
+            }
+            assert!(t.is_done(), "seed {seed}: every item has its outcome");
+            assert!(t.is_quiescent(), "seed {seed}: the device holds nothing");
+            let results = t.results(&mut p);
+            for (item, r) in results.iter().enumerate() {
+                assert_eq!(
+                    r.is_err(),
+                    doomed.contains(&item),
+                    "seed {seed}, item {item}: {r:?}"
+                );
+            }
+        }
     }
 }
