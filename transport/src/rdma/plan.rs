@@ -188,8 +188,14 @@ pub fn plan<H>(
     let lanes = per_lane
         .into_iter()
         .map(|wrs| {
-            let mut chains: Vec<Vec<WorkRequest>> =
-                wrs.chunks(chain_len).map(<[WorkRequest]>::to_vec).collect();
+            // Moved, not copied, into chains of `chain_len`.
+            let mut chains: Vec<Vec<WorkRequest>> = Vec::new();
+            for wr in wrs {
+                match chains.last_mut() {
+                    Some(chain) if chain.len() < chain_len => chain.push(wr),
+                    _ => chains.push(vec![wr]),
+                }
+            }
             for chain in &mut chains {
                 if let Some(last) = chain.last_mut() {
                     last.signaled = true;
@@ -231,25 +237,21 @@ fn split<H>(
     let max_sge = limits.max_sge as usize;
     let mut wrs = Vec::new();
     let mut regions = Vec::new();
-    let mut cur = WorkRequest {
-        item,
-        op: t.op,
-        remote_addr: remote_base,
-        rkey,
-        sges: Vec::new(),
-        signaled: false,
-    };
     let mut cur_len = 0u64;
     let mut done = 0u64;
     // Ends the current request; the next starts where this one's bytes end remotely.
-    let flush = |wrs: &mut Vec<WorkRequest>, cur: &mut WorkRequest, done: u64| {
-        let next = WorkRequest {
-            remote_addr: remote_base + done,
-            sges: Vec::new(),
-            ..cur.clone()
-        };
-        wrs.push(std::mem::replace(cur, next));
+    let fresh = |remote_addr: u64| WorkRequest {
+        item,
+        op: t.op,
+        remote_addr,
+        rkey,
+        sges: Vec::with_capacity(max_sge.min(t.local.len())),
+        signaled: false,
     };
+    let flush = |wrs: &mut Vec<WorkRequest>, cur: &mut WorkRequest, done: u64| {
+        wrs.push(std::mem::replace(cur, fresh(remote_base + done)));
+    };
+    let mut cur = fresh(remote_base);
     // Empty pieces are skipped, as the TCP engine skips empty slices.
     for p in t.local.iter().filter(|p| p.len > 0) {
         let region = local.lookup(p.addr, p.len)?;
