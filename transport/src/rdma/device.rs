@@ -7,9 +7,10 @@
 //! connection by its handshake:
 //!
 //! - node: on `RdmaConnect`, [`RdmaDevice::accept`] creates as many queue pairs as the client
-//!   asked for, brings them to ready-to-send against the client's, and returns the answer
-//!   (its port, its QPs, its segments) and an [`RdmaPeer`] to keep alive with the connection.
-//!   The node never posts: the client's READs and WRITEs are one-sided.
+//!   asked for (at most its own `lanes`), brings them to ready-to-send against the client's,
+//!   and returns the answer (its port, its QPs, its segments) and an [`RdmaPeer`] to keep
+//!   alive with the connection. The node never posts: the client's READs and WRITEs are
+//!   one-sided.
 //! - client: [`RdmaDevice::connect`] creates the queue pairs and the request to send;
 //!   [`Connecting::finish`] takes the node's answer and yields the [`RdmaPeer`] whose
 //!   [`RdmaPeer::run`] moves batches.
