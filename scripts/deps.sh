@@ -9,8 +9,12 @@ pkg_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "insta
 
 # librocksdb-dev: the NVMe tier's index links the system RocksDB; libclang-dev and clang run
 # its bindgen. etcd-server: the HA tests start a real etcd; protobuf-compiler and
-# libprotobuf-dev: the etcd-client crate runs protoc at build time.
-for p in build-essential pkg-config librocksdb-dev libclang-dev clang etcd-server protobuf-compiler libprotobuf-dev; do
+# libprotobuf-dev: the etcd-client crate runs protoc at build time. libibverbs-dev, cmake,
+# libnl-3-dev, libnl-route-3-dev, python3 (and clang): the transport's `rdma` feature, whose
+# ibverbs-sys configures a vendored rdma-core with cmake, runs bindgen on its headers and
+# links the system libibverbs (the default build needs none of them).
+for p in build-essential pkg-config librocksdb-dev libclang-dev clang etcd-server protobuf-compiler libprotobuf-dev \
+  libibverbs-dev cmake libnl-3-dev libnl-route-3-dev python3; do
   pkg_installed "$p" || need_pkgs+=("$p")
 done
 # Tests and benchmarks that compare with a peer use these when present.

@@ -10,6 +10,7 @@
 //! - [`error`]: [`ErrorCode`], the stable error numbers shared by all crates and the wire.
 //! - [`layout`]: where a value sits in an NVMe record (shared by master, node and client).
 //! - [`units`]: human sizes and durations for configs and flags.
+//! - [`rdma`]: the RDMA queue-pair handshake carried over a data connection.
 //!
 //! A frame is `header | body | payload`: the body is a postcard-encoded message, the payload
 //! raw object bytes that no serializer touches. See `docs/protocol.md`.
@@ -19,6 +20,7 @@ pub mod error;
 pub mod header;
 pub mod layout;
 pub mod msg;
+pub mod rdma;
 pub mod units;
 
 pub use auth::Token;

@@ -108,6 +108,8 @@ pub enum Opcode {
     Leave = 0x22,
     Read = 0x40,
     Write = 0x41,
+    /// RDMA queue-pair handshake (`crate::rdma`); data-plane opcodes 0x48..0x4f are RDMA's.
+    RdmaConnect = 0x48,
     HandoffClaim = 0x60,
     HandoffDone = 0x61,
     HandoffAbort = 0x62,
@@ -132,6 +134,7 @@ impl Opcode {
         Opcode::Leave,
         Opcode::Read,
         Opcode::Write,
+        Opcode::RdmaConnect,
         Opcode::HandoffClaim,
         Opcode::HandoffDone,
         Opcode::HandoffAbort,
