@@ -1,0 +1,151 @@
+//! Reliability with the real binary: bad configuration is refused at start naming the bad
+//! value, a start that fails after `ready` still exits non-zero, and a panic inside the
+//! master's state machine stops that master (exit non-zero, reason on stderr) so that a
+//! standby takes over instead of anyone serving a half-applied update.
+
+use std::{sync::Arc, time::Duration};
+
+use kvpool_proto::PutOptions;
+use kvpool_tests::{client, etcd_client, probe, run_kvpool, stderr, the_leader, value, Etcd, Proc};
+
+fn log_path(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "kvpool-reliability-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).expect("log dir");
+    dir.join(name)
+}
+
+#[test]
+fn malformed_addresses_are_refused_at_start_naming_the_value() {
+    for args in [
+        &["master", "--listen", "127.0.0.1:0", "--etcd", "::bad::"][..],
+        &[
+            "master",
+            "--listen",
+            "127.0.0.1:0",
+            "--advertise",
+            "no-port",
+        ],
+        &["store", "--listen", "127.0.0.1:0", "--etcd", "::bad::"],
+    ] {
+        let o = run_kvpool(args, &[], None);
+        let bad = args[args.len() - 1];
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains(&format!("{bad:?}")),
+            "{args:?}: the error names the value: {}",
+            stderr(&o)
+        );
+        assert!(
+            !String::from_utf8_lossy(&o.stdout).contains("ready"),
+            "{args:?} refused before ready"
+        );
+    }
+}
+
+#[test]
+fn a_start_that_fails_after_ready_exits_non_zero_with_the_reason() {
+    // A wildcard listen address with etcd needs --advertise; the election cannot start.
+    let o = run_kvpool(
+        &[
+            "master",
+            "--listen",
+            "0.0.0.0:0",
+            "--etcd",
+            "http://127.0.0.1:9",
+        ],
+        &[],
+        None,
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("ready master="));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("advertise"), "{}", stderr(&o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_the_state_machine_stops_the_master_with_a_non_zero_exit() {
+    let log = log_path("master.log");
+    let mut master = Proc::start_logged(
+        &["master", "--listen", "127.0.0.1:0"],
+        &[("KVPOOL_FAULT_MASTER_PANIC", "PutStart")],
+        &log,
+    );
+    let m = master.addr("master");
+    let _node = kvpool_tests::store(&m, "n1");
+    let c = Arc::new(client(&m));
+    kvpool_tests::wait_until("the node registered", Duration::from_secs(20), || {
+        let c = c.clone();
+        async move { kvpool_tests::alive_nodes(&c).await == 1 }
+    })
+    .await;
+    assert!(
+        c.put(b"k", &value(1, 4096), &PutOptions::default())
+            .await
+            .is_err(),
+        "the put whose request panicked is not acknowledged"
+    );
+    let st = tokio::task::spawn_blocking(move || {
+        let st = master.wait_exit(Duration::from_secs(20));
+        (st, master)
+    })
+    .await
+    .unwrap()
+    .0
+    .expect("the master exits after the panic");
+    assert_eq!(st.code(), Some(2), "exit status {st:?}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("injected fault"),
+        "the panic is logged: {text}"
+    );
+    assert!(
+        text.contains("state machine panicked"),
+        "the reason is on stderr: {text}"
+    );
+    // It no longer answers at all: nothing is served from the poisoned map.
+    assert!(c.status().await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_poisoned_leader_exits_and_a_standby_takes_over() {
+    let etcd = Etcd::start();
+    let log = log_path("leader.log");
+    let mut first = Proc::start_logged(
+        &["master", "--listen", "127.0.0.1:0", "--etcd", &etcd.url],
+        &[("KVPOOL_FAULT_MASTER_PANIC", "PutStart")],
+        &log,
+    );
+    let probes = [probe(&first.addr("master"))];
+    assert_eq!(the_leader(&probes, Duration::from_secs(20)).await, 0);
+    let _standby = Proc::start(&["master", "--listen", "127.0.0.1:0", "--etcd", &etcd.url]);
+    let _node = Proc::start(&[
+        "store",
+        "--listen",
+        "127.0.0.1:0",
+        "--etcd",
+        &etcd.url,
+        "--dram",
+        "64MiB",
+    ]);
+    let c = Arc::new(etcd_client(&etcd.url));
+    kvpool_tests::wait_until("the node registered", Duration::from_secs(20), || {
+        let c = c.clone();
+        async move { kvpool_tests::alive_nodes(&c).await == 1 }
+    })
+    .await;
+    // The client's first try panics the leader; its retries reach the standby, which has
+    // rebuilt the map from the node and takes the put.
+    let v = value(7, 8192);
+    c.put(b"after-failover", &v, &PutOptions::default())
+        .await
+        .expect("the put succeeds on the new leader");
+    assert_eq!(c.get(b"after-failover").await.expect("get"), Some(v));
+    let st = tokio::task::spawn_blocking(move || first.wait_exit(Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .expect("the poisoned leader exited");
+    assert_eq!(st.code(), Some(2));
+}
