@@ -324,8 +324,9 @@ fn a_tier_larger_than_its_disk_is_refused_clearly() {
             .arg(&img)
             .arg(&mnt))
     {
-        eprintln!(
-            "SKIPPED: cannot make and mount a small filesystem here (needs root and a loop device)"
+        kvpool_tests::skipped(
+            "tiering a_tier_larger_than_its_disk_is_refused_clearly",
+            "cannot make and mount a small filesystem here (needs root and a loop device)",
         );
         let _ = std::fs::remove_dir_all(dir);
         return;

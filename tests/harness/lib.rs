@@ -12,11 +12,14 @@ use std::{
 };
 
 use kvpool_client::{Client, ClientConfig, ErrorCode};
+
+mod skip;
 use kvpool_proto::Status;
 use kvpool_transport::{
     rpc::{RpcClient, RpcOptions},
     TransportError,
 };
+pub use skip::{skipped, SKIP_LOG};
 
 /// The `kvpool` binary built next to the running test (`target/<profile>/kvpool`), or
 /// `$KVPOOL_BIN`.
