@@ -533,6 +533,10 @@ pub struct Heartbeat {
     pub done: Vec<TaskDone>,
     /// Segments that failed (I/O error, full disk) and should get no new data.
     pub unhealthy: Vec<SegmentId>,
+    /// Replicas the node found it cannot serve (a corrupt or torn NVMe record) and has
+    /// dropped on its own since its last heartbeat. The master forgets them at once, so
+    /// lookups stop counting them; objects left without a replica become misses.
+    pub lost: Vec<ReplicaId>,
 }
 
 /// A copy the master asks a node to make between two of its own segments: demotion (DRAM to

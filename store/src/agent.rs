@@ -175,12 +175,15 @@ async fn heartbeat_until_lost(node: &Arc<Node>, client: &RpcClient, interval: Du
         }
         let done = tasks.take_done();
         let sent = done.clone();
+        let lost = node.take_lost();
+        let lost_sent = lost.clone();
         match client
             .call(&Heartbeat {
                 node: node.id(),
                 acked,
                 done,
                 unhealthy: node.unhealthy(),
+                lost,
             })
             .await
         {
@@ -213,6 +216,7 @@ async fn heartbeat_until_lost(node: &Arc<Node>, client: &RpcClient, interval: Du
             Err(e) => {
                 // The master may not have heard of these; say them again next time.
                 tasks.put_back(sent);
+                node.put_back_lost(lost_sent);
                 // Keep heartbeating: a master that comes back answers need_register if it lost
                 // this node, and a transient failure costs nothing.
                 if !failing {

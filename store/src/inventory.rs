@@ -172,6 +172,32 @@ impl Inventory {
     }
 }
 
+/// Replicas this node dropped on its own (a corrupt NVMe record found by a read), waiting
+/// to be reported in the next heartbeat so the master stops handing them out.
+#[derive(Debug, Default)]
+pub struct LostReplicas(Mutex<Vec<ReplicaId>>);
+
+impl LostReplicas {
+    fn lock(&self) -> MutexGuard<'_, Vec<ReplicaId>> {
+        // Pushes and swaps only: nothing a panic could leave half done.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn record(&self, id: ReplicaId) {
+        self.lock().push(id);
+    }
+
+    /// Everything recorded since the last take, for a heartbeat.
+    pub fn take(&self) -> Vec<ReplicaId> {
+        std::mem::take(&mut *self.lock())
+    }
+
+    /// A heartbeat that carried `ids` failed: report them again next time.
+    pub fn put_back(&self, ids: Vec<ReplicaId>) {
+        self.lock().extend(ids);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,6 +248,21 @@ mod tests {
         assert_eq!(inv.get(ReplicaId(1)).unwrap().offset, 50);
         inv.record(tag(2, 1, 0, 10, 0));
         assert_eq!(ids(&inv), [1, 2]);
+    }
+
+    #[test]
+    fn lost_replicas_are_taken_once_and_put_back_after_a_failed_report() {
+        let lost = LostReplicas::default();
+        lost.record(ReplicaId(1));
+        lost.record(ReplicaId(2));
+        let sent = lost.take();
+        assert_eq!(sent, [ReplicaId(1), ReplicaId(2)]);
+        assert!(lost.take().is_empty());
+        lost.record(ReplicaId(3));
+        lost.put_back(sent);
+        let mut again = lost.take();
+        again.sort();
+        assert_eq!(again, [ReplicaId(1), ReplicaId(2), ReplicaId(3)]);
     }
 
     #[test]

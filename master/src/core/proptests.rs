@@ -216,6 +216,7 @@ impl Sim {
                 acked,
                 done,
                 unhealthy,
+                lost: Vec::new(),
             },
         );
         if hb.need_register {
@@ -489,7 +490,7 @@ proptest! {
             sim.heartbeat(n, true);
             sim.heartbeat(n, true);
             let acked = sim.nodes[&n].acked;
-            let hb = sim.core.heartbeat(sim.now, Heartbeat { node: NodeId(n), acked, done: Vec::new(), unhealthy: Vec::new() });
+            let hb = sim.core.heartbeat(sim.now, Heartbeat { node: NodeId(n), acked, done: Vec::new(), unhealthy: Vec::new(), lost: Vec::new() });
             prop_assert!(hb.frees.is_empty());
         }
     }

@@ -163,6 +163,9 @@ impl MasterCore {
                     _ => {}
                 }
             }
+            for r in &req.lost {
+                self.forget_lost_replica(req.node, *r);
+            }
             for d in &req.done {
                 // Only the node the task went to may end it; anything else (a task of a
                 // previous master, a duplicate report) is ignored.
