@@ -149,3 +149,103 @@ async fn a_poisoned_leader_exits_and_a_standby_takes_over() {
         .expect("the poisoned leader exited");
     assert_eq!(st.code(), Some(2));
 }
+
+/// How long after its last write a node assumes a put has ended
+/// (`kvpool_store::inventory::UNCONFIRMED_GRACE`), plus two heartbeats for the leader's
+/// answers that prove a put was never committed.
+const ABANDON_AFTER: Duration = Duration::from_secs(5 + 2);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failover_restores_pins_and_never_commits_an_unacknowledged_put() {
+    let etcd = Etcd::start();
+    let log = log_path("leader.log");
+    // The first leader refuses (unapplied) the PutEnd of keys containing "zombie": those
+    // puts are fully written and never committed.
+    let mut first = Proc::start_logged(
+        &["master", "--listen", "127.0.0.1:0", "--etcd", &etcd.url],
+        &[("KVPOOL_FAULT_MASTER_REFUSE", "PutEnd@zombie")],
+        &log,
+    );
+    let probes = [probe(&first.addr("master"))];
+    assert_eq!(the_leader(&probes, Duration::from_secs(20)).await, 0);
+    let _standby = Proc::start(&["master", "--listen", "127.0.0.1:0", "--etcd", &etcd.url]);
+    let _node = Proc::start(&[
+        "store",
+        "--listen",
+        "127.0.0.1:0",
+        "--etcd",
+        &etcd.url,
+        "--dram",
+        "64MiB",
+    ]);
+    let c = Arc::new(etcd_client(&etcd.url));
+    kvpool_tests::wait_until("the node registered", Duration::from_secs(20), || {
+        let c = c.clone();
+        async move { kvpool_tests::alive_nodes(&c).await == 1 }
+    })
+    .await;
+
+    let pinned = PutOptions {
+        hard_pin: true,
+        ..PutOptions::default()
+    };
+    c.put(b"pinned", &value(1, 4096), &pinned).await.unwrap();
+    c.put(b"plain", &value(2, 4096), &PutOptions::default())
+        .await
+        .unwrap();
+    let e = c
+        .put(b"zombie-1", &value(3, 4096), &PutOptions::default())
+        .await
+        .expect_err("the leader refuses this put's commit");
+    assert!(e.to_string().contains("injected fault"), "{e}");
+    // The commits reach the node's inventory (notices acknowledged)...
+    kvpool_tests::wait_until(
+        "commit notices acknowledged",
+        Duration::from_secs(10),
+        || {
+            let c = c.clone();
+            async move {
+                c.status()
+                    .await
+                    .is_ok_and(|s| s.nodes.iter().all(|n| n.pending_commits == 0))
+            }
+        },
+    )
+    .await;
+    // ...and the zombie's grace runs out while the leader keeps answering heartbeats: a rule
+    // about elapsed time, so this waits that time rather than a condition.
+    tokio::time::sleep(ABANDON_AFTER).await;
+
+    first.kill();
+    // Only the new leader can report the node (the old one is gone).
+    kvpool_tests::wait_until(
+        "the node registered with the new leader",
+        Duration::from_secs(30),
+        || {
+            let c = c.clone();
+            async move { kvpool_tests::alive_nodes(&c).await == 1 }
+        },
+    )
+    .await;
+    c.put(b"after", &value(4, 4096), &PutOptions::default())
+        .await
+        .expect("the new leader takes puts");
+
+    let found = c
+        .exists(&[b"pinned", b"plain", b"zombie-1", b"after"], false)
+        .await;
+    let found: Vec<bool> = found.into_iter().map(|r| r.unwrap()).collect();
+    assert_eq!(
+        found,
+        [true, true, false, true],
+        "committed puts survive; the never-committed one does not come back"
+    );
+    assert_eq!(c.get(b"plain").await.unwrap(), Some(value(2, 4096)));
+    // The pin came back with the inventory: a plain remove is refused.
+    let r = c.remove(&[b"pinned"], false).await.pop().unwrap();
+    assert_eq!(
+        r.expect_err("still hard-pinned").code(),
+        kvpool_proto::ErrorCode::Pinned
+    );
+    c.remove(&[b"pinned"], true).await.pop().unwrap().unwrap();
+}

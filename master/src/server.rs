@@ -181,6 +181,7 @@ impl RpcService for Service {
     fn handle(&self, opcode: Opcode, body: &[u8]) -> Result<Vec<u8>, WireError> {
         let now = self.now();
         self.admit()?;
+        self.faults.admit(opcode, body)?;
         match opcode {
             Opcode::PutStart => call(self, opcode, body, |c, r| c.put_start(now, r)),
             Opcode::PutEnd => call(self, opcode, body, |c, r| c.put_end(now, r)),

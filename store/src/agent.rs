@@ -177,6 +177,7 @@ async fn heartbeat_until_lost(node: &Arc<Node>, client: &RpcClient, interval: Du
         let sent = done.clone();
         let lost = node.take_lost();
         let lost_sent = lost.clone();
+        let sent_at = std::time::Instant::now();
         match client
             .call(&Heartbeat {
                 node: node.id(),
@@ -196,8 +197,13 @@ async fn heartbeat_until_lost(node: &Arc<Node>, client: &RpcClient, interval: Du
                     tracing::info!(node = %node.id(), "master asks this node to register again");
                     return;
                 }
+                // Commits first: a free later in the same sequence wins over them.
+                node.inventory().confirm(&resp.commits);
                 if !resp.frees.is_empty() {
                     node.free(&resp.frees);
+                }
+                if !resp.more {
+                    node.inventory().heard_from_master(sent_at);
                 }
                 acked = acked.max(resp.frees_upto);
                 for task in resp.tasks {

@@ -107,6 +107,13 @@ impl NvmeSegment {
                 len: r.value_len,
                 checksum: r.checksum,
                 key: r.key,
+                // The node writes NVMe records only on the master's copy tasks, which copy
+                // committed objects alone. Pins are not kept on disk: a hard-pinned object is
+                // never demoted, and a soft pin only orders eviction.
+                commit: kvpool_proto::CommitState::Committed {
+                    hard_pin: false,
+                    soft_pin: false,
+                },
             })
             .collect()
     }

@@ -4,7 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
-use kvpool_proto::{ClientId, NodeId, ReplicaId, SegmentId};
+use kvpool_proto::{ClientId, CommitNotice, NodeId, ReplicaId, SegmentId};
 
 use super::MasterCore;
 
@@ -303,6 +303,48 @@ impl MasterCore {
         tracing::warn!(%node, replica = replica.0, "node lost a replica (corrupt or unreadable); forgetting it");
         self.lost_replicas += 1;
         self.drop_replica(oid, replica);
+    }
+
+    /// The notice telling a replica's node that the object under `key` is committed, with its
+    /// pins; `None` unless the object is committed.
+    pub(crate) fn commit_notice(&self, key: &[u8], replica: ReplicaId) -> Option<CommitNotice> {
+        let (_, obj) = self.objects.lookup(key)?;
+        obj.is_complete().then_some(CommitNotice {
+            replica,
+            hard_pin: obj.hard_pin,
+            soft_pin: obj.soft_pin,
+        })
+    }
+
+    /// Tells the nodes holding an object's Ready replicas that it is committed (and how it
+    /// is pinned), so their inventories report it as such to a later master.
+    pub(crate) fn announce_commit(&mut self, id: ObjId) {
+        let Some(obj) = self.objects.get(id) else {
+            return;
+        };
+        if !obj.is_complete() {
+            return;
+        }
+        let notices: Vec<(SegmentId, CommitNotice)> = obj
+            .replicas
+            .iter()
+            .filter(|r| r.state == RepState::Ready)
+            .map(|r| {
+                (
+                    r.segment,
+                    CommitNotice {
+                        replica: r.id,
+                        hard_pin: obj.hard_pin,
+                        soft_pin: obj.soft_pin,
+                    },
+                )
+            })
+            .collect();
+        for (sid, notice) in notices {
+            if let Some(node) = self.cluster.segments.get(&sid).map(|s| s.node) {
+                self.cluster.queue_commit(node, notice);
+            }
+        }
     }
 
     /// Removes a replica from its object's list (nothing else).

@@ -256,6 +256,7 @@ impl Sim {
                 offset,
                 len: t.len,
                 checksum: t.checksum,
+                commit: CommitState::Unconfirmed,
             };
             fake.held.insert(t.replica, e);
         }
@@ -342,6 +343,7 @@ impl Sim {
                             offset: d.offset,
                             len: d.len,
                             checksum: (len % 7) as u32,
+                            commit: CommitState::Unconfirmed,
                         };
                         self.nodes.entry(d.node.0).or_default().held.insert(d.id, e);
                     }

@@ -231,10 +231,18 @@ impl MasterCore {
         };
         rep.state = RepState::Ready;
         let (segment, seq, recent) = (rep.segment, obj.access_seq, obj.in_recency());
-        if recent {
-            if let Some(seg) = self.cluster.segments.get_mut(&segment) {
+        let notice = kvpool_proto::CommitNotice {
+            replica: rid,
+            hard_pin: obj.hard_pin,
+            soft_pin: obj.soft_pin,
+        };
+        if let Some(seg) = self.cluster.segments.get_mut(&segment) {
+            if recent {
                 seg.recency.insert((seq, rid), oid);
             }
+            // The copy is of a committed object: the node's inventory says so from now on.
+            let node = seg.node;
+            self.cluster.queue_commit(node, notice);
         }
     }
 

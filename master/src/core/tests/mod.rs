@@ -10,6 +10,7 @@ use super::{CoreConfig, MasterCore};
 
 mod drain;
 mod eviction;
+mod failover;
 mod lost;
 mod membership;
 mod placement;
@@ -73,6 +74,7 @@ pub(super) fn inventory_entry(r: &ReplicaDesc, key: &str, checksum: u32) -> Inve
         offset: r.offset,
         len: r.len,
         checksum,
+        commit: CommitState::Unconfirmed,
     }
 }
 
