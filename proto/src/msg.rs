@@ -568,8 +568,9 @@ pub struct Heartbeat {
     pub lost: Vec<ReplicaId>,
 }
 
-/// A copy the master asks a node to make between two of its own segments: demotion (DRAM to
-/// NVMe) and promotion (NVMe to DRAM) are both this.
+/// A copy the master asks a node to make: between two of its own segments (demotion, DRAM to
+/// NVMe; promotion, NVMe to DRAM), or from another node's segment into its own (a drain's
+/// move, `from_addr` set).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CopyTask {
     pub id: u64,
@@ -585,6 +586,10 @@ pub struct CopyTask {
     /// Where the value goes in `to`; for an NVMe segment, the start of the record (header
     /// first, see [`crate::layout`]).
     pub to_offset: u64,
+    /// The data address of the node holding `from` when that is another node (a drain moving
+    /// a sole copy away): the node running the task reads the value from there. `None`: both
+    /// segments are the node's own.
+    pub from_addr: Option<String>,
 }
 
 /// How a task ended.

@@ -3,8 +3,11 @@
 //! does to the replicas involved.
 //!
 //! A task's target replica is Filling until the node reports the copy done; a demotion's source
-//! is Leaving until then. A task always runs between two segments of one node, so a node's
-//! death or re-registration takes its tasks, sources and targets together.
+//! is Leaving until then. Demotions and promotions run between two segments of one node, so a
+//! node's death or re-registration takes their tasks, sources and targets together. A drain's
+//! move runs on the target's node, which pulls from the draining node: when the source's node
+//! goes, the object keeps only the Filling target and is dropped, and the task keeps the
+//! target's range until it ends.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -18,6 +21,8 @@ use super::{MasterCore, MAX_TASKS_PER_HEARTBEAT};
 pub(crate) enum TaskKind {
     Demote,
     Promote,
+    /// A drain's copy of a sole replica to another node (which pulls it).
+    Move,
 }
 
 #[derive(Debug, Clone)]
@@ -109,6 +114,11 @@ impl Tasks {
 
     pub fn len(&self) -> usize {
         self.pending.len()
+    }
+
+    /// Pending tasks of one kind.
+    pub fn count_kind(&self, kind: TaskKind) -> usize {
+        self.pending.values().filter(|t| t.kind == kind).count()
     }
 
     /// Tasks issued before `deadline`.
