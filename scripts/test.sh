@@ -7,6 +7,10 @@ source scripts/deps.sh
 # A build folder outside the clone, so a fresh clone (CI) reuses earlier builds.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kvpool-target}"
 export CARGO_TERM_COLOR=never
+# Small filesystem, loop device and the skip log; the summary of skips prints on exit, after
+# a failure too (docs/reliability.md).
+source scripts/test-fixtures.sh
+trap 'status=$?; kvpool_skip_summary; kvpool_fixtures_teardown; exit $status' EXIT
 
 echo "== fmt"
 cargo fmt --all -- --check

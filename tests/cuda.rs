@@ -2,8 +2,8 @@
 //! through pinned staging, loaded into a second GPU cache (another layout) and into a host
 //! cache, and read back byte for byte; a host-saved block is loaded into GPU memory.
 //!
-//! Needs a CUDA device: where none is found (no driver, no GPU) every test prints
-//! `skipping: ...` and passes.
+//! Needs a CUDA device: where none is found (no driver, no GPU) every test reports itself
+//! skipped (`kvpool_tests::skipped`: listed in `scripts/test.sh`'s summary) and returns.
 
 use std::sync::Arc;
 
@@ -32,7 +32,7 @@ fn gpu(test: &str) -> Option<Arc<CudaContext>> {
     match open_device(0) {
         Ok(ctx) => Some(ctx),
         Err(GpuError::NoDevice(why)) => {
-            eprintln!("skipping {test}: {why}");
+            kvpool_tests::skipped(&format!("cuda {test}"), &format!("no CUDA device: {why}"));
             None
         }
         Err(e) => panic!("opening CUDA device 0: {e}"),

@@ -205,7 +205,7 @@ async fn restarted_master_gets_objects_back_from_live_nodes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drained_node_empties_with_progress_and_takes_no_new_data() {
+async fn drained_node_moves_its_data_away_with_progress_and_takes_no_new_data() {
     let cfg = config_file(FAST_TTL);
     let m = master(&cfg, "127.0.0.1:0");
     let addr = m.addr("master");
@@ -240,21 +240,19 @@ async fn drained_node_empties_with_progress_and_takes_no_new_data() {
     let st = c.status().await.unwrap();
     let b = st.nodes.iter().find(|n| n.name == "b").unwrap();
     assert!(b.draining && b.segments.iter().all(|s| s.objects == 0 && s.used == 0));
-    // Objects with a copy on `a` are intact; the others are misses, never wrong bytes.
+    // Every object is intact on `a`: sole copies on `b` were moved there (a pulled them from
+    // b's data server) before b let them go.
     for i in 0..40u64 {
-        let got = c.get(format!("d/{i}").as_bytes()).await.unwrap();
-        if i % 2 == 1 {
-            assert_eq!(
-                got.as_deref(),
-                Some(&value(i, len)[..]),
-                "d/{i} had a copy on a"
-            );
-        } else {
-            assert!(
-                got.is_none() || got.as_deref() == Some(&value(i, len)[..]),
-                "d/{i}"
-            );
-        }
+        let key = format!("d/{i}");
+        let got = c.get(key.as_bytes()).await.unwrap();
+        assert_eq!(got.as_deref(), Some(&value(i, len)[..]), "{key}");
+        let info = c.locate(&[key.as_bytes()]).await.pop().unwrap().unwrap();
+        let info = info.expect("located");
+        assert!(!info.replicas.is_empty(), "{key} has a replica");
+        assert!(
+            info.replicas.iter().all(|r| r.node != b.id),
+            "{key} has no replica left on the drained node"
+        );
     }
     // New data lands on `a` only.
     for i in 0..10u64 {

@@ -2,7 +2,8 @@
 //! hosts, each in its own network namespace with its own address, joined by veth pairs to a
 //! bridge that lives in a namespace of its own. Nothing is added to the root namespace: every
 //! link and address is inside a namespace this test creates, and a drop guard deletes them
-//! all (also on panic). Needs root and iproute2; prints `SKIPPED: ...` and passes otherwise.
+//! all (also on panic). Needs root and iproute2; reports itself skipped
+//! (`kvpool_tests::skipped`, listed in `scripts/test.sh`'s summary) otherwise.
 //!
 //! The test's own client code runs on threads that `setns(2)` into a client host's
 //! namespace, so its sockets live there. Every wait is a deadline poll.
@@ -262,7 +263,7 @@ fn two_masters_three_stores_each_on_its_own_host() {
     let net = match Net::create() {
         Ok(n) => n,
         Err(why) => {
-            eprintln!("SKIPPED: {why}");
+            kvpool_tests::skipped("netns two_masters_three_stores_each_on_its_own_host", &why);
             return;
         }
     };

@@ -64,7 +64,8 @@ pub async fn master(mut cfg: Config, a: MasterArgs) -> anyhow::Result<ExitCode> 
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "master listening");
     ready(&format!("master={addr}"));
-    kvpool_master::server::run(listener, &cfg.master, shutdown_signal()).await;
+    // Failing after `ready` still exits non-zero with the reason: a supervisor restarts it.
+    kvpool_master::server::run(listener, &cfg.master, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -144,7 +145,7 @@ pub async fn up(mut cfg: Config, a: UpArgs) -> anyhow::Result<ExitCode> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let master_cfg = cfg.master.clone();
     let mut master_rx = stop_rx.clone();
-    let master = tokio::spawn(async move {
+    let mut master = tokio::spawn(async move {
         kvpool_master::server::run(master_listener, &master_cfg, async move {
             let _ = master_rx.wait_for(|s| *s).await;
         })
@@ -161,6 +162,12 @@ pub async fn up(mut cfg: Config, a: UpArgs) -> anyhow::Result<ExitCode> {
     let client = kvpool_client::Client::new(probe);
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
+        if master.is_finished() {
+            // It failed to start (or stopped): say why instead of waiting out the deadline.
+            store.shutdown().await;
+            (&mut master).await.context("the master task")??;
+            anyhow::bail!("the master stopped before the storage node registered");
+        }
         match client.status().await {
             Ok(s) if s.nodes.iter().any(|n| n.alive) => break,
             _ if tokio::time::Instant::now() > deadline => {
@@ -178,11 +185,20 @@ pub async fn up(mut cfg: Config, a: UpArgs) -> anyhow::Result<ExitCode> {
         store.local_addr(),
         cfg.store.dram
     );
-    shutdown_signal().await;
+    // The master may stop on its own (a poisoned state machine): then the whole process
+    // stops and says why, rather than keep a node serving for a master that is gone.
+    let master_stopped = tokio::select! {
+        () = shutdown_signal() => None,
+        r = &mut master => Some(r),
+    };
     store.shutdown().await;
     let _ = stop_tx.send(true);
-    let _ = master.await;
+    let outcome = match master_stopped {
+        Some(r) => r,
+        None => master.await,
+    };
     drop(stop_rx);
+    outcome.context("the master task")??;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -130,8 +130,8 @@ pub async fn status(cfg: Config, a: StatusArgs) -> anyhow::Result<ExitCode> {
         for n in &s.nodes {
             for seg in &n.segments {
                 println!(
-                    "node={} name={} addr={} alive={} draining={} pending_frees={} segment={} tier={} healthy={} capacity={} used={} objects={}",
-                    n.id, n.name, n.addr, n.alive, n.draining, n.pending_frees, seg.id, seg.tier, seg.healthy, seg.capacity, seg.used, seg.objects
+                    "node={} name={} addr={} alive={} draining={} pending_frees={} pending_commits={} segment={} tier={} healthy={} capacity={} used={} objects={}",
+                    n.id, n.name, n.addr, n.alive, n.draining, n.pending_frees, n.pending_commits, seg.id, seg.tier, seg.healthy, seg.capacity, seg.used, seg.objects
                 );
             }
         }

@@ -30,6 +30,9 @@ use etcd_client::{
 };
 use tokio::{sync::watch, task::JoinHandle, time::Instant};
 
+mod addr;
+pub use addr::{check_etcd_endpoint, check_host_port, AddrError};
+
 /// Lease TTL a leader holds (docs/design.md §3, high availability: Mooncake's default).
 pub const DEFAULT_TTL: Duration = Duration::from_secs(5);
 /// Cluster name when none is given (`--cluster` / `KVPOOL_CLUSTER`).

@@ -149,6 +149,14 @@ impl MasterConfig {
         if self.cluster.is_empty() || self.cluster.contains('/') {
             return Err("master.cluster must be a non-empty name without '/'".into());
         }
+        // A malformed address is a typo, not an outage: refuse it now rather than retry it
+        // forever. Only well-formed but unreachable endpoints are retried.
+        for e in &self.etcd {
+            kvpool_ha::check_etcd_endpoint(e).map_err(|e| format!("master.etcd: {e}"))?;
+        }
+        if let Some(a) = &self.advertise {
+            kvpool_ha::check_host_port(a).map_err(|e| format!("master.advertise: {e}"))?;
+        }
         Ok(())
     }
 
@@ -253,6 +261,34 @@ mod tests {
             let e = c.validate().expect_err(key);
             assert!(e.contains(&format!("master.{key}")), "{e}");
         }
+    }
+
+    #[test]
+    fn malformed_addresses_are_refused_by_key_and_value() {
+        let c = MasterConfig {
+            etcd: vec!["http://127.0.0.1:2379".into(), "::bad::".into()],
+            ..MasterConfig::default()
+        };
+        let e = c.validate().unwrap_err();
+        assert!(
+            e.starts_with("master.etcd:") && e.contains("\"::bad::\""),
+            "{e}"
+        );
+        let c = MasterConfig {
+            advertise: Some("10.0.0.1".into()),
+            ..MasterConfig::default()
+        };
+        let e = c.validate().unwrap_err();
+        assert!(
+            e.starts_with("master.advertise:") && e.contains("\"10.0.0.1\""),
+            "{e}"
+        );
+        let ok = MasterConfig {
+            etcd: vec!["10.0.0.1:2379".into(), "http://etcd-1:2379/".into()],
+            advertise: Some("[::1]:50051".into()),
+            ..MasterConfig::default()
+        };
+        assert_eq!(ok.validate(), Ok(()));
     }
 
     #[test]

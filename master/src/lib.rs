@@ -8,11 +8,14 @@
 //!   nodes. It owns no socket, clock or thread: time is an argument, so that the server
 //!   shell, tests and simulations drive it the same way.
 //! - [`server`]: the async shell: decode, lock, call the core with the time, encode.
+//! - `faults`: fault injection for end-to-end tests (`KVPOOL_FAULT_MASTER_PANIC`), off
+//!   unless set.
 //! - [`config`]: [`config::MasterConfig`], the `[master]` section of the config file.
 
 pub mod alloc;
 pub mod config;
 pub mod core;
+mod faults;
 pub mod server;
 
 pub use crate::alloc::{Allocation, OffsetAllocator};

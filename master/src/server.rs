@@ -7,17 +7,24 @@
 //! get `need_register` on their next heartbeat and report their inventories again, which
 //! rebuilds the object map. Losing leadership drops the core, so a later term starts empty
 //! too and never serves a stale map.
+//!
+//! Failing loudly: [`run`] returns why it stopped. A start that cannot serve (unreadable
+//! token file, an election that cannot start) is an error even after `ready` was printed,
+//! and a panic while the core is locked stops serving at once: the core may hold a
+//! half-applied update, so the process exits non-zero and, under HA, a standby takes over
+//! from the nodes' inventories instead of anyone serving the damaged map.
 
 use std::{
     future::Future,
-    sync::{Arc, Mutex},
+    ops::{Deref, DerefMut},
+    sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use kvpool_proto::{decode_body, encode_body, FrameLimits, Message, Opcode, WireError};
 use kvpool_transport::server::{serve_rpc_with, RpcService, ServerOptions};
 use serde::Serialize;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Notify};
 
 use crate::{config::MasterConfig, core::MasterCore};
 
@@ -25,6 +32,59 @@ struct Service {
     core: Mutex<MasterCore>,
     epoch: Instant,
     ha: Option<Ha>,
+    /// Notified once the core is found poisoned (a panic while it was locked): [`run`]
+    /// stops serving and returns [`ServeError::Poisoned`].
+    fatal: Notify,
+    faults: crate::faults::Faults,
+}
+
+/// Why the master stopped serving on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("not serving: {0}")]
+    Start(String),
+    #[error(
+        "stopped serving: the state machine panicked while applying a request, so its map may \
+         hold a half-applied update (the panic is logged above); a standby or a restarted \
+         master rebuilds the map from the nodes' inventories"
+    )]
+    Poisoned,
+}
+
+/// The locked core. Dropping it during a panic (the lock is then poisoned) tells [`run`] to
+/// stop serving at once, without waiting for the next request to find the poison.
+struct CoreGuard<'a> {
+    guard: MutexGuard<'a, MasterCore>,
+    fatal: &'a Notify,
+}
+
+impl Deref for CoreGuard<'_> {
+    type Target = MasterCore;
+    fn deref(&self) -> &MasterCore {
+        &self.guard
+    }
+}
+
+impl DerefMut for CoreGuard<'_> {
+    fn deref_mut(&mut self) -> &mut MasterCore {
+        &mut self.guard
+    }
+}
+
+impl Drop for CoreGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // notify_one keeps a permit, so this counts even before run() waits.
+            self.fatal.notify_one();
+        }
+    }
+}
+
+fn poisoned() -> WireError {
+    WireError::new(
+        kvpool_proto::ErrorCode::Internal,
+        "the master's state machine failed and this master is stopping; retry on the next leader",
+    )
 }
 
 /// The HA gate: which term the core belongs to.
@@ -49,10 +109,19 @@ impl Service {
         self.epoch.elapsed()
     }
 
-    fn core(&self) -> std::sync::MutexGuard<'_, MasterCore> {
-        // The core is only mutated through whole requests; a panic inside one is a bug we
-        // would rather keep serving through than turn into a crash loop of every caller.
-        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    /// Locks the core. A poisoned lock is never cleared: the update that panicked may be
+    /// half applied, and serving from it could hand out space twice or lose a commit.
+    fn core(&self) -> Result<CoreGuard<'_>, WireError> {
+        match self.core.lock() {
+            Ok(guard) => Ok(CoreGuard {
+                guard,
+                fatal: &self.fatal,
+            }),
+            Err(_) => {
+                self.fatal.notify_one();
+                Err(poisoned())
+            }
+        }
     }
 
     /// Whether this master may act now (always, without HA). Switches the core to a fresh
@@ -64,7 +133,7 @@ impl Service {
         if *term != now_term {
             // Either way the old map must go: a new term rebuilds it from the nodes, and a
             // standby must not keep one that would be stale when it next leads.
-            *self.core() = MasterCore::new(ha.core_cfg.clone(), id_base());
+            *self.core()? = MasterCore::new(ha.core_cfg.clone(), id_base());
             *term = now_term;
             match now_term {
                 Some(t) => tracing::info!(
@@ -85,47 +154,57 @@ impl Service {
     }
 }
 
+/// Decodes a batch request, applies `f` to the locked core, encodes the answer.
 fn call<M: Message, R: Serialize>(
+    service: &Service,
+    opcode: Opcode,
     body: &[u8],
-    f: impl FnOnce(M) -> R,
+    f: impl FnOnce(&mut MasterCore, M) -> R,
 ) -> Result<Vec<u8>, WireError> {
-    let req: M = decode_body(body)?;
-    Ok(encode_body(&f(req)))
+    try_call(service, opcode, body, |core, req| Ok(f(core, req)))
 }
 
 /// [`call`] for a request that is not a batch: its error is the whole answer's.
 fn try_call<M: Message, R: Serialize>(
+    service: &Service,
+    opcode: Opcode,
     body: &[u8],
-    f: impl FnOnce(M) -> Result<R, WireError>,
+    f: impl FnOnce(&mut MasterCore, M) -> Result<R, WireError>,
 ) -> Result<Vec<u8>, WireError> {
     let req: M = decode_body(body)?;
-    Ok(encode_body(&f(req)?))
+    let mut core = service.core()?;
+    service.faults.before_apply(opcode);
+    Ok(encode_body(&f(&mut core, req)?))
 }
 
 impl RpcService for Service {
     fn handle(&self, opcode: Opcode, body: &[u8]) -> Result<Vec<u8>, WireError> {
         let now = self.now();
         self.admit()?;
+        self.faults.admit(opcode, body)?;
         match opcode {
-            Opcode::PutStart => call(body, |r| self.core().put_start(now, r)),
-            Opcode::PutEnd => call(body, |r| self.core().put_end(now, r)),
-            Opcode::PutRevoke => call(body, |r| self.core().put_revoke(now, r)),
-            Opcode::GetReplicas => call(body, |r| self.core().get_replicas(now, r)),
-            Opcode::Exists => call(body, |r| self.core().exists(now, r)),
-            Opcode::Remove => call(body, |r| self.core().remove(now, r)),
-            Opcode::RemoveAll => call(body, |r| self.core().remove_all(now, r)),
-            Opcode::Status => call(body, |_: kvpool_proto::Status| self.core().status(now)),
-            Opcode::Drain => call(body, |r| self.core().drain(now, r)),
-            Opcode::ListKeys => call(body, |r| self.core().list_keys(r)),
-            Opcode::RemoveRegex => try_call(body, |r| self.core().remove_regex(now, r)),
-            Opcode::Register => call(body, |r| self.core().register(now, r)),
-            Opcode::Heartbeat => call(body, |r| self.core().heartbeat(now, r)),
-            Opcode::Leave => call(body, |r| self.core().leave(now, r)),
+            Opcode::PutStart => call(self, opcode, body, |c, r| c.put_start(now, r)),
+            Opcode::PutEnd => call(self, opcode, body, |c, r| c.put_end(now, r)),
+            Opcode::PutRevoke => call(self, opcode, body, |c, r| c.put_revoke(now, r)),
+            Opcode::GetReplicas => call(self, opcode, body, |c, r| c.get_replicas(now, r)),
+            Opcode::Exists => call(self, opcode, body, |c, r| c.exists(now, r)),
+            Opcode::Remove => call(self, opcode, body, |c, r| c.remove(now, r)),
+            Opcode::RemoveAll => call(self, opcode, body, |c, r| c.remove_all(now, r)),
+            Opcode::Status => call(self, opcode, body, |c, _: kvpool_proto::Status| c.status(now)),
+            Opcode::Drain => call(self, opcode, body, |c, r| c.drain(now, r)),
+            Opcode::ListKeys => call(self, opcode, body, |c, r| c.list_keys(r)),
+            Opcode::RemoveRegex => try_call(self, opcode, body, |c, r| c.remove_regex(now, r)),
+            Opcode::Register => call(self, opcode, body, |c, r| c.register(now, r)),
+            Opcode::Heartbeat => call(self, opcode, body, |c, r| c.heartbeat(now, r)),
+            Opcode::Leave => call(self, opcode, body, |c, r| c.leave(now, r)),
             // The transport answers (and checks) Hello itself; this is only reached if a
             // server is wired without it, and then an answer is still the right one.
-            Opcode::Hello => call(body, |_: kvpool_proto::Hello| kvpool_proto::HelloResponse {
-                server_version: u16::from(kvpool_proto::header::VERSION),
-            }),
+            Opcode::Hello => {
+                let _: kvpool_proto::Hello = decode_body(body)?;
+                Ok(encode_body(&kvpool_proto::HelloResponse {
+                    server_version: u16::from(kvpool_proto::header::VERSION),
+                }))
+            }
             Opcode::Read | Opcode::Write | Opcode::RdmaConnect => Err(WireError::new(
                 kvpool_proto::ErrorCode::WrongService,
                 "data-plane request sent to the master; send it to a storage node",
@@ -140,27 +219,24 @@ impl RpcService for Service {
     }
 }
 
-/// Serves the master on `listener` until `shutdown` completes. With a token in `cfg` (or a
-/// `token_file` to read it from), every connection must present it first. A token file that
-/// cannot be read is fatal: the master logs why and does not serve, rather than serve open.
-pub async fn run(listener: TcpListener, cfg: &MasterConfig, shutdown: impl Future<Output = ()>) {
+/// Serves the master on `listener` until `shutdown` completes (`Ok`), or until it cannot
+/// go on (`Err`). With a token in `cfg` (or a `token_file` to read it from), every connection
+/// must present it first; a token file that cannot be read is fatal, rather than serve open.
+pub async fn run(
+    listener: TcpListener,
+    cfg: &MasterConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
     let mut cfg = cfg.clone();
-    if let Err(e) = cfg.load_token() {
-        tracing::error!("not serving: {e}");
-        return;
-    }
+    cfg.load_token().map_err(ServeError::Start)?;
     let cfg = &cfg;
-    let ha = match start_election(&listener, cfg) {
-        Ok(ha) => ha,
-        Err(e) => {
-            tracing::error!("not serving: {e}");
-            return;
-        }
-    };
+    let ha = start_election(&listener, cfg).map_err(ServeError::Start)?;
     let service = Arc::new(Service {
         core: Mutex::new(MasterCore::new(cfg.core(), id_base())),
         epoch: Instant::now(),
         ha,
+        fatal: Notify::new(),
+        faults: crate::faults::Faults::from_env(),
     });
     let ticker = {
         let service = service.clone();
@@ -172,9 +248,12 @@ pub async fn run(listener: TcpListener, cfg: &MasterConfig, shutdown: impl Futur
                 interval.tick().await;
                 let now = service.now();
                 // A standby has nothing to expire or evict; admit() also drops the map the
-                // moment leadership ends, even when no request arrives.
+                // moment leadership ends, even when no request arrives. A poisoned core has
+                // already told run() to stop.
                 if service.admit().is_ok() {
-                    service.core().tick(now);
+                    if let Ok(mut core) = service.core() {
+                        core.tick(now);
+                    }
                 }
             }
         })
@@ -186,12 +265,20 @@ pub async fn run(listener: TcpListener, cfg: &MasterConfig, shutdown: impl Futur
         limits: FrameLimits::default(),
         token: cfg.token.clone(),
     };
-    serve_rpc_with(listener, service.clone(), opts, shutdown).await;
+    // Dropping the server future closes the listener and every connection at once.
+    let outcome = tokio::select! {
+        () = serve_rpc_with(listener, service.clone(), opts, shutdown) => Ok(()),
+        () = service.fatal.notified() => Err(ServeError::Poisoned),
+    };
     ticker.abort();
     if let Some(ha) = &service.ha {
         // Hand leadership over at once instead of making the standbys wait out the lease.
         ha.election.resign().await;
     }
+    if let Err(e) = &outcome {
+        tracing::error!("{e}");
+    }
+    outcome
 }
 
 /// Starts campaigning when `cfg` names etcd endpoints.

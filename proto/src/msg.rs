@@ -445,6 +445,9 @@ pub struct NodeStatus {
     pub silent_ms: u64,
     /// Frees queued for the node that it has not acknowledged yet.
     pub pending_frees: u64,
+    /// Commit notices queued for the node that it has not acknowledged yet (until then, a
+    /// failover treats those puts as unconfirmed).
+    pub pending_commits: u64,
     /// Being drained: it gets no new data and its replicas are being released.
     pub draining: bool,
     pub segments: Vec<SegmentStatus>,
@@ -502,6 +505,32 @@ pub struct InventoryEntry {
     pub offset: u64,
     pub len: u64,
     pub checksum: u32,
+    /// What the node knows of the put's commit: a new master admits only what may have been
+    /// acknowledged, and restores pins.
+    pub commit: CommitState,
+}
+
+/// What a node knows of a replica's commit (docs/reliability.md, "Failover keeps the
+/// contract").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommitState {
+    /// A master told the node (a [`CommitNotice`]) that the put was committed, with its pins.
+    Committed { hard_pin: bool, soft_pin: bool },
+    /// Written, and no commit heard of yet: the put may have been committed just before the
+    /// master that knew of it went away. Admitted (losing an acknowledged put is worse).
+    Unconfirmed,
+    /// Written, and no commit heard of although the master answered a heartbeat sent long
+    /// enough after the write that it would have told: never committed. Refused.
+    Abandoned,
+}
+
+/// A master tells a node that a replica it holds belongs to a committed object, and how the
+/// object is pinned, so the node's inventory can say so to a later master.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitNotice {
+    pub replica: ReplicaId,
+    pub hard_pin: bool,
+    pub soft_pin: bool,
 }
 
 /// A node joins (or re-joins) the pool, reporting what it holds.
@@ -536,10 +565,15 @@ pub struct Heartbeat {
     pub done: Vec<TaskDone>,
     /// Segments that failed (I/O error, full disk) and should get no new data.
     pub unhealthy: Vec<SegmentId>,
+    /// Replicas the node found it cannot serve (a corrupt or torn NVMe record) and has
+    /// dropped on its own since its last heartbeat. The master forgets them at once, so
+    /// lookups stop counting them; objects left without a replica become misses.
+    pub lost: Vec<ReplicaId>,
 }
 
-/// A copy the master asks a node to make between two of its own segments: demotion (DRAM to
-/// NVMe) and promotion (NVMe to DRAM) are both this.
+/// A copy the master asks a node to make: between two of its own segments (demotion, DRAM to
+/// NVMe; promotion, NVMe to DRAM), or from another node's segment into its own (a drain's
+/// move, `from_addr` set).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CopyTask {
     pub id: u64,
@@ -555,6 +589,10 @@ pub struct CopyTask {
     /// Where the value goes in `to`; for an NVMe segment, the start of the record (header
     /// first, see [`crate::layout`]).
     pub to_offset: u64,
+    /// The data address of the node holding `from` when that is another node (a drain moving
+    /// a sole copy away): the node running the task reads the value from there. `None`: both
+    /// segments are the node's own.
+    pub from_addr: Option<String>,
 }
 
 /// How a task ended.
@@ -570,10 +608,17 @@ pub struct HeartbeatResponse {
     pub need_register: bool,
     /// Replicas the master freed (removed, evicted, revoked) that the node should forget.
     pub frees: Vec<ReplicaId>,
-    /// Sequence number of the last free in `frees`; the node acks it in its next heartbeat.
+    /// Sequence number of the last notice (free or commit) in this response; the node acks
+    /// it in its next heartbeat.
     pub frees_upto: u64,
     /// Copies to make (each is sent once; the node reports it in `Heartbeat.done`).
     pub tasks: Vec<CopyTask>,
+    /// Replicas of puts committed (or admitted from an inventory) since the node's last ack,
+    /// in the same sequence as `frees`: the node applies these first.
+    pub commits: Vec<CommitNotice>,
+    /// More notices wait than one response carries: the node must not conclude from this
+    /// response that a put it has not heard of was never committed.
+    pub more: bool,
 }
 
 impl Message for Heartbeat {

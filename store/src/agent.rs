@@ -11,6 +11,7 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use kvpool_proto::{ErrorCode, Heartbeat, Leave, Register, RegisterResponse};
 use kvpool_transport::{
+    engine::TransferEngine,
     rpc::{RpcClient, RpcOptions},
     TransportError,
 };
@@ -40,6 +41,14 @@ pub async fn run_agent_with_token(
     token: Option<kvpool_proto::Token>,
     shutdown: impl Future<Output = ()>,
 ) {
+    // Drain moves pull values from other nodes: their data servers want the same token.
+    let engine = Arc::new(TransferEngine::new(
+        kvpool_transport::engine::EngineOptions {
+            token: token.clone(),
+            checksum_reads: true,
+            ..Default::default()
+        },
+    ));
     let opts = RpcOptions {
         token,
         connect_timeout: Duration::from_secs(1),
@@ -58,7 +67,7 @@ pub async fn run_agent_with_token(
     };
     tokio::select! {
         () = shutdown => {}
-        () = agent_loop(&node, &client) => {}
+        () = agent_loop(&node, &client, &engine) => {}
     }
     leave(&node, &client).await;
 }
@@ -93,10 +102,10 @@ async fn leave(node: &Node, client: &RpcClient) {
     }
 }
 
-async fn agent_loop(node: &Arc<Node>, client: &RpcClient) {
+async fn agent_loop(node: &Arc<Node>, client: &RpcClient, engine: &Arc<TransferEngine>) {
     loop {
         let interval = register(node, client).await;
-        heartbeat_until_lost(node, client, interval).await;
+        heartbeat_until_lost(node, client, engine, interval).await;
     }
 }
 
@@ -160,12 +169,17 @@ async fn try_register(
 
 /// Heartbeats every `interval`, applying the master's frees, until the master asks the node to
 /// register again (it restarted, failed over, or declared the node dead).
-async fn heartbeat_until_lost(node: &Arc<Node>, client: &RpcClient, interval: Duration) {
+async fn heartbeat_until_lost(
+    node: &Arc<Node>,
+    client: &RpcClient,
+    engine: &Arc<TransferEngine>,
+    interval: Duration,
+) {
     let mut acked = 0u64;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
-    let tasks = crate::tasks::Runner::new(node.clone());
+    let tasks = crate::tasks::Runner::new(node.clone(), engine.clone());
     loop {
         // A finished copy is reported at once rather than a whole interval later: the
         // master frees the demoted DRAM range only when it hears of it.
@@ -175,12 +189,16 @@ async fn heartbeat_until_lost(node: &Arc<Node>, client: &RpcClient, interval: Du
         }
         let done = tasks.take_done();
         let sent = done.clone();
+        let lost = node.take_lost();
+        let lost_sent = lost.clone();
+        let sent_at = std::time::Instant::now();
         match client
             .call(&Heartbeat {
                 node: node.id(),
                 acked,
                 done,
                 unhealthy: node.unhealthy(),
+                lost,
             })
             .await
         {
@@ -193,8 +211,13 @@ async fn heartbeat_until_lost(node: &Arc<Node>, client: &RpcClient, interval: Du
                     tracing::info!(node = %node.id(), "master asks this node to register again");
                     return;
                 }
+                // Commits first: a free later in the same sequence wins over them.
+                node.inventory().confirm(&resp.commits);
                 if !resp.frees.is_empty() {
                     node.free(&resp.frees);
+                }
+                if !resp.more {
+                    node.inventory().heard_from_master(sent_at);
                 }
                 acked = acked.max(resp.frees_upto);
                 for task in resp.tasks {
@@ -213,6 +236,7 @@ async fn heartbeat_until_lost(node: &Arc<Node>, client: &RpcClient, interval: Du
             Err(e) => {
                 // The master may not have heard of these; say them again next time.
                 tasks.put_back(sent);
+                node.put_back_lost(lost_sent);
                 // Keep heartbeating: a master that comes back answers need_register if it lost
                 // this node, and a transient failure costs nothing.
                 if !failing {

@@ -91,6 +91,10 @@ impl StoreConfig {
         if self.master.is_empty() {
             return Err("master address is empty".into());
         }
+        // A typo is refused now; only a well-formed but unreachable etcd is retried.
+        for e in &self.etcd {
+            kvpool_ha::check_etcd_endpoint(e).map_err(|e| format!("store.etcd: {e}"))?;
+        }
         if let Some(n) = &self.nvme {
             n.validate().map_err(|e| format!("store.nvme: {e}"))?;
         }

@@ -4,13 +4,20 @@
 //! node keeps the tags, forgets those the master frees, and when it (re-)registers reports
 //! only the entries whose bytes still match the writer's checksum: a write that never finished
 //! or bytes that were overwritten since are never reported as an object.
+//!
+//! Each entry also says what the node knows of its put's commit ([`CommitState`]): the
+//! master sends a commit notice (with the object's pins) for every replica of a committed put
+//! in a heartbeat response. An entry without one is `Abandoned` once the master has answered
+//! a heartbeat sent [`UNCONFIRMED_GRACE`] after the write landed (a put that had been
+//! committed by then would have been announced in that answer), else `Unconfirmed`.
 
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
 };
 
-use kvpool_proto::{InventoryEntry, ObjectTag, ReplicaId, SegmentId};
+use kvpool_proto::{CommitNotice, CommitState, InventoryEntry, ObjectTag, ReplicaId, SegmentId};
 
 use crate::segment::Segment;
 
@@ -20,16 +27,52 @@ pub struct Inventory {
     inner: Mutex<Inner>,
 }
 
+/// How long after its last write a put is assumed to end (`PutEnd`). A put committed later
+/// than this, by a master that then fails before its next heartbeat answer, is refused by the
+/// next master; a put abandoned less than this before a failover is admitted by it.
+pub const UNCONFIRMED_GRACE: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Default)]
 struct Inner {
     tags: HashMap<ReplicaId, ObjectTag>,
+    /// Per entry, when it landed and the commit heard of (with its pins), if any.
+    commits: HashMap<ReplicaId, Known>,
     /// Per segment, the entries by start offset. Entries never overlap (recording a tag drops
     /// the ones it overlaps), so ends are sorted like starts.
     by_pos: HashMap<SegmentId, BTreeMap<u64, ReplicaId>>,
+    /// When the newest heartbeat was sent whose answer carried every notice the master had
+    /// for this node.
+    heard: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Known {
+    landed: Instant,
+    commit: Option<CommitNotice>,
 }
 
 impl Inner {
+    fn commit_state(&self, id: ReplicaId) -> CommitState {
+        match self.commits.get(&id) {
+            Some(Known {
+                commit: Some(n), ..
+            }) => CommitState::Committed {
+                hard_pin: n.hard_pin,
+                soft_pin: n.soft_pin,
+            },
+            Some(k)
+                if self
+                    .heard
+                    .is_some_and(|h| k.landed + UNCONFIRMED_GRACE <= h) =>
+            {
+                CommitState::Abandoned
+            }
+            _ => CommitState::Unconfirmed,
+        }
+    }
+
     fn remove(&mut self, id: ReplicaId) -> Option<ObjectTag> {
+        self.commits.remove(&id);
         let tag = self.tags.remove(&id)?;
         if let Some(pos) = self.by_pos.get_mut(&tag.segment) {
             if pos.get(&tag.offset) == Some(&id) {
@@ -89,7 +132,38 @@ impl Inventory {
             .entry(tag.segment)
             .or_default()
             .insert(tag.offset, tag.replica);
+        inner.commits.insert(
+            tag.replica,
+            Known {
+                landed: Instant::now(),
+                commit: None,
+            },
+        );
         inner.tags.insert(tag.replica, tag);
+    }
+
+    /// Applies commit notices from the master: those entries' puts are committed, pinned as
+    /// the notice says. Unknown ids are ignored (freed or overwritten since, or NVMe records,
+    /// which are always committed).
+    pub fn confirm(&self, notices: &[CommitNotice]) {
+        let mut inner = self.lock();
+        for n in notices {
+            if let Some(k) = inner.commits.get_mut(&n.replica) {
+                k.commit = Some(*n);
+            }
+        }
+    }
+
+    /// The master answered a heartbeat sent at `sent` with every notice it had for this node
+    /// (`HeartbeatResponse.more` false): a put committed before `sent` has been announced.
+    pub fn heard_from_master(&self, sent: Instant) {
+        let mut inner = self.lock();
+        inner.heard = Some(inner.heard.map_or(sent, |h| h.max(sent)));
+    }
+
+    /// What the node knows of a replica's commit (`Unconfirmed` for an unknown id).
+    pub fn commit_state(&self, id: ReplicaId) -> CommitState {
+        self.lock().commit_state(id)
     }
 
     /// Forgets replicas the master freed (or refused). Unknown ids are ignored: frees may be
@@ -119,13 +193,20 @@ impl Inventory {
     /// failed anyway) or their space was reused. Checksums are computed without the lock held,
     /// so this may take a while for a large segment but never stalls the data path.
     pub fn report(&self, segments: &[Segment]) -> Vec<InventoryEntry> {
-        let mut snapshot: Vec<ObjectTag> = self.lock().tags.values().cloned().collect();
+        let mut snapshot: Vec<(ObjectTag, CommitState)> = {
+            let inner = self.lock();
+            inner
+                .tags
+                .values()
+                .map(|t| (t.clone(), inner.commit_state(t.replica)))
+                .collect()
+        };
         // In replica order, not the map's: a report is then the same bytes for the same
         // inventory (logs and tests compare them).
-        snapshot.sort_unstable_by_key(|t| t.replica.0);
+        snapshot.sort_unstable_by_key(|(t, _)| t.replica.0);
         let mut out = Vec::with_capacity(snapshot.len());
         let mut stale = Vec::new();
-        for tag in snapshot {
+        for (tag, commit) in snapshot {
             let Some(seg) = segments.iter().find(|s| s.id() == tag.segment) else {
                 stale.push(tag);
                 continue;
@@ -148,6 +229,7 @@ impl Inventory {
                     offset: tag.offset,
                     len: tag.len,
                     checksum: tag.checksum,
+                    commit,
                 });
             } else {
                 stale.push(tag);
@@ -169,6 +251,32 @@ impl Inventory {
         }
         out.sort_by_key(|e| (e.segment, e.offset));
         out
+    }
+}
+
+/// Replicas this node dropped on its own (a corrupt NVMe record found by a read), waiting
+/// to be reported in the next heartbeat so the master stops handing them out.
+#[derive(Debug, Default)]
+pub struct LostReplicas(Mutex<Vec<ReplicaId>>);
+
+impl LostReplicas {
+    fn lock(&self) -> MutexGuard<'_, Vec<ReplicaId>> {
+        // Pushes and swaps only: nothing a panic could leave half done.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn record(&self, id: ReplicaId) {
+        self.lock().push(id);
+    }
+
+    /// Everything recorded since the last take, for a heartbeat.
+    pub fn take(&self) -> Vec<ReplicaId> {
+        std::mem::take(&mut *self.lock())
+    }
+
+    /// A heartbeat that carried `ids` failed: report them again next time.
+    pub fn put_back(&self, ids: Vec<ReplicaId>) {
+        self.lock().extend(ids);
     }
 }
 
@@ -222,6 +330,69 @@ mod tests {
         assert_eq!(inv.get(ReplicaId(1)).unwrap().offset, 50);
         inv.record(tag(2, 1, 0, 10, 0));
         assert_eq!(ids(&inv), [1, 2]);
+    }
+
+    #[test]
+    fn commit_state_follows_notices_and_the_masters_answers() {
+        let inv = Inventory::new();
+        let t0 = Instant::now();
+        inv.record(tag(1, 1, 0, 10, 0));
+        inv.record(tag(2, 1, 10, 10, 0));
+        inv.record(tag(3, 1, 20, 10, 0));
+        assert_eq!(inv.commit_state(ReplicaId(1)), CommitState::Unconfirmed);
+        inv.confirm(&[
+            CommitNotice {
+                replica: ReplicaId(1),
+                hard_pin: true,
+                soft_pin: false,
+            },
+            // Unknown ids are ignored.
+            CommitNotice {
+                replica: ReplicaId(9),
+                hard_pin: false,
+                soft_pin: false,
+            },
+        ]);
+        assert_eq!(
+            inv.commit_state(ReplicaId(1)),
+            CommitState::Committed {
+                hard_pin: true,
+                soft_pin: false
+            }
+        );
+        // An answer to a heartbeat sent before the grace ran out proves nothing...
+        inv.heard_from_master(t0);
+        assert_eq!(inv.commit_state(ReplicaId(2)), CommitState::Unconfirmed);
+        // ...one sent after it does: a commit would have been announced in it.
+        inv.heard_from_master(Instant::now() + UNCONFIRMED_GRACE);
+        assert_eq!(inv.commit_state(ReplicaId(2)), CommitState::Abandoned);
+        // An older answer arriving late never moves the mark back.
+        inv.heard_from_master(t0);
+        assert_eq!(inv.commit_state(ReplicaId(3)), CommitState::Abandoned);
+        // Committed entries stay committed; a re-recorded (rewritten) entry starts over.
+        assert!(matches!(
+            inv.commit_state(ReplicaId(1)),
+            CommitState::Committed { .. }
+        ));
+        inv.record(tag(1, 1, 0, 10, 0));
+        assert_eq!(inv.commit_state(ReplicaId(1)), CommitState::Unconfirmed);
+        inv.free(&[ReplicaId(2)]);
+        assert!(!inv.lock().commits.contains_key(&ReplicaId(2)));
+    }
+
+    #[test]
+    fn lost_replicas_are_taken_once_and_put_back_after_a_failed_report() {
+        let lost = LostReplicas::default();
+        lost.record(ReplicaId(1));
+        lost.record(ReplicaId(2));
+        let sent = lost.take();
+        assert_eq!(sent, [ReplicaId(1), ReplicaId(2)]);
+        assert!(lost.take().is_empty());
+        lost.record(ReplicaId(3));
+        lost.put_back(sent);
+        let mut again = lost.take();
+        again.sort();
+        assert_eq!(again, [ReplicaId(1), ReplicaId(2), ReplicaId(3)]);
     }
 
     #[test]

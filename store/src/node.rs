@@ -116,6 +116,20 @@ impl Node {
             .collect()
     }
 
+    /// Replicas dropped on this node as corrupt since the last call, for a heartbeat.
+    pub fn take_lost(&self) -> Vec<ReplicaId> {
+        self.nvme
+            .as_ref()
+            .map_or_else(Vec::new, |n| n.lost().take())
+    }
+
+    /// A heartbeat that carried `lost` failed: they go in the next one.
+    pub fn put_back_lost(&self, lost: Vec<ReplicaId>) {
+        if let Some(n) = &self.nvme {
+            n.lost().put_back(lost);
+        }
+    }
+
     /// Records a write's tag if it names a range of one of this node's segments; a tag that
     /// does not is the writer's bug and is ignored (it could never be reported anyway).
     pub fn record_tag(&self, tag: ObjectTag) {

@@ -1,10 +1,12 @@
 //! Copy tasks the master hands a node in heartbeat responses: demotion (a DRAM range written
-//! as an NVMe record) and promotion (an NVMe value copied into a DRAM range). Both run on the
-//! node, between its own segments, with no network transfer.
+//! as an NVMe record) and promotion (an NVMe value copied into a DRAM range) run between the
+//! node's own segments, with no network transfer; a drain's move (`from_addr` set) pulls a
+//! value from another node's data server into this node's DRAM or NVMe.
 
 use std::sync::{Arc, Mutex};
 
-use kvpool_proto::{CopyTask, ErrorCode, ItemResult, ObjectTag, TaskDone, Tier, WireError};
+use kvpool_proto::{CopyTask, ErrorCode, ItemResult, ObjectTag, ReadOp, TaskDone, Tier, WireError};
+use kvpool_transport::engine::{ReadItem, TransferEngine};
 use tokio::{sync::Notify, task::JoinSet};
 
 use crate::node::Node;
@@ -19,6 +21,8 @@ const MAX_RUNNING: usize = 64;
 /// it aborts the tasks still running (the master that sent them is gone).
 pub struct Runner {
     node: Arc<Node>,
+    /// Reads other nodes' values for drain moves.
+    engine: Arc<TransferEngine>,
     running: Mutex<JoinSet<()>>,
     limit: Arc<tokio::sync::Semaphore>,
     done: Arc<Mutex<Vec<TaskDone>>>,
@@ -26,9 +30,10 @@ pub struct Runner {
 }
 
 impl Runner {
-    pub fn new(node: Arc<Node>) -> Runner {
+    pub fn new(node: Arc<Node>, engine: Arc<TransferEngine>) -> Runner {
         Runner {
             node,
+            engine,
             running: Mutex::new(JoinSet::new()),
             limit: Arc::new(tokio::sync::Semaphore::new(MAX_RUNNING)),
             done: Arc::new(Mutex::new(Vec::new())),
@@ -37,8 +42,9 @@ impl Runner {
     }
 
     pub fn spawn(&self, task: CopyTask) {
-        let (node, limit, done, finished) = (
+        let (node, engine, limit, done, finished) = (
             self.node.clone(),
+            self.engine.clone(),
             self.limit.clone(),
             self.done.clone(),
             self.finished.clone(),
@@ -48,7 +54,10 @@ impl Runner {
         while running.try_join_next().is_some() {}
         running.spawn(async move {
             let _permit = limit.acquire_owned().await;
-            let result = run(&node, &task).await;
+            let result = match &task.from_addr {
+                Some(addr) => pull(&node, &engine, addr, &task).await,
+                None => run(&node, &task).await,
+            };
             if let Err(e) = &result {
                 tracing::warn!(task = task.id, key = %String::from_utf8_lossy(&task.key), "copy task failed: {e}");
             }
@@ -120,18 +129,56 @@ async fn promote(node: &Node, t: &CopyTask) -> ItemResult<()> {
     let nvme = node
         .nvme(t.from)
         .ok_or_else(|| refused(format!("no NVMe segment {}", t.from)))?;
-    let seg = node.segment(t.to)?;
     let value = nvme.read(t.from_offset, t.len).await?;
-    if crc32c::crc32c(&value) != t.checksum {
+    fill_dram(node, t, &value)
+}
+
+/// A drain's move: reads the value from the node at `addr` (another node's segment
+/// `t.from`), checks it against the object's checksum, and stores it in this node's DRAM
+/// segment or as an NVMe record, as the master chose.
+async fn pull(node: &Node, engine: &TransferEngine, addr: &str, t: &CopyTask) -> ItemResult<()> {
+    let len = usize::try_from(t.len).map_err(|_| refused(format!("length {}", t.len)))?;
+    let mut value = vec![0u8; len];
+    let op = ReadOp {
+        segment: t.from,
+        offset: t.from_offset,
+        len: t.len,
+    };
+    let read = engine
+        .read(addr, vec![ReadItem::new(op, &mut value)])
+        .await
+        .map_err(|e| WireError::new(e.code(), format!("reading from {addr}: {e}")))?;
+    read.into_iter()
+        .next()
+        .unwrap_or_else(|| Err(WireError::new(ErrorCode::Internal, "no read result")))?;
+    match tier_of(node, t.to) {
+        Some(Tier::Dram) => fill_dram(node, t, &value),
+        Some(Tier::Nvme) => {
+            let nvme = node
+                .nvme(t.to)
+                .ok_or_else(|| refused(format!("no NVMe segment {}", t.to)))?;
+            // The record's write checks the value against the checksum.
+            nvme.write(t.to_offset, t.replica, &t.key, &value, t.checksum)
+                .await
+        }
+        None => Err(refused(format!("segment {} is not on this node", t.to))),
+    }
+}
+
+/// Writes a copied value into the task's DRAM target and records its tag, after checking it
+/// against the object's checksum (a copy never lands wrong bytes).
+fn fill_dram(node: &Node, t: &CopyTask, value: &[u8]) -> ItemResult<()> {
+    if crc32c::crc32c(value) != t.checksum {
         return Err(WireError::new(
             ErrorCode::ChecksumMismatch,
-            "NVMe value does not match its checksum",
+            "copied value does not match its checksum",
         ));
     }
+    let seg = node.segment(t.to)?;
     // SAFETY: the master allocated the target range to this task's replica alone (Filling,
     // invisible to readers) and frees it only after the task is reported done.
     let dst = unsafe { seg.slice_mut(t.to_offset, t.len) }?;
-    dst.copy_from_slice(&value);
+    dst.copy_from_slice(value);
     node.record_tag(ObjectTag {
         replica: t.replica,
         key: t.key.clone(),

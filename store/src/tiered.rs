@@ -8,7 +8,10 @@ use std::{collections::BTreeMap, sync::Mutex};
 
 use kvpool_proto::{ErrorCode, InventoryEntry, ReplicaId, SegmentId, SegmentInfo, Tier, WireError};
 
-use crate::nvme::{NvmeConfig, NvmeError, NvmeTier, ValueBuf};
+use crate::{
+    inventory::LostReplicas,
+    nvme::{NvmeConfig, NvmeError, NvmeTier, ValueBuf},
+};
 
 /// Where a record sits, by the offset of its extent.
 #[derive(Debug, Clone, Copy)]
@@ -30,6 +33,8 @@ pub struct NvmeSegment {
     tier: NvmeTier,
     /// Record offset -> extent, to find the record behind a value range in O(log n).
     extents: Mutex<BTreeMap<u64, Extent>>,
+    /// Records dropped as corrupt, for the next heartbeat.
+    lost: LostReplicas,
 }
 
 impl std::fmt::Debug for NvmeSegment {
@@ -64,6 +69,7 @@ impl NvmeSegment {
             id,
             tier,
             extents: Mutex::new(extents),
+            lost: LostReplicas::default(),
         })
     }
 
@@ -101,6 +107,13 @@ impl NvmeSegment {
                 len: r.value_len,
                 checksum: r.checksum,
                 key: r.key,
+                // The node writes NVMe records only on the master's copy tasks, which copy
+                // committed objects alone. Pins are not kept on disk: a hard-pinned object is
+                // never demoted, and a soft pin only orders eviction.
+                commit: kvpool_proto::CommitState::Committed {
+                    hard_pin: false,
+                    soft_pin: false,
+                },
             })
             .collect()
     }
@@ -143,6 +156,9 @@ impl NvmeSegment {
                 // as a miss (the client then tries another replica or recomputes).
                 tracing::warn!(replica = e.replica, "dropping a corrupt NVMe record: {err}");
                 self.free(ReplicaId(e.replica));
+                // ...and the master hears of it in the next heartbeat, so lookups stop
+                // counting a replica that every read would miss.
+                self.lost.record(ReplicaId(e.replica));
                 Err(WireError::new(
                     ErrorCode::NotFound,
                     format!("NVMe record corrupt and dropped: {err}"),
@@ -198,5 +214,10 @@ impl NvmeSegment {
 
     pub fn healthy(&self) -> bool {
         self.tier.healthy()
+    }
+
+    /// Records dropped as corrupt since the last heartbeat took them.
+    pub fn lost(&self) -> &LostReplicas {
+        &self.lost
     }
 }

@@ -73,6 +73,8 @@ async fn master_conn(mut s: TcpStream, script: Shared) {
                     frees: vec![],
                     frees_upto: 0,
                     tasks: Vec::new(),
+                    commits: Vec::new(),
+                    more: false,
                 });
                 frame::encode_response(h.opcode, h.request_id, &resp, 0)
             }
@@ -147,6 +149,8 @@ async fn registers_once_the_master_appears_then_follows_heartbeats() {
         frees: vec![ReplicaId(1), ReplicaId(999)],
         frees_upto: 5,
         tasks: Vec::new(),
+        commits: Vec::new(),
+        more: false,
     });
     eventually("free acked", || {
         lock(&script).heartbeats.iter().any(|h| h.acked == 5)
@@ -159,14 +163,45 @@ async fn registers_once_the_master_appears_then_follows_heartbeats() {
     c.send_write(&[(seg, 100_000, &d)], vec![tag(3, 100_000, &d, seg)])
         .await;
     c.recv().await.unwrap();
+    // A commit notice: the inventory reports the put as committed, with its pins, from now.
+    lock(&script).answers.push_back(HeartbeatResponse {
+        need_register: false,
+        frees: vec![],
+        frees_upto: 6,
+        tasks: Vec::new(),
+        commits: vec![kvpool_proto::CommitNotice {
+            replica: ReplicaId(3),
+            hard_pin: true,
+            soft_pin: false,
+        }],
+        more: false,
+    });
+    eventually("commit acked", || {
+        lock(&script).heartbeats.iter().any(|h| h.acked == 6)
+    })
+    .await;
     lock(&script).answers.push_back(HeartbeatResponse {
         need_register: true,
         frees: vec![],
         frees_upto: 0,
         tasks: Vec::new(),
+        commits: Vec::new(),
+        more: false,
     });
     eventually("re-registration", || lock(&script).registers.len() == 2).await;
     assert_eq!(reported(&lock(&script).registers[1]), [3]);
+    assert_eq!(
+        lock(&script).registers[1].inventory[0].commit,
+        kvpool_proto::CommitState::Committed {
+            hard_pin: true,
+            soft_pin: false
+        }
+    );
+    // Entries written before any master answered were reported unconfirmed.
+    assert!(lock(&script).registers[0]
+        .inventory
+        .iter()
+        .all(|e| e.commit == kvpool_proto::CommitState::Unconfirmed));
     m.abort();
     node.shutdown().await;
 }

@@ -523,8 +523,12 @@ async fn device_faults_mark_the_tier_unhealthy(engine: IoEngineKind) {
 async fn real_enospc_when_the_filesystem_is_full(engine: IoEngineKind) {
     // A size-limited, O_DIRECT-capable filesystem cannot be made without privileges; point
     // KVPOOL_TEST_SMALL_FS at one (e.g. a small tmpfs on Linux >= 6.6, or a loop ext4).
+    // scripts/test.sh mounts a small tmpfs for it where it may (docs/reliability.md).
     let Some(dir) = std::env::var_os("KVPOOL_TEST_SMALL_FS") else {
-        eprintln!("skipped: set KVPOOL_TEST_SMALL_FS to a small filesystem to test real ENOSPC");
+        kvpool_tests::skipped(
+            &format!("nvme real_enospc ({engine:?})"),
+            "KVPOOL_TEST_SMALL_FS is not set (a small filesystem; needs root to mount)",
+        );
         return;
     };
     let dir = PathBuf::from(dir).join(format!("enospc-{engine:?}-{}", std::process::id()));
@@ -539,8 +543,12 @@ async fn real_enospc_when_the_filesystem_is_full(engine: IoEngineKind) {
 async fn block_device_round_trip(engine: IoEngineKind) {
     // Needs a scratch block device whose contents may be destroyed (e.g. a loop device:
     // `losetup -f --show IMG`); point KVPOOL_TEST_BLOCK_DEVICE at it.
+    // scripts/test.sh attaches a loop device for it where it may (docs/reliability.md).
     let Some(dev) = std::env::var_os("KVPOOL_TEST_BLOCK_DEVICE") else {
-        eprintln!("skipped: set KVPOOL_TEST_BLOCK_DEVICE to a scratch block device");
+        kvpool_tests::skipped(
+            &format!("nvme block_device_round_trip ({engine:?})"),
+            "KVPOOL_TEST_BLOCK_DEVICE is not set (a scratch block device; needs root for a loop device)",
+        );
         return;
     };
     let dir = test_dir("blockdev", engine);

@@ -12,11 +12,14 @@ use std::{
 };
 
 use kvpool_client::{Client, ClientConfig, ErrorCode};
+
+mod skip;
 use kvpool_proto::Status;
 use kvpool_transport::{
     rpc::{RpcClient, RpcOptions},
     TransportError,
 };
+pub use skip::{skipped, SKIP_LOG};
 
 /// The `kvpool` binary built next to the running test (`target/<profile>/kvpool`), or
 /// `$KVPOOL_BIN`.
@@ -58,6 +61,33 @@ impl Proc {
         Self::spawn_ready(cmd, "kvpool", args)
     }
 
+    /// [`Proc::start_with_env`] with the process's stderr written to `log` instead of the
+    /// test's, so a test can check what the process said before it exited.
+    pub fn start_logged(args: &[&str], env: &[(&str, &str)], log: &std::path::Path) -> Proc {
+        let mut cmd = Command::new(kvpool_bin());
+        cmd.args(args)
+            .stderr(std::fs::File::create(log).expect("create the stderr log"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Self::spawn_ready(cmd, "kvpool", args)
+    }
+
+    /// Polls (every 20 ms, up to `limit`) until the process exits on its own; its status, or
+    /// `None` if it is still running at the deadline.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts `PROGRAM ARGS...` (a wrapper such as `ip netns exec NS kvpool ...` that ends by
     /// exec'ing kvpool, so the pid is kvpool's) and waits (up to 60 s) for its `ready` line.
     pub fn start_program(program: &std::path::Path, args: &[&str]) -> Proc {
@@ -66,13 +96,12 @@ impl Proc {
         Self::spawn_ready(cmd, &program.display().to_string(), args)
     }
 
-    /// Spawns `cmd` (stdout piped, stderr inherited) and waits (up to 60 s) for the
-    /// `ready k=v ...` line; the reader thread keeps draining stdout after it.
+    /// Spawns `cmd` (stdout piped, stderr inherited unless `cmd` sets it) and waits (up to
+    /// 60 s) for the `ready k=v ...` line; the reader thread keeps draining stdout after it.
     fn spawn_ready(mut cmd: Command, name: &str, args: &[&str]) -> Proc {
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         let stdout = child.stdout.take().expect("stdout");

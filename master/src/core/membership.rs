@@ -5,8 +5,9 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use kvpool_proto::{
-    check_key, ErrorCode, Heartbeat, HeartbeatResponse, ItemResult, NodeId, NodeStatus, Register,
-    RegisterResponse, ReplicaId, SegmentId, SegmentStatus, Tier, WireError,
+    check_key, CommitNotice, CommitState, ErrorCode, Heartbeat, HeartbeatResponse, ItemResult,
+    NodeId, NodeStatus, Register, RegisterResponse, ReplicaId, SegmentId, SegmentStatus, Tier,
+    WireError,
 };
 
 use super::objects::{ObjId, Object, RepState, Replica, State};
@@ -40,6 +41,8 @@ pub(crate) struct Node {
     pub last_seen: Duration,
     /// Frees not yet acknowledged, by increasing sequence number.
     pub frees: VecDeque<(u64, ReplicaId)>,
+    /// Commit notices not yet acknowledged, numbered in the same sequence as `frees`.
+    pub commits: VecDeque<(u64, CommitNotice)>,
     /// The highest sequence number queued for this node (0: none yet).
     pub last_free_seq: u64,
     /// Being drained: no new data; its replicas are released in `tick`.
@@ -85,6 +88,17 @@ impl Cluster {
         n.last_free_seq = self.next_free_seq;
     }
 
+    /// Queues a commit notice for a node, in the same sequence as its frees (so a free of
+    /// the replica, always queued later, is applied after it).
+    pub fn queue_commit(&mut self, node: NodeId, notice: CommitNotice) {
+        let Some(n) = self.nodes.get_mut(&node) else {
+            return;
+        };
+        self.next_free_seq = self.next_free_seq.wrapping_add(1);
+        n.commits.push_back((self.next_free_seq, notice));
+        n.last_free_seq = self.next_free_seq;
+    }
+
     pub fn heartbeat(&mut self, now: Duration, req: Heartbeat) -> HeartbeatResponse {
         let Some(n) = self.nodes.get_mut(&req.node) else {
             return HeartbeatResponse {
@@ -92,24 +106,47 @@ impl Cluster {
                 frees: Vec::new(),
                 frees_upto: 0,
                 tasks: Vec::new(),
+                commits: Vec::new(),
+                more: false,
             };
         };
         n.last_seen = n.last_seen.max(now);
         while n.frees.front().is_some_and(|(seq, _)| *seq <= req.acked) {
             n.frees.pop_front();
         }
-        let batch: Vec<(u64, ReplicaId)> = n
-            .frees
-            .iter()
-            .take(MAX_FREES_PER_HEARTBEAT)
-            .copied()
-            .collect();
-        let frees_upto = batch.last().map_or(n.last_free_seq, |(seq, _)| *seq);
+        while n.commits.front().is_some_and(|(seq, _)| *seq <= req.acked) {
+            n.commits.pop_front();
+        }
+        // The oldest notices of both kinds, in sequence order, up to the cap: everything up
+        // to `frees_upto` is in this response, so the node's ack of it is exact.
+        let (mut frees, mut commits) = (Vec::new(), Vec::new());
+        let (mut f, mut c) = (n.frees.iter().peekable(), n.commits.iter().peekable());
+        let mut upto = None;
+        for _ in 0..MAX_FREES_PER_HEARTBEAT {
+            let take_free = match (f.peek(), c.peek()) {
+                (Some((fs, _)), Some((cs, _))) => fs < cs,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (None, None) => break,
+            };
+            if take_free {
+                let (seq, r) = f.next().copied().expect("peeked");
+                frees.push(r);
+                upto = Some(seq);
+            } else {
+                let (seq, notice) = c.next().copied().expect("peeked");
+                commits.push(notice);
+                upto = Some(seq);
+            }
+        }
+        let more = f.peek().is_some() || c.peek().is_some();
         HeartbeatResponse {
             need_register: false,
-            frees: batch.into_iter().map(|(_, r)| r).collect(),
-            frees_upto,
+            frees,
+            frees_upto: upto.unwrap_or(n.last_free_seq),
             tasks: Vec::new(),
+            commits,
+            more,
         }
     }
 
@@ -130,6 +167,7 @@ impl Cluster {
                     alive: silent < ttl,
                     silent_ms: u64::try_from(silent.as_millis()).unwrap_or(u64::MAX),
                     pending_frees: n.frees.len() as u64,
+                    pending_commits: n.commits.len() as u64,
                     draining: n.draining,
                     segments: n
                         .segments
@@ -187,6 +225,7 @@ impl MasterCore {
                 segments: segments.iter().map(|s| s.id).collect(),
                 last_seen: now,
                 frees: VecDeque::new(),
+                commits: VecDeque::new(),
                 last_free_seq: 0,
                 draining: false,
             },
@@ -196,7 +235,10 @@ impl MasterCore {
         let mut rejected = vec![false; inv.len()];
         let mut per_segment: HashMap<SegmentId, Vec<usize>> = HashMap::new();
         for (i, e) in inv.iter().enumerate() {
+            // A put the node knows was never committed stays uncommitted under this master
+            // too: its entry is refused (and freed on the node) like a bad one.
             let valid = check_key(&e.key).is_ok()
+                && e.commit != CommitState::Abandoned
                 && !freed.contains(&e.replica)
                 && e.len > 0
                 && e.len <= self.cfg.max_value_len
@@ -240,7 +282,7 @@ impl MasterCore {
 
         // In report order, so that the first of two conflicting entries for a key wins.
         for (i, e) in inv.iter().enumerate() {
-            if rejected[i] || !self.admit(e) {
+            if rejected[i] || !self.admit(now, req.node, e) {
                 rejected[i] = true;
             }
         }
@@ -301,7 +343,7 @@ impl MasterCore {
         tracing::info!(replica = old.id.0, from = %old.segment, to = %e.segment, "replica moved to a new node");
     }
 
-    fn admit(&mut self, e: &kvpool_proto::InventoryEntry) -> bool {
+    fn admit(&mut self, now: Duration, node: NodeId, e: &kvpool_proto::InventoryEntry) -> bool {
         let Some(seg) = self.cluster.segments.get(&e.segment) else {
             return false;
         };
@@ -322,15 +364,24 @@ impl MasterCore {
         if !duplicate_id {
             self.take_over_moved_replica(e);
         }
+        // Pins come back with the commit the node heard of; an unconfirmed entry has none.
+        let (hard_pin, soft_pin) = match e.commit {
+            CommitState::Committed { hard_pin, soft_pin } => (hard_pin, soft_pin),
+            CommitState::Unconfirmed | CommitState::Abandoned => (false, false),
+        };
         let ok = match self.objects.id_of(&e.key) {
             _ if duplicate_id => false,
-            Some(id) => match self.objects.get_mut(id) {
+            Some(id) => match self.objects.get(id) {
                 Some(obj)
                     if obj.is_complete()
                         && obj.len == e.len
                         && obj.checksum == e.checksum
                         && obj.replicas.iter().all(|r| r.id != e.replica) =>
                 {
+                    self.pin_from_report(now, id, hard_pin, soft_pin);
+                    let Some(obj) = self.objects.get_mut(id) else {
+                        return false;
+                    };
                     obj.replicas.push(rep);
                     let (seq, recent) = (obj.access_seq, obj.in_recency());
                     if let Some(seg) = self.cluster.segments.get_mut(&e.segment) {
@@ -353,20 +404,31 @@ impl MasterCore {
                     writer: None,
                     replicas: vec![rep],
                     lease_until: Duration::ZERO,
-                    soft_pin_until: None,
-                    soft_pin: false,
-                    hard_pin: false,
+                    // The soft pin's lifetime restarts: the node does not know the old
+                    // master's clock.
+                    soft_pin_until: soft_pin.then(|| now.saturating_add(self.cfg.soft_pin_ttl)),
+                    soft_pin,
+                    hard_pin,
                     access_seq: seq,
                     reads: 0,
                     nvme_hits: 0,
                 });
                 if let Some(seg) = self.cluster.segments.get_mut(&e.segment) {
                     seg.members.insert(e.replica, id);
-                    seg.recency.insert((seq, e.replica), id);
+                    if !hard_pin {
+                        seg.recency.insert((seq, e.replica), id);
+                    }
                 }
                 true
             }
         };
+        if ok && e.commit == CommitState::Unconfirmed {
+            // Admitted, so committed from now on: tell the node, so that a later master
+            // finds it Committed rather than guessing again.
+            if let Some(notice) = self.commit_notice(e.key.as_slice(), e.replica) {
+                self.cluster.queue_commit(node, notice);
+            }
+        }
         if ok && e.replica.0 >= self.id_base {
             // Never hand out an id a node already uses (a master restarted with a clock that
             // went backwards, or a test reusing the id base).
@@ -379,6 +441,29 @@ impl MasterCore {
             }
         }
         ok
+    }
+
+    /// Merges pins reported for another replica of an admitted object: a hard pin takes the
+    /// object out of eviction (its replicas leave the recency orders), a soft pin starts.
+    fn pin_from_report(&mut self, now: Duration, id: ObjId, hard_pin: bool, soft_pin: bool) {
+        let ttl = self.cfg.soft_pin_ttl;
+        let Some(obj) = self.objects.get_mut(id) else {
+            return;
+        };
+        if soft_pin && !obj.soft_pin {
+            obj.soft_pin = true;
+            obj.soft_pin_until = Some(now.saturating_add(ttl));
+        }
+        if hard_pin && !obj.hard_pin {
+            obj.hard_pin = true;
+            let seq = obj.access_seq;
+            let reps: Vec<ReplicaId> = obj.replicas.iter().map(|r| r.id).collect();
+            for (sid, rid) in obj.replicas.iter().map(|r| r.segment).zip(reps) {
+                if let Some(seg) = self.cluster.segments.get_mut(&sid) {
+                    seg.recency.remove(&(seq, rid));
+                }
+            }
+        }
     }
 
     /// Forgets a node: its segments, the replicas on them, objects left without a replica,

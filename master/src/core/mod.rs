@@ -145,6 +145,8 @@ pub struct MasterCore {
     /// Rotates the first segment tried by placement so load spreads.
     rotor: u64,
     evictions: u64,
+    /// Replicas nodes reported lost (corrupt or unreadable) since this core started.
+    lost_replicas: u64,
 }
 
 impl MasterCore {
@@ -165,6 +167,7 @@ impl MasterCore {
             access_clock: 0,
             rotor: 0,
             evictions: 0,
+            lost_replicas: 0,
         }
     }
 
@@ -309,6 +312,11 @@ impl MasterCore {
     /// Copy tasks issued and not yet ended.
     pub fn pending_tasks(&self) -> usize {
         self.tasks.len()
+    }
+
+    /// Replicas nodes reported lost (corrupt or unreadable) since this core started.
+    pub fn lost_replicas(&self) -> u64 {
+        self.lost_replicas
     }
 
     fn fresh_replica_id(&mut self) -> kvpool_proto::ReplicaId {

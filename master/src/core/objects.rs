@@ -4,7 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
-use kvpool_proto::{ClientId, ReplicaId, SegmentId};
+use kvpool_proto::{ClientId, CommitNotice, NodeId, ReplicaId, SegmentId};
 
 use super::MasterCore;
 
@@ -275,6 +275,76 @@ impl MasterCore {
         let seq = self.objects.get(id).map_or(0, |o| o.access_seq);
         self.release_replica(&rep, seq);
         self.drop_if_unreadable(id);
+    }
+
+    /// A node reports a replica it can no longer serve (it found the bytes corrupt and
+    /// dropped them): the master forgets it at once, so lookups stop handing it out, and
+    /// drops the object when no readable replica is left. Only the node holding the replica
+    /// may report it; a Filling target is left to its task, whose failure frees it. Pins and
+    /// leases do not keep it: the bytes are gone.
+    pub(crate) fn forget_lost_replica(&mut self, node: NodeId, replica: ReplicaId) {
+        let Some(n) = self.cluster.nodes.get(&node) else {
+            return;
+        };
+        let Some(oid) = n.segments.iter().find_map(|sid| {
+            let seg = self.cluster.segments.get(sid)?;
+            seg.members.get(&replica).copied()
+        }) else {
+            return;
+        };
+        let filling = self
+            .objects
+            .get(oid)
+            .and_then(|o| o.replicas.iter().find(|r| r.id == replica))
+            .is_some_and(|r| r.state == RepState::Filling);
+        if filling {
+            return;
+        }
+        tracing::warn!(%node, replica = replica.0, "node lost a replica (corrupt or unreadable); forgetting it");
+        self.lost_replicas += 1;
+        self.drop_replica(oid, replica);
+    }
+
+    /// The notice telling a replica's node that the object under `key` is committed, with its
+    /// pins; `None` unless the object is committed.
+    pub(crate) fn commit_notice(&self, key: &[u8], replica: ReplicaId) -> Option<CommitNotice> {
+        let (_, obj) = self.objects.lookup(key)?;
+        obj.is_complete().then_some(CommitNotice {
+            replica,
+            hard_pin: obj.hard_pin,
+            soft_pin: obj.soft_pin,
+        })
+    }
+
+    /// Tells the nodes holding an object's Ready replicas that it is committed (and how it
+    /// is pinned), so their inventories report it as such to a later master.
+    pub(crate) fn announce_commit(&mut self, id: ObjId) {
+        let Some(obj) = self.objects.get(id) else {
+            return;
+        };
+        if !obj.is_complete() {
+            return;
+        }
+        let notices: Vec<(SegmentId, CommitNotice)> = obj
+            .replicas
+            .iter()
+            .filter(|r| r.state == RepState::Ready)
+            .map(|r| {
+                (
+                    r.segment,
+                    CommitNotice {
+                        replica: r.id,
+                        hard_pin: obj.hard_pin,
+                        soft_pin: obj.soft_pin,
+                    },
+                )
+            })
+            .collect();
+        for (sid, notice) in notices {
+            if let Some(node) = self.cluster.segments.get(&sid).map(|s| s.node) {
+                self.cluster.queue_commit(node, notice);
+            }
+        }
     }
 
     /// Removes a replica from its object's list (nothing else).

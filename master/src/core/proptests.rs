@@ -216,6 +216,7 @@ impl Sim {
                 acked,
                 done,
                 unhealthy,
+                lost: Vec::new(),
             },
         );
         if hb.need_register {
@@ -255,6 +256,7 @@ impl Sim {
                 offset,
                 len: t.len,
                 checksum: t.checksum,
+                commit: CommitState::Unconfirmed,
             };
             fake.held.insert(t.replica, e);
         }
@@ -341,6 +343,7 @@ impl Sim {
                             offset: d.offset,
                             len: d.len,
                             checksum: (len % 7) as u32,
+                            commit: CommitState::Unconfirmed,
                         };
                         self.nodes.entry(d.node.0).or_default().held.insert(d.id, e);
                     }
@@ -494,7 +497,7 @@ proptest! {
             sim.heartbeat(n, true);
             sim.heartbeat(n, true);
             let acked = sim.nodes[&n].acked;
-            let hb = sim.core.heartbeat(sim.now, Heartbeat { node: NodeId(n), acked, done: Vec::new(), unhealthy: Vec::new() });
+            let hb = sim.core.heartbeat(sim.now, Heartbeat { node: NodeId(n), acked, done: Vec::new(), unhealthy: Vec::new(), lost: Vec::new() });
             prop_assert!(hb.frees.is_empty());
         }
     }

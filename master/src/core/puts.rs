@@ -241,6 +241,7 @@ impl MasterCore {
             .then(|| now.saturating_add(self.cfg.soft_pin_ttl));
         self.objects.mark_complete(id);
         self.touch(id, |obj| obj.soft_pin_until = soft_pin_until);
+        self.announce_commit(id);
         self.write_through(now, id);
         Ok(())
     }

@@ -3,8 +3,11 @@
 //! what a task's end does to the replicas involved.
 //!
 //! A task's target replica is Filling until the node reports the copy done; a demotion's source
-//! is Leaving until then. A task always runs between two segments of one node, so a node's
-//! death or re-registration takes its tasks, sources and targets together.
+//! is Leaving until then. Demotions and promotions run between two segments of one node, so a
+//! node's death or re-registration takes their tasks, sources and targets together. A drain's
+//! move runs on the target's node, which pulls from the draining node: when the source's node
+//! goes, the object keeps only the Filling target and is dropped, and the task keeps the
+//! target's range until it ends.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -20,6 +23,8 @@ pub(crate) enum TaskKind {
     Promote,
     /// Write-through: a committed object's DRAM replica copied to NVMe; the source stays.
     WriteThrough,
+    /// A drain's copy of a sole replica to another node (which pulls it).
+    Move,
 }
 
 #[derive(Debug, Clone)]
@@ -121,6 +126,11 @@ impl Tasks {
         self.pending.len()
     }
 
+    /// Pending tasks of one kind.
+    pub fn count_kind(&self, kind: TaskKind) -> usize {
+        self.pending.values().filter(|t| t.kind == kind).count()
+    }
+
     /// Tasks issued before `deadline`.
     pub fn issued_before(&self, deadline: Duration) -> Vec<u64> {
         self.by_time
@@ -172,6 +182,9 @@ impl MasterCore {
                     }
                     _ => {}
                 }
+            }
+            for r in &req.lost {
+                self.forget_lost_replica(req.node, *r);
             }
             for d in &req.done {
                 // Only the node the task went to may end it; anything else (a task of a
@@ -238,10 +251,18 @@ impl MasterCore {
         };
         rep.state = RepState::Ready;
         let (segment, seq, recent) = (rep.segment, obj.access_seq, obj.in_recency());
-        if recent {
-            if let Some(seg) = self.cluster.segments.get_mut(&segment) {
+        let notice = kvpool_proto::CommitNotice {
+            replica: rid,
+            hard_pin: obj.hard_pin,
+            soft_pin: obj.soft_pin,
+        };
+        if let Some(seg) = self.cluster.segments.get_mut(&segment) {
+            if recent {
                 seg.recency.insert((seq, rid), oid);
             }
+            // The copy is of a committed object: the node's inventory says so from now on.
+            let node = seg.node;
+            self.cluster.queue_commit(node, notice);
         }
     }
 

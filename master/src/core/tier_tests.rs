@@ -55,6 +55,7 @@ fn nvme_entry(i: u64) -> InventoryEntry {
         offset: i * record() + layout::value_offset(2),
         len: MIB,
         checksum: 7,
+        commit: CommitState::Unconfirmed,
     }
 }
 
@@ -471,6 +472,7 @@ fn a_restarted_master_rebuilds_dram_and_nvme_from_the_inventory() {
         offset: nvme_offset,
         len: MIB,
         checksum: MIB as u32,
+        commit: CommitState::Unconfirmed,
     });
     // An NVMe entry whose value cannot start where it says.
     inventory.push(InventoryEntry {
@@ -480,6 +482,7 @@ fn a_restarted_master_rebuilds_dram_and_nvme_from_the_inventory() {
         offset: 100,
         len: MIB,
         checksum: 1,
+        commit: CommitState::Unconfirmed,
     });
     let dram_used = w.used(10);
 

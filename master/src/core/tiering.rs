@@ -200,7 +200,7 @@ impl MasterCore {
     }
 
     /// Adds a Filling replica in an allocation to an object.
-    fn add_filling(&mut self, oid: ObjId, segment: SegmentId, a: Allocation) -> Replica {
+    pub(crate) fn add_filling(&mut self, oid: ObjId, segment: SegmentId, a: Allocation) -> Replica {
         let rep = Replica {
             id: self.fresh_replica_id(),
             segment,
@@ -228,6 +228,24 @@ impl MasterCore {
         target: Replica,
         node: NodeId,
     ) {
+        self.issue_from(now, kind, oid, src, from_offset, target, node, None);
+    }
+
+    /// Queues a copy task for `node`, which holds `target`. `from_addr` is the data address
+    /// of the node holding `src` when that is another node (a drain's move): `node` pulls the
+    /// bytes from it.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn issue_from(
+        &mut self,
+        now: Duration,
+        kind: TaskKind,
+        oid: ObjId,
+        src: &Replica,
+        from_offset: u64,
+        target: Replica,
+        node: NodeId,
+        from_addr: Option<String>,
+    ) {
         let id = self.fresh_task_id();
         let Some(obj) = self.objects.get(oid) else {
             return;
@@ -243,6 +261,7 @@ impl MasterCore {
             to: target.segment,
             // The NVMe record starts at the allocation (header first); on DRAM the value does.
             to_offset: target.offset,
+            from_addr,
         };
         tracing::debug!(task = id, ?kind, from = %src.segment, to = %target.segment, "copy task issued");
         let task = Task {

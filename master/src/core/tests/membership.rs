@@ -101,6 +101,7 @@ fn inventory_overlaps_conflicts_and_unknown_segments_are_rejected() {
         offset,
         len,
         checksum,
+        commit: CommitState::Unconfirmed,
     };
     let inv = vec![
         e(1, "a", 10, 0, 1000, 1),
@@ -141,6 +142,7 @@ fn re_registration_replaces_the_old_registration() {
         offset: d[0].offset,
         len: 100,
         checksum: 100,
+        commit: CommitState::Unconfirmed,
     }];
     let r = w.register(1, &[(10, 64 * MIB), (11, 64 * MIB)], inv);
     assert!(r.rejected.is_empty());

@@ -10,6 +10,8 @@ use super::{CoreConfig, MasterCore};
 
 mod drain;
 mod eviction;
+mod failover;
+mod lost;
 mod membership;
 mod placement;
 mod puts;
@@ -72,6 +74,7 @@ pub(super) fn inventory_entry(r: &ReplicaDesc, key: &str, checksum: u32) -> Inve
         offset: r.offset,
         len: r.len,
         checksum,
+        commit: CommitState::Unconfirmed,
     }
 }
 
@@ -155,6 +158,7 @@ impl World {
                         acked: 0,
                         done: Vec::new(),
                         unhealthy: Vec::new(),
+                        lost: Vec::new(),
                     },
                 );
                 self.inbox.extend(r.tasks);
@@ -325,6 +329,20 @@ impl World {
         self.report(node, acked, Vec::new(), Vec::new())
     }
 
+    /// A heartbeat reporting replicas the node dropped as corrupt.
+    pub fn lose(&mut self, node: u64, lost: &[ReplicaId]) -> HeartbeatResponse {
+        self.core.heartbeat(
+            self.now,
+            Heartbeat {
+                node: NodeId(node),
+                acked: 0,
+                done: Vec::new(),
+                unhealthy: Vec::new(),
+                lost: lost.to_vec(),
+            },
+        )
+    }
+
     /// A heartbeat carrying finished tasks and failed segments; delivered tasks go to the inbox.
     pub fn report(
         &mut self,
@@ -340,6 +358,7 @@ impl World {
                 acked,
                 done,
                 unhealthy,
+                lost: Vec::new(),
             },
         );
         self.inbox.extend(r.tasks.iter().cloned());
