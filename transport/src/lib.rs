@@ -5,7 +5,13 @@
 //! - [`frame`]: reading and writing frames on a byte stream; payloads go straight between
 //!   the socket and their final buffer.
 //! - [`rpc`]: a multiplexed, reconnecting request/response client for control messages.
+//! - [`listen`]: what every server does alike: the accept loop (TCP or Unix socket), the
+//!   `Hello` gate, the close-and-drain after a refusal.
 //! - [`server`]: a generic control-plane server over a synchronous [`server::RpcService`].
+//! - [`dataplane`]: the storage node's data server (Read/Write of segment ranges) over a
+//!   [`dataplane::SegmentStore`] the node supplies.
+//! - [`memory`]: [`memory::SharedRange`], segment memory another party may write, accessed
+//!   by copies through raw pointers only.
 //! - [`engine`]: the transfer engine: batched reads and writes of segment ranges on storage
 //!   nodes, pooled and striped over several TCP connections per peer.
 //!
@@ -13,9 +19,12 @@
 //! behind [`engine::TransferEngine`] without changing its callers.
 
 pub mod auth;
+pub mod dataplane;
 pub mod engine;
 mod error;
 pub mod frame;
+pub mod listen;
+pub mod memory;
 pub mod rpc;
 pub mod server;
 

@@ -45,9 +45,9 @@ use chunk::{Chunk, Item, Piece};
 use exchange::Exchange;
 
 /// A read chunk with at least this many bytes still to come once the response buffer is
-/// drained is read straight into its slices; smaller ones go through the buffer, so a batch
-/// of small payloads costs a few syscalls instead of one each.
-pub const DIRECT_READ_MIN: usize = 64 << 10;
+/// drained is read straight into its slices; smaller ones go through the buffer. The same
+/// threshold as the data server's ([`crate::dataplane::DIRECT_MIN`]).
+pub use crate::dataplane::DIRECT_MIN as DIRECT_READ_MIN;
 
 /// How the engine connects, stripes and waits.
 #[derive(Debug, Clone)]
