@@ -126,7 +126,11 @@ impl RpcService for Service {
             Opcode::Hello => call(body, |_: kvpool_proto::Hello| kvpool_proto::HelloResponse {
                 server_version: u16::from(kvpool_proto::header::VERSION),
             }),
-            Opcode::Read | Opcode::Write => Err(WireError::new(
+            Opcode::Read
+            | Opcode::Write
+            | Opcode::ShmInfo
+            | Opcode::ShmAttach
+            | Opcode::ShmCommit => Err(WireError::new(
                 kvpool_proto::ErrorCode::WrongService,
                 "data-plane request sent to the master; send it to a storage node",
             )),

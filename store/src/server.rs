@@ -5,7 +5,9 @@
 
 use std::{future::Future, sync::Arc};
 
-use kvpool_proto::{FrameLimits, ObjectTag, SegmentId, Token, WireError};
+use std::os::fd::BorrowedFd;
+
+use kvpool_proto::{FrameLimits, NodeId, ObjectTag, SegmentId, ShmSegment, Token, WireError};
 use kvpool_transport::{
     dataplane::{self, DataServerOptions, OwnedBytes, SegmentStore, Source},
     memory::SharedRange,
@@ -71,6 +73,28 @@ impl SegmentStore for Node {
             self.record_tag(tag);
         }
     }
+
+    fn commit_tag(&self, tag: ObjectTag) -> Result<(), WireError> {
+        Node::commit_tag(self, tag)
+    }
+
+    fn node_id(&self) -> NodeId {
+        self.id()
+    }
+
+    fn shared_segments(&self) -> Vec<(ShmSegment, BorrowedFd<'_>)> {
+        self.segments()
+            .iter()
+            .map(|s| {
+                let seg = ShmSegment {
+                    id: s.id(),
+                    size: s.size(),
+                    mapped: s.mapped_len(),
+                };
+                (seg, s.memfd())
+            })
+            .collect()
+    }
 }
 
 /// Serves data-plane connections from `listener` until `shutdown` completes; then stops
@@ -87,5 +111,9 @@ pub async fn serve_with_token(
     token: Option<Token>,
     shutdown: impl Future<Output = ()>,
 ) {
-    dataplane::serve(listener, node, DataServerOptions { token }, shutdown).await
+    let opts = DataServerOptions {
+        token,
+        shm_socket: None,
+    };
+    dataplane::serve(listener, node, opts, shutdown).await
 }

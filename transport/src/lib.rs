@@ -15,8 +15,11 @@
 //! - [`engine`]: the transfer engine: batched reads and writes of segment ranges on storage
 //!   nodes, pooled and striped over several TCP connections per peer.
 //!
-//! The TCP transport is the only one today; shared memory (same host) and RDMA slot in
-//! behind [`engine::TransferEngine`] without changing its callers.
+//! - [`shm`]: the same-host shared-memory transport (segment memfds passed over a Unix
+//!   socket, mapped once per node), chosen per peer by [`engine::TransferEngine`].
+//!
+//! Transports: shared memory for nodes on this host, TCP otherwise (RDMA slots in behind
+//! [`engine::TransferEngine`] the same way); callers see one batch API.
 
 pub mod auth;
 pub mod dataplane;
@@ -27,5 +30,6 @@ pub mod listen;
 pub mod memory;
 pub mod rpc;
 pub mod server;
+pub mod shm;
 
 pub use error::TransportError;

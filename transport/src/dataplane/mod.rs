@@ -20,13 +20,16 @@ mod stream;
 
 use std::{future::Future, pin::Pin, sync::Arc};
 
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+
 use kvpool_proto::{
-    decode_body, ErrorCode, FrameHeader, FrameLimits, ObjectTag, Opcode, Read, SegmentId, Token,
+    decode_body, ErrorCode, FrameHeader, FrameLimits, NodeId, ObjectTag, Opcode, Read, SegmentId,
+    ShmAttach, ShmAttachResponse, ShmCommit, ShmInfo, ShmInfoResponse, ShmSegment, Token,
     UnitResponse, WireError, Write, HEADER_LEN,
 };
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter},
-    net::TcpStream,
+    net::{TcpStream, UnixStream},
 };
 
 pub use stream::{recv_exact, send_all, RawSocket};
@@ -88,6 +91,13 @@ pub trait SegmentStore: Send + Sync + 'static {
     ) -> Result<SharedRange, WireError>;
     /// Keeps the tags of a write whose bytes have landed.
     fn record_tags(&self, tags: Vec<ObjectTag>);
+    /// Keeps one tag of a same-host client's write (`ShmCommit`): a tag that names no range
+    /// of the node's segments is refused.
+    fn commit_tag(&self, tag: ObjectTag) -> Result<(), WireError>;
+    /// The node's id (a same-host client checks it is the node it expected).
+    fn node_id(&self) -> NodeId;
+    /// The segments a same-host client may map, each with its memory file.
+    fn shared_segments(&self) -> Vec<(ShmSegment, BorrowedFd<'_>)>;
 }
 
 /// How a data server guards its connections.
@@ -95,6 +105,9 @@ pub trait SegmentStore: Send + Sync + 'static {
 pub struct DataServerOptions {
     /// The cluster token. When set, every connection must start with a `Hello` carrying it.
     pub token: Option<Token>,
+    /// The node's Unix socket for same-host clients, told to whoever asks `ShmInfo`
+    /// [unset: the node shares no memory].
+    pub shm_socket: Option<String>,
 }
 
 /// Serves data-plane connections from `listener` until `shutdown` completes; then stops
@@ -109,9 +122,9 @@ pub async fn serve<L, T>(
     L::Stream: Conn,
     T: SegmentStore,
 {
-    let token = opts.token.map(Arc::new);
+    let opts = Arc::new(opts);
     listen::accept_loop(listener, shutdown, |stream, peer| {
-        connection(stream, peer, store.clone(), token.clone())
+        connection(stream, peer, store.clone(), opts.clone())
     })
     .await
 }
@@ -121,15 +134,37 @@ pub trait Conn: RawSocket {
     fn prepare(&self) -> std::io::Result<()> {
         Ok(())
     }
+    /// Sends `frame` with `fds` attached, where the socket can carry descriptors (`None`
+    /// where it cannot: TCP).
+    fn send_fds<'a>(
+        &'a self,
+        frame: &'a [u8],
+        fds: &'a [RawFd],
+    ) -> Option<Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + 'a>>>;
 }
 
 impl Conn for TcpStream {
     fn prepare(&self) -> std::io::Result<()> {
         self.set_nodelay(true)
     }
+    fn send_fds<'a>(
+        &'a self,
+        _: &'a [u8],
+        _: &'a [RawFd],
+    ) -> Option<Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + 'a>>> {
+        None
+    }
 }
 
-impl Conn for tokio::net::UnixStream {}
+impl Conn for UnixStream {
+    fn send_fds<'a>(
+        &'a self,
+        frame: &'a [u8],
+        fds: &'a [RawFd],
+    ) -> Option<Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + 'a>>> {
+        Some(Box::pin(crate::shm::fds::send_with_fds(self, frame, fds)))
+    }
+}
 
 /// A connection's buffered reader over its buffered writer over the socket. Direct payload
 /// I/O reaches the socket only with both buffers empty, so the byte order holds.
@@ -163,14 +198,14 @@ async fn connection<S: Conn, T: SegmentStore>(
     stream: S,
     peer: String,
     store: Arc<T>,
-    token: Option<Arc<Token>>,
+    opts: Arc<DataServerOptions>,
 ) {
     if let Err(e) = stream.prepare() {
         tracing::debug!(%peer, "socket options: {e}");
     }
     let mut io: Io<S> =
         BufReader::with_capacity(BUF_SIZE, BufWriter::with_capacity(BUF_SIZE, stream));
-    match serve_connection(&mut io, &*store, token.as_deref()).await {
+    match serve_connection(&mut io, &*store, &opts).await {
         Ok(()) => tracing::trace!(%peer, "data connection closed"),
         Err(Close::Transport(e)) => tracing::debug!(%peer, "data connection ended: {e}"),
         Err(Close::Fatal {
@@ -190,8 +225,9 @@ async fn connection<S: Conn, T: SegmentStore>(
 async fn serve_connection<S: Conn, T: SegmentStore>(
     io: &mut Io<S>,
     store: &T,
-    token: Option<&Token>,
+    opts: &DataServerOptions,
 ) -> Result<(), Close> {
+    let token = opts.token.as_ref();
     // Nothing is served before the Hello when a token is configured.
     let mut authed = token.is_none();
     loop {
@@ -241,6 +277,9 @@ async fn serve_connection<S: Conn, T: SegmentStore>(
         let served = match Opcode::try_from(h.opcode) {
             Ok(Opcode::Read) => read(io, store, &h).await,
             Ok(Opcode::Write) => write(io, store, &h).await,
+            Ok(Opcode::ShmInfo) => shm_info(io, store, opts, &h).await,
+            Ok(Opcode::ShmAttach) => shm_attach(io, store, &h).await,
+            Ok(Opcode::ShmCommit) => shm_commit(io, store, &h).await,
             Ok(op) => {
                 skip(io, &h).await?;
                 let msg = format!("{op:?} is a master request; this is a storage node");
@@ -473,4 +512,93 @@ async fn read_payload<S: Conn>(io: &mut Io<S>, dst: SharedRange) -> Result<(), T
             return Err(TransportError::Truncated);
         }
     }
+}
+
+/// Reads a small request's body (no payload) and decodes it; `Ok(None)` when it was answered
+/// with an error instead.
+async fn small_request<S: Conn, M: serde::de::DeserializeOwned>(
+    io: &mut Io<S>,
+    h: &FrameHeader,
+) -> Result<Option<M>, Close> {
+    let body = frame::read_body(io, h.body_len).await?;
+    frame::discard(io, h.payload_len).await?;
+    match decode_body(&body) {
+        Ok(m) => Ok(Some(m)),
+        Err(e) => reply_error(io, h, e).await.map(|()| None),
+    }
+}
+
+/// Tells a client where this node's shared memory is (and who and where the node is).
+async fn shm_info<S: Conn, T: SegmentStore>(
+    io: &mut Io<S>,
+    store: &T,
+    opts: &DataServerOptions,
+    h: &FrameHeader,
+) -> Result<(), Close> {
+    let Some(ShmInfo {}) = small_request(io, h).await? else {
+        return Ok(());
+    };
+    let resp = ShmInfoResponse {
+        node: store.node_id(),
+        host: crate::shm::host_id().to_string(),
+        socket: opts.shm_socket.clone(),
+    };
+    let f = frame::encode_response(h.opcode, h.request_id, &resp, 0);
+    io.get_mut().write_all(&f).await?;
+    Ok(())
+}
+
+/// Hands a same-host client the segments' memory files, with the response frame. Only a Unix
+/// socket carries descriptors; over TCP the request is refused.
+async fn shm_attach<S: Conn, T: SegmentStore>(
+    io: &mut Io<S>,
+    store: &T,
+    h: &FrameHeader,
+) -> Result<(), Close> {
+    let Some(ShmAttach {}) = small_request(io, h).await? else {
+        return Ok(());
+    };
+    let shared = store.shared_segments();
+    let resp = ShmAttachResponse {
+        node: store.node_id(),
+        segments: shared.iter().map(|(s, _)| *s).collect(),
+    };
+    let fds: Vec<RawFd> = shared.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+    let f = frame::encode_response(h.opcode, h.request_id, &resp, 0);
+    // Everything answered before goes out first, so the descriptors ride with this frame.
+    io.get_mut().flush().await?;
+    let sent = match io.get_ref().get_ref().send_fds(&f, &fds) {
+        Some(send) => Some(send.await),
+        None => None,
+    };
+    match sent {
+        Some(r) => r?,
+        None => {
+            let e = WireError::new(
+                ErrorCode::WrongService,
+                "shared memory is attached over the node's Unix socket, not TCP",
+            );
+            return reply_error(io, h, e).await;
+        }
+    }
+    tracing::debug!(
+        segments = fds.len(),
+        "handed segment memory to a same-host client"
+    );
+    Ok(())
+}
+
+/// Records the tags of a same-host client's put, whose bytes it copied into shared memory.
+async fn shm_commit<S: Conn, T: SegmentStore>(
+    io: &mut Io<S>,
+    store: &T,
+    h: &FrameHeader,
+) -> Result<(), Close> {
+    let Some(ShmCommit { tags }) = small_request(io, h).await? else {
+        return Ok(());
+    };
+    let items = tags.into_iter().map(|t| store.commit_tag(t)).collect();
+    let f = frame::encode_response(h.opcode, h.request_id, &UnitResponse { items }, 0);
+    io.get_mut().write_all(&f).await?;
+    Ok(())
 }
