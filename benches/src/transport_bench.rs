@@ -8,10 +8,10 @@
 //!
 //! It starts `kvpool up` (beside this executable, or `--kvpool PATH`) on loopback. For each
 //! size, `bytes / size` objects are consecutive slices of one random region (an engine's
-//! registered KV region); one client (`transport = tcp`, then `shm`) puts them all one at a
-//! time (each a `put_batch_parts` of one: allocation, copy, commit), gets them all into a
-//! second region (`get_batch_into_parts`, with the lease check and crc32c verification, as
-//! any get), compares one object in 16, and removes them. memcpy copies the same objects
+//! registered KV region); one client (`transport = tcp`, then `shm`) puts them all,
+//! `--batch` objects per `put_batch_parts` (each: crc32c, allocation, copy, commit), gets them
+//! all into a second region (`get_batch_into_parts` of `--batch`, with the lease check and
+//! crc32c verification, as any get), compares one object in 16, and removes them. memcpy copies the same objects
 //! region to region. Every figure is the best of `--rounds` rounds, in GB/s (10^9 B/s) of
 //! value bytes; it prints a markdown table on standard output.
 
@@ -47,6 +47,9 @@ struct Args {
     /// Rounds per case; the best is reported.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Objects per put or get request (one master round trip each way per request).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
 }
 
 /// One size's figures, GB/s.
@@ -61,7 +64,10 @@ struct Row {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    ensure!(args.rounds > 0, "--rounds must be > 0");
+    ensure!(
+        args.rounds > 0 && args.batch > 0,
+        "--rounds and --batch must be > 0"
+    );
     let bin = procs::kvpool_bin(args.kvpool.as_deref())?;
     // The pool holds one phase's objects with room to spare (no eviction while measuring).
     let dram = format!("{}MiB", (args.bytes.0 * 2 + (64 << 20)) >> 20);
@@ -84,14 +90,8 @@ fn main() -> Result<()> {
             ..Row::default()
         };
         for mode in [TransportMode::Tcp, TransportMode::Shm] {
-            let (put, get) = rt.block_on(transfers(
-                &pool.addr,
-                mode,
-                &src,
-                &mut dst,
-                size,
-                args.rounds,
-            ))?;
+            let (put, get) =
+                rt.block_on(transfers(&pool.addr, mode, &src, &mut dst, size, &args))?;
             match mode {
                 TransportMode::Tcp => (row.tcp_put, row.tcp_get) = (put, get),
                 _ => (row.shm_put, row.shm_get) = (put, get),
@@ -142,7 +142,7 @@ async fn transfers(
     src: &[u8],
     dst: &mut [u8],
     size: usize,
-    rounds: usize,
+    args: &Args,
 ) -> Result<(f64, f64)> {
     let mut cfg = ClientConfig::with_master(master);
     cfg.transport = mode;
@@ -152,27 +152,31 @@ async fn transfers(
         .collect();
     let (mut put, mut get) = (0f64, 0f64);
     // One extra, unmeasured round first: connections, the shared-memory attach, page faults.
-    for round in 0..=rounds {
+    let batch = args.batch;
+    for round in 0..=args.rounds {
         let t = Instant::now();
-        for (k, v) in keys.iter().zip(src.chunks(size)) {
-            client
-                .put_batch_parts(&[(k, &[v][..])], &PutOptions::default())
-                .await
-                .remove(0)
-                .with_context(|| format!("{mode} put"))?;
+        for (ks, vs) in keys.chunks(batch).zip(src.chunks(batch * size)) {
+            let parts: Vec<[&[u8]; 1]> = vs.chunks(size).map(|v| [v]).collect();
+            let items: Vec<(&[u8], &[&[u8]])> = ks
+                .iter()
+                .zip(&parts)
+                .map(|(k, p)| (k.as_slice(), &p[..]))
+                .collect();
+            for r in client.put_batch_parts(&items, &PutOptions::default()).await {
+                r.with_context(|| format!("{mode} put"))?;
+            }
         }
         let p = gbps(src.len(), t.elapsed().as_secs_f64());
         dst.fill(0);
         let t = Instant::now();
-        for (k, d) in keys.iter().zip(dst.chunks_mut(size)) {
-            let mut parts = [d];
-            let mut dests = [&mut parts[..]];
-            let got = client
-                .get_batch_into_parts(&[k], &mut dests)
-                .await
-                .remove(0)
-                .with_context(|| format!("{mode} get"))?;
-            ensure!(got == Some(size as u64), "{mode} get: {got:?}");
+        for (ks, ds) in keys.chunks(batch).zip(dst.chunks_mut(batch * size)) {
+            let refs: Vec<&[u8]> = ks.iter().map(Vec::as_slice).collect();
+            let mut single: Vec<[&mut [u8]; 1]> = ds.chunks_mut(size).map(|d| [d]).collect();
+            let mut dests: Vec<&mut [&mut [u8]]> = single.iter_mut().map(|p| &mut p[..]).collect();
+            for got in client.get_batch_into_parts(&refs, &mut dests).await {
+                let got = got.with_context(|| format!("{mode} get"))?;
+                ensure!(got == Some(size as u64), "{mode} get: {got:?}");
+            }
         }
         let g = gbps(src.len(), t.elapsed().as_secs_f64());
         for i in (0..keys.len()).step_by(16) {
