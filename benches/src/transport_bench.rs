@@ -3,17 +3,20 @@
 //!
 //! ```text
 //! cargo build --release -p kvpool-benches -p kvpool-cli
-//! target/release/kvpool-transport-bench [--bytes 256MiB] [--rounds 3]
+//! target/release/kvpool-transport-bench [--bytes 256MiB] [--rounds 5] [--batch 1]
 //! ```
 //!
 //! It starts `kvpool up` (beside this executable, or `--kvpool PATH`) on loopback. For each
 //! size, `bytes / size` objects are consecutive slices of one random region (an engine's
-//! registered KV region); one client (`transport = tcp`, then `shm`) puts them all,
+//! registered KV region). Each round, back to back: memcpy copies every object region to
+//! region; a client with `transport = tcp`, then one with `transport = shm`, puts them all,
 //! `--batch` objects per `put_batch_parts` (each: crc32c, allocation, copy, commit), gets them
-//! all into a second region (`get_batch_into_parts` of `--batch`, with the lease check and
-//! crc32c verification, as any get), compares one object in 16, and removes them. memcpy copies the same objects
-//! region to region. Every figure is the best of `--rounds` rounds, in GB/s (10^9 B/s) of
-//! value bytes; it prints a markdown table on standard output.
+//! all into the second region (`get_batch_into_parts` of `--batch`, with the lease check and
+//! crc32c verification, as any get), compares one object in 16, and removes them. After one
+//! unmeasured warm-up round, it reports the median of `--rounds` rounds of each figure, in
+//! GB/s (10^9 B/s) of value bytes, and the median of the rounds' shm / memcpy ratios (each
+//! round's figures were taken seconds apart, under the same load); a markdown table on
+//! standard output.
 
 // Shared with kvpool-bench: starting `kvpool up` (procs needs resp for its Redis helper).
 #[allow(dead_code)]
@@ -44,17 +47,18 @@ struct Args {
     /// Value bytes per phase (the region size).
     #[arg(long, default_value = "256MiB")]
     bytes: ByteSize,
-    /// Rounds per case; the best is reported.
-    #[arg(long, default_value_t = 3)]
+    /// Measured rounds per size; medians are reported.
+    #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// Objects per put or get request (one master round trip each way per request).
     #[arg(long, default_value_t = 1)]
     batch: usize,
 }
 
-/// One size's figures, GB/s.
-#[derive(Default)]
-struct Row {
+/// One round's figures, GB/s: memcpy, then TCP put and get, then shared-memory put and get,
+/// back to back, so that one round's ratios compare moments of the same load.
+#[derive(Clone, Copy, Default)]
+struct Round {
     memcpy: f64,
     tcp_put: f64,
     tcp_get: f64,
@@ -75,7 +79,16 @@ fn main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let mut rows = Vec::new();
+    let client = |mode| {
+        let mut cfg = ClientConfig::with_master(&pool.addr);
+        cfg.transport = mode;
+        Client::new(cfg)
+    };
+    let (tcp, shm) = (client(TransportMode::Tcp), client(TransportMode::Shm));
+    println!(
+        "| value | memcpy | TCP put | TCP get | shm put | shm get | shm put / memcpy | shm get / memcpy |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     for size in &args.sizes {
         let size = usize::try_from(size.0).context("size")?;
         let n = usize::try_from(args.bytes.0 / size as u64)
@@ -85,40 +98,50 @@ fn main() -> Result<()> {
         let mut src = vec![0u8; n * size];
         rand::thread_rng().fill_bytes(&mut src);
         let mut dst = vec![1u8; n * size];
-        let mut row = Row {
-            memcpy: best(args.rounds, || memcpy(&src, &mut dst, size)),
-            ..Row::default()
-        };
-        for mode in [TransportMode::Tcp, TransportMode::Shm] {
-            let (put, get) =
-                rt.block_on(transfers(&pool.addr, mode, &src, &mut dst, size, &args))?;
-            match mode {
-                TransportMode::Tcp => (row.tcp_put, row.tcp_get) = (put, get),
-                _ => (row.shm_put, row.shm_get) = (put, get),
+        let mut rounds = Vec::new();
+        // One extra, unmeasured round first: connections, the shared-memory attach, faults.
+        for round in 0..=args.rounds {
+            let memcpy = memcpy(&src, &mut dst, size);
+            let (tcp_put, tcp_get) =
+                rt.block_on(transfers(&tcp, "tcp", &src, &mut dst, size, args.batch))?;
+            let (shm_put, shm_get) =
+                rt.block_on(transfers(&shm, "shm", &src, &mut dst, size, args.batch))?;
+            if round > 0 {
+                rounds.push(Round {
+                    memcpy,
+                    tcp_put,
+                    tcp_get,
+                    shm_put,
+                    shm_get,
+                });
             }
         }
-        rows.push((size, row));
-    }
-    println!("| value | memcpy | TCP put | TCP get | shm put | shm get | shm put / memcpy | shm get / memcpy |");
-    println!("|---|---|---|---|---|---|---|---|");
-    for (size, r) in rows {
+        let med = |f: &dyn Fn(&Round) -> f64| median(rounds.iter().map(f).collect());
         println!(
             "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} % | {:.0} % |",
             ByteSize(size as u64),
-            r.memcpy,
-            r.tcp_put,
-            r.tcp_get,
-            r.shm_put,
-            r.shm_get,
-            100.0 * r.shm_put / r.memcpy,
-            100.0 * r.shm_get / r.memcpy
+            med(&|r| r.memcpy),
+            med(&|r| r.tcp_put),
+            med(&|r| r.tcp_get),
+            med(&|r| r.shm_put),
+            med(&|r| r.shm_get),
+            100.0 * med(&|r| r.shm_put / r.memcpy),
+            100.0 * med(&|r| r.shm_get / r.memcpy),
         );
     }
-    Ok(())
+    rt.block_on(async {
+        let addr = node_addr(&shm).await?;
+        ensure!(
+            shm.transport_to(&addr) == "shm" && tcp.transport_to(&addr) == "tcp",
+            "the clients did not use the transports they were set to"
+        );
+        Ok(())
+    })
 }
 
-fn best(rounds: usize, mut f: impl FnMut() -> f64) -> f64 {
-    (0..rounds).map(|_| f()).fold(0.0, f64::max)
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 fn gbps(bytes: usize, secs: f64) -> f64 {
@@ -135,70 +158,52 @@ fn memcpy(src: &[u8], dst: &mut [u8], size: usize) -> f64 {
     gbps(src.len(), t.elapsed().as_secs_f64())
 }
 
-/// Best put and get GB/s of one client over `mode`.
+/// One round of puts and gets of every object by `client`: GB/s of each.
 async fn transfers(
-    master: &str,
-    mode: TransportMode,
+    client: &Client,
+    mode: &str,
     src: &[u8],
     dst: &mut [u8],
     size: usize,
-    args: &Args,
+    batch: usize,
 ) -> Result<(f64, f64)> {
-    let mut cfg = ClientConfig::with_master(master);
-    cfg.transport = mode;
-    let client = Client::new(cfg);
     let keys: Vec<Vec<u8>> = (0..src.len() / size)
         .map(|i| format!("tb/{i:08}").into_bytes())
         .collect();
-    let (mut put, mut get) = (0f64, 0f64);
-    // One extra, unmeasured round first: connections, the shared-memory attach, page faults.
-    let batch = args.batch;
-    for round in 0..=args.rounds {
-        let t = Instant::now();
-        for (ks, vs) in keys.chunks(batch).zip(src.chunks(batch * size)) {
-            let parts: Vec<[&[u8]; 1]> = vs.chunks(size).map(|v| [v]).collect();
-            let items: Vec<(&[u8], &[&[u8]])> = ks
-                .iter()
-                .zip(&parts)
-                .map(|(k, p)| (k.as_slice(), &p[..]))
-                .collect();
-            for r in client.put_batch_parts(&items, &PutOptions::default()).await {
-                r.with_context(|| format!("{mode} put"))?;
-            }
-        }
-        let p = gbps(src.len(), t.elapsed().as_secs_f64());
-        dst.fill(0);
-        let t = Instant::now();
-        for (ks, ds) in keys.chunks(batch).zip(dst.chunks_mut(batch * size)) {
-            let refs: Vec<&[u8]> = ks.iter().map(Vec::as_slice).collect();
-            let mut single: Vec<[&mut [u8]; 1]> = ds.chunks_mut(size).map(|d| [d]).collect();
-            let mut dests: Vec<&mut [&mut [u8]]> = single.iter_mut().map(|p| &mut p[..]).collect();
-            for got in client.get_batch_into_parts(&refs, &mut dests).await {
-                let got = got.with_context(|| format!("{mode} get"))?;
-                ensure!(got == Some(size as u64), "{mode} get: {got:?}");
-            }
-        }
-        let g = gbps(src.len(), t.elapsed().as_secs_f64());
-        for i in (0..keys.len()).step_by(16) {
-            ensure!(
-                dst[i * size..][..size] == src[i * size..][..size],
-                "{mode}: object {i} differs"
-            );
-        }
-        let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
-        for r in client.remove(&refs, true).await {
-            r.context("remove")?;
-        }
-        if round > 0 {
-            put = put.max(p);
-            get = get.max(g);
+    let t = Instant::now();
+    for (ks, vs) in keys.chunks(batch).zip(src.chunks(batch * size)) {
+        let parts: Vec<[&[u8]; 1]> = vs.chunks(size).map(|v| [v]).collect();
+        let items: Vec<(&[u8], &[&[u8]])> = ks
+            .iter()
+            .zip(&parts)
+            .map(|(k, p)| (k.as_slice(), &p[..]))
+            .collect();
+        for r in client.put_batch_parts(&items, &PutOptions::default()).await {
+            r.with_context(|| format!("{mode} put"))?;
         }
     }
-    if mode == TransportMode::Shm {
+    let put = gbps(src.len(), t.elapsed().as_secs_f64());
+    dst.fill(0);
+    let t = Instant::now();
+    for (ks, ds) in keys.chunks(batch).zip(dst.chunks_mut(batch * size)) {
+        let refs: Vec<&[u8]> = ks.iter().map(Vec::as_slice).collect();
+        let mut single: Vec<[&mut [u8]; 1]> = ds.chunks_mut(size).map(|d| [d]).collect();
+        let mut dests: Vec<&mut [&mut [u8]]> = single.iter_mut().map(|p| &mut p[..]).collect();
+        for got in client.get_batch_into_parts(&refs, &mut dests).await {
+            let got = got.with_context(|| format!("{mode} get"))?;
+            ensure!(got == Some(size as u64), "{mode} get: {got:?}");
+        }
+    }
+    let get = gbps(src.len(), t.elapsed().as_secs_f64());
+    for i in (0..keys.len()).step_by(16) {
         ensure!(
-            client.transport_to(&node_addr(&client).await?) == "shm",
-            "the shm client did not use shared memory"
+            dst[i * size..][..size] == src[i * size..][..size],
+            "{mode}: object {i} differs"
         );
+    }
+    let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+    for r in client.remove(&refs, true).await {
+        r.context("remove")?;
     }
     Ok((put, get))
 }
