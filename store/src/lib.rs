@@ -166,10 +166,16 @@ pub async fn start(mut cfg: StoreConfig, listener: TcpListener) -> Result<StoreH
     );
     let (stop_server, stop_rx) = watch::channel(false);
     let shm = if cfg.shm {
-        let path = cfg
-            .shm_socket
-            .clone()
-            .unwrap_or_else(|| kvpool_transport::shm::default_socket_path(local_addr.port()));
+        let path = match cfg.shm_socket.clone() {
+            Some(p) => p,
+            None => {
+                // Nodes killed with SIGKILL leave their sockets behind; clear those first.
+                kvpool_transport::shm::remove_stale_sockets(
+                    &kvpool_transport::shm::default_socket_dir(),
+                );
+                kvpool_transport::shm::default_socket_path(local_addr.port())
+            }
+        };
         match bind_unix(&path) {
             Ok(l) => {
                 let opts = DataServerOptions {

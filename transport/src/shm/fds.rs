@@ -141,3 +141,46 @@ fn recvmsg_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
     }
     Ok((n, fds))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{ffi::CString, fs::File, io::Write as _};
+
+    /// A descriptor passed over a socket pair names the same file: what the receiver reads
+    /// through it is what the sender wrote, and the frame bytes arrive whole beside it.
+    #[tokio::test]
+    async fn descriptors_cross_a_socket_with_their_bytes() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let name = CString::new("kvpool-fds-test").unwrap();
+        // SAFETY: a valid NUL-terminated name and memfd_create's own flag.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` is fresh and owned by nothing else.
+        let mut file = unsafe { File::from_raw_fd(fd) };
+        file.write_all(b"segment bytes").unwrap();
+        let frame: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        let two = [file.as_raw_fd(), file.as_raw_fd()];
+        let send = send_with_fds(&a, &frame, &two);
+        let recv = async {
+            let mut buf = vec![0u8; frame.len()];
+            let (mut have, fds) = recv_with_fds(&b, &mut buf).await.unwrap();
+            while have < frame.len() {
+                b.readable().await.unwrap();
+                match b.try_read(&mut buf[have..]) {
+                    Ok(n) => have += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            (buf, fds)
+        };
+        let (sent, (buf, fds)) = tokio::join!(send, recv);
+        sent.unwrap();
+        assert!(buf == frame, "frame bytes differ");
+        assert_eq!(fds.len(), 2);
+        let got = std::fs::read(format!("/proc/self/fd/{}", fds[1].as_raw_fd())).unwrap();
+        assert_eq!(got, b"segment bytes");
+        assert!(send_with_fds(&a, b"x", &[0; MAX_FDS + 1]).await.is_err());
+    }
+}

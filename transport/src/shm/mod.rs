@@ -84,13 +84,73 @@ pub fn host_id() -> &'static str {
     })
 }
 
+/// Removes the default-named sockets in `dir` (`kvpool-store-<pid>-<port>.sock`) whose node
+/// process is gone: a node killed with SIGKILL cannot remove its own. Returns how many.
+pub fn remove_stale_sockets(dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("kvpool-store-"))
+            .and_then(|n| n.strip_suffix(".sock"))
+            .and_then(|n| n.split_once('-'))
+            .and_then(|(pid, _port)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+        if !alive && std::fs::remove_file(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// Where a node's Unix socket goes when its config names none: `$XDG_RUNTIME_DIR`, else the
 /// system's temporary directory, named for the process and its TCP port so that several
 /// nodes on one host never collide.
 pub fn default_socket_path(port: u16) -> PathBuf {
-    let dir = std::env::var_os("XDG_RUNTIME_DIR")
+    default_socket_dir().join(format!("kvpool-store-{}-{port}.sock", std::process::id()))
+}
+
+/// The folder of [`default_socket_path`].
+pub fn default_socket_dir() -> PathBuf {
+    std::env::var_os("XDG_RUNTIME_DIR")
         .map(PathBuf::from)
         .filter(|d| d.is_dir())
-        .unwrap_or_else(std::env::temp_dir);
-    dir.join(format!("kvpool-store-{}-{port}.sock", std::process::id()))
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_sockets_of_dead_nodes_are_removed_and_live_ones_kept() {
+        let dir = std::env::temp_dir().join(format!("kvpool-stale-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A pid above the kernel's maximum (4194304) never runs.
+        let dead = dir.join("kvpool-store-4194399-5000.sock");
+        let live = dir.join(format!("kvpool-store-{}-5001.sock", std::process::id()));
+        let other = dir.join("unrelated-4194399-5000.sock");
+        for p in [&dead, &live, &other] {
+            std::fs::write(p, b"").unwrap();
+        }
+        assert_eq!(remove_stale_sockets(&dir), 1);
+        assert!(!dead.exists() && live.exists() && other.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn transport_modes_parse_and_refuse_others() {
+        assert_eq!("SHM".parse::<TransportMode>(), Ok(TransportMode::Shm));
+        assert_eq!(" tcp ".parse::<TransportMode>(), Ok(TransportMode::Tcp));
+        assert_eq!("auto".parse::<TransportMode>(), Ok(TransportMode::Auto));
+        let e = "rdma".parse::<TransportMode>().unwrap_err();
+        assert!(e.contains("\"rdma\""), "{e}");
+    }
 }
