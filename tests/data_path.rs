@@ -3,15 +3,20 @@
 
 use std::sync::Arc;
 
+use kvpool_client::TransportMode;
 use kvpool_client::{ClientError, ErrorCode};
 use kvpool_proto::PutOptions;
-use kvpool_tests::{client, up, value};
+use kvpool_tests::{client, client_over, loopback_rx_bytes, transport_matrix, up, value};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn put_from_one_client_get_from_another_1b_to_64mib() {
+transport_matrix!(
+    put_from_one_client_get_from_another_1b_to_64mib,
+    one_client_puts_another_gets
+);
+
+async fn one_client_puts_another_gets(transport: TransportMode) {
     let pool = up("512MiB", &[]);
-    let writer = client(&pool.addr("master"));
-    let reader = client(&pool.addr("master"));
+    let writer = client_over(&pool.addr("master"), transport);
+    let reader = client_over(&pool.addr("master"), transport);
     let mut sizes = vec![
         1usize,
         2,
@@ -235,8 +240,12 @@ fn scatter<'a>(mut buf: &'a mut [u8], shape: &[usize]) -> Vec<&'a mut [u8]> {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn many_small_parts_in_one_shape_come_back_in_another() {
+transport_matrix!(
+    many_small_parts_in_one_shape_come_back_in_another,
+    parts_in_one_shape_come_back_in_another
+);
+
+async fn parts_in_one_shape_come_back_in_another(transport: TransportMode) {
     let pool = up("256MiB", &[]);
     let master = pool.addr("master");
     // One wire op per stripe chunk, whatever the parts: odd part sizes (empty ones too) cut
@@ -244,8 +253,12 @@ async fn many_small_parts_in_one_shape_come_back_in_another() {
     // connections. A writer with a small, odd stripe makes every value span many chunks.
     let mut small_stripe = kvpool_client::ClientConfig::with_master(&master);
     small_stripe.engine.stripe_size = 100_003;
-    let writers = [client(&master), kvpool_client::Client::new(small_stripe)];
-    let reader = client(&master);
+    small_stripe.transport = transport;
+    let writers = [
+        client_over(&master, transport),
+        kvpool_client::Client::new(small_stripe),
+    ];
+    let reader = client_over(&master, transport);
     let put_shape = [1usize, 4095, 0, 32 << 10, 700, 65_537, 3];
     let get_shape = [13usize, 8191, 50_000, 1, 32 << 10];
     // A value of 64 KiB + 1 B parts spanning three 4 MiB stripes, a paged-like value of
@@ -332,4 +345,49 @@ async fn many_small_parts_in_one_shape_come_back_in_another() {
             }
         }
     }
+}
+
+/// A same-host get moves no payload over loopback TCP: the `lo` interface receives far less
+/// than the value (only the small control and `ShmCommit` frames). Other processes may use
+/// loopback meanwhile, which only adds bytes, so the least of a few tries is what counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_same_host_get_moves_no_payload_over_loopback() {
+    let pool = up("256MiB", &[]);
+    let master = pool.addr("master");
+    let len = 64 << 20;
+    let v = value(64, len);
+    let shm = client(&master);
+    shm.put(b"big", &v, &PutOptions::default()).await.unwrap();
+    let mut buf = vec![0u8; len];
+    // Attach first: the one-time handshake is not what is measured.
+    assert_eq!(
+        shm.get_into(b"big", &mut buf).await.unwrap(),
+        Some(len as u64)
+    );
+    let mut least = u64::MAX;
+    for _ in 0..3 {
+        buf.fill(0);
+        let before = loopback_rx_bytes();
+        assert_eq!(
+            shm.get_into(b"big", &mut buf).await.unwrap(),
+            Some(len as u64)
+        );
+        least = least.min(loopback_rx_bytes() - before);
+    }
+    assert!(buf == v, "bytes differ");
+    assert!(
+        least < (len as u64) / 10,
+        "a 64 MiB shared-memory get moved {least} bytes over lo"
+    );
+    // The same get over TCP does move the payload through lo (the counter works).
+    let tcp = client_over(&master, TransportMode::Tcp);
+    let before = loopback_rx_bytes();
+    assert_eq!(
+        tcp.get_into(b"big", &mut buf).await.unwrap(),
+        Some(len as u64)
+    );
+    assert!(
+        loopback_rx_bytes() - before >= len as u64,
+        "TCP get not seen on lo"
+    );
 }

@@ -3,8 +3,11 @@
 
 use std::time::Duration;
 
+use kvpool_client::TransportMode;
 use kvpool_proto::PutOptions;
-use kvpool_tests::{alive_nodes, client, config_file, store, value, wait_until, Proc};
+use kvpool_tests::{
+    alive_nodes, client, client_over, config_file, store, transport_matrix, value, wait_until, Proc,
+};
 
 const FAST_TTL: &str = "[master]\nnode-ttl = \"2s\"\nheartbeat-interval = \"200ms\"\n";
 
@@ -18,14 +21,18 @@ fn master(cfg: &std::path::Path, listen: &str) -> Proc {
     ])
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_storage_node_gives_misses_or_other_replicas_never_wrong_bytes() {
+transport_matrix!(
+    killed_storage_node_gives_misses_or_other_replicas_never_wrong_bytes,
+    killed_node_gives_misses_or_other_replicas
+);
+
+async fn killed_node_gives_misses_or_other_replicas(transport: TransportMode) {
     let cfg = config_file(FAST_TTL);
     let m = master(&cfg, "127.0.0.1:0");
     let addr = m.addr("master");
     let _a = store(&addr, "a");
     let mut b = store(&addr, "b");
-    let c = client(&addr);
+    let c = client_over(&addr, transport);
     wait_until("both nodes registered", Duration::from_secs(20), || async {
         alive_nodes(&c).await == 2
     })
@@ -272,4 +279,197 @@ async fn drained_node_moves_its_data_away_with_progress_and_takes_no_new_data() 
             "{key} placed on the draining node"
         );
     }
+}
+
+transport_matrix!(
+    a_node_killed_mid_transfer_never_gives_wrong_bytes,
+    node_killed_mid_transfer
+);
+
+/// Gets of large values run back to back while their only node is killed: each answer is the
+/// value, a miss or an error, never other bytes; then the client keeps working with a new
+/// node (a shared-memory client drops its mapping of the dead node's memory).
+async fn node_killed_mid_transfer(transport: TransportMode) {
+    let cfg = config_file(FAST_TTL);
+    let m = master(&cfg, "127.0.0.1:0");
+    let addr = m.addr("master");
+    let mut b = store(&addr, "b");
+    let c = std::sync::Arc::new(client_over(&addr, transport));
+    wait_until("the node registered", Duration::from_secs(20), || async {
+        alive_nodes(&c).await == 1
+    })
+    .await;
+    let len = 8 << 20;
+    let n = 6u64;
+    for i in 0..n {
+        c.put(
+            format!("big/{i}").as_bytes(),
+            &value(i, len),
+            &PutOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (c, stop) = (c.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; len];
+            let (mut hits, mut failures) = (0u64, 0u64);
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let key = format!("big/{}", i % n);
+                buf.fill(0);
+                match c.get_into(key.as_bytes(), &mut buf).await {
+                    Ok(Some(got)) => {
+                        assert_eq!(got, len as u64, "{key}");
+                        assert!(buf == value(i % n, len), "{key}: wrong bytes");
+                        hits += 1;
+                    }
+                    Ok(None) | Err(_) => failures += 1,
+                }
+                i += 1;
+            }
+            (hits, failures)
+        })
+    };
+    // Kill while gets are flowing: once some have completed, so the next is in flight.
+    wait_until("gets flowing", Duration::from_secs(20), || async {
+        c.get(b"big/0").await.ok().flatten().is_some()
+    })
+    .await;
+    b.kill();
+    wait_until(
+        "the killed node declared dead",
+        Duration::from_secs(20),
+        || async { alive_nodes(&c).await == 0 },
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (hits, failures) = reader.await.unwrap();
+    assert!(hits > 0 && failures > 0, "hits {hits}, failures {failures}");
+    // A new node: the same client reaches it (a shared-memory client attaches anew).
+    let _b2 = store(&addr, "b2");
+    wait_until(
+        "the new node registered",
+        Duration::from_secs(20),
+        || async { alive_nodes(&c).await == 1 },
+    )
+    .await;
+    c.put(b"after", &value(99, len), &PutOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        c.get(b"after").await.unwrap().as_deref(),
+        Some(&value(99, len)[..])
+    );
+}
+
+/// Client processes (`kvpool get` over shared memory) killed at every moment of attaching
+/// and mapping a node's segment: the node goes on serving, over shared memory and TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_killed_while_mapping_leave_the_node_serving() {
+    let pool = kvpool_tests::up("256MiB", &[]);
+    let master = pool.addr("master");
+    let len = 16 << 20;
+    let c = client_over(&master, TransportMode::Shm);
+    c.put(b"shared", &value(5, len), &PutOptions::default())
+        .await
+        .unwrap();
+    let out = std::env::temp_dir().join(format!("kvpool-killed-client-{}", std::process::id()));
+    for i in 0..12u64 {
+        let mut child = std::process::Command::new(kvpool_tests::kvpool_bin())
+            .args(["get", "--master", &master, "shared", "--output"])
+            .arg(&out)
+            .env("KVPOOL_TRANSPORT", "shm")
+            .env("KVPOOL_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Staggered over the process's start, attach, mapping and copy.
+        tokio::time::sleep(Duration::from_millis(i * 3)).await;
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    // One that is left to finish got the value through shared memory.
+    let status = std::process::Command::new(kvpool_tests::kvpool_bin())
+        .args(["get", "--master", &master, "shared", "--output"])
+        .arg(&out)
+        .env("KVPOOL_TRANSPORT", "shm")
+        .env("KVPOOL_LOG", "error")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(std::fs::read(&out).unwrap() == value(5, len));
+    let _ = std::fs::remove_file(&out);
+    for t in kvpool_tests::TRANSPORTS {
+        let c = client_over(&master, t);
+        assert_eq!(
+            c.get(b"shared").await.unwrap().as_deref(),
+            Some(&value(5, len)[..]),
+            "{t}"
+        );
+        c.put(
+            format!("after/{t}").as_bytes(),
+            b"x",
+            &PutOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+}
+
+transport_matrix!(
+    a_stale_reader_of_reused_space_gets_a_miss_or_the_right_bytes,
+    stale_reader_of_reused_space
+);
+
+/// A reader copies an object while it is removed and its space taken by another object of
+/// the same size, over and over: every get answers the object's own bytes or a miss (the
+/// lease check and the crc32c reject torn bytes), never the other object's or a mix.
+async fn stale_reader_of_reused_space(transport: TransportMode) {
+    let pool = kvpool_tests::up("64MiB", &[]);
+    let master = pool.addr("master");
+    let len = 4 << 20;
+    let writer = std::sync::Arc::new(client_over(&master, transport));
+    let reader = std::sync::Arc::new(client_over(&master, transport));
+    let (mut hits, mut misses) = (0u32, 0u32);
+    for round in 0..30u64 {
+        let key = format!("stale/{round}");
+        let mine = value(round, len);
+        writer
+            .put(key.as_bytes(), &mine, &PutOptions::default())
+            .await
+            .unwrap();
+        let get = {
+            let (reader, key) = (reader.clone(), key.clone());
+            tokio::spawn(async move { reader.get(key.as_bytes()).await })
+        };
+        // Remove (even under a lease) and overwrite the same space with other bytes.
+        writer.remove(&[key.as_bytes()], true).await;
+        let other = value(1_000 + round, len);
+        writer
+            .put(
+                format!("other/{round}").as_bytes(),
+                &other,
+                &PutOptions::default(),
+            )
+            .await
+            .unwrap();
+        match get.await.unwrap() {
+            Ok(Some(v)) => {
+                assert!(
+                    v == mine,
+                    "round {round}: a get answered bytes that are not its object's"
+                );
+                hits += 1;
+            }
+            Ok(None) => misses += 1,
+            Err(e) => panic!("round {round}: {e}"),
+        }
+        writer
+            .remove(&[format!("other/{round}").as_bytes()], true)
+            .await;
+    }
+    eprintln!("{transport}: {hits} hits, {misses} misses");
 }

@@ -41,6 +41,9 @@ pub struct ClientSection {
     /// The tenant (namespace) the verbs' keys live in [unset: the shared namespace];
     /// `--tenant` / `KVPOOL_TENANT` override it.
     pub tenant: Option<String>,
+    /// How storage nodes are reached: "auto" (shared memory on the same host, else TCP),
+    /// "tcp" or "shm" ["auto"]; `KVPOOL_TRANSPORT` overrides it.
+    pub transport: kvpool_client::TransportMode,
     /// The cluster token, once read; never in the file.
     #[serde(skip)]
     pub token: Option<Token>,
@@ -59,6 +62,7 @@ impl Default for ClientSection {
             cluster: c.cluster,
             token_file: None,
             tenant: None,
+            transport: c.transport,
             token: None,
         }
     }
@@ -75,6 +79,7 @@ impl ClientSection {
         c.cluster = self.cluster.clone();
         c.token = self.token.clone();
         c.tenant = self.tenant.clone();
+        c.transport = self.transport;
         c
     }
 }

@@ -1,7 +1,11 @@
 use std::time::Duration;
 
 use kvpool_proto::{NodeId, Token};
-use kvpool_transport::{engine::EngineOptions, rpc::RpcOptions};
+use kvpool_transport::{engine::EngineOptions, rpc::RpcOptions, shm::TransportMode};
+
+/// The environment variable that overrides [`ClientConfig::transport`] for every client of a
+/// process ("auto", "tcp" or "shm").
+pub const TRANSPORT_ENV: &str = "KVPOOL_TRANSPORT";
 
 /// How a [`crate::Client`] reaches the pool and how hard it tries.
 #[derive(Debug, Clone)]
@@ -30,6 +34,10 @@ pub struct ClientConfig {
     /// `k` of tenant `t` is `t 0x00 k` on the wire, so tenants never see each other's keys;
     /// a name containing 0x00 is refused. An empty name is the same as none.
     pub tenant: Option<String>,
+    /// How storage nodes are reached [auto]: shared memory for nodes on this host, TCP for
+    /// the others; `tcp` or `shm` force one (`shm` fails requests to nodes it cannot
+    /// attach to). [`TRANSPORT_ENV`] overrides it. Replaces `engine.transport`.
+    pub transport: TransportMode,
 }
 
 impl Default for ClientConfig {
@@ -46,6 +54,7 @@ impl Default for ClientConfig {
             cluster: "default".into(),
             token: None,
             tenant: None,
+            transport: TransportMode::Auto,
         }
     }
 }
@@ -61,6 +70,15 @@ impl ClientConfig {
             }
         }
         Ok(())
+    }
+
+    /// The transport after the environment's override: `Err` names a value that is not a
+    /// transport.
+    pub fn effective_transport(&self) -> Result<TransportMode, String> {
+        match std::env::var(TRANSPORT_ENV) {
+            Ok(v) if !v.trim().is_empty() => v.parse().map_err(|e| format!("{TRANSPORT_ENV}: {e}")),
+            _ => Ok(self.transport),
+        }
     }
 
     pub fn with_master(master: impl Into<String>) -> Self {

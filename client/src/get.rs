@@ -8,8 +8,9 @@ use std::{
 };
 
 use futures::future::join_all;
+use kvpool_proto::NodeId;
 use kvpool_proto::{ErrorCode, GetReplicas, ObjectInfo, ReadOp};
-use kvpool_transport::engine::ReadItem;
+use kvpool_transport::engine::{Peer, ReadItem};
 
 use crate::{clone_err, Client, ClientError, Result};
 
@@ -173,7 +174,7 @@ impl Client {
 
         for round in 0..rounds {
             // Per address: the item of each read, and the reads.
-            type Batch<'b> = (Vec<usize>, Vec<ReadItem<'b>>);
+            type Batch<'b> = (Vec<usize>, Vec<ReadItem<'b>>, Option<NodeId>);
             let mut by_addr: HashMap<&str, Batch<'_>> = HashMap::new();
             for (i, parts) in dests.iter_mut().enumerate() {
                 if done[i].is_some() {
@@ -184,6 +185,7 @@ impl Client {
                 };
                 let r = &infos[i].replicas[ri];
                 let batch = by_addr.entry(r.addr.as_str()).or_default();
+                batch.2 = Some(r.node);
                 // The replica's range is contiguous however scattered the parts are: one
                 // read, scattered over all of them.
                 batch.0.push(i);
@@ -199,17 +201,15 @@ impl Client {
             if by_addr.is_empty() {
                 break;
             }
-            let results = join_all(
-                by_addr
-                    .into_iter()
-                    .map(|(addr, (owners, reads))| async move {
-                        let res = self.engine.read(addr, reads).await;
-                        if res.is_err() {
-                            self.engine.forget(addr);
-                        }
-                        (owners, res)
-                    }),
-            )
+            let results = join_all(by_addr.into_iter().map(
+                |(addr, (owners, reads, node))| async move {
+                    let res = self.engine.read(Peer { addr, node }, reads).await;
+                    if res.is_err() {
+                        self.engine.forget(addr);
+                    }
+                    (owners, res)
+                },
+            ))
             .await;
             let mut round_err: HashMap<usize, ClientError> = HashMap::new();
             // Each item's crc32c, over all its parts in order.

@@ -36,9 +36,10 @@ use kvpool_proto::{
 };
 use kvpool_transport::{engine::TransferEngine, rpc::RpcClient, TransportError};
 
-pub use config::ClientConfig;
+pub use config::{ClientConfig, TRANSPORT_ENV};
 pub use error::{ClientError, Result};
 pub use kvpool_proto::{ErrorCode, NodeId, ObjectInfo, ReplicaDesc, Tier};
+pub use kvpool_transport::shm::TransportMode;
 
 /// A handle to the pool. Cheap to share behind an `Arc`; every method takes `&self`.
 pub struct Client {
@@ -64,11 +65,17 @@ impl Client {
         }
         let master = master_rpc(&cfg, rpc_opts);
         engine_opts.checksum_reads = cfg.verify_checksum;
+        let transport = cfg.effective_transport();
+        engine_opts.transport = *transport.as_ref().unwrap_or(&cfg.transport);
         let engine = TransferEngine::new(engine_opts);
-        let key_prefix = cfg.validate().map(|()| match cfg.tenant.as_deref() {
-            None | Some("") => Vec::new(),
-            Some(t) => [t.as_bytes(), &[0]].concat(),
-        });
+        // A bad tenant or transport does not fail here: every keyed operation fails with it.
+        let key_prefix =
+            cfg.validate()
+                .and(transport.map(|_| ()))
+                .map(|()| match cfg.tenant.as_deref() {
+                    None | Some("") => Vec::new(),
+                    Some(t) => [t.as_bytes(), &[0]].concat(),
+                });
         Client {
             id: ClientId(rand::random()),
             cfg,
@@ -106,6 +113,12 @@ impl Client {
             Ok(p) if !p.is_empty() && !key.is_empty() => [p.as_slice(), key].concat(),
             _ => key.to_vec(),
         }
+    }
+
+    /// The data transport this client uses for the node at data address `addr` ("shm" or
+    /// "tcp"), as far as it knows (a node not used yet shows "tcp").
+    pub fn transport_to(&self, addr: &str) -> &'static str {
+        self.engine.transport_to(addr)
     }
 
     pub fn id(&self) -> ClientId {

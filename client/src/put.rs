@@ -9,7 +9,7 @@ use kvpool_proto::{
     ErrorCode, ItemResult, ObjectTag, PutEnd, PutOptions, PutRevoke, PutStart, PutStartItem,
     PutStartResponse, ReplicaDesc, WireError, WriteOp,
 };
-use kvpool_transport::engine::WriteItem;
+use kvpool_transport::engine::{Peer, WriteItem};
 
 use crate::{clone_err, Client, ClientError, Result};
 
@@ -169,6 +169,7 @@ impl Client {
         allocated: &[ItemResult<Vec<ReplicaDesc>>],
     ) -> Vec<ItemResult<()>> {
         struct NodeBatch<'a> {
+            node: kvpool_proto::NodeId,
             owners: Vec<usize>,
             writes: Vec<WriteItem<'a>>,
             tags: Vec<ObjectTag>,
@@ -178,6 +179,7 @@ impl Client {
             let Ok(replicas) = alloc else { continue };
             for r in replicas {
                 let b = by_node.entry(r.addr.as_str()).or_insert_with(|| NodeBatch {
+                    node: r.node,
                     owners: Vec::new(),
                     writes: Vec::new(),
                     tags: Vec::new(),
@@ -207,7 +209,11 @@ impl Client {
         let batches: Vec<_> = by_node.into_iter().collect();
         let results = join_all(batches.into_iter().map(|(addr, b)| async move {
             let owners = b.owners;
-            let res = self.engine.write(addr, b.writes, b.tags).await;
+            let peer = Peer {
+                addr,
+                node: Some(b.node),
+            };
+            let res = self.engine.write(peer, b.writes, b.tags).await;
             if res.is_err() {
                 self.engine.forget(addr);
             }

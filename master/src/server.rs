@@ -205,7 +205,12 @@ impl RpcService for Service {
                     server_version: u16::from(kvpool_proto::header::VERSION),
                 }))
             }
-            Opcode::Read | Opcode::Write | Opcode::RdmaConnect => Err(WireError::new(
+            Opcode::Read
+            | Opcode::Write
+            | Opcode::ShmInfo
+            | Opcode::ShmAttach
+            | Opcode::ShmCommit
+            | Opcode::RdmaConnect => Err(WireError::new(
                 kvpool_proto::ErrorCode::WrongService,
                 "data-plane request sent to the master; send it to a storage node",
             )),

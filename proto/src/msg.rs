@@ -108,6 +108,9 @@ pub enum Opcode {
     Leave = 0x22,
     Read = 0x40,
     Write = 0x41,
+    ShmInfo = 0x42,
+    ShmAttach = 0x43,
+    ShmCommit = 0x44,
     /// RDMA queue-pair handshake (`crate::rdma`); data-plane opcodes 0x48..0x4f are RDMA's.
     RdmaConnect = 0x48,
     HandoffClaim = 0x60,
@@ -134,6 +137,9 @@ impl Opcode {
         Opcode::Leave,
         Opcode::Read,
         Opcode::Write,
+        Opcode::ShmInfo,
+        Opcode::ShmAttach,
+        Opcode::ShmCommit,
         Opcode::RdmaConnect,
         Opcode::HandoffClaim,
         Opcode::HandoffDone,
@@ -690,6 +696,65 @@ pub struct Write {
 
 impl Message for Write {
     const OPCODE: Opcode = Opcode::Write;
+    type Response = UnitResponse;
+}
+
+/// Asks a storage node whether and how a client on its own host may map its segments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShmInfo {}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShmInfoResponse {
+    pub node: NodeId,
+    /// The node's host identity (boot id and host name): a client with the same identity is
+    /// on the same host (kernel) and may use the socket.
+    pub host: String,
+    /// The node's Unix socket path, unset when the node shares no memory.
+    pub socket: Option<String>,
+}
+
+impl Message for ShmInfo {
+    const OPCODE: Opcode = Opcode::ShmInfo;
+    type Response = ShmInfoResponse;
+}
+
+/// Asks for the node's DRAM segments as memory file descriptors. Served only on the node's
+/// Unix socket: the response frame carries one descriptor per segment (`SCM_RIGHTS`), in
+/// `segments` order, with its first byte.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShmAttach {}
+
+/// A segment handed to a same-host client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShmSegment {
+    pub id: SegmentId,
+    /// Usable bytes (ranges beyond are refused as over TCP).
+    pub size: u64,
+    /// Length of the memory file to map (`size` rounded up to a huge page).
+    pub mapped: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShmAttachResponse {
+    pub node: NodeId,
+    pub segments: Vec<ShmSegment>,
+}
+
+impl Message for ShmAttach {
+    const OPCODE: Opcode = Opcode::ShmAttach;
+    type Response = ShmAttachResponse;
+}
+
+/// After a same-host client copied a put's bytes into mapped segment memory: the objects they
+/// belong to, for the node's inventory (what `Write.tags` carries over TCP). One result per
+/// tag; a tag naming a range outside the node's segments fails.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShmCommit {
+    pub tags: Vec<ObjectTag>,
+}
+
+impl Message for ShmCommit {
+    const OPCODE: Opcode = Opcode::ShmCommit;
     type Response = UnitResponse;
 }
 

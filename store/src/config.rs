@@ -42,6 +42,13 @@ pub struct StoreConfig {
     pub token: Option<kvpool_proto::Token>,
     /// The NVMe tier (`[store.nvme]`) [unset: DRAM only].
     pub nvme: Option<crate::nvme::NvmeConfig>,
+    /// Share the DRAM segments with clients on this host [true]: they map the segment memory
+    /// (handed over `shm-socket` after the token check) and copy in and out directly instead
+    /// of going through TCP.
+    pub shm: bool,
+    /// The Unix socket same-host clients attach through [unset: `$XDG_RUNTIME_DIR`, else the
+    /// temporary directory, `kvpool-store-<pid>-<port>.sock`]. Removed when the node stops.
+    pub shm_socket: Option<std::path::PathBuf>,
 }
 
 impl Default for StoreConfig {
@@ -58,6 +65,8 @@ impl Default for StoreConfig {
             token_file: None,
             token: None,
             nvme: None,
+            shm: true,
+            shm_socket: None,
         }
     }
 }

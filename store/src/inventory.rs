@@ -211,11 +211,11 @@ impl Inventory {
                 stale.push(tag);
                 continue;
             };
-            // SAFETY: the range was bounds-checked by the segment. A writer racing this read
-            // (space reused, or the object's own write still in flight) only makes the
-            // checksum fail, and a failed checksum keeps the entry out of the report.
-            let crc = match unsafe { seg.slice(tag.offset, tag.len) } {
-                Ok(bytes) => crc32c::crc32c(bytes),
+            // A writer racing this read (space reused, or the object's own write still in
+            // flight) only makes the checksum fail, and a failed checksum keeps the entry out
+            // of the report.
+            let crc = match seg.range(tag.offset, tag.len) {
+                Ok(bytes) => bytes.crc32c(),
                 Err(_) => {
                     stale.push(tag);
                     continue;
@@ -414,14 +414,8 @@ mod tests {
         let seg = Segment::new(SegmentId(7), 1 << 16, false).unwrap();
         let a = b"alpha bytes";
         let b = b"bravo bytes";
-        // SAFETY: single-threaded test; slices do not outlive their statements.
-        unsafe { seg.slice_mut(0, a.len() as u64).unwrap().copy_from_slice(a) };
-        // SAFETY: as above.
-        unsafe {
-            seg.slice_mut(100, b.len() as u64)
-                .unwrap()
-                .copy_from_slice(b)
-        };
+        seg.range(0, a.len() as u64).unwrap().copy_from(a);
+        seg.range(100, b.len() as u64).unwrap().copy_from(b);
         let inv = Inventory::new();
         inv.record(tag(1, 7, 0, a.len() as u64, crc32c::crc32c(a)));
         inv.record(tag(2, 7, 100, b.len() as u64, crc32c::crc32c(b)));
@@ -438,8 +432,8 @@ mod tests {
         assert_eq!(ids(&inv), [1, 2]);
 
         // Overwrite one byte of entry 2 without a tag (space reused): no longer reported.
-        // SAFETY: as above.
-        unsafe { seg.slice_mut(101, 1).unwrap()[0] ^= 0xff };
+        let byte = seg.range(101, 1).unwrap();
+        byte.copy_from(&[byte.to_vec()[0] ^ 0xff]);
         let report = inv.report(std::slice::from_ref(&seg));
         assert_eq!(report.iter().map(|e| e.replica.0).collect::<Vec<_>>(), [1]);
         assert_eq!(ids(&inv), [1]);

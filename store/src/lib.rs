@@ -36,8 +36,11 @@ pub mod tiered;
 use std::{
     future::Future,
     net::{SocketAddr, UdpSocket},
+    path::PathBuf,
     sync::Arc,
 };
+
+use kvpool_transport::dataplane::{self, DataServerOptions};
 
 use kvpool_proto::SegmentId;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
@@ -67,6 +70,8 @@ pub struct StoreHandle {
     stop_agent: watch::Sender<bool>,
     stop_server: watch::Sender<bool>,
     server: JoinHandle<()>,
+    /// The Unix-socket server for same-host clients, and its socket path (removed on stop).
+    shm: Option<(JoinHandle<()>, PathBuf)>,
     agent: JoinHandle<()>,
 }
 
@@ -80,6 +85,11 @@ impl StoreHandle {
         self.local_addr
     }
 
+    /// The Unix socket same-host clients attach through, if the node shares its memory.
+    pub fn shm_socket(&self) -> Option<&std::path::Path> {
+        self.shm.as_ref().map(|(_, p)| p.as_path())
+    }
+
     /// Leaves the pool, then stops the server (closing every data connection). The agent
     /// tells the master first, waiting at most a couple of seconds for it, so the master stops
     /// handing out this node's replicas while the node still serves them: readers get misses,
@@ -89,6 +99,10 @@ impl StoreHandle {
         let _ = self.agent.await;
         let _ = self.stop_server.send(true);
         let _ = self.server.await;
+        if let Some((server, path)) = self.shm {
+            let _ = server.await;
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -151,10 +165,45 @@ pub async fn start(mut cfg: StoreConfig, listener: TcpListener) -> Result<StoreH
         "storage node started"
     );
     let (stop_server, stop_rx) = watch::channel(false);
-    let server = tokio::spawn(server::serve_with_token(
+    let shm = if cfg.shm {
+        let path = match cfg.shm_socket.clone() {
+            Some(p) => p,
+            None => {
+                // Nodes killed with SIGKILL leave their sockets behind; clear those first.
+                kvpool_transport::shm::remove_stale_sockets(
+                    &kvpool_transport::shm::default_socket_dir(),
+                );
+                kvpool_transport::shm::default_socket_path(local_addr.port())
+            }
+        };
+        match bind_unix(&path) {
+            Ok(l) => {
+                let opts = DataServerOptions {
+                    token: cfg.token.clone(),
+                    shm_socket: None,
+                };
+                let served =
+                    dataplane::serve(l, node.clone(), opts, stopped(stop_server.subscribe()));
+                tracing::info!(socket = %path.display(), "sharing segment memory with same-host clients");
+                Some((tokio::spawn(served), path))
+            }
+            Err(e) => {
+                // Not fatal: same-host clients then use TCP like everyone else.
+                tracing::warn!(socket = %path.display(), "cannot listen for same-host clients ({e}); TCP only");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let opts = DataServerOptions {
+        token: cfg.token.clone(),
+        shm_socket: shm.as_ref().map(|(_, p)| p.to_string_lossy().into_owned()),
+    };
+    let server = tokio::spawn(dataplane::serve(
         listener,
         node.clone(),
-        cfg.token.clone(),
+        opts,
         stopped(stop_rx),
     ));
     let master = if cfg.etcd.is_empty() {
@@ -175,8 +224,20 @@ pub async fn start(mut cfg: StoreConfig, listener: TcpListener) -> Result<StoreH
         stop_agent,
         stop_server,
         server,
+        shm,
         agent,
     })
+}
+
+/// Binds the same-host socket, replacing a stale file a killed node left behind (a live
+/// node's socket has another name: the pid is in the default one).
+fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    tokio::net::UnixListener::bind(path)
 }
 
 /// Runs a storage node until `shutdown` completes.

@@ -133,13 +133,17 @@ impl Node {
     /// Records a write's tag if it names a range of one of this node's segments; a tag that
     /// does not is the writer's bug and is ignored (it could never be reported anyway).
     pub fn record_tag(&self, tag: ObjectTag) {
-        match self
-            .segment(tag.segment)
-            .and_then(|s| s.check(tag.offset, tag.len))
-        {
-            Ok(_) => self.inventory.record(tag),
-            Err(e) => tracing::debug!(replica = tag.replica.0, "ignoring object tag: {e}"),
+        let replica = tag.replica.0;
+        if let Err(e) = self.commit_tag(tag) {
+            tracing::debug!(replica, "ignoring object tag: {e}");
         }
+    }
+
+    /// Records a write's tag, or says why its range is none of this node's DRAM segments.
+    pub fn commit_tag(&self, tag: ObjectTag) -> Result<(), WireError> {
+        self.segment(tag.segment)?.check(tag.offset, tag.len)?;
+        self.inventory.record(tag);
+        Ok(())
     }
 
     /// A registration carrying a fresh inventory report (checksums every entry's bytes).

@@ -1,20 +1,33 @@
-//! A DRAM segment: one anonymous memory mapping whose ranges clients write and read directly.
+//! A DRAM segment: one shared memory mapping whose ranges clients write and read directly.
 //!
-//! The master's allocator hands out disjoint ranges, so concurrent connection tasks touch
-//! disjoint bytes. The one exception is space reused after eviction while a slow reader still
-//! streams the old object: the reader then gets mixed bytes, and the client detects it by its
-//! lease check and the object's checksum. [`Segment`] is the only place that turns the mapping
-//! into slices; everything else goes through its bounds-checked accessors.
+//! The segment's memory is a memfd (with 2 MiB hugetlb pages when configured and available),
+//! mapped shared: the node's own connection tasks reach it through its mapping, and a client
+//! on the same host maps the same memfd (handed over a Unix socket, see
+//! `kvpool_transport::shm`) and copies in and out of it directly.
+//!
+//! The master's allocator hands out disjoint ranges, so concurrent writers touch disjoint
+//! bytes. The one exception is space reused after eviction while a slow reader still copies
+//! the old object: the reader then gets mixed bytes, and the client detects it by its lease
+//! check and the object's checksum. Since other processes may write the memory at any time,
+//! no `&[u8]` or `&mut [u8]` is ever formed over it: [`Segment::range`] hands out
+//! [`SharedRange`]s, which only copy through raw pointers.
 
-use std::{fmt, ptr::NonNull};
+use std::{
+    ffi::CString,
+    fmt,
+    fs::File,
+    os::fd::{AsFd, BorrowedFd, FromRawFd},
+    ptr::NonNull,
+};
 
 use kvpool_proto::{ErrorCode, SegmentId, SegmentInfo, WireError};
+use kvpool_transport::memory::SharedRange;
 use memmap2::{Advice, MmapMut, MmapOptions};
 
 /// Size of a huge page, in bytes (x86-64 and aarch64 with 4 KiB base pages).
 const HUGE_PAGE: usize = 2 << 20;
-/// `MAP_HUGE_2MB >> MAP_HUGE_SHIFT`: log2 of the huge page size asked of hugetlbfs.
-const HUGE_PAGE_BITS: u8 = 21;
+/// `MFD_HUGE_2MB`: log2 of the huge page size asked of hugetlbfs, shifted into place.
+const MFD_HUGE_2MB: libc::c_uint = 21 << 26;
 /// `MADV_POPULATE_WRITE` (Linux 5.14); not yet exported by the libc crate.
 const MADV_POPULATE_WRITE: libc::c_int = 23;
 
@@ -45,18 +58,22 @@ pub struct Segment {
     /// Usable bytes (the configured size; the mapping may be rounded up to a huge page).
     size: u64,
     /// Start of the mapping, taken once at creation so that no `&`/`&mut` to the whole mapping
-    /// is ever formed after it: slices are derived from this pointer range by range.
+    /// is ever formed after it: ranges are derived from this pointer range by range.
     ptr: NonNull<u8>,
     backing: Backing,
+    /// The memfd behind the mapping: what a same-host client maps.
+    memfd: File,
+    /// Length of the memfd and the mapping (`size` rounded up to a huge page for hugetlb).
+    mapped: usize,
     /// Owns the mapping; unmapped on drop. Never dereferenced after creation.
     _map: MmapMut,
 }
 
 // SAFETY: `Segment` owns its mapping (like `MmapMut`, which is Send + Sync). The raw pointer
-// only refers into that mapping, which lives as long as the `Segment`. Concurrent access to
-// the bytes goes through the `unsafe` accessors, whose callers uphold the aliasing contract.
+// only refers into that mapping, which lives as long as the `Segment`. Access to the bytes
+// goes through `SharedRange`, which only copies through raw pointers.
 unsafe impl Send for Segment {}
-// SAFETY: see `Send` above; `&Segment` hands out no slice without an `unsafe` call.
+// SAFETY: see `Send` above; `&Segment` hands out no reference to segment memory.
 unsafe impl Sync for Segment {}
 
 impl fmt::Debug for Segment {
@@ -69,9 +86,31 @@ impl fmt::Debug for Segment {
     }
 }
 
+/// Creates a memfd named for the segment, with extra `flags` (hugetlb).
+fn memfd(id: SegmentId, flags: libc::c_uint) -> std::io::Result<File> {
+    let name = CString::new(format!("kvpool-segment-{id}")).map_err(std::io::Error::other)?;
+    // SAFETY: `name` is a valid NUL-terminated string; the flags are memfd_create's.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | flags) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// A memfd of `len` bytes, mapped shared.
+fn map_memfd(id: SegmentId, len: usize, flags: libc::c_uint) -> std::io::Result<(File, MmapMut)> {
+    let file = memfd(id, flags)?;
+    file.set_len(len as u64)?;
+    // SAFETY: the memfd is ours; nothing truncates it while mapped (the segment owns it and
+    // clients that map it never resize it: they only get a read-write mapping of it).
+    let map = unsafe { MmapOptions::new().len(len).map_mut(&file)? };
+    Ok((file, map))
+}
+
 impl Segment {
-    /// Maps and pre-faults `size` bytes of anonymous memory. With `huge_pages`, tries the
-    /// hugetlb pool first, then transparent huge pages; plain pages are the last resort.
+    /// Creates, maps and pre-faults a `size`-byte memfd. With `huge_pages`, tries hugetlb
+    /// pages first, then transparent huge pages; plain pages are the last resort.
     /// Blocking (pre-faulting touches every page): call it from a blocking context.
     pub fn new(id: SegmentId, size: u64, huge_pages: bool) -> std::io::Result<Segment> {
         let len = usize::try_from(size)
@@ -80,15 +119,11 @@ impl Segment {
             .ok_or_else(|| std::io::Error::other(format!("segment size {size} is not mappable")))?;
         let mut attempt = None;
         if huge_pages {
-            // munmap of a hugetlb mapping needs a length that is a multiple of the page size.
+            // A hugetlb memfd's length must be a multiple of the page size.
             let rounded = len.div_ceil(HUGE_PAGE).checked_mul(HUGE_PAGE);
             if let Some(rounded) = rounded {
-                match MmapOptions::new()
-                    .len(rounded)
-                    .huge(Some(HUGE_PAGE_BITS))
-                    .map_anon()
-                {
-                    Ok(m) => attempt = Some((m, Backing::HugeTlb)),
+                match map_memfd(id, rounded, libc::MFD_HUGETLB | MFD_HUGE_2MB) {
+                    Ok((f, m)) => attempt = Some((f, m, rounded, Backing::HugeTlb)),
                     Err(e) => tracing::warn!(
                         segment = %id,
                         "no hugetlb pages for {size} bytes ({e}); see /proc/sys/vm/nr_hugepages; \
@@ -97,21 +132,22 @@ impl Segment {
                 }
             }
         }
-        let (mut map, backing) = match attempt {
+        let (memfd, mut map, mapped, backing) = match attempt {
             Some(a) => a,
             None => {
-                let m = MmapOptions::new().len(len).map_anon()?;
-                // THP must be asked for before the first touch to back the pages at fault time.
+                let (f, m) = map_memfd(id, len, 0)?;
+                // THP must be asked for before the first touch to back the pages at fault time
+                // (shared memory honours it when shmem_enabled is `advise` or `always`).
                 if huge_pages {
                     match m.advise(Advice::HugePage) {
-                        Ok(()) => (m, Backing::TransparentHuge),
+                        Ok(()) => (f, m, len, Backing::TransparentHuge),
                         Err(e) => {
                             tracing::warn!(segment = %id, "transparent huge pages refused ({e})");
-                            (m, Backing::Base)
+                            (f, m, len, Backing::Base)
                         }
                     }
                 } else {
-                    (m, Backing::Base)
+                    (f, m, len, Backing::Base)
                 }
             }
         };
@@ -124,8 +160,20 @@ impl Segment {
             size,
             ptr,
             backing,
+            memfd,
+            mapped,
             _map: map,
         })
+    }
+
+    /// The memfd behind the segment, to hand to a same-host client.
+    pub fn memfd(&self) -> BorrowedFd<'_> {
+        self.memfd.as_fd()
+    }
+
+    /// Length of the memfd (what a client maps): at least [`Segment::size`].
+    pub fn mapped_len(&self) -> u64 {
+        self.mapped as u64
     }
 
     pub fn id(&self) -> SegmentId {
@@ -170,39 +218,28 @@ impl Segment {
         )
     }
 
-    /// The bytes of `offset..offset+len`, for reading.
-    ///
-    /// # Safety
-    /// While the returned slice lives, no `&mut` slice of an overlapping range may be in use.
-    /// kvpool upholds this through the master's allocator (live objects have disjoint ranges);
-    /// a reader that races a writer on space reused after eviction sees torn bytes, which its
-    /// lease check and checksum reject.
-    pub unsafe fn slice(&self, offset: u64, len: u64) -> Result<&[u8], WireError> {
+    /// The memory of `offset..offset+len`. Another process (a same-host client) may write
+    /// it at any time, so it is only ever copied, never borrowed as a slice.
+    pub fn range(&self, offset: u64, len: u64) -> Result<SharedRange, WireError> {
         let start = self.check(offset, len)?;
         // SAFETY: `check` proved start+len <= size <= mapping length, so the range is inside
-        // the mapping, which lives as long as `&self`. The caller upholds the aliasing rule.
-        Ok(unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(start), len as usize) })
-    }
-
-    /// The bytes of `offset..offset+len`, for writing.
-    ///
-    /// # Safety
-    /// While the returned slice lives, no other slice of an overlapping range may be in use
-    /// (see [`Segment::slice`] for how kvpool upholds this and what a violation costs).
-    #[allow(clippy::mut_from_ref)]
-    pub unsafe fn slice_mut(&self, offset: u64, len: u64) -> Result<&mut [u8], WireError> {
-        let start = self.check(offset, len)?;
-        // SAFETY: as in `slice`; the mapping is writable (PROT_READ | PROT_WRITE), and
-        // exclusivity of the range is the caller's contract.
-        Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(start), len as usize) })
+        // the mapping; the mapping is read-write and lives as long as the segment, which
+        // outlives every range handed out (the node holds its segments until it exits, and
+        // ranges are used within a request). No reference to segment memory is ever formed.
+        Ok(unsafe {
+            SharedRange::new(
+                NonNull::new_unchecked(self.ptr.as_ptr().add(start)),
+                len as usize,
+            )
+        })
     }
 }
 
 /// Faults every page in now: first touch of fresh anonymous memory costs a page fault and a
 /// zeroing per page, which would otherwise land on the first writes' latency.
 fn prefault(ptr: NonNull<u8>, len: usize) {
-    // SAFETY: ptr..ptr+len is a private anonymous mapping owned by the caller; madvise does
-    // not change its contents (fresh zero pages), only populates the page tables.
+    // SAFETY: ptr..ptr+len is a fresh shared mapping of a new memfd owned by the caller;
+    // madvise does not change its contents (zero pages), only populates the page tables.
     let rc = unsafe { libc::madvise(ptr.as_ptr().cast(), len, MADV_POPULATE_WRITE) };
     if rc == 0 {
         return;
@@ -244,15 +281,16 @@ mod tests {
     }
 
     #[test]
-    fn writes_are_visible_to_reads() {
+    fn writes_are_visible_to_reads_and_to_another_mapping() {
         let s = Segment::new(SegmentId(2), 3 << 20, true).unwrap();
-        // SAFETY: single-threaded test; the slices do not outlive their statements.
-        unsafe { s.slice_mut(4096, 5).unwrap().copy_from_slice(b"hello") };
-        // SAFETY: as above.
-        assert_eq!(unsafe { s.slice(4096, 5).unwrap() }, b"hello");
-        // SAFETY: as above.
-        assert_eq!(unsafe { s.slice((3 << 20) - 1, 1).unwrap() }, &[0]);
-        // SAFETY: as above.
-        assert!(unsafe { s.slice_mut(3 << 20, 1) }.is_err());
+        s.range(4096, 5).unwrap().copy_from(b"hello");
+        assert_eq!(s.range(4096, 5).unwrap().to_vec(), b"hello");
+        assert_eq!(s.range((3 << 20) - 1, 1).unwrap().to_vec(), [0]);
+        assert!(s.range(3 << 20, 1).is_err());
+        // A second mapping of the memfd (what a same-host client makes) sees the same bytes.
+        let file = File::from(s.memfd().try_clone_to_owned().unwrap());
+        // SAFETY: test-only mapping of the segment's memfd, read through a copy.
+        let other = unsafe { MmapOptions::new().len(s.mapped).map(&file).unwrap() };
+        assert_eq!(&other[4096..4101], b"hello");
     }
 }

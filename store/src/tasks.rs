@@ -117,11 +117,11 @@ async fn demote(node: &Node, t: &CopyTask) -> ItemResult<()> {
     let nvme = node
         .nvme(t.to)
         .ok_or_else(|| refused(format!("no NVMe segment {}", t.to)))?;
-    // SAFETY: the master keeps the source range allocated (its replica is Leaving) until this
-    // task is reported done, so nothing writes it meanwhile; the checksum in `write` rejects
-    // the copy if it was not the object's bytes.
-    let value = unsafe { seg.slice(t.from_offset, t.len) }?;
-    nvme.write(t.to_offset, t.replica, &t.key, value, t.checksum)
+    // The master keeps the source range allocated (its replica is Leaving) until this task is
+    // reported done, so nothing writes it meanwhile; the checksum in `write` rejects the copy
+    // if it was not the object's bytes. Copied out: segment memory is never borrowed.
+    let value = seg.range(t.from_offset, t.len)?.to_vec();
+    nvme.write(t.to_offset, t.replica, &t.key, &value, t.checksum)
         .await
 }
 
@@ -175,10 +175,9 @@ fn fill_dram(node: &Node, t: &CopyTask, value: &[u8]) -> ItemResult<()> {
         ));
     }
     let seg = node.segment(t.to)?;
-    // SAFETY: the master allocated the target range to this task's replica alone (Filling,
-    // invisible to readers) and frees it only after the task is reported done.
-    let dst = unsafe { seg.slice_mut(t.to_offset, t.len) }?;
-    dst.copy_from_slice(value);
+    // The master allocated the target range to this task's replica alone (Filling, invisible
+    // to readers) and frees it only after the task is reported done.
+    seg.range(t.to_offset, t.len)?.copy_from(value);
     node.record_tag(ObjectTag {
         replica: t.replica,
         key: t.key.clone(),

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kvpool_client::{Client, ClientConfig, ErrorCode};
+use kvpool_client::{Client, ClientConfig, ErrorCode, TransportMode};
 
 mod skip;
 use kvpool_proto::Status;
@@ -208,10 +208,47 @@ pub fn config_file(text: &str) -> PathBuf {
 }
 
 pub fn client(master: &str) -> Client {
+    client_over(master, TransportMode::Auto)
+}
+
+/// The data transports the data-path tests run over: each test of the matrix runs once per
+/// entry ([`transport_matrix!`]). `Shm` fails any request it cannot serve through shared
+/// memory, so a test passing over it proves the bytes went that way.
+pub const TRANSPORTS: [TransportMode; 2] = [TransportMode::Tcp, TransportMode::Shm];
+
+/// A client that reaches storage nodes over `transport`.
+pub fn client_over(master: &str, transport: TransportMode) -> Client {
     let mut cfg = ClientConfig::with_master(master);
     cfg.deadline = Duration::from_secs(10);
     cfg.engine.io_timeout = Duration::from_secs(10);
+    cfg.transport = transport;
     Client::new(cfg)
+}
+
+/// Runs an async test body `fn(TransportMode)` once per data transport, as one test each:
+/// `transport_matrix!(name, body);` makes `name::tcp` and `name::shm`.
+#[macro_export]
+macro_rules! transport_matrix {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn tcp() {
+                super::$body(kvpool_client::TransportMode::Tcp).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn shm() {
+                super::$body(kvpool_client::TransportMode::Shm).await
+            }
+        }
+    };
+}
+
+/// Bytes received on the loopback interface so far (`/sys/class/net/lo/statistics`).
+pub fn loopback_rx_bytes() -> u64 {
+    std::fs::read_to_string("/sys/class/net/lo/statistics/rx_bytes")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .expect("reading /sys/class/net/lo/statistics/rx_bytes")
 }
 
 /// Deterministic pseudo-random bytes: a different value per (seed, len), cheap to recompute.

@@ -36,6 +36,24 @@ pub async fn read_header<R: AsyncRead + Unpin>(
         .map_err(TransportError::Header)
 }
 
+/// Checks a header decoded without limits against the server's `limits` (decoding first
+/// lets the refusal carry the frame's request id and opcode).
+pub fn check_limits(h: &FrameHeader, limits: &FrameLimits) -> Result<(), HeaderError> {
+    if h.body_len > limits.max_body {
+        return Err(HeaderError::BodyTooLarge {
+            len: h.body_len,
+            max: limits.max_body,
+        });
+    }
+    if h.payload_len > limits.max_payload {
+        return Err(HeaderError::PayloadTooLarge {
+            len: h.payload_len,
+            max: limits.max_payload,
+        });
+    }
+    Ok(())
+}
+
 /// Reads exactly `len` bytes of body.
 pub async fn read_body<R: AsyncRead + Unpin>(
     r: &mut R,

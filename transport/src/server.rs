@@ -6,14 +6,15 @@ use std::{future::Future, sync::Arc};
 
 use kvpool_proto::{ErrorCode, FrameLimits, Opcode, Token, WireError};
 use tokio::{
-    io::AsyncReadExt,
     net::{TcpListener, TcpStream},
     sync::mpsc,
-    task::JoinSet,
 };
 use tracing::{debug, warn};
 
-use crate::{auth, frame};
+use crate::{
+    frame,
+    listen::{self, Gate},
+};
 
 /// What a control-plane server does with one request.
 pub trait RpcService: Send + Sync + 'static {
@@ -53,35 +54,20 @@ pub async fn serve_rpc_with<S: RpcService>(
     shutdown: impl Future<Output = ()>,
 ) {
     let opts = Arc::new(opts);
-    let mut tasks = JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let service = service.clone();
-                    let opts = opts.clone();
-                    tasks.spawn(async move {
-                        match serve_conn(stream, service, &opts).await {
-                            Ok(()) => {}
-                            Err(crate::TransportError::Remote(e)) => {
-                                warn!(%peer, "refused a connection: {e}");
-                            }
-                            Err(e) => debug!(%peer, "rpc connection ended: {e}"),
-                        }
-                    });
+    listen::accept_loop(listener, shutdown, |stream, peer| {
+        let service = service.clone();
+        let opts = opts.clone();
+        async move {
+            match serve_conn(stream, service, &opts).await {
+                Ok(()) => {}
+                Err(crate::TransportError::Remote(e)) => {
+                    warn!(%peer, "refused a connection: {e}");
                 }
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!("accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            },
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                Err(e) => debug!(%peer, "rpc connection ended: {e}"),
+            }
         }
-    }
-    tasks.shutdown().await;
+    })
+    .await
 }
 
 /// Serves one connection. `Err(Remote(Unauthorized))` means the peer was refused (no or a
@@ -115,44 +101,26 @@ async fn serve_conn<S: RpcService>(
             }
             Err(e) => break Err(e),
         };
-        if header.opcode == Opcode::Hello as u8 && !header.is_response() {
-            // The Hello is read from a peer not trusted yet: bound it before reading.
-            let checked = if header.body_len > auth::MAX_HELLO_BODY || header.payload_len > 0 {
-                Err(auth::hello_too_large(header.body_len, header.payload_len))
-            } else {
-                match frame::read_body(&mut rd, header.body_len).await {
-                    Ok(body) => auth::check_hello(opts.token.as_ref(), &body),
-                    Err(e) => break Err(e),
+        match listen::gate(&mut rd, &header, opts.token.as_ref(), &mut authed).await {
+            Err(e) => break Err(e),
+            Ok(Gate::Serve) => {}
+            Ok(Gate::Welcome(f)) => {
+                if tx.send(f).is_err() {
+                    break Ok(());
                 }
-            };
-            match checked {
-                Ok(resp) => {
-                    authed = true;
-                    let f = frame::encode_response(header.opcode, header.request_id, &resp, 0);
-                    if tx.send(f).is_err() {
-                        break Ok(());
-                    }
-                    continue;
-                }
-                Err(e) if e.code == ErrorCode::Unauthorized => {
-                    let _ = tx.send(frame::encode_error(header.opcode, header.request_id, &e));
-                    break Err(crate::TransportError::Remote(e));
-                }
-                Err(e) => {
-                    // A malformed Hello to a server without a token: an ordinary bad request.
-                    let f = frame::encode_error(header.opcode, header.request_id, &e);
-                    if tx.send(f).is_err() {
-                        break Ok(());
-                    }
-                    continue;
-                }
+                continue;
             }
-        }
-        if !authed {
-            // Neither body nor payload of an unauthenticated request is read: refuse, close.
-            let e = auth::hello_required();
-            let _ = tx.send(frame::encode_error(header.opcode, header.request_id, &e));
-            break Err(crate::TransportError::Remote(e));
+            Ok(Gate::BadRequest(e)) => {
+                let f = frame::encode_error(header.opcode, header.request_id, &e);
+                if tx.send(f).is_err() {
+                    break Ok(());
+                }
+                continue;
+            }
+            Ok(Gate::Refuse(e)) => {
+                let _ = tx.send(frame::encode_error(header.opcode, header.request_id, &e));
+                break Err(crate::TransportError::Remote(e));
+            }
         }
         let body = match frame::read_body(&mut rd, header.body_len).await {
             Ok(b) => b,
@@ -199,19 +167,7 @@ async fn serve_conn<S: RpcService>(
     drop(tx);
     let _ = writer.await;
     if matches!(&result, Err(crate::TransportError::Remote(_))) {
-        // The refusal is written and our side shut; keep reading for a moment so that the
-        // peer's unread requests do not turn the close into a reset that loses the refusal.
-        let drain = async {
-            let mut scratch = vec![0u8; 64 << 10];
-            let mut total = 0;
-            while total < auth::REFUSAL_LINGER_BYTES {
-                match rd.read(&mut scratch).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => total += n,
-                }
-            }
-        };
-        let _ = tokio::time::timeout(auth::REFUSAL_LINGER, drain).await;
+        listen::linger(&mut rd).await;
     }
     result
 }

@@ -36,18 +36,22 @@ use std::{
 
 use futures::{stream, StreamExt};
 use kvpool_proto::{
-    FrameLimits, ItemResult, ObjectTag, Read, ReadOp, Token, WireError, Write, WriteOp,
+    ErrorCode, FrameLimits, ItemResult, NodeId, ObjectTag, Read, ReadOp, Token, WireError, Write,
+    WriteOp,
 };
 use tokio::net::TcpStream;
 
-use crate::TransportError;
+use crate::{
+    shm::{ShmPeers, TransportMode},
+    TransportError,
+};
 use chunk::{Chunk, Item, Piece};
 use exchange::Exchange;
 
 /// A read chunk with at least this many bytes still to come once the response buffer is
-/// drained is read straight into its slices; smaller ones go through the buffer, so a batch
-/// of small payloads costs a few syscalls instead of one each.
-pub const DIRECT_READ_MIN: usize = 64 << 10;
+/// drained is read straight into its slices; smaller ones go through the buffer. The same
+/// threshold as the data server's ([`crate::dataplane::DIRECT_MIN`]).
+pub use crate::dataplane::DIRECT_MIN as DIRECT_READ_MIN;
 
 /// How the engine connects, stripes and waits.
 #[derive(Debug, Clone)]
@@ -65,6 +69,8 @@ pub struct EngineOptions {
     /// The cluster token, sent in a `Hello` on every new connection before it is used. A
     /// refused token fails the request with `Unauthorized`.
     pub token: Option<Token>,
+    /// Shared memory for nodes on this host, or TCP [auto: shared memory where possible].
+    pub transport: TransportMode,
 }
 
 impl Default for EngineOptions {
@@ -77,6 +83,7 @@ impl Default for EngineOptions {
             limits: FrameLimits::default(),
             checksum_reads: true,
             token: None,
+            transport: TransportMode::Auto,
         }
     }
 }
@@ -115,11 +122,27 @@ impl<'a> ReadItem<'a> {
 /// A request's chunks, given back, and its per-op results, or its failure.
 type RequestOutcome<P, T> = (Vec<Chunk<P>>, Result<Vec<ItemResult<T>>, TransportError>);
 
-/// Moves batches of segment ranges to and from storage nodes over TCP.
+/// A storage node as the engine addresses it: its data address and, when known, its id (so a
+/// shared-memory attachment to a node that has since restarted at that address is not used).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer<'a> {
+    pub addr: &'a str,
+    pub node: Option<NodeId>,
+}
+
+impl<'a> From<&'a str> for Peer<'a> {
+    fn from(addr: &'a str) -> Self {
+        Peer { addr, node: None }
+    }
+}
+
+/// Moves batches of segment ranges to and from storage nodes: through shared memory for nodes
+/// on this host (see [`crate::shm`]), over pooled TCP connections otherwise.
 pub struct TransferEngine {
     opts: EngineOptions,
     idle: Mutex<HashMap<String, Vec<TcpStream>>>,
     next_id: AtomicU64,
+    shm: ShmPeers,
 }
 
 impl TransferEngine {
@@ -128,6 +151,7 @@ impl TransferEngine {
             opts,
             idle: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            shm: ShmPeers::default(),
         }
     }
 
@@ -135,9 +159,55 @@ impl TransferEngine {
         &self.opts
     }
 
-    /// Writes every item to the node at `addr`; `tags` name the objects the bytes belong to.
-    /// Returns one result per item. An `Err` means the batch as a whole failed (no connection).
+    /// The transport the node at `addr` is reached by ("shm" or "tcp"), as far as known.
+    pub fn transport_to(&self, addr: &str) -> &'static str {
+        match self.opts.transport {
+            TransportMode::Tcp => "tcp",
+            _ => self.shm.describe(addr),
+        }
+    }
+
+    /// The shared-memory attachment to use for `peer`: `Ok(None)` means TCP; `Err` when
+    /// shared memory is required (`TransportMode::Shm`) and unavailable.
+    async fn attachment(
+        &self,
+        peer: Peer<'_>,
+    ) -> Result<Option<std::sync::Arc<crate::shm::Attachment>>, TransportError> {
+        if self.opts.transport == TransportMode::Tcp {
+            return Ok(None);
+        }
+        match self.shm.get(peer.addr, peer.node, &self.opts).await {
+            Ok(a) => Ok(Some(a)),
+            Err(why) if self.opts.transport == TransportMode::Shm => {
+                Err(TransportError::Remote(WireError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("transport = shm: {why}"),
+                )))
+            }
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Writes every item to the node `peer` (an address, or an address and node id); `tags`
+    /// name the objects the bytes belong to. Returns one result per item. An `Err` means the
+    /// batch as a whole failed (no connection).
     pub async fn write(
+        &self,
+        peer: impl Into<Peer<'_>>,
+        items: Vec<WriteItem<'_>>,
+        tags: Vec<ObjectTag>,
+    ) -> Result<Vec<ItemResult<()>>, TransportError> {
+        let peer = peer.into();
+        if let Some(att) = self.attachment(peer).await? {
+            // All or nothing: clients write DRAM segments only, which are all shared.
+            if items.iter().all(|it| att.covers(it.op.segment)) {
+                return att.write(items, tags, &self.opts).await;
+            }
+        }
+        self.write_tcp(peer.addr, items, tags).await
+    }
+
+    async fn write_tcp(
         &self,
         addr: &str,
         items: Vec<WriteItem<'_>>,
@@ -159,10 +229,60 @@ impl TransferEngine {
         self.transfer(addr, items, ask, |(), _, ()| ()).await
     }
 
-    /// Reads every item from the node at `addr` into its destination slice. On success an
-    /// item's result is the crc32c of its bytes (0 unless `checksum_reads`), computed chunk
-    /// by chunk as each lands, so checksumming overlaps the transfer of the other chunks.
+    /// Reads every item from the node `peer` into its destination slices. On success an
+    /// item's result is the crc32c of its bytes (0 unless `checksum_reads`). Items in shared
+    /// segments of a same-host node are copied from its memory; the rest (another host, the
+    /// NVMe tier) go over TCP.
     pub async fn read(
+        &self,
+        peer: impl Into<Peer<'_>>,
+        items: Vec<ReadItem<'_>>,
+    ) -> Result<Vec<ItemResult<u32>>, TransportError> {
+        let peer = peer.into();
+        let Some(att) = self.attachment(peer).await? else {
+            return self.read_tcp(peer.addr, items).await;
+        };
+        let n = items.len();
+        let (mut local, mut remote) = (Vec::new(), Vec::new());
+        for (i, it) in items.into_iter().enumerate() {
+            if att.covers(it.op.segment) {
+                local.push((i, it));
+            } else {
+                remote.push((i, it));
+            }
+        }
+        let mut out: Vec<ItemResult<u32>> = (0..n).map(|_| Ok(0)).collect();
+        let (li, litems): (Vec<usize>, Vec<_>) = local.into_iter().unzip();
+        for (i, r) in li
+            .into_iter()
+            .zip(att.read(litems, self.opts.checksum_reads))
+        {
+            out[i] = r;
+        }
+        if !remote.is_empty() {
+            let (ri, ritems): (Vec<usize>, Vec<_>) = remote.into_iter().unzip();
+            let all_remote = ri.len() == n;
+            match self.read_tcp(peer.addr, ritems).await {
+                Ok(rs) => {
+                    for (i, r) in ri.into_iter().zip(rs) {
+                        out[i] = r;
+                    }
+                }
+                Err(e) if all_remote => return Err(e),
+                Err(e) => {
+                    let w = WireError::new(e.code(), e.to_string());
+                    for i in ri {
+                        out[i] = Err(w.clone());
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`TransferEngine::read`] over TCP: the chunks' crc32c is computed as each lands, so
+    /// checksumming overlaps the transfer of the other chunks.
+    async fn read_tcp(
         &self,
         addr: &str,
         items: Vec<ReadItem<'_>>,

@@ -99,11 +99,13 @@ impl TransferEngine {
         }
     }
 
-    /// Drops idle connections to `addr` (after the peer failed).
+    /// Drops idle connections to `addr` and what is known of its shared memory (after the
+    /// peer failed).
     pub fn forget(&self, addr: &str) {
         self.idle
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(addr);
+        self.shm.forget(addr);
     }
 }

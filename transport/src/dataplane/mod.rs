@@ -1,0 +1,604 @@
+//! The data server: clients write and read segment ranges of a storage node.
+//!
+//! One implementation of the data plane's server side for every transport that carries
+//! frames (TCP today; the same-host Unix socket of the shared-memory transport): the accept
+//! loop and the `Hello` gate ([`crate::listen`]), frame limits, the Read/Write contract, and
+//! buffered-then-direct payload I/O. The storage node supplies only where a range's bytes
+//! are ([`SegmentStore`]).
+//!
+//! One task per connection; a connection's requests are answered in order, so a client may
+//! pipeline many before reading. Small frames go through a buffered reader and writer so that
+//! a batch of 4 KiB objects costs few syscalls; object bytes of [`DIRECT_MIN`] or more move
+//! straight between the socket and segment memory, never through an intermediate buffer.
+//!
+//! Bad input never takes the server down: a request that can be skipped (unknown opcode,
+//! malformed body, a bad range) gets an error and the connection goes on; a stream that can no
+//! longer be trusted (bad header, truncated frame, lengths that disagree) gets an error and is
+//! closed. Either way only that connection is affected.
+
+mod stream;
+
+use std::{future::Future, pin::Pin, sync::Arc};
+
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+
+use kvpool_proto::{
+    decode_body, ErrorCode, FrameHeader, FrameLimits, NodeId, ObjectTag, Opcode, Read, SegmentId,
+    ShmAttach, ShmAttachResponse, ShmCommit, ShmInfo, ShmInfoResponse, ShmSegment, Token,
+    UnitResponse, WireError, Write, HEADER_LEN,
+};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter},
+    net::{TcpStream, UnixStream},
+};
+
+pub use stream::{recv_exact, send_all, RawSocket};
+
+use crate::{
+    frame,
+    listen::{self, Gate, Listener},
+    memory::SharedRange,
+    TransportError,
+};
+
+/// Payload bytes at least this long move straight between a socket and their final memory,
+/// bypassing the connection buffers (one copy fewer; the syscall cost is amortized over
+/// enough bytes). Shorter ones go through the buffers, so a batch of small payloads costs a
+/// few syscalls instead of one each. Both ends of the data plane use this one threshold.
+pub const DIRECT_MIN: usize = 64 << 10;
+
+/// Buffer size of a connection's reader and writer: a batch of small objects per syscall.
+const BUF_SIZE: usize = 256 << 10;
+
+/// Limits used to decode a header so that an oversized frame's request id and opcode are
+/// known when it is refused; the node's real limits are checked right after.
+const DECODE_ANY: FrameLimits = FrameLimits {
+    max_body: u32::MAX,
+    max_payload: u64::MAX,
+};
+
+/// Bytes read off a slower tier (the NVMe tier), owned by the server until sent.
+pub type OwnedBytes = Box<dyn AsRef<[u8]> + Send + Sync>;
+
+/// A read of a slower tier, started by [`SegmentStore::read_range`].
+pub type DiskRead<'a> = Pin<Box<dyn Future<Output = Result<OwnedBytes, WireError>> + Send + 'a>>;
+
+/// Where the bytes of a range to read are.
+pub enum Source<'a> {
+    /// In memory: sent straight from there.
+    Memory(SharedRange),
+    /// On a slower tier: read into an owned buffer first.
+    Disk(DiskRead<'a>),
+}
+
+/// What the data server needs of a storage node: where ranges are, and what it keeps.
+pub trait SegmentStore: Send + Sync + 'static {
+    /// Frame size limits enforced on the data plane.
+    fn limits(&self) -> &FrameLimits;
+    /// The bytes of `segment`'s range `offset..offset+len`, for a read.
+    fn read_range(
+        &self,
+        segment: SegmentId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Source<'_>, WireError>;
+    /// The memory of `segment`'s range `offset..offset+len`, for a client's write.
+    fn write_range(
+        &self,
+        segment: SegmentId,
+        offset: u64,
+        len: u64,
+    ) -> Result<SharedRange, WireError>;
+    /// Keeps the tags of a write whose bytes have landed.
+    fn record_tags(&self, tags: Vec<ObjectTag>);
+    /// Keeps one tag of a same-host client's write (`ShmCommit`): a tag that names no range
+    /// of the node's segments is refused.
+    fn commit_tag(&self, tag: ObjectTag) -> Result<(), WireError>;
+    /// The node's id (a same-host client checks it is the node it expected).
+    fn node_id(&self) -> NodeId;
+    /// The segments a same-host client may map, each with its memory file.
+    fn shared_segments(&self) -> Vec<(ShmSegment, BorrowedFd<'_>)>;
+}
+
+/// How a data server guards its connections.
+#[derive(Debug, Clone, Default)]
+pub struct DataServerOptions {
+    /// The cluster token. When set, every connection must start with a `Hello` carrying it.
+    pub token: Option<Token>,
+    /// The node's Unix socket for same-host clients, told to whoever asks `ShmInfo`
+    /// [unset: the node shares no memory].
+    pub shm_socket: Option<String>,
+}
+
+/// Serves data-plane connections from `listener` until `shutdown` completes; then stops
+/// accepting and ends every connection.
+pub async fn serve<L, T>(
+    listener: L,
+    store: Arc<T>,
+    opts: DataServerOptions,
+    shutdown: impl Future<Output = ()>,
+) where
+    L: Listener,
+    L::Stream: Conn,
+    T: SegmentStore,
+{
+    let opts = Arc::new(opts);
+    listen::accept_loop(listener, shutdown, |stream, peer| {
+        connection(stream, peer, store.clone(), opts.clone())
+    })
+    .await
+}
+
+/// A connection the data server serves: a raw socket, set up for low latency.
+pub trait Conn: RawSocket {
+    fn prepare(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    /// Sends `frame` with `fds` attached, where the socket can carry descriptors (`None`
+    /// where it cannot: TCP).
+    fn send_fds<'a>(
+        &'a self,
+        frame: &'a [u8],
+        fds: &'a [RawFd],
+    ) -> Option<Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + 'a>>>;
+}
+
+impl Conn for TcpStream {
+    fn prepare(&self) -> std::io::Result<()> {
+        self.set_nodelay(true)
+    }
+    fn send_fds<'a>(
+        &'a self,
+        _: &'a [u8],
+        _: &'a [RawFd],
+    ) -> Option<Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + 'a>>> {
+        None
+    }
+}
+
+impl Conn for UnixStream {
+    fn send_fds<'a>(
+        &'a self,
+        frame: &'a [u8],
+        fds: &'a [RawFd],
+    ) -> Option<Pin<Box<dyn Future<Output = std::io::Result<()>> + Send + 'a>>> {
+        Some(Box::pin(crate::shm::fds::send_with_fds(self, frame, fds)))
+    }
+}
+
+/// A connection's buffered reader over its buffered writer over the socket. Direct payload
+/// I/O reaches the socket only with both buffers empty, so the byte order holds.
+type Io<S> = BufReader<BufWriter<S>>;
+
+/// What ends a connection.
+enum Close {
+    /// The stream is out of step or the request cannot be honoured: answer, then close.
+    Fatal {
+        opcode: u8,
+        request_id: u64,
+        err: WireError,
+    },
+    /// The socket failed or the peer left mid-frame with nothing to answer.
+    Transport(TransportError),
+}
+
+impl From<TransportError> for Close {
+    fn from(e: TransportError) -> Self {
+        Close::Transport(e)
+    }
+}
+
+impl From<std::io::Error> for Close {
+    fn from(e: std::io::Error) -> Self {
+        Close::Transport(TransportError::Io(e))
+    }
+}
+
+async fn connection<S: Conn, T: SegmentStore>(
+    stream: S,
+    peer: String,
+    store: Arc<T>,
+    opts: Arc<DataServerOptions>,
+) {
+    if let Err(e) = stream.prepare() {
+        tracing::debug!(%peer, "socket options: {e}");
+    }
+    let mut io: Io<S> =
+        BufReader::with_capacity(BUF_SIZE, BufWriter::with_capacity(BUF_SIZE, stream));
+    match serve_connection(&mut io, &*store, &opts).await {
+        Ok(()) => tracing::trace!(%peer, "data connection closed"),
+        Err(Close::Transport(e)) => tracing::debug!(%peer, "data connection ended: {e}"),
+        Err(Close::Fatal {
+            opcode,
+            request_id,
+            err,
+        }) => {
+            tracing::warn!(%peer, request_id, "closing data connection: {err}");
+            let frame = frame::encode_error(opcode, request_id, &err);
+            let _ = io.get_mut().write_all(&frame).await;
+            let _ = io.get_mut().shutdown().await;
+            listen::linger(&mut io).await;
+        }
+    }
+}
+
+async fn serve_connection<S: Conn, T: SegmentStore>(
+    io: &mut Io<S>,
+    store: &T,
+    opts: &DataServerOptions,
+) -> Result<(), Close> {
+    let token = opts.token.as_ref();
+    // Nothing is served before the Hello when a token is configured.
+    let mut authed = token.is_none();
+    loop {
+        // Answers go out before the server could block on input: a pipelined batch gets its
+        // answers in few writes, and no answer waits on bytes the client has not sent yet.
+        if !next_head_buffered(io.buffer()) {
+            io.get_mut().flush().await?;
+        }
+        let h = match frame::read_header(io, &DECODE_ANY).await {
+            Ok(Some(h)) => h,
+            Ok(None) => {
+                io.get_mut().flush().await?;
+                return Ok(());
+            }
+            Err(TransportError::Header(e)) => return Err(fatal(0, 0, e.code(), e.to_string())),
+            Err(TransportError::Truncated) => {
+                return Err(fatal(
+                    0,
+                    0,
+                    ErrorCode::Truncated,
+                    "connection ended inside a header",
+                ))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match listen::gate(io, &h, token, &mut authed).await? {
+            Gate::Serve => {}
+            Gate::Welcome(f) => {
+                io.get_mut().write_all(&f).await?;
+                continue;
+            }
+            Gate::BadRequest(e) => {
+                reply_error(io, &h, e).await?;
+                continue;
+            }
+            Gate::Refuse(err) => {
+                return Err(Close::Fatal {
+                    opcode: h.opcode,
+                    request_id: h.request_id,
+                    err,
+                })
+            }
+        }
+        if let Err(e) = frame::check_limits(&h, store.limits()) {
+            return Err(fatal(h.opcode, h.request_id, e.code(), e.to_string()));
+        }
+        let served = match Opcode::try_from(h.opcode) {
+            Ok(Opcode::Read) => read(io, store, &h).await,
+            Ok(Opcode::Write) => write(io, store, &h).await,
+            Ok(Opcode::ShmInfo) => shm_info(io, store, opts, &h).await,
+            Ok(Opcode::ShmAttach) => shm_attach(io, store, &h).await,
+            Ok(Opcode::ShmCommit) => shm_commit(io, store, &h).await,
+            Ok(op) => {
+                skip(io, &h).await?;
+                let msg = format!("{op:?} is a master request; this is a storage node");
+                reply_error(io, &h, WireError::new(ErrorCode::WrongService, msg)).await
+            }
+            Err(e) => {
+                skip(io, &h).await?;
+                reply_error(io, &h, e).await
+            }
+        };
+        match served {
+            Err(Close::Transport(TransportError::Truncated)) => {
+                return Err(fatal(
+                    h.opcode,
+                    h.request_id,
+                    ErrorCode::Truncated,
+                    "connection ended inside a frame",
+                ))
+            }
+            other => other?,
+        }
+    }
+}
+
+/// Whether `buf` starts with a whole header and body, so that reading them cannot block.
+fn next_head_buffered(buf: &[u8]) -> bool {
+    let Some(head) = buf
+        .get(..HEADER_LEN)
+        .and_then(|b| <&[u8; HEADER_LEN]>::try_from(b).ok())
+    else {
+        return false;
+    };
+    match FrameHeader::decode(head, &DECODE_ANY) {
+        Ok(h) => buf.len() - HEADER_LEN >= h.body_len as usize,
+        // A bad header is answered without reading further.
+        Err(_) => true,
+    }
+}
+
+fn fatal(opcode: u8, request_id: u64, code: ErrorCode, msg: impl Into<String>) -> Close {
+    Close::Fatal {
+        opcode,
+        request_id,
+        err: WireError::new(code, msg),
+    }
+}
+
+/// Skips a whole frame's body and payload without allocating for it.
+async fn skip<S: Conn>(io: &mut Io<S>, h: &FrameHeader) -> Result<(), Close> {
+    frame::discard(io, u64::from(h.body_len) + h.payload_len).await?;
+    Ok(())
+}
+
+async fn reply_error<S: Conn>(
+    io: &mut Io<S>,
+    h: &FrameHeader,
+    err: WireError,
+) -> Result<(), Close> {
+    tracing::debug!(
+        request_id = h.request_id,
+        opcode = h.opcode,
+        "request refused: {err}"
+    );
+    io.get_mut()
+        .write_all(&frame::encode_error(h.opcode, h.request_id, &err))
+        .await?;
+    Ok(())
+}
+
+/// The bytes of one read op: in (shared) memory, or read off a slower tier.
+enum Bytes {
+    Memory(SharedRange),
+    Owned(OwnedBytes),
+}
+
+impl Bytes {
+    fn len(&self) -> usize {
+        match self {
+            Bytes::Memory(r) => r.len(),
+            Bytes::Owned(b) => (**b).as_ref().len(),
+        }
+    }
+}
+
+/// Reads ranges: validates every op, sends the answer's head, then streams each successful
+/// op's bytes.
+async fn read<S: Conn, T: SegmentStore>(
+    io: &mut Io<S>,
+    store: &T,
+    h: &FrameHeader,
+) -> Result<(), Close> {
+    let body = frame::read_body(io, h.body_len).await?;
+    // A read carries no payload; one sent anyway is skipped so the stream stays in step.
+    frame::discard(io, h.payload_len).await?;
+    let req: Read = match decode_body(&body) {
+        Ok(r) => r,
+        Err(e) => return reply_error(io, h, e).await,
+    };
+    // Slower-tier ranges are read before the answer's head goes out, so that a failed read
+    // becomes that op's error rather than a broken stream; all of a request's disk reads are
+    // in flight at once, so a batch keeps the device's queue busy.
+    let sources: Vec<Result<Source<'_>, WireError>> = req
+        .ops
+        .iter()
+        .map(|op| store.read_range(op.segment, op.offset, op.len))
+        .collect();
+    let landed = futures::future::join_all(sources.into_iter().map(|s| async move {
+        match s? {
+            Source::Memory(r) => Ok(Bytes::Memory(r)),
+            Source::Disk(read) => read.await.map(Bytes::Owned),
+        }
+    }))
+    .await;
+    let mut items = Vec::with_capacity(req.ops.len());
+    let mut bytes = Vec::with_capacity(req.ops.len());
+    let mut total = 0u64;
+    for b in landed {
+        match b {
+            Ok(b) => {
+                total = total.saturating_add(b.len() as u64);
+                bytes.push(b);
+                items.push(Ok(()));
+            }
+            Err(e) => items.push(Err(e)),
+        }
+    }
+    if total > store.limits().max_payload {
+        let msg = format!(
+            "the ops ask for {total} bytes, more than one response may carry ({})",
+            store.limits().max_payload
+        );
+        return reply_error(io, h, WireError::new(ErrorCode::FrameTooLarge, msg)).await;
+    }
+    let head = frame::encode_response(h.opcode, h.request_id, &UnitResponse { items }, total);
+    let w = io.get_mut();
+    w.write_all(&head).await?;
+    let mut scratch = Vec::new();
+    for b in &bytes {
+        match b {
+            Bytes::Memory(r) if r.len() >= DIRECT_MIN => {
+                w.flush().await?;
+                send_all(w.get_ref(), *r).await?;
+            }
+            Bytes::Memory(r) => {
+                // Small: through the write buffer, by way of an owned copy (no slice over
+                // segment memory is formed).
+                scratch.resize(r.len(), 0);
+                r.copy_to(&mut scratch);
+                w.write_all(&scratch).await?;
+            }
+            Bytes::Owned(b) => w.write_all((**b).as_ref()).await?,
+        }
+    }
+    Ok(())
+}
+
+/// Writes ranges: each op's bytes go from the socket straight into segment memory; a refused
+/// op's bytes are skipped. Tags are recorded once the bytes have landed.
+async fn write<S: Conn, T: SegmentStore>(
+    io: &mut Io<S>,
+    store: &T,
+    h: &FrameHeader,
+) -> Result<(), Close> {
+    let body = frame::read_body(io, h.body_len).await?;
+    let req: Write = match decode_body(&body) {
+        Ok(w) => w,
+        Err(e) => {
+            frame::discard(io, h.payload_len).await?;
+            return reply_error(io, h, e).await;
+        }
+    };
+    let declared = req
+        .ops
+        .iter()
+        .try_fold(0u64, |sum, op| sum.checked_add(op.len));
+    if declared != Some(h.payload_len) {
+        // The client's framing is broken; reading (or skipping) a payload whose split we
+        // cannot trust could mean gigabytes of garbage, so refuse and close.
+        let msg = format!(
+            "write ops declare {} payload bytes but the frame carries {}",
+            declared.map_or_else(|| "more than 2^64".to_string(), |d| d.to_string()),
+            h.payload_len
+        );
+        return Err(fatal(h.opcode, h.request_id, ErrorCode::MalformedBody, msg));
+    }
+    let mut items = Vec::with_capacity(req.ops.len());
+    for op in &req.ops {
+        match store.write_range(op.segment, op.offset, op.len) {
+            Ok(dst) => {
+                read_payload(io, dst).await?;
+                items.push(Ok(()));
+            }
+            Err(e) => {
+                frame::discard(io, op.len).await?;
+                items.push(Err(e));
+            }
+        }
+    }
+    store.record_tags(req.tags);
+    let head = frame::encode_response(h.opcode, h.request_id, &UnitResponse { items }, 0);
+    io.get_mut().write_all(&head).await?;
+    Ok(())
+}
+
+/// Fills `dst` from the stream: what the reader has buffered first, then (for large
+/// remainders) straight from the socket, bypassing the buffer; small remainders through it.
+async fn read_payload<S: Conn>(io: &mut Io<S>, dst: SharedRange) -> Result<(), TransportError> {
+    let mut at = 0;
+    loop {
+        let buffered = io.buffer();
+        if !buffered.is_empty() {
+            let n = buffered.len().min(dst.len() - at);
+            if let Some(part) = dst.sub(at, n) {
+                part.copy_from(&buffered[..n]);
+            }
+            io.consume(n);
+            at += n;
+        }
+        let left = dst.len() - at;
+        if left == 0 {
+            return Ok(());
+        }
+        if left >= DIRECT_MIN {
+            // The buffer is empty here (everything buffered was consumed), so reading the
+            // socket directly keeps the byte order.
+            let rest = dst.sub(at, left).ok_or(TransportError::Truncated)?;
+            return recv_exact(io.get_ref().get_ref(), rest).await;
+        }
+        if io.fill_buf().await?.is_empty() {
+            return Err(TransportError::Truncated);
+        }
+    }
+}
+
+/// Reads a small request's body (no payload) and decodes it; `Ok(None)` when it was answered
+/// with an error instead.
+async fn small_request<S: Conn, M: serde::de::DeserializeOwned>(
+    io: &mut Io<S>,
+    h: &FrameHeader,
+) -> Result<Option<M>, Close> {
+    let body = frame::read_body(io, h.body_len).await?;
+    frame::discard(io, h.payload_len).await?;
+    match decode_body(&body) {
+        Ok(m) => Ok(Some(m)),
+        Err(e) => reply_error(io, h, e).await.map(|()| None),
+    }
+}
+
+/// Tells a client where this node's shared memory is (and who and where the node is).
+async fn shm_info<S: Conn, T: SegmentStore>(
+    io: &mut Io<S>,
+    store: &T,
+    opts: &DataServerOptions,
+    h: &FrameHeader,
+) -> Result<(), Close> {
+    let Some(ShmInfo {}) = small_request(io, h).await? else {
+        return Ok(());
+    };
+    let resp = ShmInfoResponse {
+        node: store.node_id(),
+        host: crate::shm::host_id().to_string(),
+        socket: opts.shm_socket.clone(),
+    };
+    let f = frame::encode_response(h.opcode, h.request_id, &resp, 0);
+    io.get_mut().write_all(&f).await?;
+    Ok(())
+}
+
+/// Hands a same-host client the segments' memory files, with the response frame. Only a Unix
+/// socket carries descriptors; over TCP the request is refused.
+async fn shm_attach<S: Conn, T: SegmentStore>(
+    io: &mut Io<S>,
+    store: &T,
+    h: &FrameHeader,
+) -> Result<(), Close> {
+    let Some(ShmAttach {}) = small_request(io, h).await? else {
+        return Ok(());
+    };
+    let shared = store.shared_segments();
+    let resp = ShmAttachResponse {
+        node: store.node_id(),
+        segments: shared.iter().map(|(s, _)| *s).collect(),
+    };
+    let fds: Vec<RawFd> = shared.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+    let f = frame::encode_response(h.opcode, h.request_id, &resp, 0);
+    // Everything answered before goes out first, so the descriptors ride with this frame.
+    io.get_mut().flush().await?;
+    let sent = match io.get_ref().get_ref().send_fds(&f, &fds) {
+        Some(send) => Some(send.await),
+        None => None,
+    };
+    match sent {
+        Some(r) => r?,
+        None => {
+            let e = WireError::new(
+                ErrorCode::WrongService,
+                "shared memory is attached over the node's Unix socket, not TCP",
+            );
+            return reply_error(io, h, e).await;
+        }
+    }
+    tracing::debug!(
+        segments = fds.len(),
+        "handed segment memory to a same-host client"
+    );
+    Ok(())
+}
+
+/// Records the tags of a same-host client's put, whose bytes it copied into shared memory.
+async fn shm_commit<S: Conn, T: SegmentStore>(
+    io: &mut Io<S>,
+    store: &T,
+    h: &FrameHeader,
+) -> Result<(), Close> {
+    let Some(ShmCommit { tags }) = small_request(io, h).await? else {
+        return Ok(());
+    };
+    let items = tags.into_iter().map(|t| store.commit_tag(t)).collect();
+    let f = frame::encode_response(h.opcode, h.request_id, &UnitResponse { items }, 0);
+    io.get_mut().write_all(&f).await?;
+    Ok(())
+}

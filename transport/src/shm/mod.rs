@@ -1,0 +1,156 @@
+//! The same-host shared-memory transport.
+//!
+//! A storage node's DRAM segments are memfds. Besides its TCP data port, the node listens on
+//! a Unix socket; a client that finds a node on its own host (the node's [`host_id`], asked
+//! over TCP with `ShmInfo`, equals the client's) connects to that socket, passes the same
+//! `Hello`/token check as over TCP, and asks `ShmAttach`: the node answers with its node id
+//! (the client checks it is the node the TCP port named) and the segments' memfds, passed
+//! with `SCM_RIGHTS`. The client maps them once and keeps them per node. A get is then one
+//! copy from the mapped segment into the caller's buffer and a put one copy in, followed by a
+//! small `ShmCommit` on the socket that hands the node the put's object tags (its inventory).
+//! Leases, commit and the crc32c keep their meaning: the bytes checked are the ones the
+//! caller got.
+//!
+//! # Layout
+//! - this module: the host identity, [`TransportMode`], the default socket path.
+//! - `fds`: `SCM_RIGHTS` send and receive.
+//! - `mapping`: a client's mapping of one segment memfd.
+//! - `peers`: the client side: attaching to a node, the per-node cache, copies in and out.
+
+pub mod fds;
+mod mapping;
+mod peers;
+
+use std::{path::PathBuf, sync::OnceLock};
+
+pub use mapping::Mapping;
+pub use peers::{Attachment, ShmPeers};
+
+/// Which data transport a client uses to reach a storage node (`transport = "auto" | "tcp" |
+/// "shm"` in a config file).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportMode {
+    /// Shared memory when the node is on this host and shares its memory, else TCP.
+    #[default]
+    Auto,
+    /// TCP always.
+    Tcp,
+    /// Shared memory only: a node this client cannot attach to fails the request
+    /// (`InvalidArgument`, naming the node and why).
+    Shm,
+}
+
+impl std::str::FromStr for TransportMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(TransportMode::Auto),
+            "tcp" => Ok(TransportMode::Tcp),
+            "shm" => Ok(TransportMode::Shm),
+            other => Err(format!(
+                "transport {other:?}: expected \"auto\", \"tcp\" or \"shm\""
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for TransportMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TransportMode::Auto => "auto",
+            TransportMode::Tcp => "tcp",
+            TransportMode::Shm => "shm",
+        })
+    }
+}
+
+/// This host's identity: the kernel's boot id and the host name. Two processes with the same
+/// identity run on the same kernel (a memfd passed between them maps the same pages); a
+/// container with its own host name counts as another host, and then TCP is used.
+pub fn host_id() -> &'static str {
+    static ID: OnceLock<String> = OnceLock::new();
+    ID.get_or_init(|| {
+        let read = |p: &str| {
+            std::fs::read_to_string(p)
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default()
+        };
+        format!(
+            "{}/{}",
+            read("/proc/sys/kernel/random/boot_id"),
+            read("/proc/sys/kernel/hostname")
+        )
+    })
+}
+
+/// Removes the default-named sockets in `dir` (`kvpool-store-<pid>-<port>.sock`) whose node
+/// process is gone: a node killed with SIGKILL cannot remove its own. Returns how many.
+pub fn remove_stale_sockets(dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("kvpool-store-"))
+            .and_then(|n| n.strip_suffix(".sock"))
+            .and_then(|n| n.split_once('-'))
+            .and_then(|(pid, _port)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+        if !alive && std::fs::remove_file(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// Where a node's Unix socket goes when its config names none: `$XDG_RUNTIME_DIR`, else the
+/// system's temporary directory, named for the process and its TCP port so that several
+/// nodes on one host never collide.
+pub fn default_socket_path(port: u16) -> PathBuf {
+    default_socket_dir().join(format!("kvpool-store-{}-{port}.sock", std::process::id()))
+}
+
+/// The folder of [`default_socket_path`].
+pub fn default_socket_dir() -> PathBuf {
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|d| d.is_dir())
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_sockets_of_dead_nodes_are_removed_and_live_ones_kept() {
+        let dir = std::env::temp_dir().join(format!("kvpool-stale-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A pid above the kernel's maximum (4194304) never runs.
+        let dead = dir.join("kvpool-store-4194399-5000.sock");
+        let live = dir.join(format!("kvpool-store-{}-5001.sock", std::process::id()));
+        let other = dir.join("unrelated-4194399-5000.sock");
+        for p in [&dead, &live, &other] {
+            std::fs::write(p, b"").unwrap();
+        }
+        assert_eq!(remove_stale_sockets(&dir), 1);
+        assert!(!dead.exists() && live.exists() && other.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn transport_modes_parse_and_refuse_others() {
+        assert_eq!("SHM".parse::<TransportMode>(), Ok(TransportMode::Shm));
+        assert_eq!(" tcp ".parse::<TransportMode>(), Ok(TransportMode::Tcp));
+        assert_eq!("auto".parse::<TransportMode>(), Ok(TransportMode::Auto));
+        let e = "rdma".parse::<TransportMode>().unwrap_err();
+        assert!(e.contains("\"rdma\""), "{e}");
+    }
+}
