@@ -19,10 +19,17 @@ use std::{
 use kvpool_client::Client;
 use kvpool_proto::PutOptions;
 use kvpool_tests::{
-    alive_nodes, etcd_bin, etcd_client, etcd_wait_healthy, kvpool_bin, leaders, probe, the_leader,
-    value, wait_until, Proc,
+    alive_nodes, etcd_bin, etcd_client_over, etcd_wait_healthy, kvpool_bin, leaders, probe,
+    the_leader, value, wait_until, Proc,
 };
 use kvpool_transport::rpc::RpcClient;
+
+/// A client of a simulated client host. The namespaces share one kernel (and one host
+/// name), so a client would find the nodes "on its own host" and use shared memory; the
+/// hosts here stand for separate machines, so their bytes must cross the network: TCP.
+fn host_client(url: &str) -> Client {
+    etcd_client_over(url, kvpool_client::TransportMode::Tcp)
+}
 
 /// The test network, 10.231.1.0/24 on a bridge private to this run.
 const NET: &str = "10.231.1";
@@ -299,7 +306,7 @@ fn two_masters_three_stores_each_on_its_own_host() {
 
     // Host c1 writes every object with two replicas.
     net.run("c1", || async {
-        let c = etcd_client(&url);
+        let c = host_client(&url);
         wait_until("3 nodes registered", Duration::from_secs(20), || async {
             alive_nodes(&c).await == 3
         })
@@ -322,14 +329,14 @@ fn two_masters_three_stores_each_on_its_own_host() {
 
     // Host c2 reads them back byte for byte.
     net.run("c2", || async {
-        let c = etcd_client(&url);
+        let c = host_client(&url);
         assert_eq!(correct(&c, "from c2").await, OBJECTS, "all objects from c2");
     });
 
     // A storage node dies: every object still comes from its other replica.
     stores[0].kill();
     net.run("c2", || async {
-        let c = etcd_client(&url);
+        let c = host_client(&url);
         assert_eq!(
             correct(&c, "s1 killed").await,
             OBJECTS,
@@ -347,7 +354,7 @@ fn two_masters_three_stores_each_on_its_own_host() {
         let took = killed.elapsed();
         assert!(took < Duration::from_secs(10), "failover took {took:?}");
         eprintln!("the standby leads {took:?} after the leader was killed");
-        let c = etcd_client(&url);
+        let c = host_client(&url);
         let c = &c;
         wait_until(
             "every object gettable after the failover",
@@ -359,7 +366,7 @@ fn two_masters_three_stores_each_on_its_own_host() {
         .await;
     });
     net.run("c2", || async {
-        let c = etcd_client(&url);
+        let c = host_client(&url);
         assert_eq!(correct(&c, "c2 after failover").await, OBJECTS);
     });
 

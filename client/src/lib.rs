@@ -121,6 +121,13 @@ impl Client {
         self.engine.transport_to(addr)
     }
 
+    /// The data transport this client would use for the node at `addr` now ("shm" or
+    /// "tcp"), attaching to the node's shared memory first if it may (one `ShmInfo` round
+    /// trip and the attach, once per node): for `kvpool status`-like displays.
+    pub async fn probe_transport(&self, addr: &str) -> &'static str {
+        self.engine.probe(addr).await
+    }
+
     pub fn id(&self) -> ClientId {
         self.id
     }

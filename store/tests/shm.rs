@@ -187,6 +187,9 @@ async fn auto_uses_tcp_for_a_node_that_is_not_the_expected_one_and_shm_refuses()
         Err(TransportError::Remote(w)) => assert!(w.message.contains("not"), "{}", w.message),
         other => panic!("expected a refusal, got {other:?}"),
     }
+    // A status display's probe: auto attaches, TCP only never does.
+    assert_eq!(auto.probe(&addr).await, "shm");
+    assert_eq!(engine(TransportMode::Tcp, None).probe(&addr).await, "tcp");
     // TCP only never attaches.
     let tcp = engine(TransportMode::Tcp, None);
     tcp.read(addr.as_str(), vec![ReadItem::new(op, &mut back)])

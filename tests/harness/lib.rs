@@ -473,9 +473,15 @@ pub fn etcd_wait_healthy(url: &str, log: &std::path::Path) {
 /// A client that finds the leading master through the etcd at `url`, with limits short
 /// enough for failover tests.
 pub fn etcd_client(url: &str) -> Client {
+    etcd_client_over(url, TransportMode::Auto)
+}
+
+/// [`etcd_client`] reaching storage nodes over `transport`.
+pub fn etcd_client_over(url: &str, transport: TransportMode) -> Client {
     let mut cfg = ClientConfig {
         etcd: vec![url.to_string()],
         deadline: Duration::from_secs(20),
+        transport,
         ..ClientConfig::default()
     };
     cfg.engine.io_timeout = Duration::from_secs(5);

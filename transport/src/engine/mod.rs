@@ -167,6 +167,16 @@ impl TransferEngine {
         }
     }
 
+    /// The transport a request to the node at `addr` would use now ("shm" or "tcp"),
+    /// attaching to its shared memory first if this engine may and has not yet: what a
+    /// status display shows for a node.
+    pub async fn probe(&self, addr: &str) -> &'static str {
+        match self.attachment(addr.into()).await {
+            Ok(Some(_)) => "shm",
+            _ => "tcp",
+        }
+    }
+
     /// The shared-memory attachment to use for `peer`: `Ok(None)` means TCP; `Err` when
     /// shared memory is required (`TransportMode::Shm`) and unavailable.
     async fn attachment(
