@@ -111,6 +111,9 @@ pub struct UpArgs {
     /// Storage node data address [127.0.0.1:50052].
     #[arg(long)]
     pub data_listen: Option<String>,
+    /// HTTP address for /metrics, /health and /ready [127.0.0.1:9003, the master's and the node's metrics together]; empty: none.
+    #[arg(long, env = "KVPOOL_HTTP", value_name = "ADDR")]
+    pub http: Option<String>,
     #[command(flatten)]
     pub tiers: TierArgs,
 }
@@ -137,6 +140,9 @@ pub struct MasterArgs {
     /// RPC address [127.0.0.1:50051].
     #[arg(long)]
     pub listen: Option<String>,
+    /// HTTP address for /metrics, /health and /ready [127.0.0.1:9003]; empty: none.
+    #[arg(long, env = "KVPOOL_HTTP", value_name = "ADDR")]
+    pub http: Option<String>,
     /// etcd endpoints (comma-separated, e.g. http://10.0.0.1:2379): campaign for leadership
     /// with the other masters of the cluster (HA). Without them this is the only master.
     #[arg(long, env = "KVPOOL_ETCD", value_delimiter = ',', value_name = "URLS")]
@@ -156,6 +162,9 @@ pub struct StoreArgs {
     /// Data address [127.0.0.1:50052].
     #[arg(long)]
     pub listen: Option<String>,
+    /// HTTP address for /metrics, /health and /ready [127.0.0.1:9004]; empty: none.
+    #[arg(long, env = "KVPOOL_HTTP", value_name = "ADDR")]
+    pub http: Option<String>,
     /// Address clients should use for this node, if not the listen address.
     #[arg(long)]
     pub advertise: Option<String>,

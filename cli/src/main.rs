@@ -4,6 +4,7 @@
 
 mod cli;
 mod config;
+mod ops;
 mod serve;
 mod verbs;
 

@@ -9,10 +9,12 @@
 //!   shell, tests and simulations drive it the same way.
 //! - [`server`]: the async shell: decode, lock, call the core with the time, encode.
 //! - [`config`]: [`config::MasterConfig`], the `[master]` section of the config file.
+//! - [`metrics`]: the Prometheus metrics and the `/ready` rule (served by `kvpool-ops`).
 
 pub mod alloc;
 pub mod config;
 pub mod core;
+pub mod metrics;
 pub mod server;
 
 pub use crate::alloc::{Allocation, OffsetAllocator};

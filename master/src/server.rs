@@ -25,6 +25,7 @@ struct Service {
     core: Mutex<MasterCore>,
     epoch: Instant,
     ha: Option<Ha>,
+    metrics: Arc<crate::metrics::MasterMetrics>,
 }
 
 /// The HA gate: which term the core belongs to.
@@ -110,7 +111,9 @@ impl RpcService for Service {
             Opcode::PutStart => call(body, |r| self.core().put_start(now, r)),
             Opcode::PutEnd => call(body, |r| self.core().put_end(now, r)),
             Opcode::PutRevoke => call(body, |r| self.core().put_revoke(now, r)),
-            Opcode::GetReplicas => call(body, |r| self.core().get_replicas(now, r)),
+            Opcode::GetReplicas => call(body, |r| {
+                self.metrics.lookups(self.core().get_replicas(now, r))
+            }),
             Opcode::Exists => call(body, |r| self.core().exists(now, r)),
             Opcode::Remove => call(body, |r| self.core().remove(now, r)),
             Opcode::RemoveAll => call(body, |r| self.core().remove_all(now, r)),
@@ -119,7 +122,9 @@ impl RpcService for Service {
             Opcode::ListKeys => call(body, |r| self.core().list_keys(r)),
             Opcode::RemoveRegex => try_call(body, |r| self.core().remove_regex(now, r)),
             Opcode::Register => call(body, |r| self.core().register(now, r)),
-            Opcode::Heartbeat => call(body, |r| self.core().heartbeat(now, r)),
+            Opcode::Heartbeat => call(body, |r| {
+                self.metrics.heartbeat(self.core().heartbeat(now, r))
+            }),
             Opcode::Leave => call(body, |r| self.core().leave(now, r)),
             // The transport answers (and checks) Hello itself; this is only reached if a
             // server is wired without it, and then an answer is still the right one.
@@ -144,6 +149,16 @@ impl RpcService for Service {
 /// `token_file` to read it from), every connection must present it first. A token file that
 /// cannot be read is fatal: the master logs why and does not serve, rather than serve open.
 pub async fn run(listener: TcpListener, cfg: &MasterConfig, shutdown: impl Future<Output = ()>) {
+    run_with_ops(listener, cfg, None, shutdown).await
+}
+
+/// [`run`], with the master's metrics and readiness added to `ops` (the HTTP endpoint).
+pub async fn run_with_ops(
+    listener: TcpListener,
+    cfg: &MasterConfig,
+    ops: Option<&kvpool_ops::Endpoint>,
+    shutdown: impl Future<Output = ()>,
+) {
     let mut cfg = cfg.clone();
     if let Err(e) = cfg.load_token() {
         tracing::error!("not serving: {e}");
@@ -161,7 +176,11 @@ pub async fn run(listener: TcpListener, cfg: &MasterConfig, shutdown: impl Futur
         core: Mutex::new(MasterCore::new(cfg.core(), id_base())),
         epoch: Instant::now(),
         ha,
+        metrics: Default::default(),
     });
+    if let Some(ops) = ops {
+        ops.add(Arc::new(probe(&service)));
+    }
     let ticker = {
         let service = service.clone();
         let every = cfg.tick.0;
@@ -186,11 +205,28 @@ pub async fn run(listener: TcpListener, cfg: &MasterConfig, shutdown: impl Futur
         limits: FrameLimits::default(),
         token: cfg.token.clone(),
     };
-    serve_rpc_with(listener, service.clone(), opts, shutdown).await;
+    let metered = crate::metrics::Metered {
+        inner: service.clone(),
+        metrics: service.metrics.clone(),
+    };
+    serve_rpc_with(listener, Arc::new(metered), opts, shutdown).await;
     ticker.abort();
     if let Some(ha) = &service.ha {
         // Hand leadership over at once instead of making the standbys wait out the lease.
         ha.election.resign().await;
+    }
+}
+
+/// The master's part of the HTTP endpoint: its status (while it serves) read at each scrape.
+fn probe(service: &Arc<Service>) -> crate::metrics::MasterProbe {
+    let s = service.clone();
+    crate::metrics::MasterProbe {
+        metrics: service.metrics.clone(),
+        snapshot: Box::new(move || {
+            let term = s.ha.as_ref().and_then(|ha| ha.election.leader_term());
+            let serving = s.admit().is_ok();
+            (serving.then(|| s.core().status(s.now())), term)
+        }),
     }
 }
 

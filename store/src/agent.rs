@@ -102,6 +102,7 @@ async fn agent_loop(node: &Arc<Node>, client: &RpcClient) {
 
 /// Registers, retrying until the master accepts; returns the heartbeat interval it asked for.
 async fn register(node: &Arc<Node>, client: &RpcClient) -> Duration {
+    node.metrics().set_registered(false);
     let mut backoff = MIN_BACKOFF;
     let mut failures = 0u32;
     loop {
@@ -118,6 +119,7 @@ async fn register(node: &Arc<Node>, client: &RpcClient) -> Duration {
                     0 => DEFAULT_HEARTBEAT,
                     ms => Duration::from_millis(ms).clamp(Duration::from_millis(10), MAX_HB),
                 };
+                node.metrics().set_registered(true);
                 tracing::info!(
                     node = %node.id(),
                     master = client.addr(),

@@ -202,6 +202,7 @@ async fn serve_connection(io: &mut Io, node: &Node, token: Option<&Token>) -> Re
         if let Some(e) = over_limits(&h, node.limits()) {
             return Err(fatal(h.opcode, h.request_id, e.code(), e.to_string()));
         }
+        let started = std::time::Instant::now();
         let served = match Opcode::try_from(h.opcode) {
             Ok(Opcode::Read) => read(io, node, &h).await,
             Ok(Opcode::Write) => write(io, node, &h).await,
@@ -215,6 +216,7 @@ async fn serve_connection(io: &mut Io, node: &Node, token: Option<&Token>) -> Re
                 reply_error(io, &h, e).await
             }
         };
+        node.metrics().request(h.opcode, started, served.is_ok());
         match served {
             Err(Close::Transport(TransportError::Truncated)) => {
                 return Err(fatal(
@@ -382,6 +384,7 @@ async fn read(io: &mut Io, node: &Node, h: &FrameHeader) -> Result<(), Close> {
     }
     let head = frame::encode_response(h.opcode, h.request_id, &UnitResponse { items }, total);
     io.w.write_all(&head).await?;
+    node.metrics().bytes_out(total);
     for bytes in &slices {
         let bytes: &[u8] = bytes;
         if bytes.len() >= DIRECT_MIN {
@@ -438,6 +441,7 @@ async fn write(io: &mut Io, node: &Node, h: &FrameHeader) -> Result<(), Close> {
         match dst {
             Ok(dst) => {
                 read_payload(&mut io.r, dst).await?;
+                node.metrics().bytes_in(op.len);
                 items.push(Ok(()));
             }
             Err(e) => {

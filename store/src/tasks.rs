@@ -46,6 +46,7 @@ impl Runner {
         running.spawn(async move {
             let _permit = limit.acquire_owned().await;
             let result = run(&node, &task).await;
+            node.metrics().task(tier_of(&node, task.to), result.is_ok());
             if let Err(e) = &result {
                 tracing::warn!(task = task.id, key = %String::from_utf8_lossy(&task.key), "copy task failed: {e}");
             }

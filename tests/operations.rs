@@ -1,0 +1,172 @@
+//! Operating the pool from outside: the HTTP endpoint of a live master and storage node
+//! (`/health`, `/ready` false then true, `/metrics` counters moving as puts, gets, misses
+//! and evictions happen).
+
+use std::time::Duration;
+
+use kvpool_proto::PutOptions;
+use kvpool_tests::{
+    client, config_file,
+    http::{get, scrape, value},
+    value as bytes, wait_until, wait_until_blocking, Proc,
+};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn ready(addr: &str) -> bool {
+    get(addr, "/ready").0 == 200
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_waits_for_a_node_and_metrics_follow_the_traffic() {
+    // A small DRAM and a low watermark, so a few puts make the master evict.
+    let cfg = config_file(
+        "[master]\nhigh-watermark = 0.5\neviction-ratio = 0.2\nnode-ttl = \"2s\"\nheartbeat-interval = \"200ms\"\n",
+    );
+    let cfg = cfg.to_str().unwrap();
+    let master = Proc::start(&[
+        "--config",
+        cfg,
+        "master",
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+    ]);
+    let (m, mh) = (master.addr("master"), master.addr("http"));
+    assert_eq!(get(&mh, "/health"), (200, "ok\n".to_string()));
+    let (code, body) = get(&mh, "/ready");
+    assert_eq!(code, 503, "a master without nodes is not ready: {body}");
+    assert!(body.contains("no storage node"), "{body}");
+
+    let store = Proc::start(&[
+        "store",
+        "--master",
+        &m,
+        "--listen",
+        "127.0.0.1:0",
+        "--dram",
+        "16MiB",
+        "--name",
+        "ops-node",
+        "--http",
+        "127.0.0.1:0",
+    ]);
+    let sh = store.addr("http");
+    wait_until_blocking("the node's /ready", LIMIT, || ready(&sh));
+    wait_until_blocking("the master's /ready", LIMIT, || ready(&mh));
+    let before = scrape(&mh);
+    assert_eq!(value(&before, "kvpool_master_nodes{state=\"alive\"}"), 1.0);
+    assert_eq!(
+        value(&before, "kvpool_master_capacity_bytes{tier=\"dram\"}"),
+        (16 << 20) as f64
+    );
+    assert_eq!(value(&before, "kvpool_master_leader"), 1.0);
+
+    let c = client(&m);
+    let v = bytes(7, 1 << 20);
+    c.put(b"present", &v, &PutOptions::default()).await.unwrap();
+    assert_eq!(c.get(b"present").await.unwrap().as_deref(), Some(&v[..]));
+    assert_eq!(c.get(b"absent").await.unwrap(), None);
+
+    let after = scrape(&mh);
+    let moved = |series: &str| value(&after, series) - value(&before, series);
+    assert_eq!(moved("kvpool_master_lookup_hits_total"), 1.0);
+    assert_eq!(moved("kvpool_master_lookup_misses_total"), 1.0);
+    assert!(moved("kvpool_master_requests_total{op=\"PutStart\"}") >= 1.0);
+    assert!(moved("kvpool_master_requests_total{op=\"PutEnd\"}") >= 1.0);
+    assert!(moved("kvpool_master_request_duration_seconds_count{op=\"GetReplicas\"}") >= 2.0);
+    assert_eq!(value(&after, "kvpool_master_objects"), 1.0);
+    assert_eq!(
+        value(&after, "kvpool_master_used_bytes{tier=\"dram\"}"),
+        (1 << 20) as f64
+    );
+
+    let node = scrape(&sh);
+    assert_eq!(value(&node, "kvpool_store_registered"), 1.0);
+    assert_eq!(
+        value(
+            &node,
+            "kvpool_store_transfer_bytes_total{direction=\"in\",transport=\"tcp\"}"
+        ),
+        (1 << 20) as f64
+    );
+    assert_eq!(
+        value(
+            &node,
+            "kvpool_store_transfer_bytes_total{direction=\"out\",transport=\"tcp\"}"
+        ),
+        (1 << 20) as f64
+    );
+    assert!(value(&node, "kvpool_store_requests_total{op=\"Write\"}") >= 1.0);
+    assert_eq!(value(&node, "kvpool_store_objects"), 1.0);
+
+    // Past the watermark (8 of 16 MiB) the master evicts; the counter says so.
+    for i in 0..12u64 {
+        let key = format!("fill-{i}");
+        c.put(key.as_bytes(), &bytes(i, 1 << 20), &PutOptions::default())
+            .await
+            .unwrap();
+    }
+    wait_until("evictions counted", LIMIT, || async {
+        value(&scrape(&mh), "kvpool_master_evictions_total") > 0.0
+    })
+    .await;
+
+    // A node that leaves takes the master's readiness with it.
+    drop(store);
+    wait_until_blocking("the master's /ready to fail", LIMIT, || !ready(&mh));
+}
+
+#[test]
+fn kvpool_up_serves_both_parts_on_one_address() {
+    let pool = kvpool_tests::up("32MiB", &["--http", "127.0.0.1:0"]);
+    let h = pool.addr("http");
+    assert!(
+        ready(&h),
+        "`kvpool up` prints ready only once its node is registered"
+    );
+    let m = scrape(&h);
+    assert_eq!(value(&m, "kvpool_master_nodes{state=\"alive\"}"), 1.0);
+    assert_eq!(value(&m, "kvpool_store_registered"), 1.0);
+}
+
+#[test]
+fn an_http_address_that_cannot_be_bound_stops_the_server() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let o = kvpool_tests::run_kvpool(
+        &["master", "--listen", "127.0.0.1:0", "--http", &addr],
+        &[],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(2));
+    let err = kvpool_tests::stderr(&o);
+    assert!(err.contains("binding the HTTP endpoint"), "{err}");
+}
+
+/// The metric's documented name: histograms' series carry a suffix the docs leave out.
+fn base_name(series_name: &str) -> &str {
+    ["_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|s| series_name.strip_suffix(s))
+        .unwrap_or(series_name)
+}
+
+#[test]
+fn every_exported_metric_is_documented() {
+    let pool = kvpool_tests::up("32MiB", &["--http", "127.0.0.1:0"]);
+    let names = kvpool_tests::http::names(&pool.addr("http"));
+    assert!(names.len() > 20, "too few metrics: {names:?}");
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/operations.md"
+    ))
+    .unwrap();
+    let missing: Vec<_> = names
+        .iter()
+        .map(|n| base_name(n))
+        .filter(|n| !doc.contains(&format!("`{n}`")))
+        .collect();
+    assert!(missing.is_empty(), "docs/operations.md lacks {missing:?}");
+}
