@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Args, Parser, Subcommand};
 use kvpool_proto::ByteSize;
 
-use crate::{config::Config, serve, verbs};
+use crate::{admin, config::Config, serve, verbs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -62,6 +62,14 @@ pub enum Command {
     /// Drain a storage node (by id or name): it takes no new data and its replicas are
     /// released; shows progress until it is empty.
     Drain(DrainArgs),
+    /// Storage nodes: state, heartbeat age, DRAM and NVMe use, objects.
+    Nodes(ListArgs),
+    /// Segments of every node: tier, state, capacity, use, objects.
+    Segments(ListArgs),
+    /// Committed keys, in byte order.
+    Keys(KeysArgs),
+    /// Where a key's object lives: replicas, tier, size, checksum (takes a read lease).
+    Inspect(InspectArgs),
     /// Print the default config file, every key with its default.
     Config,
     /// A P/D router (OpenAI completions, chat completions, models; streaming): prefill on a
@@ -234,10 +242,56 @@ pub struct GetArgs {
 pub struct RmArgs {
     #[command(flatten)]
     pub addr: MasterAddr,
-    pub key: String,
+    /// The key to remove (or give --prefix).
+    #[arg(required_unless_present = "prefix", conflicts_with = "prefix")]
+    pub key: Option<String>,
+    /// Remove every key that starts with this instead.
+    #[arg(long)]
+    pub prefix: Option<String>,
     /// Remove even if leased or hard-pinned.
     #[arg(long)]
     pub force: bool,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+/// `--json`: one JSON document on standard output instead of text for people.
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    /// Print JSON (for scripts) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub addr: MasterAddr,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct KeysArgs {
+    #[command(flatten)]
+    pub addr: MasterAddr,
+    /// Only keys that start with this.
+    #[arg(long, default_value = "")]
+    pub prefix: String,
+    /// Print at most this many keys.
+    #[arg(long, default_value_t = 1000)]
+    pub limit: u64,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    pub addr: MasterAddr,
+    pub key: String,
+    #[command(flatten)]
+    pub out: OutputArgs,
 }
 
 #[derive(Debug, Args)]
@@ -245,6 +299,8 @@ pub struct KeyArgs {
     #[command(flatten)]
     pub addr: MasterAddr,
     pub key: String,
+    #[command(flatten)]
+    pub out: OutputArgs,
 }
 
 #[derive(Debug, Args)]
@@ -254,6 +310,8 @@ pub struct StatusArgs {
     /// Print JSON-like machine output (one `key=value` line per figure) instead of a table.
     #[arg(long)]
     pub raw: bool,
+    #[command(flatten)]
+    pub out: OutputArgs,
 }
 
 #[derive(Debug, Args)]
@@ -287,6 +345,15 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Exists(a) => verbs::exists(cfg, a).await,
         Command::Status(a) => verbs::status(cfg, a).await,
         Command::Drain(a) => verbs::drain(cfg, a).await,
+        Command::Nodes(a) => admin::nodes(&verbs::client(&cfg, &a.addr)?, a.out.json).await,
+        Command::Segments(a) => admin::segments(&verbs::client(&cfg, &a.addr)?, a.out.json).await,
+        Command::Keys(a) => {
+            let c = verbs::client(&cfg, &a.addr)?;
+            admin::keys(&c, &a.prefix, a.limit, a.out.json).await
+        }
+        Command::Inspect(a) => {
+            admin::inspect(&verbs::client(&cfg, &a.addr)?, &a.key, a.out.json).await
+        }
         Command::Proxy(a) => serve::proxy(cfg, a).await,
         Command::Config => {
             print!("{}", Config::default_toml());

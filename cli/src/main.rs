@@ -1,7 +1,9 @@
 //! `kvpool`: one binary for the whole pool. Servers (`up`, `master`, `store`) and admin verbs
-//! (`put`, `get`, `rm`, `exists`, `status`, `config`). Every verb exits non-zero with a
+//! (`put`, `get`, `rm`, `exists`, `status`, `drain`, `nodes`, `segments`, `keys`, `inspect`,
+//! `config`). Every verb exits non-zero with a
 //! one-line message on failure.
 
+mod admin;
 mod cli;
 mod config;
 mod ops;
