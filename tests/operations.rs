@@ -170,3 +170,118 @@ fn every_exported_metric_is_documented() {
         .collect();
     assert!(missing.is_empty(), "docs/operations.md lacks {missing:?}");
 }
+
+/// `kvpool top` in a pseudo-terminal: the screen (as a terminal would show it) after two
+/// refreshes has the pool's figures, and `q` ends it with status 0 and the terminal given
+/// back (alternate screen left, cursor shown).
+#[test]
+fn top_refreshes_and_quits_cleanly_on_q() {
+    use std::{
+        io::{Read, Write},
+        sync::mpsc,
+    };
+
+    use portable_pty::{native_pty_system, CommandBuilder, PtySize};
+
+    let pool = kvpool_tests::up("32MiB", &["--http", "127.0.0.1:0"]);
+    let (m, h) = (pool.addr("master"), pool.addr("http"));
+    let (rows, cols) = (24, 100);
+    let pair = native_pty_system()
+        .openpty(PtySize {
+            rows,
+            cols,
+            pixel_width: 0,
+            pixel_height: 0,
+        })
+        .expect("a pseudo-terminal");
+    let mut cmd = CommandBuilder::new(kvpool_tests::kvpool_bin());
+    cmd.args(["top", "--master", &m, "--metrics", &h]);
+    cmd.env("TERM", "xterm-256color");
+    let mut child = pair.slave.spawn_command(cmd).expect("spawn kvpool top");
+    drop(pair.slave);
+    let mut reader = pair.master.try_clone_reader().unwrap();
+    let mut writer = pair.master.take_writer().unwrap();
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut screen = vt100::Parser::new(rows, cols, 0);
+    let mut all = Vec::new();
+    let pump = |screen: &mut vt100::Parser, all: &mut Vec<u8>| {
+        while let Ok(bytes) = rx.recv_timeout(Duration::from_millis(20)) {
+            screen.process(&bytes);
+            all.extend_from_slice(&bytes);
+        }
+    };
+    let shows = |screen: &vt100::Parser, what: &str| screen.screen().contents().contains(what);
+
+    wait_until_blocking("the first refresh", LIMIT, || {
+        pump(&mut screen, &mut all);
+        shows(&screen, "refresh 1")
+    });
+    // Traffic between the refreshes, for the second one to count.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = client(&m);
+        c.put(b"top-key", &bytes(1, 4096), &PutOptions::default())
+            .await
+            .unwrap();
+        assert!(c.get(b"top-key").await.unwrap().is_some());
+        assert!(c.get(b"top-miss").await.unwrap().is_none());
+    });
+    wait_until_blocking("the second refresh with the put counted", LIMIT, || {
+        pump(&mut screen, &mut all);
+        shows(&screen, "refresh 2") && shows(&screen, "objects 1")
+    });
+    let text = screen.screen().contents();
+    for want in [
+        "throughput",
+        "hit ratio",
+        "dram",
+        "of 32MiB",
+        "nodes 1 (1 alive)",
+        " up ",
+    ] {
+        assert!(text.contains(want), "{want:?} not on the screen:\n{text}");
+    }
+    println!("--- kvpool top ---\n{text}\n---");
+
+    writer.write_all(b"q").unwrap();
+    writer.flush().unwrap();
+    let mut status = None;
+    wait_until_blocking("top to exit on q", LIMIT, || {
+        pump(&mut screen, &mut all);
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    assert!(
+        status.as_ref().unwrap().success(),
+        "top exited with {status:?}"
+    );
+    pump(&mut screen, &mut all);
+    let out = String::from_utf8_lossy(&all);
+    let left = out
+        .rfind("\x1b[?1049l")
+        .expect("the alternate screen was left");
+    assert!(
+        out.rfind("\x1b[?1049h").unwrap() < left,
+        "left, then entered again"
+    );
+    assert!(out.contains("\x1b[?25h"), "the cursor was shown again");
+    assert!(
+        !screen.screen().alternate_screen(),
+        "still on the alternate screen"
+    );
+}
+
+#[test]
+fn top_refuses_without_a_terminal() {
+    let o = kvpool_tests::run_kvpool(&["top", "--master", "127.0.0.1:1"], &[], None);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(kvpool_tests::stderr(&o).contains("top needs a terminal"));
+}

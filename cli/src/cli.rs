@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Args, Parser, Subcommand};
 use kvpool_proto::ByteSize;
 
-use crate::{admin, config::Config, serve, verbs};
+use crate::{admin, config::Config, serve, top, verbs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -70,6 +70,9 @@ pub enum Command {
     Keys(KeysArgs),
     /// Where a key's object lives: replicas, tier, size, checksum (takes a read lease).
     Inspect(InspectArgs),
+    /// A live view: throughput, hit ratio, tier use and node health, refreshed every
+    /// second (q quits).
+    Top(TopArgs),
     /// Print the default config file, every key with its default.
     Config,
     /// A P/D router (OpenAI completions, chat completions, models; streaming): prefill on a
@@ -286,6 +289,18 @@ pub struct KeysArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct TopArgs {
+    #[command(flatten)]
+    pub addr: MasterAddr,
+    /// The master's HTTP address, for rates and the hit ratio (its /metrics).
+    #[arg(long, default_value = "127.0.0.1:9003", value_name = "ADDR")]
+    pub metrics: String,
+    /// Time between refreshes.
+    #[arg(long, default_value = "1s")]
+    pub interval: kvpool_proto::HumanDuration,
+}
+
+#[derive(Debug, Args)]
 pub struct InspectArgs {
     #[command(flatten)]
     pub addr: MasterAddr,
@@ -350,6 +365,12 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Keys(a) => {
             let c = verbs::client(&cfg, &a.addr)?;
             admin::keys(&c, &a.prefix, a.limit, a.out.json).await
+        }
+        Command::Top(a) => {
+            let c = verbs::client(&cfg, &a.addr)?;
+            let master = c.config().master.clone();
+            let every = a.interval.0.max(std::time::Duration::from_millis(100));
+            top::top(&c, master, &a.metrics, every).await
         }
         Command::Inspect(a) => {
             admin::inspect(&verbs::client(&cfg, &a.addr)?, &a.key, a.out.json).await

@@ -1,6 +1,6 @@
 //! `kvpool`: one binary for the whole pool. Servers (`up`, `master`, `store`) and admin verbs
 //! (`put`, `get`, `rm`, `exists`, `status`, `drain`, `nodes`, `segments`, `keys`, `inspect`,
-//! `config`). Every verb exits non-zero with a
+//! `top`, `config`). Every verb exits non-zero with a
 //! one-line message on failure.
 
 mod admin;
@@ -8,6 +8,7 @@ mod cli;
 mod config;
 mod ops;
 mod serve;
+mod top;
 mod verbs;
 
 use std::process::ExitCode;

@@ -22,6 +22,8 @@ use axum::{
 };
 use tokio::net::TcpListener;
 
+pub mod scrape;
+
 pub use prometheus_client;
 
 /// The OpenMetrics text content type `prometheus-client` encodes; Prometheus negotiates it.

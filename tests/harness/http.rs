@@ -1,12 +1,14 @@
 //! A minimal HTTP/1.1 GET for the servers' `/metrics`, `/health` and `/ready` (the tests need
-//! nothing more than a status and a body, so no HTTP client crate).
+//! nothing more than a status and a body, so no HTTP client crate); the text format is read by
+//! `kvpool_ops::scrape`, as `kvpool top` reads it.
 
 use std::{
-    collections::HashMap,
     io::{Read, Write},
     net::TcpStream,
     time::Duration,
 };
+
+pub use kvpool_ops::scrape::Samples;
 
 /// `GET path` on `addr`: the status code and the body. Panics if the server does not answer.
 pub fn get(addr: &str, path: &str) -> (u16, String) {
@@ -26,49 +28,26 @@ pub fn get(addr: &str, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("GET {addr}{path}: no status in {head:?}"));
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
-    (code, body)
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        body = rest[n..].trim_start_matches("\r\n");
-    }
-    out
+    assert!(
+        !head.to_ascii_lowercase().contains("chunked"),
+        "the servers send whole bodies with a Content-Length"
+    );
+    (code, body.to_string())
 }
 
 /// `/metrics` parsed into `series → value` (`name{labels}` exactly as exported).
-pub fn scrape(addr: &str) -> HashMap<String, f64> {
+pub fn scrape(addr: &str) -> Samples {
     let (code, body) = get(addr, "/metrics");
     assert_eq!(code, 200, "/metrics answered {code}: {body}");
     assert!(
         body.ends_with("# EOF\n"),
         "/metrics does not end with # EOF"
     );
-    body.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            Some((series.to_string(), value.parse().ok()?))
-        })
-        .collect()
+    kvpool_ops::scrape::parse(&body)
 }
 
 /// The value of one series, 0 when absent.
-pub fn value(m: &HashMap<String, f64>, series: &str) -> f64 {
+pub fn value(m: &Samples, series: &str) -> f64 {
     m.get(series).copied().unwrap_or(0.0)
 }
 

@@ -10,7 +10,7 @@ mod table;
 
 pub use inspect::inspect;
 pub use keys::{keys, rm_prefix};
-pub use nodes::{nodes, segment_state, segments};
+pub use nodes::{node_state, nodes, segment_state, segments};
 
 /// Prints one JSON document on standard output.
 fn print_json(v: &serde_json::Value) {
