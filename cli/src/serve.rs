@@ -181,7 +181,10 @@ pub async fn up(mut cfg: Config, a: UpArgs) -> anyhow::Result<ExitCode> {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         match client.status().await {
-            Ok(s) if s.nodes.iter().any(|n| n.alive) => break,
+            // The node's own view too: its /ready must hold once `ready` is printed.
+            Ok(s) if s.nodes.iter().any(|n| n.alive) && store.node().metrics().registered() => {
+                break
+            }
             _ if tokio::time::Instant::now() > deadline => {
                 anyhow::bail!("the storage node did not register with the master within 30s")
             }

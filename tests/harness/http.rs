@@ -51,10 +51,36 @@ pub fn value(m: &Samples, series: &str) -> f64 {
     m.get(series).copied().unwrap_or(0.0)
 }
 
-/// The metric names (series without labels and histogram suffixes) a scrape exports.
+/// The metric names a scrape exports: those of its samples, and those its `# TYPE` lines
+/// declare (a labelled family with no series yet, such as an error counter before the first
+/// error, exports only its declaration), as the series names Prometheus stores
+/// (`_total` for counters, `_bucket`, `_sum` and `_count` for histograms).
 pub fn names(addr: &str) -> std::collections::BTreeSet<String> {
-    scrape(addr)
+    let (code, body) = get(addr, "/metrics");
+    assert_eq!(code, 200, "/metrics answered {code}: {body}");
+    let mut out: std::collections::BTreeSet<String> = kvpool_ops::scrape::parse(&body)
         .keys()
         .map(|s| s.split('{').next().unwrap_or(s).to_string())
-        .collect()
+        .collect();
+    for line in body.lines() {
+        let mut w = line.split_whitespace();
+        if let (Some("#"), Some("TYPE"), Some(name), Some(kind)) =
+            (w.next(), w.next(), w.next(), w.next())
+        {
+            match kind {
+                "counter" => {
+                    out.insert(format!("{name}_total"));
+                }
+                "histogram" => {
+                    for suffix in ["_bucket", "_sum", "_count"] {
+                        out.insert(format!("{name}{suffix}"));
+                    }
+                }
+                _ => {
+                    out.insert(name.to_string());
+                }
+            }
+        }
+    }
+    out
 }
