@@ -35,9 +35,12 @@ async fn ready_waits_for_a_node_and_metrics_follow_the_traffic() {
     ]);
     let (m, mh) = (master.addr("master"), master.addr("http"));
     assert_eq!(get(&mh, "/health"), (200, "ok\n".to_string()));
-    let (code, body) = get(&mh, "/ready");
-    assert_eq!(code, 503, "a master without nodes is not ready: {body}");
-    assert!(body.contains("no storage node"), "{body}");
+    // Not ready while starting, then because no node is registered.
+    wait_until_blocking("the master's reason to be not ready", LIMIT, || {
+        let (code, body) = get(&mh, "/ready");
+        assert_eq!(code, 503, "a master without nodes is not ready: {body}");
+        body.contains("no storage node")
+    });
 
     let store = Proc::start(&[
         "store",
@@ -284,4 +287,74 @@ fn top_refuses_without_a_terminal() {
     let o = kvpool_tests::run_kvpool(&["top", "--master", "127.0.0.1:1"], &[], None);
     assert_eq!(o.status.code(), Some(2));
     assert!(kvpool_tests::stderr(&o).contains("top needs a terminal"));
+}
+
+/// A master that logs a few lines and stops at once (etcd given, but a wildcard address and
+/// nothing to advertise): its standard error, as a log file would get it.
+fn short_master_log(extra: &[&str]) -> String {
+    let mut args = extra.to_vec();
+    args.extend([
+        "master",
+        "--listen",
+        "0.0.0.0:0",
+        "--etcd",
+        "http://127.0.0.1:1",
+        "--http",
+        "",
+    ]);
+    let o = kvpool_tests::run_kvpool(&args, &[], None);
+    kvpool_tests::stderr(&o)
+}
+
+#[test]
+fn logs_are_plain_text_off_a_terminal_and_json_on_request() {
+    let text = short_master_log(&[]);
+    assert!(text.contains("master listening"), "{text}");
+    assert!(
+        !text.contains('\x1b'),
+        "escape codes in a log file: {text:?}"
+    );
+
+    let json = short_master_log(&["--log-format", "json"]);
+    let lines: Vec<serde_json::Value> = json
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["level"] == "INFO" && l["fields"]["message"] == "master listening"),
+        "{json}"
+    );
+    assert!(!json.contains('\x1b'));
+}
+
+/// file < environment < flag, shown on the HTTP address: the file's is unbindable, the
+/// environment's works, and a flag beats an unbindable environment one.
+#[test]
+fn config_keys_come_from_file_then_environment_then_flags() {
+    let cfg = config_file("[master]\nhttp = \"192.0.2.1:9\"\n");
+    let cfg = cfg.to_str().unwrap();
+    let base = ["--config", cfg, "master", "--listen", "127.0.0.1:0"];
+
+    let o = kvpool_tests::run_kvpool(&base, &[], None);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(kvpool_tests::stderr(&o).contains("binding the HTTP endpoint to 192.0.2.1:9"));
+
+    let m = Proc::start_with_env(&base, &[("KVPOOL_MASTER_HTTP", "127.0.0.1:0")]);
+    assert_eq!(get(&m.addr("http"), "/health").0, 200);
+
+    let mut args = base.to_vec();
+    args.extend(["--http", "127.0.0.1:0"]);
+    let m = Proc::start_with_env(&args, &[("KVPOOL_MASTER_HTTP", "192.0.2.1:9")]);
+    assert_eq!(get(&m.addr("http"), "/health").0, 200);
+
+    let o = kvpool_tests::run_kvpool(&base, &[("KVPOOL_MASTER_LEASE_TTL", "soon")], None);
+    assert_eq!(o.status.code(), Some(2));
+    let err = kvpool_tests::stderr(&o);
+    assert!(
+        err.contains("KVPOOL_MASTER_LEASE_TTL (config key master.lease-ttl, from the environment)"),
+        "{err}"
+    );
 }

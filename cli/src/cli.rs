@@ -20,6 +20,15 @@ pub struct Cli {
     /// More log output (-v info, -vv debug); KVPOOL_LOG takes a full filter.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Log lines as text (colours only on a terminal) or JSON, one object per line.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t,
+        env = "KVPOOL_LOG_FORMAT"
+    )]
+    pub log_format: crate::logs::LogFormat,
     /// File holding the cluster token (first line). KVPOOL_TOKEN gives the token itself.
     /// Servers require it of every connection; clients present it.
     #[arg(long, global = true, value_name = "PATH")]

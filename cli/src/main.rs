@@ -6,6 +6,8 @@
 mod admin;
 mod cli;
 mod config;
+mod envcfg;
+mod logs;
 mod ops;
 mod serve;
 mod top;
@@ -17,12 +19,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KVPOOL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(args.log_level()));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    logs::init(args.log_level(), args.log_format);
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
