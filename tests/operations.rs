@@ -358,3 +358,87 @@ fn config_keys_come_from_file_then_environment_then_flags() {
         "{err}"
     );
 }
+
+/// Demotions to NVMe and promotions back show up on both sides: the master counts the copy
+/// tasks it issues and evictions, the node the copies it made, by kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demotions_and_promotions_are_counted() {
+    let dir = kvpool_tests::disk_dir("ops-tier");
+    let nvme = dir.join("nvme.dat");
+    let cfg = config_file(
+        "[master]\nheartbeat-interval = \"100ms\"\nhigh-watermark = 0.5\neviction-ratio = 0.2\n\
+         nvme-admission = \"always\"\npromote-after-hits = 1\n\n[store.nvme]\nengine = \"psync\"\n",
+    );
+    let pool = Proc::start(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "up",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-listen",
+        "127.0.0.1:0",
+        "--dram",
+        "16MiB",
+        "--nvme",
+        nvme.to_str().unwrap(),
+        "--nvme-size",
+        "64MiB",
+        "--http",
+        "127.0.0.1:0",
+    ]);
+    let (m, h) = (pool.addr("master"), pool.addr("http"));
+    let c = client(&m);
+    for i in 0..12u64 {
+        let key = format!("cold-{i}");
+        c.put(key.as_bytes(), &bytes(i, 1 << 20), &PutOptions::default())
+            .await
+            .unwrap();
+    }
+    let demoted = "kvpool_store_copy_tasks_total{kind=\"demotion\",outcome=\"done\"}";
+    wait_until("a demotion counted", LIMIT, || async {
+        value(&scrape(&h), demoted) > 0.0
+    })
+    .await;
+    let s = scrape(&h);
+    assert!(value(&s, "kvpool_master_evictions_total") > 0.0);
+    assert!(value(&s, "kvpool_master_copy_tasks_issued_total") >= value(&s, demoted));
+    assert!(value(&s, "kvpool_master_capacity_bytes{tier=\"nvme\"}") > 0.0);
+    assert_eq!(value(&s, "kvpool_store_nvme_healthy"), 1.0);
+
+    // An object only on NVMe, read once, is promoted back to DRAM (promote-after-hits 1).
+    let cold = wait_for_nvme_only(&c).await;
+    assert!(c.get(cold.as_bytes()).await.unwrap().is_some());
+    wait_until("a promotion counted", LIMIT, || async {
+        value(
+            &scrape(&h),
+            "kvpool_store_copy_tasks_total{kind=\"promotion\",outcome=\"done\"}",
+        ) > 0.0
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A key whose only replica is on NVMe (polled with a deadline).
+async fn wait_for_nvme_only(c: &kvpool_client::Client) -> String {
+    let keys: Vec<String> = (0..12).map(|i| format!("cold-{i}")).collect();
+    let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        for (k, r) in keys.iter().zip(c.locate(&refs).await) {
+            if let Ok(Some(info)) = r {
+                if info
+                    .replicas
+                    .iter()
+                    .all(|r| r.tier == kvpool_proto::Tier::Nvme)
+                {
+                    return k.clone();
+                }
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no object only on NVMe within {LIMIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
