@@ -97,29 +97,50 @@ fn keys_inspect_and_rm_by_prefix() {
     assert_eq!(doc["keys"].as_array().unwrap().len(), 2);
     assert_eq!(doc["more"], true);
 
+    // A get leases run/a; soft-pinned run/p shows its pin.
+    let o = kvpool(&["put", "run/p", "--soft-pin", "-"], &m, Some(b"pinned"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(kvpool(&["get", "run/a"], &m, None).stdout, b"run/a");
     let text = ok(&["inspect", "run/a"], &m);
+    assert!(text.contains("state     complete"), "{text}");
     assert!(text.contains("size      5B (5 bytes)"), "{text}");
     let crc = format!("{:08x}", crc32c::crc32c(b"run/a"));
     assert!(text.contains(&format!("checksum  crc32c {crc}")), "{text}");
-    assert!(text.contains("REPLICA") && text.contains("dram"), "{text}");
+    assert!(text.contains("pin       none"), "{text}");
+    assert!(text.contains("reads     1"), "{text}");
+    assert!(
+        !text.contains("lease     0.0s left"),
+        "the get's lease shows: {text}"
+    );
+    assert!(
+        text.contains("REPLICA") && text.contains("dram  ready"),
+        "{text}"
+    );
     let doc = json(&["inspect", "run/b"], &m);
     assert_eq!(doc["key"], "run/b");
     assert_eq!(doc["size"], 5);
     assert_eq!(doc["checksum"], format!("{:08x}", crc32c::crc32c(b"run/b")));
-    assert!(doc["lease_ms"].as_u64().unwrap() > 0);
+    assert_eq!(doc["lease_left_ms"], 0, "inspect takes no lease");
+    assert_eq!(
+        (doc["hard_pin"].as_bool(), doc["reads"].as_u64()),
+        (Some(false), Some(0))
+    );
     assert_eq!(doc["replicas"][0]["tier"], "dram");
+    assert_eq!(doc["replicas"][0]["state"], "ready");
     assert_eq!(doc["replicas"][0]["addr"], pool.addr("store"));
+    let doc = json(&["inspect", "run/p"], &m);
+    assert!(doc["soft_pin_left_ms"].as_u64().unwrap() > 60_000, "{doc}");
     let o = kvpool(&["inspect", "nope"], &m, None);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("not found"), "{}", stderr(&o));
 
-    // `inspect` leased run/a and run/b: without --force only run/c goes.
+    // The get leased run/a: without --force it stays, the other three go.
     let text = ok(&["rm", "--prefix", "run/"], &m);
-    assert!(text.starts_with("removed 1 key(s)"), "{text}");
+    assert!(text.starts_with("removed 3 key(s)"), "{text}");
     let doc = json(&["rm", "--prefix", "run/", "--force"], &m);
     assert_eq!(
         (doc["prefix"].as_str(), doc["removed"].as_u64()),
-        (Some("run/"), Some(2))
+        (Some("run/"), Some(1))
     );
     assert_eq!(ok(&["keys"], &m), "other\n");
     let o = kvpool(&["rm", "--prefix", ""], &m, None);

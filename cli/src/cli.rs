@@ -77,7 +77,7 @@ pub enum Command {
     Segments(ListArgs),
     /// Committed keys, in byte order.
     Keys(KeysArgs),
-    /// Where a key's object lives: replicas, tier, size, checksum (takes a read lease).
+    /// A key's object: replicas and their tier, size, checksum, lease, pins, reads.
     Inspect(InspectArgs),
     /// A live view: throughput, hit ratio, tier use and node health, refreshed every
     /// second (q quits).

@@ -126,6 +126,7 @@ impl RpcService for Service {
                 self.metrics.heartbeat(self.core().heartbeat(now, r))
             }),
             Opcode::Leave => call(body, |r| self.core().leave(now, r)),
+            Opcode::Inspect => call(body, |r| self.core().inspect(now, r)),
             // The transport answers (and checks) Hello itself; this is only reached if a
             // server is wired without it, and then an answer is still the right one.
             Opcode::Hello => call(body, |_: kvpool_proto::Hello| kvpool_proto::HelloResponse {

@@ -1,6 +1,6 @@
-//! `kvpool inspect KEY`: where an object lives (replicas, tier, node, segment, offset), its
-//! size and checksum, and the read lease a lookup grants. It asks the master exactly as a
-//! reader does (`GetReplicas`), so it takes a read lease and counts as a lookup.
+//! `kvpool inspect KEY`: the master's record of one object (`Inspect`): size, checksum,
+//! state, the read lease and pins it holds, reads since commit, and each replica's tier,
+//! node, segment, offset and copy state. Read-only: it takes no lease and changes nothing.
 
 use std::process::ExitCode;
 
@@ -12,15 +12,17 @@ use serde_json::json;
 use super::{json_key, nodes::segment_state, print_json, show_key, table::Table};
 
 pub async fn inspect(c: &Client, key: &str, json_out: bool) -> anyhow::Result<ExitCode> {
-    let info = match c.locate(&[key.as_bytes()]).await.pop() {
-        Some(Ok(Some(info))) => info,
-        Some(Ok(None)) => bail!("inspect {key:?}: not found"),
-        Some(Err(e)) => return Err(e).with_context(|| format!("inspect {key:?}")),
-        None => bail!("inspect {key:?}: no result"),
+    let Some(d) = c
+        .inspect(key.as_bytes())
+        .await
+        .with_context(|| format!("inspect {key:?}"))?
+    else {
+        bail!("inspect {key:?}: not found");
     };
     let status = c.status().await.context("status")?;
     let node_of = |id| status.nodes.iter().find(|n| n.id == id);
-    let state_of = |r: &kvpool_proto::ReplicaDesc| {
+    // Where the replica's segment stands now (its node may have died since).
+    let segment = |r: &kvpool_proto::ReplicaDesc| {
         node_of(r.node)
             .and_then(|n| {
                 n.segments
@@ -32,48 +34,72 @@ pub async fn inspect(c: &Client, key: &str, json_out: bool) -> anyhow::Result<Ex
     };
     if json_out {
         let mut doc = json_key(key.as_bytes());
-        let replicas: Vec<_> = info
+        let replicas: Vec<_> = d
             .replicas
             .iter()
             .map(|r| {
+                let p = &r.replica;
                 json!({
-                    "id": r.id.0.to_string(),
-                    "node": r.node.to_string(),
-                    "name": node_of(r.node).map(|n| n.name.clone()),
-                    "addr": r.addr,
-                    "segment": r.segment.to_string(),
-                    "tier": r.tier.to_string(),
-                    "offset": r.offset,
-                    "len": r.len,
-                    "state": state_of(r),
+                    "id": p.id.0.to_string(),
+                    "node": p.node.to_string(),
+                    "name": node_of(p.node).map(|n| n.name.clone()),
+                    "addr": p.addr,
+                    "segment": p.segment.to_string(),
+                    "tier": p.tier.to_string(),
+                    "offset": p.offset,
+                    "len": p.len,
+                    "state": r.state,
+                    "segment_state": segment(p),
                 })
             })
             .collect();
-        doc.insert("size".into(), info.len.into());
-        doc.insert("checksum".into(), format!("{:08x}", info.checksum).into());
-        doc.insert("lease_ms".into(), info.lease_ms.into());
+        doc.insert("size".into(), d.len.into());
+        doc.insert("checksum".into(), format!("{:08x}", d.checksum).into());
+        doc.insert("state".into(), d.state.clone().into());
+        doc.insert("lease_left_ms".into(), d.lease_left_ms.into());
+        doc.insert("soft_pin_left_ms".into(), d.soft_pin_left_ms.into());
+        doc.insert("hard_pin".into(), d.hard_pin.into());
+        doc.insert("reads".into(), d.reads.into());
         doc.insert("replicas".into(), replicas.into());
         print_json(&doc.into());
         return Ok(ExitCode::SUCCESS);
     }
+    let pins = match (d.hard_pin, d.soft_pin_left_ms) {
+        (true, _) => "hard (never evicted)".to_string(),
+        (false, Some(ms)) => format!("soft, {:.0}s left", ms as f64 / 1000.0),
+        (false, None) => "none".to_string(),
+    };
     println!("key       {}", show_key(key.as_bytes()));
-    println!("size      {} ({} bytes)", ByteSize(info.len), info.len);
-    println!("checksum  crc32c {:08x}", info.checksum);
-    println!("lease     {} ms (granted by this lookup)", info.lease_ms);
-    println!("replicas  {}", info.replicas.len());
+    println!("state     {}", d.state);
+    println!("size      {} ({} bytes)", ByteSize(d.len), d.len);
+    println!("checksum  crc32c {:08x}", d.checksum);
+    println!("lease     {:.1}s left", d.lease_left_ms as f64 / 1000.0);
+    println!("pin       {pins}");
+    println!("reads     {}", d.reads);
+    println!("replicas  {}", d.replicas.len());
     let mut t = Table::new(&[
-        "REPLICA", "TIER", "NODE", "NAME", "ADDRESS", "SEGMENT", ">OFFSET", "STATE",
+        "REPLICA",
+        "TIER",
+        "STATE",
+        "NODE",
+        "NAME",
+        "ADDRESS",
+        "SEGMENT",
+        ">OFFSET",
+        "SEGMENT STATE",
     ]);
-    for r in &info.replicas {
+    for r in &d.replicas {
+        let p = &r.replica;
         t.row(vec![
-            r.id.0.to_string(),
-            r.tier.to_string(),
-            r.node.to_string(),
-            node_of(r.node).map(|n| n.name.clone()).unwrap_or_default(),
-            r.addr.clone(),
-            r.segment.to_string(),
-            r.offset.to_string(),
-            state_of(r).to_string(),
+            p.id.0.to_string(),
+            p.tier.to_string(),
+            r.state.clone(),
+            p.node.to_string(),
+            node_of(p.node).map(|n| n.name.clone()).unwrap_or_default(),
+            p.addr.clone(),
+            p.segment.to_string(),
+            p.offset.to_string(),
+            segment(p).to_string(),
         ]);
     }
     print!("{}", t.render());

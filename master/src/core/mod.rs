@@ -18,6 +18,7 @@
 
 mod drain;
 mod eviction;
+mod inspect;
 mod invariants;
 mod membership;
 mod objects;
