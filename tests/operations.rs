@@ -81,6 +81,15 @@ async fn ready_waits_for_a_node_and_metrics_follow_the_traffic() {
     assert!(moved("kvpool_master_request_duration_seconds_count{op=\"GetReplicas\"}") >= 2.0);
     assert_eq!(value(&after, "kvpool_master_objects"), 1.0);
     assert_eq!(
+        value(&after, "kvpool_master_leased_objects"),
+        1.0,
+        "the get's lease"
+    );
+    assert_eq!(
+        value(&after, "kvpool_master_pinned_objects{kind=\"hard\"}"),
+        0.0
+    );
+    assert_eq!(
         value(&after, "kvpool_master_used_bytes{tier=\"dram\"}"),
         (1 << 20) as f64
     );

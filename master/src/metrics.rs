@@ -25,6 +25,8 @@ use kvpool_proto::{
 };
 use kvpool_transport::server::RpcService;
 
+use crate::core::ObjectStats;
+
 type Labels = Vec<(&'static str, String)>;
 
 /// Every metric the master exports. Cheap to share: counters are atomics.
@@ -49,6 +51,8 @@ pub struct MasterMetrics {
     processing: Gauge,
     leader: Gauge,
     term: Gauge,
+    leased: Gauge,
+    pinned: Family<Labels, Gauge>,
 }
 
 impl Default for MasterMetrics {
@@ -180,6 +184,18 @@ impl MasterMetrics {
             "The etcd term this master leads (0 without HA or while a standby)",
             term.clone(),
         );
+        let leased = Gauge::default();
+        reg.register(
+            "leased_objects",
+            "Committed objects holding a live read lease (eviction and remove skip them)",
+            leased.clone(),
+        );
+        let pinned = Family::<Labels, Gauge>::default();
+        reg.register(
+            "pinned_objects",
+            "Committed objects with a pin, by kind (soft: not yet expired; hard: never evicted)",
+            pinned.clone(),
+        );
         MasterMetrics {
             registry: root,
             per_op,
@@ -198,6 +214,8 @@ impl MasterMetrics {
             processing,
             leader,
             term,
+            leased,
+            pinned,
         }
     }
 
@@ -238,14 +256,18 @@ impl MasterMetrics {
 
     /// Refreshes the scrape-time gauges from the core's status (`None`: a standby, whose map
     /// is empty) and appends every metric in the text format.
-    pub fn encode(
-        &self,
-        status: Option<&StatusResponse>,
-        term: Option<i64>,
-        out: &mut String,
-    ) -> std::fmt::Result {
+    pub fn encode(&self, snap: &Snapshot, out: &mut String) -> std::fmt::Result {
+        let status = snap.serving.as_ref().map(|(s, _)| s);
+        let stats = snap.serving.as_ref().map(|(_, o)| *o).unwrap_or_default();
         self.leader.set(i64::from(status.is_some()));
-        self.term.set(term.unwrap_or(0));
+        self.term.set(snap.term.unwrap_or(0));
+        self.leased.set(stats.leased as i64);
+        self.pinned
+            .get_or_create(&vec![("kind", "soft".to_string())])
+            .set(stats.soft_pinned as i64);
+        self.pinned
+            .get_or_create(&vec![("kind", "hard".to_string())])
+            .set(stats.hard_pinned as i64);
         self.nodes.clear();
         self.node_up.clear();
         self.capacity.clear();
@@ -333,14 +355,18 @@ impl<S: RpcService> RpcService for Metered<S> {
     }
 }
 
-/// What the master looks like from outside at this moment: its status (`None` while a
-/// standby) and its term.
-pub type Snapshot = Box<dyn Fn() -> (Option<StatusResponse>, Option<i64>) + Send + Sync>;
+/// What the master looks like from outside at one moment.
+pub struct Snapshot {
+    /// Its status and object counts while it serves; `None` while a standby.
+    pub serving: Option<(StatusResponse, ObjectStats)>,
+    /// The etcd term it leads, under HA.
+    pub term: Option<i64>,
+}
 
 /// The master as a part of the HTTP endpoint.
 pub struct MasterProbe {
     pub metrics: Arc<MasterMetrics>,
-    pub snapshot: Snapshot,
+    pub snapshot: Box<dyn Fn() -> Snapshot + Send + Sync>,
 }
 
 impl kvpool_ops::Probe for MasterProbe {
@@ -349,18 +375,17 @@ impl kvpool_ops::Probe for MasterProbe {
     }
 
     fn encode(&self, out: &mut String) -> std::fmt::Result {
-        let (status, term) = (self.snapshot)();
-        self.metrics.encode(status.as_ref(), term, out)
+        self.metrics.encode(&(self.snapshot)(), out)
     }
 
     /// Ready once a storage node is registered and alive: before that every put fails. A
     /// standby is ready: answering `NotLeader` with the leader's address is its whole job,
     /// and an orchestrator that waits for readiness (a rolling update) must not wait forever.
     fn ready(&self) -> Result<(), String> {
-        match (self.snapshot)() {
-            (None, _) => Ok(()),
-            (Some(s), _) if s.nodes.iter().any(|n| n.alive) => Ok(()),
-            (Some(_), _) => Err("no storage node is registered".to_string()),
+        match (self.snapshot)().serving {
+            None => Ok(()),
+            Some((s, _)) if s.nodes.iter().any(|n| n.alive) => Ok(()),
+            Some(_) => Err("no storage node is registered".to_string()),
         }
     }
 }
@@ -379,7 +404,11 @@ mod tests {
             items: vec![Err(WireError::new(ErrorCode::NotFound, "no"))],
         });
         let mut out = String::new();
-        m.encode(None, None, &mut out).unwrap();
+        let standby = Snapshot {
+            serving: None,
+            term: None,
+        };
+        m.encode(&standby, &mut out).unwrap();
         for line in [
             "kvpool_master_requests_total{op=\"GetReplicas\"} 2",
             "kvpool_master_request_errors_total{op=\"GetReplicas\",code=\"NotLeader\"} 1",

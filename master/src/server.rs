@@ -225,8 +225,11 @@ fn probe(service: &Arc<Service>) -> crate::metrics::MasterProbe {
         metrics: service.metrics.clone(),
         snapshot: Box::new(move || {
             let term = s.ha.as_ref().and_then(|ha| ha.election.leader_term());
-            let serving = s.admit().is_ok();
-            (serving.then(|| s.core().status(s.now())), term)
+            let serving = s.admit().is_ok().then(|| {
+                let (core, now) = (s.core(), s.now());
+                (core.status(now), core.object_stats(now))
+            });
+            crate::metrics::Snapshot { serving, term }
         }),
     }
 }

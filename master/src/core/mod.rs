@@ -25,6 +25,7 @@ mod objects;
 mod placement;
 mod puts;
 mod reads;
+mod stats;
 mod tasks;
 mod tiering;
 
@@ -47,6 +48,7 @@ use kvpool_proto::{
 
 use self::membership::Cluster;
 use self::objects::{ObjectTable, Replica};
+pub use self::stats::ObjectStats;
 use self::tasks::Tasks;
 use crate::alloc::DEFAULT_ALIGN;
 
