@@ -161,3 +161,42 @@ fn keys_inspect_and_rm_by_prefix() {
         Some(0)
     );
 }
+
+#[test]
+fn drain_in_json_and_with_progress_lines_off_a_terminal() {
+    let pool = up("64MiB", &[]);
+    let m = pool.addr("master");
+    let _extra = kvpool_tests::store(&m, "extra");
+    kvpool_tests::wait_until_blocking("two nodes", std::time::Duration::from_secs(20), || {
+        json(&["nodes"], &m)["nodes"].as_array().map(Vec::len) == Some(2)
+    });
+    for i in 0..6 {
+        put(&format!("d/{i}"), &[i as u8; 4096], &m);
+    }
+    let doc = json(&["drain", "extra", "--timeout", "30s"], &m);
+    assert_eq!(
+        (doc["state"].as_str(), doc["replicas_left"].as_u64()),
+        (Some("drained"), Some(0))
+    );
+    let id = doc["node"].as_str().unwrap().to_string();
+    let nodes = json(&["nodes"], &m);
+    let extra = nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == id.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (extra["state"].as_str(), extra["objects"].as_u64()),
+        (Some("drain"), Some(0))
+    );
+
+    let doc = json(&["drain", &id, "--cancel"], &m);
+    assert_eq!(doc["state"], "serving");
+    // Off a terminal, progress is one line per update on standard error.
+    let o = kvpool(&["drain", "extra", "--timeout", "30s"], &m, None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("replica(s) left"), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("is drained"));
+}

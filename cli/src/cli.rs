@@ -353,6 +353,8 @@ pub struct DrainArgs {
     /// Give up waiting after this long (leased objects wait for their lease).
     #[arg(long, default_value = "10m")]
     pub timeout: kvpool_proto::HumanDuration,
+    #[command(flatten)]
+    pub out: OutputArgs,
 }
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {

@@ -241,30 +241,43 @@ pub async fn drain(cfg: Config, a: DrainArgs) -> anyhow::Result<ExitCode> {
         ),
     };
     let mut left = c.drain(node, a.cancel).await.context("drain")?;
+    let done = |state: &str, left: u64| {
+        if a.out.json {
+            let doc = serde_json::json!({ "node": node.to_string(), "state": state, "replicas_left": left });
+            println!("{doc}");
+        }
+    };
     if a.cancel {
-        println!("node {node} takes new data again ({left} replica(s) on it)");
+        done("serving", left);
+        if !a.out.json {
+            println!("node {node} takes new data again ({left} replica(s) on it)");
+        }
         return Ok(ExitCode::SUCCESS);
     }
     if a.no_wait {
-        println!("node {node} draining: {left} replica(s) left");
+        done("draining", left);
+        if !a.out.json {
+            println!("node {node} draining: {left} replica(s) left");
+        }
         return Ok(ExitCode::SUCCESS);
     }
     let start = std::time::Instant::now();
-    let first = left.max(1);
+    let progress =
+        crate::admin::progress::Progress::new(&format!("draining {node}"), left, a.out.json);
     loop {
-        // One line per update on a terminal; the same lines in a log.
-        eprintln!(
-            "draining {node}: {left} replica(s) left ({:.0}% done, {:.0?})",
-            100.0 * (first - left.min(first)) as f64 / first as f64,
-            start.elapsed()
-        );
+        progress.left(left);
         if left == 0 {
-            println!(
-                "node {node} is drained: it holds nothing and takes no new data; it can be stopped"
-            );
+            progress.finish();
+            done("drained", 0);
+            if !a.out.json {
+                println!(
+                    "node {node} is drained: it holds nothing and takes no new data; it can be stopped"
+                );
+            }
             return Ok(ExitCode::SUCCESS);
         }
         if start.elapsed() > a.timeout.0 {
+            progress.finish();
             bail!(
                 "drain {node}: {left} replica(s) still held after {} (leased or being copied)",
                 a.timeout

@@ -6,6 +6,7 @@
 mod inspect;
 mod keys;
 mod nodes;
+pub mod progress;
 mod table;
 
 pub use inspect::inspect;
