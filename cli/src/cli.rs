@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Args, Parser, Subcommand};
 use kvpool_proto::ByteSize;
 
-use crate::{config::Config, serve, verbs};
+use crate::{admin, config::Config, serve, top, verbs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -20,6 +20,15 @@ pub struct Cli {
     /// More log output (-v info, -vv debug); KVPOOL_LOG takes a full filter.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Log lines as text (colours only on a terminal) or JSON, one object per line.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t,
+        env = "KVPOOL_LOG_FORMAT"
+    )]
+    pub log_format: crate::logs::LogFormat,
     /// File holding the cluster token (first line). KVPOOL_TOKEN gives the token itself.
     /// Servers require it of every connection; clients present it.
     #[arg(long, global = true, value_name = "PATH")]
@@ -62,6 +71,17 @@ pub enum Command {
     /// Drain a storage node (by id or name): it takes no new data and its replicas are
     /// released; shows progress until it is empty.
     Drain(DrainArgs),
+    /// Storage nodes: state, heartbeat age, DRAM and NVMe use, objects.
+    Nodes(ListArgs),
+    /// Segments of every node: tier, state, capacity, use, objects.
+    Segments(ListArgs),
+    /// Committed keys, in byte order.
+    Keys(KeysArgs),
+    /// A key's object: replicas and their tier, size, checksum, lease, pins, reads.
+    Inspect(InspectArgs),
+    /// A live view: throughput, hit ratio, tier use and node health, refreshed every
+    /// second (q quits).
+    Top(TopArgs),
     /// Print the default config file, every key with its default.
     Config,
     /// A P/D router (OpenAI completions, chat completions, models; streaming): prefill on a
@@ -111,6 +131,9 @@ pub struct UpArgs {
     /// Storage node data address [127.0.0.1:50052].
     #[arg(long)]
     pub data_listen: Option<String>,
+    /// HTTP address for /metrics, /health and /ready [127.0.0.1:9003, the master's and the node's metrics together]; empty: none.
+    #[arg(long, env = "KVPOOL_HTTP", value_name = "ADDR")]
+    pub http: Option<String>,
     #[command(flatten)]
     pub tiers: TierArgs,
 }
@@ -137,6 +160,9 @@ pub struct MasterArgs {
     /// RPC address [127.0.0.1:50051].
     #[arg(long)]
     pub listen: Option<String>,
+    /// HTTP address for /metrics, /health and /ready [127.0.0.1:9003]; empty: none.
+    #[arg(long, env = "KVPOOL_HTTP", value_name = "ADDR")]
+    pub http: Option<String>,
     /// etcd endpoints (comma-separated, e.g. http://10.0.0.1:2379): campaign for leadership
     /// with the other masters of the cluster (HA). Without them this is the only master.
     #[arg(long, env = "KVPOOL_ETCD", value_delimiter = ',', value_name = "URLS")]
@@ -156,6 +182,9 @@ pub struct StoreArgs {
     /// Data address [127.0.0.1:50052].
     #[arg(long)]
     pub listen: Option<String>,
+    /// HTTP address for /metrics, /health and /ready [127.0.0.1:9004]; empty: none.
+    #[arg(long, env = "KVPOOL_HTTP", value_name = "ADDR")]
+    pub http: Option<String>,
     /// Address clients should use for this node, if not the listen address.
     #[arg(long)]
     pub advertise: Option<String>,
@@ -225,10 +254,68 @@ pub struct GetArgs {
 pub struct RmArgs {
     #[command(flatten)]
     pub addr: MasterAddr,
-    pub key: String,
+    /// The key to remove (or give --prefix).
+    #[arg(required_unless_present = "prefix", conflicts_with = "prefix")]
+    pub key: Option<String>,
+    /// Remove every key that starts with this instead.
+    #[arg(long)]
+    pub prefix: Option<String>,
     /// Remove even if leased or hard-pinned.
     #[arg(long)]
     pub force: bool,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+/// `--json`: one JSON document on standard output instead of text for people.
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    /// Print JSON (for scripts) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub addr: MasterAddr,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct KeysArgs {
+    #[command(flatten)]
+    pub addr: MasterAddr,
+    /// Only keys that start with this.
+    #[arg(long, default_value = "")]
+    pub prefix: String,
+    /// Print at most this many keys.
+    #[arg(long, default_value_t = 1000)]
+    pub limit: u64,
+    #[command(flatten)]
+    pub out: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    #[command(flatten)]
+    pub addr: MasterAddr,
+    /// The master's HTTP address, for rates and the hit ratio (its /metrics).
+    #[arg(long, default_value = "127.0.0.1:9003", value_name = "ADDR")]
+    pub metrics: String,
+    /// Time between refreshes.
+    #[arg(long, default_value = "1s")]
+    pub interval: kvpool_proto::HumanDuration,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    pub addr: MasterAddr,
+    pub key: String,
+    #[command(flatten)]
+    pub out: OutputArgs,
 }
 
 #[derive(Debug, Args)]
@@ -236,6 +323,8 @@ pub struct KeyArgs {
     #[command(flatten)]
     pub addr: MasterAddr,
     pub key: String,
+    #[command(flatten)]
+    pub out: OutputArgs,
 }
 
 #[derive(Debug, Args)]
@@ -245,6 +334,8 @@ pub struct StatusArgs {
     /// Print JSON-like machine output (one `key=value` line per figure) instead of a table.
     #[arg(long)]
     pub raw: bool,
+    #[command(flatten)]
+    pub out: OutputArgs,
 }
 
 #[derive(Debug, Args)]
@@ -262,6 +353,8 @@ pub struct DrainArgs {
     /// Give up waiting after this long (leased objects wait for their lease).
     #[arg(long, default_value = "10m")]
     pub timeout: kvpool_proto::HumanDuration,
+    #[command(flatten)]
+    pub out: OutputArgs,
 }
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -278,6 +371,21 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Exists(a) => verbs::exists(cfg, a).await,
         Command::Status(a) => verbs::status(cfg, a).await,
         Command::Drain(a) => verbs::drain(cfg, a).await,
+        Command::Nodes(a) => admin::nodes(&verbs::client(&cfg, &a.addr)?, a.out.json).await,
+        Command::Segments(a) => admin::segments(&verbs::client(&cfg, &a.addr)?, a.out.json).await,
+        Command::Keys(a) => {
+            let c = verbs::client(&cfg, &a.addr)?;
+            admin::keys(&c, &a.prefix, a.limit, a.out.json).await
+        }
+        Command::Top(a) => {
+            let c = verbs::client(&cfg, &a.addr)?;
+            let master = c.config().master.clone();
+            let every = a.interval.0.max(std::time::Duration::from_millis(100));
+            top::top(&c, master, &a.metrics, every).await
+        }
+        Command::Inspect(a) => {
+            admin::inspect(&verbs::client(&cfg, &a.addr)?, &a.key, a.out.json).await
+        }
         Command::Proxy(a) => serve::proxy(cfg, a).await,
         Command::Config => {
             print!("{}", Config::default_toml());

@@ -85,16 +85,30 @@ impl ClientSection {
 }
 
 impl Config {
-    /// Reads `path` if given; an absent path gives the defaults.
+    /// Reads `path` if given (an absent path gives the defaults), then applies the
+    /// `KVPOOL_<SECTION>_<KEY>` variables of the environment over it
+    /// ([`crate::envcfg`]); flags apply later, over both.
     pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
-        let Some(path) = path else {
-            return Ok(Config::default());
+        let mut table = match path {
+            None => toml::Table::new(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading config file {}", path.display()))?;
+                // Parsed as the config first, so the file's own errors name the file.
+                let _: Config = toml::from_str(&text)
+                    .with_context(|| format!("parsing config file {}", path.display()))?;
+                toml::from_str(&text)
+                    .with_context(|| format!("parsing config file {}", path.display()))?
+            }
         };
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading config file {}", path.display()))?;
-        let cfg: Config = toml::from_str(&text)
-            .with_context(|| format!("parsing config file {}", path.display()))?;
-        Ok(cfg)
+        let defaults: toml::Table = toml::from_str(&Config::default_toml())?;
+        crate::envcfg::overlay(
+            &mut table,
+            &defaults,
+            std::env::vars(),
+            crate::envcfg::check_table::<Config>,
+        )?;
+        Ok(toml::Value::Table(table).try_into()?)
     }
 
     /// Fills every section's token: `--token-file` first, then `KVPOOL_TOKEN` (both apply to

@@ -1,10 +1,16 @@
 //! `kvpool`: one binary for the whole pool. Servers (`up`, `master`, `store`) and admin verbs
-//! (`put`, `get`, `rm`, `exists`, `status`, `config`). Every verb exits non-zero with a
+//! (`put`, `get`, `rm`, `exists`, `status`, `drain`, `nodes`, `segments`, `keys`, `inspect`,
+//! `top`, `config`). Every verb exits non-zero with a
 //! one-line message on failure.
 
+mod admin;
 mod cli;
 mod config;
+mod envcfg;
+mod logs;
+mod ops;
 mod serve;
+mod top;
 mod verbs;
 
 use std::process::ExitCode;
@@ -13,12 +19,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KVPOOL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(args.log_level()));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    logs::init(args.log_level(), args.log_format);
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use crate::{
     cli::{MasterArgs, StoreArgs, TierArgs, UpArgs},
     config::Config,
+    ops,
 };
 
 async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
@@ -59,13 +60,18 @@ pub async fn master(mut cfg: Config, a: MasterArgs) -> anyhow::Result<ExitCode> 
     if let Some(ad) = a.advertise {
         cfg.master.advertise = Some(ad);
     }
+    if let Some(h) = a.http {
+        cfg.master.http = h;
+    }
     cfg.master.validate().map_err(anyhow::Error::msg)?;
     let listener = bind(&cfg.master.listen, "master").await?;
     let addr = listener.local_addr()?;
+    let (ops, http) = ops::start(&cfg.master.http, kvpool_master::config::DEFAULT_HTTP).await?;
     tracing::info!(%addr, "master listening");
-    ready(&format!("master={addr}"));
+    ready(&format!("master={addr}{}", ops::ready_field(http)));
     // Failing after `ready` still exits non-zero with the reason: a supervisor restarts it.
-    kvpool_master::server::run(listener, &cfg.master, shutdown_signal()).await?;
+    kvpool_master::server::run_with_ops(listener, &cfg.master, Some(&ops), shutdown_signal())
+        .await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -87,6 +93,9 @@ fn apply_store_flags(cfg: &mut Config, a: &StoreArgs) {
     }
     if let Some(n) = &a.name {
         cfg.store.name = Some(n.clone());
+    }
+    if let Some(h) = &a.http {
+        cfg.store.http = h.clone();
     }
     apply_tier_flags(cfg, &a.tiers);
 }
@@ -116,11 +125,14 @@ pub async fn store(mut cfg: Config, a: StoreArgs) -> anyhow::Result<ExitCode> {
     apply_store_flags(&mut cfg, &a);
     cfg.store.validate().map_err(anyhow::Error::msg)?;
     let listener = bind(&cfg.store.listen, "storage node").await?;
+    let (ops, http) = ops::start(&cfg.store.http, kvpool_store::config::DEFAULT_HTTP).await?;
     let handle = kvpool_store::start(cfg.store.clone(), listener).await?;
+    ops.add(handle.probe());
     ready(&format!(
-        "store={} node={}",
+        "store={} node={}{}",
         handle.local_addr(),
-        handle.node().id()
+        handle.node().id(),
+        ops::ready_field(http)
     ));
     shutdown_signal().await;
     handle.shutdown().await;
@@ -134,6 +146,10 @@ pub async fn up(mut cfg: Config, a: UpArgs) -> anyhow::Result<ExitCode> {
     if let Some(l) = a.data_listen {
         cfg.store.listen = l;
     }
+    // One process, one endpoint: the master's address serves both parts' metrics.
+    if let Some(h) = a.http {
+        cfg.master.http = h;
+    }
     apply_tier_flags(&mut cfg, &a.tiers);
     cfg.master.validate().map_err(anyhow::Error::msg)?;
     cfg.store.validate().map_err(anyhow::Error::msg)?;
@@ -141,21 +157,25 @@ pub async fn up(mut cfg: Config, a: UpArgs) -> anyhow::Result<ExitCode> {
     let master_addr = master_listener.local_addr()?;
     let store_listener = bind(&cfg.store.listen, "storage node").await?;
     cfg.store.master = master_addr.to_string();
+    let (ops, http) = ops::start(&cfg.master.http, kvpool_master::config::DEFAULT_HTTP).await?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let master_cfg = cfg.master.clone();
     let mut master_rx = stop_rx.clone();
+    let master_ops = ops.clone();
     let mut master = tokio::spawn(async move {
-        kvpool_master::server::run(master_listener, &master_cfg, async move {
+        let stop = async move {
             let _ = master_rx.wait_for(|s| *s).await;
-        })
-        .await
+        };
+        kvpool_master::server::run_with_ops(master_listener, &master_cfg, Some(&master_ops), stop)
+            .await
     });
     // One process, one cluster: a token given only for the master guards the node too.
     if cfg.store.token.is_none() {
         cfg.store.token = cfg.master.token.clone();
     }
     let store = kvpool_store::start(cfg.store.clone(), store_listener).await?;
+    ops.add(store.probe());
     // Ready means usable: wait until the node has registered, so a put right after works.
     let mut probe = kvpool_client::ClientConfig::with_master(master_addr.to_string());
     probe.token = cfg.master.token.clone();
@@ -169,7 +189,10 @@ pub async fn up(mut cfg: Config, a: UpArgs) -> anyhow::Result<ExitCode> {
             anyhow::bail!("the master stopped before the storage node registered");
         }
         match client.status().await {
-            Ok(s) if s.nodes.iter().any(|n| n.alive) => break,
+            // The node's own view too: its /ready must hold once `ready` is printed.
+            Ok(s) if s.nodes.iter().any(|n| n.alive) && store.node().metrics().registered() => {
+                break
+            }
             _ if tokio::time::Instant::now() > deadline => {
                 anyhow::bail!("the storage node did not register with the master within 30s")
             }
@@ -177,8 +200,9 @@ pub async fn up(mut cfg: Config, a: UpArgs) -> anyhow::Result<ExitCode> {
         }
     }
     ready(&format!(
-        "master={master_addr} store={}",
-        store.local_addr()
+        "master={master_addr} store={}{}",
+        store.local_addr(),
+        ops::ready_field(http)
     ));
     eprintln!(
         "kvpool is up: master {master_addr}, storage node {} with {} of DRAM. Try: kvpool put hello - <<< world",

@@ -14,7 +14,7 @@ use crate::{
     config::Config,
 };
 
-fn client(cfg: &Config, addr: &MasterAddr) -> anyhow::Result<Client> {
+pub fn client(cfg: &Config, addr: &MasterAddr) -> anyhow::Result<Client> {
     let mut c = cfg.client.to_client_config(addr.leader.master.as_deref());
     if let Some(t) = &addr.tenant {
         c.tenant = Some(t.clone());
@@ -78,14 +78,23 @@ pub async fn get(cfg: Config, a: GetArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub async fn rm(cfg: Config, a: RmArgs) -> anyhow::Result<ExitCode> {
-    let mut r = client(&cfg, &a.addr)?
-        .remove(&[a.key.as_bytes()], a.force)
-        .await;
+    let c = client(&cfg, &a.addr)?;
+    let key = match (&a.key, &a.prefix) {
+        (_, Some(p)) => return crate::admin::rm_prefix(&c, p, a.force, a.out.json).await,
+        (Some(k), None) => k,
+        (None, None) => bail!("rm: give a key or --prefix"),
+    };
+    let mut r = c.remove(&[key.as_bytes()], a.force).await;
     match r.pop() {
-        Some(Ok(())) => Ok(ExitCode::SUCCESS),
-        Some(Err(e)) if e.code() == ErrorCode::NotFound => bail!("rm {:?}: not found", a.key),
-        Some(Err(e)) => Err(e).with_context(|| format!("rm {:?}", a.key)),
-        None => bail!("rm {:?}: no result", a.key),
+        Some(Ok(())) => {
+            if a.out.json {
+                println!("{}", serde_json::json!({ "key": key, "removed": 1 }));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Err(e)) if e.code() == ErrorCode::NotFound => bail!("rm {key:?}: not found"),
+        Some(Err(e)) => Err(e).with_context(|| format!("rm {key:?}")),
+        None => bail!("rm {key:?}: no result"),
     }
 }
 
@@ -93,13 +102,20 @@ pub async fn exists(cfg: Config, a: KeyArgs) -> anyhow::Result<ExitCode> {
     let mut r = client(&cfg, &a.addr)?
         .exists(&[a.key.as_bytes()], false)
         .await;
+    let say = |present: bool| {
+        if a.out.json {
+            println!("{}", serde_json::json!({ "key": a.key, "exists": present }));
+        } else {
+            println!("{}", if present { "yes" } else { "no" });
+        }
+    };
     match r.pop() {
         Some(Ok(true)) => {
-            println!("yes");
+            say(true);
             Ok(ExitCode::SUCCESS)
         }
         Some(Ok(false)) => {
-            println!("no");
+            say(false);
             Ok(ExitCode::from(1))
         }
         Some(Err(e)) => Err(e).with_context(|| format!("exists {:?}", a.key)),
@@ -119,6 +135,20 @@ pub async fn status(cfg: Config, a: StatusArgs) -> anyhow::Result<ExitCode> {
     let (cap, used) = tier_total(Tier::Dram);
     let (ncap, nused) = tier_total(Tier::Nvme);
     let alive = s.nodes.iter().filter(|n| n.alive).count();
+    if a.out.json {
+        let tier = |(c, u): (u64, u64)| serde_json::json!({ "capacity": c, "used": u });
+        let doc = serde_json::json!({
+            "nodes": s.nodes.len(),
+            "alive": alive,
+            "objects": s.objects,
+            "processing": s.processing,
+            "evictions": s.evictions,
+            "dram": tier((cap, used)),
+            "nvme": tier((ncap, nused)),
+        });
+        println!("{doc:#}");
+        return Ok(ExitCode::SUCCESS);
+    }
     if a.raw {
         println!(
             "nodes={} alive={alive} capacity={cap} used={used} nvme_capacity={ncap} nvme_used={nused} objects={} processing={} evictions={}",
@@ -172,12 +202,7 @@ pub async fn status(cfg: Config, a: StatusArgs) -> anyhow::Result<ExitCode> {
     );
     for n in &s.nodes {
         for seg in &n.segments {
-            let state = match (n.alive, seg.healthy, n.draining) {
-                (false, _, _) => "down",
-                (true, false, _) => "FAIL",
-                (true, true, true) => "drain",
-                (true, true, false) => "up",
-            };
+            let state = crate::admin::segment_state(n, seg);
             println!(
                 "{:<18} {:<16} {:<22} {:<6} {:<18} {:<5} {:>10} {:>10} {:>9}",
                 n.id.to_string(),
@@ -216,30 +241,43 @@ pub async fn drain(cfg: Config, a: DrainArgs) -> anyhow::Result<ExitCode> {
         ),
     };
     let mut left = c.drain(node, a.cancel).await.context("drain")?;
+    let done = |state: &str, left: u64| {
+        if a.out.json {
+            let doc = serde_json::json!({ "node": node.to_string(), "state": state, "replicas_left": left });
+            println!("{doc}");
+        }
+    };
     if a.cancel {
-        println!("node {node} takes new data again ({left} replica(s) on it)");
+        done("serving", left);
+        if !a.out.json {
+            println!("node {node} takes new data again ({left} replica(s) on it)");
+        }
         return Ok(ExitCode::SUCCESS);
     }
     if a.no_wait {
-        println!("node {node} draining: {left} replica(s) left");
+        done("draining", left);
+        if !a.out.json {
+            println!("node {node} draining: {left} replica(s) left");
+        }
         return Ok(ExitCode::SUCCESS);
     }
     let start = std::time::Instant::now();
-    let first = left.max(1);
+    let progress =
+        crate::admin::progress::Progress::new(&format!("draining {node}"), left, a.out.json);
     loop {
-        // One line per update on a terminal; the same lines in a log.
-        eprintln!(
-            "draining {node}: {left} replica(s) left ({:.0}% done, {:.0?})",
-            100.0 * (first - left.min(first)) as f64 / first as f64,
-            start.elapsed()
-        );
+        progress.left(left);
         if left == 0 {
-            println!(
-                "node {node} is drained: it holds nothing and takes no new data; it can be stopped"
-            );
+            progress.finish();
+            done("drained", 0);
+            if !a.out.json {
+                println!(
+                    "node {node} is drained: it holds nothing and takes no new data; it can be stopped"
+                );
+            }
             return Ok(ExitCode::SUCCESS);
         }
         if start.elapsed() > a.timeout.0 {
+            progress.finish();
             bail!(
                 "drain {node}: {left} replica(s) still held after {} (leased or being copied)",
                 a.timeout

@@ -26,6 +26,7 @@
 mod config;
 mod error;
 mod get;
+mod inspect;
 mod put;
 
 use std::time::{Duration, Instant};

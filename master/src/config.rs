@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use crate::core::{Admission, CoreConfig};
 
+/// The master's HTTP address (metrics and probes) by default: loopback, port 9003.
+pub const DEFAULT_HTTP: &str = "127.0.0.1:9003";
+
 /// Every key has a default (Mooncake's where one exists); the file overrides the defaults and
 /// flags override the file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -13,6 +16,9 @@ use crate::core::{Admission, CoreConfig};
 pub struct MasterConfig {
     /// RPC listen address ["127.0.0.1:50051"].
     pub listen: String,
+    /// HTTP address of `/metrics`, `/health` and `/ready` ["127.0.0.1:9003"]; empty: none.
+    /// Served by whoever runs the master (the CLI), like the RPC listener.
+    pub http: String,
     /// Read lease granted by a lookup ["10s"].
     pub lease_ttl: HumanDuration,
     /// Soft-pin lifetime ["30m"].
@@ -71,6 +77,7 @@ impl Default for MasterConfig {
         let core = CoreConfig::default();
         MasterConfig {
             listen: "127.0.0.1:50051".into(),
+            http: DEFAULT_HTTP.into(),
             lease_ttl: HumanDuration(core.lease_ttl),
             soft_pin_ttl: HumanDuration(core.soft_pin_ttl),
             put_discard_timeout: HumanDuration(core.put_discard_timeout),

@@ -11,11 +11,13 @@
 //! - `faults`: fault injection for end-to-end tests (`KVPOOL_FAULT_MASTER_PANIC`), off
 //!   unless set.
 //! - [`config`]: [`config::MasterConfig`], the `[master]` section of the config file.
+//! - [`metrics`]: the Prometheus metrics and the `/ready` rule (served by `kvpool-ops`).
 
 pub mod alloc;
 pub mod config;
 pub mod core;
 mod faults;
+pub mod metrics;
 pub mod server;
 
 pub use crate::alloc::{Allocation, OffsetAllocator};

@@ -36,6 +36,7 @@ struct Service {
     /// stops serving and returns [`ServeError::Poisoned`].
     fatal: Notify,
     faults: crate::faults::Faults,
+    metrics: Arc<crate::metrics::MasterMetrics>,
 }
 
 /// Why the master stopped serving on its own.
@@ -186,7 +187,9 @@ impl RpcService for Service {
             Opcode::PutStart => call(self, opcode, body, |c, r| c.put_start(now, r)),
             Opcode::PutEnd => call(self, opcode, body, |c, r| c.put_end(now, r)),
             Opcode::PutRevoke => call(self, opcode, body, |c, r| c.put_revoke(now, r)),
-            Opcode::GetReplicas => call(self, opcode, body, |c, r| c.get_replicas(now, r)),
+            Opcode::GetReplicas => call(self, opcode, body, |c, r| {
+                self.metrics.lookups(c.get_replicas(now, r))
+            }),
             Opcode::Exists => call(self, opcode, body, |c, r| c.exists(now, r)),
             Opcode::Remove => call(self, opcode, body, |c, r| c.remove(now, r)),
             Opcode::RemoveAll => call(self, opcode, body, |c, r| c.remove_all(now, r)),
@@ -195,8 +198,11 @@ impl RpcService for Service {
             Opcode::ListKeys => call(self, opcode, body, |c, r| c.list_keys(r)),
             Opcode::RemoveRegex => try_call(self, opcode, body, |c, r| c.remove_regex(now, r)),
             Opcode::Register => call(self, opcode, body, |c, r| c.register(now, r)),
-            Opcode::Heartbeat => call(self, opcode, body, |c, r| c.heartbeat(now, r)),
+            Opcode::Heartbeat => call(self, opcode, body, |c, r| {
+                self.metrics.heartbeat(c.heartbeat(now, r))
+            }),
             Opcode::Leave => call(self, opcode, body, |c, r| c.leave(now, r)),
+            Opcode::Inspect => call(self, opcode, body, |c, r| c.inspect(now, r)),
             // The transport answers (and checks) Hello itself; this is only reached if a
             // server is wired without it, and then an answer is still the right one.
             Opcode::Hello => {
@@ -232,6 +238,16 @@ pub async fn run(
     cfg: &MasterConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    run_with_ops(listener, cfg, None, shutdown).await
+}
+
+/// [`run`], with the master's metrics and readiness added to `ops` (the HTTP endpoint).
+pub async fn run_with_ops(
+    listener: TcpListener,
+    cfg: &MasterConfig,
+    ops: Option<&kvpool_ops::Endpoint>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
     let mut cfg = cfg.clone();
     cfg.load_token().map_err(ServeError::Start)?;
     let cfg = &cfg;
@@ -242,7 +258,11 @@ pub async fn run(
         ha,
         fatal: Notify::new(),
         faults: crate::faults::Faults::from_env(),
+        metrics: Default::default(),
     });
+    if let Some(ops) = ops {
+        ops.add(Arc::new(probe(&service)));
+    }
     let ticker = {
         let service = service.clone();
         let every = cfg.tick.0;
@@ -270,9 +290,13 @@ pub async fn run(
         limits: FrameLimits::default(),
         token: cfg.token.clone(),
     };
+    let metered = crate::metrics::Metered {
+        inner: service.clone(),
+        metrics: service.metrics.clone(),
+    };
     // Dropping the server future closes the listener and every connection at once.
     let outcome = tokio::select! {
-        () = serve_rpc_with(listener, service.clone(), opts, shutdown) => Ok(()),
+        () = serve_rpc_with(listener, Arc::new(metered), opts, shutdown) => Ok(()),
         () = service.fatal.notified() => Err(ServeError::Poisoned),
     };
     ticker.abort();
@@ -284,6 +308,23 @@ pub async fn run(
         tracing::error!("{e}");
     }
     outcome
+}
+
+/// The master's part of the HTTP endpoint: its status (while it serves) read at each scrape.
+fn probe(service: &Arc<Service>) -> crate::metrics::MasterProbe {
+    let s = service.clone();
+    crate::metrics::MasterProbe {
+        metrics: service.metrics.clone(),
+        snapshot: Box::new(move || {
+            let term = s.ha.as_ref().and_then(|ha| ha.election.leader_term());
+            // A poisoned core is not serving: the master is about to stop.
+            let serving = s.admit().ok().and_then(|()| {
+                let (core, now) = (s.core().ok()?, s.now());
+                Some((core.status(now), core.object_stats(now)))
+            });
+            crate::metrics::Snapshot { serving, term }
+        }),
+    }
 }
 
 /// Starts campaigning when `cfg` names etcd endpoints.

@@ -106,6 +106,7 @@ pub enum Opcode {
     Register = 0x20,
     Heartbeat = 0x21,
     Leave = 0x22,
+    Inspect = 0x2a,
     Read = 0x40,
     Write = 0x41,
     ShmInfo = 0x42,
@@ -135,6 +136,7 @@ impl Opcode {
         Opcode::Register,
         Opcode::Heartbeat,
         Opcode::Leave,
+        Opcode::Inspect,
         Opcode::Read,
         Opcode::Write,
         Opcode::ShmInfo,
@@ -644,6 +646,47 @@ pub struct Leave {
 impl Message for Leave {
     const OPCODE: Opcode = Opcode::Leave;
     type Response = UnitResponse;
+}
+
+/// What the master knows of objects, for operators (`kvpool inspect`): read-only, so it
+/// grants no lease and counts as no use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inspect {
+    pub keys: Vec<Vec<u8>>,
+}
+
+/// One replica as [`Inspect`] shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaDetail {
+    pub replica: ReplicaDesc,
+    /// `ready`, `filling` (a copy's target, not readable yet) or `leaving` (being demoted).
+    pub state: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectDetail {
+    pub len: u64,
+    pub checksum: u32,
+    /// `complete`, or `processing` for a put not ended yet.
+    pub state: String,
+    pub replicas: Vec<ReplicaDetail>,
+    /// Milliseconds left of the longest read lease held on it (0: none).
+    pub lease_left_ms: u64,
+    /// Milliseconds left of its soft pin; `None` when it has none.
+    pub soft_pin_left_ms: Option<u64>,
+    pub hard_pin: bool,
+    /// Lookups since it was committed.
+    pub reads: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InspectResponse {
+    pub items: Vec<ItemResult<ObjectDetail>>,
+}
+
+impl Message for Inspect {
+    const OPCODE: Opcode = Opcode::Inspect;
+    type Response = InspectResponse;
 }
 
 // ---------------------------------------------------------------- data plane (storage node)

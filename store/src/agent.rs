@@ -111,6 +111,7 @@ async fn agent_loop(node: &Arc<Node>, client: &RpcClient, engine: &Arc<TransferE
 
 /// Registers, retrying until the master accepts; returns the heartbeat interval it asked for.
 async fn register(node: &Arc<Node>, client: &RpcClient) -> Duration {
+    node.metrics().set_registered(false);
     let mut backoff = MIN_BACKOFF;
     let mut failures = 0u32;
     loop {
@@ -127,6 +128,7 @@ async fn register(node: &Arc<Node>, client: &RpcClient) -> Duration {
                     0 => DEFAULT_HEARTBEAT,
                     ms => Duration::from_millis(ms).clamp(Duration::from_millis(10), MAX_HB),
                 };
+                node.metrics().set_registered(true);
                 tracing::info!(
                     node = %node.id(),
                     master = client.addr(),

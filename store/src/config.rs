@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50052";
 /// Default master RPC address (docs/design.md, names and defaults).
 pub const DEFAULT_MASTER: &str = "127.0.0.1:50051";
+/// The node's HTTP address (metrics and probes) by default: loopback, port 9004.
+pub const DEFAULT_HTTP: &str = "127.0.0.1:9004";
 
 /// How a storage node runs. Every field has a default, so an empty file is a valid config.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -15,6 +17,8 @@ pub struct StoreConfig {
     /// Data-plane address to listen on ["127.0.0.1:50052"]. Port 0 picks a free port. Used by
     /// whoever binds the listener (the CLI); [`crate::run`] takes the bound listener.
     pub listen: String,
+    /// HTTP address of `/metrics`, `/health` and `/ready` ["127.0.0.1:9004"]; empty: none.
+    pub http: String,
     /// Address the master hands to clients for this node [unset: the listener's address, or,
     /// when it listens on an unspecified IP (0.0.0.0, ::), the local IP that routes to the
     /// master]. Set it behind NAT or in containers.
@@ -55,6 +59,7 @@ impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             listen: DEFAULT_LISTEN.to_string(),
+            http: DEFAULT_HTTP.to_string(),
             advertise: None,
             master: DEFAULT_MASTER.to_string(),
             dram: ByteSize::mib(256),

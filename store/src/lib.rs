@@ -17,6 +17,7 @@
 //! - [`node`]: [`Node`], the state shared by the data server and the agent.
 //! - [`server`]: the data-plane server ([`server::serve`]).
 //! - [`agent`]: registration and heartbeats with the master.
+//! - [`metrics`]: the node's Prometheus metrics and `/ready` rule (served by `kvpool-ops`).
 //! - [`nvme`]: [`nvme::NvmeTier`], the NVMe tier engine (device, io engines, record layout,
 //!   RocksDB index).
 //!
@@ -26,6 +27,7 @@
 pub mod agent;
 pub mod config;
 pub mod inventory;
+pub mod metrics;
 pub mod node;
 pub mod nvme;
 pub mod segment;
@@ -78,6 +80,11 @@ pub struct StoreHandle {
 impl StoreHandle {
     pub fn node(&self) -> &Arc<Node> {
         &self.node
+    }
+
+    /// The node's part of an HTTP endpoint (metrics and readiness).
+    pub fn probe(&self) -> Arc<dyn kvpool_ops::Probe> {
+        Arc::new(metrics::NodeProbe(self.node.clone()))
     }
 
     /// The address the data server is bound to.

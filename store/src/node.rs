@@ -5,7 +5,7 @@ use kvpool_proto::{
     WireError,
 };
 
-use crate::{inventory::Inventory, segment::Segment, tiered::NvmeSegment};
+use crate::{inventory::Inventory, metrics::NodeMetrics, segment::Segment, tiered::NvmeSegment};
 
 /// One storage node, shared by the data server's connection tasks and the master agent.
 #[derive(Debug)]
@@ -18,6 +18,7 @@ pub struct Node {
     nvme: Option<NvmeSegment>,
     inventory: Inventory,
     limits: FrameLimits,
+    metrics: NodeMetrics,
 }
 
 impl Node {
@@ -41,6 +42,7 @@ impl Node {
             nvme,
             inventory: Inventory::new(),
             limits: FrameLimits::default(),
+            metrics: NodeMetrics::new(),
         }
     }
 
@@ -63,6 +65,11 @@ impl Node {
 
     pub fn inventory(&self) -> &Inventory {
         &self.inventory
+    }
+
+    /// The node's counters (served on its HTTP endpoint).
+    pub fn metrics(&self) -> &NodeMetrics {
+        &self.metrics
     }
 
     /// Frame size limits enforced on the data plane.

@@ -32,6 +32,18 @@ impl SegmentStore for Node {
         Node::limits(self)
     }
 
+    fn request_done(&self, opcode: u8, started: std::time::Instant, ok: bool) {
+        self.metrics().request(opcode, started, ok);
+    }
+
+    fn payload_moved(&self, read: bool, bytes: u64) {
+        if read {
+            self.metrics().bytes_out(bytes);
+        } else {
+            self.metrics().bytes_in("tcp", bytes);
+        }
+    }
+
     fn read_range(
         &self,
         segment: SegmentId,
@@ -75,7 +87,10 @@ impl SegmentStore for Node {
     }
 
     fn commit_tag(&self, tag: ObjectTag) -> Result<(), WireError> {
-        Node::commit_tag(self, tag)
+        let len = tag.len;
+        Node::commit_tag(self, tag)?;
+        self.metrics().bytes_in("shm", len);
+        Ok(())
     }
 
     fn node_id(&self) -> NodeId {

@@ -58,6 +58,7 @@ impl Runner {
                 Some(addr) => pull(&node, &engine, addr, &task).await,
                 None => run(&node, &task).await,
             };
+            node.metrics().task(tier_of(&node, task.to), result.is_ok());
             if let Err(e) = &result {
                 tracing::warn!(task = task.id, key = %String::from_utf8_lossy(&task.key), "copy task failed: {e}");
             }

@@ -2,6 +2,8 @@
 //! addresses from the `ready` line they print, kills them with SIGKILL when asked (or when
 //! dropped), and waits for conditions by polling with a deadline, never by sleeping a guess.
 
+pub mod http;
+
 use std::{
     collections::HashMap,
     io::{BufRead, BufReader},

@@ -18,12 +18,14 @@
 
 mod drain;
 mod eviction;
+mod inspect;
 mod invariants;
 mod membership;
 mod objects;
 mod placement;
 mod puts;
 mod reads;
+mod stats;
 mod tasks;
 mod tiering;
 
@@ -46,6 +48,7 @@ use kvpool_proto::{
 
 use self::membership::Cluster;
 use self::objects::{ObjectTable, Replica};
+pub use self::stats::ObjectStats;
 use self::tasks::Tasks;
 use crate::alloc::DEFAULT_ALIGN;
 

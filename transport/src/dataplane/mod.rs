@@ -98,6 +98,11 @@ pub trait SegmentStore: Send + Sync + 'static {
     fn node_id(&self) -> NodeId;
     /// The segments a same-host client may map, each with its memory file.
     fn shared_segments(&self) -> Vec<(ShmSegment, BorrowedFd<'_>)>;
+    /// A request was answered (`ok`) or failed, `started` when its header arrived: for the
+    /// node's metrics. Does nothing by default.
+    fn request_done(&self, _opcode: u8, _started: std::time::Instant, _ok: bool) {}
+    /// Object bytes that crossed the socket: `read` out of the node, else written in.
+    fn payload_moved(&self, _read: bool, _bytes: u64) {}
 }
 
 /// How a data server guards its connections.
@@ -274,6 +279,7 @@ async fn serve_connection<S: Conn, T: SegmentStore>(
         if let Err(e) = frame::check_limits(&h, store.limits()) {
             return Err(fatal(h.opcode, h.request_id, e.code(), e.to_string()));
         }
+        let started = std::time::Instant::now();
         let served = match Opcode::try_from(h.opcode) {
             Ok(Opcode::Read) => read(io, store, &h).await,
             Ok(Opcode::Write) => write(io, store, &h).await,
@@ -290,6 +296,7 @@ async fn serve_connection<S: Conn, T: SegmentStore>(
                 reply_error(io, &h, e).await
             }
         };
+        store.request_done(h.opcode, started, served.is_ok());
         match served {
             Err(Close::Transport(TransportError::Truncated)) => {
                 return Err(fatal(
@@ -416,6 +423,7 @@ async fn read<S: Conn, T: SegmentStore>(
     let head = frame::encode_response(h.opcode, h.request_id, &UnitResponse { items }, total);
     let w = io.get_mut();
     w.write_all(&head).await?;
+    store.payload_moved(true, total);
     let mut scratch = Vec::new();
     for b in &bytes {
         match b {
@@ -470,6 +478,7 @@ async fn write<S: Conn, T: SegmentStore>(
         match store.write_range(op.segment, op.offset, op.len) {
             Ok(dst) => {
                 read_payload(io, dst).await?;
+                store.payload_moved(false, op.len);
                 items.push(Ok(()));
             }
             Err(e) => {
