@@ -14,14 +14,19 @@ trap 'status=$?; kvpool_skip_summary; kvpool_fixtures_teardown; exit $status' EX
 
 echo "== fmt"
 cargo fmt --all -- --check
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 echo "== clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy --manifest-path fuzz/Cargo.toml --all-targets -- -D warnings
 # The GPU paths build everywhere (cudarc loads the driver at run time).
 cargo clippy -p kvpool-connector -p kvpool-tests --features cuda --all-targets -- -D warnings
 echo "== build (the e2e tests start the kvpool binary)"
 cargo build --workspace --bins
 echo "== test"
 cargo test --workspace --no-fail-fast
+echo "== fuzz: every kept input (seed corpus, past crashes) replayed, then a short libFuzzer run per decoder"
+cargo test --manifest-path fuzz/Cargo.toml
+scripts/fuzz.sh "${KVPOOL_FUZZ_SECONDS:-20}"
 echo "== test (feature cuda: the GPU tests skip, saying so, where no CUDA device is found)"
 cargo test -p kvpool-connector -p kvpool-tests --features cuda --no-fail-fast --lib --test cuda
 echo "== python (the kvpool package, built with maturin into a virtualenv outside the clone)"
