@@ -13,6 +13,7 @@ const TARGETS: &[(&str, Check)] = &[
     ("frame_header", kvpool_fuzz::frame_header),
     ("messages", kvpool_fuzz::messages),
     ("master_config", kvpool_fuzz::master_config),
+    ("nvme_record_header", kvpool_fuzz::nvme_record_header),
 ];
 
 fn replay(dir: &Path, check: Check) -> usize {
@@ -173,6 +174,19 @@ fn seeds_are_valid_inputs() {
         ),
     ];
     let header = FrameHeader::request(Opcode::PutStart as u8, 42, 17, 0).encode();
+    let record = {
+        use kvpool_store::nvme::layout::{encode_header, RecordHeader, HEADER_LEN};
+        let key = b"block/0";
+        let mut b = vec![0u8; HEADER_LEN + key.len()];
+        let h = RecordHeader {
+            replica: 7,
+            key_len: key.len() as u32,
+            value_len: 100,
+            value_crc: 9,
+        };
+        encode_header(&h, key, &mut b);
+        b
+    };
     let config = toml::to_string(&kvpool_master::config::MasterConfig::default())
         .expect("the default config serializes");
     let seeds: Vec<(&str, String, Vec<u8>)> = messages
@@ -184,6 +198,11 @@ fn seeds_are_valid_inputs() {
                 "master_config",
                 "seed-default".to_string(),
                 config.into_bytes(),
+            ),
+            (
+                "nvme_record_header",
+                "seed-record".to_string(),
+                record.clone(),
             ),
         ])
         .collect();
@@ -201,4 +220,5 @@ fn seeds_are_valid_inputs() {
     // Seeds are accepted inputs, not just harmless ones.
     assert!(decode_body::<Register>(&seeds[7].2[1..]).is_ok());
     assert!(FrameHeader::decode(&header, &FrameLimits::default()).is_ok());
+    assert!(kvpool_store::nvme::layout::decode_header(&record).is_ok());
 }
