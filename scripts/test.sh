@@ -14,8 +14,10 @@ trap 'status=$?; kvpool_skip_summary; kvpool_fixtures_teardown; exit $status' EX
 
 echo "== fmt"
 cargo fmt --all -- --check
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 echo "== clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy --manifest-path fuzz/Cargo.toml --all-targets -- -D warnings
 # The GPU paths build everywhere (cudarc loads the driver at run time).
 cargo clippy -p kvpool-connector -p kvpool-tests -p kvpool-python --features cuda --all-targets -- -D warnings
 # The RDMA transport builds everywhere deps.sh ran (libibverbs-dev; no device needed to build).
@@ -24,6 +26,9 @@ echo "== build (the e2e tests start the kvpool binary)"
 cargo build --workspace --bins
 echo "== test"
 cargo test --workspace --no-fail-fast
+echo "== fuzz: every kept input (seed corpus, past crashes) replayed, then a short libFuzzer run per decoder"
+cargo test --manifest-path fuzz/Cargo.toml
+scripts/fuzz.sh "${KVPOOL_FUZZ_SECONDS:-20}"
 echo "== test (feature cuda: the GPU tests skip, saying so, where no CUDA device is found)"
 cargo test -p kvpool-connector -p kvpool-tests --features cuda --no-fail-fast --lib --test cuda
 echo "== test (feature rdma: the loopback test prints SKIPPED, with the reason, where no RDMA device is found)"

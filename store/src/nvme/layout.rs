@@ -22,7 +22,8 @@ pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"KVNV");
 /// Format version written by this build; a record of another version is not read.
 pub const RECORD_VERSION: u16 = 1;
 
-const HEADER_CRC_AT: usize = 8;
+/// Where the header's own crc32c sits in the header block.
+pub const HEADER_CRC_AT: usize = 8;
 
 pub const fn align_up(x: u64, a: u64) -> u64 {
     // Saturating: lengths come from requests, and a huge one must fail a range check, not wrap.
