@@ -449,6 +449,86 @@ async fn the_master_logs_events_not_requests() {
     assert!(!text.contains("log-1"), "a key in the log: {text}");
 }
 
+/// A pool that evicts hundreds of replicas in a few seconds says so in one `eviction burst`
+/// line (at most one per 10 s), not one line per put that made room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eviction_burst_is_one_line() {
+    let dir = std::env::temp_dir().join(format!(
+        "kvpool-ops-burst-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("master.log");
+    let cfg = config_file("[master]\nhigh-watermark = 0.5\neviction-ratio = 0.2\n");
+    let master = Proc::start_logged(
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "master",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+        ],
+        &[("KVPOOL_LOG", "info")],
+        &log,
+    );
+    let (m, mh) = (master.addr("master"), master.addr("http"));
+    let _node = Proc::start(&[
+        "store",
+        "--master",
+        &m,
+        "--listen",
+        "127.0.0.1:0",
+        "--dram",
+        "16MiB",
+        "--http",
+        "",
+    ]);
+    let c = client(&m);
+    wait_until("the node registered", LIMIT, || {
+        let c = &c;
+        async move { kvpool_tests::alive_nodes(c).await == 1 }
+    })
+    .await;
+    let started = std::time::Instant::now();
+    // 300 × 64 KiB = 18.75 MiB into 16 MiB: well over a hundred evictions.
+    for i in 0..300u64 {
+        c.put(
+            format!("burst-{i}").as_bytes(),
+            &bytes(i, 64 << 10),
+            &PutOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let evicted = value(&scrape(&mh), "kvpool_master_evictions_total");
+    assert!(evicted >= 64.0, "only {evicted} evictions");
+    let mut text = String::new();
+    wait_until_blocking("the burst line", LIMIT, || {
+        text = std::fs::read_to_string(&log).unwrap();
+        text.contains("eviction burst")
+    });
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("eviction burst"))
+        .collect();
+    // One line per 10 s at most, however many puts evicted.
+    let most = 1 + started.elapsed().as_secs() as usize / 10;
+    assert!(
+        lines.len() <= most,
+        "{} burst lines in {:?}: {text}",
+        lines.len(),
+        started.elapsed()
+    );
+    assert!(
+        lines[0].contains("objects=") && lines[0].contains("bytes="),
+        "{}",
+        lines[0]
+    );
+}
+
 /// file < environment < flag, shown on the HTTP address: the file's is unbindable, the
 /// environment's works, and a flag beats an unbindable environment one.
 #[test]
