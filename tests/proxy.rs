@@ -541,7 +541,8 @@ async fn proxy_routes_prefill_then_decode() {
 async fn proxy_exports_its_metrics() {
     let pool = up("128MiB", &[]);
     let master = pool.addr("master");
-    let p = sim(&master, &["--role", "kv_producer", "--bootstrap-port", "0"]);
+    let producer = ["--role", "kv_producer", "--bootstrap-port", "0"];
+    let mut p = [sim(&master, &producer), sim(&master, &producer)];
     let mut d = sim(
         &master,
         &[
@@ -553,8 +554,17 @@ async fn proxy_exports_its_metrics() {
             "200ms",
         ],
     );
-    let (pu, du) = (url(&p), url(&d));
-    let px = proxy(&["--prefill", &pu, "--decode", &du, "--http", "127.0.0.1:0"]);
+    let (pu, p2u, du) = (url(&p[0]), url(&p[1]), url(&d));
+    let px = proxy(&[
+        "--prefill",
+        &pu,
+        "--prefill",
+        &p2u,
+        "--decode",
+        &du,
+        "--http",
+        "127.0.0.1:0",
+    ]);
     let (api, ops) = (px.addr("proxy"), px.addr("http"));
     let up_series =
         |u: &str, role: &str| format!("kvpool_proxy_engine_up{{engine=\"{u}\",role=\"{role}\"}}");
@@ -645,4 +655,16 @@ async fn proxy_exports_its_metrics() {
     assert_eq!(value(&m, &req("completions", "no_decoder")), 1.0, "{m:?}");
     assert_eq!(value(&m, &handoffs("started")), 3.0, "{m:?}");
     assert_eq!(value(&m, &handoffs("failed")), 1.0, "{m:?}");
+    assert_eq!(value(&m, &handoffs("retried")), 0.0, "{m:?}");
+
+    // Both prefillers die: the prefill is tried on one, retried on the other, and fails.
+    for x in &mut p {
+        x.kill();
+    }
+    let (status, r) = http(&api, "POST", "/v1/completions", &body.to_string()).await;
+    assert_eq!(status, 502, "{r}");
+    let m = scrape(&ops);
+    assert_eq!(value(&m, &handoffs("retried")), 1.0, "{m:?}");
+    assert_eq!(value(&m, &req("completions", "no_prefiller")), 1.0, "{m:?}");
+    assert_eq!(value(&m, &handoffs("started")), 3.0, "{m:?}");
 }
