@@ -1,7 +1,7 @@
 //! The deployment files agree with what they deploy: every metric the Grafana dashboard
-//! queries is exported by a live pool, and every `kvpool` command line in the Dockerfile,
-//! the compose file, the Kubernetes manifests and the systemd units uses only flags that
-//! verb has (`kvpool VERB --help`). No docker here: the files are checked, not run.
+//! queries is exported by a live pool or a live proxy, and every `kvpool` command line in the
+//! Dockerfile, the compose file, the Kubernetes manifests and the systemd units uses only
+//! flags that verb has (`kvpool VERB --help`). No docker here: the files are checked, not run.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -60,7 +60,21 @@ fn every_dashboard_query_names_an_exported_metric() {
 
     // `kvpool up` serves the master's and the node's metrics on one address.
     let pool = up("32MiB", &["--http", "127.0.0.1:0"]);
-    let exported = names(&pool.addr("http"));
+    let mut exported = names(&pool.addr("http"));
+    // And a proxy: every family is declared at start and each configured engine has its
+    // series, so engines that do not answer (nothing listens on port 1) are enough here.
+    let proxy = kvpool_tests::Proc::start(&[
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--prefill",
+        "http://127.0.0.1:1",
+        "--decode",
+        "http://127.0.0.1:1",
+    ]);
+    exported.extend(names(&proxy.addr("http")));
     let missing: Vec<_> = queried.difference(&exported).collect();
     assert!(
         missing.is_empty(),
@@ -75,6 +89,9 @@ fn every_dashboard_query_names_an_exported_metric() {
         "kvpool_master_request_duration_seconds_bucket",
         "kvpool_store_transfer_bytes_total",
         "kvpool_store_copy_tasks_total",
+        "kvpool_proxy_requests_total",
+        "kvpool_proxy_handoffs_total",
+        "kvpool_proxy_decode_duration_seconds_bucket",
     ] {
         assert!(queried.contains(name), "the dashboard does not show {name}");
     }

@@ -185,8 +185,24 @@ fn base_name(series_name: &str) -> &str {
 #[test]
 fn every_exported_metric_is_documented() {
     let pool = kvpool_tests::up("32MiB", &["--http", "127.0.0.1:0"]);
-    let names = kvpool_tests::http::names(&pool.addr("http"));
+    let mut names = kvpool_tests::http::names(&pool.addr("http"));
     assert!(names.len() > 20, "too few metrics: {names:?}");
+    // The proxy's too (its engines need not answer for its families to be declared).
+    let proxy = Proc::start(&[
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+        "--decode",
+        "http://127.0.0.1:1",
+    ]);
+    let proxied = kvpool_tests::http::names(&proxy.addr("http"));
+    assert!(
+        proxied.iter().any(|n| n.starts_with("kvpool_proxy_")),
+        "{proxied:?}"
+    );
+    names.extend(proxied);
     let doc = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../docs/operations.md"
@@ -354,6 +370,163 @@ fn logs_are_plain_text_off_a_terminal_and_json_on_request() {
         "{json}"
     );
     assert!(!json.contains('\x1b'));
+}
+
+/// The master's log at the default level, through the real binary: one `node joined` and one
+/// `node left` line for a node that registers, serves puts and gets, and stops; nothing
+/// between them for the requests it served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_master_logs_events_not_requests() {
+    let dir = std::env::temp_dir().join(format!(
+        "kvpool-ops-log-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("master.log");
+    let master = Proc::start_logged(
+        &["master", "--listen", "127.0.0.1:0", "--http", ""],
+        // The default level of `kvpool master`, set so that a KVPOOL_LOG in the environment
+        // running the tests cannot change what is checked.
+        &[("KVPOOL_LOG", "info")],
+        &log,
+    );
+    let m = master.addr("master");
+    let mut node = Proc::start(&[
+        "store",
+        "--master",
+        &m,
+        "--listen",
+        "127.0.0.1:0",
+        "--dram",
+        "16MiB",
+        "--name",
+        "log-node",
+        "--http",
+        "",
+    ]);
+    let c = client(&m);
+    wait_until("the node registered", LIMIT, || {
+        let c = &c;
+        async move { kvpool_tests::alive_nodes(c).await == 1 }
+    })
+    .await;
+    let opts = PutOptions::default();
+    for i in 0..20u64 {
+        let key = format!("log-{i}");
+        c.put(key.as_bytes(), &bytes(i, 4096), &opts).await.unwrap();
+        assert_eq!(c.get(key.as_bytes()).await.unwrap(), Some(bytes(i, 4096)));
+        assert_eq!(c.get(format!("absent-{i}").as_bytes()).await.unwrap(), None);
+    }
+    let st = node.terminate();
+    assert!(st.success(), "the node stops cleanly: {st:?}");
+    let mut text = String::new();
+    wait_until_blocking("the master logs the node's leaving", LIMIT, || {
+        text = std::fs::read_to_string(&log).unwrap();
+        text.contains("node left")
+    });
+    let lines: Vec<&str> = text.lines().collect();
+    let at = |what: &str| -> Vec<usize> {
+        (0..lines.len())
+            .filter(|&i| lines[i].contains(what))
+            .collect()
+    };
+    let (joined, left) = (at("node joined"), at("node left"));
+    assert_eq!((joined.len(), left.len()), (1, 1), "{text}");
+    let node_field = |l: &str| {
+        l.split_whitespace()
+            .find(|w| w.starts_with("node="))
+            .map(str::to_owned)
+    };
+    let id = node_field(lines[joined[0]]).expect("a node= field");
+    assert_eq!(node_field(lines[left[0]]), Some(id), "{text}");
+    // Twenty puts, forty gets, and not one line for them.
+    let between = &lines[joined[0] + 1..left[0]];
+    assert!(
+        between.is_empty(),
+        "per-request lines at the default level: {between:#?}"
+    );
+    assert!(!text.contains("log-1"), "a key in the log: {text}");
+}
+
+/// A pool that evicts hundreds of replicas in a few seconds says so in one `eviction burst`
+/// line (at most one per 10 s), not one line per put that made room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eviction_burst_is_one_line() {
+    let dir = std::env::temp_dir().join(format!(
+        "kvpool-ops-burst-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("master.log");
+    let cfg = config_file("[master]\nhigh-watermark = 0.5\neviction-ratio = 0.2\n");
+    let master = Proc::start_logged(
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "master",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+        ],
+        &[("KVPOOL_LOG", "info")],
+        &log,
+    );
+    let (m, mh) = (master.addr("master"), master.addr("http"));
+    let _node = Proc::start(&[
+        "store",
+        "--master",
+        &m,
+        "--listen",
+        "127.0.0.1:0",
+        "--dram",
+        "16MiB",
+        "--http",
+        "",
+    ]);
+    let c = client(&m);
+    wait_until("the node registered", LIMIT, || {
+        let c = &c;
+        async move { kvpool_tests::alive_nodes(c).await == 1 }
+    })
+    .await;
+    let started = std::time::Instant::now();
+    // 300 × 64 KiB = 18.75 MiB into 16 MiB: well over a hundred evictions.
+    for i in 0..300u64 {
+        c.put(
+            format!("burst-{i}").as_bytes(),
+            &bytes(i, 64 << 10),
+            &PutOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let evicted = value(&scrape(&mh), "kvpool_master_evictions_total");
+    assert!(evicted >= 64.0, "only {evicted} evictions");
+    let mut text = String::new();
+    wait_until_blocking("the burst line", LIMIT, || {
+        text = std::fs::read_to_string(&log).unwrap();
+        text.contains("eviction burst")
+    });
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("eviction burst"))
+        .collect();
+    // One line per 10 s at most, however many puts evicted.
+    let most = 1 + started.elapsed().as_secs() as usize / 10;
+    assert!(
+        lines.len() <= most,
+        "{} burst lines in {:?}: {text}",
+        lines.len(),
+        started.elapsed()
+    );
+    assert!(
+        lines[0].contains("objects=") && lines[0].contains("bytes="),
+        "{}",
+        lines[0]
+    );
 }
 
 /// file < environment < flag, shown on the HTTP address: the file's is unbindable, the

@@ -9,6 +9,7 @@ mod engines;
 use std::time::{Duration, Instant};
 
 use engines::*;
+use kvpool_tests::http::{get, scrape, value};
 use kvpool_tests::kv::prompt;
 use kvpool_tests::{alive_nodes, client, up, wait_until, Proc};
 use serde_json::{json, Value};
@@ -331,11 +332,14 @@ async fn prefix_choice(by_namespace: bool) {
         &du,
         "--master",
         &master,
+        "--http",
+        "127.0.0.1:0",
     ];
     if by_namespace {
         args.extend_from_slice(&["--prefix-namespace", ns]);
     }
     let px = proxy(&args);
+    let ops = px.addr("http");
     let px = px.addr("proxy");
 
     // Nothing stored yet: affinity picks, and the header says no block was found.
@@ -353,6 +357,7 @@ async fn prefix_choice(by_namespace: bool) {
     }
     // Through the proxy, a request sharing a prefix goes to the host holding it (affinity
     // alone would get all four right one time in sixteen).
+    let mut matched = 0;
     for i in 0..4 {
         let (path, body, shared) = prefix_request(by_namespace, i, 3);
         let (status, head, r) = http_head(&px, "POST", path, &body.to_string()).await;
@@ -362,6 +367,7 @@ async fn prefix_choice(by_namespace: bool) {
             Some(url(&hosts[i % 2]).as_str()),
             "prefix {i}: {head}"
         );
+        matched += shared;
         let found = shared.to_string();
         assert_eq!(
             header(&head, "x-kvpool-prefix-blocks"),
@@ -379,6 +385,26 @@ async fn prefix_choice(by_namespace: bool) {
         let n = stats(&h.addr("http")).await["requests"].u();
         assert!((4..=5).contains(&n), "{n}");
     }
+    // The proxy's metrics say the same: five questions to the master, the first prefill by
+    // affinity (nothing stored), four by the prefix found.
+    let m = scrape(&ops);
+    let series =
+        |name: &str, label: &str| value(&m, &format!("kvpool_proxy_{name}_total{{{label}}}"));
+    assert_eq!(
+        series("prefix_lookups", "outcome=\"answered\""),
+        5.0,
+        "{m:?}"
+    );
+    assert_eq!(series("prefill_choices", "reason=\"prefix\""), 4.0, "{m:?}");
+    assert_eq!(
+        series("prefill_choices", "reason=\"affinity\""),
+        1.0,
+        "{m:?}"
+    );
+    assert_eq!(
+        value(&m, "kvpool_proxy_prefix_blocks_matched_total"),
+        matched as f64
+    );
 
     // A proxy whose master does not answer still serves, by affinity.
     let mut args = vec![
@@ -507,4 +533,138 @@ async fn proxy_routes_prefill_then_decode() {
         },
     )
     .await;
+}
+
+/// `kvpool proxy --http`: `/ready` follows the engines' health, and the counters move with a
+/// streamed completion, an unstreamed chat and a request no decoder can take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_exports_its_metrics() {
+    let pool = up("128MiB", &[]);
+    let master = pool.addr("master");
+    let producer = ["--role", "kv_producer", "--bootstrap-port", "0"];
+    let mut p = [sim(&master, &producer), sim(&master, &producer)];
+    let mut d = sim(
+        &master,
+        &[
+            "--role",
+            "kv_consumer",
+            "--consumer-timeout",
+            "10s",
+            "--token-interval",
+            "200ms",
+        ],
+    );
+    let (pu, p2u, du) = (url(&p[0]), url(&p[1]), url(&d));
+    let px = proxy(&[
+        "--prefill",
+        &pu,
+        "--prefill",
+        &p2u,
+        "--decode",
+        &du,
+        "--http",
+        "127.0.0.1:0",
+    ]);
+    let (api, ops) = (px.addr("proxy"), px.addr("http"));
+    let up_series =
+        |u: &str, role: &str| format!("kvpool_proxy_engine_up{{engine=\"{u}\",role=\"{role}\"}}");
+    let req = |route: &str, outcome: &str| {
+        format!("kvpool_proxy_requests_total{{route=\"{route}\",outcome=\"{outcome}\"}}")
+    };
+    let handoffs = |e: &str| format!("kvpool_proxy_handoffs_total{{event=\"{e}\"}}");
+
+    assert_eq!(get(&ops, "/health").0, 200);
+    let (code, why) = get(&ops, "/ready");
+    assert_eq!(code, 200, "{why}");
+    let m = scrape(&ops);
+    assert_eq!(value(&m, &up_series(&pu, "prefill")), 1.0, "{m:?}");
+    assert_eq!(value(&m, &up_series(&du, "decode")), 1.0, "{m:?}");
+    assert_eq!(value(&m, &req("completions", "ok")), 0.0);
+    assert!(
+        m.contains_key(&req("chat", "no_decoder")),
+        "zeros exported: {m:?}"
+    );
+
+    // A streamed completion: open while its events flow.
+    let body = json!({"prompt": prompt(41, 40), "max_tokens": 3, "stream": true});
+    let mut s = Stream::open(&api, "POST", "/v1/completions", &body.to_string()).await;
+    assert_eq!(s.status, 200, "{}", s.head);
+    let first = s.next_event().await.expect("a first event");
+    assert_eq!(value(&scrape(&ops), "kvpool_proxy_streams_open"), 1.0);
+    let (_, done) = events(&(first + &s.rest().await));
+    assert!(done, "the stream ended without [DONE]");
+
+    // An unstreamed chat.
+    let body = json!({
+        "model": "test/llama-tiny", "max_completion_tokens": 2,
+        "messages": [{"role": "user", "content": "Tell me about KV caches, at length please."}],
+    });
+    let (status, r) = http(&api, "POST", "/v1/chat/completions", &body.to_string()).await;
+    assert_eq!(status, 200, "{r}");
+
+    // The decode's time is taken when its body ends, after the caller has the last byte.
+    let o = ops.clone();
+    wait_until("both decodes observed", Duration::from_secs(10), || {
+        let o = o.clone();
+        async move { value(&scrape(&o), "kvpool_proxy_decode_duration_seconds_count") == 2.0 }
+    })
+    .await;
+    let m = scrape(&ops);
+    assert_eq!(value(&m, &req("completions", "ok")), 1.0, "{m:?}");
+    assert_eq!(value(&m, &req("chat", "ok")), 1.0, "{m:?}");
+    assert_eq!(value(&m, &handoffs("started")), 2.0, "{m:?}");
+    assert_eq!(value(&m, &handoffs("failed")), 0.0, "{m:?}");
+    assert_eq!(value(&m, "kvpool_proxy_streams_total"), 1.0, "{m:?}");
+    assert_eq!(value(&m, "kvpool_proxy_streams_open"), 0.0, "{m:?}");
+    assert_eq!(
+        value(&m, "kvpool_proxy_prefill_duration_seconds_count"),
+        2.0
+    );
+    // No --master: the affinity hash chose both times, and the master was never asked.
+    assert_eq!(
+        value(
+            &m,
+            "kvpool_proxy_prefill_choices_total{reason=\"affinity\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            "kvpool_proxy_prefix_lookups_total{outcome=\"answered\"}"
+        ),
+        0.0
+    );
+
+    // The decoder dies: the health check takes it out, /ready says why, and a request that
+    // was handed off reaches no decoder.
+    d.kill();
+    let o = ops.clone();
+    wait_until("/ready turns 503", Duration::from_secs(10), || {
+        let o = o.clone();
+        async move { get(&o, "/ready").0 == 503 }
+    })
+    .await;
+    let (_, why) = get(&ops, "/ready");
+    assert!(why.contains("no healthy decoder"), "{why}");
+    let body = json!({"prompt": prompt(42, 40), "max_tokens": 2});
+    let (status, r) = http(&api, "POST", "/v1/completions", &body.to_string()).await;
+    assert_eq!(status, 502, "{r}");
+    let m = scrape(&ops);
+    assert_eq!(value(&m, &up_series(&du, "decode")), 0.0, "{m:?}");
+    assert_eq!(value(&m, &req("completions", "no_decoder")), 1.0, "{m:?}");
+    assert_eq!(value(&m, &handoffs("started")), 3.0, "{m:?}");
+    assert_eq!(value(&m, &handoffs("failed")), 1.0, "{m:?}");
+    assert_eq!(value(&m, &handoffs("retried")), 0.0, "{m:?}");
+
+    // Both prefillers die: the prefill is tried on one, retried on the other, and fails.
+    for x in &mut p {
+        x.kill();
+    }
+    let (status, r) = http(&api, "POST", "/v1/completions", &body.to_string()).await;
+    assert_eq!(status, 502, "{r}");
+    let m = scrape(&ops);
+    assert_eq!(value(&m, &handoffs("retried")), 1.0, "{m:?}");
+    assert_eq!(value(&m, &req("completions", "no_prefiller")), 1.0, "{m:?}");
+    assert_eq!(value(&m, &handoffs("started")), 3.0, "{m:?}");
 }

@@ -121,6 +121,10 @@ pub struct ProxyArgs {
     /// /kvpool/block_keys such as vLLM.
     #[arg(long, requires = "master")]
     pub prefix_namespace: Option<String>,
+    /// HTTP address for the proxy's /metrics, /health and /ready (ready: a healthy decoder
+    /// and, when any is given, a healthy prefiller) [127.0.0.1:9005]; empty: none.
+    #[arg(long, env = "KVPOOL_HTTP", value_name = "ADDR", default_value = kvpool_proxy::DEFAULT_HTTP)]
+    pub http: String,
 }
 
 #[derive(Debug, Args)]

@@ -241,9 +241,12 @@ pub async fn proxy(config: Config, a: crate::cli::ProxyArgs) -> anyhow::Result<E
     if let Some(ns) = a.prefix_namespace.as_deref() {
         cfg.prefix_namespace = Some(kvpool_proxy::KeyNamespace::parse(ns)?);
     }
+    // Bound before the proxy starts: a chosen address that cannot be had stops it at once.
+    let (ops, http) = ops::start(&a.http, kvpool_proxy::DEFAULT_HTTP).await?;
     let (proxy, task) = kvpool_proxy::start(cfg, shutdown_signal()).await?;
+    ops.add(proxy.probe());
     tracing::info!(addr = %proxy.addr, "proxy listening");
-    ready(&format!("proxy={}", proxy.addr));
+    ready(&format!("proxy={}{}", proxy.addr, ops::ready_field(http)));
     task.await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -52,6 +52,11 @@ impl Backend {
         self.healthy.load(Ordering::Relaxed)
     }
 
+    /// Requests in flight on this engine now.
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn set_healthy(&self, ok: bool) {
         self.healthy.store(ok, Ordering::Relaxed);
     }

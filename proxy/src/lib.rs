@@ -16,6 +16,7 @@
 //! plain router over the decoders.
 
 mod backends;
+mod metrics;
 mod placement;
 mod route;
 
@@ -24,7 +25,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use backends::{Backend, Backends};
+pub use metrics::{ProxyMetrics, ProxyProbe};
 pub use placement::KeyNamespace;
+
+/// Where `kvpool proxy` serves `/metrics`, `/health` and `/ready` unless told: loopback, the
+/// port after the master's (9003) and the storage node's (9004), so all three fit on one host.
+pub const DEFAULT_HTTP: &str = "127.0.0.1:9005";
 
 /// How the proxy is set up.
 #[derive(Debug, Clone)]
@@ -67,6 +73,17 @@ impl ProxyConfig {
 pub struct Proxy {
     pub addr: SocketAddr,
     pub backends: Arc<Backends>,
+    pub metrics: Arc<ProxyMetrics>,
+}
+
+impl Proxy {
+    /// The proxy as a part of a `kvpool-ops` endpoint: its metrics and its readiness.
+    pub fn probe(&self) -> Arc<ProxyProbe> {
+        Arc::new(ProxyProbe {
+            metrics: Arc::clone(&self.metrics),
+            backends: Arc::clone(&self.backends),
+        })
+    }
 }
 
 /// Binds, starts the health checker, and serves until `shutdown` completes (in a spawned
@@ -84,7 +101,8 @@ pub async fn start(
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
     let addr = listener.local_addr()?;
     let backends = Arc::new(Backends::new(&cfg.prefillers, &cfg.decoders)?);
-    let state = route::State::new(Arc::clone(&backends), &cfg);
+    let metrics = Arc::new(ProxyMetrics::new());
+    let state = route::State::new(Arc::clone(&backends), Arc::clone(&metrics), &cfg);
     let health = tokio::spawn(backends::check_health(
         Arc::clone(&backends),
         state.http.clone(),
@@ -100,5 +118,12 @@ pub async fn start(
             tracing::error!("proxy server: {e}");
         }
     });
-    Ok((Proxy { addr, backends }, task))
+    Ok((
+        Proxy {
+            addr,
+            backends,
+            metrics,
+        },
+        task,
+    ))
 }

@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, State as Extract};
@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::backends::{Backend, Backends, InFlight};
+use crate::metrics::{Choice, OpenStream, Outcome, ProxyMetrics};
 use crate::placement::{self, Placement};
 use crate::ProxyConfig;
 
@@ -42,12 +43,18 @@ pub(crate) struct State {
     affinity_tokens: usize,
     next_id: Arc<AtomicU64>,
     placement: Option<Arc<Placement>>,
+    metrics: Arc<ProxyMetrics>,
 }
 
 impl State {
-    pub(crate) fn new(backends: Arc<Backends>, cfg: &ProxyConfig) -> Self {
+    pub(crate) fn new(
+        backends: Arc<Backends>,
+        metrics: Arc<ProxyMetrics>,
+        cfg: &ProxyConfig,
+    ) -> Self {
         State {
             backends,
+            metrics,
             http: Client::builder(TokioExecutor::new()).build_http(),
             request_timeout: cfg.request_timeout,
             affinity_tokens: cfg.affinity_tokens,
@@ -208,10 +215,27 @@ fn prefill_request(req: &Value, api: Api) -> Value {
 }
 
 async fn handle(Extract(st): Extract<State>, body: Bytes, api: Api) -> Response {
+    let (resp, outcome) = serve(&st, body, api).await;
+    st.metrics.request(api == Api::Chat, outcome);
+    resp
+}
+
+/// What `status` from an engine, passed back to the caller, counts as.
+fn outcome_of(status: StatusCode) -> Outcome {
+    if status.is_success() {
+        Outcome::Ok
+    } else {
+        Outcome::Rejected
+    }
+}
+
+/// One request, prefill then decode: the answer and how it ended (for the metrics).
+async fn serve(st: &State, body: Bytes, api: Api) -> (Response, Outcome) {
+    let rejected = |m: String| (error(StatusCode::BAD_REQUEST, m), Outcome::Rejected);
     let mut req: Value = match serde_json::from_slice(&body) {
         Ok(v @ Value::Object(_)) => v,
-        Ok(_) => return error(StatusCode::BAD_REQUEST, "the request must be a JSON object"),
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad JSON: {e}")),
+        Ok(_) => return rejected("the request must be a JSON object".into()),
+        Err(e) => return rejected(format!("bad JSON: {e}")),
     };
     let id = match req.get("request_id").and_then(Value::as_str) {
         Some(id) => id.to_string(),
@@ -220,18 +244,37 @@ async fn handle(Extract(st): Extract<State>, body: Bytes, api: Api) -> Response 
     req["request_id"] = json!(id);
 
     let mut prefilled = None;
+    let mut handed_off = false;
     if !st.backends.prefillers.is_empty() {
-        let (order, prefix) = prefill_order(&st, &req, api).await;
-        let answer = match first_answer(&st, order, api, &id, &prefill_request(&req, api)).await {
-            Ok((status, body, _)) if !status.is_success() => return raw(status, body),
+        let (order, prefix) = prefill_order(st, &req, api).await;
+        let started = Instant::now();
+        let answer = match first_answer(st, order, api, &id, &prefill_request(&req, api)).await {
+            Ok((status, body, _)) if !status.is_success() => {
+                return (raw(status, body), outcome_of(status))
+            }
             Ok((_, body, url)) => {
+                st.metrics.prefilled(started);
+                let blocks = prefix
+                    .iter()
+                    .flatten()
+                    .find(|(u, _)| *u == url)
+                    .map_or(0, |(_, n)| *n);
+                let why = if blocks > 0 {
+                    Choice::Prefix
+                } else {
+                    Choice::Affinity
+                };
+                st.metrics.chosen(why, blocks);
                 prefilled = Some((url, prefix));
                 body
             }
             Err(failures) => {
-                return error(
-                    StatusCode::BAD_GATEWAY,
-                    format!("no prefiller answered: {failures}"),
+                return (
+                    error(
+                        StatusCode::BAD_GATEWAY,
+                        format!("no prefiller answered: {failures}"),
+                    ),
+                    Outcome::NoPrefiller,
                 )
             }
         };
@@ -244,17 +287,26 @@ async fn handle(Extract(st): Extract<State>, body: Bytes, api: Api) -> Response 
             params["do_remote_prefill"] = json!(true);
             params["do_remote_decode"] = json!(false);
             req["kv_transfer_params"] = params;
+            handed_off = true;
+            st.metrics.handoff("started");
         }
     }
-    let mut resp = match forward(&st, st.backends.decode_order(), api, &id, &req).await {
+    let mut resp = match forward(st, st.backends.decode_order(), api, &id, &req).await {
         Ok(r) => r,
         Err(failures) => {
-            return error(
-                StatusCode::BAD_GATEWAY,
-                format!("no decoder answered: {failures}"),
-            )
+            if handed_off {
+                st.metrics.handoff("failed");
+            }
+            return (
+                error(
+                    StatusCode::BAD_GATEWAY,
+                    format!("no decoder answered: {failures}"),
+                ),
+                Outcome::NoDecoder,
+            );
         }
     };
+    let outcome = outcome_of(resp.status());
     if let Some((url, prefix)) = prefilled {
         let h = resp.headers_mut();
         if let Ok(v) = HeaderValue::from_str(&url) {
@@ -264,7 +316,7 @@ async fn handle(Extract(st): Extract<State>, body: Bytes, api: Api) -> Response 
             h.insert(PREFIX_BLOCKS, HeaderValue::from(*n));
         }
     }
-    resp
+    (resp, outcome)
 }
 
 /// Leading prompt blocks found on each prefiller's host, by URL.
@@ -300,8 +352,12 @@ async fn prefill_order(st: &State, req: &Value, api: Api) -> (Vec<Arc<Backend>>,
         pl.locate(&keys).await
     };
     let found = match found.await {
-        Ok(f) => f,
+        Ok(f) => {
+            st.metrics.lookup(true);
+            f
+        }
         Err(e) => {
+            st.metrics.lookup(false);
             tracing::debug!("prefix placement unavailable, affinity decides: {e}");
             return (order, None);
         }
@@ -419,7 +475,11 @@ async fn first_answer(
     body: &Value,
 ) -> Result<(StatusCode, Bytes, String), String> {
     let mut failures = Vec::new();
-    for b in order {
+    for (i, b) in order.into_iter().enumerate() {
+        if i > 0 {
+            // The engine before this one failed: the request moves on.
+            st.metrics.handoff("retried");
+        }
         let _busy = b.begin();
         let url = format!("{}{}", b.url, api.path());
         match post_json(&st.http, &url, body, Some(id), st.request_timeout).await {
@@ -454,7 +514,11 @@ async fn forward(
 ) -> Result<Response, String> {
     let mut failures = Vec::new();
     let bytes = Bytes::from(serde_json::to_vec(body).map_err(|e| e.to_string())?);
-    for b in order {
+    for (i, b) in order.into_iter().enumerate() {
+        if i > 0 {
+            st.metrics.handoff("retried");
+        }
+        let started = Instant::now();
         let busy = b.begin();
         let url = format!("{}{}", b.url, api.path());
         let req = match request(&url, bytes.clone(), Some(id)) {
@@ -468,9 +532,17 @@ async fn forward(
             Ok(Ok(resp)) if !engine_failed(resp.status()) => {
                 b.record(true);
                 let (head, incoming) = resp.into_parts();
+                let streamed = head
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.starts_with("text/event-stream"));
                 let mut out = Response::new(Body::new(Guarded {
                     inner: incoming,
                     _busy: busy,
+                    _stream: streamed.then(|| st.metrics.stream()),
+                    metrics: Arc::clone(&st.metrics),
+                    started,
                 }));
                 *out.status_mut() = head.status;
                 for name in [header::CONTENT_TYPE, header::CACHE_CONTROL] {
@@ -500,10 +572,21 @@ async fn forward(
     Err(failures.join("; "))
 }
 
-/// An engine's response body, counted in flight on its engine until it ends or is dropped.
+/// An engine's response body, counted in flight on its engine (and as an open stream) until
+/// it ends or is dropped; the decode's duration is observed then, so a stream counts its
+/// whole length, not just its first event.
 struct Guarded {
     inner: Incoming,
     _busy: InFlight,
+    _stream: Option<OpenStream>,
+    metrics: Arc<ProxyMetrics>,
+    started: Instant,
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        self.metrics.decoded(self.started);
+    }
 }
 
 impl hyper::body::Body for Guarded {

@@ -14,6 +14,49 @@ use super::objects::ObjId;
 use super::MasterCore;
 use crate::alloc::Allocation;
 
+/// Evictions that make an `eviction burst` line: fewer are routine (a put making room now
+/// and then) and not worth a line at the default level.
+pub(crate) const BURST_OBJECTS: u64 = 64;
+/// At most one `eviction burst` line per this long: a pool under sustained pressure evicts on
+/// every put, and its log must not turn into one line per request.
+pub(crate) const BURST_EVERY: Duration = Duration::from_secs(10);
+
+/// Evictions since the last `eviction burst` line (the core is sans-I/O: it logs through
+/// `tracing` with the time it is given, no clock of its own).
+#[derive(Debug, Default)]
+pub(crate) struct BurstLog {
+    objects: u64,
+    bytes: u64,
+    last_line: Option<Duration>,
+}
+
+impl BurstLog {
+    /// Counts a pass's victims; logs one line (objects and bytes since the last line) once
+    /// at least [`BURST_OBJECTS`] are pending and [`BURST_EVERY`] has passed since the last.
+    /// Returns whether it logged.
+    pub(crate) fn record(&mut self, now: Duration, objects: u64, bytes: u64) -> bool {
+        self.objects += objects;
+        self.bytes += bytes;
+        let due = self
+            .last_line
+            .is_none_or(|t| now.saturating_sub(t) >= BURST_EVERY);
+        if self.objects < BURST_OBJECTS || !due {
+            return false;
+        }
+        let since = self.last_line.map(|t| now.saturating_sub(t));
+        tracing::info!(
+            objects = self.objects,
+            bytes = self.bytes,
+            since_last = ?since,
+            "eviction burst"
+        );
+        self.objects = 0;
+        self.bytes = 0;
+        self.last_line = Some(now);
+        true
+    }
+}
+
 /// When a pass may stop.
 #[derive(Debug, Clone, Copy)]
 struct Goal {
@@ -27,9 +70,14 @@ impl MasterCore {
     /// The coldest evictable replicas of a segment, enough to meet `goal` (or all there are),
     /// with the bytes each frees. Replicas being demoted count as freed already: their space
     /// comes back when their task ends.
-    fn pick_victims(&self, now: Duration, sid: SegmentId, goal: Goal) -> Vec<(ObjId, ReplicaId)> {
+    fn pick_victims(
+        &self,
+        now: Duration,
+        sid: SegmentId,
+        goal: Goal,
+    ) -> (Vec<(ObjId, ReplicaId)>, u64) {
         let Some(seg) = self.cluster.segments.get(&sid) else {
-            return Vec::new();
+            return (Vec::new(), 0);
         };
         let used = seg.alloc.used().saturating_sub(seg.leaving);
         let met =
@@ -67,14 +115,15 @@ impl MasterCore {
             victims.push((oid, rid));
             freed += len;
         }
-        victims
+        (victims, freed)
     }
 
     /// Evicts (drops) from one segment until `goal` is met or nothing evictable remains;
     /// returns whether anything was dropped.
     fn evict_segment(&mut self, now: Duration, sid: SegmentId, goal: Goal) -> bool {
-        let victims = self.pick_victims(now, sid, goal);
+        let (victims, bytes) = self.pick_victims(now, sid, goal);
         self.evictions += victims.len() as u64;
+        self.eviction_log.record(now, victims.len() as u64, bytes);
         for &(oid, rid) in &victims {
             self.drop_replica(oid, rid);
         }
@@ -142,8 +191,9 @@ impl MasterCore {
                         min_free: fraction(cap, self.cfg.eviction_ratio),
                         max_used: fraction(cap, self.cfg.high_watermark),
                     };
-                    let victims = self.pick_victims(now, sid, goal);
+                    let (victims, bytes) = self.pick_victims(now, sid, goal);
                     self.evictions += victims.len() as u64;
+                    self.eviction_log.record(now, victims.len() as u64, bytes);
                     for (oid, rid) in victims {
                         if !self.try_demote(now, oid, rid) {
                             self.drop_replica(oid, rid);
@@ -160,4 +210,25 @@ fn fraction(cap: u64, f: f64) -> u64 {
     let f = if f.is_nan() { 0.0 } else { f.clamp(0.0, 1.0) };
     // f64 has 53 bits of mantissa: exact enough for byte counts of a segment.
     (cap as f64 * f) as u64
+}
+
+#[cfg(test)]
+mod burst_tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_line_needs_enough_evictions_and_is_rate_limited() {
+        let mut log = BurstLog::default();
+        let t = Duration::from_secs(100);
+        // Routine evictions: no line until enough are pending.
+        assert!(!log.record(t, BURST_OBJECTS - 1, 1 << 20));
+        assert!(log.record(t, 1, 4096));
+        assert_eq!((log.objects, log.bytes), (0, 0), "reported ones start over");
+        // A second burst within the interval waits, and is reported whole once it is due.
+        assert!(!log.record(t + Duration::from_secs(1), 500, 1 << 30));
+        assert!(!log.record(t + BURST_EVERY - Duration::from_millis(1), 0, 0));
+        assert!(log.record(t + BURST_EVERY, 0, 0));
+        // A pass of zero victims never logs on its own.
+        assert!(!log.record(t + 10 * BURST_EVERY, 0, 0));
+    }
 }

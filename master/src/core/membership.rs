@@ -296,7 +296,7 @@ impl MasterCore {
         if !out.is_empty() {
             tracing::warn!(node = %req.node, rejected = out.len(), "inventory entries rejected");
         }
-        tracing::info!(node = %req.node, addr = %req.addr, segments = segments.len(), "node registered");
+        tracing::info!(node = %req.node, addr = %req.addr, segments = segments.len(), "node joined");
         RegisterResponse {
             heartbeat_ms,
             rejected: out,
@@ -508,7 +508,7 @@ impl MasterCore {
                 format!("node {node} is not registered (never was, left, or declared dead)"),
             ));
         }
-        tracing::info!(node = %node, "node leaves the pool");
+        tracing::info!(node = %node, "node left");
         self.drop_node(node);
         Ok(())
     }
@@ -524,7 +524,7 @@ impl MasterCore {
             .map(|(id, _)| *id)
             .collect();
         for id in dead {
-            tracing::warn!(node = %id, "node silent for {ttl:?}: declared dead");
+            tracing::warn!(node = %id, silent_for = ?ttl, "node declared dead");
             self.drop_node(id);
         }
     }

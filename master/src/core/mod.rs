@@ -148,6 +148,8 @@ pub struct MasterCore {
     /// Rotates the first segment tried by placement so load spreads.
     rotor: u64,
     evictions: u64,
+    /// Evictions not yet reported in an `eviction burst` log line.
+    eviction_log: eviction::BurstLog,
     /// Replicas nodes reported lost (corrupt or unreadable) since this core started.
     lost_replicas: u64,
 }
@@ -170,6 +172,7 @@ impl MasterCore {
             access_clock: 0,
             rotor: 0,
             evictions: 0,
+            eviction_log: eviction::BurstLog::default(),
             lost_replicas: 0,
         }
     }
