@@ -130,3 +130,52 @@ fn config_prints_every_default() {
         assert!(text.contains(key), "missing {key} in:\n{text}");
     }
 }
+
+#[test]
+fn status_shows_the_transport_to_each_node() {
+    let pool = up("64MiB", &[]);
+    let m = pool.addr("master");
+    let data = pool.addr("store");
+    // The test's own environment may pick a transport (a matrix run): each case sets it.
+    let status = |transport: &str, args: &[&str]| {
+        let o = run_kvpool(
+            args,
+            &[("KVPOOL_MASTER", &m), ("KVPOOL_TRANSPORT", transport)],
+            None,
+        );
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    // The node's row: the one naming its data address.
+    let row = |text: &str| -> Vec<String> {
+        text.lines()
+            .find(|l| l.contains(&data))
+            .unwrap_or_else(|| panic!("no row for {data} in:\n{text}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    let json_transport = |text: &str| -> String {
+        let doc: serde_json::Value = serde_json::from_str(text).expect("status --json");
+        let t = &doc["transports"];
+        assert_eq!(t.as_array().map(Vec::len), Some(1), "{doc:#}");
+        assert_eq!(t[0]["addr"], data.as_str(), "{doc:#}");
+        t[0]["transport"].as_str().expect("transport").to_string()
+    };
+
+    // By default a node on this host that shares its memory is reached through it.
+    let text = status("auto", &["status"]);
+    assert!(text.contains("TRANSPORT"), "{text}");
+    assert_eq!(row(&text)[3], "shm", "{text}");
+    assert_eq!(
+        json_transport(&status("auto", &["status", "--json"])),
+        "shm"
+    );
+    assert!(status("auto", &["status", "--raw"]).contains("transport=shm"));
+
+    // Told to use TCP, the client shows TCP for the same node.
+    let text = status("tcp", &["status"]);
+    assert_eq!(row(&text)[3], "tcp", "{text}");
+    assert_eq!(json_transport(&status("tcp", &["status", "--json"])), "tcp");
+    assert!(status("tcp", &["status", "--raw"]).contains("transport=tcp"));
+}

@@ -568,16 +568,9 @@ async fn demotions_and_promotions_are_counted() {
         "[master]\nheartbeat-interval = \"100ms\"\nhigh-watermark = 0.5\neviction-ratio = 0.2\n\
          nvme-admission = \"always\"\npromote-after-hits = 1\n\n[store.nvme]\nengine = \"psync\"\n",
     );
-    let pool = Proc::start(&[
-        "--config",
-        cfg.to_str().unwrap(),
-        "up",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-listen",
-        "127.0.0.1:0",
-        "--dram",
-        "16MiB",
+    let mut args = vec!["--config", cfg.to_str().unwrap()];
+    args.extend(kvpool_tests::up_args("16MiB"));
+    args.extend([
         "--nvme",
         nvme.to_str().unwrap(),
         "--nvme-size",
@@ -585,6 +578,7 @@ async fn demotions_and_promotions_are_counted() {
         "--http",
         "127.0.0.1:0",
     ]);
+    let pool = Proc::start(&args);
     let (m, h) = (pool.addr("master"), pool.addr("http"));
     let c = client(&m);
     for i in 0..12u64 {

@@ -37,21 +37,10 @@ async fn wait_for_room(c: &Client) {
 /// `kvpool up` on free ports with `dram` of DRAM and an NVMe tier of `size` at `nvme`.
 fn tiered_pool(cfg: &Path, dram: &str, nvme: &Path, size: &str) -> Proc {
     let (cfg, nvme) = (cfg.to_str().unwrap(), nvme.to_str().unwrap());
-    Proc::start(&[
-        "--config",
-        cfg,
-        "up",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-listen",
-        "127.0.0.1:0",
-        "--dram",
-        dram,
-        "--nvme",
-        nvme,
-        "--nvme-size",
-        size,
-    ])
+    let mut args = vec!["--config", cfg];
+    args.extend(kvpool_tests::up_args(dram));
+    args.extend(["--nvme", nvme, "--nvme-size", size]);
+    Proc::start(&args)
 }
 
 async fn tiers_of(c: &Client, key: &str) -> Vec<Tier> {

@@ -323,13 +323,5 @@ where
     }
 }
 
-/// Fills `buf` with xorshift64 bytes from `seed`: cheap, and different for every seed.
-fn fill(buf: &mut [u8], seed: u64) {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for chunk in buf.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-}
+/// Fills `buf` with xorshift64 bytes from `seed`: the testkit's value bytes.
+use kvpool_testkit::fill;

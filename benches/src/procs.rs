@@ -3,49 +3,30 @@
 
 use std::{
     ffi::OsStr,
-    io::{BufRead, BufReader},
-    net::TcpListener,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
+use kvpool_testkit::{free_port, up_args, Guard, Proc, READY_WITHIN};
 
 use crate::resp::RespConn;
 
-/// How long a server may take to start listening.
-const START_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A child process, SIGKILLed and reaped on drop.
+/// A server process, SIGKILLed and reaped on drop (the testkit's guard).
 pub struct Server {
-    child: Child,
+    child: Guard,
     pub addr: String,
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The `kvpool` binary: `explicit`, else the one beside this executable (cargo builds every
-/// binary of the workspace into the same folder, wherever CARGO_TARGET_DIR points).
+/// The `kvpool` binary: `explicit`, else the testkit's (`$KVPOOL_BIN`, or the one cargo built
+/// beside this executable, wherever CARGO_TARGET_DIR points).
 pub fn kvpool_bin(explicit: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = explicit {
         return Ok(p.to_path_buf());
     }
-    let exe = std::env::current_exe().context("locating kvpool-bench itself")?;
-    let bin = exe.with_file_name("kvpool");
-    if !bin.exists() {
-        bail!(
-            "{} not found: build it with `cargo build --release --bins`, or pass --kvpool PATH",
-            bin.display()
-        );
-    }
-    Ok(bin)
+    kvpool_testkit::kvpool_bin()
+        .context("build it with `cargo build --release --bins`, or pass --kvpool PATH")
 }
 
 /// Starts `kvpool up` on free loopback ports with `dram` of memory and returns once its
@@ -65,54 +46,24 @@ pub fn start_kvpool_with(
     if let Some(c) = config {
         cmd.arg("--config").arg(c);
     }
-    let mut child = cmd
-        .args([
-            "up",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-listen",
-            "127.0.0.1:0",
-            "--dram",
-            dram,
-        ])
+    cmd.args(up_args(dram))
         .args(extra)
         // Info logs would interleave with the report; warnings still show.
         .env("KVPOOL_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let stdout = child.stdout.take().context("kvpool stdout")?;
-    // Wrapped at once so that an early return below still kills the child.
-    let mut server = Server {
-        child,
-        addr: String::new(),
-    };
-    let (tx, rx) = mpsc::channel();
-    // The reader keeps draining stdout after the ready line so the child never blocks on it.
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix("ready ") {
-                let _ = tx.send(rest.to_string());
-            }
-        }
-    });
-    let line = rx
-        .recv_timeout(START_TIMEOUT)
-        .map_err(|_| anyhow::anyhow!("kvpool up printed no ready line within {START_TIMEOUT:?}"))?;
-    server.addr = line
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix("master="))
-        .with_context(|| format!("no master= in the ready line {line:?}"))?
-        .to_string();
-    Ok(server)
+        .stderr(Stdio::inherit());
+    let proc =
+        Proc::spawn(cmd, READY_WITHIN).with_context(|| format!("starting {} up", bin.display()))?;
+    let addr = proc.field("master")?;
+    Ok(Server {
+        child: proc.into_guard(),
+        addr,
+    })
 }
 
 /// Starts `redis-server` on a free port with persistence off. `Ok(None)` when the binary is
 /// not installed (the Redis columns are then left empty).
 pub async fn start_redis(bin: &str) -> Result<Option<Server>> {
-    let port = free_port()?;
+    let port = free_port().context("a free port for redis-server")?;
     let spawned = Command::new(bin)
         .args([
             "--port",
@@ -142,7 +93,7 @@ pub async fn start_redis(bin: &str) -> Result<Option<Server>> {
         Err(e) => return Err(e).with_context(|| format!("starting {bin}")),
     };
     let mut server = Server {
-        child,
+        child: Guard::new(child),
         addr: format!("127.0.0.1:{port}"),
     };
     wait_for_redis(&mut server).await?;
@@ -163,7 +114,7 @@ pub fn redis_version(bin: &str) -> String {
 /// Polls with PING until Redis answers (it starts in milliseconds, but not instantly).
 async fn wait_for_redis(server: &mut Server) -> Result<()> {
     let addr = server.addr.clone();
-    let deadline = Instant::now() + START_TIMEOUT;
+    let deadline = Instant::now() + READY_WITHIN;
     loop {
         if let Some(status) = server.child.try_wait()? {
             bail!("redis-server exited at startup ({status}); is port {addr} taken?");
@@ -180,11 +131,4 @@ async fn wait_for_redis(server: &mut Server) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// A port nothing listens on right now. Redis cannot be told to pick one and report it, so
-/// the port is taken from the kernel and released; a race with another process is unlikely
-/// and shows up as a clear startup failure.
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }

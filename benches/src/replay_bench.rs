@@ -263,16 +263,6 @@ fn key(id: u64) -> Vec<u8> {
     format!("replay/{id:016x}").into_bytes()
 }
 
-/// `size` bytes that differ per block (xorshift from the id), so a mixed-up block fails the check.
-fn value(id: u64, size: usize) -> Vec<u8> {
-    let mut x = id.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut out = Vec::with_capacity(size + 8);
-    while out.len() < size {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(size);
-    out
-}
+/// `size` bytes that differ per block (the testkit's values from the id), so a mixed-up block
+/// fails the check.
+use kvpool_testkit::value;

@@ -123,8 +123,36 @@ pub async fn exists(cfg: Config, a: KeyArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// How long `status` waits for one node's transport probe: a node that does not answer
+/// must not hold up the whole display.
+const PROBE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The transport this client would use to each node, by node id: `shm` or `tcp` as
+/// `Client::probe_transport` finds it (attaching first where it may), `-` for a node that
+/// is down or does not answer the probe in time (nothing is moved to it either way).
+async fn node_transports(
+    c: &Client,
+    nodes: &[kvpool_proto::NodeStatus],
+) -> std::collections::HashMap<kvpool_proto::NodeId, &'static str> {
+    let mut out = std::collections::HashMap::new();
+    for n in nodes {
+        let t = if n.alive {
+            tokio::time::timeout(PROBE_WAIT, c.probe_transport(&n.addr))
+                .await
+                .unwrap_or("-")
+        } else {
+            "-"
+        };
+        out.insert(n.id, t);
+    }
+    out
+}
+
 pub async fn status(cfg: Config, a: StatusArgs) -> anyhow::Result<ExitCode> {
-    let s = client(&cfg, &a.addr)?.status().await.context("status")?;
+    let c = client(&cfg, &a.addr)?;
+    let s = c.status().await.context("status")?;
+    let transports = node_transports(&c, &s.nodes).await;
+    let transport = |id: &kvpool_proto::NodeId| transports.get(id).copied().unwrap_or("-");
     let tier_total = |tier: Tier| -> (u64, u64) {
         s.nodes
             .iter()
@@ -145,6 +173,14 @@ pub async fn status(cfg: Config, a: StatusArgs) -> anyhow::Result<ExitCode> {
             "evictions": s.evictions,
             "dram": tier((cap, used)),
             "nvme": tier((ncap, nused)),
+            // Per node: the data transport this client (same config, same environment)
+            // would use to reach it.
+            "transports": s.nodes.iter().map(|n| serde_json::json!({
+                "node": n.id.to_string(),
+                "name": n.name,
+                "addr": n.addr,
+                "transport": transport(&n.id),
+            })).collect::<Vec<_>>(),
         });
         println!("{doc:#}");
         return Ok(ExitCode::SUCCESS);
@@ -160,8 +196,8 @@ pub async fn status(cfg: Config, a: StatusArgs) -> anyhow::Result<ExitCode> {
         for n in &s.nodes {
             for seg in &n.segments {
                 println!(
-                    "node={} name={} addr={} alive={} draining={} pending_frees={} pending_commits={} segment={} tier={} healthy={} capacity={} used={} objects={}",
-                    n.id, n.name, n.addr, n.alive, n.draining, n.pending_frees, n.pending_commits, seg.id, seg.tier, seg.healthy, seg.capacity, seg.used, seg.objects
+                    "node={} name={} addr={} alive={} draining={} pending_frees={} pending_commits={} segment={} tier={} healthy={} capacity={} used={} objects={} transport={}",
+                    n.id, n.name, n.addr, n.alive, n.draining, n.pending_frees, n.pending_commits, seg.id, seg.tier, seg.healthy, seg.capacity, seg.used, seg.objects, transport(&n.id)
                 );
             }
         }
@@ -197,17 +233,27 @@ pub async fn status(cfg: Config, a: StatusArgs) -> anyhow::Result<ExitCode> {
     }
     println!();
     println!(
-        "{:<18} {:<16} {:<22} {:<6} {:<18} {:<5} {:>10} {:>10} {:>9}",
-        "NODE", "NAME", "ADDRESS", "STATE", "SEGMENT", "TIER", "CAPACITY", "USED", "OBJECTS"
+        "{:<18} {:<16} {:<22} {:<9} {:<6} {:<18} {:<5} {:>10} {:>10} {:>9}",
+        "NODE",
+        "NAME",
+        "ADDRESS",
+        "TRANSPORT",
+        "STATE",
+        "SEGMENT",
+        "TIER",
+        "CAPACITY",
+        "USED",
+        "OBJECTS"
     );
     for n in &s.nodes {
         for seg in &n.segments {
             let state = crate::admin::segment_state(n, seg);
             println!(
-                "{:<18} {:<16} {:<22} {:<6} {:<18} {:<5} {:>10} {:>10} {:>9}",
+                "{:<18} {:<16} {:<22} {:<9} {:<6} {:<18} {:<5} {:>10} {:>10} {:>9}",
                 n.id.to_string(),
                 n.name,
                 n.addr,
+                transport(&n.id),
                 state,
                 seg.id.to_string(),
                 seg.tier.to_string(),

@@ -8,14 +8,14 @@
 //! ```
 
 use std::{
-    io::{BufRead, BufReader},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use kvpool_client::{Client, ClientConfig, ErrorCode};
 use kvpool_proto::{PutOptions, Status};
+use kvpool_testkit::{free_port, value as val, Guard, Proc, READY_WITHIN};
 use kvpool_transport::{
     rpc::{RpcClient, RpcOptions},
     TransportError,
@@ -23,22 +23,7 @@ use kvpool_transport::{
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> Res<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn start_etcd(dir: &std::path::Path) -> Res<(Proc, String)> {
+fn start_etcd(dir: &std::path::Path) -> Res<(Guard, String)> {
     let (cp, pp) = (free_port()?, free_port()?);
     let client = format!("http://127.0.0.1:{cp}");
     let peer = format!("http://127.0.0.1:{pp}");
@@ -62,35 +47,18 @@ fn start_etcd(dir: &std::path::Path) -> Res<(Proc, String)> {
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| format!("starting etcd (install etcd-server): {e}"))?;
-    Ok((Proc(child), client))
+    Ok((Guard::new(child), client))
 }
 
-/// Starts `kvpool ARGS` and returns it with the `ready` line's `what=` value.
+/// Starts `kvpool ARGS` (through the testkit) and returns it with the `ready` line's
+/// `what=` value.
 fn start(kvpool: &PathBuf, args: &[&str], what: &str) -> Res<(Proc, String)> {
-    let mut child = Command::new(kvpool)
-        .args(args)
+    let mut cmd = Command::new(kvpool);
+    cmd.args(args)
         .env("KVPOOL_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let out = child.stdout.take().ok_or("no stdout")?;
-    let proc = Proc(child);
-    let mut lines = BufReader::new(out).lines();
-    let line = loop {
-        match lines.next() {
-            Some(Ok(l)) if l.starts_with("ready ") => break l,
-            Some(_) => continue,
-            None => return Err(format!("kvpool {args:?} exited before ready").into()),
-        }
-    };
-    // Keep draining stdout so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    let addr = line
-        .split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == what)
-        .map(|(_, v)| v.to_string())
-        .ok_or("no address in ready line")?;
+        .stderr(Stdio::null());
+    let proc = Proc::spawn(cmd, READY_WITHIN)?;
+    let addr = proc.field(what)?;
     Ok((proc, addr))
 }
 
@@ -108,18 +76,6 @@ async fn leads(addr: &str) -> bool {
         Err(TransportError::Remote(w)) if w.code == ErrorCode::NotLeader => false,
         Err(_) => false,
     }
-}
-
-fn val(i: u64, size: usize) -> Vec<u8> {
-    let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..size)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 struct Trial {
@@ -246,11 +202,7 @@ async fn main() -> Res<()> {
     let mut n = 10_000u64;
     let mut size = 16 << 10;
     let mut trials = 3usize;
-    let mut kvpool = std::env::current_exe()?
-        .parent()
-        .and_then(|d| d.parent())
-        .map(|d| d.join("kvpool"))
-        .ok_or("no target dir")?;
+    let mut kvpool = kvpool_testkit::kvpool_bin()?;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let v = args.next().ok_or(format!("{a} needs a value"))?;

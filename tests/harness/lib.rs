@@ -1,16 +1,15 @@
 //! The end-to-end harness: starts real `kvpool` processes on loopback (port 0), learns their
 //! addresses from the `ready` line they print, kills them with SIGKILL when asked (or when
 //! dropped), and waits for conditions by polling with a deadline, never by sleeping a guess.
+//! The process start, the polling and the value bytes are `kvpool-testkit`'s (shared with
+//! store tests, examples and benches); this crate adds pools, clients, etcd and masters.
 
 pub mod http;
 
 use std::{
-    collections::HashMap,
-    io::{BufRead, BufReader},
     path::PathBuf,
-    process::{Child, Command, Output, Stdio},
-    sync::mpsc,
-    time::{Duration, Instant},
+    process::{Command, Output, Stdio},
+    time::Duration,
 };
 
 use kvpool_client::{Client, ClientConfig, ErrorCode, TransportMode};
@@ -23,160 +22,22 @@ use kvpool_transport::{
 };
 pub use skip::{skipped, SKIP_LOG};
 
+// The process start, wait helpers and value bytes live in the one testkit that store tests,
+// examples and benches share too; re-exported so tests keep naming them from here.
+use kvpool_testkit::Guard;
+pub use kvpool_testkit::{
+    fill, free_port, poll_until, up_args, value, wait_until, wait_until_blocking, KitError, Proc,
+};
+
 /// The `kvpool` binary built next to the running test (`target/<profile>/kvpool`), or
-/// `$KVPOOL_BIN`.
+/// `$KVPOOL_BIN`; panics with what to build when there is none.
 pub fn kvpool_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("KVPOOL_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/kvpool
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let bin = dir.join("kvpool");
-    assert!(
-        bin.exists(),
-        "{} not found: build it first (`cargo build --bins`, as scripts/test.sh does)",
-        bin.display()
-    );
-    bin
-}
-
-/// A running kvpool process. Killed with SIGKILL when dropped.
-pub struct Proc {
-    child: Child,
-    pub ready: HashMap<String, String>,
-    pub args: Vec<String>,
-}
-
-impl Proc {
-    /// Starts `kvpool ARGS...` and waits (up to 60 s) for its `ready k=v ...` line.
-    pub fn start(args: &[&str]) -> Proc {
-        Self::start_with_env(args, &[])
-    }
-
-    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Proc {
-        let mut cmd = Command::new(kvpool_bin());
-        cmd.args(args);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        Self::spawn_ready(cmd, "kvpool", args)
-    }
-
-    /// [`Proc::start_with_env`] with the process's stderr written to `log` instead of the
-    /// test's, so a test can check what the process said before it exited.
-    pub fn start_logged(args: &[&str], env: &[(&str, &str)], log: &std::path::Path) -> Proc {
-        let mut cmd = Command::new(kvpool_bin());
-        cmd.args(args)
-            .stderr(std::fs::File::create(log).expect("create the stderr log"));
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        Self::spawn_ready(cmd, "kvpool", args)
-    }
-
-    /// Polls (every 20 ms, up to `limit`) until the process exits on its own; its status, or
-    /// `None` if it is still running at the deadline.
-    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(st) = self.child.try_wait().expect("try_wait") {
-                return Some(st);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Starts `PROGRAM ARGS...` (a wrapper such as `ip netns exec NS kvpool ...` that ends by
-    /// exec'ing kvpool, so the pid is kvpool's) and waits (up to 60 s) for its `ready` line.
-    pub fn start_program(program: &std::path::Path, args: &[&str]) -> Proc {
-        let mut cmd = Command::new(program);
-        cmd.args(args);
-        Self::spawn_ready(cmd, &program.display().to_string(), args)
-    }
-
-    /// Spawns `cmd` (stdout piped, stderr inherited unless `cmd` sets it) and waits (up to
-    /// 60 s) for the `ready k=v ...` line; the reader thread keeps draining stdout after it.
-    fn spawn_ready(mut cmd: Command, name: &str, args: &[&str]) -> Proc {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.strip_prefix("ready ") {
-                    let _ = tx.send(rest.to_string());
-                }
-            }
-        });
-        let Ok(line) = rx.recv_timeout(Duration::from_secs(60)) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{name} {args:?} did not become ready within 60s");
-        };
-        let ready = line
-            .split_whitespace()
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        Proc {
-            child,
-            ready,
-            args: args.iter().map(|s| s.to_string()).collect(),
-        }
-    }
-
-    pub fn addr(&self, what: &str) -> String {
-        self.ready
-            .get(what)
-            .cloned()
-            .unwrap_or_else(|| panic!("no {what}= in ready line: {:?}", self.ready))
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// SIGKILL, and reap.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Sends SIGTERM and waits for a clean exit.
-    pub fn terminate(&mut self) -> std::process::ExitStatus {
-        // SAFETY: kill(2) with a pid we spawned and still own (not yet reaped) has no memory
-        // effects; at worst it fails with ESRCH.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        self.child.wait().expect("wait")
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
+    kvpool_testkit::kvpool_bin().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// `kvpool up` on free ports with `dram` of memory and any extra flags.
 pub fn up(dram: &str, extra: &[&str]) -> Proc {
-    let mut args = vec![
-        "up",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-listen",
-        "127.0.0.1:0",
-        "--dram",
-        dram,
-    ];
+    let mut args = up_args(dram).to_vec();
     args.extend_from_slice(extra);
     Proc::start(&args)
 }
@@ -253,52 +114,6 @@ pub fn loopback_rx_bytes() -> u64 {
         .expect("reading /sys/class/net/lo/statistics/rx_bytes")
 }
 
-/// Deterministic pseudo-random bytes: a different value per (seed, len), cheap to recompute.
-pub fn value(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
-/// Polls `cond` every 20 ms until it holds or `limit` passes; panics with `what` on timeout.
-pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if cond().await {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// [`wait_until`] for plain threads (no runtime): polls `cond` every 20 ms until it holds or
-/// `limit` passes; panics with `what` on timeout.
-pub fn wait_until_blocking(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Nodes the master currently reports alive.
 pub async fn alive_nodes(c: &Client) -> usize {
     match c.status().await {
@@ -360,17 +175,10 @@ pub fn etcd_bin() -> PathBuf {
         })
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
 /// A single-member etcd on free loopback ports with a temporary data folder; killed (and its
 /// folder removed) when dropped.
 pub struct Etcd {
-    child: Child,
+    child: Guard,
     /// The client URL, `http://127.0.0.1:PORT`.
     pub url: String,
     dir: PathBuf,
@@ -385,7 +193,8 @@ impl Etcd {
             rand::random::<u32>()
         ));
         std::fs::create_dir_all(&dir).expect("etcd data dir");
-        let (cp, pp) = (free_port(), free_port());
+        let port = || free_port().expect("a free loopback port");
+        let (cp, pp) = (port(), port());
         let client = format!("http://127.0.0.1:{cp}");
         let peer = format!("http://127.0.0.1:{pp}");
         let log = std::fs::File::create(dir.join("etcd.log")).expect("etcd log");
@@ -411,7 +220,7 @@ impl Etcd {
             .spawn()
             .expect("spawn etcd");
         let etcd = Etcd {
-            child,
+            child: Guard::new(child),
             url: client,
             dir,
         };
@@ -424,21 +233,14 @@ impl Etcd {
         etcd_healthy(&self.url)
     }
 
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on a child we spawned and have not reaped; no memory effects.
-        unsafe {
-            libc::kill(self.child.id() as i32, sig);
-        }
-    }
-
     /// SIGSTOP: etcd stops answering but keeps its connections open (a stalled etcd).
     pub fn pause(&self) {
-        self.signal(libc::SIGSTOP);
+        self.child.signal(libc::SIGSTOP);
     }
 
     /// SIGCONT after [`Etcd::pause`].
     pub fn resume(&self) {
-        self.signal(libc::SIGCONT);
+        self.child.signal(libc::SIGCONT);
     }
 }
 
@@ -583,8 +385,7 @@ pub fn stderr(o: &Output) -> String {
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

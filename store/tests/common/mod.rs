@@ -29,26 +29,19 @@ pub async fn start_node(dram: u64, master: &str) -> StoreHandle {
     kvpool_store::start(cfg, listener).await.unwrap()
 }
 
-/// An address where nothing listens (bound, then released).
+/// An address where nothing listens (a free port, bound and released).
 pub async fn dead_addr() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap().to_string()
+    let port = kvpool_testkit::free_port().expect("a free loopback port");
+    format!("127.0.0.1:{port}")
 }
 
 pub fn seg(h: &StoreHandle) -> SegmentId {
     h.node().segments()[0].id()
 }
 
-/// Waits for `cond` to hold, checking every few milliseconds, up to [`DEADLINE`].
+/// Waits for `cond` to hold, polling with the testkit, up to [`DEADLINE`].
 pub async fn eventually<F: FnMut() -> bool>(what: &str, mut cond: F) {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    kvpool_testkit::wait_until(what, DEADLINE, || std::future::ready(cond())).await
 }
 
 /// Retries `attempt` every few milliseconds until it succeeds, up to [`DEADLINE`]; gives
@@ -57,17 +50,21 @@ pub async fn eventually_ok<T, E, Fut>(what: &str, mut attempt: impl FnMut() -> F
 where
     Fut: Future<Output = Result<T, E>>,
 {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        if let Ok(v) = attempt().await {
-            return v;
+    let got = std::cell::RefCell::new(None);
+    kvpool_testkit::wait_until(what, DEADLINE, || {
+        let (fut, got) = (attempt(), &got);
+        async move {
+            match fut.await {
+                Ok(v) => {
+                    *got.borrow_mut() = Some(v);
+                    true
+                }
+                Err(_) => false,
+            }
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    })
+    .await;
+    got.into_inner().expect("set when the wait ended")
 }
 
 /// The tag of an object `replica` under `key`, whose bytes `data` are written at `offset`.
@@ -90,18 +87,8 @@ pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
     }
 }
 
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    // xorshift: distinct, non-repeating bytes so that misplaced data is caught.
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+/// Distinct, non-repeating bytes so that misplaced data is caught: the testkit's values.
+pub use kvpool_testkit::value as pattern;
 
 pub struct Response {
     pub header: FrameHeader,
