@@ -6,6 +6,8 @@
 //! Fallible calls return [`KitError`] (benches and examples report it); the `start*`
 //! shorthands panic with it, as tests want.
 
+pub mod skip;
+
 use std::{
     collections::HashMap,
     ffi::OsStr,

@@ -14,13 +14,12 @@ use std::{
 
 use kvpool_client::{Client, ClientConfig, ErrorCode, TransportMode};
 
-mod skip;
 use kvpool_proto::Status;
+pub use kvpool_testkit::skip::{skipped, SKIP_LOG};
 use kvpool_transport::{
     rpc::{RpcClient, RpcOptions},
     TransportError,
 };
-pub use skip::{skipped, SKIP_LOG};
 
 // The process start, wait helpers and value bytes live in the one testkit that store tests,
 // examples and benches share too; re-exported so tests keep naming them from here.

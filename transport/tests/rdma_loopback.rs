@@ -41,7 +41,10 @@ fn open_or_skip() -> Option<Arc<RdmaDevice>> {
                 "no device must read as a TCP fallback, not {e:?}"
             );
             assert_eq!(e.code(), ErrorCode::WrongService);
-            println!("SKIPPED: no usable RDMA device on this host ({e})");
+            kvpool_testkit::skip::skipped(
+                "rdma loopback_puts_and_gets_over_rdma",
+                &format!("no usable RDMA device on this host ({e})"),
+            );
             None
         }
     }
