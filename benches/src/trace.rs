@@ -224,7 +224,10 @@ mod tests {
             "/../../shared/data/mooncake_synthetic_trace.jsonl"
         );
         let Ok(text) = std::fs::read_to_string(path) else {
-            println!("SKIPPED: {path} not present (the team's shared data, outside the repo)");
+            kvpool_testkit::skip::skipped(
+                "trace the_reference_figures_of_the_shared_trace",
+                &format!("{path} not present (the team's shared data, outside the repo)"),
+            );
             return;
         };
         let trace = parse(&text).unwrap();
