@@ -52,15 +52,10 @@ impl MasterCore {
         if !obj.is_complete() || src.state != RepState::Ready || has_nvme || !admitted {
             return false;
         }
-        let record = layout::record_len(obj.key.len(), obj.len);
         let seq = obj.access_seq;
-        let Some(node) = self.cluster.segments.get(&src.segment).map(|s| s.node) else {
+        if !self.queue_nvme_copy(now, oid, &src, TaskKind::Demote) {
             return false;
-        };
-        let Some((to, a)) = self.alloc_on_node(now, node, Tier::Nvme, record) else {
-            return false;
-        };
-        let target = self.add_filling(oid, to, a);
+        }
         if let Some(obj) = self.objects.get_mut(oid) {
             if let Some(r) = obj.replicas.iter_mut().find(|r| r.id == rid) {
                 r.state = RepState::Leaving;
@@ -70,8 +65,6 @@ impl MasterCore {
             seg.recency.remove(&(seq, rid));
             seg.leaving += src.alloc_len;
         }
-        // On DRAM the allocation offset is the value offset.
-        self.issue(now, TaskKind::Demote, oid, &src, src.offset, target, node);
         true
     }
 
@@ -98,24 +91,32 @@ impl MasterCore {
         else {
             return;
         };
+        self.queue_nvme_copy(now, oid, &src, TaskKind::WriteThrough);
+    }
+
+    /// Allocates an NVMe record for object `oid` on the node of its DRAM replica `src`
+    /// (evicting NVMe's coldest if needed) and queues the copy; false when there is no room.
+    fn queue_nvme_copy(
+        &mut self,
+        now: Duration,
+        oid: ObjId,
+        src: &Replica,
+        kind: TaskKind,
+    ) -> bool {
+        let Some(obj) = self.objects.get(oid) else {
+            return false;
+        };
         let record = layout::record_len(obj.key.len(), obj.len);
         let Some(node) = self.cluster.segments.get(&src.segment).map(|s| s.node) else {
-            return;
+            return false;
         };
         let Some((to, a)) = self.alloc_on_node(now, node, Tier::Nvme, record) else {
-            return;
+            return false;
         };
         let target = self.add_filling(oid, to, a);
         // On DRAM the allocation offset is the value offset.
-        self.issue(
-            now,
-            TaskKind::WriteThrough,
-            oid,
-            &src,
-            src.offset,
-            target,
-            node,
-        );
+        self.issue(now, kind, oid, src, src.offset, target, node);
+        true
     }
 
     /// Counts a lookup served from NVMe alone and promotes the object after enough of them.
