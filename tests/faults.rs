@@ -311,8 +311,10 @@ async fn node_killed_mid_transfer(transport: TransportMode) {
         .unwrap();
     }
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The reader's hits so far: the kill waits for one, so it lands while gets flow.
+    let flowing = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let reader = {
-        let (c, stop) = (c.clone(), stop.clone());
+        let (c, stop, flowing) = (c.clone(), stop.clone(), flowing.clone());
         tokio::spawn(async move {
             let mut buf = vec![0u8; len];
             let (mut hits, mut failures) = (0u64, 0u64);
@@ -325,6 +327,7 @@ async fn node_killed_mid_transfer(transport: TransportMode) {
                         assert_eq!(got, len as u64, "{key}");
                         assert!(buf == value(i % n, len), "{key}: wrong bytes");
                         hits += 1;
+                        flowing.store(hits, std::sync::atomic::Ordering::Relaxed);
                     }
                     Ok(None) | Err(_) => failures += 1,
                 }
@@ -333,9 +336,12 @@ async fn node_killed_mid_transfer(transport: TransportMode) {
             (hits, failures)
         })
     };
-    // Kill while gets are flowing: once some have completed, so the next is in flight.
-    wait_until("gets flowing", Duration::from_secs(20), || async {
-        c.get(b"big/0").await.ok().flatten().is_some()
+    // Kill while gets are flowing: once the reader has completed one, so the next is in
+    // flight (a get of the test's own could finish first on a loaded machine, and the kill
+    // then lands before the reader's first get ends).
+    wait_until("gets flowing", Duration::from_secs(20), || {
+        let n = flowing.load(std::sync::atomic::Ordering::Relaxed);
+        async move { n > 0 }
     })
     .await;
     b.kill();
