@@ -26,6 +26,8 @@ echo "== build (the e2e tests start the kvpool binary)"
 cargo build --workspace --bins
 echo "== test"
 cargo test --workspace --no-fail-fast
+echo "== soak: mixed load under faults (etcd, two masters, three NVMe nodes), KVPOOL_SOAK_SECS (60) s; docs/reliability.md"
+cargo test -p kvpool-tests --test soak
 echo "== fuzz: every kept input (seed corpus, past crashes) replayed, then a short libFuzzer run per decoder"
 cargo test --manifest-path fuzz/Cargo.toml
 scripts/fuzz.sh "${KVPOOL_FUZZ_SECONDS:-20}"

@@ -159,9 +159,10 @@ impl Shared {
                 e => e.to_string(),
             })
             .and_then(|()| {
-                self.index
-                    .sync_wal()
-                    .map_err(|e| format!("syncing the index: {e}"))
+                self.index.sync_wal().map_err(|e| match e {
+                    NvmeError::Index(m) => m,
+                    e => e.to_string(),
+                })
             });
         if let Err(msg) = &r {
             self.mark_unhealthy(&format!("nvme index: {msg}"));

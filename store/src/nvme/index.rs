@@ -22,6 +22,14 @@ pub(crate) type Loaded = (Vec<NvmeRecordInfo>, Vec<Box<[u8]>>);
 
 pub(crate) struct Index {
     db: DB,
+    /// The first write or sync that failed, if any. RocksDB keeps a failed log writer's error
+    /// and must not be asked to write through it again: Debian's librocksdb 7.8.3 is built
+    /// with assertions, and a write after an ENOSPC on the log aborts the whole node
+    /// (`WritableFileWriter::AssertFalseAndGetStatusForPrevError`, found by the chaos soak
+    /// with the index's filesystem full). So after one failure every write and sync is
+    /// refused here, with the cause, until the node restarts (the tier is unhealthy by then:
+    /// its callers mark it so on an index error).
+    failed: std::sync::Mutex<Option<String>>,
 }
 
 impl Index {
@@ -36,7 +44,32 @@ impl Index {
         let db = DB::open(&opts, dir).map_err(|e| {
             NvmeError::Index(format!("cannot open the index at {}: {e}", dir.display()))
         })?;
-        Ok(Index { db })
+        Ok(Index {
+            db,
+            failed: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// Runs `f` unless an earlier write or sync failed; remembers its failure.
+    fn guarded(
+        &self,
+        what: &str,
+        f: impl FnOnce(&DB) -> Result<(), rocksdb::Error>,
+    ) -> Result<(), NvmeError> {
+        // Held across the write, so a write that races with a failing one cannot reach the
+        // failed log writer either.
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(cause) = &*failed {
+            return Err(NvmeError::Index(format!(
+                "{what}: refused, the index failed earlier ({cause}); restart the node once \
+                 its disk is fixed"
+            )));
+        }
+        f(&self.db).map_err(|e| {
+            let cause = format!("{what}: {e}");
+            *failed = Some(cause.clone());
+            NvmeError::Index(cause)
+        })
     }
 
     /// Every entry, and the keys of entries that do not decode (written by a newer build, or
@@ -74,16 +107,14 @@ impl Index {
         }
         let mut opts = WriteOptions::default();
         opts.set_sync(sync);
-        self.db
-            .write_opt(batch, &opts)
-            .map_err(|e| NvmeError::Index(format!("writing the index: {e}")))
+        self.guarded("writing the index", |db| db.write_opt(batch, &opts))
     }
 }
 
 impl Index {
     /// Makes every write so far durable (one WAL sync for a whole commit group).
-    pub fn sync_wal(&self) -> Result<(), rocksdb::Error> {
-        self.db.flush_wal(true)
+    pub fn sync_wal(&self) -> Result<(), NvmeError> {
+        self.guarded("syncing the index", |db| db.flush_wal(true))
     }
 }
 
