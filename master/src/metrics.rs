@@ -5,19 +5,14 @@
 //! no request pays for it.
 
 use std::{
-    collections::HashMap,
     sync::{Arc, Mutex},
     time::Instant,
 };
 
+use kvpool_ops::per_op::{PerOp, PerOpSpec};
 use kvpool_ops::prometheus_client::{
     encoding::text::encode_registry,
-    metrics::{
-        counter::Counter,
-        family::Family,
-        gauge::Gauge,
-        histogram::{exponential_buckets, Histogram},
-    },
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::{Registry, Unit},
 };
 use kvpool_proto::{
@@ -33,7 +28,7 @@ type Labels = Vec<(&'static str, String)>;
 pub struct MasterMetrics {
     registry: Registry,
     /// Per opcode, made once so the request path neither allocates nor locks a family.
-    per_op: HashMap<Opcode, (Counter, Histogram)>,
+    per_op: PerOp<Opcode>,
     errors: Family<Labels, Counter>,
     hits: Counter,
     misses: Counter,
@@ -65,39 +60,21 @@ impl MasterMetrics {
     pub fn new() -> MasterMetrics {
         let mut root = Registry::default();
         let reg = root.sub_registry_with_prefix("kvpool_master");
-        let requests = Family::<Labels, Counter>::default();
-        reg.register(
-            "requests",
-            "Requests answered, by operation (a batch counts once)",
-            requests.clone(),
-        );
-        let latency = Family::<Labels, Histogram>::new_with_constructor(|| {
-            // 50 µs to about 1.6 s: a lookup takes microseconds, a registration with a large
-            // inventory can take a second.
-            Histogram::new(exponential_buckets(50e-6, 2.0, 16))
-        });
-        reg.register_with_unit(
-            "request_duration",
-            "Time to answer a request, by operation",
-            Unit::Seconds,
-            latency.clone(),
-        );
-        // Only the master's own opcodes (connection and control plane, below 0x40): the
-        // others are refused with WrongService and would be series that are always zero.
-        let per_op = Opcode::ALL
+        // 50 µs to about 1.6 s: a lookup takes microseconds, a registration with a large
+        // inventory can take a second. Only the master's own opcodes (connection and control
+        // plane, below 0x40): the others are refused with WrongService and would be series
+        // that are always zero.
+        let spec = PerOpSpec {
+            requests_help: "Requests answered, by operation (a batch counts once)",
+            duration_help: "Time to answer a request, by operation",
+            first_bucket: 50e-6,
+            buckets: 16,
+        };
+        let ops = Opcode::ALL
             .iter()
             .filter(|&&op| (op as u8) < 0x40)
-            .map(|&op| {
-                let l = op_labels(op);
-                (
-                    op,
-                    (
-                        requests.get_or_create(&l).clone(),
-                        latency.get_or_create(&l).clone(),
-                    ),
-                )
-            })
-            .collect();
+            .map(|&op| (op, format!("{op:?}")));
+        let per_op = PerOp::register(reg, spec, ops);
         let errors = Family::<Labels, Counter>::default();
         reg.register(
             "request_errors",
@@ -221,10 +198,7 @@ impl MasterMetrics {
 
     /// Counts one answered request.
     pub fn request(&self, op: Opcode, started: Instant, answer: &Result<Vec<u8>, WireError>) {
-        if let Some((count, latency)) = self.per_op.get(&op) {
-            count.inc();
-            latency.observe(started.elapsed().as_secs_f64());
-        }
+        self.per_op.observe(&op, started);
         if let Err(e) = answer {
             self.error(op, e.code);
         }

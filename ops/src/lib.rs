@@ -22,6 +22,7 @@ use axum::{
 };
 use tokio::net::TcpListener;
 
+pub mod per_op;
 pub mod scrape;
 
 pub use prometheus_client;

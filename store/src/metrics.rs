@@ -4,7 +4,6 @@
 //! objects, tier health) is read at scrape time.
 
 use std::{
-    collections::HashMap,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -12,14 +11,10 @@ use std::{
     time::Instant,
 };
 
+use kvpool_ops::per_op::{PerOp, PerOpSpec};
 use kvpool_ops::prometheus_client::{
     encoding::text::encode_registry,
-    metrics::{
-        counter::Counter,
-        family::Family,
-        gauge::Gauge,
-        histogram::{exponential_buckets, Histogram},
-    },
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::{Registry, Unit},
 };
 use kvpool_proto::{Opcode, Tier};
@@ -35,7 +30,8 @@ const OPS: [&str; 3] = ["Read", "Write", "other"];
 /// The node's counters. Lives in [`Node`], so every part that holds the node can count.
 pub struct NodeMetrics {
     registry: Registry,
-    per_op: HashMap<&'static str, (Counter, Histogram, Counter)>,
+    per_op: PerOp<&'static str>,
+    errors: Family<Labels, Counter>,
     bytes: Family<Labels, Counter>,
     tasks: Family<Labels, Counter>,
     registered: AtomicBool,
@@ -63,42 +59,23 @@ impl NodeMetrics {
     pub fn new() -> NodeMetrics {
         let mut root = Registry::default();
         let reg = root.sub_registry_with_prefix("kvpool_store");
-        let requests = Family::<Labels, Counter>::default();
-        reg.register(
-            "requests",
-            "Data-plane requests served, by operation (a batch counts once)",
-            requests.clone(),
-        );
-        let latency = Family::<Labels, Histogram>::new_with_constructor(|| {
-            // 20 µs to about 1.3 s: a small DRAM read, up to a large striped NVMe one.
-            Histogram::new(exponential_buckets(20e-6, 2.0, 17))
-        });
-        reg.register_with_unit(
-            "request_duration",
-            "Time to serve a data-plane request, payload included, by operation",
-            Unit::Seconds,
-            latency.clone(),
-        );
+        // 20 µs to about 1.3 s: a small DRAM read, up to a large striped NVMe one.
+        let spec = PerOpSpec {
+            requests_help: "Data-plane requests served, by operation (a batch counts once)",
+            duration_help: "Time to serve a data-plane request, payload included, by operation",
+            first_bucket: 20e-6,
+            buckets: 17,
+        };
+        let per_op = PerOp::register(reg, spec, OPS.map(|op| (op, op.to_string())));
         let errors = Family::<Labels, Counter>::default();
         reg.register(
             "request_errors",
             "Data-plane requests that ended their connection (a broken stream, a refused frame)",
             errors.clone(),
         );
-        let per_op = OPS
-            .iter()
-            .map(|&op| {
-                let l = vec![("op", op.to_string())];
-                (
-                    op,
-                    (
-                        requests.get_or_create(&l).clone(),
-                        latency.get_or_create(&l).clone(),
-                        errors.get_or_create(&l).clone(),
-                    ),
-                )
-            })
-            .collect();
+        for op in OPS {
+            let _ = errors.get_or_create(&vec![("op", op.to_string())]);
+        }
         let bytes = Family::<Labels, Counter>::default();
         reg.register_with_unit(
             "transfer",
@@ -140,6 +117,7 @@ impl NodeMetrics {
         let m = NodeMetrics {
             registry: root,
             per_op,
+            errors,
             bytes,
             tasks,
             registered: AtomicBool::new(false),
@@ -168,12 +146,11 @@ impl NodeMetrics {
             Ok(Opcode::Write) => "Write",
             _ => "other",
         };
-        if let Some((count, latency, errors)) = self.per_op.get(op) {
-            count.inc();
-            latency.observe(started.elapsed().as_secs_f64());
-            if !ok {
-                errors.inc();
-            }
+        self.per_op.observe(&op, started);
+        if !ok {
+            self.errors
+                .get_or_create(&vec![("op", op.to_string())])
+                .inc();
         }
     }
 
