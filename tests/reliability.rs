@@ -109,13 +109,22 @@ async fn a_panic_in_the_state_machine_stops_the_master_with_a_non_zero_exit() {
     assert!(c.status().await.is_err());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_poisoned_leader_exits_and_a_standby_takes_over() {
+/// etcd, a leading master started with one fault switch (its log kept beside the test's),
+/// a standby and a registered node, and a client that finds the leader through etcd.
+struct HaPool {
+    first: Proc,
+    c: Arc<kvpool_client::Client>,
+    _etcd: Etcd,
+    _standby: Proc,
+    _node: Proc,
+}
+
+async fn ha_pool_with_faulty_leader(fault: (&str, &str)) -> HaPool {
     let etcd = Etcd::start();
     let log = log_path("leader.log");
-    let mut first = Proc::start_logged(
+    let first = Proc::start_logged(
         &["master", "--listen", "127.0.0.1:0", "--etcd", &etcd.url],
-        &[("KVPOOL_FAULT_MASTER_PANIC", "PutStart")],
+        &[fault],
         &log,
     );
     let probes = [probe(&first.addr("master"))];
@@ -136,6 +145,24 @@ async fn a_poisoned_leader_exits_and_a_standby_takes_over() {
         async move { kvpool_tests::alive_nodes(&c).await == 1 }
     })
     .await;
+    HaPool {
+        first,
+        c,
+        _etcd: etcd,
+        _standby,
+        _node,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_poisoned_leader_exits_and_a_standby_takes_over() {
+    let HaPool {
+        mut first,
+        c,
+        _etcd,
+        _standby,
+        _node,
+    } = ha_pool_with_faulty_leader(("KVPOOL_FAULT_MASTER_PANIC", "PutStart")).await;
     // The client's first try panics the leader; its retries reach the standby, which has
     // rebuilt the map from the node and takes the put.
     let v = value(7, 8192);
@@ -157,33 +184,15 @@ const ABANDON_AFTER: Duration = Duration::from_secs(5 + 2);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failover_restores_pins_and_never_commits_an_unacknowledged_put() {
-    let etcd = Etcd::start();
-    let log = log_path("leader.log");
     // The first leader refuses (unapplied) the PutEnd of keys containing "zombie": those
     // puts are fully written and never committed.
-    let mut first = Proc::start_logged(
-        &["master", "--listen", "127.0.0.1:0", "--etcd", &etcd.url],
-        &[("KVPOOL_FAULT_MASTER_REFUSE", "PutEnd@zombie")],
-        &log,
-    );
-    let probes = [probe(&first.addr("master"))];
-    assert_eq!(the_leader(&probes, Duration::from_secs(20)).await, 0);
-    let _standby = Proc::start(&["master", "--listen", "127.0.0.1:0", "--etcd", &etcd.url]);
-    let _node = Proc::start(&[
-        "store",
-        "--listen",
-        "127.0.0.1:0",
-        "--etcd",
-        &etcd.url,
-        "--dram",
-        "64MiB",
-    ]);
-    let c = Arc::new(etcd_client(&etcd.url));
-    kvpool_tests::wait_until("the node registered", Duration::from_secs(20), || {
-        let c = c.clone();
-        async move { kvpool_tests::alive_nodes(&c).await == 1 }
-    })
-    .await;
+    let HaPool {
+        mut first,
+        c,
+        _etcd,
+        _standby,
+        _node,
+    } = ha_pool_with_faulty_leader(("KVPOOL_FAULT_MASTER_REFUSE", "PutEnd@zombie")).await;
 
     let pinned = PutOptions {
         hard_pin: true,

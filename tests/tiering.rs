@@ -43,6 +43,21 @@ fn tiered_pool(cfg: &Path, dram: &str, nvme: &Path, size: &str) -> Proc {
     Proc::start(&args)
 }
 
+/// Waits until the node `id` (its ready line's `node=`) is registered and alive.
+async fn wait_for_node(c: &Client, id: &str) {
+    wait_until(
+        "restarted node registered",
+        Duration::from_secs(20),
+        || async {
+            c.status()
+                .await
+                .map(|st| st.nodes.iter().any(|n| n.alive && n.id.to_string() == id))
+                .unwrap_or(false)
+        },
+    )
+    .await;
+}
+
 async fn tiers_of(c: &Client, key: &str) -> Vec<Tier> {
     match c.locate(&[key.as_bytes()]).await.pop() {
         Some(Ok(Some(info))) => info.replicas.iter().map(|r| r.tier).collect(),
@@ -205,21 +220,7 @@ async fn node_killed_during_writes_serves_its_nvme_objects_after_restart() {
 
     let s2 = store(&cfg, &master, &nvme);
     let new_node = s2.addr("node");
-    wait_until(
-        "restarted node registered",
-        Duration::from_secs(20),
-        || async {
-            c.status()
-                .await
-                .map(|st| {
-                    st.nodes
-                        .iter()
-                        .any(|n| n.alive && n.id.to_string() == new_node)
-                })
-                .unwrap_or(false)
-        },
-    )
-    .await;
+    wait_for_node(&c, &new_node).await;
     for &i in &on_nvme {
         let got = c.get(format!("k/{i}").as_bytes()).await;
         let got = got.unwrap_or_else(|e| panic!("k/{i}: {e}"));
@@ -423,21 +424,7 @@ async fn cli_puts_of_eight_mib_into_64_mib_of_dram_are_all_kept_across_a_node_ki
     s.kill();
     let s2 = node(&nvme);
     let restarted = s2.addr("node");
-    wait_until(
-        "restarted node registered",
-        Duration::from_secs(20),
-        || async {
-            c.status()
-                .await
-                .map(|st| {
-                    st.nodes
-                        .iter()
-                        .any(|n| n.alive && n.id.to_string() == restarted)
-                })
-                .unwrap_or(false)
-        },
-    )
-    .await;
+    wait_for_node(&c, &restarted).await;
     for (i, k) in keys.iter().enumerate() {
         let got = c.get(k.as_bytes()).await;
         let got = got.unwrap_or_else(|e| panic!("{k} after the restart: {e}"));

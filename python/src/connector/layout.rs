@@ -344,17 +344,21 @@ pub(crate) fn check_ids(l: &layout::KvLayout, ids: &[usize], distinct: bool) -> 
             "block id {b} (item {i}) out of range (num_blocks {n})"
         )));
     }
-    if distinct {
-        let mut seen = vec![false; n];
-        for b in ids {
-            if std::mem::replace(&mut seen[*b], true) {
-                return Err(PyValueError::new_err(format!(
-                    "block id {b} is listed twice: its destinations would alias"
-                )));
-            }
-        }
+    if let Some(b) = distinct.then(|| repeated(ids, n)).flatten() {
+        return Err(PyValueError::new_err(format!(
+            "block id {b} is listed twice: its destinations would alias"
+        )));
     }
     Ok(())
+}
+
+/// The first of `items` (each below `n`) listed a second time.
+fn repeated(items: &[usize], n: usize) -> Option<usize> {
+    let mut seen = vec![false; n];
+    items
+        .iter()
+        .copied()
+        .find(|&x| std::mem::replace(&mut seen[x], true))
 }
 
 /// The layer groups a call names: all of them for `None`, else each in range and listed
@@ -363,18 +367,15 @@ pub(crate) fn check_groups(num_groups: usize, groups: Option<Vec<usize>>) -> PyR
     let Some(groups) = groups else {
         return Ok((0..num_groups).collect());
     };
-    let mut seen = vec![false; num_groups];
-    for (i, &g) in groups.iter().enumerate() {
-        if g >= num_groups {
-            return Err(PyValueError::new_err(format!(
-                "layer group {g} (item {i}) out of range (num_groups {num_groups})"
-            )));
-        }
-        if std::mem::replace(&mut seen[g], true) {
-            return Err(PyValueError::new_err(format!(
-                "layer group {g} is listed twice"
-            )));
-        }
+    if let Some((i, g)) = groups.iter().enumerate().find(|(_, g)| **g >= num_groups) {
+        return Err(PyValueError::new_err(format!(
+            "layer group {g} (item {i}) out of range (num_groups {num_groups})"
+        )));
+    }
+    if let Some(g) = repeated(&groups, num_groups) {
+        return Err(PyValueError::new_err(format!(
+            "layer group {g} is listed twice"
+        )));
     }
     Ok(groups)
 }
