@@ -75,7 +75,12 @@ fn every_dashboard_query_names_an_exported_metric() {
         "http://127.0.0.1:1",
     ]);
     exported.extend(names(&proxy.addr("http")));
-    let missing: Vec<_> = queried.difference(&exported).collect();
+    // The engines' connector counters come from the Python package (vLLM's `/metrics`, or
+    // its own endpoint): python/tests/test_metrics.py checks those names against it.
+    let missing: Vec<_> = queried
+        .difference(&exported)
+        .filter(|n| !n.starts_with("kvpool_connector_"))
+        .collect();
     assert!(
         missing.is_empty(),
         "the dashboard queries {missing:?}, which no server exports (exported: {exported:?})"

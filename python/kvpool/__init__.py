@@ -5,6 +5,7 @@
 - :mod:`kvpool.mooncake`: ``MooncakeDistributedStore``, a drop-in for Mooncake's class.
 - :mod:`kvpool.sglang`: ``KVPoolStorage``, an SGLang HiCache storage backend.
 - :mod:`kvpool.errors`: the typed exceptions.
+- :mod:`kvpool.metrics`: the connectors' counters, and a ``/metrics`` endpoint for them.
 
 Start a pool with ``kvpool up`` (``./scripts/up.sh``); see ``docs/python.md``.
 """

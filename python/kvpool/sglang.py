@@ -53,6 +53,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from .client import Client
 from .errors import check, is_failure
+from .metrics import ConnectorMetrics, serve_from_env
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +146,9 @@ class KVPoolStorage(_Base):
         self._namespace: Optional[str] = None  # set by register_mem_pool_host
         self._object_lengths: List[int] = []
         self._metrics = _Metrics() if cfg.enable_storage_metrics else None
+        #: kvpool's own connector counters (docs/operations.md), whatever SGLang's setting.
+        self.counters = ConnectorMetrics()
+        serve_from_env()
         self.mem_pool_host = None
 
     def _check_reachable(self) -> None:
@@ -222,7 +226,7 @@ class KVPoolStorage(_Base):
         if not keys:
             return []
         objs = self._page_objects(list(keys), host_indices)
-        return objs.pages(self._put(objs, "batch_set_v1"))
+        return self._count("saved", objs.pages(self._put(objs, "batch_set_v1")))
 
     @_never_raises(lambda n: [False] * n)
     def batch_get_v1(
@@ -232,7 +236,7 @@ class KVPoolStorage(_Base):
         if not keys:
             return []
         objs = self._page_objects(list(keys), host_indices)
-        return objs.pages(self._get(objs, "batch_get_v1"))
+        return self._count("loaded", objs.pages(self._get(objs, "batch_get_v1")))
 
     @_never_raises(lambda n: 0)
     def batch_exists(self, keys: List[str], extra_info: Any = None) -> int:
@@ -241,7 +245,12 @@ class KVPoolStorage(_Base):
         found = self._client().exists(names)
         _log_failures("batch_exists", found)
         pages = _per_page([r is True for r in found], len(self._halves))
-        return pages.index(False) if False in pages else len(pages)
+        hit = pages.index(False) if False in pages else len(pages)
+        tokens = self._page_tokens()
+        self.counters.add("lookups")
+        self.counters.add("prompt_tokens", len(keys) * tokens)
+        self.counters.add("matched_tokens", hit * tokens)
+        return hit
 
     def exists(self, key: str) -> bool:
         return self.batch_exists([key]) == 1
@@ -262,7 +271,7 @@ class KVPoolStorage(_Base):
             raise ValueError(f"{0 if values is None else len(values)} values for {len(keys)} keys")
         tensors = [_contiguous(v) for v in values]  # kept alive until the put returns
         objs = self._value_objects(list(keys), tensors, writable=False)
-        return all(objs.pages(self._put(objs, "batch_set")))
+        return all(self._count("saved", objs.pages(self._put(objs, "batch_set"))))
 
     @_never_raises(lambda n: [None] * n)
     def batch_get(
@@ -278,7 +287,7 @@ class KVPoolStorage(_Base):
         if not keys:
             return []
         objs = self._value_objects(list(keys), list(target_locations), writable=True)
-        ok = objs.pages(self._get(objs, "batch_get"))
+        ok = self._count("loaded", objs.pages(self._get(objs, "batch_get")))
         return [t if good else None for t, good in zip(target_locations, ok)]
 
     def set(
@@ -351,6 +360,19 @@ class KVPoolStorage(_Base):
         if self._metrics is None:
             return None
         return self._metrics.take()
+
+    def _page_tokens(self) -> int:
+        pool = self.mem_pool_host
+        return int(pool.page_size) if pool is not None else 0
+
+    def _count(self, op: str, ok: List[bool]) -> List[bool]:
+        """Counts pages moved (``op``: "loaded" or "saved") and failed, as tokens."""
+        tokens = self._page_tokens()
+        good = sum(ok)
+        self.counters.add(f"{op}_tokens", good * tokens)
+        failed = "load_failed" if op == "loaded" else "save_failed"
+        self.counters.add(f"{failed}_tokens", (len(ok) - good) * tokens)
+        return ok
 
     def _record(self, kind: str, objs: _Objects, start: float) -> None:
         if self._metrics is not None:

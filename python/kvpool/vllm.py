@@ -67,9 +67,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from . import connector as kc
 from .errors import KvpoolError
+from .metrics import ConnectorMetrics, serve_from_env
+from .vllm_metrics import KVPoolConnectorStats, KVPoolPromMetrics
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
     from vllm.config import VllmConfig
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -149,6 +152,22 @@ def _dtype_name(vllm_config: "VllmConfig") -> str:
 
 def _layout_name(vllm_config: "VllmConfig") -> str:
     return str(getattr(vllm_config.cache_config, "kv_cache_layout", None) or "LBNHC").lower()
+
+
+def _producer_counts(producer: "kc.PdProducer"):
+    """The producer's own hand-off counters, under the connector's names."""
+
+    last: Dict[str, int] = {}
+
+    def counts() -> Dict[str, int]:
+        try:
+            st = producer.stats()
+        except KvpoolError:  # closed: its counts stay what they were
+            return last
+        last.update(handoffs_sent=st["handed_off"], handoff_timeouts=st["expired"])
+        return last
+
+    return counts
 
 
 def _bootstrap_host(extra: Dict[str, Any]) -> str:
@@ -276,6 +295,8 @@ class _SchedReq:
     #: An asynchronous hand-off load was started: the workers report the request when its
     #: load ended (finished_recving), and again, when it finishes, as done sending.
     had_async: bool = False
+    #: Its lookup was counted in the connector's metrics.
+    counted: bool = False
 
 
 class _Scheduler:
@@ -291,6 +312,7 @@ class _Scheduler:
         #: Asynchronous loads decided since the last step's metadata.
         self.async_reqs: List[ReqMeta] = []
         self._hashers: Dict[str, List[kc.BlockHasher]] = {}
+        self.metrics = ConnectorMetrics()
 
     def hashers(self, tag: str) -> List[kc.BlockHasher]:
         hs = self._hashers.get(tag)
@@ -353,6 +375,7 @@ class _Scheduler:
                 logger.warning(
                     "kvpool lookup failed, computing request %s: %s", request.request_id, e
                 )
+                self.metrics.add("lookup_errors")
                 hit = 0
         tokens = min(hit * bs, last)
         ext = max(0, tokens - num_computed_tokens)
@@ -375,6 +398,14 @@ class _Scheduler:
         st = self.reqs.get(request.request_id)
         if st is None:
             return
+        if not st.counted:
+            # Counted once per request, when vLLM takes the match: it asks
+            # get_num_new_matched_tokens again each step a request waits for blocks, and
+            # calls this again when an asynchronous load has landed.
+            st.counted = True
+            self.metrics.add("lookups")
+            self.metrics.add("prompt_tokens", len(request.prompt_token_ids or ()))
+            self.metrics.add("matched_tokens", num_external_tokens)
         if num_external_tokens > 0 and st.pending_load is not None:
             # The scheduler may take fewer tokens than offered (block-aligned trims): load
             # the blocks of the tokens it counts as computed.
@@ -555,6 +586,10 @@ class _Worker:
         self.async_ended: List[Tuple[str, List[int]]] = []
         self.had_async: Set[str] = set()
         self._async_lock = threading.Lock()
+        self.metrics = ConnectorMetrics()
+        #: Per request, the share of its blocks' layer groups each detached save in flight
+        #: covers (in start order), for counting saved tokens.
+        self._save_shares: Dict[str, List[float]] = {}
 
     # -- setup
 
@@ -593,6 +628,8 @@ class _Worker:
                 if self.s.role == "kv_producer":
                     raise
                 logger.warning("kvpool: no P/D bootstrap port (%s); prefix reuse only", e)
+            if self.producer is not None:
+                self.metrics.watch(_producer_counts(self.producer))
         if self.s.consumes:
             ct = ex.get("consumer_timeout")
             self.consumer = kc.PdConsumer(
@@ -624,6 +661,7 @@ class _Worker:
                 self.consumer.abort(
                     tid, self._rank_addr(addr), "not needed: the decoder had the prefix"
                 )
+                self.metrics.add("handoffs_released")
         keys: List[kc.BlockKey] = []
         ids: List[int] = []
         self.load_recvs = []
@@ -636,6 +674,7 @@ class _Worker:
                 self._start_async(rm, k)
                 continue
             if rm.recv is not None and not self._claim(rm.recv, len(k)):
+                self._count_load(len(rm.load_ids), len(rm.load_ids))
                 self.load_errors.update(rm.load_ids)
                 continue
             if rm.recv is not None:
@@ -648,9 +687,10 @@ class _Worker:
                 self.load = self.conn.start_load(keys, ids, window=self.window)
             except KvpoolError as e:  # refused as a whole: every block is recomputed
                 logger.warning("kvpool: load of %d blocks refused: %s", len(ids), e)
+                self._count_load(len(ids), len(ids))
                 self.load_errors.update(ids)
                 for (tid, addr), _ in self.load_recvs:
-                    self._consumer().abort(tid, self._rank_addr(addr), "load refused")
+                    self._abort(tid, self._rank_addr(addr), "load refused")
                 self.load_recvs = []
                 return
             self.load_ids = ids
@@ -682,14 +722,12 @@ class _Worker:
                     failed = [i for i, r in zip(ids, results) if r is not True]
                     addr = self._rank_addr(recv[1])
                     if failed:
-                        self._consumer().abort(recv[0], addr, "load failed")
+                        self._abort(recv[0], addr, "load failed")
                     else:
-                        try:
-                            self._consumer().done(recv[0], addr)
-                        except KvpoolError as e:
-                            logger.warning("kvpool: done for hand-off %s: %s", recv[0], e)
+                        self._done(recv[0], addr)
             except Exception as e:  # noqa: BLE001 - reported as failed blocks, never lost
                 logger.warning("kvpool: hand-off load of %s failed: %s", rid, e)
+            self._count_load(len(ids), len(failed))
             with self._async_lock:
                 self.async_inflight.discard(rid)
                 self.async_ended.append((rid, failed))
@@ -717,14 +755,32 @@ class _Worker:
                     time.sleep(0.02)
                     continue
                 logger.warning("kvpool: hand-off %s from %s failed (%s); recomputing", tid, addr, e)
+                timed_out = e.name in ("Timeout", "TransferExpired")
+                self.metrics.add("handoff_timeouts" if timed_out else "handoff_aborts")
                 return False
         if held < blocks:
             logger.warning(
                 "kvpool: producer holds %d blocks of hand-off %s, %d expected", held, tid, blocks
             )
-            self.consumer.abort(tid, addr, "fewer blocks held than expected")
+            self._abort(tid, addr, "fewer blocks held than expected")
             return False
         return True
+
+    def _abort(self, tid: str, addr: str, reason: str) -> None:
+        self._consumer().abort(tid, addr, reason)
+        self.metrics.add("handoff_aborts")
+
+    def _done(self, tid: str, addr: str) -> None:
+        try:
+            self._consumer().done(tid, addr)
+        except KvpoolError as e:  # the blocks are loaded: only the producer's hold is late
+            logger.warning("kvpool: done for hand-off %s: %s", tid, e)
+        self.metrics.add("handoffs_received")
+
+    def _count_load(self, blocks: int, failed: int) -> None:
+        bs = self.s.block_size
+        self.metrics.add("loaded_tokens", (blocks - failed) * bs)
+        self.metrics.add("load_failed_tokens", failed * bs)
 
     def wait_layer(self, layer_name: str) -> None:
         if self.load is not None:
@@ -738,17 +794,14 @@ class _Worker:
         if load is None:
             return
         failed = {i for i, r in zip(ids, load.wait()) if r is not True}
+        self._count_load(len(ids), len(failed))
         self.load_errors |= failed
         for (tid, addr), rids in recvs:
             addr = self._rank_addr(addr)
-            assert self.consumer is not None
             if failed.intersection(rids):
-                self.consumer.abort(tid, addr, "load failed")
+                self._abort(tid, addr, "load failed")
                 continue
-            try:
-                self.consumer.done(tid, addr)
-            except KvpoolError as e:  # the blocks are loaded: only the producer's hold is late
-                logger.warning("kvpool: done for hand-off %s: %s", tid, e)
+            self._done(tid, addr)
 
     def _after_forward_event(self) -> Optional[int]:
         """For a GPU cache: a CUDA event on the engine's current stream, after the forward's
@@ -772,7 +825,9 @@ class _Worker:
             return
         assert self.conn is not None
         event = self._after_forward_event()
+        share = 1.0 if groups is None else len(groups) / self.conn.num_groups
         for rm in reqs:
+            self._save_shares.setdefault(rm.req_id, []).append(share)
             chain = self.chains.get(rm.req_id, [])
             k = chain[rm.save_from : rm.save_from + len(rm.save_ids)]
             self.conn.save_detached(rm.req_id, k, rm.save_ids, groups=groups, after_event=event)
@@ -812,6 +867,7 @@ class _Worker:
                 if self.inflight[rid] == 0:
                     del self.inflight[rid]
                 bad = [r for r in results if r is not None]
+                self._count_save(rid, len(results), len(bad))
                 if bad:
                     logger.warning("kvpool: %d blocks of %s not saved: %s", len(bad), rid, bad[0])
         with self._async_lock:
@@ -853,6 +909,19 @@ class _Worker:
             self.held.pop(rid, None)
             self.had_async.discard(rid)
         return (done or None), (recving or None)
+
+    def _count_save(self, rid: str, blocks: int, failed: int) -> None:
+        """Counts one ended detached save's tokens, weighted by the share of layer groups it
+        covered (a block is saved once all its groups are). Saves of one request that cover
+        different shares may end out of order: the count is then off by the difference
+        until the request's last save ends."""
+        shares = self._save_shares.get(rid)
+        share = shares.pop(0) if shares else 1.0
+        if not shares:
+            self._save_shares.pop(rid, None)
+        bs = self.s.block_size
+        self.metrics.add("saved_tokens", round((blocks - failed) * bs * share))
+        self.metrics.add("save_failed_tokens", round(failed * bs * share))
 
     def handle_preemptions(self, meta: KVPoolConnectorMetadata) -> None:
         # A host cache's detached saves copied their blocks out when they started; a GPU
@@ -908,6 +977,7 @@ class KVPoolConnector(KVConnectorBase_V1):
             except Exception:  # not initialised: a single worker (tests, tools)
                 tp_rank = int(self._s.extra.get("tp_rank", 0))
             self._worker = _Worker(self._s, tp_rank, pp_rank)
+        serve_from_env()
 
     # ---- worker side
 
@@ -1004,6 +1074,31 @@ class KVPoolConnector(KVConnectorBase_V1):
         # Held requests are reported by the workers' get_finished, which only runs while
         # the engine steps.
         return bool(self._sched is not None and self._sched.holding)
+
+    # ---- metrics (docs/operations.md)
+
+    def get_kv_connector_stats(self) -> Optional["KVConnectorStats"]:
+        """This half's counts since the last call; vLLM adds the scheduler's and every
+        worker's up, logs them and feeds ``build_prom_metrics``' counters."""
+        half = self._sched if self._sched is not None else self._worker
+        delta = half.metrics.take() if half is not None else {}
+        return KVPoolConnectorStats(data=delta) if delta else None
+
+    @classmethod
+    def build_kv_connector_stats(
+        cls, data: Optional[Dict[str, Any]] = None
+    ) -> Optional["KVConnectorStats"]:
+        return KVPoolConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: "VllmConfig",
+        metric_types: Dict[type, type],
+        labelnames: List[str],
+        per_engine_labelvalues: Dict[int, List[object]],
+    ) -> KVPoolPromMetrics:
+        return KVPoolPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: "VllmConfig") -> Optional[str]:

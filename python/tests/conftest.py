@@ -64,6 +64,8 @@ class Pool:
     store: str
     proc: subprocess.Popen
     log: Path
+    #: The HTTP endpoint (`/metrics`), when started with `--http`.
+    http: str = ""
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -87,7 +89,13 @@ def start_pool(tmp: Path, *args: str, env: Optional[dict] = None) -> Pool:
         ready = read_ready(proc)
     except RuntimeError as e:
         raise RuntimeError(f"{e}\n{log.read_text(errors='replace')[-2000:]}") from None
-    return Pool(master=ready["master"], store=ready.get("store", ""), proc=proc, log=log)
+    return Pool(
+        master=ready["master"],
+        store=ready.get("store", ""),
+        proc=proc,
+        log=log,
+        http=ready.get("http", ""),
+    )
 
 
 @pytest.fixture(scope="session")

@@ -345,6 +345,14 @@ def test_stats_and_clear(sg, pool, unique):
     assert stats.backup_bandwidth[0] > 0 and stats.prefetch_bandwidth[0] > 0
     assert b.get_stats().backup_pgs == []  # taken
     assert other.get_stats() is None  # metrics off
+    # kvpool's own connector counters (docs/operations.md), whatever SGLang's setting.
+    t = other.counters.totals()
+    assert (t["saved_tokens"], t["loaded_tokens"], t["lookups"]) == (4 * PAGE, 0, 0)
     assert b.clear() is True
     assert b.batch_exists(keys) == 0
     assert other.batch_exists(keys) == 4  # another model's pages stay
+    t = other.counters.totals()
+    assert (t["lookups"], t["prompt_tokens"], t["matched_tokens"]) == (1, 4 * PAGE, 4 * PAGE)
+    t = b.counters.totals()
+    assert (t["loaded_tokens"], t["load_failed_tokens"]) == (4 * PAGE, 0)
+    assert (t["lookups"], t["prompt_tokens"], t["matched_tokens"]) == (1, 4 * PAGE, 0)

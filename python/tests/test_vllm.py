@@ -170,7 +170,7 @@ class Engine:
             kv_cache_config=self.kv_cache_config,
             structured_output_manager=StructuredOutputManager(self.config),
             block_size=BS,
-            log_stats=False,
+            log_stats=True,
         )
         assert type(self.scheduler.connector).__name__ == "KVPoolConnector"
         self.device = device
@@ -198,6 +198,9 @@ class Engine:
         self.ids: Dict[str, List[int]] = {}
         #: Called as `(layer, worker, scheduler_output)` after each layer's `save_kv_layer`.
         self.after_layer = None
+        #: The connector's stats of each step that had some, as vLLM's scheduler hands them
+        #: to its loggers (the workers' summed, then the scheduler's added).
+        self.connector_stats: List[dict] = []
 
     @property
     def connector(self) -> "kv_vllm.KVPoolConnector":
@@ -237,6 +240,7 @@ class Engine:
             zip(so.scheduled_cached_reqs.req_ids, so.scheduled_cached_reqs.num_computed_tokens)
         )
         sending, recving, errors = set(), set(), set()
+        stats = None
         for rank, (w, kvs) in enumerate(self.ranks):
             # The worker gets a copy, as vLLM's multiprocess executor sends it (pickled).
             meta = pickle.loads(pickle.dumps(so.kv_connector_metadata))
@@ -260,6 +264,10 @@ class Engine:
             w.wait_for_save()
             res = w.get_transfer_results(so.finished_req_ids)
             errors |= w.get_block_ids_with_load_errors()
+            # The model runner's, then vLLM's output aggregator's sum over the ranks.
+            got_stats = w.get_kv_connector_stats()
+            if got_stats is not None:
+                stats = got_stats if stats is None else stats.aggregate(got_stats)
             w.clear_connector_metadata()
             # vLLM's output aggregator: a request is done sending once every rank said so.
             for kind, done, got in (
@@ -287,10 +295,13 @@ class Engine:
                 finished_sending=sending or None,
                 finished_recving=recving or None,
                 invalid_block_ids=errors,
+                kv_connector_stats=stats,
             ),
         )
         eco = self.scheduler.update_from_output(so, out)
         for outs in eco.values():
+            if outs.scheduler_stats is not None and outs.scheduler_stats.kv_connector_stats:
+                self.connector_stats.append(outs.scheduler_stats.kv_connector_stats)
             for o in outs.outputs:
                 if o.finished:
                     self.finished_params[o.request_id] = o.kv_transfer_params
@@ -673,6 +684,8 @@ def test_an_unclaimed_handoff_is_released_after_the_abort_timeout(
     assert time.monotonic() - t >= 0.9
     assert producer_of(p).stats()["expired"] == 1
     assert not p.connector.has_pending_push_work()
+    t = p.worker._worker.metrics.totals()
+    assert (t["handoffs_sent"], t["handoff_timeouts"]) == (1, 1)
 
 
 def test_a_decoder_whose_producer_died_reports_load_errors_and_recomputes(pool, model_dir, unique):
@@ -719,6 +732,8 @@ def test_a_decoder_that_needs_no_handoff_releases_it_at_once(pool, model_dir, un
     assert producer_of(p).stats()["aborted"] == 1
     assert not p.connector.has_pending_push_work()
     d.run(until=lambda: "d1" in d.finished_params)
+    t = d.worker._worker.metrics.totals()
+    assert (t["handoffs_released"], t["handoffs_received"], t["handoff_aborts"]) == (1, 0, 0)
 
 
 def first_scheduled(e: Engine, rid: str, timeout: float = 20.0):
@@ -757,6 +772,9 @@ def test_an_async_handoff_waits_for_remote_kvs_then_decodes(pool, model_dir, uni
     d.run()
     p.run(timeout=10)
     assert producer_of(p).stats()["released"] == 1
+    t = d.worker._worker.metrics.totals()
+    assert (t["handoffs_received"], t["loaded_tokens"], t["load_failed_tokens"]) == (1, 3 * BS, 0)
+    assert p.worker._worker.metrics.totals()["handoffs_sent"] == 1
 
 
 def test_an_async_prefix_load_parks_the_request_then_schedules_the_tail(pool, model_dir, unique):
@@ -881,3 +899,59 @@ def test_the_pool_serves_the_tail_of_a_prefix_whose_head_vllm_has(pool, model_di
     for i in range(1, 4):
         assert b.block_bytes(b.ids["r2"][i]) == a.block_bytes(a.ids["r1"][i])
     b.run()
+
+
+def test_the_connectors_counts_reach_vllms_log_and_prometheus(pool, model_dir, unique):
+    """What the connector did reaches vLLM's loggers as vLLM gathers it: each worker's counts
+    since the last step (tokens saved and loaded) in the model runner's output, summed over
+    the ranks, plus the scheduler's (lookups, prompt and matched tokens) in the scheduler's
+    stats; then through vLLM's own KVConnectorLogging (the log line) and KVConnectorProm
+    (counters in prometheus_client's registry, which vLLM serves on /metrics)."""
+    from prometheus_client import REGISTRY
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+        KVConnectorLogging,
+        KVConnectorProm,
+    )
+
+    def summed(e: Engine) -> dict:
+        out: dict = {}
+        for d in e.connector_stats:
+            for k, v in d.items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    prefix = prompt(31, 4 * BS)
+    a = Engine(model_dir, pool.master, model_id=unique, tp=2)
+    a.add("r1", prefix + prompt(32, 8))
+    a.run()
+    # Two ranks, each saving its 4 full blocks; nothing matched.
+    assert summed(a) == {"lookups": 1, "prompt_tokens": 4 * BS + 8, "saved_tokens": 2 * 4 * BS}
+
+    b = Engine(model_dir, pool.master, model_id=unique, tp=2)
+    b.add("r2", prefix + prompt(33, 8))
+    b.run()
+    total = summed(b)
+    assert total == {
+        "lookups": 1,
+        "prompt_tokens": 4 * BS + 8,
+        "matched_tokens": 4 * BS,
+        "loaded_tokens": 2 * 4 * BS,
+    }, "loaded by both ranks, nothing new to save"
+
+    # vLLM's logger rebuilds each step's stats through the connector class, as its engine
+    # core's logger does.
+    log = KVConnectorLogging(b.config.kv_transfer_config)
+    for d in b.connector_stats:
+        log.observe(d)
+    lines: List[str] = []
+    log.log(lambda fmt, *args: lines.append(fmt % args))
+    assert len(lines) == 1 and f"loaded_tokens={2 * 4 * BS}" in lines[0], lines
+    assert f"matched_token_ratio={round(4 * BS / (4 * BS + 8), 4)}" in lines[0], lines
+
+    labels = {"model_name": unique, "engine": "0"}
+    prom = KVConnectorProm(b.config, list(labels), {0: list(labels.values())})
+    for d in b.connector_stats:
+        prom.observe(d, 0)
+    for counter, want in total.items():
+        got = REGISTRY.get_sample_value(f"kvpool_connector_{counter}_total", labels)
+        assert got == want, (counter, got, want)
