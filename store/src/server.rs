@@ -9,7 +9,7 @@ use std::os::fd::BorrowedFd;
 
 use kvpool_proto::{FrameLimits, NodeId, ObjectTag, SegmentId, ShmSegment, Token, WireError};
 use kvpool_transport::{
-    dataplane::{self, DataServerOptions, OwnedBytes, SegmentStore, Source},
+    dataplane::{self, DataServerOptions, OwnedBytes, OwnedPayload, SegmentStore, Source},
     memory::SharedRange,
 };
 use tokio::net::TcpListener;
@@ -21,9 +21,9 @@ pub use kvpool_transport::dataplane::DIRECT_MIN;
 /// A value read off the NVMe tier, as the data server sends it.
 struct Disk(crate::nvme::ValueBuf);
 
-impl AsRef<[u8]> for Disk {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
+impl OwnedPayload for Disk {
+    fn slices(&self) -> Vec<&[u8]> {
+        self.0.slices().collect()
     }
 }
 

@@ -131,7 +131,7 @@ async fn promote(node: &Node, t: &CopyTask) -> ItemResult<()> {
         .nvme(t.from)
         .ok_or_else(|| refused(format!("no NVMe segment {}", t.from)))?;
     let value = nvme.read(t.from_offset, t.len).await?;
-    fill_dram(node, t, &value)
+    fill_dram(node, t, &value.to_vec())
 }
 
 /// A drain's move: reads the value from the node at `addr` (another node's segment

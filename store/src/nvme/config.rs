@@ -29,6 +29,9 @@ pub struct NvmeConfig {
     /// Memory of the staging buffers (2 MiB each) that values are copied through, registered
     /// with io_uring [64MiB]. When all are busy, buffers are allocated per request.
     pub staging: ByteSize,
+    /// Most parts one read of a large value (over 512 KiB) is split into, read at once [8;
+    /// 1: one read per value].
+    pub read_parts: u32,
 }
 
 impl Default for NvmeConfig {
@@ -40,6 +43,7 @@ impl Default for NvmeConfig {
             queue_depth: 64,
             index_dir: None,
             staging: ByteSize::mib(64),
+            read_parts: 8,
         }
     }
 }
@@ -54,6 +58,12 @@ impl NvmeConfig {
             return Err(format!(
                 "nvme queue-depth = {} is out of range (1 to 4096)",
                 self.queue_depth
+            ));
+        }
+        if !(1..=64).contains(&self.read_parts) {
+            return Err(format!(
+                "nvme read-parts = {} is out of range (1 to 64)",
+                self.read_parts
             ));
         }
         if self.staging.0 < STAGING_BUF as u64 {
@@ -95,5 +105,9 @@ mod tests {
         assert!(toml::from_str::<NvmeConfig>("engine = \"aio\"").is_err());
         assert!(toml::from_str::<NvmeConfig>("queue_depth = 8").is_err());
         assert!(NvmeConfig::default().validate().is_err(), "path required");
+        let c: NvmeConfig = toml::from_str("path = \"x\"\nread-parts = 1").unwrap();
+        assert_eq!(c.read_parts, 1);
+        let c: NvmeConfig = toml::from_str("path = \"x\"\nread-parts = 0").unwrap();
+        assert!(c.validate().unwrap_err().contains("read-parts = 0"));
     }
 }

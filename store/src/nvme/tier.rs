@@ -30,6 +30,8 @@ pub(super) struct Shared {
     pub(super) state: Mutex<State>,
     pub(super) healthy: AtomicBool,
     pub(super) cause: Mutex<Option<String>>,
+    /// Most parts a large read is split into (`read-parts`).
+    pub(super) read_parts: u64,
 }
 
 impl NvmeTier {
@@ -67,6 +69,7 @@ impl NvmeTier {
             state: Mutex::new(State::default()),
             healthy: AtomicBool::new(true),
             cause: Mutex::new(None),
+            read_parts: u64::from(cfg.read_parts),
         });
         let records = shared.recover(cfg.queue_depth as usize)?;
         let (commit_tx, committers) = commit::start(&shared)?;

@@ -58,7 +58,19 @@ const DECODE_ANY: FrameLimits = FrameLimits {
 };
 
 /// Bytes read off a slower tier (the NVMe tier), owned by the server until sent.
-pub type OwnedBytes = Box<dyn AsRef<[u8]> + Send + Sync>;
+pub type OwnedBytes = Box<dyn OwnedPayload>;
+
+/// Bytes a store read into memory of its own (a slower tier's value), sent as they are: in
+/// one or several slices (the parts a large read was split into), in order.
+pub trait OwnedPayload: Send + Sync {
+    fn slices(&self) -> Vec<&[u8]>;
+}
+
+impl OwnedPayload for Vec<u8> {
+    fn slices(&self) -> Vec<&[u8]> {
+        vec![self]
+    }
+}
 
 /// A read of a slower tier, started by [`SegmentStore::read_range`].
 pub type DiskRead<'a> = Pin<Box<dyn Future<Output = Result<OwnedBytes, WireError>> + Send + 'a>>;
@@ -366,7 +378,7 @@ impl Bytes {
     fn len(&self) -> usize {
         match self {
             Bytes::Memory(r) => r.len(),
-            Bytes::Owned(b) => (**b).as_ref().len(),
+            Bytes::Owned(b) => b.slices().iter().map(|s| s.len()).sum(),
         }
     }
 }
@@ -438,7 +450,11 @@ async fn read<S: Conn, T: SegmentStore>(
                 r.copy_to(&mut scratch);
                 w.write_all(&scratch).await?;
             }
-            Bytes::Owned(b) => w.write_all((**b).as_ref()).await?,
+            Bytes::Owned(b) => {
+                for s in b.slices() {
+                    w.write_all(s).await?;
+                }
+            }
         }
     }
     Ok(())
