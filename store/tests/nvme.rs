@@ -181,7 +181,10 @@ async fn round_trip_at_several_sizes(engine: IoEngineKind) {
             .read_value(*at, key.len(), len, (0, len))
             .await
             .unwrap();
-        assert!(got.to_vec()[..] == v[..], "whole value of {len} bytes differs");
+        assert!(
+            got.to_vec()[..] == v[..],
+            "whole value of {len} bytes differs"
+        );
         let mut ranges = vec![(0, 1), (len - 1, 1), (len / 3, len / 3 + 1)];
         if len > 8192 {
             ranges.extend([(4095, 8193), (4096, 4096), (len - 5000, 5000)]);
