@@ -162,8 +162,8 @@ impl NodeMetrics {
             .inc_by(n);
     }
 
-    /// Object bytes written into the node, over `transport` ("tcp", or "shm": counted when a
-    /// same-host client commits what it copied into shared memory).
+    /// Object bytes written into the node, over `transport` ("tcp"; "shm" or "rdma": counted
+    /// when a client commits what it copied into shared memory or wrote with RDMA WRITEs).
     pub fn bytes_in(&self, transport: &str, n: u64) {
         self.bytes
             .get_or_create(&bytes_labels("in", transport))

@@ -208,7 +208,7 @@ impl TransferEngine {
     }
 
     /// The transport a request to the node at `addr` would use now ("shm", "rdma" or
-    /// "tcp"), attaching to its shared memory or setting up RDMA lanes first if this engine
+    /// "tcp"; "-" when `transport = rdma` and the node cannot be reached so), attaching to its shared memory or setting up RDMA lanes first if this engine
     /// may and has not yet: what a status display shows for a node.
     pub async fn probe(&self, addr: &str) -> &'static str {
         if let Ok(Some(_)) = self.attachment(addr.into()).await {
@@ -220,6 +220,8 @@ impl TransferEngine {
             {
                 "rdma"
             }
+            // Forced RDMA never falls back: requests to this node fail.
+            TransportMode::Rdma => "-",
             _ => "tcp",
         }
     }
