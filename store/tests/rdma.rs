@@ -4,7 +4,9 @@
 //! WRITEs, and the transfer engine's selection: `auto` falls back (a put/get round trip
 //! works, the transport shown is the one used), `rdma` forced fails naming why, registered
 //! buffers are recorded. Run with and without `--features rdma`: without a device both
-//! builds must behave the same here.
+//! builds must behave the same here. Where a device exists (feature `rdma`), the no-device
+//! tests log their skip and `over_a_device_puts_and_gets_go_over_rdma` runs instead; where
+//! none does, that one logs its skip.
 
 mod common;
 
@@ -31,6 +33,26 @@ async fn node(shm: bool) -> StoreHandle {
         ..StoreConfig::default()
     };
     kvpool_store::start(cfg, listener).await.unwrap()
+}
+
+/// Whether this host has a usable RDMA device (and this build the feature).
+fn device_present() -> bool {
+    #[cfg(feature = "rdma")]
+    {
+        use kvpool_transport::rdma::{DeviceOptions, RdmaDevice};
+        RdmaDevice::open(&DeviceOptions::from_env()).is_ok()
+    }
+    #[cfg(not(feature = "rdma"))]
+    false
+}
+
+/// Skips a test that asserts there is no RDMA device, where there is one.
+fn skip_with_a_device(test: &str) -> bool {
+    let present = device_present();
+    if present {
+        kvpool_testkit::skip::skipped(test, "this host has an RDMA device; the test needs none");
+    }
+    present
 }
 
 fn engine(mode: TransportMode) -> TransferEngine {
@@ -61,6 +83,11 @@ fn connect_body() -> Vec<u8> {
 
 #[tokio::test]
 async fn a_node_without_a_device_answers_rdma_connect_unsupported_and_keeps_serving() {
+    if skip_with_a_device(
+        "rdma a_node_without_a_device_answers_rdma_connect_unsupported_and_keeps_serving",
+    ) {
+        return;
+    }
     let node = node(false).await;
     let s = seg(&node);
     let mut c = RawClient::connect(node.local_addr()).await;
@@ -137,6 +164,9 @@ async fn rdma_written_records_the_tags_of_bytes_the_node_never_saw_arrive() {
 
 #[tokio::test]
 async fn auto_falls_back_and_shows_the_transport_it_used() {
+    if skip_with_a_device("rdma auto_falls_back_and_shows_the_transport_it_used") {
+        return;
+    }
     for shm in [false, true] {
         let node = node(shm).await;
         let addr = node.local_addr().to_string();
@@ -179,6 +209,9 @@ async fn auto_falls_back_and_shows_the_transport_it_used() {
 
 #[tokio::test]
 async fn forced_rdma_without_a_device_fails_naming_why() {
+    if skip_with_a_device("rdma forced_rdma_without_a_device_fails_naming_why") {
+        return;
+    }
     // A same-host node that shares its memory: `rdma` must not quietly use shared memory.
     let node = node(true).await;
     let addr = node.local_addr().to_string();
@@ -268,5 +301,65 @@ async fn registered_buffers_are_recorded_and_transfers_from_them_work_anywhere()
     assert!(e.unregister_buffer(base).unwrap());
     assert!(!e.unregister_buffer(base).unwrap());
     assert!(e.registered_buffers().is_empty());
+    node.shutdown().await;
+}
+
+/// The whole wiring on a real device: the node registers its segment and answers
+/// `RdmaConnect`, the client puts with WRITEs (one piece from a registered buffer, one through
+/// the bounce buffer) and the node records the tag from `RdmaWritten`; gets come back with
+/// READs; `transport_to` says `rdma`. Skipped (and logged) where there is no device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_a_device_puts_and_gets_go_over_rdma() {
+    if !device_present() {
+        kvpool_testkit::skip::skipped(
+            "rdma over_a_device_puts_and_gets_go_over_rdma",
+            "no usable RDMA device on this host (or a build without the `rdma` feature)",
+        );
+        return;
+    }
+    let node = node(false).await;
+    let addr = node.local_addr().to_string();
+    let s = seg(&node);
+    let e = engine(TransportMode::Rdma);
+    let data = pattern(12, 3 << 20);
+    // SAFETY: `data` outlives every transfer below and is unregistered before it is dropped.
+    unsafe { e.register_buffer(data.as_ptr() as u64, 1 << 20).unwrap() };
+    let (registered, bounced) = data.split_at(1 << 20);
+    let tag = object_tag(21, "over-rdma", s, 4096, &data);
+    let put = WriteItem {
+        op: WriteOp {
+            segment: s,
+            offset: 4096,
+            len: data.len() as u64,
+        },
+        data: vec![registered, bounced],
+    };
+    let r = within(
+        "rdma write",
+        e.write(addr.as_str(), vec![put], vec![tag.clone()]),
+    )
+    .await;
+    assert_eq!(r.unwrap(), vec![Ok(())]);
+    assert_eq!(e.transport_to(&addr), "rdma");
+    assert_eq!(node.node().inventory().get(ReplicaId(21)), Some(tag));
+    let seen = node.node().segments()[0]
+        .range(4096, data.len() as u64)
+        .unwrap()
+        .to_vec();
+    assert!(seen == data, "the segment holds other bytes");
+    let mut back = vec![0u8; data.len()];
+    let (a, b) = back.split_at_mut(12_345);
+    let get = ReadItem {
+        op: ReadOp {
+            segment: s,
+            offset: 4096,
+            len: data.len() as u64,
+        },
+        dst: vec![a, b],
+    };
+    let r = within("rdma read", e.read(addr.as_str(), vec![get])).await;
+    assert_eq!(r.unwrap(), vec![Ok(crc32c::crc32c(&data))]);
+    assert!(back == data, "read back different bytes");
+    assert!(e.unregister_buffer(data.as_ptr() as u64).unwrap());
     node.shutdown().await;
 }
