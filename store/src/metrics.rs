@@ -132,7 +132,7 @@ impl NodeMetrics {
             }
         }
         // Every series exists from the start, so a dashboard shows 0 rather than nothing.
-        for (dir, transport) in [("in", "tcp"), ("out", "tcp"), ("in", "shm")] {
+        for (dir, transport) in [("in", "tcp"), ("out", "tcp"), ("in", "shm"), ("in", "rdma")] {
             let _ = m.bytes.get_or_create(&bytes_labels(dir, transport));
         }
         m
