@@ -314,3 +314,15 @@ def test_registered_buffers_put_and_get_like_any_other(client, unique):
     finally:
         assert client.unregister_buffer(src.ctypes.data)
         assert client.unregister_buffer(dst.ctypes.data)
+
+
+def test_forced_rdma_without_a_device_raises_a_typed_error(pool, unique, monkeypatch):
+    # No RDMA device here (or an extension built without RDMA): a client told to use only
+    # RDMA cannot reach the node, and says so instead of falling back.
+    monkeypatch.setenv("KVPOOL_TRANSPORT", "rdma")
+    with kvpool.Client(pool.master, timeout=5) as c:
+        with pytest.raises(errors.UnavailableError) as e:
+            c.put(unique + "forced", b"bytes")
+        assert e.value.name == "TransportUnsupported", e.value
+        assert e.value.code == errors.CODES["TransportUnsupported"] == 603
+        assert "transport = rdma" in str(e.value)
