@@ -169,9 +169,9 @@ impl RdmaPath {
                 Ok(c)
             }
             Err(e) => {
-                let why = format!("node at {addr}: {e}");
+                let why = e.to_string();
                 if !known {
-                    tracing::info!("not using RDMA for {why}");
+                    tracing::info!("not using RDMA for the node at {addr}: {why}");
                 }
                 let wait = if e.is_fallback() {
                     RETRY_UNSUPPORTED
@@ -275,7 +275,7 @@ impl RdmaPath {
             if let Err(e) = written(&mut conn, tags.to_vec(), opts).await {
                 // The node may not know these objects: the put fails and is revoked.
                 drop(conn);
-                self.forget(addr, RETRY_CONNECT, format!("node at {addr}: {e}"));
+                self.forget(addr, RETRY_CONNECT, e.to_string());
                 return Err(e);
             }
         }
@@ -390,7 +390,7 @@ impl RdmaPath {
         };
         if let Some(why) = retry {
             tracing::debug!(addr, "RDMA batch failed, lanes dropped: {why}");
-            self.forget(addr, RETRY_CONNECT, format!("node at {addr}: {why}"));
+            self.forget(addr, RETRY_CONNECT, why);
             if !forced_rdma {
                 return None;
             }
