@@ -21,7 +21,7 @@ cargo clippy --manifest-path fuzz/Cargo.toml --all-targets -- -D warnings
 # The GPU paths build everywhere (cudarc loads the driver at run time).
 cargo clippy -p kvpool-connector -p kvpool-tests -p kvpool-python --features cuda --all-targets -- -D warnings
 # The RDMA transport builds everywhere deps.sh ran (libibverbs-dev; no device needed to build).
-cargo clippy -p kvpool-transport --features rdma --all-targets -- -D warnings
+cargo clippy -p kvpool-transport -p kvpool-store --features rdma --all-targets -- -D warnings
 echo "== build (the e2e tests start the kvpool binary)"
 cargo build --workspace --bins
 echo "== test"
@@ -35,6 +35,8 @@ echo "== test (feature cuda: the GPU tests skip, saying so, where no CUDA device
 cargo test -p kvpool-connector -p kvpool-tests --features cuda --no-fail-fast --lib --test cuda
 echo "== test (feature rdma: the loopback test logs its skip, with the reason, where no RDMA device is found)"
 cargo test -p kvpool-transport --features rdma --no-fail-fast
+# The node and the engine with RDMA compiled in and no device: unsupported answers, fallback.
+cargo test -p kvpool-store --features rdma --no-fail-fast --test rdma
 echo "== python (the kvpool package, built with maturin into a virtualenv outside the clone)"
 source scripts/python-env.sh
 kvpool_py_build

@@ -178,4 +178,21 @@ fn status_shows_the_transport_to_each_node() {
     assert_eq!(row(&text)[3], "tcp", "{text}");
     assert_eq!(json_transport(&status("tcp", &["status", "--json"])), "tcp");
     assert!(status("tcp", &["status", "--raw"]).contains("transport=tcp"));
+
+    // Forced to RDMA, on a host without a device (or a build without the `rdma` feature):
+    // the node cannot be reached that way, so it shows `-` and a put fails naming why.
+    let text = status("rdma", &["status"]);
+    assert_eq!(row(&text)[3], "-", "{text}");
+    assert_eq!(json_transport(&status("rdma", &["status", "--json"])), "-");
+    let o = run_kvpool(
+        &["put", "forced-rdma", "-"],
+        &[("KVPOOL_MASTER", &m), ("KVPOOL_TRANSPORT", "rdma")],
+        Some(b"bytes"),
+    );
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("transport = rdma") && err.contains("TransportUnsupported"),
+        "{err}"
+    );
 }

@@ -4,7 +4,7 @@ use kvpool_proto::{NodeId, Token};
 use kvpool_transport::{engine::EngineOptions, rpc::RpcOptions, shm::TransportMode};
 
 /// The environment variable that overrides [`ClientConfig::transport`] for every client of a
-/// process ("auto", "tcp" or "shm").
+/// process ("auto", "tcp", "shm" or "rdma").
 pub const TRANSPORT_ENV: &str = "KVPOOL_TRANSPORT";
 
 /// How a [`crate::Client`] reaches the pool and how hard it tries.
@@ -34,9 +34,10 @@ pub struct ClientConfig {
     /// `k` of tenant `t` is `t 0x00 k` on the wire, so tenants never see each other's keys;
     /// a name containing 0x00 is refused. An empty name is the same as none.
     pub tenant: Option<String>,
-    /// How storage nodes are reached [auto]: shared memory for nodes on this host, TCP for
-    /// the others; `tcp` or `shm` force one (`shm` fails requests to nodes it cannot
-    /// attach to). [`TRANSPORT_ENV`] overrides it. Replaces `engine.transport`.
+    /// How storage nodes are reached [auto]: shared memory for nodes on this host, RDMA for
+    /// the others where both sides have a device (feature `rdma`), TCP otherwise; `tcp`,
+    /// `shm` or `rdma` force one (`shm` and `rdma` fail requests to nodes they cannot use,
+    /// naming why). [`TRANSPORT_ENV`] overrides it. Replaces `engine.transport`.
     pub transport: TransportMode,
 }
 

@@ -116,17 +116,46 @@ impl Client {
         }
     }
 
-    /// The data transport this client uses for the node at data address `addr` ("shm" or
-    /// "tcp"), as far as it knows (a node not used yet shows "tcp").
+    /// The data transport this client uses for the node at data address `addr` ("shm",
+    /// "rdma" or "tcp"), as far as it knows (a node not used yet shows "tcp").
     pub fn transport_to(&self, addr: &str) -> &'static str {
         self.engine.transport_to(addr)
     }
 
-    /// The data transport this client would use for the node at `addr` now ("shm" or
-    /// "tcp"), attaching to the node's shared memory first if it may (one `ShmInfo` round
+    /// The data transport this client would use for the node at `addr` now ("shm", "rdma"
+    /// or "tcp"; "-" when forced to RDMA and it cannot be had), attaching to the node's
+    /// shared memory or setting up RDMA lanes first if it may (one `ShmInfo` round
     /// trip and the attach, once per node): for `kvpool status`-like displays.
     pub async fn probe_transport(&self, addr: &str) -> &'static str {
         self.engine.probe(addr).await
+    }
+
+    /// Registers `[addr, addr + len)` for RDMA (Python's `register_buffer`): transfers from
+    /// and into it then move straight between it and the node's segment, with no bounce
+    /// copy. Without a device (or the `rdma` feature) the region is only recorded, by the
+    /// same rules. Registering the same range twice is a no-op; a null, empty or wrapping
+    /// range, or one overlapping another registered range, is `InvalidArgument`. Every
+    /// address works unregistered too.
+    ///
+    /// # Safety
+    /// The memory must stay mapped until [`Client::unregister_buffer`] returns `Ok` for
+    /// `addr`: an RDMA device may read and write it during any transfer that names it.
+    pub unsafe fn register_buffer(&self, addr: u64, len: u64) -> Result<()> {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.engine.register_buffer(addr, len) }.map_err(ClientError::Remote)
+    }
+
+    /// Unregisters the buffer registered at `addr`: `true` if one was, `false` if none
+    /// starts there (unregistering twice is harmless).
+    pub fn unregister_buffer(&self, addr: u64) -> Result<bool> {
+        self.engine
+            .unregister_buffer(addr)
+            .map_err(ClientError::Remote)
+    }
+
+    /// The registered buffers, as `(addr, len)` in address order.
+    pub fn registered_buffers(&self) -> Vec<(u64, u64)> {
+        self.engine.registered_buffers()
     }
 
     pub fn id(&self) -> ClientId {

@@ -216,7 +216,8 @@ impl RpcService for Service {
             | Opcode::ShmInfo
             | Opcode::ShmAttach
             | Opcode::ShmCommit
-            | Opcode::RdmaConnect => Err(WireError::new(
+            | Opcode::RdmaConnect
+            | Opcode::RdmaWritten => Err(WireError::new(
                 kvpool_proto::ErrorCode::WrongService,
                 "data-plane request sent to the master; send it to a storage node",
             )),

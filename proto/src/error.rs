@@ -108,6 +108,9 @@ error_codes! {
     ConnectionClosed = 601,
     /// An I/O error on a socket or file.
     Io = 602,
+    /// The peer cannot use the transport asked for (a storage node without an RDMA device, or
+    /// built without RDMA, answering `RdmaConnect`); the client uses another transport.
+    TransportUnsupported = 603,
     /// The cluster token is missing or wrong.
     Unauthorized = 700,
     /// The producer knows no hand-off by this transfer id.

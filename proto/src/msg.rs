@@ -114,6 +114,8 @@ pub enum Opcode {
     ShmCommit = 0x44,
     /// RDMA queue-pair handshake (`crate::rdma`); data-plane opcodes 0x48..0x4f are RDMA's.
     RdmaConnect = 0x48,
+    /// The object tags of a put whose bytes a client wrote with one-sided RDMA WRITEs.
+    RdmaWritten = 0x49,
     HandoffClaim = 0x60,
     HandoffDone = 0x61,
     HandoffAbort = 0x62,
@@ -143,6 +145,7 @@ impl Opcode {
         Opcode::ShmAttach,
         Opcode::ShmCommit,
         Opcode::RdmaConnect,
+        Opcode::RdmaWritten,
         Opcode::HandoffClaim,
         Opcode::HandoffDone,
         Opcode::HandoffAbort,

@@ -15,12 +15,19 @@
 //! device will be handed (24-bit QP numbers and PSNs, MTU, GID) and the regions (non-empty,
 //! no address overflow, unique ids) are checked here, once, for both sides.
 //!
-//! A node without an RDMA device answers `RdmaConnect` with `WrongService` (and a node from
-//! before this message with `UnknownOpcode`); either tells the client to stay on TCP.
+//! A node without an RDMA device (or built without RDMA) answers `RdmaConnect` with
+//! `TransportUnsupported` (a node from before that code with `WrongService`, one from before
+//! this message with `UnknownOpcode`); each tells the client to use another transport.
+//!
+//! A one-sided WRITE never reaches the node's CPU, so after a put's WRITEs completed the
+//! client sends [`RdmaWritten`] with the put's object tags on the same TCP connection: the
+//! node's inventory (how a restarted master recovers objects) stays true.
 
 use serde::{Deserialize, Serialize};
 
-use crate::{decode_body, encode_body, ErrorCode, Message, Opcode, WireError};
+use crate::{
+    decode_body, encode_body, ErrorCode, Message, ObjectTag, Opcode, UnitResponse, WireError,
+};
 
 /// The version of the handshake body (independent of the frame version).
 pub const RDMA_VERSION: u16 = 1;
@@ -101,6 +108,22 @@ pub struct RdmaConnect {
 impl Message for RdmaConnect {
     const OPCODE: Opcode = Opcode::RdmaConnect;
     type Response = RdmaEndpoint;
+}
+
+/// 0x49, client → storage node, after the one-sided WRITEs of a put completed: the objects
+/// the bytes belong to (key, replica, range and the writer's crc32c), for the node's
+/// inventory, as `Write.tags` carries them over TCP and `ShmCommit` over shared memory. One
+/// result per tag; a tag naming a range outside the node's DRAM segments fails
+/// (`UnknownSegment` / `OutOfRange`). The round trip also proves the node alive after the
+/// WRITEs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RdmaWritten {
+    pub tags: Vec<ObjectTag>,
+}
+
+impl Message for RdmaWritten {
+    const OPCODE: Opcode = Opcode::RdmaWritten;
+    type Response = UnitResponse;
 }
 
 fn invalid(msg: String) -> WireError {
@@ -360,6 +383,30 @@ mod tests {
             assert_eq!(err.code, ErrorCode::InvalidArgument, "{what}");
             assert!(err.message.contains(what), "{what}: {}", err.message);
         }
+    }
+
+    #[test]
+    fn rdma_written_carries_tags_with_their_checksums() {
+        let tag = ObjectTag {
+            replica: crate::ReplicaId(3),
+            key: b"k".to_vec(),
+            segment: crate::SegmentId(9),
+            offset: 4096,
+            len: 5,
+            checksum: 0xdead_beef,
+        };
+        let msg = RdmaWritten {
+            tags: vec![tag.clone(), tag],
+        };
+        let body = encode_body(&msg);
+        assert_eq!(decode_body::<RdmaWritten>(&body).unwrap(), msg);
+        // Golden: 2 tags; replica 3, key "k", segment 9, offset 4096 (varint), len 5, crc.
+        let one = [3, 1, b'k', 9, 0x80, 0x20, 5, 0xef, 0xfd, 0xb6, 0xf5, 0x0d];
+        let mut want = vec![2];
+        want.extend(one);
+        want.extend(one);
+        assert_eq!(body, want);
+        assert_eq!(Opcode::try_from(0x49).unwrap(), Opcode::RdmaWritten);
     }
 
     proptest! {

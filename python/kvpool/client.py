@@ -107,6 +107,40 @@ class Client:
         if self._closed:
             raise KvpoolError("the client is closed", code=0, name="Closed")
 
+    # ------------------------------------------------------------------ registration
+
+    def register_buffer(self, ptr: int, size: int) -> None:
+        """Registers ``size`` bytes at address ``ptr`` for RDMA: puts from and gets into
+        the region then move straight between it and the node's memory, with no bounce copy.
+        Optional: every address works unregistered. Without an RDMA device (or a kvpool built
+        without RDMA) the region is only recorded. Registering the same region again does
+        nothing; a null, empty or wrapping region, or one overlapping another registered
+        region, raises :class:`InvalidArgumentError`. Keep the memory alive until
+        :meth:`unregister_buffer`."""
+        self._check_open()
+        if not isinstance(ptr, int) or not isinstance(size, int) or ptr < 0 or size < 0:
+            raise InvalidArgumentError(f"register_buffer({ptr!r}, {size!r}): non-negative ints")
+        try:
+            self._native.register_buffer(ptr, size)
+        except (ValueError, OverflowError) as e:
+            raise InvalidArgumentError(str(e)) from None
+
+    def unregister_buffer(self, ptr: int) -> bool:
+        """Unregisters the region registered at ``ptr``: ``True`` if one was, ``False`` if
+        none starts there (unregistering twice is harmless)."""
+        self._check_open()
+        if not isinstance(ptr, int) or ptr < 0:
+            raise InvalidArgumentError(f"unregister_buffer({ptr!r}): a non-negative int")
+        try:
+            return self._native.unregister_buffer(ptr)
+        except (ValueError, OverflowError) as e:
+            raise InvalidArgumentError(str(e)) from None
+
+    @property
+    def registered_buffers(self) -> List[Tuple[int, int]]:
+        """The registered regions, as ``(ptr, size)`` in address order."""
+        return self._native.registered_buffers()
+
     # ------------------------------------------------------------------ puts
 
     def put(self, key: Key, value: Buffer, **opts) -> None:

@@ -93,6 +93,8 @@ _BY_NAME: Dict[str, Type[KvpoolError]] = {
     "Timeout": UnavailableError,
     "ConnectionClosed": UnavailableError,
     "Io": UnavailableError,
+    # A transport forced in the config (`KVPOOL_TRANSPORT=rdma`) that a node cannot use.
+    "TransportUnsupported": UnavailableError,
     "NotLeader": UnavailableError,
     "NodeDead": UnavailableError,
     "UnknownNode": UnavailableError,

@@ -72,6 +72,7 @@ _CODE_OF: Dict[str, int] = {
     "UnknownNode": TRANSFER_FAIL,
     "NeedRegister": TRANSFER_FAIL,
     "NodeDead": TRANSFER_FAIL,
+    "TransportUnsupported": TRANSFER_FAIL,
     "OutOfRange": INVALID_REPLICA,
     "UnknownSegment": INVALID_REPLICA,
     "ChecksumMismatch": CHECKSUM_MISMATCH,

@@ -360,6 +360,31 @@ impl NativeClient {
         Ok(d.into_any())
     }
 
+    /// Registers `[ptr, ptr + size)` for RDMA: transfers from and into it move straight
+    /// between it and the node's segment. Without an RDMA device (or a build without the
+    /// `rdma` feature) the region is only recorded. The same range twice is a no-op; a null,
+    /// empty or wrapping range, or one overlapping another registered range, raises
+    /// `ValueError`. The caller keeps the memory alive until `unregister_buffer(ptr)`.
+    fn register_buffer(&self, ptr: u64, size: u64) -> PyResult<()> {
+        // SAFETY: the documented contract of this method: the Python caller keeps the memory
+        // mapped until it unregisters it (as with Mooncake's `register_buffer`).
+        unsafe { self.client.register_buffer(ptr, size) }
+            .map_err(|e| PyValueError::new_err(e.to_string()))
+    }
+
+    /// Unregisters the buffer registered at `ptr`: `True` if one was, `False` if none starts
+    /// there (so unregistering twice is harmless).
+    fn unregister_buffer(&self, ptr: u64) -> PyResult<bool> {
+        self.client
+            .unregister_buffer(ptr)
+            .map_err(|e| PyValueError::new_err(e.to_string()))
+    }
+
+    /// The registered buffers, as `(ptr, size)` in address order.
+    fn registered_buffers(&self) -> Vec<(u64, u64)> {
+        self.client.registered_buffers()
+    }
+
     /// The configured master address (for messages and `repr`).
     #[getter]
     fn master(&self) -> String {

@@ -267,3 +267,62 @@ def test_keys_and_remove_regex(client, unique):
     assert len(list(client.keys(unique))) == 16
     with pytest.raises(kvpool.InvalidArgumentError, match="unclosed"):
         client.remove_regex("(unclosed")
+
+
+def test_register_buffer_validates_input_and_is_idempotent():
+    # No pool needed: registration is local (an RDMA registration with a device, else a
+    # record kept by the same rules).
+    with kvpool.Client("127.0.0.1:1", timeout=1) as c:
+        buf = np.zeros(8192, dtype=np.uint8)
+        ptr = buf.ctypes.data
+        c.register_buffer(ptr, 4096)
+        c.register_buffer(ptr, 4096)  # the same region again: nothing happens
+        c.register_buffer(ptr + 4096, 4096)  # adjacent is fine
+        assert c.registered_buffers == [(ptr, 4096), (ptr + 4096, 4096)]
+        bad = [
+            (ptr + 10, 10, "overlaps"),
+            (ptr, 8192, "overlaps"),
+            (ptr + 100_000, 0, "empty"),
+            (0, 16, "null"),
+            (2**64 - 2, 4, "wraps"),
+            (-1, 4, "non-negative"),
+            (ptr, -1, "non-negative"),
+            (2**64, 4, None),
+            ("0x10", 4, "non-negative"),
+        ]
+        for p, n, why in bad:
+            with pytest.raises(kvpool.InvalidArgumentError, match=why):
+                c.register_buffer(p, n)
+        assert c.registered_buffers == [(ptr, 4096), (ptr + 4096, 4096)]
+        assert c.unregister_buffer(ptr) is True
+        assert c.unregister_buffer(ptr) is False  # twice: harmless
+        assert c.unregister_buffer(ptr + 4097) is False  # not a region's start
+        assert c.registered_buffers == [(ptr + 4096, 4096)]
+        with pytest.raises(kvpool.InvalidArgumentError):
+            c.unregister_buffer(-5)
+
+
+def test_registered_buffers_put_and_get_like_any_other(client, unique):
+    src = rand(1 << 20, 5)
+    dst = np.zeros(1 << 20, dtype=np.uint8)
+    client.register_buffer(src.ctypes.data, src.nbytes)
+    client.register_buffer(dst.ctypes.data, dst.nbytes)
+    try:
+        client.put_from(unique + "r", src.ctypes.data, src.nbytes)
+        assert client.get_into_address(unique + "r", dst.ctypes.data, dst.nbytes) == src.nbytes
+        assert np.array_equal(src, dst)
+    finally:
+        assert client.unregister_buffer(src.ctypes.data)
+        assert client.unregister_buffer(dst.ctypes.data)
+
+
+def test_forced_rdma_without_a_device_raises_a_typed_error(pool, unique, monkeypatch):
+    # No RDMA device here (or an extension built without RDMA): a client told to use only
+    # RDMA cannot reach the node, and says so instead of falling back.
+    monkeypatch.setenv("KVPOOL_TRANSPORT", "rdma")
+    with kvpool.Client(pool.master, timeout=5) as c:
+        with pytest.raises(errors.UnavailableError) as e:
+            c.put(unique + "forced", b"bytes")
+        assert e.value.name == "TransportUnsupported", e.value
+        assert e.value.code == errors.CODES["TransportUnsupported"] == 603
+        assert "transport = rdma" in str(e.value)

@@ -20,6 +20,7 @@
 //! - [`metrics`]: the node's Prometheus metrics and `/ready` rule (served by `kvpool-ops`).
 //! - [`nvme`]: [`nvme::NvmeTier`], the NVMe tier engine (device, io engines, record layout,
 //!   RocksDB index).
+//! - `rdma` (feature `rdma`): the node's RDMA device and its segments' registrations.
 //!
 //! [`run`] wires these together for the CLI; [`start`] does the same and returns a handle, for
 //! embedding a node in another process (`kvpool up`, tests).
@@ -30,6 +31,8 @@ pub mod inventory;
 pub mod metrics;
 pub mod node;
 pub mod nvme;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod segment;
 pub mod server;
 pub mod tasks;
@@ -75,6 +78,10 @@ pub struct StoreHandle {
     /// The Unix-socket server for same-host clients, and its socket path (removed on stop).
     shm: Option<(JoinHandle<()>, PathBuf)>,
     agent: JoinHandle<()>,
+    /// The RDMA device and the segments' registrations, dropped (deregistered) after the
+    /// servers stopped.
+    #[cfg(feature = "rdma")]
+    _rdma: Option<rdma::Registration>,
 }
 
 impl StoreHandle {
@@ -187,7 +194,7 @@ pub async fn start(mut cfg: StoreConfig, listener: TcpListener) -> Result<StoreH
             Ok(l) => {
                 let opts = DataServerOptions {
                     token: cfg.token.clone(),
-                    shm_socket: None,
+                    ..DataServerOptions::default()
                 };
                 let served =
                     dataplane::serve(l, node.clone(), opts, stopped(stop_server.subscribe()));
@@ -203,9 +210,20 @@ pub async fn start(mut cfg: StoreConfig, listener: TcpListener) -> Result<StoreH
     } else {
         None
     };
+    // Registration pins every segment page: blocking work.
+    #[cfg(feature = "rdma")]
+    let rdma = {
+        let n = node.clone();
+        tokio::task::spawn_blocking(move || rdma::Registration::open(&n))
+            .await
+            .ok()
+            .flatten()
+    };
     let opts = DataServerOptions {
         token: cfg.token.clone(),
         shm_socket: shm.as_ref().map(|(_, p)| p.to_string_lossy().into_owned()),
+        #[cfg(feature = "rdma")]
+        rdma: rdma.as_ref().map(rdma::Registration::device),
     };
     let server = tokio::spawn(dataplane::serve(
         listener,
@@ -233,6 +251,8 @@ pub async fn start(mut cfg: StoreConfig, listener: TcpListener) -> Result<StoreH
         server,
         shm,
         agent,
+        #[cfg(feature = "rdma")]
+        _rdma: rdma,
     })
 }
 

@@ -132,7 +132,7 @@ impl NodeMetrics {
             }
         }
         // Every series exists from the start, so a dashboard shows 0 rather than nothing.
-        for (dir, transport) in [("in", "tcp"), ("out", "tcp"), ("in", "shm")] {
+        for (dir, transport) in [("in", "tcp"), ("out", "tcp"), ("in", "shm"), ("in", "rdma")] {
             let _ = m.bytes.get_or_create(&bytes_labels(dir, transport));
         }
         m
@@ -162,8 +162,8 @@ impl NodeMetrics {
             .inc_by(n);
     }
 
-    /// Object bytes written into the node, over `transport` ("tcp", or "shm": counted when a
-    /// same-host client commits what it copied into shared memory).
+    /// Object bytes written into the node, over `transport` ("tcp"; "shm" or "rdma": counted
+    /// when a client commits what it copied into shared memory or wrote with RDMA WRITEs).
     pub fn bytes_in(&self, transport: &str, n: u64) {
         self.bytes
             .get_or_create(&bytes_labels("in", transport))

@@ -93,6 +93,13 @@ impl SegmentStore for Node {
         Ok(())
     }
 
+    fn commit_rdma_tag(&self, tag: ObjectTag) -> Result<(), WireError> {
+        let len = tag.len;
+        Node::commit_tag(self, tag)?;
+        self.metrics().bytes_in("rdma", len);
+        Ok(())
+    }
+
     fn node_id(&self) -> NodeId {
         self.id()
     }
@@ -128,7 +135,7 @@ pub async fn serve_with_token(
 ) {
     let opts = DataServerOptions {
         token,
-        shm_socket: None,
+        ..DataServerOptions::default()
     };
     dataplane::serve(listener, node, opts, shutdown).await
 }

@@ -30,7 +30,6 @@ mod error;
 pub mod frame;
 pub mod listen;
 pub mod memory;
-#[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod rpc;
 pub mod server;

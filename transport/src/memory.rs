@@ -55,6 +55,12 @@ impl SharedRange {
         self.len
     }
 
+    /// The address of the first byte: what a device registration names (an address, never
+    /// a reference).
+    pub fn addr(&self) -> u64 {
+        self.ptr.as_ptr() as u64
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -40,7 +40,7 @@ fn open_or_skip() -> Option<Arc<RdmaDevice>> {
                 e.is_fallback(),
                 "no device must read as a TCP fallback, not {e:?}"
             );
-            assert_eq!(e.code(), ErrorCode::WrongService);
+            assert_eq!(e.code(), ErrorCode::TransportUnsupported);
             kvpool_testkit::skip::skipped(
                 "rdma loopback_puts_and_gets_over_rdma",
                 &format!("no usable RDMA device on this host ({e})"),

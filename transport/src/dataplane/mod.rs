@@ -16,6 +16,7 @@
 //! longer be trusted (bad header, truncated frame, lengths that disagree) gets an error and is
 //! closed. Either way only that connection is affected.
 
+mod rdma;
 mod stream;
 
 use std::{future::Future, pin::Pin, sync::Arc};
@@ -32,6 +33,7 @@ use tokio::{
     net::{TcpStream, UnixStream},
 };
 
+pub use rdma::rdma_unsupported;
 pub use stream::{recv_exact, send_all, RawSocket};
 
 use crate::{
@@ -106,6 +108,12 @@ pub trait SegmentStore: Send + Sync + 'static {
     /// Keeps one tag of a same-host client's write (`ShmCommit`): a tag that names no range
     /// of the node's segments is refused.
     fn commit_tag(&self, tag: ObjectTag) -> Result<(), WireError>;
+    /// Keeps one tag of a put a client wrote with one-sided RDMA WRITEs (`RdmaWritten`), by
+    /// the same rule as [`SegmentStore::commit_tag`] (the default); a node overrides it only
+    /// to count the bytes under their transport.
+    fn commit_rdma_tag(&self, tag: ObjectTag) -> Result<(), WireError> {
+        self.commit_tag(tag)
+    }
     /// The node's id (a same-host client checks it is the node it expected).
     fn node_id(&self) -> NodeId;
     /// The segments a same-host client may map, each with its memory file.
@@ -125,6 +133,10 @@ pub struct DataServerOptions {
     /// The node's Unix socket for same-host clients, told to whoever asks `ShmInfo`
     /// [unset: the node shares no memory].
     pub shm_socket: Option<String>,
+    /// The node's RDMA device, its segments registered, for `RdmaConnect` [unset: answered
+    /// `TransportUnsupported`].
+    #[cfg(feature = "rdma")]
+    pub rdma: Option<Arc<crate::rdma::RdmaDevice>>,
 }
 
 /// Serves data-plane connections from `listener` until `shutdown` completes; then stops
@@ -245,6 +257,7 @@ async fn serve_connection<S: Conn, T: SegmentStore>(
     opts: &DataServerOptions,
 ) -> Result<(), Close> {
     let token = opts.token.as_ref();
+    let mut lanes = rdma::Lanes::default();
     // Nothing is served before the Hello when a token is configured.
     let mut authed = token.is_none();
     loop {
@@ -298,6 +311,8 @@ async fn serve_connection<S: Conn, T: SegmentStore>(
             Ok(Opcode::ShmInfo) => shm_info(io, store, opts, &h).await,
             Ok(Opcode::ShmAttach) => shm_attach(io, store, &h).await,
             Ok(Opcode::ShmCommit) => shm_commit(io, store, &h).await,
+            Ok(Opcode::RdmaConnect) => rdma::connect(io, opts, &h, &mut lanes).await,
+            Ok(Opcode::RdmaWritten) => rdma::written(io, store, &h).await,
             Ok(op) => {
                 skip(io, &h).await?;
                 let msg = format!("{op:?} is a master request; this is a storage node");

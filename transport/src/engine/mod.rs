@@ -23,10 +23,13 @@
 //! - `chunk`: cutting items into stripe-sized chunks across the caller's slices; packing.
 //! - `exchange`: the write and read exchanges on the wire, with vectored I/O.
 //! - `pool`: pooled connections, and the retry of a request whose pooled connection died.
+//! - `rdma`: RDMA per node (after shared memory, before TCP), the client's registered
+//!   buffers, and batches as one-sided READs and WRITEs (feature `rdma`).
 
 mod chunk;
 mod exchange;
 mod pool;
+mod rdma;
 
 use std::{
     collections::HashMap,
@@ -47,6 +50,8 @@ use crate::{
 };
 use chunk::{Chunk, Item, Piece};
 use exchange::Exchange;
+pub use rdma::BOUNCE_SIZE;
+use rdma::{RdmaPath, Via};
 
 /// A read chunk with at least this many bytes still to come once the response buffer is
 /// drained is read straight into its slices; smaller ones go through the buffer. The same
@@ -137,12 +142,14 @@ impl<'a> From<&'a str> for Peer<'a> {
 }
 
 /// Moves batches of segment ranges to and from storage nodes: through shared memory for nodes
-/// on this host (see [`crate::shm`]), over pooled TCP connections otherwise.
+/// on this host (see [`crate::shm`]), with one-sided RDMA where both sides have a device
+/// (feature `rdma`), over pooled TCP connections otherwise.
 pub struct TransferEngine {
     opts: EngineOptions,
     idle: Mutex<HashMap<String, Vec<TcpStream>>>,
     next_id: AtomicU64,
     shm: ShmPeers,
+    rdma: RdmaPath,
 }
 
 impl TransferEngine {
@@ -152,27 +159,69 @@ impl TransferEngine {
             idle: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             shm: ShmPeers::default(),
+            rdma: RdmaPath::default(),
         }
+    }
+
+    /// Registers `[addr, addr + len)` for RDMA transfers straight from and into it (Python's
+    /// `register_buffer`): with a device, a local-access memory registration (made when the
+    /// device opens, for buffers registered before); without one, a record kept by the same
+    /// rules. Registering the same range again is a no-op; a null, empty or wrapping range,
+    /// or one overlapping another registered range, is `InvalidArgument`. Transfers work on
+    /// unregistered memory too (through a bounce buffer, or TCP).
+    ///
+    /// # Safety
+    /// The memory must stay mapped until [`TransferEngine::unregister_buffer`] returns `Ok`
+    /// for `addr`: the device may read and write it during any transfer that names it.
+    pub unsafe fn register_buffer(&self, addr: u64, len: u64) -> Result<(), WireError> {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.rdma.register(addr, len) }
+    }
+
+    /// Unregisters the buffer registered at `addr`: `true` if one was, `false` if none starts
+    /// there (so unregistering twice is harmless); `InvalidArgument` while a transfer uses it.
+    pub fn unregister_buffer(&self, addr: u64) -> Result<bool, WireError> {
+        self.rdma.unregister(addr)
+    }
+
+    /// The registered buffers, as `(addr, len)` in address order.
+    pub fn registered_buffers(&self) -> Vec<(u64, u64)> {
+        self.rdma.registered()
     }
 
     pub fn options(&self) -> &EngineOptions {
         &self.opts
     }
 
-    /// The transport the node at `addr` is reached by ("shm" or "tcp"), as far as known.
+    /// The transport the node at `addr` is reached by ("shm", "rdma" or "tcp"), as far as
+    /// known.
     pub fn transport_to(&self, addr: &str) -> &'static str {
         match self.opts.transport {
             TransportMode::Tcp => "tcp",
-            _ => self.shm.describe(addr),
+            TransportMode::Shm => self.shm.describe(addr),
+            TransportMode::Rdma => self.rdma.describe(addr).unwrap_or("tcp"),
+            TransportMode::Auto => match self.shm.describe(addr) {
+                "shm" => "shm",
+                _ => self.rdma.describe(addr).unwrap_or("tcp"),
+            },
         }
     }
 
-    /// The transport a request to the node at `addr` would use now ("shm" or "tcp"),
-    /// attaching to its shared memory first if this engine may and has not yet: what a
-    /// status display shows for a node.
+    /// The transport a request to the node at `addr` would use now ("shm", "rdma" or
+    /// "tcp"; "-" when `transport = rdma` and the node cannot be reached so), attaching to its shared memory or setting up RDMA lanes first if this engine
+    /// may and has not yet: what a status display shows for a node.
     pub async fn probe(&self, addr: &str) -> &'static str {
-        match self.attachment(addr.into()).await {
-            Ok(Some(_)) => "shm",
+        if let Ok(Some(_)) = self.attachment(addr.into()).await {
+            return "shm";
+        }
+        match self.opts.transport {
+            TransportMode::Auto | TransportMode::Rdma
+                if self.rdma.probe(addr, &self.opts).await.is_ok() =>
+            {
+                "rdma"
+            }
+            // Forced RDMA never falls back: requests to this node fail.
+            TransportMode::Rdma => "-",
             _ => "tcp",
         }
     }
@@ -183,7 +232,10 @@ impl TransferEngine {
         &self,
         peer: Peer<'_>,
     ) -> Result<Option<std::sync::Arc<crate::shm::Attachment>>, TransportError> {
-        if self.opts.transport == TransportMode::Tcp {
+        if matches!(
+            self.opts.transport,
+            TransportMode::Tcp | TransportMode::Rdma
+        ) {
             return Ok(None);
         }
         match self.shm.get(peer.addr, peer.node, &self.opts).await {
@@ -214,6 +266,15 @@ impl TransferEngine {
                 return att.write(items, tags, &self.opts).await;
             }
         }
+        let items = match self.opts.transport {
+            TransportMode::Auto | TransportMode::Rdma => {
+                match self.rdma.write(peer.addr, items, &tags, &self.opts).await? {
+                    Via::Done(results) => return Ok(results),
+                    Via::Tcp(items) => items,
+                }
+            }
+            _ => items,
+        };
         self.write_tcp(peer.addr, items, tags).await
     }
 
@@ -250,6 +311,15 @@ impl TransferEngine {
     ) -> Result<Vec<ItemResult<u32>>, TransportError> {
         let peer = peer.into();
         let Some(att) = self.attachment(peer).await? else {
+            let items = match self.opts.transport {
+                TransportMode::Auto | TransportMode::Rdma => {
+                    match self.rdma.read(peer.addr, items, &self.opts).await? {
+                        Via::Done(results) => return Ok(results),
+                        Via::Tcp(items) => items,
+                    }
+                }
+                _ => items,
+            };
             return self.read_tcp(peer.addr, items).await;
         };
         let n = items.len();

@@ -57,6 +57,21 @@ pub struct DeviceOptions {
     pub retry_cnt: u8,
 }
 
+impl DeviceOptions {
+    /// The defaults, with the device and GID index from `KVPOOL_RDMA_DEVICE` and
+    /// `KVPOOL_RDMA_GID_INDEX` when set: how a node and a client pick theirs.
+    pub fn from_env() -> DeviceOptions {
+        let var = |n: &str| std::env::var(n).ok().filter(|v| !v.trim().is_empty());
+        DeviceOptions {
+            device: var("KVPOOL_RDMA_DEVICE"),
+            gid_index: var("KVPOOL_RDMA_GID_INDEX")
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0),
+            ..DeviceOptions::default()
+        }
+    }
+}
+
 impl Default for DeviceOptions {
     fn default() -> Self {
         DeviceOptions {
@@ -231,6 +246,12 @@ impl RdmaDevice {
         Ok(region)
     }
 
+    /// Whether `[addr, addr + len)` lies inside one region registered with this device (a
+    /// transfer's piece there needs no bounce buffer).
+    pub fn covers(&self, addr: u64, len: u64) -> bool {
+        self.registry().lookup(addr, len).is_ok()
+    }
+
     /// Every registered region, as a handshake describes them.
     pub fn regions(&self) -> Vec<RegionDesc> {
         self.registry().descs()
@@ -374,6 +395,11 @@ impl RdmaPeer {
             cq,
             remote: RemoteRegions::new(regions),
         }
+    }
+
+    /// Whether the peer described region `region` (one of a node's DRAM segments).
+    pub fn has_region(&self, region: u64) -> bool {
+        self.remote.contains(region)
     }
 
     /// Lanes still usable; a lane whose request failed or timed out is destroyed. At zero

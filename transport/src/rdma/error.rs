@@ -66,8 +66,8 @@ impl RdmaError {
     /// The stable code for this error, as a caller would report it.
     pub fn code(&self) -> ErrorCode {
         match self {
-            // "This server does not serve it": what a node without a device answers too.
-            RdmaError::Unavailable(_) => ErrorCode::WrongService,
+            // What a node without a device answers too.
+            RdmaError::Unavailable(_) => ErrorCode::TransportUnsupported,
             RdmaError::Verbs { .. } | RdmaError::Completion { .. } | RdmaError::Flushed(_) => {
                 ErrorCode::Io
             }
@@ -83,14 +83,18 @@ impl RdmaError {
     }
 
     /// Whether the caller should use TCP for this peer instead: no device here, or a peer
-    /// without RDMA (`WrongService`), from before RDMA (`UnknownOpcode`) or speaking another
-    /// handshake version (`UnsupportedVersion`).
+    /// without RDMA (`TransportUnsupported`; `WrongService` from a node before that code),
+    /// from before RDMA (`UnknownOpcode`) or speaking another handshake version
+    /// (`UnsupportedVersion`).
     pub fn is_fallback(&self) -> bool {
         match self {
             RdmaError::Unavailable(_) => true,
             RdmaError::Handshake(w) => matches!(
                 w.code,
-                ErrorCode::WrongService | ErrorCode::UnknownOpcode | ErrorCode::UnsupportedVersion
+                ErrorCode::TransportUnsupported
+                    | ErrorCode::WrongService
+                    | ErrorCode::UnknownOpcode
+                    | ErrorCode::UnsupportedVersion
             ),
             _ => false,
         }

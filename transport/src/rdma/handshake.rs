@@ -89,6 +89,12 @@ impl RemoteRegions {
         }
     }
 
+    /// Whether the peer described region `region` (a node's DRAM segment; its NVMe tier is
+    /// never registered, so those reads go over TCP).
+    pub fn contains(&self, region: u64) -> bool {
+        self.by_id.contains_key(&region)
+    }
+
     /// The remote address and key of `[offset, offset + len)` in region `region`.
     pub fn resolve(&self, region: u64, offset: u64, len: u64) -> Result<(u64, u32), RdmaError> {
         let err = |why| RdmaError::RemoteRange {

@@ -16,7 +16,8 @@
 //!   spread over lanes, cut into chains with only the last request signaled.
 //! - [`completion`]: which items a completion or an error completion finishes; deadlines.
 //!
-//! Device-bound:
+//! Device-bound (feature `rdma`; the default build has the sans-I/O parts only, so a
+//! client records `register_buffer` regions by the same rules without libibverbs):
 //! - `verbs`: owning wrappers of the libibverbs objects (device context, protection domain,
 //!   completion queue, queue pair, memory region) and the few calls made on them.
 //! - [`device`]: [`RdmaDevice`] (open a device, or [`RdmaError::Unavailable`]), registering
@@ -27,14 +28,18 @@
 //!   [`wire::connect_over`] (client).
 
 pub mod completion;
+#[cfg(feature = "rdma")]
 pub mod device;
 mod error;
 pub mod handshake;
 pub mod plan;
 pub mod registry;
+#[cfg(feature = "rdma")]
 mod verbs;
+#[cfg(feature = "rdma")]
 pub mod wire;
 
+#[cfg(feature = "rdma")]
 pub use device::{Connecting, DeviceOptions, RdmaDevice, RdmaPeer};
 pub use error::RdmaError;
 pub use plan::{Limits, Op, Piece, Transfer};

@@ -176,6 +176,11 @@ impl<H> Registry<H> {
             .collect()
     }
 
+    /// Every region, in address order.
+    pub fn regions(&self) -> impl Iterator<Item = &Region> {
+        self.by_addr.values().map(|e| &e.region)
+    }
+
     pub fn len(&self) -> usize {
         self.by_addr.len()
     }

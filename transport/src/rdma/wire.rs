@@ -4,7 +4,7 @@
 //! - node: on a frame with opcode `RdmaConnect`, [`answer_connect`] gives the response frame
 //!   to write and, on success, the [`RdmaPeer`] that owns the node's queue pairs; keep it
 //!   with the connection and drop it when the connection closes. A node without a device
-//!   passes `None` and answers `WrongService`, which the client takes as "use TCP".
+//!   passes `None` and answers `TransportUnsupported`, which the client takes as "use TCP".
 //! - client: [`connect_over`] sends the request, reads the answer and connects the lanes.
 
 use std::sync::Arc;
@@ -26,10 +26,7 @@ pub fn answer_connect(
 ) -> (Vec<u8>, Option<RdmaPeer>) {
     let op = Opcode::RdmaConnect as u8;
     let Some(dev) = dev else {
-        let e = WireError::new(
-            ErrorCode::WrongService,
-            "this storage node has no RDMA device; use TCP",
-        );
+        let e = crate::dataplane::rdma_unsupported("this storage node has no RDMA device");
         return (frame::encode_error(op, request_id, &e), None);
     };
     let answered = RdmaConnect::decode(body)
@@ -93,7 +90,7 @@ mod tests {
     use kvpool_proto::FrameHeader;
 
     #[test]
-    fn a_node_without_a_device_answers_wrong_service() {
+    fn a_node_without_a_device_answers_transport_unsupported() {
         let (bytes, peer) = answer_connect(None, 42, b"whatever");
         assert!(peer.is_none());
         let header = FrameHeader::decode(
@@ -109,7 +106,7 @@ mod tests {
         let crate::TransportError::Remote(w) = err else {
             panic!("not a remote error: {err}");
         };
-        assert_eq!(w.code, ErrorCode::WrongService);
+        assert_eq!(w.code, ErrorCode::TransportUnsupported);
         // What the client makes of it: fall back to TCP.
         assert!(RdmaError::Handshake(w).is_fallback());
     }

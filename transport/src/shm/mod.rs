@@ -27,11 +27,12 @@ pub use mapping::Mapping;
 pub use peers::{Attachment, ShmPeers};
 
 /// Which data transport a client uses to reach a storage node (`transport = "auto" | "tcp" |
-/// "shm"` in a config file).
+/// "shm" | "rdma"` in a config file).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TransportMode {
-    /// Shared memory when the node is on this host and shares its memory, else TCP.
+    /// Shared memory when the node is on this host and shares its memory, else RDMA when
+    /// both sides have a device (and this build the `rdma` feature), else TCP.
     #[default]
     Auto,
     /// TCP always.
@@ -39,6 +40,10 @@ pub enum TransportMode {
     /// Shared memory only: a node this client cannot attach to fails the request
     /// (`InvalidArgument`, naming the node and why).
     Shm,
+    /// RDMA only (shared memory is not used either): a node this client cannot reach over
+    /// RDMA fails the request (`TransportUnsupported`, naming the node and why: no device
+    /// here, a build without the `rdma` feature, or a node without a device).
+    Rdma,
 }
 
 impl std::str::FromStr for TransportMode {
@@ -48,8 +53,9 @@ impl std::str::FromStr for TransportMode {
             "auto" => Ok(TransportMode::Auto),
             "tcp" => Ok(TransportMode::Tcp),
             "shm" => Ok(TransportMode::Shm),
+            "rdma" => Ok(TransportMode::Rdma),
             other => Err(format!(
-                "transport {other:?}: expected \"auto\", \"tcp\" or \"shm\""
+                "transport {other:?}: expected \"auto\", \"tcp\", \"shm\" or \"rdma\""
             )),
         }
     }
@@ -61,6 +67,7 @@ impl std::fmt::Display for TransportMode {
             TransportMode::Auto => "auto",
             TransportMode::Tcp => "tcp",
             TransportMode::Shm => "shm",
+            TransportMode::Rdma => "rdma",
         })
     }
 }
@@ -150,7 +157,16 @@ mod tests {
         assert_eq!("SHM".parse::<TransportMode>(), Ok(TransportMode::Shm));
         assert_eq!(" tcp ".parse::<TransportMode>(), Ok(TransportMode::Tcp));
         assert_eq!("auto".parse::<TransportMode>(), Ok(TransportMode::Auto));
-        let e = "rdma".parse::<TransportMode>().unwrap_err();
-        assert!(e.contains("\"rdma\""), "{e}");
+        assert_eq!("Rdma".parse::<TransportMode>(), Ok(TransportMode::Rdma));
+        let e = "ib".parse::<TransportMode>().unwrap_err();
+        assert!(e.contains("\"ib\"") && e.contains("\"rdma\""), "{e}");
+        for m in [
+            TransportMode::Auto,
+            TransportMode::Tcp,
+            TransportMode::Shm,
+            TransportMode::Rdma,
+        ] {
+            assert_eq!(m.to_string().parse::<TransportMode>(), Ok(m));
+        }
     }
 }
