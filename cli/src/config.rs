@@ -101,10 +101,9 @@ impl Config {
                     .with_context(|| format!("parsing config file {}", path.display()))?
             }
         };
-        let defaults: toml::Table = toml::from_str(&Config::default_toml())?;
         crate::envcfg::overlay(
             &mut table,
-            &defaults,
+            &Config::key_types()?,
             std::env::vars(),
             crate::envcfg::check_table::<Config>,
         )?;
@@ -147,6 +146,18 @@ impl Config {
         Ok(())
     }
 
+    /// Every key with its default value, whose types the environment's values are read as:
+    /// the defaults, and the NVMe tier's keys, which the defaults leave out (the tier is off
+    /// unless configured).
+    fn key_types() -> anyhow::Result<toml::Table> {
+        let mut t: toml::Table = toml::from_str(&Config::default_toml())?;
+        let nvme = toml::Value::try_from(kvpool_store::nvme::NvmeConfig::default())?;
+        if let Some(store) = t.get_mut("store").and_then(toml::Value::as_table_mut) {
+            store.entry("nvme").or_insert(nvme);
+        }
+        Ok(t)
+    }
+
     /// The defaults as a TOML file, every key present.
     pub fn default_toml() -> String {
         toml::to_string_pretty(&Config::default()).unwrap_or_default()
@@ -163,6 +174,27 @@ mod tests {
         let back: Config = toml::from_str(&text).unwrap();
         assert_eq!(back, Config::default());
         assert!(text.contains("[master]") && text.contains("[store]") && text.contains("[client]"));
+    }
+
+    #[test]
+    fn nvme_numbers_from_the_environment_are_numbers() {
+        let mut table = toml::Table::new();
+        let vars = [
+            ("KVPOOL_STORE_NVME_PATH", "/data/kv"),
+            ("KVPOOL_STORE_NVME_QUEUE_DEPTH", "8"),
+            ("KVPOOL_STORE_NVME_READ_PARTS", "2"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        crate::envcfg::overlay(
+            &mut table,
+            &Config::key_types().unwrap(),
+            vars,
+            crate::envcfg::check_table::<Config>,
+        )
+        .unwrap();
+        let c: Config = toml::Value::Table(table).try_into().unwrap();
+        let nvme = c.store.nvme.expect("the nvme section");
+        assert_eq!((nvme.queue_depth, nvme.read_parts), (8, 2));
     }
 
     #[test]
