@@ -523,3 +523,51 @@ async fn a_remove_survives_a_failed_nvme_index_delete() {
     let _node = fence_node(&p.cfg, ["--master", &p.master], &p.nvme, &[]);
     only_kept_came_back(&p.c, &[]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fences_in_etcd_are_written_only_under_the_term_holding_the_leader_key() {
+    use kvpool_ha::{fence::FenceStore, Election, ElectionConfig};
+    let etcd = Etcd::start();
+    let cluster = "fence-store";
+    let election = Election::start(ElectionConfig {
+        endpoints: vec![etcd.url.clone()],
+        cluster: cluster.into(),
+        address: "127.0.0.1:1".into(),
+        ttl: Duration::from_secs(3),
+    });
+    wait_until("elected", Duration::from_secs(20), || {
+        let t = election.leader_term();
+        async move { t.is_some() }
+    })
+    .await;
+    let term = election.leader_term().expect("leading");
+    let store = FenceStore::start(
+        vec![etcd.url.clone()],
+        cluster.into(),
+        Duration::from_secs(60),
+    )
+    .expect("fence store");
+
+    // More than one transaction's worth and one load page's worth, binary keys included.
+    let mut fences: Vec<(Vec<u8>, u64)> = (0..1_203u64)
+        .map(|i| (format!("k/{i}").into_bytes(), 1_000 + i))
+        .collect();
+    fences.push((vec![0, 0xff, b'/', 7], 42));
+    store.record(term, fences.clone()).expect("recorded");
+    assert!(
+        store
+            .record(term + 1, vec![(b"stale".to_vec(), 1)])
+            .is_err(),
+        "a term that does not hold the leader key writes nothing"
+    );
+    let mut loaded = store.load().expect("loaded");
+    loaded.sort();
+    fences.sort();
+    assert_eq!(loaded, fences);
+
+    // Once the leader key is gone (resigned, or expired and taken by another master), the
+    // old term cannot add a fence the next leader's load would miss.
+    election.resign().await;
+    assert!(store.record(term, vec![(b"late".to_vec(), 1)]).is_err());
+    assert_eq!(store.load().expect("loaded").len(), fences.len());
+}
