@@ -33,8 +33,14 @@ const PER_TXN: usize = 100;
 /// Keys per page when a new leader loads the fences (keeps each answer well under gRPC's
 /// message limit with 4 KiB keys).
 const PER_PAGE: i64 = 1_000;
-/// How long a caller waits for the store's thread: a few etcd round trips.
+/// How long a caller waits for the store's thread: a few etcd round trips, plus
+/// [`PER_ROUND_TRIP`] for each transaction or page beyond the first.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// What each further transaction of a large remove may add to its wait.
+const PER_ROUND_TRIP: Duration = Duration::from_secs(1);
+/// A new leader's load is not bounded by the caller: it waits while pages keep coming, up to
+/// this (20 000 fences load in 0.2 s on the 2-core test machine, so a million in about 10 s).
+const LOAD_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The etcd key prefix of `cluster`'s fences.
 pub fn fence_prefix(cluster: &str) -> String {
@@ -114,7 +120,7 @@ impl FenceStore {
     /// Every fence etcd still holds (blocks; for a leader at the start of its term).
     pub fn load(&self) -> Result<Vec<Fence>, HaError> {
         let (reply, rx) = mpsc::channel();
-        self.call(Cmd::Load { reply }, rx)
+        self.call(Cmd::Load { reply }, rx, LOAD_TIMEOUT)
     }
 
     /// Writes `fences`, only while the leader key created at revision `term` exists (blocks).
@@ -123,6 +129,8 @@ impl FenceStore {
         if fences.is_empty() {
             return Ok(());
         }
+        let txns = fences.len().div_ceil(PER_TXN) as u32;
+        let limit = CALL_TIMEOUT + PER_ROUND_TRIP * (txns - 1);
         let (reply, rx) = mpsc::channel();
         self.call(
             Cmd::Record {
@@ -131,16 +139,22 @@ impl FenceStore {
                 reply,
             },
             rx,
+            limit,
         )
     }
 
-    fn call<T>(&self, cmd: Cmd, rx: mpsc::Receiver<Result<T, HaError>>) -> Result<T, HaError> {
+    fn call<T>(
+        &self,
+        cmd: Cmd,
+        rx: mpsc::Receiver<Result<T, HaError>>,
+        limit: Duration,
+    ) -> Result<T, HaError> {
         self.tx
             .send(cmd)
             .map_err(|_| HaError::Lost("the fence store's thread is gone"))?;
-        let wait = || match rx.recv_timeout(CALL_TIMEOUT) {
+        let wait = || match rx.recv_timeout(limit) {
             Ok(r) => r,
-            Err(_) => Err(HaError::Timeout(CALL_TIMEOUT)),
+            Err(_) => Err(HaError::Timeout(limit)),
         };
         // A tokio worker thread must say it blocks, so the runtime moves its other tasks
         // away; a current-thread runtime cannot, and then the wait is short and bounded.
