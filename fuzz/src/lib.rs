@@ -170,8 +170,8 @@ const NAMESPACE_TOKENS: [u32; 64] = {
 };
 
 /// The proxy's engine key namespace (`kvpool proxy --prefix-namespace JSON`): parsing never
-/// panics, and a namespace it accepts hashes prompts without panicking or allocating past
-/// the prompt (a `block_size` far beyond the prompt makes no key).
+/// panics, and a namespace it accepts hashes a prompt without panicking (a `block_size`
+/// beyond the prompt makes no key), into keys whose hand-off form parses back.
 pub fn proxy_namespace(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
