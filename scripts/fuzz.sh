@@ -23,7 +23,8 @@ fi
 secs="${1:-20}"
 shift || true
 targets=("$@")
-((${#targets[@]})) || targets=(frame_header messages master_config nvme_record_header)
+((${#targets[@]})) || targets=(frame_header messages master_config nvme_record_header store_config \
+  proxy_namespace pd_params)
 
 # Its own build folder: the instrumentation must not leak into the main build's artifacts.
 export CARGO_TARGET_DIR="${KVPOOL_FUZZ_TARGET_DIR:-$HOME/.cache/kvpool-target-fuzz}"

@@ -141,3 +141,119 @@ pub fn nvme_record_header(data: &[u8]) {
         assert_eq!((h2, key2), (h, key), "round trip");
     }
 }
+
+/// The storage node's configuration section (`[store]`, `toml` into `StoreConfig`):
+/// parsing never panics, `validate` never panics, and what parses writes back to TOML that
+/// parses to the same configuration (what `kvpool config` prints is what the node runs).
+pub fn store_config(data: &[u8]) {
+    use kvpool_store::config::StoreConfig;
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(cfg) = toml::from_str::<StoreConfig>(text) {
+        let _ = cfg.validate();
+        let again = toml::to_string(&cfg).expect("a parsed config serializes");
+        let back: StoreConfig = toml::from_str(&again).expect("a written config parses");
+        assert_eq!(back, cfg, "round trip");
+    }
+}
+
+/// Token ids a namespace is tried on: a few blocks of the smallest sizes.
+const NAMESPACE_TOKENS: [u32; 64] = {
+    let mut t = [0u32; 64];
+    let mut i = 0;
+    while i < 64 {
+        t[i] = i as u32 * 7919;
+        i += 1;
+    }
+    t
+};
+
+/// The proxy's engine key namespace (`kvpool proxy --prefix-namespace JSON`): parsing never
+/// panics, and a namespace it accepts hashes a prompt without panicking (a `block_size`
+/// beyond the prompt makes no key), into keys whose hand-off form parses back.
+pub fn proxy_namespace(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(ns) = kvpool_proxy::KeyNamespace::parse(text) else {
+        return;
+    };
+    assert!(ns.block_size > 0 && ns.layout.contains('/'));
+    let hasher = kvpool_connector::BlockHasher::new(kvpool_connector::Namespace {
+        model: ns.model,
+        kv_dtype: ns.kv_dtype,
+        layout: ns.layout,
+        block_size: ns.block_size,
+        tp_rank: 0,
+        tp_size: ns.tp_size,
+        pp_rank: 0,
+        pp_size: ns.pp_size,
+    });
+    let keys = hasher.keys(&NAMESPACE_TOKENS);
+    assert_eq!(keys.len(), 64 / ns.block_size as usize);
+    for k in keys {
+        let p = k.to_param();
+        assert_eq!(kvpool_connector::BlockKey::from_param(&p), Some(k));
+    }
+}
+
+/// The P/D hand-off's parameters, the first byte picking which:
+/// - even: the environment a worker reads (`PdConfig::from_lookup`), the rest split at NUL
+///   into values of the variables it knows, ranks from the next bytes. Never panics; what it
+///   accepts has a bootstrap port, and a refusal is a configuration error.
+/// - odd: the `kv_transfer_params` JSON engines pass through the proxy (`HandoffParams`).
+///   Never panics; accepted block keys write back to the same strings.
+pub fn pd_params(data: &[u8]) {
+    use kvpool_connector::pd::{HandoffParams, PdConfig, PdError, Role};
+    let Some((&pick, rest)) = data.split_first() else {
+        return;
+    };
+    if pick % 2 == 1 {
+        let Ok(params) = serde_json::from_slice::<HandoffParams>(rest) else {
+            return;
+        };
+        if let Ok(keys) = params.keys() {
+            for (k, s) in keys.iter().zip(&params.block_keys) {
+                assert_eq!(k.to_param().to_ascii_lowercase(), s.to_ascii_lowercase());
+            }
+        }
+        return;
+    }
+    const VARS: [&str; 7] = [
+        "KVPOOL_BOOTSTRAP_PORT",
+        "VLLM_MOONCAKE_BOOTSTRAP_PORT",
+        "KVPOOL_ABORT_REQUEST_TIMEOUT",
+        "VLLM_MOONCAKE_ABORT_REQUEST_TIMEOUT",
+        "KVPOOL_CONSUMER_TIMEOUT",
+        "KVPOOL_BOOTSTRAP_HOST",
+        "KVPOOL_TOKEN",
+    ];
+    let (ranks, values) = rest.split_at(rest.len().min(6));
+    let rank = |i: usize| u32::from(ranks.get(i).copied().unwrap_or(0));
+    let values: Vec<String> = values
+        .split(|&b| b == 0)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect();
+    // Bytes 0..4: role, dp_rank (scaled, to reach the port overflow), tp_size, tp_rank;
+    // byte 5: bit i says whether variable i is set (to the next value in turn).
+    let set = ranks.get(5).copied().unwrap_or(0xff);
+    let mut env = Vec::new();
+    let mut next = values.iter();
+    for (i, name) in VARS.iter().enumerate() {
+        if set & (1 << (i % 8)) != 0 {
+            if let Some(v) = next.next() {
+                env.push((*name, v.clone()));
+            }
+        }
+    }
+    let role = [Role::None, Role::Producer, Role::Consumer, Role::Both][rank(0) as usize % 4];
+    let lookup = |k: &str| env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+    match PdConfig::from_lookup(role, rank(1) * 257, rank(2), rank(3), lookup) {
+        Ok(cfg) => {
+            let port = cfg.bootstrap_port().expect("an accepted config has a port");
+            assert!(cfg.base_port == 0 || port >= cfg.base_port);
+        }
+        Err(e) => assert!(matches!(e, PdError::Config(_)), "{e}"),
+    }
+}

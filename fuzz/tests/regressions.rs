@@ -14,6 +14,9 @@ const TARGETS: &[(&str, Check)] = &[
     ("messages", kvpool_fuzz::messages),
     ("master_config", kvpool_fuzz::master_config),
     ("nvme_record_header", kvpool_fuzz::nvme_record_header),
+    ("store_config", kvpool_fuzz::store_config),
+    ("proxy_namespace", kvpool_fuzz::proxy_namespace),
+    ("pd_params", kvpool_fuzz::pd_params),
 ];
 
 fn replay(dir: &Path, check: Check) -> usize {
@@ -189,6 +192,39 @@ fn seeds_are_valid_inputs() {
     };
     let config = toml::to_string(&kvpool_master::config::MasterConfig::default())
         .expect("the default config serializes");
+    let store = toml::to_string(&kvpool_store::config::StoreConfig::default())
+        .expect("the default store config serializes");
+    let store_nvme = "master = \"10.0.0.1:50051\"\ndram = \"1GiB\"\netcd = [\"http://e:2379\"]\n\
+                      [nvme]\npath = \"/var/lib/kvpool/nvme.dat\"\nsize = \"64GiB\"\n";
+    let namespace =
+        r#"{"model":"m","kv_dtype":"bf16","layout":"vllm-nhd/all","block_size":16,"tp_size":2}"#;
+    // role kv_producer, dp 0, tp 4, rank 3, every variable set.
+    let mut pd_env = vec![0u8, 1, 0, 4, 3, 0, 0xff];
+    pd_env.extend_from_slice(b"9000\x008998\x00480\x0090s\x0060\x0010.0.0.1\x00secret");
+    let pd_handoff = {
+        let hasher = kvpool_connector::BlockHasher::new(kvpool_connector::Namespace {
+            model: "m".into(),
+            kv_dtype: "bf16".into(),
+            layout: "vllm-nhd/all".into(),
+            block_size: 4,
+            tp_rank: 0,
+            tp_size: 1,
+            pp_rank: 0,
+            pp_size: 1,
+        });
+        let params = kvpool_connector::pd::HandoffParams {
+            transfer_id: "t-1".into(),
+            bootstrap_addr: "10.0.0.1:8998".into(),
+            block_keys: hasher
+                .keys(&[1, 2, 3, 4, 5, 6, 7, 8])
+                .iter()
+                .map(|k| k.to_param())
+                .collect(),
+        };
+        let mut b = vec![1u8];
+        b.extend(serde_json::to_vec(&params).unwrap());
+        b
+    };
     let seeds: Vec<(&str, String, Vec<u8>)> = messages
         .into_iter()
         .map(|(n, b)| ("messages", n, b))
@@ -204,6 +240,23 @@ fn seeds_are_valid_inputs() {
                 "seed-record".to_string(),
                 record.clone(),
             ),
+            (
+                "store_config",
+                "seed-default".to_string(),
+                store.clone().into_bytes(),
+            ),
+            (
+                "store_config",
+                "seed-nvme".to_string(),
+                store_nvme.as_bytes().to_vec(),
+            ),
+            (
+                "proxy_namespace",
+                "seed-vllm".to_string(),
+                namespace.as_bytes().to_vec(),
+            ),
+            ("pd_params", "seed-env".to_string(), pd_env.clone()),
+            ("pd_params", "seed-handoff".to_string(), pd_handoff.clone()),
         ])
         .collect();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
@@ -221,4 +274,22 @@ fn seeds_are_valid_inputs() {
     assert!(decode_body::<Register>(&seeds[7].2[1..]).is_ok());
     assert!(FrameHeader::decode(&header, &FrameLimits::default()).is_ok());
     assert!(kvpool_store::nvme::layout::decode_header(&record).is_ok());
+    assert!(toml::from_str::<kvpool_store::config::StoreConfig>(store_nvme).is_ok());
+    assert!(kvpool_proxy::KeyNamespace::parse(namespace).is_ok());
+    let env = |k: &str| match k {
+        "KVPOOL_BOOTSTRAP_PORT" => Some("9000".to_string()),
+        "KVPOOL_CONSUMER_TIMEOUT" => Some("90s".to_string()),
+        _ => None,
+    };
+    let pd = kvpool_connector::pd::PdConfig::from_lookup(
+        kvpool_connector::pd::Role::Producer,
+        0,
+        4,
+        3,
+        env,
+    );
+    assert_eq!(pd.unwrap().bootstrap_port().unwrap(), 9003);
+    let params: kvpool_connector::pd::HandoffParams =
+        serde_json::from_slice(&pd_handoff[1..]).unwrap();
+    assert_eq!(params.keys().unwrap().len(), 2);
 }

@@ -31,6 +31,7 @@ use etcd_client::{
 use tokio::{sync::watch, task::JoinHandle, time::Instant};
 
 mod addr;
+pub mod fence;
 pub use addr::{check_etcd_endpoint, check_host_port, AddrError};
 
 /// Lease TTL a leader holds (docs/design.md §3, high availability: Mooncake's default).

@@ -53,6 +53,10 @@ pub struct MasterConfig {
     pub promote_after_hits: u32,
     /// A demotion or promotion copy not reported done within this fails ["60s"].
     pub task_timeout: HumanDuration,
+    /// How long a removed key stays fenced, so that a node registering with an old replica of
+    /// it (back after being declared dead, restarted on its NVMe tier) cannot bring it back;
+    /// under HA the fences are kept in etcd for as long ["1h"].
+    pub remove_fence_ttl: HumanDuration,
     /// etcd endpoints for high availability, e.g. ["http://10.0.0.1:2379"] [empty: a single
     /// master, no election]. With them the master campaigns for leadership and answers
     /// `NotLeader` while a standby.
@@ -94,6 +98,7 @@ impl Default for MasterConfig {
             nvme_admission: core.nvme_admission,
             promote_after_hits: core.promote_after_hits,
             task_timeout: HumanDuration(core.task_timeout),
+            remove_fence_ttl: HumanDuration(core.remove_fence_ttl),
             etcd: Vec::new(),
             cluster: "default".into(),
             leader_ttl: HumanDuration(Duration::from_secs(5)),
@@ -148,6 +153,9 @@ impl MasterConfig {
         if self.task_timeout.0.is_zero() {
             return Err("master.task-timeout must be positive".into());
         }
+        if self.remove_fence_ttl.0.is_zero() {
+            return Err("master.remove-fence-ttl must be positive".into());
+        }
         if self.leader_ttl.0 < Duration::from_secs(2) {
             // etcd grants whole seconds, and the leader steps down 30 % early: shorter TTLs
             // leave no room for a renewal round trip.
@@ -198,6 +206,7 @@ impl MasterConfig {
             nvme_admission: self.nvme_admission,
             promote_after_hits: self.promote_after_hits,
             task_timeout: self.task_timeout.0,
+            remove_fence_ttl: self.remove_fence_ttl.0,
             ..CoreConfig::default()
         }
     }

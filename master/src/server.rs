@@ -94,6 +94,9 @@ struct Ha {
     core_cfg: crate::core::CoreConfig,
     /// The term the current core serves; `None` while a standby (the core is then empty).
     term: Mutex<Option<i64>>,
+    /// Remove fences in etcd: loaded into each new term's core, written before a remove is
+    /// acknowledged.
+    fences: kvpool_ha::fence::FenceStore,
 }
 
 /// Replica ids must not repeat across master restarts or terms (a node may still hold ids
@@ -134,7 +137,26 @@ impl Service {
         if *term != now_term {
             // Either way the old map must go: a new term rebuilds it from the nodes, and a
             // standby must not keep one that would be stale when it next leads.
-            *self.core()? = MasterCore::new(ha.core_cfg.clone(), id_base());
+            let mut fresh = MasterCore::new(ha.core_cfg.clone(), id_base());
+            if now_term.is_some() {
+                // Before any node registers: earlier leaders' removes must fence their
+                // inventories. Until they are loaded this master does not serve its term.
+                match ha.fences.load() {
+                    Ok(fences) => {
+                        tracing::info!(fences = fences.len(), "remove fences loaded from etcd");
+                        fresh.load_fences(self.now(), fences);
+                    }
+                    Err(e) => {
+                        *self.core()? = MasterCore::new(ha.core_cfg.clone(), id_base());
+                        *term = None;
+                        return Err(WireError::new(
+                            kvpool_proto::ErrorCode::NotLeader,
+                            format!("elected, but the remove fences could not be loaded from etcd yet: {e}"),
+                        ));
+                    }
+                }
+            }
+            *self.core()? = fresh;
             *term = now_term;
             match now_term {
                 Some(t) => tracing::info!(
@@ -152,6 +174,40 @@ impl Service {
             None => "this master is a standby; no leader is elected right now".to_string(),
         };
         Err(WireError::new(kvpool_proto::ErrorCode::NotLeader, msg))
+    }
+
+    /// The term the core serves now (`None` without HA or while a standby).
+    fn term(&self) -> Option<i64> {
+        let ha = self.ha.as_ref()?;
+        *ha.term.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes the fences of removes applied in `term` durable before they are acknowledged:
+    /// in etcd, only while this master still holds that term's leader key. Without HA a
+    /// restart loses them, as it loses the whole map.
+    fn persist_fences(
+        &self,
+        term: Option<i64>,
+        fences: Vec<(Vec<u8>, u64)>,
+    ) -> Result<(), WireError> {
+        let Some(ha) = self.ha.as_ref().filter(|_| !fences.is_empty()) else {
+            return Ok(());
+        };
+        let not_durable = |why: String| {
+            WireError::new(
+                kvpool_proto::ErrorCode::NotLeader,
+                format!(
+                    "the remove was applied but could not be recorded in etcd ({why}); a next \
+                     leader might not know it: retry (it then answers NotFound once durable)"
+                ),
+            )
+        };
+        let Some(term) = term.filter(|_| self.term() == term) else {
+            return Err(not_durable("this master's term ended".into()));
+        };
+        ha.fences
+            .record(term, fences)
+            .map_err(|e| not_durable(e.to_string()))
     }
 }
 
@@ -178,6 +234,27 @@ fn try_call<M: Message, R: Serialize>(
     Ok(encode_body(&f(&mut core, req)?))
 }
 
+/// [`try_call`] for the removes: the fences the request made are persisted (after the core's
+/// lock is released) before the answer goes out, so nothing acknowledged as removed can come
+/// back under a later leader.
+fn remove_call<M: Message, R: Serialize>(
+    service: &Service,
+    opcode: Opcode,
+    body: &[u8],
+    f: impl FnOnce(&mut MasterCore, M) -> Result<R, WireError>,
+) -> Result<Vec<u8>, WireError> {
+    let req: M = decode_body(body)?;
+    let term = service.term();
+    let (answer, fences) = {
+        let mut core = service.core()?;
+        service.faults.before_apply(opcode);
+        let answer = f(&mut core, req);
+        (answer, core.take_unsaved_fences())
+    };
+    service.persist_fences(term, fences)?;
+    Ok(encode_body(&answer?))
+}
+
 impl RpcService for Service {
     fn handle(&self, opcode: Opcode, body: &[u8]) -> Result<Vec<u8>, WireError> {
         let now = self.now();
@@ -191,12 +268,14 @@ impl RpcService for Service {
                 self.metrics.lookups(c.get_replicas(now, r))
             }),
             Opcode::Exists => call(self, opcode, body, |c, r| c.exists(now, r)),
-            Opcode::Remove => call(self, opcode, body, |c, r| c.remove(now, r)),
-            Opcode::RemoveAll => call(self, opcode, body, |c, r| c.remove_all(now, r)),
+            Opcode::Remove => remove_call(self, opcode, body, |c, r| Ok(c.remove(now, r))),
+            Opcode::RemoveAll => {
+                remove_call(self, opcode, body, |c, r| Ok(c.remove_all(now, r)))
+            }
             Opcode::Status => call(self, opcode, body, |c, _: kvpool_proto::Status| c.status(now)),
             Opcode::Drain => call(self, opcode, body, |c, r| c.drain(now, r)),
             Opcode::ListKeys => call(self, opcode, body, |c, r| c.list_keys(r)),
-            Opcode::RemoveRegex => try_call(self, opcode, body, |c, r| c.remove_regex(now, r)),
+            Opcode::RemoveRegex => remove_call(self, opcode, body, |c, r| c.remove_regex(now, r)),
             Opcode::Register => call(self, opcode, body, |c, r| c.register(now, r)),
             Opcode::Heartbeat => call(self, opcode, body, |c, r| {
                 self.metrics.heartbeat(c.heartbeat(now, r))
@@ -349,6 +428,12 @@ fn start_election(listener: &TcpListener, cfg: &MasterConfig) -> Result<Option<H
         }
     };
     tracing::info!(etcd = ?cfg.etcd, cluster = cfg.cluster, %address, "campaigning for leadership");
+    let fences = kvpool_ha::fence::FenceStore::start(
+        cfg.etcd.clone(),
+        cfg.cluster.clone(),
+        cfg.remove_fence_ttl.0,
+    )
+    .map_err(|e| format!("starting the remove fence store: {e}"))?;
     let election = kvpool_ha::Election::start(kvpool_ha::ElectionConfig {
         endpoints: cfg.etcd.clone(),
         cluster: cfg.cluster.clone(),
@@ -359,5 +444,6 @@ fn start_election(listener: &TcpListener, cfg: &MasterConfig) -> Result<Option<H
         election: Arc::new(election),
         core_cfg: cfg.core(),
         term: Mutex::new(None),
+        fences,
     }))
 }

@@ -35,6 +35,13 @@ impl FromStr for ByteSize {
                 ))
             }
         };
+        // Whole numbers exactly (an f64 has 53 bits: "9007199254740993B" must not round).
+        if let Ok(n) = num.parse::<u64>() {
+            return n
+                .checked_mul(mult)
+                .map(ByteSize)
+                .ok_or_else(|| format!("size out of range: {s:?}"));
+        }
         let n: f64 = num
             .parse()
             .map_err(|_| format!("not a size: {s:?} (example: 256MiB)"))?;
@@ -66,9 +73,31 @@ impl fmt::Display for ByteSize {
     }
 }
 
+impl ByteSize {
+    /// The exact form a config file gets: the largest binary unit that divides the size, else
+    /// bytes. `Display` rounds to one decimal for people; a written config must read back as
+    /// the same size (found by the `store_config` fuzz target: "0.56MiB" came back 41 bytes
+    /// smaller).
+    pub fn exact(&self) -> String {
+        const UNITS: [(&str, u64); 4] = [
+            ("TiB", 1 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ];
+        UNITS
+            .iter()
+            .find(|(_, m)| self.0 >= *m && self.0.is_multiple_of(*m))
+            .map_or_else(
+                || format!("{}B", self.0),
+                |(name, m)| format!("{}{name}", self.0 / m),
+            )
+    }
+}
+
 impl Serialize for ByteSize {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        s.serialize_str(&self.exact())
     }
 }
 
@@ -133,6 +162,22 @@ mod tests {
         assert!("12 parsecs".parse::<ByteSize>().is_err());
         assert!("MiB".parse::<ByteSize>().is_err());
         assert_eq!(ByteSize(256 << 20).to_string(), "256MiB");
+        assert_eq!(
+            "9007199254740993B".parse::<ByteSize>().unwrap(),
+            ByteSize(9_007_199_254_740_993)
+        );
+        assert!("18446744073709551615KiB".parse::<ByteSize>().is_err());
+    }
+
+    #[test]
+    fn written_sizes_read_back_exactly() {
+        for n in [0, 1, 1023, 1024, 587_202, 3 << 20, (1 << 40) + 1, u64::MAX] {
+            let b = ByteSize(n);
+            assert_eq!(b.exact().parse::<ByteSize>().unwrap(), b, "{}", b.exact());
+        }
+        assert_eq!(ByteSize(587_202).exact(), "587202B");
+        assert_eq!(ByteSize(3 << 20).exact(), "3MiB");
+        assert_eq!(ByteSize(587_202).to_string(), "573.4KiB");
     }
 
     #[test]

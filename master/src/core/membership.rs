@@ -240,6 +240,7 @@ impl MasterCore {
             let valid = check_key(&e.key).is_ok()
                 && e.commit != CommitState::Abandoned
                 && !freed.contains(&e.replica)
+                && !self.fenced(&e.key, e.replica)
                 && e.len > 0
                 && e.len <= self.cfg.max_value_len
                 && segments.iter().any(|s| s.id == e.segment);

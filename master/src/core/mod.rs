@@ -14,10 +14,12 @@
 //! - `tiering`: demotion of DRAM victims to NVMe and promotion of NVMe-only objects.
 //! - `tasks`: the copy tasks those issue, their delivery in heartbeats and their outcome.
 //! - `membership`: nodes, segments, inventories, liveness and the per-node free queues.
+//! - `fences`: remove fences, so that a removed object never comes back from an inventory.
 //! - `invariants`: a self-check used by tests and available to the server's debug endpoints.
 
 mod drain;
 mod eviction;
+mod fences;
 mod inspect;
 mod invariants;
 mod membership;
@@ -95,6 +97,9 @@ pub struct CoreConfig {
     pub promote_after_hits: u32,
     /// A copy task not reported done within this is failed [60 s].
     pub task_timeout: Duration,
+    /// How long a removed key stays fenced: a node holding an old replica of it that
+    /// registers within this cannot bring it back [1 h] (docs/reliability.md).
+    pub remove_fence_ttl: Duration,
 }
 
 impl Default for CoreConfig {
@@ -116,6 +121,7 @@ impl Default for CoreConfig {
             nvme_admission: Admission::WriteThrough,
             promote_after_hits: 2,
             task_timeout: Duration::from_secs(60),
+            remove_fence_ttl: Duration::from_secs(3600),
         }
     }
 }
@@ -152,6 +158,8 @@ pub struct MasterCore {
     eviction_log: eviction::BurstLog,
     /// Replicas nodes reported lost (corrupt or unreadable) since this core started.
     lost_replicas: u64,
+    /// Removed keys whose old replicas registration refuses.
+    fences: fences::Fences,
 }
 
 impl MasterCore {
@@ -174,6 +182,7 @@ impl MasterCore {
             evictions: 0,
             eviction_log: eviction::BurstLog::default(),
             lost_replicas: 0,
+            fences: fences::Fences::default(),
         }
     }
 
@@ -232,7 +241,9 @@ impl MasterCore {
         ExistsResponse { items }
     }
 
-    /// Removes committed objects.
+    /// Removes committed objects, fencing each key removed (or found absent) so that no old
+    /// replica of it comes back; the server persists the fences ([`Self::take_unsaved_fences`])
+    /// before it answers.
     pub fn remove(&mut self, now: Duration, req: Remove) -> UnitResponse {
         let items = req
             .keys
@@ -313,6 +324,7 @@ impl MasterCore {
         self.release_zombies(now);
         self.evict_above_watermark(now);
         self.release_draining(now);
+        self.expire_fences(now);
     }
 
     /// Copy tasks issued and not yet ended.

@@ -117,7 +117,19 @@ impl MasterCore {
         }
     }
 
+    /// Removes one committed object. `Ok`, and `NotFound` with no object under the key at
+    /// all, fence the key (`fences`): the client takes both as "gone", so neither may come back.
     pub(crate) fn remove_one(&mut self, now: Duration, key: &[u8], force: bool) -> ItemResult<()> {
+        let r = self.remove_committed(now, key, force);
+        match &r {
+            Ok(()) => self.fence_removed(now, key),
+            Err(e) if e.code == ErrorCode::NotFound => self.fence_absent(now, key),
+            Err(_) => {}
+        }
+        r
+    }
+
+    fn remove_committed(&mut self, now: Duration, key: &[u8], force: bool) -> ItemResult<()> {
         let (id, obj) = self.committed(key)?;
         if !force && obj.leased(now) {
             return Err(key_error(
@@ -159,7 +171,8 @@ impl MasterCore {
             .collect();
         let mut removed = 0;
         for id in victims {
-            if self.drop_object(id).is_some() {
+            if let Some(obj) = self.drop_object(id) {
+                self.fence_removed(now, &obj.key);
                 removed += 1;
             }
         }

@@ -30,7 +30,15 @@ pub(crate) struct Index {
     /// refused here, with the cause, until the node restarts (the tier is unhealthy by then:
     /// its callers mark it so on an index error).
     failed: std::sync::Mutex<Option<String>>,
+    /// `KVPOOL_FAULT_NVME_INDEX_FREE=fail`: the first delete of a freed replica fails as a
+    /// full disk would (and the index then refuses every write, as after a real failure),
+    /// so end-to-end tests can show a removed record does not come back from the index.
+    /// Unset, it costs one bool test per free.
+    fail_frees: bool,
 }
+
+/// The fault switch for [`Index::free`].
+const FAULT_FREE: &str = "KVPOOL_FAULT_NVME_INDEX_FREE";
 
 impl Index {
     pub fn open(dir: &Path) -> Result<Index, NvmeError> {
@@ -44,9 +52,14 @@ impl Index {
         let db = DB::open(&opts, dir).map_err(|e| {
             NvmeError::Index(format!("cannot open the index at {}: {e}", dir.display()))
         })?;
+        let fail_frees = std::env::var(FAULT_FREE).is_ok_and(|v| v == "fail");
+        if fail_frees {
+            tracing::warn!("{FAULT_FREE}=fail: freeing an NVMe record fails (fault injection)");
+        }
         Ok(Index {
             db,
             failed: std::sync::Mutex::new(None),
+            fail_frees,
         })
     }
 
@@ -112,6 +125,18 @@ impl Index {
 }
 
 impl Index {
+    /// Deletes the entry of a replica the master freed (not synced: see
+    /// `NvmeTier::remove`).
+    pub fn free(&self, replica: u64) -> Result<(), NvmeError> {
+        if self.fail_frees {
+            let cause = format!("writing the index: injected fault: {FAULT_FREE}=fail (as ENOSPC)");
+            let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+            failed.get_or_insert_with(|| cause.clone());
+            return Err(NvmeError::Index(cause));
+        }
+        self.write(&[], &[replica], &[], false)
+    }
+
     /// Makes every write so far durable (one WAL sync for a whole commit group).
     pub fn sync_wal(&self) -> Result<(), NvmeError> {
         self.guarded("syncing the index", |db| db.flush_wal(true))

@@ -106,7 +106,7 @@ impl NvmeTier {
         if st.remove(replica).is_some() {
             // Not synced: a remove lost in a crash only brings back a record whose space the
             // master reallocates, and the header check or the checksum catches the overwrite.
-            s.index.write(&[], &[replica], &[], false)?;
+            s.index.free(replica)?;
         }
         Ok(())
     }

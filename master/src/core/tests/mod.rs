@@ -11,6 +11,7 @@ use super::{CoreConfig, MasterCore};
 mod drain;
 mod eviction;
 mod failover;
+mod fences;
 mod lost;
 mod membership;
 mod placement;
