@@ -161,6 +161,7 @@ async fn skippable_bad_requests_get_errors_and_the_connection_keeps_serving() {
             offset: 0,
             len: 1,
         }],
+        expect: vec![],
     });
     body.push(0);
     c.send_raw(Opcode::Read as u8, &body, &[]).await;
@@ -186,6 +187,7 @@ async fn an_answer_never_waits_for_the_rest_of_a_partly_sent_next_frame() {
                 offset: 0,
                 len: 8,
             }],
+            expect: vec![],
         },
         0,
     );
@@ -197,6 +199,7 @@ async fn an_answer_never_waits_for_the_rest_of_a_partly_sent_next_frame() {
                 offset: 8,
                 len: 8,
             }],
+            expect: vec![],
         },
         0,
     );
