@@ -56,6 +56,10 @@ struct Args {
     /// Diagnostic: kvpool clients keep no location cache, so every get asks the master.
     #[arg(long)]
     no_location_cache: bool,
+    /// Gets cycle over only the first N keys a case put (a hot set read again and again)
+    /// instead of over every key once [all keys].
+    #[arg(long)]
+    hot_keys: Option<u64>,
     /// A fast smoke run: small counts, short phases, short limit tests.
     #[arg(long)]
     quick: bool,
@@ -305,6 +309,11 @@ async fn run(args: &Args, bin: &Path) -> Result<Outcome> {
             "Diagnostic run: kvpool clients keep no location cache (--no-location-cache).".into(),
         );
     }
+    if let Some(n) = args.hot_keys {
+        notes.push(format!(
+            "Hot-set run: gets cycle over the first {n} keys of each case (--hot-keys), both systems."
+        ));
+    }
     let knobs = Knobs {
         verify: !args.no_checksum_verify,
         location_cache: !args.no_location_cache,
@@ -328,12 +337,16 @@ async fn run(args: &Args, bin: &Path) -> Result<Outcome> {
         );
         // Both systems run each case back to back, so drift of the shared machine hits
         // both columns of a row alike.
-        let kv = run_on(&mut kv_conns, case, budget, id)
+        let kv = run_on(&mut kv_conns, case, budget, id, args.hot_keys)
             .await
             .context("kvpool")?;
         progress("kvpool", &kv);
         let rd = match redis_conns.as_mut() {
-            Some(conns) => Some(run_on(conns, case, budget, id).await.context("Redis")?),
+            Some(conns) => Some(
+                run_on(conns, case, budget, id, args.hot_keys)
+                    .await
+                    .context("Redis")?,
+            ),
             None => None,
         };
         if let Some(r) = &rd {
@@ -391,9 +404,10 @@ async fn run_on(
     case: Case,
     budget: Budget,
     id: usize,
+    hot_keys: Option<u64>,
 ) -> Result<CaseResult> {
     let used: Vec<Conn> = conns.drain(..case.clients.min(conns.len())).collect();
-    let (used, result) = workload::run_case(used, case, budget, id).await?;
+    let (used, result) = workload::run_case(used, case, budget, id, hot_keys).await?;
     conns.splice(0..0, used);
     Ok(result)
 }
