@@ -203,7 +203,11 @@ impl Client {
         let mut ask: Vec<(usize, Vec<u8>)> = Vec::new();
         for (i, k) in keys.iter().enumerate() {
             let wire = self.wire_key(k);
-            match use_cache.then(|| self.locations.get(&wire)).flatten() {
+            let cached = use_cache
+                .then(|| self.locations.get(&wire))
+                .flatten()
+                .filter(|l| !self.reached_through_shm(&l.info));
+            match cached {
                 Some(l) => out.push(Ok(Some(l))),
                 None => {
                     out.push(Ok(None));
@@ -224,7 +228,9 @@ impl Client {
                             Ok(info) => {
                                 let info = Arc::new(info);
                                 // Also on a second pass: the next get of the key is hot again.
-                                self.locations.insert(wire, &info, sent);
+                                if !self.reached_through_shm(&info) {
+                                    self.locations.insert(wire, &info, sent);
+                                }
                                 Ok(Some(Located {
                                     info,
                                     sent,
@@ -387,6 +393,16 @@ impl Client {
                 }),
             })
             .collect()
+    }
+
+    /// Whether a replica of `info` is on a node this client copies from through shared
+    /// memory. Such a read skips the location cache: a lookup plus a memory copy is faster
+    /// than a checked read over the node's data port (measured, docs/benchmarks.md), so the
+    /// cache is for nodes reached over the network.
+    fn reached_through_shm(&self, info: &ObjectInfo) -> bool {
+        info.replicas
+            .iter()
+            .any(|r| self.engine.transport_to(&r.addr) == "shm")
     }
 
     /// Replicas on this client's own node first, then the master's order.

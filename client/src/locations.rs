@@ -10,9 +10,19 @@
 //! - the crc32c of the bytes is compared with the writer's, as for every get.
 //!
 //! Only DRAM replicas are kept: NVMe records carry no inventory tag to check against.
+//!
+//! A key enters the cache on its second lookup, not its first: a doorkeeper (one slot per
+//! cache entry, holding the hash of the last key looked up there) remembers keys seen once.
+//! A stream of keys each read once (a cold scan) then costs one hash per key instead of a
+//! cache insertion and eviction per key, which measured slower than the lookup it saves
+//! (docs/benchmarks.md).
 
 use std::{
-    sync::Arc,
+    hash::{BuildHasher, RandomState},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -39,17 +49,41 @@ struct Entry {
     until: Instant,
 }
 
+/// The cache, and the doorkeeper that admits a key on its second lookup.
+struct Inner {
+    cache: Cache<Vec<u8>, Entry>,
+    /// Per slot, the hash of the last key looked up there (0: none).
+    seen: Box<[AtomicU64]>,
+    hasher: RandomState,
+}
+
 /// The cache itself; `None` inside when turned off.
-pub(crate) struct Locations(Option<Cache<Vec<u8>, Entry>>);
+pub(crate) struct Locations(Option<Inner>);
 
 impl Locations {
     pub fn new(cfg: &LocationCache) -> Self {
-        Locations((cfg.enabled && cfg.max_entries > 0).then(|| Cache::new(cfg.max_entries)))
+        let slots = usize::try_from(cfg.max_entries)
+            .unwrap_or(usize::MAX)
+            .min(1 << 22);
+        Locations((cfg.enabled && cfg.max_entries > 0).then(|| Inner {
+            cache: Cache::new(cfg.max_entries),
+            seen: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+            hasher: RandomState::new(),
+        }))
+    }
+
+    /// Whether `wire_key` was looked up before (its slot holds its hash); remembers it
+    /// otherwise. Another key hashing to the same slot makes it forgotten: then it waits
+    /// for one more lookup.
+    fn seen_before(inner: &Inner, wire_key: &[u8]) -> bool {
+        let h = inner.hasher.hash_one(wire_key).max(1);
+        let slot = &inner.seen[(h % inner.seen.len() as u64) as usize];
+        slot.swap(h, Ordering::Relaxed) == h
     }
 
     /// The cached location of `wire_key`, if one is still within its lease.
     pub fn get(&self, wire_key: &[u8]) -> Option<Located> {
-        let cache = self.0.as_ref()?;
+        let cache = &self.0.as_ref()?.cache;
         let e = cache.get(wire_key)?;
         if Instant::now() >= e.until {
             cache.invalidate(wire_key);
@@ -62,12 +96,16 @@ impl Locations {
         })
     }
 
-    /// Keeps what a lookup sent at `sent` found for `wire_key`: its DRAM replicas, if any,
-    /// until three quarters of the lease have passed.
+    /// Keeps what a lookup sent at `sent` found for `wire_key` (from its second lookup on):
+    /// its DRAM replicas, if any, until three quarters of the lease have passed.
     pub fn insert(&self, wire_key: &[u8], info: &Arc<ObjectInfo>, sent: Instant) {
-        let Some(cache) = &self.0 else {
+        let Some(inner) = &self.0 else {
             return;
         };
+        if !Self::seen_before(inner, wire_key) {
+            return;
+        }
+        let cache = &inner.cache;
         let life = Duration::from_millis(info.lease_ms.saturating_mul(3) / 4);
         if life.is_zero() {
             return;
@@ -99,15 +137,15 @@ impl Locations {
 
     /// Drops `wire_key`'s location: a read from it failed, or this client put or removed it.
     pub fn forget(&self, wire_key: &[u8]) {
-        if let Some(cache) = &self.0 {
-            cache.invalidate(wire_key);
+        if let Some(inner) = &self.0 {
+            inner.cache.invalidate(wire_key);
         }
     }
 
     /// Drops every location (this client removed keys by pattern or all of them).
     pub fn clear(&self) {
-        if let Some(cache) = &self.0 {
-            cache.invalidate_all();
+        if let Some(inner) = &self.0 {
+            inner.cache.invalidate_all();
         }
     }
 }
@@ -143,14 +181,21 @@ mod tests {
         let c = Locations::new(&LocationCache::default());
         let now = Instant::now();
         c.insert(b"mixed", &info(&[Tier::Dram, Tier::Nvme], 10_000), now);
+        assert!(
+            c.get(b"mixed").is_none(),
+            "admitted on the second lookup only"
+        );
+        c.insert(b"mixed", &info(&[Tier::Dram, Tier::Nvme], 10_000), now);
         let got = c.get(b"mixed").expect("cached");
         assert!(got.cached);
         assert_eq!(got.info.replicas.len(), 1);
         assert_eq!(got.info.replicas[0].tier, Tier::Dram);
         c.insert(b"disk", &info(&[Tier::Nvme], 10_000), now);
+        c.insert(b"disk", &info(&[Tier::Nvme], 10_000), now);
         assert!(c.get(b"disk").is_none(), "NVMe locations cannot be checked");
         // A lease whose last quarter has begun is not used.
         let old = now - Duration::from_millis(800);
+        c.insert(b"late", &info(&[Tier::Dram], 1_000), old);
         c.insert(b"late", &info(&[Tier::Dram], 1_000), old);
         assert!(c.get(b"late").is_none());
         c.forget(b"mixed");
@@ -163,7 +208,9 @@ mod tests {
             enabled: false,
             ..LocationCache::default()
         });
-        c.insert(b"k", &info(&[Tier::Dram], 10_000), Instant::now());
+        for _ in 0..2 {
+            c.insert(b"k", &info(&[Tier::Dram], 10_000), Instant::now());
+        }
         assert!(c.get(b"k").is_none());
     }
 }
