@@ -76,14 +76,31 @@ impl Locations {
     /// otherwise. Another key hashing to the same slot makes it forgotten: then it waits
     /// for one more lookup.
     fn seen_before(inner: &Inner, wire_key: &[u8]) -> bool {
-        let h = inner.hasher.hash_one(wire_key).max(1);
-        let slot = &inner.seen[(h % inner.seen.len() as u64) as usize];
+        let (slot, h) = Self::slot(inner, wire_key);
         slot.swap(h, Ordering::Relaxed) == h
+    }
+
+    /// Whether `wire_key`'s slot names it, without remembering it.
+    fn seen(inner: &Inner, wire_key: &[u8]) -> bool {
+        let (slot, h) = Self::slot(inner, wire_key);
+        slot.load(Ordering::Relaxed) == h
+    }
+
+    /// `wire_key`'s doorkeeper slot and the hash it is remembered by (never 0: empty).
+    fn slot<'a>(inner: &'a Inner, wire_key: &[u8]) -> (&'a AtomicU64, u64) {
+        let h = inner.hasher.hash_one(wire_key).max(1);
+        (&inner.seen[(h % inner.seen.len() as u64) as usize], h)
     }
 
     /// The cached location of `wire_key`, if one is still within its lease.
     pub fn get(&self, wire_key: &[u8]) -> Option<Located> {
-        let cache = &self.0.as_ref()?.cache;
+        let inner = self.0.as_ref()?;
+        // A key its slot does not name was not looked up lately, so it is hardly cached:
+        // skipping the cache's own lookup keeps a cold scan at one hash per key.
+        if !Self::seen(inner, wire_key) {
+            return None;
+        }
+        let cache = &inner.cache;
         let e = cache.get(wire_key)?;
         if Instant::now() >= e.until {
             cache.invalidate(wire_key);
