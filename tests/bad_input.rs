@@ -128,7 +128,10 @@ async fn master_refuses_bad_frames_and_keeps_serving() {
     s.write_all(&request(
         Opcode::Read as u8,
         5,
-        &encode_body(&kvpool_proto::Read { ops: vec![] }),
+        &encode_body(&kvpool_proto::Read {
+            ops: vec![],
+            expect: vec![],
+        }),
         0,
     ))
     .await

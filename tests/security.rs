@@ -199,6 +199,7 @@ async fn raw_frames_without_hello_are_refused_and_closed() {
             offset: 0,
             len: 8,
         }],
+        expect: vec![],
     };
 
     // A request before any Hello, pipelined with a second: one refusal, then close.

@@ -13,6 +13,15 @@ pub enum System {
     Redis,
 }
 
+/// Client defaults a diagnostic run turns off.
+#[derive(Debug, Clone, Copy)]
+pub struct Knobs {
+    /// Gets check the crc32c (off: `--no-checksum-verify`, to show what the check costs).
+    pub verify: bool,
+    /// Repeated gets skip the master (off: `--no-location-cache`, every get asks it).
+    pub location_cache: bool,
+}
+
 /// One client connection. Each concurrent benchmark task owns one, so kvpool clients share
 /// no connection pool and Redis clients share no socket.
 pub enum Conn {
@@ -23,15 +32,15 @@ pub enum Conn {
 
 impl Conn {
     /// A client of `system` at `addr`. kvpool clients use the default settings (what a user
-    /// gets), except that `verify_checksum: false` skips the crc32c check of gets, to show
-    /// what that check costs (`--no-checksum-verify`).
-    pub async fn connect(system: System, addr: &str, verify_checksum: bool) -> Result<Self> {
+    /// gets), except where `knobs` turns a default off to show what it is worth.
+    pub async fn connect(system: System, addr: &str, knobs: Knobs) -> Result<Self> {
         Ok(match system {
             System::Kvpool => {
-                let cfg = ClientConfig {
-                    verify_checksum,
+                let mut cfg = ClientConfig {
+                    verify_checksum: knobs.verify,
                     ..ClientConfig::with_master(addr)
                 };
+                cfg.location_cache.enabled = knobs.location_cache;
                 Conn::Kvpool(Box::new(Client::new(cfg)))
             }
             System::Redis => Conn::Redis(RespConn::connect(addr).await?),

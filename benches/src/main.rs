@@ -29,7 +29,7 @@ use clap::Parser;
 use kvpool_proto::ByteSize;
 
 use crate::{
-    backend::{Conn, System},
+    backend::{Conn, Knobs, System},
     limits::{LimitPlan, Limits},
     report::{Report, Row},
     workload::{Budget, Case, CaseResult},
@@ -53,6 +53,13 @@ struct Args {
     /// Diagnostic: kvpool gets skip the crc32c check (puts still compute the checksum).
     #[arg(long)]
     no_checksum_verify: bool,
+    /// Diagnostic: kvpool clients keep no location cache, so every get asks the master.
+    #[arg(long)]
+    no_location_cache: bool,
+    /// Gets cycle over only the first N keys a case put (a hot set read again and again)
+    /// instead of over every key once [all keys].
+    #[arg(long)]
+    hot_keys: Option<u64>,
     /// A fast smoke run: small counts, short phases, short limit tests.
     #[arg(long)]
     quick: bool,
@@ -297,10 +304,23 @@ async fn run(args: &Args, bin: &Path) -> Result<Outcome> {
     }
 
     let most = args.clients.iter().copied().max().unwrap_or(1).max(1);
-    let verify = !args.no_checksum_verify;
-    let mut kv_conns = connect(System::Kvpool, &kvpool.addr, most, verify).await?;
+    if args.no_location_cache {
+        notes.push(
+            "Diagnostic run: kvpool clients keep no location cache (--no-location-cache).".into(),
+        );
+    }
+    if let Some(n) = args.hot_keys {
+        notes.push(format!(
+            "Hot-set run: gets cycle over the first {n} keys of each case (--hot-keys), both systems."
+        ));
+    }
+    let knobs = Knobs {
+        verify: !args.no_checksum_verify,
+        location_cache: !args.no_location_cache,
+    };
+    let mut kv_conns = connect(System::Kvpool, &kvpool.addr, most, knobs).await?;
     let mut redis_conns = match &redis {
-        Some(r) => Some(connect(System::Redis, &r.addr, most, verify).await?),
+        Some(r) => Some(connect(System::Redis, &r.addr, most, knobs).await?),
         None => None,
     };
 
@@ -317,12 +337,16 @@ async fn run(args: &Args, bin: &Path) -> Result<Outcome> {
         );
         // Both systems run each case back to back, so drift of the shared machine hits
         // both columns of a row alike.
-        let kv = run_on(&mut kv_conns, case, budget, id)
+        let kv = run_on(&mut kv_conns, case, budget, id, args.hot_keys)
             .await
             .context("kvpool")?;
         progress("kvpool", &kv);
         let rd = match redis_conns.as_mut() {
-            Some(conns) => Some(run_on(conns, case, budget, id).await.context("Redis")?),
+            Some(conns) => Some(
+                run_on(conns, case, budget, id, args.hot_keys)
+                    .await
+                    .context("Redis")?,
+            ),
             None => None,
         };
         if let Some(r) = &rd {
@@ -347,10 +371,10 @@ async fn run(args: &Args, bin: &Path) -> Result<Outcome> {
 }
 
 /// `n` connections to one system, each warmed up.
-async fn connect(system: System, addr: &str, n: usize, verify: bool) -> Result<Vec<Conn>> {
+async fn connect(system: System, addr: &str, n: usize, knobs: Knobs) -> Result<Vec<Conn>> {
     let mut conns = Vec::with_capacity(n);
     for i in 0..n {
-        let mut c = Conn::connect(system, addr, verify).await?;
+        let mut c = Conn::connect(system, addr, knobs).await?;
         warm_up(&mut c, i)
             .await
             .with_context(|| format!("warming up {system:?} client {i}"))?;
@@ -380,9 +404,10 @@ async fn run_on(
     case: Case,
     budget: Budget,
     id: usize,
+    hot_keys: Option<u64>,
 ) -> Result<CaseResult> {
     let used: Vec<Conn> = conns.drain(..case.clients.min(conns.len())).collect();
-    let (used, result) = workload::run_case(used, case, budget, id).await?;
+    let (used, result) = workload::run_case(used, case, budget, id, hot_keys).await?;
     conns.splice(0..0, used);
     Ok(result)
 }

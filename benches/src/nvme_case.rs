@@ -19,7 +19,7 @@ use kvpool_client::{Client, ClientConfig};
 use kvpool_proto::{ByteSize, PutOptions, Tier};
 
 use crate::{
-    backend::{Conn, System},
+    backend::{Conn, Knobs, System},
     fio, procs,
     report::{latency, rate},
     workload::{self, Budget, Case, Measured, Values},
@@ -194,7 +194,15 @@ async fn one_size(plan: &Plan<'_>, size: usize, n: usize) -> Result<(Vec<Row>, S
     let most = plan.clients.iter().copied().max().unwrap_or(1).max(1);
     let mut conns = Vec::with_capacity(most);
     for _ in 0..most {
-        let mut c = Conn::connect(System::Kvpool, &pool.addr, plan.verify).await?;
+        let mut c = Conn::connect(
+            System::Kvpool,
+            &pool.addr,
+            Knobs {
+                verify: plan.verify,
+                location_cache: true,
+            },
+        )
+        .await?;
         // Untimed: opens the client's connections to the master and the node.
         let warm: Vec<Vec<u8>> = slots
             .iter()

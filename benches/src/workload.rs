@@ -167,12 +167,15 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
 }
 
 /// Puts then gets one case with the first `case.clients` connections of `conns`, then
-/// empties the store. `id` makes this case's keys unique. Returns the connections for reuse.
+/// empties the store. `id` makes this case's keys unique. With `hot_keys`, gets cycle over
+/// only the first that many keys put (a hot set, read again and again), else over all.
+/// Returns the connections for reuse.
 pub async fn run_case(
     conns: Vec<Conn>,
     case: Case,
     budget: Budget,
     id: usize,
+    hot_keys: Option<u64>,
 ) -> Result<(Vec<Conn>, CaseResult)> {
     let values = Arc::new(Values::new(case.size));
     let total = object_budget(case, budget);
@@ -183,7 +186,8 @@ pub async fn run_case(
     if put.objects == 0 {
         bail!("no object was put within {:?}", budget.time);
     }
-    let get_plan = plan(&prefix, &values, case, total, put.objects, None, budget);
+    let keyspace = hot_keys.map_or(put.objects, |h| h.clamp(1, put.objects));
+    let get_plan = plan(&prefix, &values, case, total, keyspace, None, budget);
     let (mut conns, get) = run_phase(conns, get_plan, Op::Get, case.size).await?;
     conns[0].clear().await?;
     Ok((conns, CaseResult { put, get }))

@@ -39,6 +39,32 @@ pub struct ClientConfig {
     /// `shm` or `rdma` force one (`shm` and `rdma` fail requests to nodes they cannot use,
     /// naming why). [`TRANSPORT_ENV`] overrides it. Replaces `engine.transport`.
     pub transport: TransportMode,
+    /// The cache of replica locations that lets a repeated get skip the master
+    /// ([`LocationCache`]) [on, 65 536 keys].
+    pub location_cache: LocationCache,
+}
+
+/// A client's cache of where keys live, so that a get of a key read recently goes straight
+/// to its storage node in one round trip instead of asking the master first. An entry lives
+/// no longer than the read lease its lookup took (less a quarter of it, kept for the read
+/// itself), and the node checks every read from it against the replica it expects, so a
+/// stale entry costs a miss at the node and a lookup at the master, never wrong bytes
+/// (docs/semantics.md, "Hot reads").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocationCache {
+    /// Use the cache [true]. Off, every get asks the master.
+    pub enabled: bool,
+    /// Keys whose location is kept, at most [65 536]; the least recently used go first.
+    pub max_entries: u64,
+}
+
+impl Default for LocationCache {
+    fn default() -> Self {
+        LocationCache {
+            enabled: true,
+            max_entries: 65_536,
+        }
+    }
 }
 
 impl Default for ClientConfig {
@@ -56,6 +82,7 @@ impl Default for ClientConfig {
             token: None,
             tenant: None,
             transport: TransportMode::Auto,
+            location_cache: LocationCache::default(),
         }
     }
 }

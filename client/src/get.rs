@@ -1,53 +1,83 @@
-//! The get path: look up replicas (taking a read lease), read one replica per object into
-//! the caller's buffers, fall back to the next replica on failure, and accept the bytes only
-//! if the lease outlived the transfer and the crc32c matches.
+//! The get path: look up replicas (taking a read lease) at the master, or find them in this
+//! client's location cache; read one replica per object into the caller's buffers, fall back
+//! to the next replica on failure, and accept the bytes only if the lease outlived the
+//! transfer and the crc32c matches. A read from a cached location that fails in any way
+//! (the node says the range no longer holds the replica, a checksum mismatch, a dead node)
+//! drops the entry and is done again through the master.
 
 use std::{
     collections::HashMap,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use futures::future::join_all;
 use kvpool_proto::NodeId;
-use kvpool_proto::{ErrorCode, GetReplicas, ObjectInfo, ReadOp};
+use kvpool_proto::{ErrorCode, GetReplicas, ObjectInfo, ReadOp, ReplicaId};
 use kvpool_transport::engine::{Peer, ReadItem};
 
+use crate::locations::Located;
 use crate::{clone_err, Client, ClientError, Result};
+
+/// Per key: where it is, `Ok(None)` for a miss.
+type Lookup = Vec<Result<Option<Located>>>;
 
 impl Client {
     /// Gets many values; `Ok(None)` is a miss. One result per key, in order.
     pub async fn get_batch(&self, keys: &[&[u8]]) -> Vec<Result<Option<Vec<u8>>>> {
-        let (infos, sent) = self.lookup(keys).await;
+        let (mut out, stale) = self.get_batch_once(keys, true).await;
+        if !stale.is_empty() {
+            let again: Vec<&[u8]> = stale.iter().map(|&i| keys[i]).collect();
+            let (got, _) = self.get_batch_once(&again, false).await;
+            for (i, r) in stale.into_iter().zip(got) {
+                out[i] = r;
+            }
+        }
+        out
+    }
+
+    /// One pass of [`Client::get_batch`]; also the items read from a cached location that
+    /// failed (their entries dropped), to be done again through the master.
+    async fn get_batch_once(
+        &self,
+        keys: &[&[u8]],
+        use_cache: bool,
+    ) -> (Vec<Result<Option<Vec<u8>>>>, Vec<usize>) {
+        let infos = self.lookup(keys, use_cache).await;
         let mut values: Vec<Vec<u8>> = infos
             .iter()
             .map(|i| match i {
-                Ok(Some(info)) => vec![0u8; usize::try_from(info.len).unwrap_or(0)],
+                Ok(Some(l)) => vec![0u8; usize::try_from(l.info.len).unwrap_or(0)],
                 _ => Vec::new(),
             })
             .collect();
-        let found: Vec<usize> = (0..keys.len())
-            .filter(|&i| matches!(infos[i], Ok(Some(_))))
-            .collect();
         let fetched = {
-            let mut dests: Vec<Vec<&mut [u8]>> = Vec::with_capacity(found.len());
-            let mut refs: Vec<&ObjectInfo> = Vec::with_capacity(found.len());
+            let mut dests: Vec<Vec<&mut [u8]>> = Vec::with_capacity(keys.len());
+            let mut refs: Vec<&Located> = Vec::with_capacity(keys.len());
             for (i, v) in values.iter_mut().enumerate() {
-                if let Ok(Some(info)) = &infos[i] {
+                if let Ok(Some(l)) = &infos[i] {
                     dests.push(vec![v.as_mut_slice()]);
-                    refs.push(info);
+                    refs.push(l);
                 }
             }
-            self.fetch(&refs, dests, sent).await
+            self.fetch(&refs, dests).await
         };
+        let mut stale = Vec::new();
         let mut fetched = fetched.into_iter();
         let mut values = values.into_iter();
-        infos
+        let out = infos
             .into_iter()
-            .map(|info| {
+            .enumerate()
+            .map(|(i, info)| {
                 let v = values.next().unwrap_or_default();
                 match info {
-                    Ok(Some(_)) => match fetched.next() {
+                    Ok(Some(l)) => match fetched.next() {
                         Some(Ok(())) => Ok(Some(v)),
+                        Some(Err(_)) if l.cached => {
+                            self.locations.forget(&self.wire_key(keys[i]));
+                            stale.push(i);
+                            Ok(None)
+                        }
                         Some(Err(e)) if e.is_gone() => Ok(None),
                         Some(Err(e)) => Err(e),
                         None => Err(crate::internal("fetch lost a result")),
@@ -56,7 +86,8 @@ impl Client {
                     Err(e) => Err(e),
                 }
             })
-            .collect()
+            .collect();
+        (out, stale)
     }
 
     /// Gets many values, each scattered over its parts (filled in order); returns each
@@ -73,24 +104,49 @@ impl Client {
             ));
             return keys.iter().map(|_| Err(clone_err(&e))).collect();
         }
-        let (infos, sent) = self.lookup(keys).await;
+        let (mut out, stale) = self.get_into_parts_once(keys, dests, true).await;
+        if !stale.is_empty() {
+            let again: Vec<&[u8]> = stale.iter().map(|&i| keys[i]).collect();
+            let mut again_dests: Vec<&mut [&mut [u8]]> = dests
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| stale.binary_search(i).is_ok())
+                .map(|(_, d)| &mut **d)
+                .collect();
+            let (got, _) = self
+                .get_into_parts_once(&again, &mut again_dests, false)
+                .await;
+            for (i, r) in stale.into_iter().zip(got) {
+                out[i] = r;
+            }
+        }
+        out
+    }
+
+    /// One pass of [`Client::get_batch_into_parts`]; also the items read from a cached
+    /// location that failed (their entries dropped), in order.
+    async fn get_into_parts_once(
+        &self,
+        keys: &[&[u8]],
+        dests: &mut [&mut [&mut [u8]]],
+        use_cache: bool,
+    ) -> (Vec<Result<Option<u64>>>, Vec<usize>) {
+        let infos = self.lookup(keys, use_cache).await;
         let mut out: Vec<Result<Option<u64>>> = Vec::with_capacity(keys.len());
         let mut todo_dests = Vec::new();
         let mut todo_infos = Vec::new();
         let mut todo_idx = Vec::new();
         for (i, (info, parts)) in infos.iter().zip(dests.iter_mut()).enumerate() {
             match info {
-                Ok(Some(info)) => {
+                Ok(Some(l)) => {
+                    let len = l.info.len;
                     let have: u64 = parts.iter().map(|p| p.len() as u64).sum();
-                    if have < info.len {
-                        out.push(Err(ClientError::BufferTooSmall {
-                            need: info.len,
-                            have,
-                        }));
+                    if have < len {
+                        out.push(Err(ClientError::BufferTooSmall { need: len, have }));
                         continue;
                     }
                     // Cover exactly `len` bytes with the leading parts.
-                    let mut left = info.len;
+                    let mut left = len;
                     let mut cover = Vec::new();
                     for p in parts.iter_mut() {
                         if left == 0 {
@@ -101,81 +157,127 @@ impl Client {
                         left -= take as u64;
                     }
                     todo_dests.push(cover);
-                    todo_infos.push(info);
+                    todo_infos.push(l);
                     todo_idx.push(i);
-                    out.push(Ok(Some(info.len)));
+                    out.push(Ok(Some(len)));
                 }
                 Ok(None) => out.push(Ok(None)),
                 Err(e) => out.push(Err(clone_err(e))),
             }
         }
-        let fetched = self.fetch(&todo_infos, todo_dests, sent).await;
-        for (i, r) in todo_idx.into_iter().zip(fetched) {
+        let fetched = self.fetch(&todo_infos, todo_dests).await;
+        let mut stale = Vec::new();
+        for ((i, r), l) in todo_idx.into_iter().zip(fetched).zip(&todo_infos) {
             match r {
                 Ok(()) => {}
+                Err(_) if l.cached => {
+                    self.locations.forget(&self.wire_key(keys[i]));
+                    stale.push(i);
+                }
                 Err(e) if e.is_gone() => out[i] = Ok(None),
                 Err(e) => out[i] = Err(e),
+            }
+        }
+        (out, stale)
+    }
+
+    /// Where each key's replicas live (node, segment, tier, offset), taking a read lease on
+    /// the present ones; `Ok(None)` for a miss. For placement-aware callers (a connector that
+    /// routes a request to the node holding its prefix) and for operators. Always asks the
+    /// master (never the location cache): placement may have changed.
+    pub async fn locate(&self, keys: &[&[u8]]) -> Vec<Result<Option<ObjectInfo>>> {
+        self.lookup(keys, false)
+            .await
+            .into_iter()
+            .map(|r| r.map(|o| o.map(|l| Arc::unwrap_or_clone(l.info))))
+            .collect()
+    }
+
+    /// Where each key lives: from the location cache when `use_cache` and it has the key,
+    /// else from the master (and then kept in the cache). A missing key is `Ok(None)`.
+    async fn lookup(&self, keys: &[&[u8]], use_cache: bool) -> Lookup {
+        if let Err(e) = self.check_tenant() {
+            return keys.iter().map(|_| Err(clone_err(&e))).collect();
+        }
+        let mut out: Lookup = Vec::with_capacity(keys.len());
+        let mut ask: Vec<(usize, Vec<u8>)> = Vec::new();
+        for (i, k) in keys.iter().enumerate() {
+            let wire = self.wire_key(k);
+            let cached = use_cache
+                .then(|| self.locations.get(&wire))
+                .flatten()
+                .filter(|l| !self.reached_through_shm(&l.info));
+            match cached {
+                Some(l) => out.push(Ok(Some(l))),
+                None => {
+                    out.push(Ok(None));
+                    ask.push((i, wire));
+                }
+            }
+        }
+        for chunk in ask.chunks(self.cfg.max_batch.max(1)) {
+            // The lease is counted from before the request left: conservative, like Mooncake.
+            let sent = Instant::now();
+            let msg = GetReplicas {
+                keys: chunk.iter().map(|(_, k)| k.clone()).collect(),
+            };
+            match self.master_call(&msg).await {
+                Ok(r) if r.items.len() == chunk.len() => {
+                    for ((i, wire), item) in chunk.iter().zip(r.items) {
+                        out[*i] = match item {
+                            Ok(info) => {
+                                let info = Arc::new(info);
+                                // Also on a second pass: the next get of the key is hot again.
+                                if !self.reached_through_shm(&info) {
+                                    self.locations.insert(wire, &info, sent);
+                                }
+                                Ok(Some(Located {
+                                    info,
+                                    sent,
+                                    cached: false,
+                                }))
+                            }
+                            Err(e) if e.code == ErrorCode::NotFound => Ok(None),
+                            Err(e) => Err(ClientError::Remote(e)),
+                        };
+                    }
+                }
+                Ok(_) => {
+                    for (i, _) in chunk {
+                        out[*i] = Err(crate::internal("wrong result count"));
+                    }
+                }
+                Err(e) => {
+                    for (i, _) in chunk {
+                        out[*i] = Err(clone_err(&e));
+                    }
+                }
             }
         }
         out
     }
 
-    /// Where each key's replicas live (node, segment, tier, offset), taking a read lease on
-    /// the present ones; `Ok(None)` for a miss. For placement-aware callers (a connector that
-    /// routes a request to the node holding its prefix) and for operators.
-    pub async fn locate(&self, keys: &[&[u8]]) -> Vec<Result<Option<ObjectInfo>>> {
-        self.lookup(keys).await.0
-    }
-
-    /// Asks the master where each key lives. A missing key is `Ok(None)`.
-    async fn lookup(&self, keys: &[&[u8]]) -> (Vec<Result<Option<ObjectInfo>>>, Instant) {
-        // The lease is counted from before the request left: conservative, like Mooncake.
-        let sent = Instant::now();
-        if let Err(e) = self.check_tenant() {
-            return (keys.iter().map(|_| Err(clone_err(&e))).collect(), sent);
-        }
-        let mut out = Vec::with_capacity(keys.len());
-        for chunk in keys.chunks(self.cfg.max_batch.max(1)) {
-            let msg = GetReplicas {
-                keys: chunk.iter().map(|k| self.wire_key(k)).collect(),
-            };
-            match self.master_call(&msg).await {
-                Ok(r) if r.items.len() == chunk.len() => {
-                    out.extend(r.items.into_iter().map(|item| match item {
-                        Ok(info) => Ok(Some(info)),
-                        Err(e) if e.code == ErrorCode::NotFound => Ok(None),
-                        Err(e) => Err(ClientError::Remote(e)),
-                    }))
-                }
-                Ok(_) => out.extend(
-                    chunk
-                        .iter()
-                        .map(|_| Err(crate::internal("wrong result count"))),
-                ),
-                Err(e) => out.extend(chunk.iter().map(|_| Err(clone_err(&e)))),
-            }
-        }
-        (out, sent)
-    }
-
     /// Reads each object into its destination parts (which cover exactly its length), trying
     /// its replicas in order of preference until one gives back the right bytes.
-    async fn fetch(
-        &self,
-        infos: &[&ObjectInfo],
-        mut dests: Vec<Vec<&mut [u8]>>,
-        sent: Instant,
-    ) -> Vec<Result<()>> {
-        let n = infos.len();
+    /// Items from the location cache are read with the node's replica check.
+    async fn fetch(&self, found: &[&Located], mut dests: Vec<Vec<&mut [u8]>>) -> Vec<Result<()>> {
+        let n = found.len();
+        let infos: Vec<&ObjectInfo> = found.iter().map(|l| &*l.info).collect();
         let orders: Vec<Vec<usize>> = infos.iter().map(|info| self.replica_order(info)).collect();
         let mut done: Vec<Option<Result<()>>> = (0..n).map(|_| None).collect();
         let mut last_err: Vec<Option<ClientError>> = (0..n).map(|_| None).collect();
         let rounds = orders.iter().map(Vec::len).max().unwrap_or(0);
 
         for round in 0..rounds {
-            // Per address: the item of each read, and the reads.
-            type Batch<'b> = (Vec<usize>, Vec<ReadItem<'b>>, Option<NodeId>);
-            let mut by_addr: HashMap<&str, Batch<'_>> = HashMap::new();
+            // Per address, and whether checked: the item of each read, the reads, the
+            // replicas they must still hold (checked reads only).
+            type Batch<'b> = (
+                Vec<usize>,
+                Vec<ReadItem<'b>>,
+                Option<NodeId>,
+                Vec<ReplicaId>,
+            );
+            let mut by_addr: HashMap<(&str, bool), Batch<'_>> = HashMap::new();
             for (i, parts) in dests.iter_mut().enumerate() {
                 if done[i].is_some() {
                     continue;
@@ -184,8 +286,12 @@ impl Client {
                     continue;
                 };
                 let r = &infos[i].replicas[ri];
-                let batch = by_addr.entry(r.addr.as_str()).or_default();
+                let checked = found[i].cached;
+                let batch = by_addr.entry((r.addr.as_str(), checked)).or_default();
                 batch.2 = Some(r.node);
+                if checked {
+                    batch.3.push(r.id);
+                }
                 // The replica's range is contiguous however scattered the parts are: one
                 // read, scattered over all of them.
                 batch.0.push(i);
@@ -202,8 +308,13 @@ impl Client {
                 break;
             }
             let results = join_all(by_addr.into_iter().map(
-                |(addr, (owners, reads, node))| async move {
-                    let res = self.engine.read(Peer { addr, node }, reads).await;
+                |((addr, checked), (owners, reads, node, expect))| async move {
+                    let peer = Peer { addr, node };
+                    let res = if checked {
+                        self.engine.read_checked(peer, reads, &expect).await
+                    } else {
+                        self.engine.read(peer, reads).await
+                    };
                     if res.is_err() {
                         self.engine.forget(addr);
                     }
@@ -269,9 +380,9 @@ impl Client {
         let finished = Instant::now();
         done.into_iter()
             .zip(last_err)
-            .zip(infos)
-            .map(|((d, last), info)| match d {
-                Some(Ok(())) if finished > sent + Duration::from_millis(info.lease_ms) => {
+            .zip(found)
+            .map(|((d, last), l)| match d {
+                Some(Ok(())) if finished > l.sent + Duration::from_millis(l.info.lease_ms) => {
                     Err(ClientError::LeaseExpired)
                 }
                 Some(r) => r,
@@ -282,6 +393,16 @@ impl Client {
                 }),
             })
             .collect()
+    }
+
+    /// Whether a replica of `info` is on a node this client copies from through shared
+    /// memory. Such a read skips the location cache: a lookup plus a memory copy is faster
+    /// than a checked read over the node's data port (measured, docs/benchmarks.md), so the
+    /// cache is for nodes reached over the network.
+    fn reached_through_shm(&self, info: &ObjectInfo) -> bool {
+        info.replicas
+            .iter()
+            .any(|r| self.engine.transport_to(&r.addr) == "shm")
     }
 
     /// Replicas on this client's own node first, then the master's order.

@@ -27,6 +27,7 @@ mod config;
 mod error;
 mod get;
 mod inspect;
+mod locations;
 mod put;
 
 use std::time::{Duration, Instant};
@@ -37,7 +38,7 @@ use kvpool_proto::{
 };
 use kvpool_transport::{engine::TransferEngine, rpc::RpcClient, TransportError};
 
-pub use config::{ClientConfig, TRANSPORT_ENV};
+pub use config::{ClientConfig, LocationCache, TRANSPORT_ENV};
 pub use error::{ClientError, Result};
 pub use kvpool_proto::{ErrorCode, NodeId, ObjectInfo, ReplicaDesc, Tier};
 pub use kvpool_transport::shm::TransportMode;
@@ -51,6 +52,8 @@ pub struct Client {
     /// What every key is prefixed with on the wire: `tenant 0x00`, or nothing without a
     /// tenant; or why the tenant is invalid (then every keyed operation fails with it).
     key_prefix: std::result::Result<Vec<u8>, String>,
+    /// Where keys read recently live, so a repeated get skips the master.
+    locations: locations::Locations,
 }
 
 impl Client {
@@ -79,6 +82,7 @@ impl Client {
                 });
         Client {
             id: ClientId(rand::random()),
+            locations: locations::Locations::new(&cfg.location_cache),
             cfg,
             master,
             engine,
@@ -240,6 +244,11 @@ impl Client {
                 keys: chunk.iter().map(|k| self.wire_key(k)).collect(),
                 force,
             };
+            // Dropped whatever the answer: a key this client removes is not read from its
+            // old location again by this client.
+            for k in &msg.keys {
+                self.locations.forget(k);
+            }
             match self.master_call(&msg).await {
                 Ok(r) => out.extend(r.items.into_iter().map(|i| i.map_err(ClientError::from))),
                 Err(e) => out.extend(chunk.iter().map(|_| Err(clone_err(&e)))),
@@ -252,6 +261,7 @@ impl Client {
     /// master removes only keys with the tenant's prefix); returns how many went.
     pub async fn remove_all(&self, force: bool) -> Result<u64> {
         let prefix = self.tenant_prefix()?;
+        self.locations.clear();
         Ok(self
             .master_call(&RemoveAll { force, prefix })
             .await?
@@ -271,6 +281,7 @@ impl Client {
             prefix,
             force,
         };
+        self.locations.clear();
         Ok(self.master_call(&msg).await?.removed)
     }
 

@@ -87,6 +87,10 @@ impl Client {
                 })
                 .collect(),
         };
+        // A key this client writes is not read from an older location again by this client.
+        for item in &start.items {
+            self.locations.forget(&item.key);
+        }
         let allocated = match self.start_puts(&start).await {
             Ok(r) if r.items.len() == items.len() => r.items,
             Ok(r) => {

@@ -102,6 +102,10 @@ error_codes! {
     LeaseExpired = 502,
     /// The segment is not served by this node.
     UnknownSegment = 503,
+    /// A read from a client's cached location: the range no longer holds the replica the
+    /// client expected (freed, overwritten, or the node restarted). The client drops the
+    /// location and asks the master again; for a caller it is never an error by itself.
+    StaleLocation = 504,
     /// The operation did not finish before its deadline.
     Timeout = 600,
     /// The connection closed before the response arrived.

@@ -706,6 +706,11 @@ pub struct ReadOp {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Read {
     pub ops: Vec<ReadOp>,
+    /// Empty, or one entry per op: the replica the op's range must still hold (a client
+    /// reading from a location it cached, without a fresh lookup at the master). The node
+    /// answers such an op `StaleLocation` unless its inventory holds that replica's tag over
+    /// the whole range, both before and after it copied the bytes.
+    pub expect: Vec<Option<ReplicaId>>,
 }
 
 impl Message for Read {

@@ -160,9 +160,16 @@ async fn store_large(value: u64) -> (f64, f64) {
             offset: (i % slots) * value,
             len: value,
         };
-        w.write_all(&frame::encode_request(i, &Read { ops: vec![op] }, 0))
-            .await
-            .unwrap();
+        w.write_all(&frame::encode_request(
+            i,
+            &Read {
+                ops: vec![op],
+                expect: vec![],
+            },
+            0,
+        ))
+        .await
+        .unwrap();
     }
     drain.await.unwrap();
     let read = gbps(TOTAL, t.elapsed());
@@ -209,9 +216,16 @@ async fn store_small(value: u64, batch: u64) -> (f64, f64) {
                 len: value,
             })
             .collect();
-        w.write_all(&frame::encode_request(i, &Read { ops }, 0))
-            .await
-            .unwrap();
+        w.write_all(&frame::encode_request(
+            i,
+            &Read {
+                ops,
+                expect: vec![],
+            },
+            0,
+        ))
+        .await
+        .unwrap();
     }
     drain.await.unwrap();
     let read = (requests * batch) as f64 / t.elapsed().as_secs_f64();

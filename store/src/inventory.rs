@@ -188,6 +188,16 @@ impl Inventory {
         self.lock().tags.get(&id).cloned()
     }
 
+    /// Whether `replica`'s tag is recorded and its range covers `offset..offset+len` of
+    /// `segment`: a read from a client's cached location may be served (no key copied).
+    pub fn holds(&self, replica: ReplicaId, segment: SegmentId, offset: u64, len: u64) -> bool {
+        self.lock().tags.get(&replica).is_some_and(|t| {
+            t.segment == segment
+                && t.offset <= offset
+                && offset.saturating_add(len) <= t.offset.saturating_add(t.len)
+        })
+    }
+
     /// The entries whose bytes match their checksum, for a registration. Entries that do not
     /// match are dropped: either their write never completed (a put that a master restart
     /// failed anyway) or their space was reused. Checksums are computed without the lock held,
@@ -393,6 +403,24 @@ mod tests {
         let mut again = lost.take();
         again.sort();
         assert_eq!(again, [ReplicaId(1), ReplicaId(2), ReplicaId(3)]);
+    }
+
+    #[test]
+    fn holds_covers_only_the_recorded_range_of_a_live_tag() {
+        let inv = Inventory::new();
+        inv.record(tag(1, 1, 100, 50, 0));
+        let r = ReplicaId(1);
+        assert!(inv.holds(r, SegmentId(1), 100, 50));
+        assert!(inv.holds(r, SegmentId(1), 120, 10));
+        assert!(!inv.holds(r, SegmentId(1), 140, 20));
+        assert!(!inv.holds(r, SegmentId(2), 100, 50));
+        assert!(!inv.holds(ReplicaId(2), SegmentId(1), 100, 50));
+        // Overwritten by another replica's write: no longer held.
+        inv.record(tag(2, 1, 90, 20, 0));
+        assert!(!inv.holds(r, SegmentId(1), 100, 50));
+        inv.record(tag(3, 1, 0, 10, 0));
+        inv.free(&[ReplicaId(3)]);
+        assert!(!inv.holds(ReplicaId(3), SegmentId(1), 0, 10));
     }
 
     #[test]

@@ -7,7 +7,9 @@ use std::{future::Future, sync::Arc};
 
 use std::os::fd::BorrowedFd;
 
-use kvpool_proto::{FrameLimits, NodeId, ObjectTag, SegmentId, ShmSegment, Token, WireError};
+use kvpool_proto::{
+    FrameLimits, NodeId, ObjectTag, ReplicaId, SegmentId, ShmSegment, Token, WireError,
+};
 use kvpool_transport::{
     dataplane::{self, DataServerOptions, OwnedBytes, OwnedPayload, SegmentStore, Source},
     memory::SharedRange,
@@ -78,6 +80,12 @@ impl SegmentStore for Node {
             ));
         }
         self.segment(segment)?.range(offset, len)
+    }
+
+    fn holds(&self, segment: SegmentId, offset: u64, len: u64, replica: ReplicaId) -> bool {
+        // NVMe records carry no inventory tag: a cached location there is always stale, and
+        // the client asks the master (clients cache DRAM locations only).
+        self.inventory().holds(replica, segment, offset, len)
     }
 
     fn record_tags(&self, tags: Vec<ObjectTag>) {

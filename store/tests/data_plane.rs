@@ -161,6 +161,7 @@ async fn skippable_bad_requests_get_errors_and_the_connection_keeps_serving() {
             offset: 0,
             len: 1,
         }],
+        expect: vec![],
     });
     body.push(0);
     c.send_raw(Opcode::Read as u8, &body, &[]).await;
@@ -186,6 +187,7 @@ async fn an_answer_never_waits_for_the_rest_of_a_partly_sent_next_frame() {
                 offset: 0,
                 len: 8,
             }],
+            expect: vec![],
         },
         0,
     );
@@ -197,6 +199,7 @@ async fn an_answer_never_waits_for_the_rest_of_a_partly_sent_next_frame() {
                 offset: 8,
                 len: 8,
             }],
+            expect: vec![],
         },
         0,
     );
@@ -365,4 +368,79 @@ async fn tags_build_an_inventory_that_drops_overwritten_objects() {
     c.recv().await.unwrap();
     assert!(node.node().inventory().get(ReplicaId(5)).is_none());
     node.shutdown().await;
+}
+
+/// A read from a client's cached location names the replica it expects: served while the
+/// node's inventory holds that replica's tag over the range, `StaleLocation` once the tag
+/// is gone (freed) or names another replica, and never with bytes for a refused op.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checked_read_is_served_only_while_the_range_holds_the_replica() {
+    let node = start_node(4 * MIB, &dead_addr().await).await;
+    let seg = seg(&node);
+    let mut c = RawClient::connect(node.local_addr()).await;
+    // One value above the direct-send threshold, one below it.
+    let (a, b) = (pattern(1, 100_000), pattern(2, 4096));
+    c.send_write(
+        &[(seg, 0, &a), (seg, 200_000, &b)],
+        vec![
+            object_tag(7, "a", seg, 0, &a),
+            object_tag(8, "b", seg, 200_000, &b),
+        ],
+    )
+    .await;
+    c.recv().await.unwrap().unit();
+    let ops = vec![
+        ReadOp {
+            segment: seg,
+            offset: 0,
+            len: a.len() as u64,
+        },
+        ReadOp {
+            segment: seg,
+            offset: 200_000,
+            len: b.len() as u64,
+        },
+    ];
+    let r = checked_read(&mut c, &ops, vec![Some(ReplicaId(7)), Some(ReplicaId(8))]).await;
+    assert_eq!(r.unit().items, vec![Ok(()), Ok(())]);
+    assert!(r.payload == [a.clone(), b.clone()].concat());
+
+    // The wrong replica for the first op: refused, and only the second op's bytes follow.
+    let r = checked_read(&mut c, &ops, vec![Some(ReplicaId(8)), None]).await;
+    let items = r.unit().items;
+    assert_eq!(
+        items[0].as_ref().unwrap_err().code,
+        ErrorCode::StaleLocation
+    );
+    assert_eq!(items[1], Ok(()));
+    assert!(r.payload == b);
+
+    // Freed (as a heartbeat's frees do): stale from then on.
+    node.node().free(&[ReplicaId(7)]);
+    let r = checked_read(&mut c, &ops, vec![Some(ReplicaId(7)), Some(ReplicaId(8))]).await;
+    let items = r.unit().items;
+    assert_eq!(
+        items[0].as_ref().unwrap_err().code,
+        ErrorCode::StaleLocation
+    );
+    assert_eq!(items[1], Ok(()));
+    assert!(r.payload == b);
+
+    // One expectation for two ops is malformed as a whole.
+    let r = checked_read(&mut c, &ops, vec![Some(ReplicaId(8))]).await;
+    assert_eq!(r.header.code(), ErrorCode::InvalidArgument);
+    node.shutdown().await;
+}
+
+async fn checked_read(
+    c: &mut RawClient,
+    ops: &[ReadOp],
+    expect: Vec<Option<ReplicaId>>,
+) -> Response {
+    let body = encode(&Read {
+        ops: ops.to_vec(),
+        expect,
+    });
+    c.send_raw(Opcode::Read as u8, &body, &[]).await;
+    c.recv().await.unwrap()
 }

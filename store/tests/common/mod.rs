@@ -169,6 +169,7 @@ impl RawClient {
                     len,
                 })
                 .collect(),
+            expect: vec![],
         };
         self.s
             .write_all(&frame::encode_request(id, &msg, 0))

@@ -24,9 +24,9 @@ use std::{future::Future, pin::Pin, sync::Arc};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 
 use kvpool_proto::{
-    decode_body, ErrorCode, FrameHeader, FrameLimits, NodeId, ObjectTag, Opcode, Read, SegmentId,
-    ShmAttach, ShmAttachResponse, ShmCommit, ShmInfo, ShmInfoResponse, ShmSegment, Token,
-    UnitResponse, WireError, Write, HEADER_LEN,
+    decode_body, ErrorCode, FrameHeader, FrameLimits, NodeId, ObjectTag, Opcode, Read, ReplicaId,
+    SegmentId, ShmAttach, ShmAttachResponse, ShmCommit, ShmInfo, ShmInfoResponse, ShmSegment,
+    Token, UnitResponse, WireError, Write, HEADER_LEN,
 };
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter},
@@ -103,6 +103,11 @@ pub trait SegmentStore: Send + Sync + 'static {
         offset: u64,
         len: u64,
     ) -> Result<SharedRange, WireError>;
+    /// Whether `segment`'s range `offset..offset+len` lies inside the range `replica`'s tag
+    /// names (a read from a client's cached location, checked before and after the copy).
+    /// False for a replica the node holds no tag for: freed, overwritten, never written here,
+    /// or on a tier whose records carry no tag.
+    fn holds(&self, segment: SegmentId, offset: u64, len: u64, replica: ReplicaId) -> bool;
     /// Keeps the tags of a write whose bytes have landed.
     fn record_tags(&self, tags: Vec<ObjectTag>);
     /// Keeps one tag of a same-host client's write (`ShmCommit`): a tag that names no range
@@ -412,21 +417,54 @@ async fn read<S: Conn, T: SegmentStore>(
         Ok(r) => r,
         Err(e) => return reply_error(io, h, e).await,
     };
+    if !req.expect.is_empty() && req.expect.len() != req.ops.len() {
+        let msg = format!(
+            "{} expected replicas for {} ops",
+            req.expect.len(),
+            req.ops.len()
+        );
+        return reply_error(io, h, WireError::new(ErrorCode::InvalidArgument, msg)).await;
+    }
+    let expect = |i: usize| req.expect.get(i).copied().flatten();
     // Slower-tier ranges are read before the answer's head goes out, so that a failed read
     // becomes that op's error rather than a broken stream; all of a request's disk reads are
     // in flight at once, so a batch keeps the device's queue busy.
     let sources: Vec<Result<Source<'_>, WireError>> = req
         .ops
         .iter()
-        .map(|op| store.read_range(op.segment, op.offset, op.len))
+        .enumerate()
+        .map(|(i, op)| match expect(i) {
+            Some(r) if !store.holds(op.segment, op.offset, op.len, r) => Err(stale(r)),
+            _ => store.read_range(op.segment, op.offset, op.len),
+        })
         .collect();
-    let landed = futures::future::join_all(sources.into_iter().map(|s| async move {
-        match s? {
-            Source::Memory(r) => Ok(Bytes::Memory(r)),
-            Source::Disk(read) => read.await.map(Bytes::Owned),
+    let landed = futures::future::join_all(sources.into_iter().enumerate().map(|(i, s)| {
+        let checked = expect(i).is_some();
+        async move {
+            match s? {
+                // A checked range is copied out before the head goes out, so the tag can be
+                // checked again once the bytes are ours: a free and reuse of the range that
+                // raced the copy is then caught as a stale location, not sent as the object.
+                Source::Memory(r) if checked => {
+                    let mut copy = vec![0u8; r.len()];
+                    r.copy_to(&mut copy);
+                    Ok(Bytes::Owned(Box::new(copy)))
+                }
+                Source::Memory(r) => Ok(Bytes::Memory(r)),
+                Source::Disk(read) => read.await.map(Bytes::Owned),
+            }
         }
     }))
     .await;
+    let landed: Vec<Result<Bytes, WireError>> = landed
+        .into_iter()
+        .zip(&req.ops)
+        .enumerate()
+        .map(|(i, (b, op))| match (b, expect(i)) {
+            (Ok(_), Some(r)) if !store.holds(op.segment, op.offset, op.len, r) => Err(stale(r)),
+            (b, _) => b,
+        })
+        .collect();
     let mut items = Vec::with_capacity(req.ops.len());
     let mut bytes = Vec::with_capacity(req.ops.len());
     let mut total = 0u64;
@@ -473,6 +511,14 @@ async fn read<S: Conn, T: SegmentStore>(
         }
     }
     Ok(())
+}
+
+/// The answer to a checked read whose range no longer holds the replica the client expected.
+fn stale(replica: ReplicaId) -> WireError {
+    WireError::new(
+        ErrorCode::StaleLocation,
+        format!("the range no longer holds replica {}", replica.0),
+    )
 }
 
 /// Writes ranges: each op's bytes go from the socket straight into segment memory; a refused

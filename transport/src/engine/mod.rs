@@ -39,8 +39,8 @@ use std::{
 
 use futures::{stream, StreamExt};
 use kvpool_proto::{
-    ErrorCode, FrameLimits, ItemResult, NodeId, ObjectTag, Read, ReadOp, Token, WireError, Write,
-    WriteOp,
+    ErrorCode, FrameLimits, ItemResult, NodeId, ObjectTag, Read, ReadOp, ReplicaId, Token,
+    WireError, Write, WriteOp,
 };
 use tokio::net::TcpStream;
 
@@ -320,7 +320,7 @@ impl TransferEngine {
                 }
                 _ => items,
             };
-            return self.read_tcp(peer.addr, items).await;
+            return self.read_tcp(peer.addr, items, &[]).await;
         };
         let n = items.len();
         let (mut local, mut remote) = (Vec::new(), Vec::new());
@@ -342,7 +342,7 @@ impl TransferEngine {
         if !remote.is_empty() {
             let (ri, ritems): (Vec<usize>, Vec<_>) = remote.into_iter().unzip();
             let all_remote = ri.len() == n;
-            match self.read_tcp(peer.addr, ritems).await {
+            match self.read_tcp(peer.addr, ritems, &[]).await {
                 Ok(rs) => {
                     for (i, r) in ri.into_iter().zip(rs) {
                         out[i] = r;
@@ -360,12 +360,56 @@ impl TransferEngine {
         Ok(out)
     }
 
+    /// [`TransferEngine::read`] of ranges the caller located without a fresh lease (a cached
+    /// location): item `i`'s range must still hold replica `expect[i]`, else the item fails
+    /// with `StaleLocation`. Over TCP the node checks before and after its copy. From a
+    /// same-host node's shared memory the engine copies first and then asks the node, in one
+    /// request of one-byte checked reads, whether each range still holds its replica: a range
+    /// that held it after the copy held it throughout (a replica's tag, once dropped, never
+    /// comes back), so the bytes copied are the replica's.
+    pub async fn read_checked(
+        &self,
+        peer: impl Into<Peer<'_>>,
+        items: Vec<ReadItem<'_>>,
+        expect: &[ReplicaId],
+    ) -> Result<Vec<ItemResult<u32>>, TransportError> {
+        let peer = peer.into();
+        if expect.len() != items.len() {
+            return Err(TransportError::Protocol(format!(
+                "{} expected replicas for {} reads",
+                expect.len(),
+                items.len()
+            )));
+        }
+        let att = match self.attachment(peer).await? {
+            Some(att) if items.iter().all(|it| att.covers(it.op.segment)) => att,
+            _ => return self.read_tcp(peer.addr, items, expect).await,
+        };
+        let ops: Vec<ReadOp> = items.iter().map(|it| it.op).collect();
+        let mut out = att.read(items, self.opts.checksum_reads);
+        let mut probe = vec![0u8; ops.len()];
+        let checks: Vec<ReadItem<'_>> = ops
+            .iter()
+            .zip(probe.chunks_mut(1))
+            .map(|(op, dst)| ReadItem::new(ReadOp { len: 1, ..*op }, dst))
+            .collect();
+        let checked = self.read_tcp(peer.addr, checks, expect).await?;
+        for (o, c) in out.iter_mut().zip(checked) {
+            if let (Ok(_), Err(e)) = (&o, c) {
+                *o = Err(e);
+            }
+        }
+        Ok(out)
+    }
+
     /// [`TransferEngine::read`] over TCP: the chunks' crc32c is computed as each lands, so
-    /// checksumming overlaps the transfer of the other chunks.
+    /// checksumming overlaps the transfer of the other chunks. `expect` is empty, or one
+    /// replica per item for a checked read.
     async fn read_tcp(
         &self,
         addr: &str,
         items: Vec<ReadItem<'_>>,
+        expect: &[ReplicaId],
     ) -> Result<Vec<ItemResult<u32>>, TransportError> {
         let ask = |chunks: &[Chunk<&mut [u8]>]| Read {
             ops: chunks
@@ -376,6 +420,10 @@ impl TransferEngine {
                     len: c.len as u64,
                 })
                 .collect(),
+            expect: match expect {
+                [] => Vec::new(),
+                _ => chunks.iter().map(|c| expect.get(c.item).copied()).collect(),
+            },
         };
         let checksum = self.opts.checksum_reads;
         let fold = move |crc: &mut u32, c: &Chunk<&mut [u8]>, chunk_crc: u32| {

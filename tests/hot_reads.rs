@@ -1,0 +1,270 @@
+//! Hot reads in one round trip: a client's location cache sends a repeated get straight to
+//! the storage node, and the node's replica check turns every stale location into a clean
+//! fallback to the master, never into another key's bytes. A real master and storage node as
+//! processes, clients in this process, the master's request counters read off `/metrics`.
+
+use std::time::Duration;
+
+use kvpool_client::{Client, ClientConfig, LocationCache, TransportMode};
+use kvpool_proto::PutOptions;
+use kvpool_tests::{
+    alive_nodes, client_over, config_file, free_port,
+    http::{scrape, value as sample},
+    transport_matrix, value, wait_until, Proc,
+};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// Fast heartbeats (frees reach the node quickly), a short node TTL (a killed node is dead
+/// soon), and a long lease (cached locations outlive a slow test machine).
+const CONFIG: &str =
+    "[master]\nnode-ttl = \"2s\"\nheartbeat-interval = \"100ms\"\nlease-ttl = \"60s\"\n";
+
+struct Pool {
+    master: Proc,
+    store: Proc,
+    /// The master's RPC address and its HTTP endpoint.
+    m: String,
+    http: String,
+    /// The storage node's data port (fixed, so a restarted node comes back at the address
+    /// clients cached).
+    port: u16,
+}
+
+fn start_store(m: &str, port: u16) -> Proc {
+    Proc::start(&[
+        "store",
+        "--master",
+        m,
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--dram",
+        "64MiB",
+        "--name",
+        "hot-node",
+    ])
+}
+
+async fn pool() -> Pool {
+    let cfg = config_file(CONFIG);
+    let master = Proc::start(&[
+        "--config",
+        cfg.to_str().expect("utf-8 path"),
+        "master",
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+    ]);
+    let (m, http) = (master.addr("master"), master.addr("http"));
+    let port = free_port().expect("a free port");
+    let store = start_store(&m, port);
+    let c = client_over(&m, TransportMode::Tcp);
+    wait_until("the node's registration", LIMIT, || async {
+        alive_nodes(&c).await == 1
+    })
+    .await;
+    Pool {
+        master,
+        store,
+        m,
+        http,
+        port,
+    }
+}
+
+/// GetReplicas requests the master has answered so far.
+fn lookups(http: &str) -> f64 {
+    sample(
+        &scrape(http),
+        "kvpool_master_requests_total{op=\"GetReplicas\"}",
+    )
+}
+
+fn configured(m: &str, transport: TransportMode, edit: impl FnOnce(&mut ClientConfig)) -> Client {
+    let mut cfg = ClientConfig::with_master(m);
+    cfg.deadline = Duration::from_secs(10);
+    cfg.transport = transport;
+    edit(&mut cfg);
+    Client::new(cfg)
+}
+
+fn uncached(m: &str, transport: TransportMode) -> Client {
+    configured(m, transport, |c| {
+        c.location_cache = LocationCache {
+            enabled: false,
+            ..LocationCache::default()
+        }
+    })
+}
+
+/// Over the network (here: TCP on loopback), a repeated get goes straight to the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_get_skips_the_master() {
+    let transport = TransportMode::Tcp;
+    let p = pool().await;
+    let c = client_over(&p.m, transport);
+    let small = value(1, 4096);
+    let large = value(2, 3 << 20);
+    c.put(b"small", &small, &PutOptions::default())
+        .await
+        .unwrap();
+    c.put(b"large", &large, &PutOptions::default())
+        .await
+        .unwrap();
+    // The first two gets of each ask the master (one batch each: a key is cached from its
+    // second lookup on, so a key read once costs no cache insertion)...
+    let first = lookups(&p.http);
+    for _ in 0..2 {
+        let got = c.get_batch(&[b"small", b"large"]).await;
+        assert_eq!(got[0].as_ref().unwrap().as_deref(), Some(&small[..]));
+        assert_eq!(got[1].as_ref().unwrap().as_deref(), Some(&large[..]));
+    }
+    assert_eq!(lookups(&p.http) - first, 2.0, "the first gets are lookups");
+    // ... the next ones go straight to the node, byte for byte.
+    let before = lookups(&p.http);
+    for _ in 0..20 {
+        assert_eq!(c.get(b"small").await.unwrap().as_deref(), Some(&small[..]));
+        let mut buf = vec![0u8; large.len()];
+        assert_eq!(
+            c.get_into(b"large", &mut buf).await.unwrap(),
+            Some(large.len() as u64)
+        );
+        assert!(buf == large, "the cached large get differs");
+    }
+    assert_eq!(lookups(&p.http), before, "hot gets asked the master");
+    // The counter does count: with the cache off, every get is a lookup.
+    let off = uncached(&p.m, transport);
+    for _ in 0..5 {
+        assert_eq!(
+            off.get(b"small").await.unwrap().as_deref(),
+            Some(&small[..])
+        );
+    }
+    assert_eq!(lookups(&p.http) - before, 5.0);
+    drop(p.store);
+}
+
+/// A node this client copies from through shared memory is read through the master: a
+/// lookup plus a memory copy beats a checked read over the data port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_same_host_node_in_shared_memory_is_read_through_the_master() {
+    let p = pool().await;
+    let c = client_over(&p.m, TransportMode::Shm);
+    let v = value(3, 4096);
+    c.put(b"k", &v, &PutOptions::default()).await.unwrap();
+    let before = lookups(&p.http);
+    for _ in 0..5 {
+        assert_eq!(c.get(b"k").await.unwrap().as_deref(), Some(&v[..]));
+    }
+    assert_eq!(lookups(&p.http) - before, 5.0);
+    drop(p.store);
+}
+
+transport_matrix!(
+    a_removed_key_whose_range_is_reused_is_never_read_as_the_other_key,
+    removed_and_reused_range
+);
+
+async fn removed_and_reused_range(transport: TransportMode) {
+    let p = pool().await;
+    let reader = client_over(&p.m, transport);
+    // A reader that does not check crc32c: only the node's replica check stands between its
+    // cached location and the other key's bytes.
+    let trusting = configured(&p.m, transport, |c| c.verify_checksum = false);
+    let other = client_over(&p.m, transport);
+    let len = 64 << 10;
+    let (va, vb) = (value(10, len), value(11, len));
+    other.put(b"a", &va, &PutOptions::default()).await.unwrap();
+    assert_eq!(reader.get(b"a").await.unwrap().as_deref(), Some(&va[..]));
+    for _ in 0..2 {
+        assert_eq!(trusting.get(b"a").await.unwrap().as_deref(), Some(&va[..]));
+    }
+    let where_a = reader.locate(&[b"a"]).await.remove(0).unwrap().unwrap();
+    // Another client removes the key (forced: the reader holds a lease) and writes another
+    // key of the same size, which the allocator places in the freed range.
+    other.remove(&[b"a"], true).await.remove(0).unwrap();
+    other.put(b"b", &vb, &PutOptions::default()).await.unwrap();
+    let where_b = other.locate(&[b"b"]).await.remove(0).unwrap().unwrap();
+    assert_eq!(
+        (where_b.replicas[0].segment, where_b.replicas[0].offset),
+        (where_a.replicas[0].segment, where_a.replicas[0].offset),
+        "the test needs b in a's old range"
+    );
+    // The reader's cached location of `a` now names b's bytes: the node refuses it (b's
+    // write replaced a's tag), the client asks the master, and `a` is gone.
+    let before = lookups(&p.http);
+    for c in [&reader, &trusting, &reader] {
+        let got = c.get(b"a").await.unwrap();
+        assert!(
+            got.is_none(),
+            "a removed key read back as {} bytes",
+            got.unwrap().len()
+        );
+    }
+    assert!(
+        lookups(&p.http) > before,
+        "the stale location fell back to the master"
+    );
+    assert_eq!(reader.get(b"b").await.unwrap().as_deref(), Some(&vb[..]));
+    drop(p.store);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_is_a_clean_fallback() {
+    let mut p = pool().await;
+    let c = client_over(&p.m, TransportMode::Tcp);
+    let v = value(20, 4096);
+    c.put(b"k", &v, &PutOptions::default()).await.unwrap();
+    for _ in 0..2 {
+        assert_eq!(c.get(b"k").await.unwrap().as_deref(), Some(&v[..]));
+    }
+    // The node dies with its DRAM and a new one comes back at the same address: the cached
+    // location reaches a node that never held the replica.
+    p.store.kill();
+    wait_until("the master to see the node dead", LIMIT, || async {
+        alive_nodes(&c).await == 0
+    })
+    .await;
+    let _store = start_store(&p.m, p.port);
+    wait_until("the new node's registration", LIMIT, || async {
+        alive_nodes(&c).await == 1
+    })
+    .await;
+    let before = lookups(&p.http);
+    assert_eq!(
+        c.get(b"k").await.unwrap(),
+        None,
+        "the object died with its node"
+    );
+    assert!(
+        lookups(&p.http) > before,
+        "the stale location fell back to the master"
+    );
+    // Written again, it is read again, from the new location.
+    let w = value(21, 4096);
+    c.put(b"k", &w, &PutOptions::default()).await.unwrap();
+    assert_eq!(c.get(b"k").await.unwrap().as_deref(), Some(&w[..]));
+    assert_eq!(c.get(b"k").await.unwrap().as_deref(), Some(&w[..]));
+}
+
+/// A feature of the cache: while a location is cached (within its lease) the key is served
+/// with the master down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_gets_are_served_while_the_master_is_down() {
+    let mut p = pool().await;
+    let c = client_over(&p.m, TransportMode::Tcp);
+    let v = value(30, 16 << 10);
+    c.put(b"hot", &v, &PutOptions::default()).await.unwrap();
+    for _ in 0..2 {
+        assert_eq!(c.get(b"hot").await.unwrap().as_deref(), Some(&v[..]));
+    }
+    p.master.kill();
+    for _ in 0..10 {
+        let got = tokio::time::timeout(Duration::from_secs(5), c.get(b"hot"))
+            .await
+            .expect("a hot get waited for the dead master");
+        assert_eq!(got.unwrap().as_deref(), Some(&v[..]));
+    }
+    drop(p.store);
+}
