@@ -85,6 +85,8 @@ fn configured(m: &str, transport: TransportMode, edit: impl FnOnce(&mut ClientCo
     let mut cfg = ClientConfig::with_master(m);
     cfg.deadline = Duration::from_secs(10);
     cfg.transport = transport;
+    // On: the clients' default is off (docs/semantics.md, "Hot reads").
+    cfg.location_cache.enabled = true;
     edit(&mut cfg);
     Client::new(cfg)
 }

@@ -6,6 +6,9 @@ use kvpool_transport::{engine::EngineOptions, rpc::RpcOptions, shm::TransportMod
 /// The environment variable that overrides [`ClientConfig::transport`] for every client of a
 /// process ("auto", "tcp", "shm" or "rdma").
 pub const TRANSPORT_ENV: &str = "KVPOOL_TRANSPORT";
+/// The environment variable that turns [`ClientConfig::location_cache`] on (`1`, `true`,
+/// `on`) or off (`0`, `false`, `off`) for every client of a process.
+pub const LOCATION_CACHE_ENV: &str = "KVPOOL_LOCATION_CACHE";
 
 /// How a [`crate::Client`] reaches the pool and how hard it tries.
 #[derive(Debug, Clone)]
@@ -40,7 +43,7 @@ pub struct ClientConfig {
     /// naming why). [`TRANSPORT_ENV`] overrides it. Replaces `engine.transport`.
     pub transport: TransportMode,
     /// The cache of replica locations that lets a repeated get skip the master
-    /// ([`LocationCache`]) [on, 65 536 keys].
+    /// ([`LocationCache`]) [off; 65 536 keys when on]. [`LOCATION_CACHE_ENV`] overrides it.
     pub location_cache: LocationCache,
 }
 
@@ -52,7 +55,8 @@ pub struct ClientConfig {
 /// (docs/semantics.md, "Hot reads").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LocationCache {
-    /// Use the cache [true]. Off, every get asks the master.
+    /// Use the cache [false: off until it pays for itself on cold reads, see
+    /// docs/semantics.md "Hot reads"]. Off, every get asks the master.
     pub enabled: bool,
     /// Keys whose location is kept, at most [65 536]; the least recently used go first.
     pub max_entries: u64,
@@ -61,7 +65,7 @@ pub struct LocationCache {
 impl Default for LocationCache {
     fn default() -> Self {
         LocationCache {
-            enabled: true,
+            enabled: false,
             max_entries: 65_536,
         }
     }
@@ -109,10 +113,48 @@ impl ClientConfig {
         }
     }
 
+    /// The location cache after the environment's override: `Err` names a value that is
+    /// neither on nor off.
+    pub fn effective_location_cache(&self) -> Result<LocationCache, String> {
+        let env = std::env::var(LOCATION_CACHE_ENV).unwrap_or_default();
+        let enabled = switch(&env)
+            .map_err(|e| format!("{LOCATION_CACHE_ENV}: {e}"))?
+            .unwrap_or(self.location_cache.enabled);
+        Ok(LocationCache {
+            enabled,
+            ..self.location_cache
+        })
+    }
+
     pub fn with_master(master: impl Into<String>) -> Self {
         ClientConfig {
             master: master.into(),
             ..Default::default()
         }
+    }
+}
+
+/// An on/off setting from the environment: `None` when empty (unset).
+fn switch(v: &str) -> Result<Option<bool>, String> {
+    match v.trim() {
+        "" => Ok(None),
+        "1" | "true" | "on" => Ok(Some(true)),
+        "0" | "false" | "off" => Ok(Some(false)),
+        other => Err(format!(
+            "{other:?} is not on or off (1, true, on / 0, false, off)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod switch_tests {
+    use super::switch;
+
+    #[test]
+    fn switches_read_on_off_and_name_bad_values() {
+        assert_eq!(switch(""), Ok(None));
+        assert_eq!(switch(" on "), Ok(Some(true)));
+        assert_eq!(switch("0"), Ok(Some(false)));
+        assert!(switch("maybe").unwrap_err().contains("\"maybe\""));
     }
 }

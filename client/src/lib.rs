@@ -38,7 +38,7 @@ use kvpool_proto::{
 };
 use kvpool_transport::{engine::TransferEngine, rpc::RpcClient, TransportError};
 
-pub use config::{ClientConfig, LocationCache, TRANSPORT_ENV};
+pub use config::{ClientConfig, LocationCache, LOCATION_CACHE_ENV, TRANSPORT_ENV};
 pub use error::{ClientError, Result};
 pub use kvpool_proto::{ErrorCode, NodeId, ObjectInfo, ReplicaDesc, Tier};
 pub use kvpool_transport::shm::TransportMode;
@@ -70,19 +70,24 @@ impl Client {
         let master = master_rpc(&cfg, rpc_opts);
         engine_opts.checksum_reads = cfg.verify_checksum;
         let transport = cfg.effective_transport();
+        let location_cache = cfg.effective_location_cache();
         engine_opts.transport = *transport.as_ref().unwrap_or(&cfg.transport);
         let engine = TransferEngine::new(engine_opts);
-        // A bad tenant or transport does not fail here: every keyed operation fails with it.
-        let key_prefix =
-            cfg.validate()
-                .and(transport.map(|_| ()))
-                .map(|()| match cfg.tenant.as_deref() {
-                    None | Some("") => Vec::new(),
-                    Some(t) => [t.as_bytes(), &[0]].concat(),
-                });
+        // A bad tenant, transport or cache switch does not fail here: every keyed operation
+        // fails with it.
+        let key_prefix = cfg
+            .validate()
+            .and(transport.map(|_| ()))
+            .and(location_cache.as_ref().map(|_| ()).map_err(Clone::clone))
+            .map(|()| match cfg.tenant.as_deref() {
+                None | Some("") => Vec::new(),
+                Some(t) => [t.as_bytes(), &[0]].concat(),
+            });
         Client {
             id: ClientId(rand::random()),
-            locations: locations::Locations::new(&cfg.location_cache),
+            locations: locations::Locations::new(
+                location_cache.as_ref().unwrap_or(&cfg.location_cache),
+            ),
             cfg,
             master,
             engine,

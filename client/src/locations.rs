@@ -195,7 +195,10 @@ mod tests {
 
     #[test]
     fn keeps_dram_replicas_only_and_within_the_lease() {
-        let c = Locations::new(&LocationCache::default());
+        let c = Locations::new(&LocationCache {
+            enabled: true,
+            ..LocationCache::default()
+        });
         let now = Instant::now();
         c.insert(b"mixed", &info(&[Tier::Dram, Tier::Nvme], 10_000), now);
         assert!(

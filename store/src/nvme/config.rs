@@ -29,8 +29,9 @@ pub struct NvmeConfig {
     /// Memory of the staging buffers (2 MiB each) that values are copied through, registered
     /// with io_uring [64MiB]. When all are busy, buffers are allocated per request.
     pub staging: ByteSize,
-    /// Most parts one read of a large value (over 512 KiB) is split into, read at once [8;
-    /// 1: one read per value].
+    /// Most parts one read of a large value (over 512 KiB) is split into, read at once [1:
+    /// one read per value; splitting showed no gain on a disk whose throughput does not grow
+    /// with queue depth, docs/benchmarks.md; 4 to 8 for devices whose does].
     pub read_parts: u32,
 }
 
@@ -43,7 +44,7 @@ impl Default for NvmeConfig {
             queue_depth: 64,
             index_dir: None,
             staging: ByteSize::mib(64),
-            read_parts: 8,
+            read_parts: 1,
         }
     }
 }

@@ -17,8 +17,8 @@ use super::{
 };
 
 /// Reads longer than twice this are split into parts of about this size, but into no more
-/// than the tier's `read-parts` (8 by default, so a value of up to 16 MiB still has its parts
-/// in 2 MiB staging buffers).
+/// than the tier's `read-parts` (1 by default: no split; at 8, a value of up to 16 MiB still
+/// has its parts in 2 MiB staging buffers).
 const READ_PART: u64 = 256 << 10;
 
 /// A value (or a range of it) read from the tier: the aligned buffers its parts were read
