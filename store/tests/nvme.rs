@@ -86,7 +86,6 @@ fn config(dir: &Path, size: u64, engine: IoEngineKind) -> NvmeConfig {
         // Large values' reads split into parts (the default reads them whole), so the tests
         // cover the parts' checksums and a tear in a later part.
         read_parts: 8,
-        ..NvmeConfig::default()
     }
 }
 
