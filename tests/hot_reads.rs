@@ -8,7 +8,7 @@ use std::time::Duration;
 use kvpool_client::{Client, ClientConfig, LocationCache, TransportMode};
 use kvpool_proto::PutOptions;
 use kvpool_tests::{
-    alive_nodes, client_over, config_file, free_port,
+    alive_nodes, config_file, free_port,
     http::{scrape, value as sample},
     transport_matrix, value, wait_until, Proc,
 };
@@ -59,7 +59,7 @@ async fn pool() -> Pool {
     let (m, http) = (master.addr("master"), master.addr("http"));
     let port = free_port().expect("a free port");
     let store = start_store(&m, port);
-    let c = client_over(&m, TransportMode::Tcp);
+    let c = cached(&m, TransportMode::Tcp);
     wait_until("the node's registration", LIMIT, || async {
         alive_nodes(&c).await == 1
     })
@@ -91,6 +91,11 @@ fn configured(m: &str, transport: TransportMode, edit: impl FnOnce(&mut ClientCo
     Client::new(cfg)
 }
 
+/// A client with the location cache on (the clients' default is off).
+fn cached(m: &str, transport: TransportMode) -> Client {
+    configured(m, transport, |_| {})
+}
+
 fn uncached(m: &str, transport: TransportMode) -> Client {
     configured(m, transport, |c| {
         c.location_cache = LocationCache {
@@ -105,7 +110,7 @@ fn uncached(m: &str, transport: TransportMode) -> Client {
 async fn a_repeated_get_skips_the_master() {
     let transport = TransportMode::Tcp;
     let p = pool().await;
-    let c = client_over(&p.m, transport);
+    let c = cached(&p.m, transport);
     let small = value(1, 4096);
     let large = value(2, 3 << 20);
     c.put(b"small", &small, &PutOptions::default())
@@ -152,7 +157,7 @@ async fn a_repeated_get_skips_the_master() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_same_host_node_in_shared_memory_is_read_through_the_master() {
     let p = pool().await;
-    let c = client_over(&p.m, TransportMode::Shm);
+    let c = cached(&p.m, TransportMode::Shm);
     let v = value(3, 4096);
     c.put(b"k", &v, &PutOptions::default()).await.unwrap();
     let before = lookups(&p.http);
@@ -170,11 +175,11 @@ transport_matrix!(
 
 async fn removed_and_reused_range(transport: TransportMode) {
     let p = pool().await;
-    let reader = client_over(&p.m, transport);
+    let reader = cached(&p.m, transport);
     // A reader that does not check crc32c: only the node's replica check stands between its
     // cached location and the other key's bytes.
     let trusting = configured(&p.m, transport, |c| c.verify_checksum = false);
-    let other = client_over(&p.m, transport);
+    let other = cached(&p.m, transport);
     let len = 64 << 10;
     let (va, vb) = (value(10, len), value(11, len));
     other.put(b"a", &va, &PutOptions::default()).await.unwrap();
@@ -215,7 +220,7 @@ async fn removed_and_reused_range(transport: TransportMode) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_is_a_clean_fallback() {
     let mut p = pool().await;
-    let c = client_over(&p.m, TransportMode::Tcp);
+    let c = cached(&p.m, TransportMode::Tcp);
     let v = value(20, 4096);
     c.put(b"k", &v, &PutOptions::default()).await.unwrap();
     for _ in 0..2 {
@@ -255,7 +260,7 @@ async fn a_restarted_node_is_a_clean_fallback() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_gets_are_served_while_the_master_is_down() {
     let mut p = pool().await;
-    let c = client_over(&p.m, TransportMode::Tcp);
+    let c = cached(&p.m, TransportMode::Tcp);
     let v = value(30, 16 << 10);
     c.put(b"hot", &v, &PutOptions::default()).await.unwrap();
     for _ in 0..2 {
