@@ -211,7 +211,9 @@ impl BlockHasher {
     pub fn hashes_from(&self, parent: Digest, tokens: &[u32]) -> Vec<Digest> {
         let bs = self.ns.block_size as usize;
         let mut out = Vec::with_capacity(tokens.len() / bs);
-        let mut buf = Vec::with_capacity(16 + 4 * bs);
+        // Sized by a block only when one is full: a huge `block_size` (from a peer's
+        // hand-off parameters) must not reserve memory for tokens that are not there.
+        let mut buf = Vec::with_capacity(if tokens.len() >= bs { 16 + 4 * bs } else { 0 });
         let mut prev = parent;
         for block in tokens.chunks_exact(bs) {
             buf.clear();
@@ -252,6 +254,22 @@ impl BlockHasher {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_huge_block_size_hashes_nothing_and_reserves_nothing() {
+        let h = BlockHasher::new(Namespace {
+            model: "m".into(),
+            kv_dtype: "bf16".into(),
+            layout: "l".into(),
+            block_size: u32::MAX,
+            tp_rank: 0,
+            tp_size: 1,
+            pp_rank: 0,
+            pp_size: 1,
+        });
+        // Before: 16 GiB reserved up front for a block that 10 tokens never fill.
+        assert!(h.hashes(&[1; 10]).is_empty());
+    }
+
     #[test]
     fn param_form_round_trips_and_rejects_junk() {
         let h = BlockHasher::new(Namespace {
