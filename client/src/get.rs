@@ -73,13 +73,10 @@ impl Client {
                 match info {
                     Ok(Some(l)) => match fetched.next() {
                         Some(Ok(())) => Ok(Some(v)),
-                        Some(Err(_)) if l.cached => {
-                            self.locations.forget(&self.wire_key(keys[i]));
+                        Some(Err(e)) => self.read_failed(keys[i], &l, e).unwrap_or_else(|| {
                             stale.push(i);
                             Ok(None)
-                        }
-                        Some(Err(e)) if e.is_gone() => Ok(None),
-                        Some(Err(e)) => Err(e),
+                        }),
                         None => Err(crate::internal("fetch lost a result")),
                     },
                     Ok(None) => Ok(None),
@@ -168,17 +165,25 @@ impl Client {
         let fetched = self.fetch(&todo_infos, todo_dests).await;
         let mut stale = Vec::new();
         for ((i, r), l) in todo_idx.into_iter().zip(fetched).zip(&todo_infos) {
-            match r {
-                Ok(()) => {}
-                Err(_) if l.cached => {
-                    self.locations.forget(&self.wire_key(keys[i]));
-                    stale.push(i);
+            if let Err(e) = r {
+                match self.read_failed(keys[i], l, e) {
+                    Some(r) => out[i] = r,
+                    None => stale.push(i),
                 }
-                Err(e) if e.is_gone() => out[i] = Ok(None),
-                Err(e) => out[i] = Err(e),
             }
         }
         (out, stale)
+    }
+
+    /// What a failed read of `key` makes of its item: `None` when it was read from a cached
+    /// location (the entry is dropped; the caller does it again through the master), else a
+    /// miss when the object is gone, or the error.
+    fn read_failed<T>(&self, key: &[u8], l: &Located, e: ClientError) -> Option<Result<Option<T>>> {
+        if l.cached {
+            self.locations.forget(&self.wire_key(key));
+            return None;
+        }
+        Some(if e.is_gone() { Ok(None) } else { Err(e) })
     }
 
     /// Where each key's replicas live (node, segment, tier, offset), taking a read lease on
@@ -200,7 +205,10 @@ impl Client {
             return keys.iter().map(|_| Err(clone_err(&e))).collect();
         }
         let mut out: Lookup = Vec::with_capacity(keys.len());
-        let mut ask: Vec<(usize, Vec<u8>)> = Vec::new();
+        // The keys to ask the master about: their items, and their wire keys (moved into the
+        // requests, not copied).
+        let mut ask: Vec<usize> = Vec::new();
+        let mut ask_keys: Vec<Vec<u8>> = Vec::new();
         for (i, k) in keys.iter().enumerate() {
             let wire = self.wire_key(k);
             let cached = use_cache
@@ -211,24 +219,28 @@ impl Client {
                 Some(l) => out.push(Ok(Some(l))),
                 None => {
                     out.push(Ok(None));
-                    ask.push((i, wire));
+                    ask.push(i);
+                    ask_keys.push(wire);
                 }
             }
         }
+        let mut ask_keys = ask_keys.into_iter();
         for chunk in ask.chunks(self.cfg.max_batch.max(1)) {
             // The lease is counted from before the request left: conservative, like Mooncake.
             let sent = Instant::now();
             let msg = GetReplicas {
-                keys: chunk.iter().map(|(_, k)| k.clone()).collect(),
+                keys: ask_keys.by_ref().take(chunk.len()).collect(),
             };
             match self.master_call(&msg).await {
                 Ok(r) if r.items.len() == chunk.len() => {
-                    for ((i, wire), item) in chunk.iter().zip(r.items) {
+                    for ((i, wire), item) in chunk.iter().zip(&msg.keys).zip(r.items) {
                         out[*i] = match item {
                             Ok(info) => {
                                 let info = Arc::new(info);
                                 // Also on a second pass: the next get of the key is hot again.
-                                if !self.reached_through_shm(&info) {
+                                // (The transport check only where there is a cache to fill:
+                                // it is a map lookup per replica on every get.)
+                                if self.locations.enabled() && !self.reached_through_shm(&info) {
                                     self.locations.insert(wire, &info, sent);
                                 }
                                 Ok(Some(Located {
@@ -243,12 +255,12 @@ impl Client {
                     }
                 }
                 Ok(_) => {
-                    for (i, _) in chunk {
+                    for i in chunk {
                         out[*i] = Err(crate::internal("wrong result count"));
                     }
                 }
                 Err(e) => {
-                    for (i, _) in chunk {
+                    for i in chunk {
                         out[*i] = Err(clone_err(&e));
                     }
                 }

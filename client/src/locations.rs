@@ -72,6 +72,11 @@ impl Locations {
         }))
     }
 
+    /// Whether the cache is on (off, it keeps and finds nothing).
+    pub fn enabled(&self) -> bool {
+        self.0.is_some()
+    }
+
     /// Whether `wire_key` was looked up before (its slot holds its hash); remembers it
     /// otherwise. Another key hashing to the same slot makes it forgotten: then it waits
     /// for one more lookup.

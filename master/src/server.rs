@@ -243,16 +243,15 @@ fn remove_call<M: Message, R: Serialize>(
     body: &[u8],
     f: impl FnOnce(&mut MasterCore, M) -> Result<R, WireError>,
 ) -> Result<Vec<u8>, WireError> {
-    let req: M = decode_body(body)?;
     let term = service.term();
-    let (answer, fences) = {
-        let mut core = service.core()?;
-        service.faults.before_apply(opcode);
-        let answer = f(&mut core, req);
-        (answer, core.take_unsaved_fences())
-    };
+    let mut fences = Vec::new();
+    let answer = try_call(service, opcode, body, |core, req| {
+        let answer = f(core, req);
+        fences = core.take_unsaved_fences();
+        answer
+    });
     service.persist_fences(term, fences)?;
-    Ok(encode_body(&answer?))
+    answer
 }
 
 impl RpcService for Service {

@@ -131,7 +131,7 @@ async fn promote(node: &Node, t: &CopyTask) -> ItemResult<()> {
         .nvme(t.from)
         .ok_or_else(|| refused(format!("no NVMe segment {}", t.from)))?;
     let value = nvme.read(t.from_offset, t.len).await?;
-    fill_dram(node, t, &value.to_vec())
+    fill_dram(node, t, &value.slices().collect::<Vec<_>>())
 }
 
 /// A drain's move: reads the value from the node at `addr` (another node's segment
@@ -153,7 +153,7 @@ async fn pull(node: &Node, engine: &TransferEngine, addr: &str, t: &CopyTask) ->
         .next()
         .unwrap_or_else(|| Err(WireError::new(ErrorCode::Internal, "no read result")))?;
     match tier_of(node, t.to) {
-        Some(Tier::Dram) => fill_dram(node, t, &value),
+        Some(Tier::Dram) => fill_dram(node, t, &[&value]),
         Some(Tier::Nvme) => {
             let nvme = node
                 .nvme(t.to)
@@ -166,19 +166,28 @@ async fn pull(node: &Node, engine: &TransferEngine, addr: &str, t: &CopyTask) ->
     }
 }
 
-/// Writes a copied value into the task's DRAM target and records its tag, after checking it
-/// against the object's checksum (a copy never lands wrong bytes).
-fn fill_dram(node: &Node, t: &CopyTask, value: &[u8]) -> ItemResult<()> {
-    if crc32c::crc32c(value) != t.checksum {
+/// Writes a copied value (its parts, in order) into the task's DRAM target and records its
+/// tag, after checking it against the object's length and checksum (a copy never lands wrong
+/// bytes).
+fn fill_dram(node: &Node, t: &CopyTask, parts: &[&[u8]]) -> ItemResult<()> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let crc = parts.iter().fold(0, |crc, p| crc32c::crc32c_append(crc, p));
+    if len as u64 != t.len || crc != t.checksum {
         return Err(WireError::new(
             ErrorCode::ChecksumMismatch,
             "copied value does not match its checksum",
         ));
     }
-    let seg = node.segment(t.to)?;
+    let range = node.segment(t.to)?.range(t.to_offset, t.len)?;
     // The master allocated the target range to this task's replica alone (Filling, invisible
     // to readers) and frees it only after the task is reported done.
-    seg.range(t.to_offset, t.len)?.copy_from(value);
+    let mut at = 0;
+    for p in parts {
+        if let Some(r) = range.sub(at, p.len()) {
+            r.copy_from(p);
+        }
+        at += p.len();
+    }
     node.record_tag(ObjectTag {
         replica: t.replica,
         key: t.key.clone(),

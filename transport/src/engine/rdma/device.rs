@@ -191,6 +191,35 @@ impl RdmaPath {
             .insert(addr.to_string(), State::Elsewhere { until, why });
     }
 
+    /// What every batch checks first: the node's lanes (connected, then locked for the batch)
+    /// and the device, or why the batch goes elsewhere (no RDMA to the node, an op the lanes
+    /// cannot serve, more unregistered memory than the bounce buffer holds). `ops` are the
+    /// items' (segment, length); `pieces` the caller's memory (address, length).
+    async fn prepare(
+        &self,
+        addr: &str,
+        ops: impl Iterator<Item = (u64, u64)>,
+        pieces: impl Iterator<Item = (*const u8, usize)>,
+        opts: &EngineOptions,
+    ) -> Result<Ready<'_>, TransportError> {
+        let conn = match self.conn(addr, opts).await {
+            Ok(c) => c,
+            Err(why) => return Ok(Ready::Elsewhere(why)),
+        };
+        let opened = self
+            .dev
+            .get(&self.buffers)
+            .map_err(|why| forced(addr, &why))?;
+        let conn = conn.lock_owned().await;
+        if let Some(why) = unsuitable(&conn.lanes, ops) {
+            return Ok(Ready::Elsewhere(why.into()));
+        }
+        if bounce_bytes(&opened.dev, pieces) > BOUNCE_SIZE {
+            return Ok(Ready::Elsewhere(BOUNCE_FULL.into()));
+        }
+        Ok(Ready::Go(conn, opened))
+    }
+
     /// `items` back for TCP, or the error of a forced transport.
     fn elsewhere<I, R>(
         &self,
@@ -213,28 +242,14 @@ impl RdmaPath {
         tags: &[ObjectTag],
         opts: &EngineOptions,
     ) -> Result<Via<WriteItem<'a>, ()>, TransportError> {
-        let conn = match self.conn(addr, opts).await {
-            Ok(c) => c,
-            Err(why) => return self.elsewhere(addr, &why, items, opts),
-        };
-        let opened = self
-            .dev
-            .get(&self.buffers)
-            .map_err(|why| forced(addr, &why))?;
-        let mut conn = conn.lock().await;
-        if let Some(why) = unsuitable(
-            &conn.lanes,
-            items.iter().map(|it| (it.op.segment.0, it.op.len)),
-        ) {
-            return self.elsewhere(addr, why, items, opts);
-        }
+        let ops = items.iter().map(|it| (it.op.segment.0, it.op.len));
         let pieces = items
             .iter()
-            .flat_map(|it| it.data.iter().map(|s| s.as_ptr()));
-        let lens = items.iter().flat_map(|it| it.data.iter().map(|s| s.len()));
-        if bounce_bytes(&opened.dev, pieces.zip(lens)) > BOUNCE_SIZE {
-            return self.elsewhere(addr, BOUNCE_FULL, items, opts);
-        }
+            .flat_map(|it| it.data.iter().map(|s| (s.as_ptr(), s.len())));
+        let (mut conn, opened) = match self.prepare(addr, ops, pieces, opts).await? {
+            Ready::Go(conn, opened) => (conn, opened),
+            Ready::Elsewhere(why) => return self.elsewhere(addr, &why, items, opts),
+        };
         let mut bounce = opened.bounce.lock().await;
         let mut at = 0usize;
         let mut transfers = Vec::with_capacity(items.len());
@@ -290,28 +305,14 @@ impl RdmaPath {
         mut items: Vec<ReadItem<'a>>,
         opts: &EngineOptions,
     ) -> Result<Via<ReadItem<'a>, u32>, TransportError> {
-        let conn = match self.conn(addr, opts).await {
-            Ok(c) => c,
-            Err(why) => return self.elsewhere(addr, &why, items, opts),
-        };
-        let opened = self
-            .dev
-            .get(&self.buffers)
-            .map_err(|why| forced(addr, &why))?;
-        let mut conn = conn.lock().await;
-        if let Some(why) = unsuitable(
-            &conn.lanes,
-            items.iter().map(|it| (it.op.segment.0, it.op.len)),
-        ) {
-            return self.elsewhere(addr, why, items, opts);
-        }
+        let ops = items.iter().map(|it| (it.op.segment.0, it.op.len));
         let pieces = items
             .iter()
-            .flat_map(|it| it.dst.iter().map(|d| d.as_ptr()));
-        let lens = items.iter().flat_map(|it| it.dst.iter().map(|d| d.len()));
-        if bounce_bytes(&opened.dev, pieces.zip(lens)) > BOUNCE_SIZE {
-            return self.elsewhere(addr, BOUNCE_FULL, items, opts);
-        }
+            .flat_map(|it| it.dst.iter().map(|d| (d.as_ptr(), d.len())));
+        let (mut conn, opened) = match self.prepare(addr, ops, pieces, opts).await? {
+            Ready::Go(conn, opened) => (conn, opened),
+            Ready::Elsewhere(why) => return self.elsewhere(addr, &why, items, opts),
+        };
         let bounce = opened.bounce.lock().await;
         // (item, slice, bounce offset) of each piece read through the bounce buffer.
         let mut bounced = Vec::new();
@@ -429,6 +430,12 @@ fn bounce_bytes(dev: &RdmaDevice, pieces: impl Iterator<Item = (*const u8, usize
 }
 
 const BOUNCE_FULL: &str = "the batch's unregistered memory exceeds the bounce buffer";
+
+/// A batch's start ([`RdmaPath::prepare`]): go, holding the node's lanes, or go elsewhere.
+enum Ready<'d> {
+    Go(tokio::sync::OwnedMutexGuard<Conn>, &'d Opened),
+    Elsewhere(String),
+}
 
 /// Runs `f`, which blocks for the length of a batch (the completion queue is busy-polled),
 /// without starving the runtime's other tasks where the runtime allows; on a current-thread
