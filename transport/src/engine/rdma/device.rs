@@ -194,12 +194,13 @@ impl RdmaPath {
     /// What every batch checks first: the node's lanes (connected, then locked for the batch)
     /// and the device, or why the batch goes elsewhere (no RDMA to the node, an op the lanes
     /// cannot serve, more unregistered memory than the bounce buffer holds). `ops` are the
-    /// items' (segment, length); `pieces` the caller's memory (address, length).
+    /// items' (segment, length); `pieces` the caller's memory (address, length). Plain slices,
+    /// not iterators: the future must stay `Send` for callers that spawn it.
     async fn prepare(
         &self,
         addr: &str,
-        ops: impl Iterator<Item = (u64, u64)>,
-        pieces: impl Iterator<Item = (*const u8, usize)>,
+        ops: &[(u64, u64)],
+        pieces: &[(u64, usize)],
         opts: &EngineOptions,
     ) -> Result<Ready<'_>, TransportError> {
         let conn = match self.conn(addr, opts).await {
@@ -211,7 +212,7 @@ impl RdmaPath {
             .get(&self.buffers)
             .map_err(|why| forced(addr, &why))?;
         let conn = conn.lock_owned().await;
-        if let Some(why) = unsuitable(&conn.lanes, ops) {
+        if let Some(why) = unsuitable(&conn.lanes, ops.iter().copied()) {
             return Ok(Ready::Elsewhere(why.into()));
         }
         if bounce_bytes(&opened.dev, pieces) > BOUNCE_SIZE {
@@ -242,11 +243,15 @@ impl RdmaPath {
         tags: &[ObjectTag],
         opts: &EngineOptions,
     ) -> Result<Via<WriteItem<'a>, ()>, TransportError> {
-        let ops = items.iter().map(|it| (it.op.segment.0, it.op.len));
-        let pieces = items
+        let ops: Vec<_> = items
             .iter()
-            .flat_map(|it| it.data.iter().map(|s| (s.as_ptr(), s.len())));
-        let (mut conn, opened) = match self.prepare(addr, ops, pieces, opts).await? {
+            .map(|it| (it.op.segment.0, it.op.len))
+            .collect();
+        let pieces: Vec<_> = items
+            .iter()
+            .flat_map(|it| it.data.iter().map(|s| (s.as_ptr() as u64, s.len())))
+            .collect();
+        let (mut conn, opened) = match self.prepare(addr, &ops, &pieces, opts).await? {
             Ready::Go(conn, opened) => (conn, opened),
             Ready::Elsewhere(why) => return self.elsewhere(addr, &why, items, opts),
         };
@@ -305,11 +310,15 @@ impl RdmaPath {
         mut items: Vec<ReadItem<'a>>,
         opts: &EngineOptions,
     ) -> Result<Via<ReadItem<'a>, u32>, TransportError> {
-        let ops = items.iter().map(|it| (it.op.segment.0, it.op.len));
-        let pieces = items
+        let ops: Vec<_> = items
             .iter()
-            .flat_map(|it| it.dst.iter().map(|d| (d.as_ptr(), d.len())));
-        let (mut conn, opened) = match self.prepare(addr, ops, pieces, opts).await? {
+            .map(|it| (it.op.segment.0, it.op.len))
+            .collect();
+        let pieces: Vec<_> = items
+            .iter()
+            .flat_map(|it| it.dst.iter().map(|d| (d.as_ptr() as u64, d.len())))
+            .collect();
+        let (mut conn, opened) = match self.prepare(addr, &ops, &pieces, opts).await? {
             Ready::Go(conn, opened) => (conn, opened),
             Ready::Elsewhere(why) => return self.elsewhere(addr, &why, items, opts),
         };
@@ -422,10 +431,11 @@ fn unsuitable(lanes: &RdmaPeer, ops: impl Iterator<Item = (u64, u64)>) -> Option
 
 /// Bytes of the pieces `(pointer, len)` not inside a registered buffer: what a batch needs of
 /// the bounce buffer.
-fn bounce_bytes(dev: &RdmaDevice, pieces: impl Iterator<Item = (*const u8, usize)>) -> usize {
+fn bounce_bytes(dev: &RdmaDevice, pieces: &[(u64, usize)]) -> usize {
     pieces
-        .filter(|&(p, len)| len > 0 && !dev.covers(p as u64, len as u64))
-        .map(|(_, len)| len)
+        .iter()
+        .filter(|&&(p, len)| len > 0 && !dev.covers(p, len as u64))
+        .map(|&(_, len)| len)
         .sum()
 }
 
