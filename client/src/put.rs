@@ -1,5 +1,6 @@
 //! The put path: allocate (PutStart), write every replica's bytes straight to its node,
-//! then commit (PutEnd) or give the space back (PutRevoke).
+//! then commit (PutEnd, with the checksum the transfer computed while it copied the bytes) or
+//! give the space back (PutRevoke).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -82,7 +83,6 @@ impl Client {
                 .map(|(key, parts)| PutStartItem {
                     key: self.wire_key(key),
                     len: parts.iter().map(|p| p.len() as u64).sum(),
-                    checksum: parts.iter().fold(0, |crc, p| crc32c::crc32c_append(crc, p)),
                     options: opts.clone(),
                 })
                 .collect(),
@@ -113,10 +113,12 @@ impl Client {
             })
             .collect();
         let written = self.write_replicas(items, &start.items, &allocated).await;
-        for (r, w) in results.iter_mut().zip(written) {
+        let mut checksums = vec![0; items.len()];
+        for ((r, w), crc) in results.iter_mut().zip(written).zip(&mut checksums) {
             if r.is_ok() {
-                if let Err(e) = w {
-                    *r = Err(ClientError::Remote(e));
+                match w {
+                    Ok(c) => *crc = c,
+                    Err(e) => *r = Err(ClientError::Remote(e)),
                 }
             }
         }
@@ -145,6 +147,7 @@ impl Client {
             let msg = PutEnd {
                 client: self.id,
                 keys: commit.iter().map(|&i| start.items[i].key.clone()).collect(),
+                checksums: commit.iter().map(|&i| checksums[i]).collect(),
             };
             match self.master_call(&msg).await {
                 Ok(r) => {
@@ -165,13 +168,15 @@ impl Client {
     }
 
     /// Writes every allocated replica, grouped into one batch per node, all nodes at once.
-    /// Returns, per item, the first write error of any of its replicas.
+    /// Returns, per item, the crc32c of its bytes as written, or the first write error of any
+    /// of its replicas. Replicas whose checksums differ (the caller changed the buffer while
+    /// it was written) fail the item: no replica may hold other bytes than another.
     async fn write_replicas(
         &self,
         items: &[(&[u8], &[&[u8]])],
         starts: &[PutStartItem],
         allocated: &[ItemResult<Vec<ReplicaDesc>>],
-    ) -> Vec<ItemResult<()>> {
+    ) -> Vec<ItemResult<u32>> {
         struct NodeBatch<'a> {
             node: kvpool_proto::NodeId,
             owners: Vec<usize>,
@@ -205,11 +210,12 @@ impl Client {
                     segment: r.segment,
                     offset: r.offset,
                     len: starts[i].len,
-                    checksum: starts[i].checksum,
+                    // Set by the transfer, from the bytes it writes.
+                    checksum: 0,
                 });
             }
         }
-        let mut out: Vec<ItemResult<()>> = vec![Ok(()); items.len()];
+        let mut out: Vec<ItemResult<Option<u32>>> = vec![Ok(None); items.len()];
         let batches: Vec<_> = by_node.into_iter().collect();
         let results = join_all(batches.into_iter().map(|(addr, b)| async move {
             let owners = b.owners;
@@ -228,11 +234,19 @@ impl Client {
             match res {
                 Ok(rs) => {
                     for (i, r) in owners.into_iter().zip(rs) {
-                        if let Err(e) = r {
-                            if out[i].is_ok() {
-                                out[i] = Err(e);
-                            }
-                        }
+                        out[i] = match (&out[i], r) {
+                            (Err(_), _) => continue,
+                            (Ok(_), Err(e)) => Err(e),
+                            (Ok(None), Ok(crc)) => Ok(Some(crc)),
+                            (Ok(Some(seen)), Ok(crc)) if *seen == crc => continue,
+                            (Ok(Some(seen)), Ok(crc)) => Err(WireError::new(
+                                ErrorCode::InvalidArgument,
+                                format!(
+                                    "the value changed while it was written: replicas read \
+                                     {seen:#010x} and {crc:#010x}"
+                                ),
+                            )),
+                        };
                     }
                 }
                 Err(e) => {
@@ -245,6 +259,9 @@ impl Client {
                 }
             }
         }
-        out
+        // An item with no replica was not allocated; its result is never read.
+        out.into_iter()
+            .map(|r| r.map(Option::unwrap_or_default))
+            .collect()
     }
 }

@@ -87,7 +87,6 @@ fn seeds_are_valid_inputs() {
                 items: vec![PutStartItem {
                     key: b"k".to_vec(),
                     len: 100,
-                    checksum: 9,
                     options: PutOptions::default(),
                 }],
             },

@@ -16,7 +16,7 @@ pub const HEADER_LEN: usize = 32;
 /// "KP": the first two bytes of every frame.
 pub const MAGIC: [u8; 2] = *b"KP";
 /// The protocol version this build speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 
 /// Flag bit: the frame is a response.
 pub const FLAG_RESPONSE: u8 = 0b0000_0001;
@@ -182,7 +182,7 @@ mod tests {
     fn golden_bytes() {
         let h = FrameHeader::request(0x10, 7, 3, 5);
         let b = h.encode();
-        assert_eq!(&b[0..8], &[b'K', b'P', 1, 0x10, 0, 0, 0, 0]);
+        assert_eq!(&b[0..8], &[b'K', b'P', 2, 0x10, 0, 0, 0, 0]);
         assert_eq!(&b[8..16], &7u64.to_le_bytes());
         assert_eq!(&b[16..20], &3u32.to_le_bytes());
         assert_eq!(&b[20..28], &5u64.to_le_bytes());

@@ -261,8 +261,6 @@ impl Default for PutOptions {
 pub struct PutStartItem {
     pub key: Vec<u8>,
     pub len: u64,
-    /// crc32c of the whole value, computed by the writer.
-    pub checksum: u32,
     pub options: PutOptions,
 }
 
@@ -284,10 +282,15 @@ impl Message for PutStart {
 }
 
 /// Phase two: the bytes are written; make the object readable.
+///
+/// The checksum travels here, not in `PutStart`, because the writer computes it while it
+/// copies the bytes (one pass over the value instead of two).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PutEnd {
     pub client: ClientId,
     pub keys: Vec<Vec<u8>>,
+    /// crc32c of each key's value as written, one per key.
+    pub checksums: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -875,7 +878,6 @@ mod tests {
             items: vec![PutStartItem {
                 key: b"k".to_vec(),
                 len: 5,
-                checksum: 1,
                 options: PutOptions::default(),
             }],
         });

@@ -203,10 +203,24 @@ impl MasterCore {
 
     /// Phase two of puts: the writer's bytes are in place; the objects become readable.
     pub fn put_end(&mut self, now: Duration, req: PutEnd) -> UnitResponse {
+        if req.checksums.len() != req.keys.len() {
+            let e = WireError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "PutEnd with {} checksums for {} keys",
+                    req.checksums.len(),
+                    req.keys.len()
+                ),
+            );
+            return UnitResponse {
+                items: req.keys.iter().map(|_| Err(e.clone())).collect(),
+            };
+        }
         let items = req
             .keys
             .iter()
-            .map(|k| self.put_end_one(now, req.client, k))
+            .zip(req.checksums)
+            .map(|(k, crc)| self.put_end_one(now, req.client, k, crc))
             .collect();
         UnitResponse { items }
     }

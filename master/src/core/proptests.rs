@@ -322,7 +322,6 @@ impl Sim {
                 let item = PutStartItem {
                     key: key(k),
                     len,
-                    checksum: (len % 7) as u32,
                     options,
                 };
                 let r = self.core.put_start(
@@ -350,11 +349,19 @@ impl Sim {
                 }
             }
             Op::End { client, key: k } => {
+                // The writer ends with the checksum its tags carry: `len % 7`.
+                let len = self
+                    .core
+                    .inspect(self.now, Inspect { keys: vec![key(k)] })
+                    .items
+                    .remove(0)
+                    .map_or(0, |d| d.len);
                 self.core.put_end(
                     self.now,
                     PutEnd {
                         client: ClientId(client),
                         keys: vec![key(k)],
+                        checksums: vec![(len % 7) as u32],
                     },
                 );
             }

@@ -107,7 +107,8 @@ impl MasterCore {
         let id = self.objects.insert(Object {
             key: item.key,
             len: item.len,
-            checksum: item.checksum,
+            // Known at commit: the writer computes it while it copies the bytes.
+            checksum: 0,
             state: State::Processing { started: now },
             writer: Some(client),
             replicas: replicas.clone(),
@@ -230,17 +231,32 @@ impl MasterCore {
         now: Duration,
         client: ClientId,
         key: &[u8],
+        checksum: u32,
     ) -> ItemResult<()> {
         let (id, obj) = self.writers_put(client, key)?;
         if obj.is_complete() {
-            // A retried PutEnd whose first response was lost.
-            return Ok(());
+            // A retried PutEnd whose first response was lost: the same bytes, or a writer
+            // that is confused about what it wrote.
+            if obj.checksum == checksum {
+                return Ok(());
+            }
+            return Err(key_error(
+                ErrorCode::InvalidArgument,
+                key,
+                &format!(
+                    "committed with checksum {:#010x}, now ended with {checksum:#010x}",
+                    obj.checksum
+                ),
+            ));
         }
         let soft_pin_until = obj
             .soft_pin
             .then(|| now.saturating_add(self.cfg.soft_pin_ttl));
         self.objects.mark_complete(id);
-        self.touch(id, |obj| obj.soft_pin_until = soft_pin_until);
+        self.touch(id, |obj| {
+            obj.checksum = checksum;
+            obj.soft_pin_until = soft_pin_until;
+        });
         self.announce_commit(id);
         self.write_through(now, id);
         Ok(())

@@ -250,32 +250,55 @@ impl TransferEngine {
         }
     }
 
-    /// Writes every item to the node `peer` (an address, or an address and node id); `tags`
-    /// name the objects the bytes belong to. Returns one result per item. An `Err` means the
-    /// batch as a whole failed (no connection).
+    /// Writes every item to the node `peer` (an address, or an address and node id). `tags`
+    /// is empty or names, one per item, the object its bytes belong to; the engine sets each
+    /// tag's checksum to the crc32c of the bytes it writes. Returns one result per item: that
+    /// crc32c. An `Err` means the batch as a whole failed (no connection).
     pub async fn write(
         &self,
         peer: impl Into<Peer<'_>>,
         items: Vec<WriteItem<'_>>,
-        tags: Vec<ObjectTag>,
-    ) -> Result<Vec<ItemResult<()>>, TransportError> {
+        mut tags: Vec<ObjectTag>,
+    ) -> Result<Vec<ItemResult<u32>>, TransportError> {
+        if !tags.is_empty() && tags.len() != items.len() {
+            return Err(TransportError::Protocol(format!(
+                "{} tags for {} writes",
+                tags.len(),
+                items.len()
+            )));
+        }
         let peer = peer.into();
         if let Some(att) = self.attachment(peer).await? {
             // All or nothing: clients write DRAM segments only, which are all shared.
             if items.iter().all(|it| att.covers(it.op.segment)) {
+                // Checksummed piece by piece as the bytes are copied.
                 return att.write(items, tags, &self.opts).await;
             }
+        }
+        // Sent from the caller's memory: the tags go before the bytes, so the checksums are
+        // computed first.
+        let crcs: Vec<u32> = items
+            .iter()
+            .map(|it| {
+                it.data
+                    .iter()
+                    .fold(0, |crc, d| crc32c::crc32c_append(crc, d))
+            })
+            .collect();
+        for (tag, crc) in tags.iter_mut().zip(&crcs) {
+            tag.checksum = *crc;
         }
         let items = match self.opts.transport {
             TransportMode::Auto | TransportMode::Rdma => {
                 match self.rdma.write(peer.addr, items, &tags, &self.opts).await? {
-                    Via::Done(results) => return Ok(results),
+                    Via::Done(results) => return Ok(with_values(results, &crcs)),
                     Via::Tcp(items) => items,
                 }
             }
             _ => items,
         };
-        self.write_tcp(peer.addr, items, tags).await
+        let results = self.write_tcp(peer.addr, items, tags).await?;
+        Ok(with_values(results, &crcs))
     }
 
     async fn write_tcp(
@@ -522,6 +545,15 @@ fn merge<P, T, A: Default>(
         Some(e) if all_failed => Err(e),
         _ => Ok(out),
     }
+}
+
+/// Per-item results of a batch with each success carrying its item's value.
+fn with_values<T: Copy>(results: Vec<ItemResult<()>>, values: &[T]) -> Vec<ItemResult<T>> {
+    results
+        .into_iter()
+        .zip(values)
+        .map(|(r, &v)| r.map(|()| v))
+        .collect()
 }
 
 /// Records an item's first error; later errors of the same item are dropped.

@@ -30,8 +30,10 @@ use crate::{
 /// before attaching is tried again.
 const RETRY_ATTACH: Duration = Duration::from_secs(5);
 
-/// Bytes copied and then checksummed at a time by a shared-memory get (fits in L2).
-const COPY_PIECE: usize = 256 << 10;
+/// Bytes copied and then checksummed at a time by a shared-memory get or put: small enough
+/// that the piece is still in L1/L2 when the checksum reads it, so the value crosses the
+/// memory bus once.
+const COPY_PIECE: usize = 64 << 10;
 
 /// A node's segments mapped into this process, and the socket that proves the node alive
 /// and takes its commits.
@@ -102,27 +104,44 @@ impl Attachment {
             .collect()
     }
 
-    /// Copies each item's slices into its range, then hands the node the tags. Items whose
-    /// range is refused fail alone; a failed commit fails the batch (the put is revoked).
+    /// Copies each item's slices into its range, checksumming each piece of the caller's bytes
+    /// as it goes (one pass over the value), then hands the node the tags, their checksums
+    /// set to what was copied. `tags` is empty or one per item. An item's value is the
+    /// crc32c of its bytes. Items whose range is refused fail alone; a failed commit fails
+    /// the batch (the put is revoked).
     pub async fn write(
         &self,
         items: Vec<WriteItem<'_>>,
         tags: Vec<ObjectTag>,
         opts: &EngineOptions,
-    ) -> Result<Vec<ItemResult<()>>, TransportError> {
-        let out: Vec<ItemResult<()>> = items
+    ) -> Result<Vec<ItemResult<u32>>, TransportError> {
+        let out: Vec<ItemResult<u32>> = items
             .iter()
             .map(|it| {
                 let dst = self.range(it.op.segment, it.op.offset, it.op.len)?;
                 let mut at = 0;
-                for src in &it.data {
+                let mut crc = 0;
+                for src in it.data.iter().flat_map(|d| d.chunks(COPY_PIECE)) {
                     let part = dst.sub(at, src.len()).ok_or_else(|| {
                         WireError::new(ErrorCode::InvalidArgument, "buffers longer than the op")
                     })?;
                     part.copy_from(src);
+                    // The caller's piece, just read and still in cache; never the shared
+                    // copy, which another process may write.
+                    crc = crc32c::crc32c_append(crc, src);
                     at += src.len();
                 }
-                Ok(())
+                Ok(crc)
+            })
+            .collect();
+        // A failed item's range holds no value: the node is not told of it.
+        let tags: Vec<ObjectTag> = tags
+            .into_iter()
+            .zip(&out)
+            .filter_map(|(tag, r)| {
+                r.as_ref()
+                    .ok()
+                    .map(|&checksum| ObjectTag { checksum, ..tag })
             })
             .collect();
         if !tags.is_empty() {

@@ -85,6 +85,8 @@ pub(super) struct World {
     nodes: Vec<NodeId>,
     /// Copy tasks heartbeat responses delivered (each is delivered once), oldest first.
     pub inbox: Vec<CopyTask>,
+    /// The length of each key's last started put: its value's checksum in these tests.
+    lens: std::collections::HashMap<String, u64>,
 }
 
 impl World {
@@ -98,6 +100,7 @@ impl World {
             now: secs(1),
             nodes: Vec::new(),
             inbox: Vec::new(),
+            lens: Default::default(),
         }
     }
 
@@ -184,9 +187,9 @@ impl World {
         let item = PutStartItem {
             key: key.as_bytes().to_vec(),
             len,
-            checksum: len as u32,
             options,
         };
+        self.lens.insert(key.to_string(), len);
         let mut r = self.core.put_start(
             self.now,
             PutStart {
@@ -208,6 +211,7 @@ impl World {
                 PutEnd {
                     client: c,
                     keys: vec![key.as_bytes().to_vec()],
+                    checksums: vec![self.lens.get(key).copied().unwrap_or(0) as u32],
                 },
             )
             .items

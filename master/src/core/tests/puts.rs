@@ -36,6 +36,49 @@ fn a_put_is_readable_only_after_put_end() {
 }
 
 #[test]
+fn the_checksum_comes_with_put_end_and_a_retry_must_repeat_it() {
+    let mut w = World::new();
+    w.node(1, &[(10, 64 * MIB)]);
+    w.start(A, "k", 1000).unwrap();
+    w.start(A, "j", 1000).unwrap();
+    let end = |w: &mut World, keys: &[&str], checksums: Vec<u32>| {
+        w.core
+            .put_end(
+                w.now,
+                PutEnd {
+                    client: A,
+                    keys: keys.iter().map(|k| k.as_bytes().to_vec()).collect(),
+                    checksums,
+                },
+            )
+            .items
+    };
+    // A count that does not match the keys ends nothing, and says why for every key.
+    let r = end(&mut w, &["k", "j"], vec![5]);
+    assert_eq!(r.len(), 2);
+    for item in r {
+        let e = item.unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument);
+        assert!(
+            e.message.contains("1 checksums for 2 keys"),
+            "{}",
+            e.message
+        );
+    }
+    assert_eq!(code(w.get("k")), ErrorCode::NotFound);
+
+    assert_eq!(end(&mut w, &["k"], vec![0xabcd]), vec![Ok(())]);
+    assert_eq!(w.get("k").unwrap().checksum, 0xabcd);
+    // A retry whose first answer was lost repeats the checksum; another is refused and
+    // changes nothing.
+    assert_eq!(end(&mut w, &["k"], vec![0xabcd]), vec![Ok(())]);
+    let e = end(&mut w, &["k"], vec![0x1234]).remove(0).unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidArgument);
+    assert!(e.message.contains("0x0000abcd"), "{}", e.message);
+    assert_eq!(w.get("k").unwrap().checksum, 0xabcd);
+}
+
+#[test]
 fn bad_put_arguments_are_refused() {
     let mut w = World::new();
     assert_eq!(code(w.start(A, "k", 10)), ErrorCode::NoSegment);
@@ -95,7 +138,6 @@ fn concurrent_put_starts_of_one_key_let_exactly_one_win() {
     let item = |len| PutStartItem {
         key: b"k".to_vec(),
         len,
-        checksum: 0,
         options: PutOptions::default(),
     };
     let r = w.core.put_start(
