@@ -10,7 +10,7 @@ use kvpool_proto::{
     ErrorCode, ItemResult, ObjectTag, PutEnd, PutOptions, PutRevoke, PutStart, PutStartItem,
     PutStartResponse, ReplicaDesc, WireError, WriteOp,
 };
-use kvpool_transport::engine::{Peer, WriteItem};
+use kvpool_transport::engine::{Confirmation, Peer, WriteItem};
 
 use crate::{clone_err, Client, ClientError, Result};
 
@@ -112,7 +112,7 @@ impl Client {
                     .map_err(|e| ClientError::Remote(e.clone()))
             })
             .collect();
-        let written = self.write_replicas(items, &start.items, &allocated).await;
+        let (written, confirmations) = self.write_replicas(items, &start.items, &allocated).await;
         let mut checksums = vec![0; items.len()];
         for ((r, w), crc) in results.iter_mut().zip(written).zip(&mut checksums) {
             if r.is_ok() {
@@ -143,23 +143,51 @@ impl Client {
                 tracing::warn!("revoking {} failed puts: {e}", revoke.len());
             }
         }
-        if !commit.is_empty() {
+        // The commit and the nodes' confirmations of shared-memory copies travel at once: the
+        // caller waits for two round trips (PutStart, then both), not three. A confirmation
+        // that fails after the commit fails the item although the master made it readable:
+        // its bytes were copied before the commit, so a reader gets them or a miss (the
+        // master drops the replicas of a node that stopped answering), never other bytes.
+        let end = async {
+            if commit.is_empty() {
+                return None;
+            }
             let msg = PutEnd {
                 client: self.id,
                 keys: commit.iter().map(|&i| start.items[i].key.clone()).collect(),
                 checksums: commit.iter().map(|&i| checksums[i]).collect(),
             };
-            match self.master_call(&msg).await {
-                Ok(r) => {
-                    for (&i, item) in commit.iter().zip(r.items) {
-                        if let Err(e) = item {
-                            results[i] = Err(ClientError::Remote(e));
-                        }
+            Some(self.master_call(&msg).await)
+        };
+        let confirm = join_all(confirmations.into_iter().map(|c| async move {
+            let res = c.confirmation.await;
+            if res.is_err() {
+                self.engine.forget(c.addr);
+            }
+            (c.owners, res)
+        }));
+        let (ended, confirmed) = tokio::join!(end, confirm);
+        match ended {
+            Some(Ok(r)) => {
+                for (&i, item) in commit.iter().zip(r.items) {
+                    if let Err(e) = item {
+                        results[i] = Err(ClientError::Remote(e));
                     }
                 }
-                Err(e) => {
-                    for &i in &commit {
-                        results[i] = Err(clone_err(&e));
+            }
+            Some(Err(e)) => {
+                for &i in &commit {
+                    results[i] = Err(clone_err(&e));
+                }
+            }
+            None => {}
+        }
+        for (owners, res) in confirmed {
+            if let Err(e) = res {
+                let w = node_failure(&e);
+                for i in owners {
+                    if results[i].is_ok() {
+                        results[i] = Err(ClientError::Remote(w.clone()));
                     }
                 }
             }
@@ -169,14 +197,15 @@ impl Client {
 
     /// Writes every allocated replica, grouped into one batch per node, all nodes at once.
     /// Returns, per item, the crc32c of its bytes as written, or the first write error of any
-    /// of its replicas. Replicas whose checksums differ (the caller changed the buffer while
-    /// it was written) fail the item: no replica may hold other bytes than another.
-    async fn write_replicas(
+    /// of its replicas (replicas whose checksums differ, because the caller changed the
+    /// buffer while it was written, fail the item: no replica may hold other bytes than
+    /// another); and the nodes' confirmations still to await.
+    async fn write_replicas<'a>(
         &self,
         items: &[(&[u8], &[&[u8]])],
         starts: &[PutStartItem],
-        allocated: &[ItemResult<Vec<ReplicaDesc>>],
-    ) -> Vec<ItemResult<u32>> {
+        allocated: &'a [ItemResult<Vec<ReplicaDesc>>],
+    ) -> (Vec<ItemResult<u32>>, Vec<Pending<'a>>) {
         struct NodeBatch<'a> {
             node: kvpool_proto::NodeId,
             owners: Vec<usize>,
@@ -223,16 +252,22 @@ impl Client {
                 addr,
                 node: Some(b.node),
             };
-            let res = self.engine.write(peer, b.writes, b.tags).await;
+            let res = self.engine.write_then_confirm(peer, b.writes, b.tags).await;
             if res.is_err() {
                 self.engine.forget(addr);
             }
-            (owners, res)
+            (addr, owners, res)
         }))
         .await;
-        for (owners, res) in results {
+        let mut pending = Vec::new();
+        for (addr, owners, res) in results {
             match res {
-                Ok(rs) => {
+                Ok((rs, confirmation)) => {
+                    pending.push(Pending {
+                        addr,
+                        owners: owners.clone(),
+                        confirmation,
+                    });
                     for (i, r) in owners.into_iter().zip(rs) {
                         out[i] = match (&out[i], r) {
                             (Err(_), _) => continue,
@@ -250,7 +285,7 @@ impl Client {
                     }
                 }
                 Err(e) => {
-                    let w = WireError::new(e.code(), format!("writing to the storage node: {e}"));
+                    let w = node_failure(&e);
                     for i in owners {
                         if out[i].is_ok() {
                             out[i] = Err(w.clone());
@@ -260,8 +295,22 @@ impl Client {
             }
         }
         // An item with no replica was not allocated; its result is never read.
-        out.into_iter()
+        let out = out
+            .into_iter()
             .map(|r| r.map(Option::unwrap_or_default))
-            .collect()
+            .collect();
+        (out, pending)
     }
+}
+
+/// A node's confirmation of a batch of writes, still to come, and the items it covers.
+struct Pending<'a> {
+    addr: &'a str,
+    owners: Vec<usize>,
+    confirmation: Confirmation,
+}
+
+/// A storage node's failure as an item's error.
+fn node_failure(e: &kvpool_transport::TransportError) -> WireError {
+    WireError::new(e.code(), format!("writing to the storage node: {e}"))
 }

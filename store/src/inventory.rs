@@ -43,6 +43,10 @@ struct Inner {
     /// When the newest heartbeat was sent whose answer carried every notice the master had
     /// for this node.
     heard: Option<Instant>,
+    /// Notices for replicas whose tags have not arrived yet, and when each came: a
+    /// shared-memory put's tags travel to the node while its commit travels to the master,
+    /// so the commit's notice can come first. Kept for [`UNCONFIRMED_GRACE`].
+    early: HashMap<ReplicaId, (CommitNotice, Instant)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -132,24 +136,33 @@ impl Inventory {
             .entry(tag.segment)
             .or_default()
             .insert(tag.offset, tag.replica);
+        let commit = inner.early.remove(&tag.replica).map(|(n, _)| n);
         inner.commits.insert(
             tag.replica,
             Known {
                 landed: Instant::now(),
-                commit: None,
+                commit,
             },
         );
         inner.tags.insert(tag.replica, tag);
     }
 
     /// Applies commit notices from the master: those entries' puts are committed, pinned as
-    /// the notice says. Unknown ids are ignored (freed or overwritten since, or NVMe records,
-    /// which are always committed).
+    /// the notice says. A notice for an unknown id is kept for [`UNCONFIRMED_GRACE`] in case
+    /// its tag is still on its way (a shared-memory put), then dropped (the id was freed or
+    /// overwritten since, or is an NVMe record's, which is always committed).
     pub fn confirm(&self, notices: &[CommitNotice]) {
+        let now = Instant::now();
         let mut inner = self.lock();
+        inner
+            .early
+            .retain(|_, (_, at)| now.duration_since(*at) < UNCONFIRMED_GRACE);
         for n in notices {
-            if let Some(k) = inner.commits.get_mut(&n.replica) {
-                k.commit = Some(*n);
+            match inner.commits.get_mut(&n.replica) {
+                Some(k) => k.commit = Some(*n),
+                None => {
+                    inner.early.insert(n.replica, (*n, now));
+                }
             }
         }
     }
@@ -403,6 +416,34 @@ mod tests {
         let mut again = lost.take();
         again.sort();
         assert_eq!(again, [ReplicaId(1), ReplicaId(2), ReplicaId(3)]);
+    }
+
+    #[test]
+    fn a_commit_notice_that_arrives_before_its_tag_applies_when_the_tag_lands() {
+        let inv = Inventory::new();
+        let notice = |id| CommitNotice {
+            replica: ReplicaId(id),
+            hard_pin: true,
+            soft_pin: false,
+        };
+        inv.confirm(&[notice(5)]);
+        assert_eq!(inv.commit_state(ReplicaId(5)), CommitState::Unconfirmed);
+        inv.record(tag(5, 1, 0, 10, 0));
+        assert_eq!(
+            inv.commit_state(ReplicaId(5)),
+            CommitState::Committed {
+                hard_pin: true,
+                soft_pin: false
+            }
+        );
+        assert!(inv.lock().early.is_empty(), "applied notices are not kept");
+        // A notice whose tag never comes is dropped once the grace has passed.
+        inv.confirm(&[notice(6)]);
+        inv.lock().early.get_mut(&ReplicaId(6)).unwrap().1 -= UNCONFIRMED_GRACE;
+        inv.confirm(&[]);
+        assert!(inv.lock().early.is_empty());
+        inv.record(tag(6, 1, 10, 10, 0));
+        assert_eq!(inv.commit_state(ReplicaId(6)), CommitState::Unconfirmed);
     }
 
     #[test]

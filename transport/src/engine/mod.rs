@@ -124,6 +124,10 @@ impl<'a> ReadItem<'a> {
     }
 }
 
+/// A storage node's confirmation of a write, still to come (see
+/// [`TransferEngine::write_then_confirm`]).
+pub type Confirmation = futures::future::BoxFuture<'static, Result<(), TransportError>>;
+
 /// A request's chunks, given back, and its per-op results, or its failure.
 type RequestOutcome<P, T> = (Vec<Chunk<P>>, Result<Vec<ItemResult<T>>, TransportError>);
 
@@ -258,8 +262,25 @@ impl TransferEngine {
         &self,
         peer: impl Into<Peer<'_>>,
         items: Vec<WriteItem<'_>>,
-        mut tags: Vec<ObjectTag>,
+        tags: Vec<ObjectTag>,
     ) -> Result<Vec<ItemResult<u32>>, TransportError> {
+        let (results, confirmation) = self.write_then_confirm(peer, items, tags).await?;
+        confirmation.await?;
+        Ok(results)
+    }
+
+    /// [`TransferEngine::write`], returning as soon as the bytes are in place, with the node's
+    /// confirmation still to await: over shared memory the node hears of the bytes (their
+    /// tags) only after the copy, so a caller can commit at the master while the node's
+    /// answer is on its way (one round trip fewer); over TCP and RDMA the node's answer came
+    /// with the write and the confirmation is ready. Until the confirmation resolves `Ok`
+    /// the node may not know the bytes: a failed confirmation fails the whole batch.
+    pub async fn write_then_confirm(
+        &self,
+        peer: impl Into<Peer<'_>>,
+        items: Vec<WriteItem<'_>>,
+        mut tags: Vec<ObjectTag>,
+    ) -> Result<(Vec<ItemResult<u32>>, Confirmation), TransportError> {
         if !tags.is_empty() && tags.len() != items.len() {
             return Err(TransportError::Protocol(format!(
                 "{} tags for {} writes",
@@ -272,9 +293,24 @@ impl TransferEngine {
             // All or nothing: clients write DRAM segments only, which are all shared.
             if items.iter().all(|it| att.covers(it.op.segment)) {
                 // Checksummed piece by piece as the bytes are copied.
-                return att.write(items, tags, &self.opts).await;
+                let results = att.copy_in(&items);
+                // A failed item's range holds no value: the node is not told of it.
+                let tags: Vec<ObjectTag> = tags
+                    .into_iter()
+                    .zip(&results)
+                    .filter_map(|(tag, r)| {
+                        r.as_ref()
+                            .ok()
+                            .map(|&checksum| ObjectTag { checksum, ..tag })
+                    })
+                    .collect();
+                let (limits, timeout) = (self.opts.limits, self.opts.io_timeout);
+                let confirmation =
+                    Box::pin(async move { att.commit(tags, &limits, timeout).await });
+                return Ok((results, confirmation));
             }
         }
+        let done: Confirmation = Box::pin(std::future::ready(Ok(())));
         // Sent from the caller's memory: the tags go before the bytes, so the checksums are
         // computed first.
         let crcs: Vec<u32> = items
@@ -291,14 +327,14 @@ impl TransferEngine {
         let items = match self.opts.transport {
             TransportMode::Auto | TransportMode::Rdma => {
                 match self.rdma.write(peer.addr, items, &tags, &self.opts).await? {
-                    Via::Done(results) => return Ok(with_values(results, &crcs)),
+                    Via::Done(results) => return Ok((with_values(results, &crcs), done)),
                     Via::Tcp(items) => items,
                 }
             }
             _ => items,
         };
         let results = self.write_tcp(peer.addr, items, tags).await?;
-        Ok(with_values(results, &crcs))
+        Ok((with_values(results, &crcs), done))
     }
 
     async fn write_tcp(

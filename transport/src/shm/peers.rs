@@ -12,8 +12,8 @@ use std::{
 };
 
 use kvpool_proto::{
-    ErrorCode, FrameHeader, ItemResult, NodeId, ObjectTag, SegmentId, ShmAttach, ShmAttachResponse,
-    ShmCommit, ShmInfo, ShmInfoResponse, UnitResponse, WireError, HEADER_LEN,
+    ErrorCode, FrameHeader, FrameLimits, ItemResult, NodeId, ObjectTag, SegmentId, ShmAttach,
+    ShmAttachResponse, ShmCommit, ShmInfo, ShmInfoResponse, UnitResponse, WireError, HEADER_LEN,
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt},
@@ -105,17 +105,11 @@ impl Attachment {
     }
 
     /// Copies each item's slices into its range, checksumming each piece of the caller's bytes
-    /// as it goes (one pass over the value), then hands the node the tags, their checksums
-    /// set to what was copied. `tags` is empty or one per item. An item's value is the
-    /// crc32c of its bytes. Items whose range is refused fail alone; a failed commit fails
-    /// the batch (the put is revoked).
-    pub async fn write(
-        &self,
-        items: Vec<WriteItem<'_>>,
-        tags: Vec<ObjectTag>,
-        opts: &EngineOptions,
-    ) -> Result<Vec<ItemResult<u32>>, TransportError> {
-        let out: Vec<ItemResult<u32>> = items
+    /// as it goes (one pass over the value). An item's value is the crc32c of its bytes;
+    /// items whose range is refused fail alone. The node does not know of the bytes until
+    /// [`Attachment::commit`] hands it their tags.
+    pub fn copy_in(&self, items: &[WriteItem<'_>]) -> Vec<ItemResult<u32>> {
+        items
             .iter()
             .map(|it| {
                 let dst = self.range(it.op.segment, it.op.offset, it.op.len)?;
@@ -133,39 +127,39 @@ impl Attachment {
                 }
                 Ok(crc)
             })
-            .collect();
-        // A failed item's range holds no value: the node is not told of it.
-        let tags: Vec<ObjectTag> = tags
-            .into_iter()
-            .zip(&out)
-            .filter_map(|(tag, r)| {
-                r.as_ref()
-                    .ok()
-                    .map(|&checksum| ObjectTag { checksum, ..tag })
-            })
-            .collect();
-        if !tags.is_empty() {
-            // The bytes are in the node's memory; the node learns what they are (its
-            // inventory), and the round trip proves it was alive after the copy.
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let mut ctl = self.ctl.lock().await;
-            let fut = async {
-                ctl.write_all(&frame::encode_request(id, &ShmCommit { tags }, 0))
-                    .await?;
-                let r: UnitResponse = read_reply(&mut *ctl, id, opts).await?;
-                Ok::<_, TransportError>(r)
-            };
-            let r = tokio::time::timeout(opts.io_timeout, fut)
-                .await
-                .map_err(|_| TransportError::Timeout {
-                    op: "shm commit",
-                    after: opts.io_timeout,
-                })??;
-            if let Some(Err(e)) = r.items.into_iter().find(|r| r.is_err()) {
-                return Err(TransportError::Remote(e));
-            }
+            .collect()
+    }
+
+    /// Hands the node the tags of bytes [`Attachment::copy_in`] copied (its inventory), and
+    /// waits for its answer, which proves the node alive after the copy. Any refusal fails
+    /// the whole commit.
+    pub async fn commit(
+        &self,
+        tags: Vec<ObjectTag>,
+        limits: &FrameLimits,
+        io_timeout: Duration,
+    ) -> Result<(), TransportError> {
+        if tags.is_empty() {
+            return Ok(());
         }
-        Ok(out)
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut ctl = self.ctl.lock().await;
+        let fut = async {
+            ctl.write_all(&frame::encode_request(id, &ShmCommit { tags }, 0))
+                .await?;
+            let r: UnitResponse = read_reply(&mut *ctl, id, limits).await?;
+            Ok::<_, TransportError>(r)
+        };
+        let r = tokio::time::timeout(io_timeout, fut).await.map_err(|_| {
+            TransportError::Timeout {
+                op: "shm commit",
+                after: io_timeout,
+            }
+        })??;
+        match r.items.into_iter().find(|r| r.is_err()) {
+            Some(Err(e)) => Err(TransportError::Remote(e)),
+            _ => Ok(()),
+        }
     }
 
     fn range(
@@ -307,7 +301,7 @@ async fn shm_info(
     hello(&mut s, opts).await?;
     s.write_all(&frame::encode_request(1, &ShmInfo {}, 0))
         .await?;
-    match read_reply::<_, ShmInfoResponse>(&mut s, 1, opts).await {
+    match read_reply::<_, ShmInfoResponse>(&mut s, 1, &opts.limits).await {
         Ok(r) => Ok(Some(r)),
         Err(TransportError::Remote(w)) if w.code == ErrorCode::UnknownOpcode => Ok(None),
         Err(e) => Err(e),
@@ -399,9 +393,9 @@ async fn hello<S: AsyncRead + AsyncWrite + Unpin>(
 async fn read_reply<S: AsyncRead + Unpin, T: serde::de::DeserializeOwned>(
     s: &mut S,
     id: u64,
-    opts: &EngineOptions,
+    limits: &FrameLimits,
 ) -> Result<T, TransportError> {
-    let h = frame::read_header(s, &opts.limits)
+    let h = frame::read_header(s, limits)
         .await?
         .ok_or(TransportError::Closed)?;
     if !h.is_response() || h.request_id != id || h.payload_len != 0 {
