@@ -7,7 +7,11 @@
 //! libibverbs objects may be used from any thread (the library locks internally), which is
 //! what the `Send`/`Sync` impls below rely on.
 
-use std::{ffi::CStr, io, ptr, sync::Arc};
+use std::{
+    ffi::CStr,
+    io, ptr,
+    sync::{Arc, OnceLock},
+};
 
 use ibverbs_sys as ffi;
 
@@ -36,6 +40,25 @@ fn check(call: &'static str, rc: i32) -> Result<(), RdmaError> {
     }
 }
 
+/// Makes registered memory safe across `fork()` (Python's `multiprocessing`, a shell-out):
+/// `ibv_fork_init` once per process, before any other verbs call, as libibverbs requires.
+/// Without it a child's copy-on-write of a pinned page can leave the device writing to memory
+/// the parent no longer sees. A failure is not fatal (kernels that copy pinned pages on fork
+/// need nothing): it is logged and the device used anyway. Returns the first call's outcome.
+pub(crate) fn fork_safe() -> &'static Result<(), String> {
+    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+    DONE.get_or_init(|| {
+        // SAFETY: takes no arguments; called once, before this process's first other verbs
+        // call (every verbs call starts with `Context::open`, which calls this first).
+        let rc = unsafe { ffi::ibv_fork_init() };
+        let r = check("ibv_fork_init", rc).map_err(|e| e.to_string());
+        if let Err(why) = &r {
+            tracing::warn!("RDMA memory is not fork-safe in this process: {why}");
+        }
+        r
+    })
+}
+
 /// An open device.
 pub(crate) struct Context {
     ctx: *mut ffi::ibv_context,
@@ -51,6 +74,7 @@ impl Context {
     /// Opens the device called `name`, or the first one. No device (or no kernel support for
     /// RDMA at all) is [`RdmaError::Unavailable`].
     pub fn open(name: Option<&str>) -> Result<Context, RdmaError> {
+        let _ = fork_safe();
         let mut n = 0i32;
         // SAFETY: `n` is a valid out-pointer; the list is freed below on every path.
         let list = unsafe { ffi::ibv_get_device_list(&mut n) };
@@ -616,6 +640,19 @@ mod tests {
             assert_eq!(mtu_bytes(mtu_enum(bytes)), bytes);
         }
         assert_eq!(mtu_bytes(ffi::IBV_MTU_1024), 1024);
+    }
+
+    #[test]
+    fn fork_safety_is_set_up_once_before_any_device_is_opened() {
+        // Runs without a device: `ibv_fork_init` is the library's own either way.
+        let first = fork_safe();
+        let _ = Context::open(None);
+        assert!(std::ptr::eq(first, fork_safe()), "called once per process");
+        // SAFETY: takes no arguments; only reads the library's state.
+        let status = unsafe { ffi::ibv_is_fork_initialized() };
+        if first.is_ok() {
+            assert_ne!(status, ffi::IBV_FORK_DISABLED, "{first:?}");
+        }
     }
 
     #[test]
