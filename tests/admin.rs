@@ -104,7 +104,7 @@ fn keys_inspect_and_rm_by_prefix() {
     let text = ok(&["inspect", "run/a"], &m);
     assert!(text.contains("state     complete"), "{text}");
     assert!(text.contains("size      5B (5 bytes)"), "{text}");
-    let crc = format!("{:08x}", crc32c::crc32c(b"run/a"));
+    let crc = format!("{:08x}", kvpool_proto::crc32c::crc32c(b"run/a"));
     assert!(text.contains(&format!("checksum  crc32c {crc}")), "{text}");
     assert!(text.contains("pin       none"), "{text}");
     assert!(text.contains("reads     1"), "{text}");
@@ -119,7 +119,10 @@ fn keys_inspect_and_rm_by_prefix() {
     let doc = json(&["inspect", "run/b"], &m);
     assert_eq!(doc["key"], "run/b");
     assert_eq!(doc["size"], 5);
-    assert_eq!(doc["checksum"], format!("{:08x}", crc32c::crc32c(b"run/b")));
+    assert_eq!(
+        doc["checksum"],
+        format!("{:08x}", kvpool_proto::crc32c::crc32c(b"run/b"))
+    );
     assert_eq!(doc["lease_left_ms"], 0, "inspect takes no lease");
     assert_eq!(
         (doc["hard_pin"].as_bool(), doc["reads"].as_u64()),

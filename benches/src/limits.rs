@@ -71,7 +71,7 @@ fn crc32c_gbps(time: Duration) -> f64 {
     let start = Instant::now();
     let mut passes = 0u64;
     while passes < 4 || start.elapsed() < time {
-        black_box(crc32c::crc32c(black_box(&buf)));
+        black_box(kvpool_proto::crc32c::crc32c(black_box(&buf)));
         passes += 1;
     }
     gbps(passes * BIG_BUF as u64, start.elapsed())

@@ -291,7 +291,7 @@ fn main() -> Result<()> {
             .iter()
             .map(|&n| {
                 let v: Vec<u8> = (0..n).map(|_| rand::random::<u8>()).collect();
-                let crc = crc32c::crc32c(&v);
+                let crc = kvpool_proto::crc32c::crc32c(&v);
                 (v, crc)
             })
             .collect(),

@@ -18,7 +18,7 @@ pub fn frame_header(data: &[u8]) {
     check_header(&b, &limits);
     // Magic, version and checksum fixed up: every field's validation is reached.
     b[0..3].copy_from_slice(&FrameHeader::request(0, 0, 0, 0).encode()[0..3]);
-    let crc = crc32c::crc32c(&b[0..28]);
+    let crc = kvpool_proto::crc32c::crc32c(&b[0..28]);
     b[28..32].copy_from_slice(&crc.to_le_bytes());
     check_header(&b, &limits);
 }

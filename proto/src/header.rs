@@ -127,7 +127,7 @@ impl FrameHeader {
         b[8..16].copy_from_slice(&self.request_id.to_le_bytes());
         b[16..20].copy_from_slice(&self.body_len.to_le_bytes());
         b[20..28].copy_from_slice(&self.payload_len.to_le_bytes());
-        let crc = crc32c::crc32c(&b[0..28]);
+        let crc = crate::crc32c::crc32c(&b[0..28]);
         b[28..32].copy_from_slice(&crc.to_le_bytes());
         b
     }
@@ -144,7 +144,7 @@ impl FrameHeader {
             return Err(HeaderError::UnsupportedVersion(b[2]));
         }
         let want = u32::from_le_bytes([b[28], b[29], b[30], b[31]]);
-        if crc32c::crc32c(&b[0..28]) != want {
+        if crate::crc32c::crc32c(&b[0..28]) != want {
             return Err(HeaderError::BadChecksum);
         }
         let h = FrameHeader {

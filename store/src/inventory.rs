@@ -486,11 +486,23 @@ mod tests {
         seg.range(0, a.len() as u64).unwrap().copy_from(a);
         seg.range(100, b.len() as u64).unwrap().copy_from(b);
         let inv = Inventory::new();
-        inv.record(tag(1, 7, 0, a.len() as u64, crc32c::crc32c(a)));
-        inv.record(tag(2, 7, 100, b.len() as u64, crc32c::crc32c(b)));
+        inv.record(tag(
+            1,
+            7,
+            0,
+            a.len() as u64,
+            kvpool_proto::crc32c::crc32c(a),
+        ));
+        inv.record(tag(
+            2,
+            7,
+            100,
+            b.len() as u64,
+            kvpool_proto::crc32c::crc32c(b),
+        ));
         // A tag for a segment this node does not serve, and one whose write never happened.
         inv.record(tag(3, 8, 0, 4, 0));
-        inv.record(tag(4, 7, 200, 4, crc32c::crc32c(b"nope")));
+        inv.record(tag(4, 7, 200, 4, kvpool_proto::crc32c::crc32c(b"nope")));
         let report = inv.report(std::slice::from_ref(&seg));
         assert_eq!(
             report.iter().map(|e| e.replica.0).collect::<Vec<_>>(),

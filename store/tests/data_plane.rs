@@ -340,7 +340,7 @@ async fn tags_build_an_inventory_that_drops_overwritten_objects() {
         [1, 2]
     );
     assert_eq!(report[0].key, b"k1");
-    assert_eq!(report[1].checksum, crc32c::crc32c(&b));
+    assert_eq!(report[1].checksum, kvpool_proto::crc32c::crc32c(&b));
 
     // Space of a reused without a tag (the new writer's tag went on another connection):
     // a's bytes no longer match, so it is dropped from the report.

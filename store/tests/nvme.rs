@@ -123,10 +123,10 @@ async fn write_a_and_b(cfg: &NvmeConfig, a: &[u8], b: &[u8]) -> (u64, u64) {
     let mut l = Layout { next: 0 };
     let (at_a, at_b) = (l.place(b"a", a.len()), l.place(b"b", b.len()));
     let (tier, _) = open(cfg);
-    tier.write_record(at_a, 1, b"a", a, crc32c::crc32c(a))
+    tier.write_record(at_a, 1, b"a", a, kvpool_proto::crc32c::crc32c(a))
         .await
         .unwrap();
-    tier.write_record(at_b, 2, b"b", b, crc32c::crc32c(b))
+    tier.write_record(at_b, 2, b"b", b, kvpool_proto::crc32c::crc32c(b))
         .await
         .unwrap();
     (at_a, at_b)
@@ -166,14 +166,14 @@ async fn round_trip_at_several_sizes(engine: IoEngineKind) {
         let key = format!("key-{i}-{len}").into_bytes();
         let v = pattern(i as u64, len);
         let at = l.place(&key, len);
-        tier.write_record(at, i as u64 + 1, &key, &v, crc32c::crc32c(&v))
+        tier.write_record(at, i as u64 + 1, &key, &v, kvpool_proto::crc32c::crc32c(&v))
             .await
             .unwrap();
         placed.push((at, key, v));
     }
     // A value that does not match its checksum never reaches the extent, whatever its size.
     for (at, key, v) in &placed {
-        let crc = crc32c::crc32c(v) ^ 1;
+        let crc = kvpool_proto::crc32c::crc32c(v) ^ 1;
         let e = tier.write_record(*at, 99, key, v, crc).await.unwrap_err();
         assert_eq!(e.code(), ErrorCode::ChecksumMismatch, "{e}");
     }
@@ -234,7 +234,7 @@ async fn reopen_finds_records_and_serves_them(engine: IoEngineKind) {
     {
         let (tier, _) = open(&cfg);
         for (i, (at, key, v)) in vals.iter().enumerate() {
-            tier.write_record(*at, 100 + i as u64, key, v, crc32c::crc32c(v))
+            tier.write_record(*at, 100 + i as u64, key, v, kvpool_proto::crc32c::crc32c(v))
                 .await
                 .unwrap();
         }
@@ -253,7 +253,7 @@ async fn reopen_finds_records_and_serves_them(engine: IoEngineKind) {
         let i = (r.replica - 100) as usize;
         let (at, key, v) = &vals[i];
         assert_eq!((r.offset, &r.key, r.value_len), (*at, key, v.len() as u64));
-        assert_eq!(r.checksum, crc32c::crc32c(v));
+        assert_eq!(r.checksum, kvpool_proto::crc32c::crc32c(v));
         assert_eq!(r.value_start(), at + value_offset(key.len()));
         let got = tier
             .read_value(r.offset, r.key.len(), r.value_len, (0, r.value_len))
@@ -271,7 +271,7 @@ async fn corrupt_value_is_detected_and_dropped(engine: IoEngineKind) {
     let v = pattern(7, 300_000);
     {
         let (tier, _) = open(&cfg);
-        tier.write_record(0, 1, key, &v, crc32c::crc32c(&v))
+        tier.write_record(0, 1, key, &v, kvpool_proto::crc32c::crc32c(&v))
             .await
             .unwrap();
     }
@@ -332,7 +332,7 @@ async fn tier_too_small_and_bad_requests_are_refused(engine: IoEngineKind) {
     let (tier, _) = open(&cfg);
     assert_eq!(tier.capacity(), 8192);
     let one = [7u8];
-    let crc = crc32c::crc32c(&one);
+    let crc = kvpool_proto::crc32c::crc32c(&one);
     tier.write_record(0, 1, b"k", &one, crc).await.unwrap();
     let e = tier
         .write_record(4096, 2, b"k", &one, crc)
@@ -342,7 +342,7 @@ async fn tier_too_small_and_bad_requests_are_refused(engine: IoEngineKind) {
     assert!(e.to_string().contains("does not fit"), "{e}");
     let big = pattern(1, 8192);
     let e = tier
-        .write_record(0, 3, b"k", &big, crc32c::crc32c(&big))
+        .write_record(0, 3, b"k", &big, kvpool_proto::crc32c::crc32c(&big))
         .await
         .unwrap_err();
     assert_eq!(e.code(), ErrorCode::OutOfRange, "{e}");
@@ -372,11 +372,11 @@ async fn overlapping_record_replaces_the_old_one(engine: IoEngineKind) {
     let cfg = config(&dir, 8 << 20, engine);
     let (tier, _) = open(&cfg);
     let a = pattern(1, 20_000);
-    tier.write_record(0, 1, b"a", &a, crc32c::crc32c(&a))
+    tier.write_record(0, 1, b"a", &a, kvpool_proto::crc32c::crc32c(&a))
         .await
         .unwrap();
     let b = pattern(2, 10);
-    tier.write_record(8192, 2, b"b", &b, crc32c::crc32c(&b))
+    tier.write_record(8192, 2, b"b", &b, kvpool_proto::crc32c::crc32c(&b))
         .await
         .unwrap();
     assert!(tier.get(1).is_none(), "overwritten");
@@ -399,7 +399,7 @@ async fn concurrent_writes_are_all_committed(engine: IoEngineKind) {
         let writes = items.iter().enumerate().map(|(i, (at, k, v))| {
             let tier = &tier;
             async move {
-                tier.write_record(*at, i as u64, k, v, crc32c::crc32c(v))
+                tier.write_record(*at, i as u64, k, v, kvpool_proto::crc32c::crc32c(v))
                     .await
             }
         });
@@ -480,9 +480,9 @@ async fn device_faults_mark_the_tier_unhealthy(engine: IoEngineKind) {
     let dir = test_dir("faults", engine);
     let cfg = config(&dir, 8 << 20, engine);
     let acked = pattern(9, 50_000);
-    let crc = crc32c::crc32c(&acked);
+    let crc = kvpool_proto::crc32c::crc32c(&acked);
     let other = pattern(10, 1000);
-    let other_crc = crc32c::crc32c(&other);
+    let other_crc = kvpool_proto::crc32c::crc32c(&other);
     let at = record_len(1, acked.len() as u64);
     for (mode, code) in [
         (WRITE_EIO, ErrorCode::Io),
@@ -571,7 +571,7 @@ async fn block_device_round_trip(engine: IoEngineKind) {
         IoEngineKind::Psync => 8 << 20,
     };
     let v = pattern(5, 3 << 20);
-    let crc = crc32c::crc32c(&v);
+    let crc = kvpool_proto::crc32c::crc32c(&v);
     let capacity = {
         let (tier, recs) = open(&cfg);
         assert!(recs.is_empty());

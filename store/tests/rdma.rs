@@ -185,7 +185,7 @@ async fn auto_falls_back_and_shows_the_transport_it_used() {
             data: vec![a, b],
         };
         let r = within("write", e.write(addr.as_str(), vec![put], vec![tag])).await;
-        assert_eq!(r.unwrap(), vec![Ok(crc32c::crc32c(&data))]);
+        assert_eq!(r.unwrap(), vec![Ok(kvpool_proto::crc32c::crc32c(&data))]);
         let mut back = vec![0u8; data.len()];
         let get = ReadItem::new(
             ReadOp {
@@ -196,7 +196,7 @@ async fn auto_falls_back_and_shows_the_transport_it_used() {
             &mut back,
         );
         let r = within("read", e.read(addr.as_str(), vec![get])).await;
-        assert_eq!(r.unwrap(), vec![Ok(crc32c::crc32c(&data))]);
+        assert_eq!(r.unwrap(), vec![Ok(kvpool_proto::crc32c::crc32c(&data))]);
         assert!(back == data, "read back different bytes");
         assert!(node.node().inventory().get(ReplicaId(11)).is_some());
         // What was used, and what a status display would show: never rdma without a device.
@@ -292,7 +292,7 @@ async fn registered_buffers_are_recorded_and_transfers_from_them_work_anywhere()
         &data,
     );
     let r = within("write", e.write(addr.as_str(), vec![put], vec![])).await;
-    assert_eq!(r.unwrap(), vec![Ok(crc32c::crc32c(&data))]);
+    assert_eq!(r.unwrap(), vec![Ok(kvpool_proto::crc32c::crc32c(&data))]);
     let seen = node.node().segments()[0]
         .range(65536, data.len() as u64)
         .unwrap()
@@ -339,7 +339,7 @@ async fn over_a_device_puts_and_gets_go_over_rdma() {
         e.write(addr.as_str(), vec![put], vec![tag.clone()]),
     )
     .await;
-    assert_eq!(r.unwrap(), vec![Ok(crc32c::crc32c(&data))]);
+    assert_eq!(r.unwrap(), vec![Ok(kvpool_proto::crc32c::crc32c(&data))]);
     assert_eq!(e.transport_to(&addr), "rdma");
     assert_eq!(node.node().inventory().get(ReplicaId(21)), Some(tag));
     let seen = node.node().segments()[0]
@@ -358,7 +358,7 @@ async fn over_a_device_puts_and_gets_go_over_rdma() {
         dst: vec![a, b],
     };
     let r = within("rdma read", e.read(addr.as_str(), vec![get])).await;
-    assert_eq!(r.unwrap(), vec![Ok(crc32c::crc32c(&data))]);
+    assert_eq!(r.unwrap(), vec![Ok(kvpool_proto::crc32c::crc32c(&data))]);
     assert!(back == data, "read back different bytes");
     assert!(e.unregister_buffer(data.as_ptr() as u64).unwrap());
     node.shutdown().await;

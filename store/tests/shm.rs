@@ -94,7 +94,10 @@ async fn puts_and_gets_go_through_the_mapping_and_commits_fill_the_inventory() {
         dst: vec![x, y],
     };
     let crc = within("shm read", e.read(peer, vec![get])).await.unwrap();
-    assert_eq!(crc[0].as_ref().unwrap(), &crc32c::crc32c(&data));
+    assert_eq!(
+        crc[0].as_ref().unwrap(),
+        &kvpool_proto::crc32c::crc32c(&data)
+    );
     assert!(back == data, "bytes differ");
     // Out-of-range ranges fail alone, as over TCP.
     let mut one = [0u8];

@@ -115,7 +115,7 @@ impl SharedRange {
             let n = CRC_SCRATCH.min(self.len - at);
             if let Some(part) = self.sub(at, n) {
                 part.copy_to(&mut scratch[..n]);
-                crc = crc32c::crc32c_append(crc, &scratch[..n]);
+                crc = kvpool_proto::crc32c::crc32c_append(crc, &scratch[..n]);
             }
             at += n;
         }
@@ -167,7 +167,7 @@ mod tests {
         assert_eq!(back, src);
         assert_eq!(
             r.sub(1000, src.len()).unwrap().crc32c(),
-            crc32c::crc32c(&src)
+            kvpool_proto::crc32c::crc32c(&src)
         );
         assert!(r.sub(99_999, 2).is_none());
         assert!(r.sub(usize::MAX, 2).is_none());

@@ -35,7 +35,9 @@ impl MasterCore {
         if ring.is_empty() {
             return out;
         }
-        let spread = self.rotor.wrapping_add(u64::from(crc32c::crc32c(key)));
+        let spread = self
+            .rotor
+            .wrapping_add(u64::from(kvpool_proto::crc32c::crc32c(key)));
         let start = (spread % ring.len() as u64) as usize;
         self.rotor = self.rotor.wrapping_add(1);
         for i in 0..ring.len() {

@@ -75,7 +75,7 @@ pub fn object_tag(replica: u64, key: &str, seg: SegmentId, offset: u64, data: &[
         segment: seg,
         offset,
         len: data.len() as u64,
-        checksum: crc32c::crc32c(data),
+        checksum: kvpool_proto::crc32c::crc32c(data),
     }
 }
 

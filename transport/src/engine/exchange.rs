@@ -114,7 +114,7 @@ impl<'a> Exchange<&'a mut [u8]> for Read {
                     Ok(if opts.checksum_reads {
                         c.bufs
                             .iter()
-                            .fold(0, |crc, b| crc32c::crc32c_append(crc, b))
+                            .fold(0, |crc, b| kvpool_proto::crc32c::crc32c_append(crc, b))
                     } else {
                         0
                     })
@@ -335,8 +335,8 @@ mod tests {
             let crc = c
                 .bufs
                 .iter()
-                .fold(0, |crc, b| crc32c::crc32c_append(crc, b));
-            assert_eq!(crc, crc32c::crc32c(&all));
+                .fold(0, |crc, b| kvpool_proto::crc32c::crc32c_append(crc, b));
+            assert_eq!(crc, kvpool_proto::crc32c::crc32c(&all));
             drop(c);
             assert!(dst == all, "bytes differ");
             let mut small = vec![0u8; tail.len()];

@@ -318,7 +318,7 @@ impl TransferEngine {
             .map(|it| {
                 it.data
                     .iter()
-                    .fold(0, |crc, d| crc32c::crc32c_append(crc, d))
+                    .fold(0, |crc, d| kvpool_proto::crc32c::crc32c_append(crc, d))
             })
             .collect();
         for (tag, crc) in tags.iter_mut().zip(&crcs) {
@@ -489,7 +489,7 @@ impl TransferEngine {
             if checksum {
                 *crc = match c.seq {
                     0 => chunk_crc,
-                    _ => crc32c::crc32c_combine(*crc, chunk_crc, c.len),
+                    _ => kvpool_proto::crc32c::crc32c_combine(*crc, chunk_crc, c.len),
                 };
             }
         };

@@ -94,7 +94,7 @@ impl Attachment {
                         })?;
                         part.copy_to(piece);
                         if checksum {
-                            crc = crc32c::crc32c_append(crc, piece);
+                            crc = kvpool_proto::crc32c::crc32c_append(crc, piece);
                         }
                         at += piece.len();
                     }
@@ -122,7 +122,7 @@ impl Attachment {
                     part.copy_from(src);
                     // The caller's piece, just read and still in cache; never the shared
                     // copy, which another process may write.
-                    crc = crc32c::crc32c_append(crc, src);
+                    crc = kvpool_proto::crc32c::crc32c_append(crc, src);
                     at += src.len();
                 }
                 Ok(crc)

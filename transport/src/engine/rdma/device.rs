@@ -372,7 +372,7 @@ impl RdmaPath {
                     true => it
                         .dst
                         .iter()
-                        .fold(0, |crc, d| crc32c::crc32c_append(crc, d)),
+                        .fold(0, |crc, d| kvpool_proto::crc32c::crc32c_append(crc, d)),
                     false => 0,
                 })
             })
