@@ -6,7 +6,6 @@
 //! drops the entry and is done again through the master.
 
 use std::{
-    collections::HashMap,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -275,31 +274,42 @@ impl Client {
     async fn fetch(&self, found: &[&Located], mut dests: Vec<Vec<&mut [u8]>>) -> Vec<Result<()>> {
         let n = found.len();
         let infos: Vec<&ObjectInfo> = found.iter().map(|l| &*l.info).collect();
-        let orders: Vec<Vec<usize>> = infos.iter().map(|info| self.replica_order(info)).collect();
         let mut done: Vec<Option<Result<()>>> = (0..n).map(|_| None).collect();
         let mut last_err: Vec<Option<ClientError>> = (0..n).map(|_| None).collect();
-        let rounds = orders.iter().map(Vec::len).max().unwrap_or(0);
+        let rounds = infos.iter().map(|i| i.replicas.len()).max().unwrap_or(0);
+        // Per item, this round's outcome: its crc32c over all its parts in order, or why not.
+        let mut outcome: Vec<Option<std::result::Result<u32, ClientError>>> =
+            (0..n).map(|_| None).collect();
 
         for round in 0..rounds {
             // Per address, and whether checked: the item of each read, the reads, the
-            // replicas they must still hold (checked reads only).
+            // replicas they must still hold (checked reads only). A batch's keys sit on a
+            // few nodes, so a short list searched in place beats hashing an address per key.
             type Batch<'b> = (
                 Vec<usize>,
                 Vec<ReadItem<'b>>,
                 Option<NodeId>,
                 Vec<ReplicaId>,
             );
-            let mut by_addr: HashMap<(&str, bool), Batch<'_>> = HashMap::new();
+            let mut by_addr: Vec<((&str, bool), Batch<'_>)> = Vec::new();
             for (i, parts) in dests.iter_mut().enumerate() {
                 if done[i].is_some() {
                     continue;
                 }
-                let Some(&ri) = orders[i].get(round) else {
+                let Some(ri) = self.replica_at(infos[i], round) else {
                     continue;
                 };
                 let r = &infos[i].replicas[ri];
                 let checked = found[i].cached;
-                let batch = by_addr.entry((r.addr.as_str(), checked)).or_default();
+                let at = (r.addr.as_str(), checked);
+                let slot = match by_addr.iter().position(|(a, _)| *a == at) {
+                    Some(slot) => slot,
+                    None => {
+                        by_addr.push((at, Batch::default()));
+                        by_addr.len() - 1
+                    }
+                };
+                let batch = &mut by_addr[slot].1;
                 batch.2 = Some(r.node);
                 if checked {
                     batch.3.push(r.id);
@@ -334,56 +344,40 @@ impl Client {
                 },
             ))
             .await;
-            let mut round_err: HashMap<usize, ClientError> = HashMap::new();
-            // Each item's crc32c, over all its parts in order.
-            let mut crcs: HashMap<usize, u32> = HashMap::new();
-            let mut tried: Vec<usize> = Vec::new();
+            // Each waiting item had one read this round, in one batch.
             for (owners, res) in results {
                 match res {
                     Ok(items) => {
                         for (i, r) in owners.into_iter().zip(items) {
-                            tried.push(i);
-                            match r {
-                                Ok(crc) => {
-                                    crcs.insert(i, crc);
-                                }
-                                Err(e) => {
-                                    round_err.entry(i).or_insert(ClientError::Remote(e));
-                                }
-                            }
+                            outcome[i] = Some(r.map_err(ClientError::Remote));
                         }
                     }
                     Err(e) => {
                         for i in owners {
-                            tried.push(i);
-                            round_err.entry(i).or_insert_with(|| {
-                                ClientError::Remote(kvpool_proto::WireError::new(
-                                    e.code(),
-                                    e.to_string(),
-                                ))
-                            });
+                            outcome[i] = Some(Err(ClientError::Remote(
+                                kvpool_proto::WireError::new(e.code(), e.to_string()),
+                            )));
                         }
                     }
                 }
             }
-            tried.sort_unstable();
-            tried.dedup();
-            for i in tried {
-                if let Some(e) = round_err.remove(&i) {
-                    last_err[i] = Some(e);
-                    continue;
-                }
-                if self.cfg.verify_checksum {
-                    let got = crcs.get(&i).copied().unwrap_or(0);
-                    if got != infos[i].checksum {
-                        // A torn read (space reused after eviction) or corruption: another
-                        // replica may still be good.
-                        last_err[i] = Some(ClientError::ChecksumMismatch {
-                            want: infos[i].checksum,
-                            got,
-                        });
+            for (i, o) in outcome.iter_mut().enumerate() {
+                let crc = match o.take() {
+                    None => continue,
+                    Some(Err(e)) => {
+                        last_err[i] = Some(e);
                         continue;
                     }
+                    Some(Ok(crc)) => crc,
+                };
+                if self.cfg.verify_checksum && crc != infos[i].checksum {
+                    // A torn read (space reused after eviction) or corruption: another
+                    // replica may still be good.
+                    last_err[i] = Some(ClientError::ChecksumMismatch {
+                        want: infos[i].checksum,
+                        got: crc,
+                    });
+                    continue;
                 }
                 done[i] = Some(Ok(()));
             }
@@ -417,12 +411,16 @@ impl Client {
             .any(|r| self.engine.transport_to(&r.addr) == "shm")
     }
 
-    /// Replicas on this client's own node first, then the master's order.
-    fn replica_order(&self, info: &ObjectInfo) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..info.replicas.len()).collect();
-        if let Some(local) = self.cfg.local_node {
-            order.sort_by_key(|&i| info.replicas[i].node != local);
-        }
-        order
+    /// The replica to try in `round` (0 first): replicas on this client's own node first,
+    /// then the master's order. Computed in place, per item and round, rather than as an
+    /// order kept per item (a batch's keys mostly have one replica, and one round).
+    fn replica_at(&self, info: &ObjectInfo, round: usize) -> Option<usize> {
+        let reps = &info.replicas;
+        let Some(local) = self.cfg.local_node else {
+            return (round < reps.len()).then_some(round);
+        };
+        let here = (0..reps.len()).filter(|&i| reps[i].node == local);
+        let there = (0..reps.len()).filter(|&i| reps[i].node != local);
+        here.chain(there).nth(round)
     }
 }

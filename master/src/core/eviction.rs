@@ -6,6 +6,7 @@
 //! candidates; soft-pinned ones go only in a second pass, and only when the configuration
 //! allows it.
 
+use std::ops::Bound::{Excluded, Unbounded};
 use std::time::Duration;
 
 use kvpool_proto::{ReplicaId, SegmentId, Tier};
@@ -70,8 +71,13 @@ impl MasterCore {
     /// The coldest evictable replicas of a segment, enough to meet `goal` (or all there are),
     /// with the bytes each frees. Replicas being demoted count as freed already: their space
     /// comes back when their task ends.
+    ///
+    /// Reads do not move objects in the recency order (`objects::note_read`), so an entry
+    /// may be older than its object's latest use: such an object is refiled at that use
+    /// when the walk reaches it, and met again further on, in its true place. The walk
+    /// therefore visits candidates in order of latest use, as if every read had moved them.
     fn pick_victims(
-        &self,
+        &mut self,
         now: Duration,
         sid: SegmentId,
         goal: Goal,
@@ -85,9 +91,22 @@ impl MasterCore {
         let mut freed = 0;
         let mut victims: Vec<(ObjId, ReplicaId)> = Vec::new();
         let mut soft: Vec<(ObjId, ReplicaId, u64)> = Vec::new();
-        for (&(_, rid), &oid) in &seg.recency {
-            if met(freed) {
+        // The last entry visited; the walk goes on strictly after it.
+        let mut cursor: Option<(u64, ReplicaId)> = None;
+        while !met(freed) {
+            let Some(seg) = self.cluster.segments.get(&sid) else {
                 break;
+            };
+            let next = match cursor {
+                None => seg.recency.iter().next(),
+                Some(c) => seg.recency.range((Excluded(c), Unbounded)).next(),
+            };
+            let Some((&(seq, rid), &oid)) = next else {
+                break;
+            };
+            cursor = Some((seq, rid));
+            if self.refile_if_stale(oid) {
+                continue;
             }
             let Some(obj) = self.objects.get(oid) else {
                 continue;

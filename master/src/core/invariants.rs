@@ -28,6 +28,9 @@ impl MasterCore {
             if obj.replicas.is_empty() {
                 return Err(format!("object {id} has no replica"));
             }
+            if obj.access_seq > obj.last_access {
+                return Err(format!("object {id} is filed after its latest use"));
+            }
             if obj.is_complete() && !obj.has_readable() {
                 return Err(format!("committed object {id} has no readable replica"));
             }

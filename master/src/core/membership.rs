@@ -10,7 +10,7 @@ use kvpool_proto::{
     WireError,
 };
 
-use super::objects::{ObjId, Object, RepState, Replica, State};
+use super::objects::{FastMap, ObjId, Object, RepState, Replica, State};
 use super::puts::allocation_of;
 use super::{MasterCore, MAX_FREES_PER_HEARTBEAT};
 use crate::alloc::OffsetAllocator;
@@ -25,7 +25,7 @@ pub(crate) struct Segment {
     pub alloc: OffsetAllocator,
     /// Every replica on the segment (Processing or Complete) and its object. Preempted puts'
     /// replicas are not here but in `MasterCore::discarded`.
-    pub members: HashMap<ReplicaId, ObjId>,
+    pub members: FastMap<ReplicaId, ObjId>,
     /// Eviction candidates (Ready replicas of Complete, not hard-pinned objects) by (access
     /// seq, replica), coldest first.
     pub recency: BTreeMap<(u64, ReplicaId), ObjId>,
@@ -49,11 +49,20 @@ pub(crate) struct Node {
     pub draining: bool,
 }
 
+impl Node {
+    /// Whether the node was heard from within `ttl` (a node past it is dead even before
+    /// `tick` drops it).
+    pub fn alive(&self, now: Duration, ttl: Duration) -> bool {
+        now.saturating_sub(self.last_seen) < ttl
+    }
+}
+
 /// The cluster as the master sees it.
 #[derive(Debug)]
 pub(crate) struct Cluster {
     pub nodes: BTreeMap<NodeId, Node>,
-    pub segments: HashMap<SegmentId, Segment>,
+    /// By id; looked up for every replica of every lookup, hence the fast hasher.
+    pub segments: FastMap<SegmentId, Segment>,
     /// All segment ids, sorted: the ring placement walks from a rotating start.
     pub order: Vec<SegmentId>,
     /// One counter for all nodes, so that sequence numbers also increase across a node's
@@ -65,16 +74,21 @@ impl Cluster {
     pub fn new(id_base: u64) -> Self {
         Cluster {
             nodes: BTreeMap::new(),
-            segments: HashMap::new(),
+            segments: FastMap::default(),
             order: Vec::new(),
             next_free_seq: id_base,
         }
     }
 
     pub fn alive(&self, node: NodeId, now: Duration, ttl: Duration) -> bool {
-        self.nodes
-            .get(&node)
-            .is_some_and(|n| now.saturating_sub(n.last_seen) < ttl)
+        self.nodes.get(&node).is_some_and(|n| n.alive(now, ttl))
+    }
+
+    /// A segment and the node it belongs to.
+    pub fn placed(&self, segment: SegmentId) -> Option<(&Segment, &Node)> {
+        let seg = self.segments.get(&segment)?;
+        let node = self.nodes.get(&seg.node)?;
+        Some((seg, node))
     }
 
     /// Queues a free for a node; a node the master does not know gets none (it re-registers
@@ -273,7 +287,7 @@ impl MasterCore {
                     tier: s.tier,
                     healthy: true,
                     alloc,
-                    members: HashMap::new(),
+                    members: FastMap::default(),
                     recency: BTreeMap::new(),
                     leaving: 0,
                 },
@@ -411,6 +425,7 @@ impl MasterCore {
                     soft_pin,
                     hard_pin,
                     access_seq: seq,
+                    last_access: seq,
                     reads: 0,
                     nvme_hits: 0,
                 });

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use kvpool_proto::{ClientId, CommitNotice, NodeId, ReplicaId, SegmentId};
 
+use super::membership::Cluster;
 use super::MasterCore;
 
 /// An object's internal id; keys map to it so that indexes hold 8 bytes, not the key.
@@ -63,8 +64,12 @@ pub(crate) struct Object {
     pub soft_pin_until: Option<Duration>,
     pub soft_pin: bool,
     pub hard_pin: bool,
-    /// Position in the recency order; larger is hotter.
+    /// Where the object's Ready replicas are filed in their segments' recency orders (the
+    /// key of their entries); larger is hotter. At most `last_access`.
     pub access_seq: u64,
+    /// The object's latest use (commit, lookup or read). A read only sets this; eviction
+    /// refiles an object whose entries lag behind it when it reaches one ([`Object::stale`]).
+    pub last_access: u64,
     /// Lookups since commit (`get_replicas`); NVMe admission may require one.
     pub reads: u32,
     /// Lookups served from NVMe alone since the last promotion was issued.
@@ -94,6 +99,17 @@ impl Object {
         self.replicas.iter().any(Replica::readable)
     }
 
+    /// Whether readers see the object: committed, with a readable replica.
+    pub fn visible(&self) -> bool {
+        self.is_complete() && self.has_readable()
+    }
+
+    /// Whether the object was used since it was last filed in the recency orders: its entries
+    /// there are older than its latest use, so eviction must refile it before judging it.
+    pub fn stale(&self) -> bool {
+        self.last_access > self.access_seq
+    }
+
     /// Whether a copy task involves the object (a Filling target exists).
     pub fn task_in_flight(&self) -> bool {
         self.replicas.iter().any(|r| r.state != RepState::Ready)
@@ -106,14 +122,35 @@ impl Object {
 pub(crate) type FastMap<K, V> = HashMap<K, V, RandomState>;
 
 /// Keys, objects and the index of puts in progress.
+///
+/// Objects live in a slab indexed by their id, so that a key's lookup costs one hash probe
+/// (the key map) and one array index, not a second probe of an id map: on a pool larger
+/// than the caches each probe is a cache miss, and the two probes were most of a lookup's
+/// time (docs/benchmarks.md, "Master per-key cost").
 #[derive(Debug, Default)]
 pub(crate) struct ObjectTable {
     keys: FastMap<Vec<u8>, ObjId>,
-    objects: FastMap<ObjId, Object>,
+    slots: Vec<Slot>,
+    /// Slots without an object, reused before the slab grows.
+    free: Vec<u32>,
     /// Processing objects by start time, so zombie release looks only at the oldest.
     processing: BTreeSet<(Duration, ObjId)>,
     complete: u64,
-    next_id: ObjId,
+}
+
+/// One place in the slab. An id names a slot and the generation of its occupant; the
+/// generation changes whenever an object leaves, so an id held past its object's removal
+/// (a task's, an index entry's) finds nothing rather than a newer object in the same slot.
+#[derive(Debug, Default)]
+struct Slot {
+    generation: u32,
+    object: Option<Object>,
+}
+
+/// The id of a slot's current occupant: generation above, slot below. Generations start at
+/// 1, so no id is 0.
+fn object_id(slot: usize, generation: u32) -> ObjId {
+    (u64::from(generation) << 32) | slot as u64
 }
 
 impl ObjectTable {
@@ -121,8 +158,19 @@ impl ObjectTable {
         self.keys.get(key).copied()
     }
 
+    /// The slot `id` names, while it still holds that object.
+    fn slot(&self, id: ObjId) -> Option<&Slot> {
+        let s = self.slots.get((id & u64::from(u32::MAX)) as usize)?;
+        (u64::from(s.generation) == id >> 32).then_some(s)
+    }
+
+    fn slot_mut(&mut self, id: ObjId) -> Option<&mut Slot> {
+        let s = self.slots.get_mut((id & u64::from(u32::MAX)) as usize)?;
+        (u64::from(s.generation) == id >> 32).then_some(s)
+    }
+
     pub fn get(&self, id: ObjId) -> Option<&Object> {
-        self.objects.get(&id)
+        self.slot(id)?.object.as_ref()
     }
 
     /// The object under `key`, with its id.
@@ -131,12 +179,22 @@ impl ObjectTable {
         self.get(id).map(|o| (id, o))
     }
 
+    /// [`ObjectTable::lookup`] for a caller that updates the object (a read's lease and
+    /// recency), so that a get finds its object once.
+    pub fn lookup_mut(&mut self, key: &[u8]) -> Option<(ObjId, &mut Object)> {
+        let id = self.id_of(key)?;
+        self.get_mut(id).map(|o| (id, o))
+    }
+
     pub fn get_mut(&mut self, id: ObjId) -> Option<&mut Object> {
-        self.objects.get_mut(&id)
+        self.slot_mut(id)?.object.as_mut()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (ObjId, &Object)> {
-        self.objects.iter().map(|(id, o)| (*id, o))
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.object.as_ref().map(|o| (object_id(i, s.generation), o)))
     }
 
     pub fn keys(&self) -> &FastMap<Vec<u8>, ObjId> {
@@ -157,8 +215,17 @@ impl ObjectTable {
 
     /// Inserts an object under its key, which must be free.
     pub fn insert(&mut self, obj: Object) -> ObjId {
-        self.next_id += 1;
-        let id = self.next_id;
+        let slot = match self.free.pop() {
+            Some(slot) => slot as usize,
+            None => {
+                self.slots.push(Slot {
+                    generation: 1,
+                    object: None,
+                });
+                self.slots.len() - 1
+            }
+        };
+        let id = object_id(slot, self.slots[slot].generation);
         match obj.state {
             State::Processing { started } => {
                 self.processing.insert((started, id));
@@ -166,13 +233,17 @@ impl ObjectTable {
             State::Complete => self.complete += 1,
         }
         self.keys.insert(obj.key.clone(), id);
-        self.objects.insert(id, obj);
+        self.slots[slot].object = Some(obj);
         id
     }
 
     /// Removes an object and its key; the caller deals with its replicas.
     pub fn remove(&mut self, id: ObjId) -> Option<Object> {
-        let obj = self.objects.remove(&id)?;
+        let s = self.slot_mut(id)?;
+        let obj = s.object.take()?;
+        // A new generation for the next occupant (never 0, so no id is 0).
+        s.generation = s.generation.checked_add(1).unwrap_or(1);
+        self.free.push((id & u64::from(u32::MAX)) as u32);
         self.keys.remove(&obj.key);
         match obj.state {
             State::Processing { started } => {
@@ -185,7 +256,7 @@ impl ObjectTable {
 
     /// Processing → Complete; false if the object is not Processing.
     pub fn mark_complete(&mut self, id: ObjId) -> bool {
-        let Some(obj) = self.objects.get_mut(&id) else {
+        let Some(obj) = self.get_mut(id) else {
             return false;
         };
         let State::Processing { started } = obj.state else {
@@ -200,6 +271,33 @@ impl ObjectTable {
     /// The oldest put in progress.
     pub fn oldest_processing(&self) -> Option<(Duration, ObjId)> {
         self.processing.first().copied()
+    }
+}
+
+/// Records a read: the object's latest use becomes `seq`, and nothing else moves. Its
+/// entries in the recency orders keep their place until eviction reaches one and refiles the
+/// object ([`MasterCore::refile_if_stale`]), so eviction still goes by each object's latest
+/// use (exactly as if every read had moved it) while a read costs no B-tree work: a batched
+/// get used to remove and re-insert every replica of every key (docs/benchmarks.md, "Master
+/// per-key cost").
+pub(crate) fn note_read(obj: &mut Object, seq: u64) {
+    obj.last_access = obj.last_access.max(seq);
+}
+
+/// Files an object's Ready replicas in their segments' recency orders at its latest use,
+/// taking them out of where they were (`access_seq`). Objects outside eviction (Processing,
+/// hard-pinned) are only stamped.
+pub(crate) fn refile(cluster: &mut Cluster, id: ObjId, obj: &mut Object) {
+    let (old, seq) = (obj.access_seq, obj.last_access);
+    obj.access_seq = seq;
+    if !obj.in_recency() {
+        return;
+    }
+    for rep in obj.replicas.iter().filter(|r| r.state == RepState::Ready) {
+        if let Some(seg) = cluster.segments.get_mut(&rep.segment) {
+            seg.recency.remove(&(old, rep.id));
+            seg.recency.insert((seq, rep.id), id);
+        }
     }
 }
 
@@ -252,24 +350,27 @@ impl MasterCore {
         self.cluster.queue_free(node, rep.id);
     }
 
-    /// Records a read or commit: the object becomes the hottest in its segments. `update`
-    /// is applied to the object first, in the same lookup (a read's lease, a commit's pin).
+    /// Records a commit or lookup: the object becomes the hottest in its segments, filed
+    /// there at once. `update` is applied to the object first, in the same lookup (a lease, a
+    /// commit's pin).
     pub(crate) fn touch(&mut self, id: ObjId, update: impl FnOnce(&mut Object)) {
         let seq = self.next_access();
         let Some(obj) = self.objects.get_mut(id) else {
             return;
         };
         update(obj);
-        let old = obj.access_seq;
-        obj.access_seq = seq;
-        if !obj.in_recency() {
-            return;
-        }
-        for rep in obj.replicas.iter().filter(|r| r.state == RepState::Ready) {
-            if let Some(seg) = self.cluster.segments.get_mut(&rep.segment) {
-                seg.recency.remove(&(old, rep.id));
-                seg.recency.insert((seq, rep.id), id);
+        obj.last_access = seq;
+        refile(&mut self.cluster, id, obj);
+    }
+
+    /// Refiles a stale object ([`Object::stale`]) at its latest use; returns whether it was.
+    pub(crate) fn refile_if_stale(&mut self, id: ObjId) -> bool {
+        match self.objects.get_mut(id) {
+            Some(obj) if obj.stale() => {
+                refile(&mut self.cluster, id, obj);
+                true
             }
+            _ => false,
         }
     }
 
@@ -366,5 +467,47 @@ impl MasterCore {
         if self.objects.get(id).is_some_and(|o| !o.has_readable()) {
             self.drop_object(id);
         }
+    }
+}
+
+#[cfg(test)]
+mod slab_tests {
+    use super::*;
+
+    fn object(key: &str) -> Object {
+        Object {
+            key: key.as_bytes().to_vec(),
+            len: 1,
+            checksum: 0,
+            state: State::Complete,
+            writer: None,
+            replicas: Vec::new(),
+            lease_until: Duration::ZERO,
+            soft_pin_until: None,
+            soft_pin: false,
+            hard_pin: false,
+            access_seq: 0,
+            last_access: 0,
+            reads: 0,
+            nvme_hits: 0,
+        }
+    }
+
+    #[test]
+    fn a_reused_slot_does_not_answer_to_its_previous_objects_id() {
+        let mut t = ObjectTable::default();
+        let a = t.insert(object("a"));
+        assert_ne!(a, 0, "no id is 0");
+        assert_eq!(t.remove(a).map(|o| o.key), Some(b"a".to_vec()));
+        let b = t.insert(object("b"));
+        assert_eq!(a & 0xffff_ffff, b & 0xffff_ffff, "the freed slot is reused");
+        assert_ne!(a, b);
+        assert!(
+            t.get(a).is_none() && t.remove(a).is_none(),
+            "a's id is stale"
+        );
+        assert_eq!(t.lookup(b"b").map(|(id, _)| id), Some(b));
+        assert_eq!(t.iter().map(|(id, _)| id).collect::<Vec<_>>(), vec![b]);
+        assert_eq!(t.complete_count(), 1);
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use kvpool_proto::{check_key, ClientId, ErrorCode, ItemResult, PutStartItem, ReplicaDesc, Tier};
 
+use super::membership::{Node, Segment};
 use super::objects::{ObjId, Object, RepState, Replica, State};
 use super::{key_error, MasterCore};
 
@@ -117,6 +118,7 @@ impl MasterCore {
             soft_pin: item.options.soft_pin,
             hard_pin: item.options.hard_pin,
             access_seq: 0,
+            last_access: 0,
             reads: 0,
             nvme_hits: 0,
         });
@@ -305,16 +307,27 @@ impl MasterCore {
 
     /// The wire description of a replica, with its node's data address.
     pub(crate) fn describe(&self, r: &Replica, key_len: usize, len: u64) -> Option<ReplicaDesc> {
-        let seg = self.cluster.segments.get(&r.segment)?;
-        let node = self.cluster.nodes.get(&seg.node)?;
-        Some(ReplicaDesc {
-            id: r.id,
-            node: seg.node,
-            addr: node.addr.clone(),
-            segment: r.segment,
-            offset: value_offset(seg.tier, key_len, r.offset),
-            len,
-            tier: seg.tier,
-        })
+        let (seg, node) = self.cluster.placed(r.segment)?;
+        Some(describe_on(r, seg, node, key_len, len))
+    }
+}
+
+/// [`MasterCore::describe`] with the replica's segment and node already found (a lookup
+/// checks the node's liveness on the same entry).
+pub(crate) fn describe_on(
+    r: &Replica,
+    seg: &Segment,
+    node: &Node,
+    key_len: usize,
+    len: u64,
+) -> ReplicaDesc {
+    ReplicaDesc {
+        id: r.id,
+        node: seg.node,
+        addr: node.addr.clone(),
+        segment: r.segment,
+        offset: value_offset(seg.tier, key_len, r.offset),
+        len,
+        tier: seg.tier,
     }
 }

@@ -7,7 +7,8 @@ use std::time::Duration;
 use kvpool_proto::{check_key, ErrorCode, ItemResult, ObjectInfo, Tier, WireError};
 use regex::bytes::{Regex, RegexBuilder};
 
-use super::objects::{ObjId, Object};
+use super::objects::{self, ObjId, Object};
+use super::puts::describe_on;
 use super::{key_error, MasterCore};
 
 /// The most memory a compiled `RemoveRegex` pattern may take (its program, and separately
@@ -50,7 +51,7 @@ impl MasterCore {
         check_key(key)?;
         self.objects
             .lookup(key)
-            .filter(|(_, o)| o.is_complete() && o.has_readable())
+            .filter(|(_, o)| o.visible())
             .ok_or_else(|| key_error(ErrorCode::NotFound, key, "not in the pool"))
     }
 
@@ -59,17 +60,35 @@ impl MasterCore {
         now.saturating_add(self.cfg.lease_ttl)
     }
 
+    /// One key of a lookup: its readable replicas on live nodes (DRAM first) and a lease.
+    ///
+    /// The hot path of every get, so it finds the object once (the key's hash, then the
+    /// object by id) and each replica's segment and node once, and records the read without
+    /// moving anything in the recency orders ([`objects::note_read`]).
     pub(crate) fn get_replicas_one(&mut self, now: Duration, key: &[u8]) -> ItemResult<ObjectInfo> {
-        let (id, obj) = self.committed(key)?;
-        // A node past its TTL that `tick` has not dropped yet must not be read from.
+        check_key(key)?;
+        let until = self.lease_end(now);
+        // The full TTL, not what is left of a longer earlier lease: the reader counts it from
+        // when it sent the request, so this is the conservative figure.
+        let lease_ms = u64::try_from(self.cfg.lease_ttl.as_millis()).unwrap_or(u64::MAX);
         let ttl = self.cfg.node_ttl;
-        let mut replicas: Vec<_> = obj
-            .replicas
-            .iter()
-            .filter(|r| r.readable())
-            .filter_map(|r| self.describe(r, obj.key.len(), obj.len))
-            .filter(|d| self.cluster.alive(d.node, now, ttl))
-            .collect();
+        let seq = self.access_clock + 1;
+        let MasterCore {
+            objects, cluster, ..
+        } = self;
+        let Some((id, obj)) = objects.lookup_mut(key).filter(|(_, o)| o.visible()) else {
+            return Err(key_error(ErrorCode::NotFound, key, "not in the pool"));
+        };
+        let mut replicas = Vec::with_capacity(obj.replicas.len());
+        for r in obj.replicas.iter().filter(|r| r.readable()) {
+            // A node past its TTL that `tick` has not dropped yet must not be read from.
+            match cluster.placed(r.segment) {
+                Some((seg, node)) if node.alive(now, ttl) => {
+                    replicas.push(describe_on(r, seg, node, obj.key.len(), obj.len));
+                }
+                _ => {}
+            }
+        }
         if replicas.is_empty() {
             return Err(key_error(ErrorCode::NotFound, key, "no live replica"));
         }
@@ -80,15 +99,12 @@ impl MasterCore {
             len: obj.len,
             checksum: obj.checksum,
             replicas,
-            // The full TTL, not what is left of a longer earlier lease: the reader counts it
-            // from when it sent the request, so this is the conservative figure.
-            lease_ms: u64::try_from(self.cfg.lease_ttl.as_millis()).unwrap_or(u64::MAX),
+            lease_ms,
         };
-        let until = self.lease_end(now);
-        self.touch(id, |obj| {
-            obj.lease_until = obj.lease_until.max(until);
-            obj.reads = obj.reads.saturating_add(1);
-        });
+        obj.lease_until = obj.lease_until.max(until);
+        obj.reads = obj.reads.saturating_add(1);
+        objects::note_read(obj, seq);
+        self.access_clock = seq;
         if nvme_only {
             self.note_nvme_hit(now, id);
         }
@@ -101,20 +117,19 @@ impl MasterCore {
         key: &[u8],
         lease: bool,
     ) -> ItemResult<bool> {
-        match self.committed(key) {
-            Ok((id, _)) => {
-                let until = lease.then(|| self.lease_end(now));
-                // A lookup (the connector's prefix match) predicts a read: keep it warm.
-                self.touch(id, |obj| {
-                    if let Some(until) = until {
-                        obj.lease_until = obj.lease_until.max(until);
-                    }
-                });
-                Ok(true)
-            }
-            Err(e) if e.code == ErrorCode::NotFound => Ok(false),
-            Err(e) => Err(e),
+        check_key(key)?;
+        let until = lease.then(|| self.lease_end(now));
+        let seq = self.access_clock + 1;
+        let Some((_, obj)) = self.objects.lookup_mut(key).filter(|(_, o)| o.visible()) else {
+            return Ok(false);
+        };
+        if let Some(until) = until {
+            obj.lease_until = obj.lease_until.max(until);
         }
+        // A lookup (the connector's prefix match) predicts a read: keep it warm.
+        objects::note_read(obj, seq);
+        self.access_clock = seq;
+        Ok(true)
     }
 
     /// Removes one committed object. `Ok`, and `NotFound` with no object under the key at
@@ -195,8 +210,7 @@ impl MasterCore {
     ) -> (Vec<Vec<u8>>, bool) {
         let mut smallest: BinaryHeap<&[u8]> = BinaryHeap::with_capacity(limit + 1);
         let candidates = self.objects.iter().map(|(_, o)| o).filter(|o| {
-            o.is_complete()
-                && o.has_readable()
+            o.visible()
                 && o.key.starts_with(prefix)
                 && start_after.is_none_or(|after| o.key.as_slice() > after)
         });

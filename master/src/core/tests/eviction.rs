@@ -139,6 +139,49 @@ fn watermark_eviction_frees_the_coldest_first() {
 }
 
 #[test]
+fn eviction_goes_by_latest_use_though_reads_leave_the_recency_order_alone() {
+    // Given a 20 MiB segment at its 18 MiB watermark with twelve objects of 1.5 MiB, k2 and
+    // then k0 read after all were committed, and their (short) leases over.
+    let cfg = CoreConfig {
+        eviction_ratio: 0.2,
+        lease_ttl: secs(1),
+        ..CoreConfig::default()
+    };
+    let mut w = World::with(cfg);
+    w.node(1, &[(10, 20 * MIB)]);
+    for i in 0..12 {
+        w.put(&format!("k{i}"), 3 * MIB / 2);
+    }
+    let coldest = |w: &World| {
+        let seg = &w.core.cluster.segments[&SegmentId(10)];
+        *seg.recency.values().next().unwrap()
+    };
+    let k0 = w.core.objects.id_of(b"k0").unwrap();
+    assert_eq!(coldest(&w), k0);
+    w.get("k2").unwrap();
+    w.get("k0").unwrap();
+    // A read only stamps the object: k0 still heads the recency order, marked stale.
+    assert_eq!(coldest(&w), k0, "a read moves nothing in the recency order");
+    assert!(w.core.objects.get(k0).unwrap().stale());
+    w.pass(secs(2));
+    assert_eq!(
+        w.used(10),
+        18 * MIB,
+        "at the watermark, nothing evicted yet"
+    );
+
+    // When one more put takes the segment above its watermark and the core ticks.
+    w.put("k12", 3 * MIB / 2);
+    w.pass(secs(1));
+
+    // Then the three coldest by latest use went (k1, k3, k4), not the three oldest
+    // entries (k0, k1, k2): eviction refiled the stale ones it met on its way.
+    assert!(!w.core.objects.get(k0).unwrap().stale(), "k0 was refiled");
+    let evicted: Vec<usize> = (0..13).filter(|i| !w.exists(&format!("k{i}"))).collect();
+    assert_eq!(evicted, vec![1, 3, 4]);
+}
+
+#[test]
 fn puts_on_a_full_pool_evict_and_succeed() {
     // No watermark eviction: only allocation failure makes room.
     let cfg = CoreConfig {
