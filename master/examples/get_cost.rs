@@ -56,7 +56,6 @@ fn pool(n: usize, keys: &[Vec<u8>]) -> MasterCore {
                     .map(|k| PutStartItem {
                         key: k.clone(),
                         len: 4096,
-                        checksum: 1,
                         options: PutOptions::default(),
                     })
                     .collect(),
@@ -68,6 +67,7 @@ fn pool(n: usize, keys: &[Vec<u8>]) -> MasterCore {
             PutEnd {
                 client,
                 keys: chunk.to_vec(),
+                checksums: vec![1; chunk.len()],
             },
         );
         assert!(ended.items.iter().all(Result::is_ok), "put_end failed");
