@@ -301,7 +301,7 @@ impl Client {
                 };
                 let r = &infos[i].replicas[ri];
                 let checked = found[i].cached;
-                let at = (r.addr.as_str(), checked);
+                let at = (&*r.addr, checked);
                 let slot = match by_addr.iter().position(|(a, _)| *a == at) {
                     Some(slot) => slot,
                     None => {

@@ -216,7 +216,7 @@ impl Client {
         for (i, alloc) in allocated.iter().enumerate() {
             let Ok(replicas) = alloc else { continue };
             for r in replicas {
-                let b = by_node.entry(r.addr.as_str()).or_insert_with(|| NodeBatch {
+                let b = by_node.entry(&*r.addr).or_insert_with(|| NodeBatch {
                     node: r.node,
                     owners: Vec::new(),
                     writes: Vec::new(),

@@ -76,8 +76,9 @@ pub fn check_key(key: &[u8]) -> Result<(), WireError> {
 pub struct ReplicaDesc {
     pub id: ReplicaId,
     pub node: NodeId,
-    /// The node's data endpoint, "ip:port".
-    pub addr: String,
+    /// The node's data endpoint, "ip:port". Shared: the master answers every replica on a
+    /// node with the same allocation (a get of many keys copies no address).
+    pub addr: std::sync::Arc<str>,
     pub segment: SegmentId,
     /// Where the value's bytes start in the segment (for NVMe, past the record header).
     pub offset: u64,

@@ -189,7 +189,7 @@ mod tests {
                 .map(|(i, h)| ReplicaDesc {
                     id: ReplicaId(i as u64),
                     node: NodeId(i as u64),
-                    addr: format!("{h}:5000"),
+                    addr: format!("{h}:5000").into(),
                     segment: SegmentId(0),
                     offset: 0,
                     len: 1,

@@ -96,7 +96,7 @@ pub async fn inspect(c: &Client, key: &str, json_out: bool) -> anyhow::Result<Ex
             r.state.clone(),
             p.node.to_string(),
             node_of(p.node).map(|n| n.name.clone()).unwrap_or_default(),
-            p.addr.clone(),
+            p.addr.to_string(),
             p.segment.to_string(),
             p.offset.to_string(),
             segment(p).to_string(),

@@ -36,7 +36,8 @@ pub(crate) struct Segment {
 #[derive(Debug)]
 pub(crate) struct Node {
     pub name: String,
-    pub addr: String,
+    /// Shared with every replica description of this node's replicas.
+    pub addr: std::sync::Arc<str>,
     pub segments: Vec<SegmentId>,
     pub last_seen: Duration,
     /// Frees not yet acknowledged, by increasing sequence number.
@@ -177,7 +178,7 @@ impl Cluster {
                 NodeStatus {
                     id: *id,
                     name: n.name.clone(),
-                    addr: n.addr.clone(),
+                    addr: n.addr.to_string(),
                     alive: silent < ttl,
                     silent_ms: u64::try_from(silent.as_millis()).unwrap_or(u64::MAX),
                     pending_frees: n.frees.len() as u64,
@@ -235,7 +236,7 @@ impl MasterCore {
             req.node,
             Node {
                 name: req.name.clone(),
-                addr: req.addr.clone(),
+                addr: req.addr.as_str().into(),
                 segments: segments.iter().map(|s| s.id).collect(),
                 last_seen: now,
                 frees: VecDeque::new(),

@@ -13,7 +13,7 @@ fn a_put_is_readable_only_after_put_end() {
     w.node(1, &[(10, 64 * MIB)]);
     let descs = w.start(A, "k", 1000).unwrap();
     assert_eq!(descs.len(), 1);
-    assert_eq!(descs[0].addr, "10.0.0.1:9000");
+    assert_eq!(&*descs[0].addr, "10.0.0.1:9000");
     assert_eq!(descs[0].len, 1000);
 
     assert_eq!(
