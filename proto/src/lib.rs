@@ -7,6 +7,7 @@
 //! - [`header`]: the fixed 32-byte frame header and the size limits checked before allocation.
 //! - [`auth`]: the cluster [`auth::Token`] and its constant-time comparison.
 //! - [`crc32c`]: the checksum of object bytes and frame headers.
+//! - [`bytes`]: byte strings in bodies, decoded with one copy.
 //! - [`msg`]: every request and response, the opcodes, body encoding and decoding.
 //! - [`error`]: [`ErrorCode`], the stable error numbers shared by all crates and the wire.
 //! - [`layout`]: where a value sits in an NVMe record (shared by master, node and client).
@@ -17,6 +18,7 @@
 //! raw object bytes that no serializer touches. See `docs/protocol.md`.
 
 pub mod auth;
+pub mod bytes;
 pub mod crc32c;
 pub mod error;
 pub mod header;

@@ -204,6 +204,7 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, WireError> {
 /// or carries another token; a server without one accepts and ignores it.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
+    #[serde(with = "crate::bytes::one")]
     pub token: Vec<u8>,
     /// The protocol version the client speaks (the header's version byte today).
     pub client_version: u16,
@@ -260,6 +261,7 @@ impl Default for PutOptions {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PutStartItem {
+    #[serde(with = "crate::bytes::one")]
     pub key: Vec<u8>,
     pub len: u64,
     pub options: PutOptions,
@@ -289,6 +291,7 @@ impl Message for PutStart {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PutEnd {
     pub client: ClientId,
+    #[serde(with = "crate::bytes::many")]
     pub keys: Vec<Vec<u8>>,
     /// crc32c of each key's value as written, one per key.
     pub checksums: Vec<u32>,
@@ -308,6 +311,7 @@ impl Message for PutEnd {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PutRevoke {
     pub client: ClientId,
+    #[serde(with = "crate::bytes::many")]
     pub keys: Vec<Vec<u8>>,
 }
 
@@ -319,6 +323,7 @@ impl Message for PutRevoke {
 /// Where a committed object lives; grants a read lease.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GetReplicas {
+    #[serde(with = "crate::bytes::many")]
     pub keys: Vec<Vec<u8>>,
 }
 
@@ -344,6 +349,7 @@ impl Message for GetReplicas {
 /// Whether keys are committed; with `lease`, also grants read leases on the present ones.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Exists {
+    #[serde(with = "crate::bytes::many")]
     pub keys: Vec<Vec<u8>>,
     pub lease: bool,
 }
@@ -361,6 +367,7 @@ impl Message for Exists {
 /// Removes committed objects; leased or hard-pinned ones only with `force`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Remove {
+    #[serde(with = "crate::bytes::many")]
     pub keys: Vec<Vec<u8>>,
     pub force: bool,
 }
@@ -375,6 +382,7 @@ impl Message for Remove {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RemoveAll {
     pub force: bool,
+    #[serde(with = "serde_bytes")]
     pub prefix: Option<Vec<u8>>,
 }
 
@@ -397,13 +405,16 @@ pub const MAX_LIST_KEYS: u32 = 10_000;
 /// The next page starts after the last key of this one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListKeys {
+    #[serde(with = "crate::bytes::one")]
     pub prefix: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub start_after: Option<Vec<u8>>,
     pub limit: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListKeysResponse {
+    #[serde(with = "crate::bytes::many")]
     pub keys: Vec<Vec<u8>>,
     /// Whether keys after the last one listed match too.
     pub more: bool,
@@ -426,6 +437,7 @@ pub const MAX_PATTERN_LEN: usize = 64 << 10;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RemoveRegex {
     pub pattern: String,
+    #[serde(with = "serde_bytes")]
     pub prefix: Option<Vec<u8>>,
     pub force: bool,
 }
@@ -515,6 +527,7 @@ pub struct SegmentInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InventoryEntry {
     pub replica: ReplicaId,
+    #[serde(with = "crate::bytes::one")]
     pub key: Vec<u8>,
     pub segment: SegmentId,
     pub offset: u64,
@@ -594,6 +607,7 @@ pub struct CopyTask {
     pub id: u64,
     /// The replica the copy creates.
     pub replica: ReplicaId,
+    #[serde(with = "crate::bytes::one")]
     pub key: Vec<u8>,
     pub len: u64,
     pub checksum: u32,
@@ -659,6 +673,7 @@ impl Message for Leave {
 /// grants no lease and counts as no use.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Inspect {
+    #[serde(with = "crate::bytes::many")]
     pub keys: Vec<Vec<u8>>,
 }
 
@@ -735,6 +750,7 @@ pub struct WriteOp {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObjectTag {
     pub replica: ReplicaId,
+    #[serde(with = "crate::bytes::one")]
     pub key: Vec<u8>,
     pub segment: SegmentId,
     pub offset: u64,

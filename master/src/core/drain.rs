@@ -149,7 +149,12 @@ impl MasterCore {
             return false;
         };
         let (src_node, src_tier) = (src_seg.node, src_seg.tier);
-        let Some(from_addr) = self.cluster.nodes.get(&src_node).map(|n| n.addr.to_string()) else {
+        let Some(from_addr) = self
+            .cluster
+            .nodes
+            .get(&src_node)
+            .map(|n| n.addr.to_string())
+        else {
             return false;
         };
         // DRAM first (a cache's hot tier), then NVMe; free room only: a drain does not evict
