@@ -1,11 +1,11 @@
 //! The on-the-wire exchanges: a write request's head and payloads out in vectored writes, a
 //! read response's payloads in with vectored reads, and the per-op results of either.
 
-use std::io::{IoSlice, IoSliceMut};
+use std::io::IoSliceMut;
 
 use kvpool_proto::{
-    decode_body, ErrorCode, FrameHeader, FrameLimits, ItemResult, Read, UnitResponse, WireError,
-    Write,
+    decode_body, header::FLAG_STREAMED, ErrorCode, FrameHeader, FrameLimits, ItemResult, Read,
+    ReadStatus, UnitResponse, WireError, Write,
 };
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
@@ -13,13 +13,13 @@ use tokio::{
 };
 
 use super::{chunk::Chunk, EngineOptions, DIRECT_READ_MIN};
-use crate::{frame, TransportError};
+use crate::{
+    dataplane::{write_all_gathered, MAX_IOVECS},
+    frame, TransportError,
+};
 
 /// Read buffer for a response's header, body and small payloads.
 const RESPONSE_BUF: usize = 256 << 10;
-
-/// Most slices one vectored syscall is given (Linux's `IOV_MAX`).
-const MAX_IOVECS: usize = 1024;
 
 /// The message of one request for chunks with slices `P`, and how its exchange runs. The
 /// exchange borrows the chunks rather than taking them, so a failed attempt on a pooled
@@ -64,8 +64,11 @@ impl<'a> Exchange<&'a [u8]> for Write {
     }
 }
 
-/// Sends the request, then lands each successful op's payload in its chunk's slices; an op's
-/// value is the crc32c of its bytes (0 unless `checksum_reads`).
+/// Sends the request (asking for a streamed answer), then lands each successful op's payload
+/// in its chunk's slices; an op's value is the crc32c of its bytes (0 unless
+/// `checksum_reads`). A streamed answer (the node sends each op as soon as it is read, its
+/// status after its bytes) and a plain one (from a node that predates streaming) are told
+/// apart by the response's `FLAG_STREAMED`.
 impl<'a> Exchange<&'a mut [u8]> for Read {
     type Value = u32;
     const OP: &'static str = "read";
@@ -77,7 +80,8 @@ impl<'a> Exchange<&'a mut [u8]> for Read {
         chunks: &mut [Chunk<&'a mut [u8]>],
         opts: &EngineOptions,
     ) -> Result<(TcpStream, Vec<ItemResult<u32>>), TransportError> {
-        conn.write_all(&frame::encode_request(id, self, 0)).await?;
+        conn.write_all(&frame::encode_request_flagged(id, self, 0, FLAG_STREAMED))
+            .await?;
         // Buffered, so a batch of small payloads costs a few syscalls instead of one each;
         // large chunks still go straight into their slices (`read_chunk`). The response is
         // the only thing on the wire, so nothing read ahead is lost when the reader is dropped.
@@ -94,12 +98,17 @@ impl<'a> Exchange<&'a mut [u8]> for Read {
             Err(e) => return Err(e),
         };
         check_count(resp.len(), chunks.len())?;
-        let expected: u64 = chunks
+        let streamed = header.is_streamed();
+        let admitted = chunks
             .iter()
             .zip(&resp)
             .filter(|(_, r)| r.is_ok())
-            .map(|(c, _)| c.len as u64)
-            .sum();
+            .map(|(c, _)| c.len as u64);
+        let expected = if streamed {
+            ReadStatus::payload_len(admitted)
+        } else {
+            admitted.sum()
+        };
         if header.payload_len != expected {
             return Err(TransportError::Protocol(format!(
                 "payload of {} bytes, expected {expected}",
@@ -108,55 +117,37 @@ impl<'a> Exchange<&'a mut [u8]> for Read {
         }
         let mut out = Vec::with_capacity(chunks.len());
         for (c, r) in chunks.iter_mut().zip(resp) {
-            out.push(match r {
-                Ok(()) => {
-                    read_chunk(&mut rd, c).await?;
-                    Ok(if opts.checksum_reads {
-                        c.bufs
-                            .iter()
-                            .fold(0, |crc, b| crc32c::crc32c_append(crc, b))
-                    } else {
-                        0
-                    })
+            if let Err(e) = r {
+                out.push(Err(e));
+                continue;
+            }
+            read_chunk(&mut rd, c).await?;
+            if streamed {
+                let mut status = [0u8; ReadStatus::LEN];
+                frame::read_payload_into(&mut rd, &mut status).await?;
+                let ReadStatus(code) = ReadStatus::decode(status);
+                if code != ErrorCode::Ok {
+                    // The bytes just read are filler; the node logged why.
+                    out.push(Err(WireError::new(
+                        code,
+                        format!(
+                            "the node could not read this op after its answer began ({code:?})"
+                        ),
+                    )));
+                    continue;
                 }
-                Err(e) => Err(e),
-            });
+            }
+            out.push(Ok(if opts.checksum_reads {
+                c.bufs
+                    .iter()
+                    .fold(0, |crc, b| crc32c::crc32c_append(crc, b))
+            } else {
+                0
+            }));
         }
         drop(rd);
         Ok((conn, out))
     }
-}
-
-/// Writes all of `bufs`, in order, with as few `writev`s as the socket allows.
-pub(super) async fn write_all_gathered(
-    conn: &mut TcpStream,
-    bufs: &[&[u8]],
-) -> std::io::Result<()> {
-    // Position: the first unwritten byte is `bufs[at][skip]`.
-    let (mut at, mut skip) = (0, 0);
-    let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(MAX_IOVECS.min(bufs.len()));
-    while at < bufs.len() {
-        iov.clear();
-        iov.push(IoSlice::new(&bufs[at][skip..]));
-        iov.extend(
-            bufs[at + 1..]
-                .iter()
-                .take(MAX_IOVECS - 1)
-                .map(|b| IoSlice::new(b)),
-        );
-        let mut n = conn.write_vectored(&iov).await?;
-        if n == 0 && iov.iter().any(|b| !b.is_empty()) {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        // Step past what went out, and past empty slices, which a zero-byte write leaves.
-        while at < bufs.len() && n >= bufs[at].len() - skip {
-            n -= bufs[at].len() - skip;
-            at += 1;
-            skip = 0;
-        }
-        skip += n;
-    }
-    Ok(())
 }
 
 /// Fills a chunk's slices, in order, from the response: first what the buffer read ahead,
