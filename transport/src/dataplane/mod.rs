@@ -77,14 +77,18 @@ impl OwnedPayload for Vec<u8> {
     }
 }
 
-/// A read of a slower tier, started by [`SegmentStore::read_range`].
-pub type DiskRead<'a> = Pin<Box<dyn Future<Output = Result<OwnedBytes, WireError>> + Send + 'a>>;
+/// A read of a slower tier, started by [`SegmentStore::read_range`]: the range's bytes in
+/// order, in one or more parts, each as soon as it (and the parts before it) has landed. An
+/// `Err` ends it: the read failed, or the check of the whole value after its last part did,
+/// and the parts before it are not to be used.
+pub type DiskRead<'a> =
+    Pin<Box<dyn futures::Stream<Item = Result<OwnedBytes, WireError>> + Send + 'a>>;
 
 /// Where the bytes of a range to read are.
 pub enum Source<'a> {
     /// In memory: sent straight from there.
     Memory(SharedRange),
-    /// On a slower tier: read into an owned buffer first.
+    /// On a slower tier: read into owned buffers first, part by part.
     Disk(DiskRead<'a>),
 }
 

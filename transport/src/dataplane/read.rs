@@ -11,9 +11,9 @@
 //!   start, and they keep being polled (their checksums computed as they land) while earlier
 //!   ops' bytes are on their way out, so the disk, the node's CPU and the socket overlap.
 
-use std::collections::VecDeque;
+use std::{collections::VecDeque, future::Future};
 
-use futures::stream::{FuturesOrdered, StreamExt};
+use futures::stream::{self, BoxStream, Stream, StreamExt};
 use kvpool_proto::{
     header::FLAG_STREAMED, ErrorCode, FrameHeader, ItemResult, Read, ReadOp, ReadStatus, ReplicaId,
     UnitResponse, WireError,
@@ -29,19 +29,29 @@ use crate::{frame, memory::SharedRange, TransportError};
 /// Filler sent in place of a failed op's bytes in a streamed answer.
 static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
-/// The bytes of one read op: in (shared) memory, or read off a slower tier.
+/// Bytes of one read op: in (shared) memory, or read off a slower tier (in parts).
 enum Bytes {
     Memory(SharedRange),
-    Owned(OwnedBytes),
+    Owned(Vec<OwnedBytes>),
 }
 
 impl Bytes {
     fn len(&self) -> usize {
         match self {
             Bytes::Memory(r) => r.len(),
-            Bytes::Owned(b) => b.slices().iter().map(|s| s.len()).sum(),
+            Bytes::Owned(parts) => parts.iter().flat_map(|p| p.slices()).map(<[u8]>::len).sum(),
         }
     }
+}
+
+/// What the server learns of an admitted op, in order, as it lands.
+enum Event {
+    /// The op's next bytes.
+    Bytes(Bytes),
+    /// The op failed: the bytes before are not its.
+    Failed(WireError),
+    /// Every byte of the op has landed and passed its checks.
+    Done,
 }
 
 /// Each op's source, or why it is refused before anything is read (a bad range, a checked
@@ -86,10 +96,16 @@ async fn land<T: SegmentStore>(
         Source::Memory(r) if expect.is_some() => {
             let mut copy = vec![0u8; r.len()];
             r.copy_to(&mut copy);
-            Bytes::Owned(Box::new(copy))
+            Bytes::Owned(vec![Box::new(copy) as OwnedBytes])
         }
         Source::Memory(r) => Bytes::Memory(r),
-        Source::Disk(read) => Bytes::Owned(read.await?),
+        Source::Disk(mut parts) => {
+            let mut landed = Vec::new();
+            while let Some(p) = parts.next().await {
+                landed.push(p?);
+            }
+            Bytes::Owned(landed)
+        }
     };
     if let Some(r) = expect {
         if !store.holds(op.segment, op.offset, op.len, r) {
@@ -142,14 +158,41 @@ pub(super) async fn plain<S: Conn, T: SegmentStore>(
     store.payload_moved(true, total);
     let mut scratch = Vec::new();
     for b in &bytes {
-        send_bytes(w, b, &[], &mut scratch).await?;
+        send_bytes(w, b, &mut scratch).await?;
     }
     Ok(())
 }
 
+/// An admitted op's events. A slower tier's unchecked read yields each part as it lands; any
+/// other op lands whole (a checked op is copied out and checked again first).
+fn events<'a, T: SegmentStore>(
+    store: &'a T,
+    op: ReadOp,
+    expect: Option<ReplicaId>,
+    source: Source<'a>,
+) -> BoxStream<'a, Event> {
+    match source {
+        Source::Disk(parts) if expect.is_none() => parts
+            .map(|p| match p {
+                Ok(b) => Event::Bytes(Bytes::Owned(vec![b])),
+                Err(e) => Event::Failed(e),
+            })
+            .chain(stream::once(async { Event::Done }))
+            .boxed(),
+        source => stream::once(land(store, op, expect, source))
+            .flat_map(|r| {
+                stream::iter(match r {
+                    Ok(b) => vec![Event::Bytes(b), Event::Done],
+                    Err(e) => vec![Event::Failed(e)],
+                })
+            })
+            .boxed(),
+    }
+}
+
 /// The streamed answer: the head at once; then, op by op in order, each admitted op's bytes
-/// as soon as it has landed (what is ready goes out before the server waits on the next
-/// op), each followed by its status. A failed op's bytes are filler of its length.
+/// as they land (what is ready goes out before the server waits for more), each op followed
+/// by its status. A failed op's missing bytes are filler.
 pub(super) async fn streamed<S: Conn, T: SegmentStore>(
     io: &mut Io<S>,
     store: &T,
@@ -180,28 +223,28 @@ pub(super) async fn streamed<S: Conn, T: SegmentStore>(
         FLAG_STREAMED,
     );
     io.get_mut().write_all(&head).await?;
-    // Polled in order; every one is in flight from the first poll (futures do nothing until
-    // then, so a refused request above started no read).
-    let mut landing: FuturesOrdered<_> = sources
-        .into_iter()
-        .enumerate()
-        .filter_map(|(i, s)| {
-            let op = req.ops[i];
-            s.ok().map(|s| land(store, op, expect(req, i), s))
-        })
-        .collect();
-    let mut ready = VecDeque::new();
+    // Every op's events, tagged with its place among the admitted ops, as they come: all
+    // reads are in flight from the first poll (a refused request above started none).
+    let mut landing = stream::select_all(
+        sources
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.ok().map(|s| (i, s)))
+            .enumerate()
+            .map(|(k, (i, s))| events(store, req.ops[i], expect(req, i), s).map(move |e| (k, e))),
+    );
+    let mut queues: Vec<VecDeque<Event>> = admitted.iter().map(|_| VecDeque::new()).collect();
     let mut scratch = Vec::new();
-    for len in admitted {
-        let landed = match ready.pop_front() {
-            Some(b) => b,
-            None => {
-                // The next op is still on its way: what is ready goes out before the wait.
+    for (k, &len) in admitted.iter().enumerate() {
+        let mut sent = 0u64;
+        loop {
+            let Some(event) = queues[k].pop_front() else {
+                // Nothing more of this op yet: what is ready goes out before the wait, and a
+                // peer that left meanwhile ends it (its reads are dropped, not finished for
+                // nobody).
                 if !io.get_ref().buffer().is_empty() {
                     io.get_mut().flush().await?;
                 }
-                // A peer that left meanwhile ends the wait: its reads are dropped, not
-                // finished for nobody.
                 let next = tokio::select! {
                     next = landing.next() => next,
                     gone = peer_gone(io.get_ref().get_ref()) => {
@@ -210,21 +253,70 @@ pub(super) async fn streamed<S: Conn, T: SegmentStore>(
                     }
                 };
                 match next {
-                    Some(b) => b,
-                    None => break,
+                    Some((j, e)) => queues[j].push_back(e),
+                    None => queues[k].push_back(Event::Failed(internal("an op ended unchecked"))),
                 }
+                continue;
+            };
+            let w = io.get_mut();
+            let status = match event {
+                Event::Bytes(b) if sent + b.len() as u64 <= len => {
+                    sent += b.len() as u64;
+                    // The ops behind this one keep landing (and checksumming) meanwhile.
+                    let send = send_bytes(w, &b, &mut scratch);
+                    while_landing(send, &mut landing, &mut queues).await?;
+                    continue;
+                }
+                Event::Bytes(_) => internal(format!("more bytes landed than the op's {len}")),
+                Event::Done if sent == len => {
+                    store.payload_moved(true, len);
+                    WireError::new(ErrorCode::Ok, "")
+                }
+                Event::Done => internal(format!("{sent} bytes landed for an op of {len}")),
+                Event::Failed(e) => e,
+            };
+            if status.code != ErrorCode::Ok {
+                tracing::debug!(
+                    len,
+                    sent,
+                    "read op failed after the answer's head: {status}"
+                );
+                let filler = fill(w, len - sent);
+                while_landing(filler, &mut landing, &mut queues).await?;
             }
-        };
-        let send = send_streamed(io.get_mut(), store, landed, len, &mut scratch);
-        // The ops behind this one keep landing (and checksumming) while its bytes go out.
-        let mut send = std::pin::pin!(send);
-        loop {
-            tokio::select! {
-                biased;
-                sent = &mut send => break sent?,
-                Some(b) = landing.next(), if !landing.is_empty() => ready.push_back(b),
-            }
+            w.write_all(&ReadStatus(status.code).encode()).await?;
+            break;
         }
+    }
+    Ok(())
+}
+
+fn internal(msg: impl Into<String>) -> WireError {
+    WireError::new(ErrorCode::Internal, msg)
+}
+
+/// Runs `send` while the request's other ops keep landing into their queues.
+async fn while_landing(
+    send: impl Future<Output = Result<(), Close>>,
+    landing: &mut (impl Stream<Item = (usize, Event)> + Unpin),
+    queues: &mut [VecDeque<Event>],
+) -> Result<(), Close> {
+    let mut send = std::pin::pin!(send);
+    loop {
+        tokio::select! {
+            biased;
+            sent = &mut send => return sent,
+            Some((j, e)) = landing.next() => queues[j].push_back(e),
+        }
+    }
+}
+
+/// Writes `n` bytes of filler.
+async fn fill<S: Conn>(w: &mut BufWriter<S>, mut n: u64) -> Result<(), Close> {
+    while n > 0 {
+        let k = n.min(ZEROS.len() as u64) as usize;
+        w.write_all(&ZEROS[..k]).await?;
+        n -= k as u64;
     }
     Ok(())
 }
@@ -240,41 +332,12 @@ fn too_large<T: SegmentStore>(store: &T, total: u64) -> Option<WireError> {
     })
 }
 
-/// One admitted op of a streamed answer: its bytes and status, or filler and its error.
-async fn send_streamed<S: Conn, T: SegmentStore>(
-    w: &mut BufWriter<S>,
-    store: &T,
-    landed: Result<Bytes, WireError>,
-    len: u64,
-    scratch: &mut Vec<u8>,
-) -> Result<(), Close> {
-    match landed {
-        Ok(b) => {
-            send_bytes(w, &b, &ReadStatus(ErrorCode::Ok).encode(), scratch).await?;
-            store.payload_moved(true, len);
-        }
-        Err(e) => {
-            tracing::debug!(len, "read op failed after the answer's head: {e}");
-            let mut left = len;
-            while left > 0 {
-                let n = left.min(ZEROS.len() as u64) as usize;
-                w.write_all(&ZEROS[..n]).await?;
-                left -= n as u64;
-            }
-            w.write_all(&ReadStatus(e.code).encode()).await?;
-        }
-    }
-    Ok(())
-}
-
-/// Sends one op's bytes, then `trailer` (its status in a streamed answer, else nothing).
-/// Small ones go through the write buffer; large ones straight to the socket after whatever
-/// is buffered: segment memory with `send`, a slower tier's parts and the trailer in one
-/// gathered write.
+/// Sends one op's bytes. Small ones go through the write buffer; large ones straight to the
+/// socket after whatever is buffered: segment memory with `send`, a slower tier's parts in
+/// one gathered write.
 async fn send_bytes<S: Conn>(
     w: &mut BufWriter<S>,
     b: &Bytes,
-    trailer: &[u8],
     scratch: &mut Vec<u8>,
 ) -> Result<(), Close> {
     match b {
@@ -289,19 +352,16 @@ async fn send_bytes<S: Conn>(
             r.copy_to(scratch);
             w.write_all(scratch).await?;
         }
-        Bytes::Owned(o) if b.len() >= DIRECT_MIN => {
+        Bytes::Owned(parts) if b.len() >= DIRECT_MIN => {
             w.flush().await?;
-            let mut bufs = o.slices();
-            bufs.push(trailer);
+            let bufs: Vec<&[u8]> = parts.iter().flat_map(|p| p.slices()).collect();
             write_all_gathered(w.get_mut(), &bufs).await?;
-            return Ok(());
         }
-        Bytes::Owned(o) => {
-            for s in o.slices() {
+        Bytes::Owned(parts) => {
+            for s in parts.iter().flat_map(|p| p.slices()) {
                 w.write_all(s).await?;
             }
         }
     }
-    w.write_all(trailer).await?;
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! where the test checks the bytes on the wire and when they arrive.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     os::fd::BorrowedFd,
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -13,6 +13,7 @@ use std::{
     time::Duration,
 };
 
+use futures::StreamExt;
 use kvpool_proto::{
     decode_body, header::FLAG_STREAMED, ErrorCode, FrameLimits, NodeId, ObjectTag, Read, ReadOp,
     ReadStatus, ReplicaId, SegmentId, ShmSegment, UnitResponse, WireError,
@@ -31,6 +32,9 @@ use crate::{
     shm::TransportMode,
 };
 
+/// Parts a value is read in.
+const PART: usize = 96 << 10;
+
 /// Longest a test waits for anything.
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -42,6 +46,8 @@ type Value = Result<Vec<u8>, WireError>;
 #[derive(Default)]
 struct Gated {
     values: HashMap<u64, Value>,
+    /// Offsets whose read fails after its first part landed (a check after the last part).
+    torn: HashSet<u64>,
     gates: Mutex<HashMap<u64, oneshot::Receiver<()>>>,
     /// Reads that finished, and reads dropped before they finished.
     landed: AtomicUsize,
@@ -93,15 +99,35 @@ impl SegmentStore for Gated {
         }
         let gate = self.gates.lock().unwrap().remove(&offset);
         let dropped = self.dropped.clone();
-        Ok(Source::Disk(Box::pin(async move {
+        let torn = self.torn.contains(&offset);
+        let read = async move {
             let mut guard = DropCount(Some(dropped));
             if let Some(g) = gate {
                 let _ = g.await;
             }
             guard.0 = None;
             self.landed.fetch_add(1, Ordering::SeqCst);
-            v.clone().map(|b| Box::new(b) as OwnedBytes)
-        })))
+            v.clone()
+        };
+        // In parts, as the NVMe tier yields a split read; a torn value fails after its first.
+        let parts = futures::stream::once(read).flat_map(move |v| {
+            let parts: Vec<Result<OwnedBytes, WireError>> = match v {
+                Ok(b) => {
+                    let mut p: Vec<_> = b
+                        .chunks(PART)
+                        .map(|c| Ok(Box::new(c.to_vec()) as OwnedBytes))
+                        .collect();
+                    if torn {
+                        p.truncate(1);
+                        p.push(Err(WireError::new(ErrorCode::NotFound, "torn: dropped")));
+                    }
+                    p
+                }
+                Err(e) => vec![Err(e)],
+            };
+            futures::stream::iter(parts)
+        });
+        Ok(Source::Disk(Box::pin(parts)))
     }
 
     fn write_range(&self, _: SegmentId, _: u64, _: u64) -> Result<SharedRange, WireError> {
@@ -330,4 +356,26 @@ async fn a_client_leaving_mid_stream_drops_its_pending_reads() {
     .expect("answered")
     .unwrap();
     assert!(got[0].is_ok() && dst == b);
+}
+
+/// A value whose check fails after some of its parts were already sent (a crc32c mismatch
+/// found once its last part landed) is filler, never bytes: that op fails, its neighbour lands.
+#[tokio::test]
+async fn a_value_failing_after_parts_were_sent_fails_alone() {
+    let (torn, good) = (pattern(3 * PART, 5), pattern(2 * PART + 17, 6));
+    let mut store = Gated::with(vec![(0, Ok(torn.clone())), (1, Ok(good.clone()))]);
+    store.torn.insert(0);
+    let addr = start(Arc::new(store), false).await;
+    let e = engine();
+    let (mut a, mut b) = (vec![0u8; torn.len()], vec![0u8; good.len()]);
+    let items = vec![
+        ReadItem::new(op(0, a.len()), &mut a),
+        ReadItem::new(op(1, b.len()), &mut b),
+    ];
+    let got = tokio::time::timeout(WAIT, e.read(addr.as_str(), items))
+        .await
+        .expect("read answered")
+        .unwrap();
+    assert_eq!(got[0].as_ref().unwrap_err().code, ErrorCode::NotFound);
+    assert!(got[1].is_ok() && b == good, "the neighbour's bytes");
 }
