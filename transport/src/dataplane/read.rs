@@ -13,7 +13,10 @@
 
 use std::{collections::VecDeque, future::Future};
 
-use futures::stream::{self, BoxStream, Stream, StreamExt};
+use futures::{
+    stream::{self, BoxStream, Stream, StreamExt},
+    FutureExt,
+};
 use kvpool_proto::{
     header::FLAG_STREAMED, ErrorCode, FrameHeader, ItemResult, Read, ReadOp, ReadStatus, ReplicaId,
     UnitResponse, WireError,
@@ -25,6 +28,9 @@ use super::{
     SegmentStore, Source, DIRECT_MIN,
 };
 use crate::{frame, memory::SharedRange, TransportError};
+
+/// Most bytes of small ops a streamed answer gathers before handing them to the writer.
+const PENDING_MAX: usize = 256 << 10;
 
 /// Filler sent in place of a failed op's bytes in a streamed answer.
 static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
@@ -222,7 +228,6 @@ pub(super) async fn streamed<S: Conn, T: SegmentStore>(
         total,
         FLAG_STREAMED,
     );
-    io.get_mut().write_all(&head).await?;
     // Every op's events, tagged with its place among the admitted ops, as they come: all
     // reads are in flight from the first poll (a refused request above started none).
     let mut landing = stream::select_all(
@@ -234,16 +239,29 @@ pub(super) async fn streamed<S: Conn, T: SegmentStore>(
             .map(|(k, (i, s))| events(store, req.ops[i], expect(req, i), s).map(move |e| (k, e))),
     );
     let mut queues: Vec<VecDeque<Event>> = admitted.iter().map(|_| VecDeque::new()).collect();
-    let mut scratch = Vec::new();
+    // This answer's bytes not yet handed to the writer: the head, small ops, statuses. They
+    // go out in the next large op's gathered write, before a wait, or at the end: an answer
+    // of one large op is one write (head, bytes, status), and the head never goes out alone
+    // (the reader can do nothing with it before bytes follow).
+    let mut pending = head;
+    let mut head_only = true;
     for (k, &len) in admitted.iter().enumerate() {
         let mut sent = 0u64;
         loop {
             let Some(event) = queues[k].pop_front() else {
+                if take_landed(&mut landing, &mut queues) {
+                    continue;
+                }
                 // Nothing more of this op yet: what is ready goes out before the wait, and a
                 // peer that left meanwhile ends it (its reads are dropped, not finished for
                 // nobody).
-                if !io.get_ref().buffer().is_empty() {
-                    io.get_mut().flush().await?;
+                let w = io.get_mut();
+                if !head_only && !pending.is_empty() {
+                    w.write_all(&pending).await?;
+                    pending.clear();
+                }
+                if !w.buffer().is_empty() {
+                    w.flush().await?;
                 }
                 let next = tokio::select! {
                     next = landing.next() => next,
@@ -258,13 +276,28 @@ pub(super) async fn streamed<S: Conn, T: SegmentStore>(
                 }
                 continue;
             };
+            head_only = false;
             let w = io.get_mut();
             let status = match event {
                 Event::Bytes(b) if sent + b.len() as u64 <= len => {
                     sent += b.len() as u64;
+                    // The op's verdict, when it is already known, goes out in the same write.
+                    take_landed(&mut landing, &mut queues);
+                    let done = sent == len && matches!(queues[k].front(), Some(Event::Done));
+                    let ok = ReadStatus(ErrorCode::Ok).encode();
+                    let trailer: &[u8] = if done {
+                        queues[k].pop_front();
+                        &ok
+                    } else {
+                        &[]
+                    };
                     // The ops behind this one keep landing (and checksumming) meanwhile.
-                    let send = send_bytes(w, &b, &mut scratch);
+                    let send = send_part(w, &mut pending, &b, trailer);
                     while_landing(send, &mut landing, &mut queues).await?;
+                    if done {
+                        store.payload_moved(true, len);
+                        break;
+                    }
                     continue;
                 }
                 Event::Bytes(_) => internal(format!("more bytes landed than the op's {len}")),
@@ -281,12 +314,81 @@ pub(super) async fn streamed<S: Conn, T: SegmentStore>(
                     sent,
                     "read op failed after the answer's head: {status}"
                 );
+                w.write_all(&pending).await?;
+                pending.clear();
                 let filler = fill(w, len - sent);
                 while_landing(filler, &mut landing, &mut queues).await?;
             }
-            w.write_all(&ReadStatus(status.code).encode()).await?;
+            pending.extend_from_slice(&ReadStatus(status.code).encode());
             break;
         }
+    }
+    // Into the write buffer: the connection's loop sends it with whatever answers follow.
+    io.get_mut().write_all(&pending).await?;
+    Ok(())
+}
+
+/// Queues every event that has landed by now, without waiting; whether there was any.
+fn take_landed(
+    landing: &mut (impl Stream<Item = (usize, Event)> + Unpin),
+    queues: &mut [VecDeque<Event>],
+) -> bool {
+    let mut any = false;
+    // Polled without a waker: the set of reads re-registers its wake-ups on the next real
+    // poll, which always comes before the server waits.
+    while let Some(Some((j, e))) = landing.next().now_or_never() {
+        queues[j].push_back(e);
+        any = true;
+    }
+    any
+}
+
+/// Sends one landed part of an op, after this answer's `pending` bytes and followed by
+/// `trailer` (the op's status when it is known). A large part goes out with both in one
+/// gathered write (segment memory, which no slice may cover, in a `send` of its own); a
+/// small one joins `pending`.
+async fn send_part<S: Conn>(
+    w: &mut BufWriter<S>,
+    pending: &mut Vec<u8>,
+    b: &Bytes,
+    trailer: &[u8],
+) -> Result<(), Close> {
+    match b {
+        Bytes::Owned(parts) if b.len() >= DIRECT_MIN => {
+            // Earlier answers still in the write buffer go first.
+            if !w.buffer().is_empty() {
+                w.flush().await?;
+            }
+            let bufs: Vec<&[u8]> = std::iter::once(pending.as_slice())
+                .chain(parts.iter().flat_map(|p| p.slices()))
+                .chain(std::iter::once(trailer))
+                .collect();
+            write_all_gathered(w.get_mut(), &bufs).await?;
+            pending.clear();
+            return Ok(());
+        }
+        Bytes::Memory(r) if r.len() >= DIRECT_MIN => {
+            w.write_all(pending).await?;
+            pending.clear();
+            w.flush().await?;
+            send_all(w.get_ref(), *r).await?;
+        }
+        Bytes::Memory(r) => {
+            // Copied (no slice over segment memory is formed).
+            let at = pending.len();
+            pending.resize(at + r.len(), 0);
+            r.copy_to(&mut pending[at..]);
+        }
+        Bytes::Owned(parts) => {
+            for s in parts.iter().flat_map(|p| p.slices()) {
+                pending.extend_from_slice(s);
+            }
+        }
+    }
+    pending.extend_from_slice(trailer);
+    if pending.len() >= PENDING_MAX {
+        w.write_all(pending).await?;
+        pending.clear();
     }
     Ok(())
 }
