@@ -121,10 +121,17 @@ impl<'a> Exchange<&'a mut [u8]> for Read {
                 out.push(Err(e));
                 continue;
             }
-            read_chunk(&mut rd, c).await?;
+            let mut status = [0u8; ReadStatus::LEN];
             if streamed {
-                let mut status = [0u8; ReadStatus::LEN];
-                frame::read_payload_into(&mut rd, &mut status).await?;
+                // The status lands with the bytes before it, in the same vectored reads.
+                let mut bufs: Vec<&mut [u8]> = c
+                    .bufs
+                    .iter_mut()
+                    .map(|b| &mut **b)
+                    .chain(std::iter::once(&mut status[..]))
+                    .collect();
+                read_scattered(&mut rd, &mut bufs, c.len + ReadStatus::LEN).await?;
+                drop(bufs);
                 let ReadStatus(code) = ReadStatus::decode(status);
                 if code != ErrorCode::Ok {
                     // The bytes just read are filler; the node logged why.
@@ -136,6 +143,8 @@ impl<'a> Exchange<&'a mut [u8]> for Read {
                     )));
                     continue;
                 }
+            } else {
+                read_chunk(&mut rd, c).await?;
             }
             out.push(Ok(if opts.checksum_reads {
                 c.bufs
@@ -158,18 +167,27 @@ pub(super) async fn read_chunk(
     rd: &mut BufReader<&mut TcpStream>,
     c: &mut Chunk<&mut [u8]>,
 ) -> Result<(), TransportError> {
-    let mut left = c.len;
-    // Position: the first unfilled byte is `c.bufs[at][skip]`.
+    read_scattered(rd, &mut c.bufs, c.len).await
+}
+
+/// [`read_chunk`] of `len` bytes into `bufs` (which they fill exactly).
+async fn read_scattered(
+    rd: &mut BufReader<&mut TcpStream>,
+    bufs: &mut [&mut [u8]],
+    len: usize,
+) -> Result<(), TransportError> {
+    let mut left = len;
+    // Position: the first unfilled byte is `bufs[at][skip]`.
     let (mut at, mut skip) = (0, 0);
-    while at < c.bufs.len() && !rd.buffer().is_empty() {
+    while at < bufs.len() && !rd.buffer().is_empty() {
         let buffered = rd.buffer();
-        let dst = &mut c.bufs[at][skip..];
+        let dst = &mut bufs[at][skip..];
         let n = buffered.len().min(dst.len());
         dst[..n].copy_from_slice(&buffered[..n]);
         rd.consume(n);
         left -= n;
         skip += n;
-        if skip == c.bufs[at].len() {
+        if skip == bufs[at].len() {
             at += 1;
             skip = 0;
         }
@@ -178,15 +196,15 @@ pub(super) async fn read_chunk(
         return Ok(());
     }
     if left < DIRECT_READ_MIN {
-        frame::read_payload_into(rd, &mut c.bufs[at][skip..]).await?;
-        for b in &mut c.bufs[at + 1..] {
+        frame::read_payload_into(rd, &mut bufs[at][skip..]).await?;
+        for b in &mut bufs[at + 1..] {
             frame::read_payload_into(rd, b).await?;
         }
         return Ok(());
     }
     let conn: &TcpStream = rd.get_mut();
-    while at < c.bufs.len() {
-        let (first, rest) = c.bufs[at..].split_at_mut(1);
+    while at < bufs.len() {
+        let (first, rest) = bufs[at..].split_at_mut(1);
         let mut iov: Vec<IoSliceMut<'_>> = std::iter::once(IoSliceMut::new(&mut first[0][skip..]))
             .chain(
                 rest.iter_mut()
@@ -203,8 +221,8 @@ pub(super) async fn read_chunk(
                 Err(e) => return Err(e.into()),
             }
         };
-        while at < c.bufs.len() && n >= c.bufs[at].len() - skip {
-            n -= c.bufs[at].len() - skip;
+        while at < bufs.len() && n >= bufs[at].len() - skip {
+            n -= bufs[at].len() - skip;
             at += 1;
             skip = 0;
         }
