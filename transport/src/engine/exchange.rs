@@ -18,8 +18,10 @@ use crate::{
     frame, TransportError,
 };
 
-/// Read buffer for a response's header, body and small payloads.
+/// Read buffer for a response's header, body and small payloads: at most this much ...
 const RESPONSE_BUF: usize = 256 << 10;
+/// ... and room for a read response's head beyond its small payloads.
+const HEAD_ROOM: usize = 16 << 10;
 
 /// The message of one request for chunks with slices `P`, and how its exchange runs. The
 /// exchange borrows the chunks rather than taking them, so a failed attempt on a pooled
@@ -85,7 +87,18 @@ impl<'a> Exchange<&'a mut [u8]> for Read {
         // Buffered, so a batch of small payloads costs a few syscalls instead of one each;
         // large chunks still go straight into their slices (`read_chunk`). The response is
         // the only thing on the wire, so nothing read ahead is lost when the reader is dropped.
-        let mut rd = BufReader::with_capacity(RESPONSE_BUF, &mut conn);
+        // Sized to what it can hold of this response (tokio zeroes it on creation, and a
+        // 64 KiB get paid for zeroing 256 KiB): the head and the small chunks' payloads.
+        let small: usize = chunks
+            .iter()
+            .map(|c| c.len)
+            .filter(|&n| n < DIRECT_READ_MIN)
+            .sum();
+        let cap = HEAD_ROOM
+            .saturating_add(small)
+            .saturating_add(chunks.len() * ReadStatus::LEN)
+            .min(RESPONSE_BUF);
+        let mut rd = BufReader::with_capacity(cap, &mut conn);
         let header = read_reply_header(&mut rd, &opts.limits, id).await?;
         let body = frame::read_body(&mut rd, header.body_len).await?;
         let resp: Vec<ItemResult<()>> = match frame::decode_response::<UnitResponse>(&header, &body)
