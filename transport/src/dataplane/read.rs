@@ -5,9 +5,9 @@
 //! - **Plain**: every op is read first, then the head (each op's result) and the bytes of the
 //!   ops that succeeded. The only layout a reader that does not ask for a streamed answer
 //!   understands.
-//! - **Streamed** (`FLAG_STREAMED`): the head goes out at once, with the ops refused up front;
-//!   each admitted op's bytes follow as soon as it and every op before it have landed, then
-//!   its status ([`ReadStatus`]). A request's slower-tier reads are all in flight from the
+//! - **Streamed** (`FLAG_STREAMED`): the head (which names only the ops refused up front) is
+//!   written with the first bytes; each admitted op's bytes go out as soon as they and every
+//!   op before them have landed, then its status ([`ReadStatus`]). A request's slower-tier reads are all in flight from the
 //!   start, and they keep being polled (their checksums computed as they land) while earlier
 //!   ops' bytes are on their way out, so the disk, the node's CPU and the socket overlap.
 
@@ -196,9 +196,9 @@ fn events<'a, T: SegmentStore>(
     }
 }
 
-/// The streamed answer: the head at once; then, op by op in order, each admitted op's bytes
-/// as they land (what is ready goes out before the server waits for more), each op followed
-/// by its status. A failed op's missing bytes are filler.
+/// The streamed answer: the head, then, op by op in order, each admitted op's bytes as they
+/// land (what is ready goes out before the server waits for more), each op followed by its
+/// status. A failed op's missing bytes are filler.
 pub(super) async fn streamed<S: Conn, T: SegmentStore>(
     io: &mut Io<S>,
     store: &T,
