@@ -258,8 +258,13 @@ async fn corrupted_record_is_a_miss_and_the_master_forgets_it() {
         .await
         .unwrap();
     }
-    wait_until("c/0 only on NVMe", Duration::from_secs(30), || async {
-        tiers_of(&c, "c/0").await == vec![Tier::Nvme]
+    wait_until("c/0..c/2 only on NVMe", Duration::from_secs(30), || async {
+        for k in ["c/0", "c/1", "c/2"] {
+            if tiers_of(&c, k).await != vec![Tier::Nvme] {
+                return false;
+            }
+        }
+        true
     })
     .await;
     let info = c.locate(&[b"c/0"]).await.pop().unwrap().unwrap().unwrap();
@@ -280,6 +285,23 @@ async fn corrupted_record_is_a_miss_and_the_master_forgets_it() {
         f.write_all_at(&b, offset + 1000).unwrap();
         f.sync_all().unwrap();
     }
+    // One request of three NVMe reads, the corrupt one in the middle: the node streams the
+    // answer, so the corruption is found after the head went out; that op alone is a miss and
+    // its neighbours' bytes are whole.
+    let batch = c.get_batch(&[b"c/1", b"c/0", b"c/2"]).await;
+    assert_eq!(batch.len(), 3);
+    assert_eq!(
+        batch[0].as_ref().unwrap().as_deref(),
+        Some(&value(1, len)[..])
+    );
+    assert!(
+        batch[1].as_ref().unwrap().is_none(),
+        "a corrupt record must read as a miss, in a batch too"
+    );
+    assert_eq!(
+        batch[2].as_ref().unwrap().as_deref(),
+        Some(&value(2, len)[..])
+    );
     assert!(
         c.get(b"c/0").await.unwrap().is_none(),
         "a corrupt record must read as a miss"

@@ -20,6 +20,12 @@ pub const VERSION: u8 = 2;
 
 /// Flag bit: the frame is a response.
 pub const FLAG_RESPONSE: u8 = 0b0000_0001;
+/// Flag bit of a `Read`: on the request, the reader takes a streamed answer; on the response,
+/// the answer is streamed (each admitted op's bytes followed by its status,
+/// [`crate::msg::ReadStatus`]). A node that does not know the bit ignores it (flags were never
+/// checked) and answers in the plain layout, without the bit, so the reader parses what the
+/// response says it is.
+pub const FLAG_STREAMED: u8 = 0b0000_0010;
 
 /// Size limits a receiver enforces before it allocates anything for a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +117,17 @@ impl FrameHeader {
 
     pub fn is_response(&self) -> bool {
         self.flags & FLAG_RESPONSE != 0
+    }
+
+    /// Whether [`FLAG_STREAMED`] is set.
+    pub fn is_streamed(&self) -> bool {
+        self.flags & FLAG_STREAMED != 0
+    }
+
+    /// The header with `flags` set in addition to its own.
+    pub fn with_flags(mut self, flags: u8) -> Self {
+        self.flags |= flags;
+        self
     }
 
     pub fn code(&self) -> ErrorCode {

@@ -737,6 +737,36 @@ impl Message for Read {
     type Response = UnitResponse;
 }
 
+/// The status that follows each admitted op's bytes in a streamed `Read` answer
+/// ([`crate::header::FLAG_STREAMED`]): two bytes, the op's error code little-endian, 0 when
+/// the bytes before it are the op's. It comes after the bytes because a slower tier's read is
+/// checked (its crc32c, its record header) only once its last part has landed, and the node
+/// sends parts before that; the bytes of a failed op are filler of the op's length, so the
+/// frame's payload length is known when its head goes out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadStatus(pub ErrorCode);
+
+impl ReadStatus {
+    /// Bytes of a status on the wire.
+    pub const LEN: usize = 2;
+
+    pub fn encode(self) -> [u8; Self::LEN] {
+        (self.0 as u16).to_le_bytes()
+    }
+
+    /// Any two bytes decode (an unknown code is kept as the catch-all, never an `Ok`).
+    pub fn decode(b: [u8; Self::LEN]) -> ReadStatus {
+        ReadStatus(ErrorCode::from_u16(u16::from_le_bytes(b)))
+    }
+
+    /// The payload bytes of a streamed answer: every admitted op's bytes and status.
+    pub fn payload_len(admitted: impl IntoIterator<Item = u64>) -> u64 {
+        admitted.into_iter().fold(0u64, |sum, len| {
+            sum.saturating_add(len).saturating_add(Self::LEN as u64)
+        })
+    }
+}
+
 /// One write of a segment range; its bytes are the next `len` bytes of the payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WriteOp {
@@ -880,6 +910,27 @@ impl Message for HandoffAbort {
 
 #[cfg(test)]
 mod tests {
+
+    /// A streamed read's op status: two bytes, little-endian, 0 for success; any two bytes
+    /// decode, and a code this build does not know is never read as success.
+    #[test]
+    fn read_status_bytes_are_pinned() {
+        assert_eq!(ReadStatus(ErrorCode::Ok).encode(), [0, 0]);
+        let nf = ReadStatus(ErrorCode::NotFound).encode();
+        assert_eq!(u16::from_le_bytes(nf), ErrorCode::NotFound as u16);
+        assert_eq!(ReadStatus::decode(nf), ReadStatus(ErrorCode::NotFound));
+        assert_eq!(ReadStatus::decode([0xff, 0xfe]).0, ErrorCode::Unknown);
+        assert_ne!(ErrorCode::Unknown, ErrorCode::Ok);
+        assert_eq!(
+            ReadStatus::payload_len([4096, 1 << 20]),
+            4096 + (1 << 20) + 4
+        );
+        assert_eq!(
+            ReadStatus::payload_len([u64::MAX, 1]),
+            u64::MAX,
+            "saturates"
+        );
+    }
     use super::*;
     use proptest::prelude::*;
 

@@ -53,6 +53,10 @@ pub struct StoreConfig {
     /// The Unix socket same-host clients attach through [unset: `$XDG_RUNTIME_DIR`, else the
     /// temporary directory, `kvpool-store-<pid>-<port>.sock`]. Removed when the node stops.
     pub shm_socket: Option<std::path::PathBuf>,
+    /// Stream read answers to clients that ask for it [true]: each op's bytes go out as soon
+    /// as it and the ops before it are read, instead of after the whole request (matters for
+    /// the NVMe tier). `false` answers every read in the plain layout.
+    pub stream_reads: bool,
 }
 
 impl Default for StoreConfig {
@@ -72,6 +76,7 @@ impl Default for StoreConfig {
             nvme: None,
             shm: true,
             shm_socket: None,
+            stream_reads: true,
         }
     }
 }

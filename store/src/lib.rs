@@ -194,6 +194,7 @@ pub async fn start(mut cfg: StoreConfig, listener: TcpListener) -> Result<StoreH
             Ok(l) => {
                 let opts = DataServerOptions {
                     token: cfg.token.clone(),
+                    plain_reads: !cfg.stream_reads,
                     ..DataServerOptions::default()
                 };
                 let served =
@@ -222,6 +223,7 @@ pub async fn start(mut cfg: StoreConfig, listener: TcpListener) -> Result<StoreH
     let opts = DataServerOptions {
         token: cfg.token.clone(),
         shm_socket: shm.as_ref().map(|(_, p)| p.to_string_lossy().into_owned()),
+        plain_reads: !cfg.stream_reads,
         #[cfg(feature = "rdma")]
         rdma: rdma.as_ref().map(rdma::Registration::device),
     };

@@ -20,12 +20,12 @@ use crate::node::Node;
 
 pub use kvpool_transport::dataplane::DIRECT_MIN;
 
-/// A value read off the NVMe tier, as the data server sends it.
-struct Disk(crate::nvme::ValueBuf);
+/// A part of a value read off the NVMe tier, as the data server sends it.
+struct DiskPart(crate::nvme::Part);
 
-impl OwnedPayload for Disk {
+impl OwnedPayload for DiskPart {
     fn slices(&self) -> Vec<&[u8]> {
-        self.0.slices().collect()
+        vec![self.0.bytes()]
     }
 }
 
@@ -53,11 +53,11 @@ impl SegmentStore for Node {
         len: u64,
     ) -> Result<Source<'_>, WireError> {
         if let Some(nvme) = self.nvme(segment) {
-            return Ok(Source::Disk(Box::pin(async move {
-                nvme.read(offset, len)
-                    .await
-                    .map(|v| Box::new(Disk(v)) as OwnedBytes)
-            })));
+            let parts = nvme.read_parts(offset, len)?;
+            return Ok(Source::Disk(Box::pin(futures::StreamExt::map(
+                parts,
+                |p| p.map(|p| Box::new(DiskPart(p)) as OwnedBytes),
+            ))));
         }
         // A reader only reads ranges the master handed out to it; concurrent writes to the
         // same bytes happen only after the object was freed or evicted, and then the client's

@@ -10,7 +10,7 @@ use kvpool_proto::{ErrorCode, InventoryEntry, ReplicaId, SegmentId, SegmentInfo,
 
 use crate::{
     inventory::LostReplicas,
-    nvme::{NvmeConfig, NvmeError, NvmeTier, ValueBuf},
+    nvme::{NvmeConfig, NvmeError, NvmeTier, Part, ValueBuf},
 };
 
 /// Where a record sits, by the offset of its extent.
@@ -121,6 +121,19 @@ impl NvmeSegment {
     /// Reads `len` bytes of a value starting at absolute `offset`. A read of a whole value
     /// is verified against its checksum by the engine.
     pub async fn read(&self, offset: u64, len: u64) -> Result<ValueBuf, WireError> {
+        ValueBuf::collect(self.read_parts(offset, len)?).await
+    }
+
+    /// [`read`](Self::read), part by part as the parts land (to send them while the rest is
+    /// still on the device). The stream ends with an error instead when the read or the
+    /// value's check fails; a record that fails its check is dropped here and reported as
+    /// lost, and the read answered as a miss.
+    pub fn read_parts(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<impl futures::Stream<Item = Result<Part, WireError>> + Send + Unpin + '_, WireError>
+    {
         let found = {
             let extents = self.lock();
             extents
@@ -142,29 +155,35 @@ impl NvmeSegment {
             ));
         };
         let start = offset - e.value_start(record);
-        let r = self
+        let parts = self
             .tier
-            .read_value(record, e.key_len, e.value_len, (start, len))
-            .await;
-        match r {
-            Ok(v) => {
-                self.tier.touch(e.replica);
-                Ok(v)
-            }
-            Err(err @ (NvmeError::ChecksumMismatch { .. } | NvmeError::Corrupt { .. })) => {
+            .read_value_parts(record, e.key_len, e.value_len, (start, len))
+            .map_err(wire)?;
+        // Counted as a hit when the read starts: a read that then fails drops the record.
+        self.tier.touch(e.replica);
+        Ok(futures::StreamExt::map(parts, move |r| {
+            r.map_err(|err| self.failed(e.replica, err))
+        }))
+    }
+
+    /// What a failed read of replica `replica` answers; a record that failed its check is
+    /// never served again.
+    fn failed(&self, replica: u64, err: NvmeError) -> WireError {
+        match err {
+            err @ (NvmeError::ChecksumMismatch { .. } | NvmeError::Corrupt { .. }) => {
                 // Never serve it again: the record is dropped here, and the read is answered
                 // as a miss (the client then tries another replica or recomputes).
-                tracing::warn!(replica = e.replica, "dropping a corrupt NVMe record: {err}");
-                self.free(ReplicaId(e.replica));
+                tracing::warn!(replica, "dropping a corrupt NVMe record: {err}");
+                self.free(ReplicaId(replica));
                 // ...and the master hears of it in the next heartbeat, so lookups stop
                 // counting a replica that every read would miss.
-                self.lost.record(ReplicaId(e.replica));
-                Err(WireError::new(
+                self.lost.record(ReplicaId(replica));
+                WireError::new(
                     ErrorCode::NotFound,
                     format!("NVMe record corrupt and dropped: {err}"),
-                ))
+                )
             }
-            Err(err) => Err(wire(err)),
+            err => wire(err),
         }
     }
 

@@ -108,8 +108,19 @@ pub async fn write_head<W: AsyncWrite + Unpin>(
 
 /// Encodes a request frame's header and body into one buffer.
 pub fn encode_request<M: Message>(request_id: u64, msg: &M, payload_len: u64) -> Vec<u8> {
+    encode_request_flagged(request_id, msg, payload_len, 0)
+}
+
+/// [`encode_request`] with header `flags` (such as `FLAG_STREAMED` on a `Read`).
+pub fn encode_request_flagged<M: Message>(
+    request_id: u64,
+    msg: &M,
+    payload_len: u64,
+    flags: u8,
+) -> Vec<u8> {
     let body = encode_body(msg);
-    let header = FrameHeader::request(M::OPCODE as u8, request_id, body_len(&body), payload_len);
+    let header = FrameHeader::request(M::OPCODE as u8, request_id, body_len(&body), payload_len)
+        .with_flags(flags);
     let mut buf = Vec::with_capacity(HEADER_LEN + body.len());
     buf.extend_from_slice(&header.encode());
     buf.extend_from_slice(&body);
@@ -123,6 +134,17 @@ pub fn encode_response<T: Serialize>(
     msg: &T,
     payload_len: u64,
 ) -> Vec<u8> {
+    encode_response_flagged(opcode, request_id, msg, payload_len, 0)
+}
+
+/// [`encode_response`] with header `flags` in addition to the response bit.
+pub fn encode_response_flagged<T: Serialize>(
+    opcode: u8,
+    request_id: u64,
+    msg: &T,
+    payload_len: u64,
+    flags: u8,
+) -> Vec<u8> {
     let body = encode_body(msg);
     let header = FrameHeader::response(
         opcode,
@@ -130,7 +152,8 @@ pub fn encode_response<T: Serialize>(
         ErrorCode::Ok,
         body_len(&body),
         payload_len,
-    );
+    )
+    .with_flags(flags);
     let mut buf = Vec::with_capacity(HEADER_LEN + body.len());
     buf.extend_from_slice(&header.encode());
     buf.extend_from_slice(&body);

@@ -129,10 +129,10 @@ pub fn decode_header(block: &[u8]) -> Result<(RecordHeader, &[u8]), LayoutError>
 
 /// crc32c of the header with its checksum field taken as zero, then of the key.
 fn header_crc(hdr: &[u8], key: &[u8]) -> u32 {
-    let crc = crc32c::crc32c(&hdr[..HEADER_CRC_AT]);
-    let crc = crc32c::crc32c_append(crc, &[0; 4]);
-    let crc = crc32c::crc32c_append(crc, &hdr[HEADER_CRC_AT + 4..HEADER_LEN]);
-    crc32c::crc32c_append(crc, key)
+    let crc = kvpool_proto::crc32c::crc32c(&hdr[..HEADER_CRC_AT]);
+    let crc = kvpool_proto::crc32c::crc32c_append(crc, &[0; 4]);
+    let crc = kvpool_proto::crc32c::crc32c_append(crc, &hdr[HEADER_CRC_AT + 4..HEADER_LEN]);
+    kvpool_proto::crc32c::crc32c_append(crc, key)
 }
 
 #[cfg(test)]

@@ -47,6 +47,6 @@ pub use device::Device;
 pub use engine::{IoEngine, IoEngineKind, IoFuture, IoResult};
 pub use error::NvmeError;
 pub use layout::{record_len, value_offset, MAX_KEY_LEN, NVME_ALIGN};
-pub use read::ValueBuf;
+pub use read::{Part, PartStream, ValueBuf};
 pub use records::NvmeRecordInfo;
 pub use tier::NvmeTier;

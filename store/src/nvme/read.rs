@@ -4,11 +4,16 @@
 //! while one part alone would leave it idle between requests), each into a buffer of its own
 //! (a registered staging buffer where one is free), and each part's share of the value is
 //! checksummed as soon as it lands; the parts' checksums are then combined, so verifying a
-//! whole value costs no pass of its own after the last part.
+//! whole value costs no pass of its own after the last part. The parts come out in order as
+//! they land ([`NvmeTier::read_value_parts`]), so a caller can send the first while the
+//! others are still on the device; the verdict on a whole value comes after its last part.
 
-use std::ops::Range;
+use std::{ops::Range, pin::Pin};
 
-use futures::future::join_all;
+use futures::{
+    stream::{self, FuturesOrdered},
+    Stream, StreamExt,
+};
 
 use super::{
     layout::{align_down, align_up, decode_header},
@@ -21,41 +26,54 @@ use super::{
 /// has its parts in 2 MiB staging buffers).
 const READ_PART: u64 = 256 << 10;
 
-/// A value (or a range of it) read from the tier: the aligned buffers its parts were read
-/// into, in order, and where the requested bytes are in their concatenation.
-pub struct ValueBuf {
-    parts: Vec<AlignedBuf>,
+/// One landed part of a read: the aligned buffer it was read into, and where the requested
+/// bytes are in it (none, for a part that holds only the header or alignment padding).
+pub struct Part {
+    buf: AlignedBuf,
     range: Range<usize>,
 }
 
+impl Part {
+    /// The requested bytes this part holds.
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[self.range.clone()]
+    }
+}
+
+/// A read's parts in order, as they land; an `Err` ends it (the read, or the whole value's
+/// check after its last part, failed: the parts before it are not the value).
+pub type PartStream<'a> = Pin<Box<dyn Stream<Item = Result<Part, NvmeError>> + Send + 'a>>;
+
+/// A value (or a range of it) read from the tier and checked: its parts, in order.
+pub struct ValueBuf {
+    parts: Vec<Part>,
+}
+
 impl ValueBuf {
-    fn empty() -> ValueBuf {
-        ValueBuf {
-            parts: Vec::new(),
-            range: 0..0,
+    /// Collects a read's parts; its error, if it ends with one.
+    pub async fn collect<E>(
+        mut parts: impl Stream<Item = Result<Part, E>> + Unpin,
+    ) -> Result<ValueBuf, E> {
+        let mut v = ValueBuf { parts: Vec::new() };
+        while let Some(p) = parts.next().await {
+            v.parts.push(p?);
         }
+        Ok(v)
     }
 
     /// The requested bytes' length.
     pub fn len(&self) -> usize {
-        self.range.len()
+        self.parts.iter().map(|p| p.range.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.range.is_empty()
+        self.len() == 0
     }
 
     /// The requested bytes, as slices of the part buffers, in order (to send them without a
     /// copy).
     pub fn slices(&self) -> impl Iterator<Item = &[u8]> {
-        let range = self.range.clone();
-        let mut at = 0usize;
-        self.parts.iter().filter_map(move |p| {
-            let (lo, hi) = (at, at + p.len());
-            at = hi;
-            let (s, e) = (range.start.max(lo), range.end.min(hi));
-            (s < e).then(|| &p[s - lo..e - lo])
-        })
+        self.parts.iter().map(Part::bytes).filter(|b| !b.is_empty())
     }
 
     /// Copies the requested bytes into `dst`, which must be exactly [`len`](Self::len) long.
@@ -91,6 +109,16 @@ fn parts(len: u64, max: u64) -> Vec<Range<u64>> {
         .collect()
 }
 
+/// Where a part's check stands while the parts land.
+struct Landing<F: std::future::Future> {
+    reads: FuturesOrdered<F>,
+    /// The combined crc32c of the value bytes landed so far (whole reads).
+    crc: Option<u32>,
+    /// The record's header bytes, copied out of the first part (whole reads).
+    header: Option<Vec<u8>>,
+    done: bool,
+}
+
 impl NvmeTier {
     /// Reads `range` = (start, len) of the value of the record at `offset` (whose key is
     /// `key_len` bytes and value `value_len`). A read of the whole value also reads the
@@ -103,7 +131,21 @@ impl NvmeTier {
         value_len: u64,
         range: (u64, u64),
     ) -> Result<ValueBuf, NvmeError> {
-        let s = &self.shared;
+        ValueBuf::collect(self.read_value_parts(offset, key_len, value_len, range)?).await
+    }
+
+    /// [`read_value`](Self::read_value), part by part: every part is read at once, and each
+    /// comes out (its share of the value checksummed) as soon as it and the parts before it
+    /// have landed. A whole value's verdict (header and crc32c) is the stream's last item
+    /// when it fails; the stream just ends when it holds.
+    pub fn read_value_parts(
+        &self,
+        offset: u64,
+        key_len: usize,
+        value_len: u64,
+        range: (u64, u64),
+    ) -> Result<PartStream<'_>, NvmeError> {
+        let s = &*self.shared;
         if key_len == 0 || key_len > MAX_KEY_LEN {
             return Err(NvmeError::InvalidArgument(format!(
                 "key length {key_len} (1 to {MAX_KEY_LEN})"
@@ -117,7 +159,7 @@ impl NvmeTier {
             )));
         }
         if len == 0 {
-            return Ok(ValueBuf::empty());
+            return Ok(Box::pin(stream::empty()));
         }
         let vo = value_offset(key_len);
         let whole = start == 0 && len == value_len;
@@ -128,51 +170,83 @@ impl NvmeTier {
             let a = align_down(vo + start, NVME_ALIGN);
             (offset + a, align_up(vo + start + len, NVME_ALIGN) - a)
         };
-        let skip = (offset + vo + start - io_off) as usize;
-        // The value's bytes, relative to the read's start (what a whole read checksums).
+        // The requested bytes, and the value's bytes (what a whole read checksums), relative
+        // to the read's start.
+        let skip = offset + vo + start - io_off;
+        let wanted = skip..skip + len;
         let value = vo..vo + value_len;
-        let reads = parts(io_len, s.read_parts).into_iter().map(|p| {
-            let n = (p.end - p.start) as usize;
-            let buf = if n <= s.pool.buf_size() {
-                s.pool.take_or_alloc(n)
-            } else {
-                AlignedBuf::new(n)
-            };
-            let value = value.clone();
-            async move {
-                let (buf, r) = s.engine.read(buf, io_off + p.start).await;
-                r.map_err(|e| s.io_failed("read", io_off + p.start, p.end - p.start, e))?;
-                // This part's share of the value, checksummed while it is in cache.
-                let (vs, ve) = (value.start.max(p.start), value.end.min(p.end));
-                let crc = (whole && vs < ve).then(|| {
-                    let share = &buf[(vs - p.start) as usize..(ve - p.start) as usize];
-                    (crc32c::crc32c(share), share.len())
-                });
-                Ok::<_, NvmeError>((buf, crc))
+        let reads: FuturesOrdered<_> = parts(io_len, s.read_parts)
+            .into_iter()
+            .map(|p| {
+                let n = (p.end - p.start) as usize;
+                let buf = if n <= s.pool.buf_size() {
+                    s.pool.take_or_alloc(n)
+                } else {
+                    AlignedBuf::new(n)
+                };
+                let (value, wanted) = (value.clone(), wanted.clone());
+                async move {
+                    let (buf, r) = s.engine.read(buf, io_off + p.start).await;
+                    r.map_err(|e| s.io_failed("read", io_off + p.start, p.end - p.start, e))?;
+                    // This part's share of the value, checksummed while it is in cache.
+                    let (vs, ve) = (value.start.max(p.start), value.end.min(p.end));
+                    let crc = (whole && vs < ve).then(|| {
+                        let share = &buf[(vs - p.start) as usize..(ve - p.start) as usize];
+                        (kvpool_proto::crc32c::crc32c(share), share.len())
+                    });
+                    // This part's share of the requested bytes (none: header or padding).
+                    let (ws, we) = (wanted.start.max(p.start), wanted.end.min(p.end));
+                    let range = if ws < we {
+                        (ws - p.start) as usize..(we - p.start) as usize
+                    } else {
+                        0..0
+                    };
+                    Ok::<_, NvmeError>((buf, range, p.start == 0, crc))
+                }
+            })
+            .collect();
+        let landing = Landing {
+            reads,
+            crc: None,
+            header: None,
+            done: false,
+        };
+        let parts = stream::unfold(landing, move |mut st| async move {
+            if st.done {
+                return None;
+            }
+            match st.reads.next().await {
+                Some(Ok((buf, range, first, part_crc))) => {
+                    if let Some((c, n)) = part_crc {
+                        st.crc = Some(match st.crc {
+                            None => c,
+                            Some(acc) => kvpool_proto::crc32c::crc32c_combine(acc, c, n),
+                        });
+                    }
+                    if whole && first {
+                        // The header is in the first part: parts are at least 64 KiB, a
+                        // header block at most 8 KiB.
+                        st.header = Some(buf[..vo as usize].to_vec());
+                    }
+                    Some((Ok(Part { buf, range }), st))
+                }
+                Some(Err(e)) => {
+                    st.done = true;
+                    Some((Err(e), st))
+                }
+                None => {
+                    st.done = true;
+                    if !whole {
+                        return None;
+                    }
+                    let header = st.header.take().unwrap_or_default();
+                    let verdict =
+                        s.verify(offset, key_len, value_len, &header, st.crc.unwrap_or(0));
+                    verdict.err().map(|e| (Err(e), st))
+                }
             }
         });
-        let mut bufs = Vec::new();
-        let mut crc = None;
-        for part in join_all(reads).await {
-            let (buf, part_crc) = part?;
-            if let Some((c, n)) = part_crc {
-                crc = Some(match crc {
-                    None => c,
-                    Some(acc) => crc32c::crc32c_combine(acc, c, n),
-                });
-            }
-            bufs.push(buf);
-        }
-        if whole {
-            // The header is in the first part: parts are at least 64 KiB, a header block at
-            // most 8 KiB.
-            let header = &bufs[0][..vo as usize];
-            s.verify(offset, key_len, value_len, header, crc.unwrap_or(0))?;
-        }
-        Ok(ValueBuf {
-            parts: bufs,
-            range: skip..skip + len as usize,
-        })
+        Ok(Box::pin(parts))
     }
 
     /// [`read_value`](Self::read_value) into `dst`, which must be exactly `range.1` bytes.

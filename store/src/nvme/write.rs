@@ -59,7 +59,7 @@ impl NvmeTier {
         // before its single write; a larger one is checked up front, in a pass of its own.
         let one_piece = total <= piece;
         if !one_piece {
-            let actual = crc32c::crc32c(value);
+            let actual = kvpool_proto::crc32c::crc32c(value);
             if actual != checksum {
                 return Err(mismatch(actual));
             }
@@ -151,7 +151,7 @@ fn fill_record(dst: &mut [u8], pos: usize, header: &[u8], value: &[u8], mut crc:
             .zip(value[a - hb..b - hb].chunks(STRIDE))
         {
             d.copy_from_slice(v);
-            crc = crc32c::crc32c_append(crc, d);
+            crc = kvpool_proto::crc32c::crc32c_append(crc, d);
         }
         covered = b;
     }
@@ -178,7 +178,7 @@ mod tests {
         let total = 4096 + 8192;
         let mut whole = vec![0xAAu8; total];
         let crc = fill_record(&mut whole, 0, &header, &value, 0);
-        assert_eq!(crc, crc32c::crc32c(&value));
+        assert_eq!(crc, kvpool_proto::crc32c::crc32c(&value));
         assert_eq!(&whole[..4096], &header[..]);
         assert_eq!(&whole[4096..4096 + 5000], &value[..]);
         assert!(whole[4096 + 5000..].iter().all(|&b| b == 0));
@@ -195,7 +195,7 @@ mod tests {
                 pos += n;
             }
             assert_eq!(out, whole, "piece {piece}");
-            assert_eq!(crc, crc32c::crc32c(&value), "piece {piece}");
+            assert_eq!(crc, kvpool_proto::crc32c::crc32c(&value), "piece {piece}");
         }
     }
 }

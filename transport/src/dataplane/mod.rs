@@ -17,7 +17,10 @@
 //! closed. Either way only that connection is affected.
 
 mod rdma;
+mod read;
 mod stream;
+#[cfg(test)]
+mod tests;
 
 use std::{future::Future, pin::Pin, sync::Arc};
 
@@ -34,7 +37,7 @@ use tokio::{
 };
 
 pub use rdma::rdma_unsupported;
-pub use stream::{recv_exact, send_all, RawSocket};
+pub use stream::{recv_exact, send_all, write_all_gathered, RawSocket, MAX_IOVECS};
 
 use crate::{
     frame,
@@ -74,14 +77,18 @@ impl OwnedPayload for Vec<u8> {
     }
 }
 
-/// A read of a slower tier, started by [`SegmentStore::read_range`].
-pub type DiskRead<'a> = Pin<Box<dyn Future<Output = Result<OwnedBytes, WireError>> + Send + 'a>>;
+/// A read of a slower tier, started by [`SegmentStore::read_range`]: the range's bytes in
+/// order, in one or more parts, each as soon as it (and the parts before it) has landed. An
+/// `Err` ends it: the read failed, or the check of the whole value after its last part did,
+/// and the parts before it are not to be used.
+pub type DiskRead<'a> =
+    Pin<Box<dyn futures::Stream<Item = Result<OwnedBytes, WireError>> + Send + 'a>>;
 
 /// Where the bytes of a range to read are.
 pub enum Source<'a> {
     /// In memory: sent straight from there.
     Memory(SharedRange),
-    /// On a slower tier: read into an owned buffer first.
+    /// On a slower tier: read into owned buffers first, part by part.
     Disk(DiskRead<'a>),
 }
 
@@ -138,6 +145,10 @@ pub struct DataServerOptions {
     /// The node's Unix socket for same-host clients, told to whoever asks `ShmInfo`
     /// [unset: the node shares no memory].
     pub shm_socket: Option<String>,
+    /// Answer every `Read` in the plain layout, even when the client asks for a streamed
+    /// answer [false: streamed when asked]. For measuring the two against each other, and a
+    /// way back should a streamed answer misbehave.
+    pub plain_reads: bool,
     /// The node's RDMA device, its segments registered, for `RdmaConnect` [unset: answered
     /// `TransportUnsupported`].
     #[cfg(feature = "rdma")]
@@ -311,7 +322,7 @@ async fn serve_connection<S: Conn, T: SegmentStore>(
         }
         let started = std::time::Instant::now();
         let served = match Opcode::try_from(h.opcode) {
-            Ok(Opcode::Read) => read(io, store, &h).await,
+            Ok(Opcode::Read) => read(io, store, opts, &h).await,
             Ok(Opcode::Write) => write(io, store, &h).await,
             Ok(Opcode::ShmInfo) => shm_info(io, store, opts, &h).await,
             Ok(Opcode::ShmAttach) => shm_attach(io, store, &h).await,
@@ -388,26 +399,14 @@ async fn reply_error<S: Conn>(
     Ok(())
 }
 
-/// The bytes of one read op: in (shared) memory, or read off a slower tier.
-enum Bytes {
-    Memory(SharedRange),
-    Owned(OwnedBytes),
-}
-
-impl Bytes {
-    fn len(&self) -> usize {
-        match self {
-            Bytes::Memory(r) => r.len(),
-            Bytes::Owned(b) => b.slices().iter().map(|s| s.len()).sum(),
-        }
-    }
-}
-
-/// Reads ranges: validates every op, sends the answer's head, then streams each successful
-/// op's bytes.
+/// Reads ranges: validates every op, then answers in the layout the client asked for: the
+/// plain one (every op read, then the head with each op's result, then the bytes of those
+/// that succeeded), or streamed ([`read::streamed`]) when the request carries
+/// `FLAG_STREAMED`.
 async fn read<S: Conn, T: SegmentStore>(
     io: &mut Io<S>,
     store: &T,
+    opts: &DataServerOptions,
     h: &FrameHeader,
 ) -> Result<(), Close> {
     let body = frame::read_body(io, h.body_len).await?;
@@ -425,105 +424,12 @@ async fn read<S: Conn, T: SegmentStore>(
         );
         return reply_error(io, h, WireError::new(ErrorCode::InvalidArgument, msg)).await;
     }
-    let expect = |i: usize| req.expect.get(i).copied().flatten();
-    // Slower-tier ranges are read before the answer's head goes out, so that a failed read
-    // becomes that op's error rather than a broken stream; all of a request's disk reads are
-    // in flight at once, so a batch keeps the device's queue busy.
-    let sources: Vec<Result<Source<'_>, WireError>> = req
-        .ops
-        .iter()
-        .enumerate()
-        .map(|(i, op)| match expect(i) {
-            Some(r) if !store.holds(op.segment, op.offset, op.len, r) => Err(stale(r)),
-            _ => store.read_range(op.segment, op.offset, op.len),
-        })
-        .collect();
-    let landed = futures::future::join_all(sources.into_iter().enumerate().map(|(i, s)| {
-        let checked = expect(i).is_some();
-        async move {
-            match s? {
-                // A checked range is copied out before the head goes out, so the tag can be
-                // checked again once the bytes are ours: a free and reuse of the range that
-                // raced the copy is then caught as a stale location, not sent as the object.
-                Source::Memory(r) if checked => {
-                    let mut copy = vec![0u8; r.len()];
-                    r.copy_to(&mut copy);
-                    Ok(Bytes::Owned(Box::new(copy)))
-                }
-                Source::Memory(r) => Ok(Bytes::Memory(r)),
-                Source::Disk(read) => read.await.map(Bytes::Owned),
-            }
-        }
-    }))
-    .await;
-    // The second check, of checked reads only (an unchecked request's answer is as landed).
-    let landed: Vec<Result<Bytes, WireError>> = if req.expect.is_empty() {
-        landed
+    let sources = read::admit(store, &req);
+    if h.is_streamed() && !opts.plain_reads {
+        read::streamed(io, store, h, &req, sources).await
     } else {
-        landed
-            .into_iter()
-            .zip(&req.ops)
-            .enumerate()
-            .map(|(i, (b, op))| match (b, expect(i)) {
-                (Ok(_), Some(r)) if !store.holds(op.segment, op.offset, op.len, r) => Err(stale(r)),
-                (b, _) => b,
-            })
-            .collect()
-    };
-    let mut items = Vec::with_capacity(req.ops.len());
-    let mut bytes = Vec::with_capacity(req.ops.len());
-    let mut total = 0u64;
-    for b in landed {
-        match b {
-            Ok(b) => {
-                total = total.saturating_add(b.len() as u64);
-                bytes.push(b);
-                items.push(Ok(()));
-            }
-            Err(e) => items.push(Err(e)),
-        }
+        read::plain(io, store, h, &req, sources).await
     }
-    if total > store.limits().max_payload {
-        let msg = format!(
-            "the ops ask for {total} bytes, more than one response may carry ({})",
-            store.limits().max_payload
-        );
-        return reply_error(io, h, WireError::new(ErrorCode::FrameTooLarge, msg)).await;
-    }
-    let head = frame::encode_response(h.opcode, h.request_id, &UnitResponse { items }, total);
-    let w = io.get_mut();
-    w.write_all(&head).await?;
-    store.payload_moved(true, total);
-    let mut scratch = Vec::new();
-    for b in &bytes {
-        match b {
-            Bytes::Memory(r) if r.len() >= DIRECT_MIN => {
-                w.flush().await?;
-                send_all(w.get_ref(), *r).await?;
-            }
-            Bytes::Memory(r) => {
-                // Small: through the write buffer, by way of an owned copy (no slice over
-                // segment memory is formed).
-                scratch.resize(r.len(), 0);
-                r.copy_to(&mut scratch);
-                w.write_all(&scratch).await?;
-            }
-            Bytes::Owned(b) => {
-                for s in b.slices() {
-                    w.write_all(s).await?;
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The answer to a checked read whose range no longer holds the replica the client expected.
-fn stale(replica: ReplicaId) -> WireError {
-    WireError::new(
-        ErrorCode::StaleLocation,
-        format!("the range no longer holds replica {}", replica.0),
-    )
 }
 
 /// Writes ranges: each op's bytes go from the socket straight into segment memory; a refused

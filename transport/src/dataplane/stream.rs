@@ -1,14 +1,21 @@
 //! Sockets the data server moves segment bytes through, with the payload I/O that goes
 //! between a socket and a [`SharedRange`] without forming a slice over it.
 
-use std::{future::Future, io, os::fd::AsRawFd};
+use std::{
+    future::Future,
+    io::{self, IoSlice},
+    os::fd::AsRawFd,
+};
 
 use tokio::{
-    io::{AsyncRead, AsyncWrite, Interest},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest},
     net::{TcpStream, UnixStream},
 };
 
 use crate::{memory::SharedRange, TransportError};
+
+/// Most slices one vectored syscall is given (Linux's `IOV_MAX`).
+pub const MAX_IOVECS: usize = 1024;
 
 /// A non-blocking stream socket whose readiness tokio tracks: TCP or Unix.
 pub trait RawSocket: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + Sync + 'static {
@@ -55,6 +62,41 @@ pub async fn recv_exact<S: RawSocket>(s: &S, dst: SharedRange) -> Result<(), Tra
     Ok(())
 }
 
+/// Resolves once the peer has closed the connection (end of stream, or an error such as a
+/// reset), so that a server waiting on something slow for that peer can stop. Never resolves
+/// while the peer has sent bytes not yet read (a pipelined request: the peer is there).
+pub async fn peer_gone<S: RawSocket>(s: &S) -> io::Result<()> {
+    loop {
+        s.wait(Interest::READABLE).await?;
+        let mut b = [0u8; 1];
+        let peeked = s.try_raw(Interest::READABLE, || {
+            // SAFETY: `b` is valid for writes of its length for the whole call; MSG_PEEK
+            // leaves the byte in the socket for the reader.
+            let n = unsafe {
+                libc::recv(
+                    s.as_raw_fd(),
+                    b.as_mut_ptr().cast(),
+                    b.len(),
+                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        });
+        match peeked {
+            Ok(0) => return Ok(()),
+            // Readiness stays set while bytes wait; the peer is alive, nothing to watch.
+            Ok(_) => return std::future::pending().await,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Sends all of `src` to `s`.
 pub async fn send_all<S: RawSocket>(s: &S, src: SharedRange) -> io::Result<()> {
     let mut at = 0;
@@ -70,6 +112,38 @@ pub async fn send_all<S: RawSocket>(s: &S, src: SharedRange) -> io::Result<()> {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
+    }
+    Ok(())
+}
+
+/// Writes all of `bufs`, in order, with as few `writev`s as the socket allows.
+pub async fn write_all_gathered<W: AsyncWrite + Unpin>(
+    conn: &mut W,
+    bufs: &[&[u8]],
+) -> io::Result<()> {
+    // Position: the first unwritten byte is `bufs[at][skip]`.
+    let (mut at, mut skip) = (0, 0);
+    let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(MAX_IOVECS.min(bufs.len()));
+    while at < bufs.len() {
+        iov.clear();
+        iov.push(IoSlice::new(&bufs[at][skip..]));
+        iov.extend(
+            bufs[at + 1..]
+                .iter()
+                .take(MAX_IOVECS - 1)
+                .map(|b| IoSlice::new(b)),
+        );
+        let mut n = conn.write_vectored(&iov).await?;
+        if n == 0 && iov.iter().any(|b| !b.is_empty()) {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        // Step past what went out, and past empty slices, which a zero-byte write leaves.
+        while at < bufs.len() && n >= bufs[at].len() - skip {
+            n -= bufs[at].len() - skip;
+            at += 1;
+            skip = 0;
+        }
+        skip += n;
     }
     Ok(())
 }

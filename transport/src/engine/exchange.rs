@@ -1,11 +1,11 @@
 //! The on-the-wire exchanges: a write request's head and payloads out in vectored writes, a
 //! read response's payloads in with vectored reads, and the per-op results of either.
 
-use std::io::{IoSlice, IoSliceMut};
+use std::io::IoSliceMut;
 
 use kvpool_proto::{
-    decode_body, ErrorCode, FrameHeader, FrameLimits, ItemResult, Read, UnitResponse, WireError,
-    Write,
+    decode_body, header::FLAG_STREAMED, ErrorCode, FrameHeader, FrameLimits, ItemResult, Read,
+    ReadStatus, UnitResponse, WireError, Write,
 };
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
@@ -13,13 +13,15 @@ use tokio::{
 };
 
 use super::{chunk::Chunk, EngineOptions, DIRECT_READ_MIN};
-use crate::{frame, TransportError};
+use crate::{
+    dataplane::{write_all_gathered, MAX_IOVECS},
+    frame, TransportError,
+};
 
-/// Read buffer for a response's header, body and small payloads.
+/// Read buffer for a response's header, body and small payloads: at most this much ...
 const RESPONSE_BUF: usize = 256 << 10;
-
-/// Most slices one vectored syscall is given (Linux's `IOV_MAX`).
-const MAX_IOVECS: usize = 1024;
+/// ... and room for a read response's head beyond its small payloads.
+const HEAD_ROOM: usize = 16 << 10;
 
 /// The message of one request for chunks with slices `P`, and how its exchange runs. The
 /// exchange borrows the chunks rather than taking them, so a failed attempt on a pooled
@@ -64,8 +66,11 @@ impl<'a> Exchange<&'a [u8]> for Write {
     }
 }
 
-/// Sends the request, then lands each successful op's payload in its chunk's slices; an op's
-/// value is the crc32c of its bytes (0 unless `checksum_reads`).
+/// Sends the request (asking for a streamed answer), then lands each successful op's payload
+/// in its chunk's slices; an op's value is the crc32c of its bytes (0 unless
+/// `checksum_reads`). A streamed answer (the node sends each op as soon as it is read, its
+/// status after its bytes) and a plain one (from a node that predates streaming) are told
+/// apart by the response's `FLAG_STREAMED`.
 impl<'a> Exchange<&'a mut [u8]> for Read {
     type Value = u32;
     const OP: &'static str = "read";
@@ -77,11 +82,23 @@ impl<'a> Exchange<&'a mut [u8]> for Read {
         chunks: &mut [Chunk<&'a mut [u8]>],
         opts: &EngineOptions,
     ) -> Result<(TcpStream, Vec<ItemResult<u32>>), TransportError> {
-        conn.write_all(&frame::encode_request(id, self, 0)).await?;
+        conn.write_all(&frame::encode_request_flagged(id, self, 0, FLAG_STREAMED))
+            .await?;
         // Buffered, so a batch of small payloads costs a few syscalls instead of one each;
         // large chunks still go straight into their slices (`read_chunk`). The response is
         // the only thing on the wire, so nothing read ahead is lost when the reader is dropped.
-        let mut rd = BufReader::with_capacity(RESPONSE_BUF, &mut conn);
+        // Sized to what it can hold of this response (tokio zeroes it on creation, and a
+        // 64 KiB get paid for zeroing 256 KiB): the head and the small chunks' payloads.
+        let small: usize = chunks
+            .iter()
+            .map(|c| c.len)
+            .filter(|&n| n < DIRECT_READ_MIN)
+            .sum();
+        let cap = HEAD_ROOM
+            .saturating_add(small)
+            .saturating_add(chunks.len() * ReadStatus::LEN)
+            .min(RESPONSE_BUF);
+        let mut rd = BufReader::with_capacity(cap, &mut conn);
         let header = read_reply_header(&mut rd, &opts.limits, id).await?;
         let body = frame::read_body(&mut rd, header.body_len).await?;
         let resp: Vec<ItemResult<()>> = match frame::decode_response::<UnitResponse>(&header, &body)
@@ -94,12 +111,17 @@ impl<'a> Exchange<&'a mut [u8]> for Read {
             Err(e) => return Err(e),
         };
         check_count(resp.len(), chunks.len())?;
-        let expected: u64 = chunks
+        let streamed = header.is_streamed();
+        let admitted = chunks
             .iter()
             .zip(&resp)
             .filter(|(_, r)| r.is_ok())
-            .map(|(c, _)| c.len as u64)
-            .sum();
+            .map(|(c, _)| c.len as u64);
+        let expected = if streamed {
+            ReadStatus::payload_len(admitted)
+        } else {
+            admitted.sum()
+        };
         if header.payload_len != expected {
             return Err(TransportError::Protocol(format!(
                 "payload of {} bytes, expected {expected}",
@@ -108,55 +130,46 @@ impl<'a> Exchange<&'a mut [u8]> for Read {
         }
         let mut out = Vec::with_capacity(chunks.len());
         for (c, r) in chunks.iter_mut().zip(resp) {
-            out.push(match r {
-                Ok(()) => {
-                    read_chunk(&mut rd, c).await?;
-                    Ok(if opts.checksum_reads {
-                        c.bufs
-                            .iter()
-                            .fold(0, |crc, b| kvpool_proto::crc32c::crc32c_append(crc, b))
-                    } else {
-                        0
-                    })
+            if let Err(e) = r {
+                out.push(Err(e));
+                continue;
+            }
+            let mut status = [0u8; ReadStatus::LEN];
+            if streamed {
+                // The status lands with the bytes before it, in the same vectored reads.
+                let mut bufs: Vec<&mut [u8]> = c
+                    .bufs
+                    .iter_mut()
+                    .map(|b| &mut **b)
+                    .chain(std::iter::once(&mut status[..]))
+                    .collect();
+                read_scattered(&mut rd, &mut bufs, c.len + ReadStatus::LEN).await?;
+                drop(bufs);
+                let ReadStatus(code) = ReadStatus::decode(status);
+                if code != ErrorCode::Ok {
+                    // The bytes just read are filler; the node logged why.
+                    out.push(Err(WireError::new(
+                        code,
+                        format!(
+                            "the node could not read this op after its answer began ({code:?})"
+                        ),
+                    )));
+                    continue;
                 }
-                Err(e) => Err(e),
-            });
+            } else {
+                read_chunk(&mut rd, c).await?;
+            }
+            out.push(Ok(if opts.checksum_reads {
+                c.bufs
+                    .iter()
+                    .fold(0, |crc, b| kvpool_proto::crc32c::crc32c_append(crc, b))
+            } else {
+                0
+            }));
         }
         drop(rd);
         Ok((conn, out))
     }
-}
-
-/// Writes all of `bufs`, in order, with as few `writev`s as the socket allows.
-pub(super) async fn write_all_gathered(
-    conn: &mut TcpStream,
-    bufs: &[&[u8]],
-) -> std::io::Result<()> {
-    // Position: the first unwritten byte is `bufs[at][skip]`.
-    let (mut at, mut skip) = (0, 0);
-    let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(MAX_IOVECS.min(bufs.len()));
-    while at < bufs.len() {
-        iov.clear();
-        iov.push(IoSlice::new(&bufs[at][skip..]));
-        iov.extend(
-            bufs[at + 1..]
-                .iter()
-                .take(MAX_IOVECS - 1)
-                .map(|b| IoSlice::new(b)),
-        );
-        let mut n = conn.write_vectored(&iov).await?;
-        if n == 0 && iov.iter().any(|b| !b.is_empty()) {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        // Step past what went out, and past empty slices, which a zero-byte write leaves.
-        while at < bufs.len() && n >= bufs[at].len() - skip {
-            n -= bufs[at].len() - skip;
-            at += 1;
-            skip = 0;
-        }
-        skip += n;
-    }
-    Ok(())
 }
 
 /// Fills a chunk's slices, in order, from the response: first what the buffer read ahead,
@@ -167,18 +180,27 @@ pub(super) async fn read_chunk(
     rd: &mut BufReader<&mut TcpStream>,
     c: &mut Chunk<&mut [u8]>,
 ) -> Result<(), TransportError> {
-    let mut left = c.len;
-    // Position: the first unfilled byte is `c.bufs[at][skip]`.
+    read_scattered(rd, &mut c.bufs, c.len).await
+}
+
+/// [`read_chunk`] of `len` bytes into `bufs` (which they fill exactly).
+async fn read_scattered(
+    rd: &mut BufReader<&mut TcpStream>,
+    bufs: &mut [&mut [u8]],
+    len: usize,
+) -> Result<(), TransportError> {
+    let mut left = len;
+    // Position: the first unfilled byte is `bufs[at][skip]`.
     let (mut at, mut skip) = (0, 0);
-    while at < c.bufs.len() && !rd.buffer().is_empty() {
+    while at < bufs.len() && !rd.buffer().is_empty() {
         let buffered = rd.buffer();
-        let dst = &mut c.bufs[at][skip..];
+        let dst = &mut bufs[at][skip..];
         let n = buffered.len().min(dst.len());
         dst[..n].copy_from_slice(&buffered[..n]);
         rd.consume(n);
         left -= n;
         skip += n;
-        if skip == c.bufs[at].len() {
+        if skip == bufs[at].len() {
             at += 1;
             skip = 0;
         }
@@ -187,15 +209,15 @@ pub(super) async fn read_chunk(
         return Ok(());
     }
     if left < DIRECT_READ_MIN {
-        frame::read_payload_into(rd, &mut c.bufs[at][skip..]).await?;
-        for b in &mut c.bufs[at + 1..] {
+        frame::read_payload_into(rd, &mut bufs[at][skip..]).await?;
+        for b in &mut bufs[at + 1..] {
             frame::read_payload_into(rd, b).await?;
         }
         return Ok(());
     }
     let conn: &TcpStream = rd.get_mut();
-    while at < c.bufs.len() {
-        let (first, rest) = c.bufs[at..].split_at_mut(1);
+    while at < bufs.len() {
+        let (first, rest) = bufs[at..].split_at_mut(1);
         let mut iov: Vec<IoSliceMut<'_>> = std::iter::once(IoSliceMut::new(&mut first[0][skip..]))
             .chain(
                 rest.iter_mut()
@@ -212,8 +234,8 @@ pub(super) async fn read_chunk(
                 Err(e) => return Err(e.into()),
             }
         };
-        while at < c.bufs.len() && n >= c.bufs[at].len() - skip {
-            n -= c.bufs[at].len() - skip;
+        while at < bufs.len() && n >= bufs[at].len() - skip {
+            n -= bufs[at].len() - skip;
             at += 1;
             skip = 0;
         }
