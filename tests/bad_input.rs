@@ -235,7 +235,7 @@ async fn storage_node_refuses_bad_writes_and_keeps_serving() {
     // Wrong version and random bytes on the data port.
     let mut s = connect(&data).await;
     let mut f = request(Opcode::Read as u8, 5, &[], 0);
-    f[2] = 2;
+    f[2] = kvpool_proto::header::VERSION + 1;
     s.write_all(&f).await.unwrap();
     let (h, _) = response(&mut s).await;
     assert_eq!(h.code(), ErrorCode::UnsupportedVersion);
