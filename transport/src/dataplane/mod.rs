@@ -37,7 +37,7 @@ use tokio::{
 };
 
 pub use rdma::rdma_unsupported;
-pub use stream::{recv_exact, send_all, write_all_gathered, RawSocket, MAX_IOVECS};
+pub use stream::{advance, recv_exact, send_all, write_all_gathered, RawSocket, MAX_IOVECS};
 
 use crate::{
     frame,

@@ -133,17 +133,52 @@ pub async fn write_all_gathered<W: AsyncWrite + Unpin>(
                 .take(MAX_IOVECS - 1)
                 .map(|b| IoSlice::new(b)),
         );
-        let mut n = conn.write_vectored(&iov).await?;
+        let n = conn.write_vectored(&iov).await?;
         if n == 0 && iov.iter().any(|b| !b.is_empty()) {
             return Err(io::ErrorKind::WriteZero.into());
         }
         // Step past what went out, and past empty slices, which a zero-byte write leaves.
-        while at < bufs.len() && n >= bufs[at].len() - skip {
-            n -= bufs[at].len() - skip;
-            at += 1;
-            skip = 0;
-        }
-        skip += n;
+        advance(|i| bufs[i].len(), bufs.len(), (&mut at, &mut skip), n);
     }
     Ok(())
+}
+
+/// Steps a position in a list of `count` buffers (the first byte not yet moved is byte
+/// `skip` of buffer `at`; `len(i)` is buffer `i`'s length) past `n` more bytes moved, and
+/// past empty buffers: the one rule of partial vectored reads and writes.
+pub fn advance(
+    len: impl Fn(usize) -> usize,
+    count: usize,
+    (at, skip): (&mut usize, &mut usize),
+    mut n: usize,
+) {
+    while *at < count && n >= len(*at) - *skip {
+        n -= len(*at) - *skip;
+        *at += 1;
+        *skip = 0;
+    }
+    *skip += n;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advance;
+
+    #[test]
+    fn advance_steps_over_whole_buffers_and_empty_ones() {
+        let lens = [3usize, 0, 0, 4, 2];
+        let len = |i: usize| lens[i];
+        let (mut at, mut skip) = (0, 0);
+        // Inside the first buffer.
+        advance(len, lens.len(), (&mut at, &mut skip), 2);
+        assert_eq!((at, skip), (0, 2));
+        // Its last byte done: past it and the two empty ones, to the start of buffer 3.
+        advance(len, lens.len(), (&mut at, &mut skip), 1);
+        assert_eq!((at, skip), (3, 0));
+        // Across a boundary: all of buffer 3 and one byte of buffer 4.
+        advance(len, lens.len(), (&mut at, &mut skip), 5);
+        assert_eq!((at, skip), (4, 1));
+        advance(len, lens.len(), (&mut at, &mut skip), 1);
+        assert_eq!((at, skip), (5, 0), "everything moved");
+    }
 }

@@ -14,7 +14,7 @@ use tokio::{
 
 use super::{chunk::Chunk, EngineOptions, DIRECT_READ_MIN};
 use crate::{
-    dataplane::{write_all_gathered, MAX_IOVECS},
+    dataplane::{advance, write_all_gathered, MAX_IOVECS},
     frame, TransportError,
 };
 
@@ -225,7 +225,7 @@ async fn read_scattered(
                     .map(|b| IoSliceMut::new(b)),
             )
             .collect();
-        let mut n = loop {
+        let n = loop {
             conn.readable().await?;
             match conn.try_read_vectored(&mut iov) {
                 Ok(0) => return Err(TransportError::Truncated),
@@ -234,12 +234,7 @@ async fn read_scattered(
                 Err(e) => return Err(e.into()),
             }
         };
-        while at < bufs.len() && n >= bufs[at].len() - skip {
-            n -= bufs[at].len() - skip;
-            at += 1;
-            skip = 0;
-        }
-        skip += n;
+        advance(|i| bufs[i].len(), bufs.len(), (&mut at, &mut skip), n);
     }
     Ok(())
 }
