@@ -2,23 +2,10 @@
 //! `Vec<u8>` (a varint length, then the bytes, so the wire is unchanged), but decoded with
 //! one copy instead of one visit per byte, which made request decoding a visible part of
 //! the master's cost per key (`docs/benchmarks.md`, "Master per-key cost"). Used through
-//! `#[serde(with = "...")]` on the fields: [`one`] for `Vec<u8>`, [`many`] for
-//! `Vec<Vec<u8>>`, and `serde_bytes` for `Option<Vec<u8>>`.
+//! `#[serde(with = "...")]` on the fields: `serde_bytes` for `Vec<u8>` and `Option<Vec<u8>>`,
+//! [`many`] for `Vec<Vec<u8>>`, which `serde_bytes` does not cover.
 
 use serde::{de, Deserializer, Serializer};
-
-/// One byte string.
-pub mod one {
-    use super::*;
-
-    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        serde_bytes::serialize(v, s)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        serde_bytes::deserialize(d)
-    }
-}
 
 /// A list of byte strings.
 pub mod many {
@@ -71,7 +58,7 @@ mod tests {
 
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     struct Fast {
-        #[serde(with = "super::one")]
+        #[serde(with = "serde_bytes")]
         one: Vec<u8>,
         #[serde(with = "super::many")]
         many: Vec<Vec<u8>>,

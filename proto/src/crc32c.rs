@@ -28,6 +28,13 @@ pub fn crc32c_append(crc: u32, data: &[u8]) -> u32 {
     d.finalize() as u32
 }
 
+/// The CRC-32C of a value gathered from `parts`, in order.
+pub fn crc32c_parts<B: AsRef<[u8]>>(parts: impl IntoIterator<Item = B>) -> u32 {
+    parts
+        .into_iter()
+        .fold(0, |crc, p| crc32c_append(crc, p.as_ref()))
+}
+
 /// The CRC-32C of `a`'s bytes followed by `b`'s, from their checksums and `b`'s length.
 pub fn crc32c_combine(a: u32, b: u32, len_b: usize) -> u32 {
     crc_fast::checksum_combine(ALGO, u64::from(a), u64::from(b), len_b as u64) as u32
@@ -55,6 +62,7 @@ mod tests {
             let whole: Vec<u8> = a.iter().chain(&b).copied().collect();
             let (ca, cb) = (crc32c(&a), crc32c(&b));
             prop_assert_eq!(crc32c_append(ca, &b), crc32c(&whole));
+            prop_assert_eq!(crc32c_parts([&a, &b]), crc32c(&whole));
             prop_assert_eq!(crc32c_combine(ca, cb, b.len()), crc32c(&whole));
         }
     }

@@ -204,7 +204,7 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, WireError> {
 /// or carries another token; a server without one accepts and ignores it.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
-    #[serde(with = "crate::bytes::one")]
+    #[serde(with = "serde_bytes")]
     pub token: Vec<u8>,
     /// The protocol version the client speaks (the header's version byte today).
     pub client_version: u16,
@@ -261,7 +261,7 @@ impl Default for PutOptions {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PutStartItem {
-    #[serde(with = "crate::bytes::one")]
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     pub len: u64,
     pub options: PutOptions,
@@ -405,7 +405,7 @@ pub const MAX_LIST_KEYS: u32 = 10_000;
 /// The next page starts after the last key of this one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListKeys {
-    #[serde(with = "crate::bytes::one")]
+    #[serde(with = "serde_bytes")]
     pub prefix: Vec<u8>,
     #[serde(with = "serde_bytes")]
     pub start_after: Option<Vec<u8>>,
@@ -527,7 +527,7 @@ pub struct SegmentInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InventoryEntry {
     pub replica: ReplicaId,
-    #[serde(with = "crate::bytes::one")]
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     pub segment: SegmentId,
     pub offset: u64,
@@ -607,7 +607,7 @@ pub struct CopyTask {
     pub id: u64,
     /// The replica the copy creates.
     pub replica: ReplicaId,
-    #[serde(with = "crate::bytes::one")]
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     pub len: u64,
     pub checksum: u32,
@@ -780,7 +780,7 @@ pub struct WriteOp {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObjectTag {
     pub replica: ReplicaId,
-    #[serde(with = "crate::bytes::one")]
+    #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
     pub segment: SegmentId,
     pub offset: u64,

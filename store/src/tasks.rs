@@ -171,9 +171,7 @@ async fn pull(node: &Node, engine: &TransferEngine, addr: &str, t: &CopyTask) ->
 /// bytes).
 fn fill_dram(node: &Node, t: &CopyTask, parts: &[&[u8]]) -> ItemResult<()> {
     let len: usize = parts.iter().map(|p| p.len()).sum();
-    let crc = parts
-        .iter()
-        .fold(0, |crc, p| kvpool_proto::crc32c::crc32c_append(crc, p));
+    let crc = kvpool_proto::crc32c::crc32c_parts(parts.iter());
     if len as u64 != t.len || crc != t.checksum {
         return Err(WireError::new(
             ErrorCode::ChecksumMismatch,

@@ -160,9 +160,7 @@ impl<'a> Exchange<&'a mut [u8]> for Read {
                 read_chunk(&mut rd, c).await?;
             }
             out.push(Ok(if opts.checksum_reads {
-                c.bufs
-                    .iter()
-                    .fold(0, |crc, b| kvpool_proto::crc32c::crc32c_append(crc, b))
+                kvpool_proto::crc32c::crc32c_parts(c.bufs.iter())
             } else {
                 0
             }));
@@ -349,10 +347,7 @@ mod tests {
             frame::read_payload_into(&mut rd, &mut head).await.unwrap();
             assert_eq!(&head, b"head");
             read_chunk(&mut rd, &mut c).await.unwrap();
-            let crc = c
-                .bufs
-                .iter()
-                .fold(0, |crc, b| kvpool_proto::crc32c::crc32c_append(crc, b));
+            let crc = kvpool_proto::crc32c::crc32c_parts(c.bufs.iter());
             assert_eq!(crc, kvpool_proto::crc32c::crc32c(&all));
             drop(c);
             assert!(dst == all, "bytes differ");

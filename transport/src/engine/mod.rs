@@ -315,11 +315,7 @@ impl TransferEngine {
         // computed first.
         let crcs: Vec<u32> = items
             .iter()
-            .map(|it| {
-                it.data
-                    .iter()
-                    .fold(0, |crc, d| kvpool_proto::crc32c::crc32c_append(crc, d))
-            })
+            .map(|it| kvpool_proto::crc32c::crc32c_parts(it.data.iter()))
             .collect();
         for (tag, crc) in tags.iter_mut().zip(&crcs) {
             tag.checksum = *crc;

@@ -369,10 +369,7 @@ impl RdmaPath {
             .zip(results)
             .map(|(it, r)| {
                 r.map(|()| match opts.checksum_reads {
-                    true => it
-                        .dst
-                        .iter()
-                        .fold(0, |crc, d| kvpool_proto::crc32c::crc32c_append(crc, d)),
+                    true => kvpool_proto::crc32c::crc32c_parts(it.dst.iter()),
                     false => 0,
                 })
             })
