@@ -32,20 +32,25 @@ struct Pool {
 }
 
 fn start_store(m: &str, port: u16) -> Proc {
-    Proc::start(&[
-        "store",
-        "--master",
-        m,
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--dram",
-        "64MiB",
-        "--name",
-        "hot-node",
-    ])
+    start_store_with(m, port, &[])
+}
+
+/// A node with more flags before `store` (`--config FILE`).
+fn start_store_with(m: &str, port: u16, pre: &[&str]) -> Proc {
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = pre.to_vec();
+    args.extend_from_slice(&[
+        "store", "--master", m, "--listen", &listen, "--dram", "64MiB", "--name", "hot-node",
+    ]);
+    Proc::start(&args)
 }
 
 async fn pool() -> Pool {
+    pool_with(&[]).await
+}
+
+/// A pool whose node starts with `pre` before `store`.
+async fn pool_with(pre: &[&str]) -> Pool {
     let cfg = config_file(CONFIG);
     let master = Proc::start(&[
         "--config",
@@ -58,7 +63,7 @@ async fn pool() -> Pool {
     ]);
     let (m, http) = (master.addr("master"), master.addr("http"));
     let port = free_port().expect("a free port");
-    let store = start_store(&m, port);
+    let store = start_store_with(&m, port, pre);
     let c = cached(&m, TransportMode::Tcp);
     wait_until("the node's registration", LIMIT, || async {
         alive_nodes(&c).await == 1
@@ -152,11 +157,60 @@ async fn a_repeated_get_skips_the_master() {
     drop(p.store);
 }
 
-/// A node this client copies from through shared memory is read through the master: a
-/// lookup plus a memory copy beats a checked read over the data port.
+/// A node this client copies from through shared memory publishes its replica board: a
+/// repeated get is checked there with two memory loads, so it asks neither the master nor the
+/// node. Shown with both processes stopped (SIGSTOP): hot gets still return the right bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_same_host_node_in_shared_memory_is_read_through_the_master() {
+async fn a_repeated_get_over_shared_memory_needs_neither_master_nor_node() {
     let p = pool().await;
+    let c = cached(&p.m, TransportMode::Shm);
+    let small = value(3, 4096);
+    // Large enough to be copied by several threads.
+    let large = value(4, 3 << 20);
+    c.put(b"small", &small, &PutOptions::default())
+        .await
+        .unwrap();
+    c.put(b"large", &large, &PutOptions::default())
+        .await
+        .unwrap();
+    let first = lookups(&p.http);
+    for _ in 0..2 {
+        let got = c.get_batch(&[b"small", b"large"]).await;
+        assert_eq!(got[0].as_ref().unwrap().as_deref(), Some(&small[..]));
+        assert_eq!(got[1].as_ref().unwrap().as_deref(), Some(&large[..]));
+    }
+    assert_eq!(lookups(&p.http) - first, 2.0, "the first gets are lookups");
+    let before = lookups(&p.http);
+    for _ in 0..5 {
+        assert_eq!(c.get(b"small").await.unwrap().as_deref(), Some(&small[..]));
+    }
+    assert_eq!(lookups(&p.http), before, "hot gets asked the master");
+    p.master.signal(libc::SIGSTOP);
+    p.store.signal(libc::SIGSTOP);
+    let hot = async {
+        for _ in 0..10 {
+            assert_eq!(c.get(b"small").await.unwrap().as_deref(), Some(&small[..]));
+            let mut buf = vec![0u8; large.len()];
+            let n = c.get_into(b"large", &mut buf).await.unwrap();
+            assert_eq!(n, Some(large.len() as u64));
+            assert!(buf == large, "the cached large get differs");
+        }
+    };
+    let done = tokio::time::timeout(Duration::from_secs(10), hot).await;
+    p.master.signal(libc::SIGCONT);
+    p.store.signal(libc::SIGCONT);
+    done.expect("a hot same-host get waited for a stopped master or node");
+    assert_eq!(lookups(&p.http), before, "hot gets asked the master");
+    drop(p.store);
+}
+
+/// A node without a board (`store.replica-board = false`, or an older node): a cached
+/// location would be checked by a round trip to the node, as costly as the lookup it saves,
+/// so same-host gets go through the master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_same_host_node_without_a_board_is_read_through_the_master() {
+    let cfg = config_file("[store]\nreplica-board = false\n");
+    let p = pool_with(&["--config", cfg.to_str().expect("utf-8 path")]).await;
     let c = cached(&p.m, TransportMode::Shm);
     let v = value(3, 4096);
     c.put(b"k", &v, &PutOptions::default()).await.unwrap();
@@ -165,6 +219,18 @@ async fn a_same_host_node_in_shared_memory_is_read_through_the_master() {
         assert_eq!(c.get(b"k").await.unwrap().as_deref(), Some(&v[..]));
     }
     assert_eq!(lookups(&p.http) - before, 5.0);
+    assert_eq!(
+        c.transport_to(
+            &c.locate(&[b"k"]).await[0]
+                .as_ref()
+                .unwrap()
+                .as_ref()
+                .unwrap()
+                .replicas[0]
+                .addr
+        ),
+        "shm"
+    );
     drop(p.store);
 }
 

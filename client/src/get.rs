@@ -213,7 +213,7 @@ impl Client {
             let cached = use_cache
                 .then(|| self.locations.get(&wire))
                 .flatten()
-                .filter(|l| !self.reached_through_shm(&l.info));
+                .filter(|l| !self.cache_saves_nothing(&l.info));
             match cached {
                 Some(l) => out.push(Ok(Some(l))),
                 None => {
@@ -239,7 +239,7 @@ impl Client {
                                 // Also on a second pass: the next get of the key is hot again.
                                 // (The transport check only where there is a cache to fill:
                                 // it is a map lookup per replica on every get.)
-                                if self.locations.enabled() && !self.reached_through_shm(&info) {
+                                if self.locations.enabled() && !self.cache_saves_nothing(&info) {
                                     self.locations.insert(wire, &info, sent);
                                 }
                                 Ok(Some(Located {
@@ -402,13 +402,14 @@ impl Client {
     }
 
     /// Whether a replica of `info` is on a node this client copies from through shared
-    /// memory. Such a read skips the location cache: a lookup plus a memory copy is faster
-    /// than a checked read over the node's data port (measured, docs/benchmarks.md), so the
-    /// cache is for nodes reached over the network.
-    fn reached_through_shm(&self, info: &ObjectInfo) -> bool {
+    /// memory but cannot check there: a node without a replica board (an older node). A read
+    /// from a cached location there is checked by asking the node, a round trip like the
+    /// lookup it saves, so such gets go through the master. Nodes with a board are checked
+    /// with two memory loads: a cached get of them makes no round trip at all.
+    fn cache_saves_nothing(&self, info: &ObjectInfo) -> bool {
         info.replicas
             .iter()
-            .any(|r| self.engine.transport_to(&r.addr) == "shm")
+            .any(|r| self.engine.shm_board(&r.addr) == Some(false))
     }
 
     /// The replica to try in `round` (0 first): replicas on this client's own node first,

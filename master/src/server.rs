@@ -294,6 +294,7 @@ impl RpcService for Service {
             | Opcode::ShmInfo
             | Opcode::ShmAttach
             | Opcode::ShmCommit
+            | Opcode::ShmBoard
             | Opcode::RdmaConnect
             | Opcode::RdmaWritten => Err(WireError::new(
                 kvpool_proto::ErrorCode::WrongService,

@@ -113,6 +113,8 @@ pub enum Opcode {
     ShmInfo = 0x42,
     ShmAttach = 0x43,
     ShmCommit = 0x44,
+    /// The node's replica board (which replicas it holds), for same-host clients.
+    ShmBoard = 0x45,
     /// RDMA queue-pair handshake (`crate::rdma`); data-plane opcodes 0x48..0x4f are RDMA's.
     RdmaConnect = 0x48,
     /// The object tags of a put whose bytes a client wrote with one-sided RDMA WRITEs.
@@ -145,6 +147,7 @@ impl Opcode {
         Opcode::ShmInfo,
         Opcode::ShmAttach,
         Opcode::ShmCommit,
+        Opcode::ShmBoard,
         Opcode::RdmaConnect,
         Opcode::RdmaWritten,
         Opcode::HandoffClaim,
@@ -857,6 +860,25 @@ pub struct ShmCommit {
 impl Message for ShmCommit {
     const OPCODE: Opcode = Opcode::ShmCommit;
     type Response = UnitResponse;
+}
+
+/// Asks for the node's replica board: a memory file listing the replica ids its inventory
+/// holds, which a same-host client maps read-only to check a cached location without a round
+/// trip (`transport::shm::board` has the layout). Served only on the node's Unix socket, after
+/// `ShmAttach`; the response frame carries the board's descriptor with its first byte. A
+/// node without a board answers `TransportUnsupported`; an older node `UnknownOpcode`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShmBoard {}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShmBoardResponse {
+    /// Slots in the board (a power of two).
+    pub slots: u64,
+}
+
+impl Message for ShmBoard {
+    const OPCODE: Opcode = Opcode::ShmBoard;
+    type Response = ShmBoardResponse;
 }
 
 // ---------------------------------------------------------------- P/D bootstrap (producer)

@@ -57,6 +57,11 @@ pub struct StoreConfig {
     /// as it and the ops before it are read, instead of after the whole request (matters for
     /// the NVMe tier). `false` answers every read in the plain layout.
     pub stream_reads: bool,
+    /// Publish which replicas the node holds in a read-only memory file for same-host
+    /// clients [true] (`transport::shm::board`): a get from a client's cached location is then
+    /// checked with two memory loads instead of a round trip to the node. `false`: such gets
+    /// are checked over the socket, so clients send them through the master instead.
+    pub replica_board: bool,
 }
 
 impl Default for StoreConfig {
@@ -77,6 +82,7 @@ impl Default for StoreConfig {
             shm: true,
             shm_socket: None,
             stream_reads: true,
+            replica_board: true,
         }
     }
 }

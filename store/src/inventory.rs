@@ -13,11 +13,13 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
     sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
 use kvpool_proto::{CommitNotice, CommitState, InventoryEntry, ObjectTag, ReplicaId, SegmentId};
+use kvpool_transport::shm::BoardWriter;
 
 use crate::segment::Segment;
 
@@ -25,6 +27,8 @@ use crate::segment::Segment;
 #[derive(Debug, Default)]
 pub struct Inventory {
     inner: Mutex<Inner>,
+    /// The board's slot count and memory file, handed to same-host clients.
+    board: Option<(u64, OwnedFd)>,
 }
 
 /// How long after its last write a put is assumed to end (`PutEnd`). A put committed later
@@ -47,6 +51,9 @@ struct Inner {
     /// shared-memory put's tags travel to the node while its commit travels to the master,
     /// so the commit's notice can come first. Kept for [`UNCONFIRMED_GRACE`].
     early: HashMap<ReplicaId, (CommitNotice, Instant)>,
+    /// Where the ids of `tags` are published for same-host clients (`shm::board`): every
+    /// change to `tags` goes through `Inner::publish` and `Inner::remove`, under the lock.
+    board: Option<BoardWriter>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -78,6 +85,9 @@ impl Inner {
     fn remove(&mut self, id: ReplicaId) -> Option<ObjectTag> {
         self.commits.remove(&id);
         let tag = self.tags.remove(&id)?;
+        if let Some(b) = &mut self.board {
+            b.remove(id.0);
+        }
         if let Some(pos) = self.by_pos.get_mut(&tag.segment) {
             if pos.get(&tag.offset) == Some(&id) {
                 pos.remove(&tag.offset);
@@ -93,6 +103,23 @@ impl Inner {
 impl Inventory {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An inventory that publishes its replica ids on `board` for same-host clients.
+    pub fn with_board(board: BoardWriter) -> std::io::Result<Self> {
+        let fd = board.fd().try_clone_to_owned()?;
+        Ok(Inventory {
+            board: Some((board.slots() as u64, fd)),
+            inner: Mutex::new(Inner {
+                board: Some(board),
+                ..Inner::default()
+            }),
+        })
+    }
+
+    /// The board's slot count and memory file, if this inventory publishes one.
+    pub fn board(&self) -> Option<(u64, BorrowedFd<'_>)> {
+        self.board.as_ref().map(|(slots, fd)| (*slots, fd.as_fd()))
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -144,7 +171,14 @@ impl Inventory {
                 commit,
             },
         );
-        inner.tags.insert(tag.replica, tag);
+        let id = tag.replica;
+        inner.tags.insert(id, tag);
+        let Inner { board, tags, .. } = &mut *inner;
+        if let Some(b) = board {
+            // Not published (a full board): reads from cached locations of this replica
+            // take the node's check over the socket.
+            b.insert(id.0, || tags.keys().map(|r| r.0).collect::<Vec<_>>());
+        }
     }
 
     /// Applies commit notices from the master: those entries' puts are committed, pinned as

@@ -167,7 +167,8 @@ pub async fn start(mut cfg: StoreConfig, listener: TcpListener) -> Result<StoreH
             "NVMe tier ready"
         );
     }
-    let node = Arc::new(Node::with_nvme(name, addr, vec![segment], nvme));
+    let board = cfg.shm && cfg.replica_board;
+    let node = Arc::new(Node::with_nvme(name, addr, vec![segment], nvme, board));
     tracing::info!(
         node = %node.id(),
         name = node.name(),

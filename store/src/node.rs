@@ -5,6 +5,8 @@ use kvpool_proto::{
     WireError,
 };
 
+use kvpool_transport::shm::{board as shm_board, BoardWriter};
+
 use crate::{inventory::Inventory, metrics::NodeMetrics, segment::Segment, tiered::NvmeSegment};
 
 /// One storage node, shared by the data server's connection tasks and the master agent.
@@ -24,23 +26,39 @@ pub struct Node {
 impl Node {
     /// A node with a fresh random id. `addr` is the data address the master gives clients.
     pub fn new(name: String, addr: String, segments: Vec<Segment>) -> Node {
-        Self::with_nvme(name, addr, segments, None)
+        Self::with_nvme(name, addr, segments, None, true)
     }
 
-    /// A node with DRAM segments and, optionally, an NVMe segment.
+    /// A node with DRAM segments and, optionally, an NVMe segment; with a replica board for
+    /// same-host clients when `board`.
     pub fn with_nvme(
         name: String,
         addr: String,
         segments: Vec<Segment>,
         nvme: Option<NvmeSegment>,
+        board: bool,
     ) -> Node {
+        let dram: u64 = segments.iter().map(Segment::size).sum();
+        let made = board
+            .then(|| BoardWriter::new(shm_board::slots_for(dram)).and_then(Inventory::with_board));
+        let inventory = match made {
+            None => Inventory::new(),
+            Some(Ok(inv)) => inv,
+            Some(Err(e)) => {
+                tracing::warn!(
+                    "no replica board ({e}): same-host clients check cached locations over \
+                     the socket"
+                );
+                Inventory::new()
+            }
+        };
         Node {
             id: NodeId(rand::random()),
             name,
             addr,
             segments,
             nvme,
-            inventory: Inventory::new(),
+            inventory,
             limits: FrameLimits::default(),
             metrics: NodeMetrics::new(),
         }

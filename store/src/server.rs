@@ -112,6 +112,10 @@ impl SegmentStore for Node {
         self.id()
     }
 
+    fn board(&self) -> Option<(u64, BorrowedFd<'_>)> {
+        self.inventory().board()
+    }
+
     fn shared_segments(&self) -> Vec<(ShmSegment, BorrowedFd<'_>)> {
         self.segments()
             .iter()

@@ -242,6 +242,11 @@ impl Proc {
         self.guard.pid()
     }
 
+    /// Sends `sig` (SIGSTOP, SIGCONT ...) without waiting.
+    pub fn signal(&self, sig: i32) {
+        self.guard.signal(sig)
+    }
+
     /// SIGKILL, and reap.
     pub fn kill(&mut self) {
         self.guard.kill()

@@ -28,8 +28,8 @@ use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 
 use kvpool_proto::{
     decode_body, ErrorCode, FrameHeader, FrameLimits, NodeId, ObjectTag, Opcode, Read, ReplicaId,
-    SegmentId, ShmAttach, ShmAttachResponse, ShmCommit, ShmInfo, ShmInfoResponse, ShmSegment,
-    Token, UnitResponse, WireError, Write, HEADER_LEN,
+    SegmentId, ShmAttach, ShmAttachResponse, ShmBoard, ShmBoardResponse, ShmCommit, ShmInfo,
+    ShmInfoResponse, ShmSegment, Token, UnitResponse, WireError, Write, HEADER_LEN,
 };
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter},
@@ -130,6 +130,11 @@ pub trait SegmentStore: Send + Sync + 'static {
     fn node_id(&self) -> NodeId;
     /// The segments a same-host client may map, each with its memory file.
     fn shared_segments(&self) -> Vec<(ShmSegment, BorrowedFd<'_>)>;
+    /// The node's replica board (`shm::board`): its slot count and memory file, if it
+    /// publishes one. None by default.
+    fn board(&self) -> Option<(u64, BorrowedFd<'_>)> {
+        None
+    }
     /// A request was answered (`ok`) or failed, `started` when its header arrived: for the
     /// node's metrics. Does nothing by default.
     fn request_done(&self, _opcode: u8, _started: std::time::Instant, _ok: bool) {}
@@ -327,6 +332,7 @@ async fn serve_connection<S: Conn, T: SegmentStore>(
             Ok(Opcode::ShmInfo) => shm_info(io, store, opts, &h).await,
             Ok(Opcode::ShmAttach) => shm_attach(io, store, &h).await,
             Ok(Opcode::ShmCommit) => shm_commit(io, store, &h).await,
+            Ok(Opcode::ShmBoard) => shm_board(io, store, &h).await,
             Ok(Opcode::RdmaConnect) => rdma::connect(io, opts, &h, &mut lanes).await,
             Ok(Opcode::RdmaWritten) => rdma::written(io, store, &h).await,
             Ok(op) => {
@@ -561,28 +567,64 @@ async fn shm_attach<S: Conn, T: SegmentStore>(
         segments: shared.iter().map(|(s, _)| *s).collect(),
     };
     let fds: Vec<RawFd> = shared.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
-    let f = frame::encode_response(h.opcode, h.request_id, &resp, 0);
+    if send_with_fds(io, h, &resp, &fds).await? {
+        tracing::debug!(
+            segments = fds.len(),
+            "handed segment memory to a same-host client"
+        );
+    }
+    Ok(())
+}
+
+/// Hands a same-host client the node's replica board (`shm::board`), read-only to it.
+async fn shm_board<S: Conn, T: SegmentStore>(
+    io: &mut Io<S>,
+    store: &T,
+    h: &FrameHeader,
+) -> Result<(), Close> {
+    let Some(ShmBoard {}) = small_request(io, h).await? else {
+        return Ok(());
+    };
+    let Some((slots, fd)) = store.board() else {
+        let e = WireError::new(
+            ErrorCode::TransportUnsupported,
+            "this node publishes no replica board",
+        );
+        return reply_error(io, h, e).await;
+    };
+    send_with_fds(io, h, &ShmBoardResponse { slots }, &[fd.as_raw_fd()]).await?;
+    Ok(())
+}
+
+/// Answers `h` with `resp`, the descriptors riding with the frame's first byte; false when
+/// the connection cannot carry descriptors (TCP), after answering `WrongService`.
+async fn send_with_fds<S: Conn, R: serde::Serialize>(
+    io: &mut Io<S>,
+    h: &FrameHeader,
+    resp: &R,
+    fds: &[RawFd],
+) -> Result<bool, Close> {
+    let f = frame::encode_response(h.opcode, h.request_id, resp, 0);
     // Everything answered before goes out first, so the descriptors ride with this frame.
     io.get_mut().flush().await?;
-    let sent = match io.get_ref().get_ref().send_fds(&f, &fds) {
+    let sent = match io.get_ref().get_ref().send_fds(&f, fds) {
         Some(send) => Some(send.await),
         None => None,
     };
     match sent {
-        Some(r) => r?,
+        Some(r) => {
+            r?;
+            Ok(true)
+        }
         None => {
             let e = WireError::new(
                 ErrorCode::WrongService,
                 "shared memory is attached over the node's Unix socket, not TCP",
             );
-            return reply_error(io, h, e).await;
+            reply_error(io, h, e).await?;
+            Ok(false)
         }
     }
-    tracing::debug!(
-        segments = fds.len(),
-        "handed segment memory to a same-host client"
-    );
-    Ok(())
 }
 
 /// Records the tags of a same-host client's put, whose bytes it copied into shared memory.

@@ -199,6 +199,17 @@ impl TransferEngine {
 
     /// The transport the node at `addr` is reached by ("shm", "rdma" or "tcp"), as far as
     /// known.
+    /// Whether a read from a cached location of the node at `addr` is checked without a round
+    /// trip to it: reached through shared memory with its replica board (`Some(true)`),
+    /// through shared memory without one (`Some(false)`: the check costs a round trip, as
+    /// much as the lookup the cache saves), or not through shared memory (`None`).
+    pub fn shm_board(&self, addr: &str) -> Option<bool> {
+        match self.opts.transport {
+            TransportMode::Tcp | TransportMode::Rdma => None,
+            TransportMode::Auto | TransportMode::Shm => self.shm.board_at(addr),
+        }
+    }
+
     pub fn transport_to(&self, addr: &str) -> &'static str {
         match self.opts.transport {
             TransportMode::Tcp => "tcp",
@@ -439,6 +450,12 @@ impl TransferEngine {
         let att = match self.attachment(peer).await? {
             Some(att) if items.iter().all(|it| att.covers(it.op.segment)) => att,
             _ => return self.read_tcp(peer.addr, items, expect).await,
+        };
+        // Checked on the node's board before and after the copy: no round trip. Without a
+        // board: copied, then checked by the node (a one-byte checked read per item).
+        let items = match att.read_checked(items, expect, self.opts.checksum_reads) {
+            Ok(out) => return Ok(out),
+            Err(items) => items,
         };
         let ops: Vec<ReadOp> = items.iter().map(|it| it.op).collect();
         let mut out = att.read(items, self.opts.checksum_reads);

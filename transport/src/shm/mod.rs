@@ -15,14 +15,21 @@
 //! - this module: the host identity, [`TransportMode`], the default socket path.
 //! - `fds`: `SCM_RIGHTS` send and receive.
 //! - `mapping`: a client's mapping of one segment memfd.
+//! - `board`: the replica board a node publishes, so a client checks a cached location
+//!   without a round trip.
+//! - `copy`: the copies in and out, checksummed as they go, on several threads when large.
 //! - `peers`: the client side: attaching to a node, the per-node cache, copies in and out.
 
+pub mod board;
+mod copy;
 pub mod fds;
 mod mapping;
 mod peers;
 
 use std::{path::PathBuf, sync::OnceLock};
 
+pub use board::{BoardReader, BoardWriter};
+pub use copy::COPY_THREADS_ENV;
 pub use mapping::Mapping;
 pub use peers::{Attachment, ShmPeers};
 

@@ -3,7 +3,7 @@
 
 use std::{
     collections::HashMap,
-    os::fd::{AsRawFd, RawFd},
+    os::fd::{AsRawFd, OwnedFd, RawFd},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -12,15 +12,19 @@ use std::{
 };
 
 use kvpool_proto::{
-    ErrorCode, FrameHeader, FrameLimits, ItemResult, NodeId, ObjectTag, SegmentId, ShmAttach,
-    ShmAttachResponse, ShmCommit, ShmInfo, ShmInfoResponse, UnitResponse, WireError, HEADER_LEN,
+    ErrorCode, FrameHeader, FrameLimits, ItemResult, Message, NodeId, ObjectTag, ReplicaId,
+    SegmentId, ShmAttach, ShmAttachResponse, ShmBoard, ShmBoardResponse, ShmCommit, ShmInfo,
+    ShmInfoResponse, UnitResponse, WireError, HEADER_LEN,
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt},
     net::{TcpStream, UnixStream},
 };
 
-use super::{fds, host_id, Mapping};
+use super::{
+    copy::{self, Local, Plan},
+    fds, host_id, BoardReader, Mapping,
+};
 use crate::{
     engine::{EngineOptions, ReadItem, WriteItem},
     frame, TransportError,
@@ -30,16 +34,13 @@ use crate::{
 /// before attaching is tried again.
 const RETRY_ATTACH: Duration = Duration::from_secs(5);
 
-/// Bytes copied and then checksummed at a time by a shared-memory get or put: small enough
-/// that the piece is still in L1/L2 when the checksum reads it, so the value crosses the
-/// memory bus once.
-const COPY_PIECE: usize = 64 << 10;
-
 /// A node's segments mapped into this process, and the socket that proves the node alive
 /// and takes its commits.
 pub struct Attachment {
     node: NodeId,
     segments: HashMap<SegmentId, Mapping>,
+    /// The node's replica board, if it publishes one (see [`board`](super::board)).
+    board: Option<BoardReader>,
     ctl: tokio::sync::Mutex<UnixStream>,
     ctl_fd: RawFd,
     next_id: AtomicU64,
@@ -77,31 +78,70 @@ impl Attachment {
     }
 
     /// Copies each item's range into its slices; an item's value is the crc32c of the bytes
-    /// the caller got (0 unless `checksum`). Every item's segment must be mapped.
+    /// the caller got (0 unless `checksum`). Every item's segment must be mapped. Large
+    /// requests are copied by several threads ([`copy`](super::copy)).
     pub fn read(&self, items: Vec<ReadItem<'_>>, checksum: bool) -> Vec<ItemResult<u32>> {
-        items
+        let n = items.len();
+        let mut plan = Plan::default();
+        let refused = items
             .into_iter()
-            .map(|mut it| {
+            .enumerate()
+            .map(|(i, it)| {
                 let src = self.range(it.op.segment, it.op.offset, it.op.len)?;
-                let mut at = 0;
-                let mut crc = 0;
-                for dst in it.dst.iter_mut() {
-                    // Piece by piece, so each piece is checksummed while still in cache: the
-                    // get reads the bytes from memory once, not twice.
-                    for piece in dst.chunks_mut(COPY_PIECE) {
-                        let part = src.sub(at, piece.len()).ok_or_else(|| {
-                            WireError::new(ErrorCode::InvalidArgument, "buffers longer than the op")
-                        })?;
-                        part.copy_to(piece);
-                        if checksum {
-                            crc = kvpool_proto::crc32c::crc32c_append(crc, piece);
-                        }
-                        at += piece.len();
-                    }
-                }
-                Ok(crc)
+                plan.add(i, src, it.dst.into_iter().map(Local::Into))
             })
-            .collect()
+            .map(Result::err)
+            .collect();
+        copy::results(refused, plan.run(n, checksum))
+    }
+
+    /// Whether reads can be checked against the node's inventory here, without a round trip.
+    pub fn has_board(&self) -> bool {
+        self.board.is_some()
+    }
+
+    /// [`Attachment::read`] of replicas the caller expects (one per item), checked on the
+    /// node's board before and after the copy: an item whose replica the node does not hold
+    /// at either moment fails `StaleLocation` (its bytes, if copied, are not to be used).
+    /// The items back when the node publishes no board (the caller asks the node instead).
+    pub fn read_checked<'a>(
+        &self,
+        items: Vec<ReadItem<'a>>,
+        expect: &[ReplicaId],
+        checksum: bool,
+    ) -> Result<Vec<ItemResult<u32>>, Vec<ReadItem<'a>>> {
+        let Some(board) = self.board.as_ref() else {
+            return Err(items);
+        };
+        let stale = |id: ReplicaId| {
+            WireError::new(
+                ErrorCode::StaleLocation,
+                format!("node {} no longer holds replica {}", self.node, id.0),
+            )
+        };
+        let n = items.len();
+        let mut plan = Plan::default();
+        let refused: Vec<Option<WireError>> = items
+            .into_iter()
+            .zip(expect)
+            .enumerate()
+            .map(|(i, (it, &id))| {
+                if !board.holds(id.0) {
+                    return Err(stale(id));
+                }
+                let src = self.range(it.op.segment, it.op.offset, it.op.len)?;
+                plan.add(i, src, it.dst.into_iter().map(Local::Into))
+            })
+            .map(Result::err)
+            .collect();
+        let mut out = copy::results(refused, plan.run(n, checksum));
+        for (o, &id) in out.iter_mut().zip(expect) {
+            // After the copy: ids are never reused, so one still held was held throughout.
+            if o.is_ok() && !board.holds(id.0) {
+                *o = Err(stale(id));
+            }
+        }
+        Ok(out)
     }
 
     /// Copies each item's slices into its range, checksumming each piece of the caller's bytes
@@ -109,25 +149,17 @@ impl Attachment {
     /// items whose range is refused fail alone. The node does not know of the bytes until
     /// [`Attachment::commit`] hands it their tags.
     pub fn copy_in(&self, items: &[WriteItem<'_>]) -> Vec<ItemResult<u32>> {
-        items
+        let mut plan = Plan::default();
+        let refused = items
             .iter()
-            .map(|it| {
+            .enumerate()
+            .map(|(i, it)| {
                 let dst = self.range(it.op.segment, it.op.offset, it.op.len)?;
-                let mut at = 0;
-                let mut crc = 0;
-                for src in it.data.iter().flat_map(|d| d.chunks(COPY_PIECE)) {
-                    let part = dst.sub(at, src.len()).ok_or_else(|| {
-                        WireError::new(ErrorCode::InvalidArgument, "buffers longer than the op")
-                    })?;
-                    part.copy_from(src);
-                    // The caller's piece, just read and still in cache; never the shared
-                    // copy, which another process may write.
-                    crc = kvpool_proto::crc32c::crc32c_append(crc, src);
-                    at += src.len();
-                }
-                Ok(crc)
+                plan.add(i, dst, it.data.iter().map(|d| Local::From(d)))
             })
-            .collect()
+            .map(Result::err)
+            .collect();
+        copy::results(refused, plan.run(items.len(), true))
     }
 
     /// Hands the node the tags of bytes [`Attachment::copy_in`] copied (its inventory), and
@@ -249,6 +281,15 @@ impl ShmPeers {
         r
     }
 
+    /// Whether the node at `addr` is reached through shared memory (`Some`) and then whether
+    /// it publishes a replica board (`Some(true)`), as far as known.
+    pub fn board_at(&self, addr: &str) -> Option<bool> {
+        match self.lock().get(addr) {
+            Some(State::Attached(a)) if a.alive() => Some(a.has_board()),
+            _ => None,
+        }
+    }
+
     /// Which transport the node at `addr` is reached by, as far as known.
     pub fn describe(&self, addr: &str) -> &'static str {
         match self.lock().get(addr) {
@@ -317,39 +358,8 @@ async fn attach_socket(
 ) -> Result<Attachment, TransportError> {
     let mut s = UnixStream::connect(socket).await?;
     hello(&mut s, opts).await?;
-    s.write_all(&frame::encode_request(1, &ShmAttach {}, 0))
-        .await?;
-    // The descriptors ride with the response's first byte; the rest may follow in more reads.
-    let mut buf = vec![0u8; 64 << 10];
-    let (mut have, fds) = fds::recv_with_fds(&s, &mut buf).await?;
-    if have == 0 {
-        return Err(TransportError::Closed);
-    }
-    let mut need = HEADER_LEN;
-    let mut header = None;
-    loop {
-        if header.is_none() && have >= HEADER_LEN {
-            let head: &[u8; HEADER_LEN] = buf[..HEADER_LEN]
-                .try_into()
-                .map_err(|_| TransportError::Truncated)?;
-            let h = FrameHeader::decode(head, &opts.limits).map_err(TransportError::Header)?;
-            need = HEADER_LEN + h.body_len as usize;
-            if need > buf.len() {
-                buf.resize(need, 0);
-            }
-            header = Some(h);
-        }
-        if header.is_some() && have >= need {
-            break;
-        }
-        let n = tokio::io::AsyncReadExt::read(&mut s, &mut buf[have..]).await?;
-        if n == 0 {
-            return Err(TransportError::Truncated);
-        }
-        have += n;
-    }
-    let h = header.ok_or(TransportError::Truncated)?;
-    let resp: ShmAttachResponse = frame::decode_response(&h, &buf[HEADER_LEN..need])?;
+    let (resp, fds) = call_with_fds(&mut s, 1, &ShmAttach {}, &opts.limits).await?;
+    let resp: ShmAttachResponse = resp.map_err(TransportError::Remote)?;
     if resp.node != node {
         return Err(TransportError::Protocol(format!(
             "the socket answers as node {}, the TCP port as node {node}",
@@ -368,15 +378,90 @@ async fn attach_socket(
         let m = Mapping::new(seg, fd).map_err(TransportError::Remote)?;
         segments.insert(seg.id, m);
     }
-    tracing::debug!(node = %node, socket, segments = segments.len(), "attached to node memory");
+    let board = match call_with_fds(&mut s, 2, &ShmBoard {}, &opts.limits).await? {
+        (Ok(ShmBoardResponse { slots }), mut fds) if fds.len() == 1 => {
+            let fd = fds.pop().ok_or(TransportError::Truncated)?;
+            Some(BoardReader::new(fd, slots).map_err(TransportError::Protocol)?)
+        }
+        // An older node, or one without a board: cached reads are checked over the socket.
+        (Err(e), _)
+            if matches!(
+                e.code,
+                ErrorCode::UnknownOpcode | ErrorCode::TransportUnsupported
+            ) =>
+        {
+            None
+        }
+        (Err(e), _) => return Err(TransportError::Remote(e)),
+        (Ok(_), fds) => {
+            return Err(TransportError::Protocol(format!(
+                "{} descriptors for one board",
+                fds.len()
+            )))
+        }
+    };
+    tracing::debug!(node = %node, socket, segments = segments.len(), board = board.is_some(), "attached to node memory");
     let ctl_fd = s.as_raw_fd();
     Ok(Attachment {
         node,
         segments,
+        board,
         ctl: tokio::sync::Mutex::new(s),
         ctl_fd,
-        next_id: AtomicU64::new(2),
+        next_id: AtomicU64::new(3),
     })
+}
+
+/// Sends request `id` and reads its answer, with the descriptors that rode on it. A refusal
+/// is the first `Err` (the connection stays usable); the second is a broken exchange.
+async fn call_with_fds<M: Message>(
+    s: &mut UnixStream,
+    id: u64,
+    msg: &M,
+    limits: &FrameLimits,
+) -> Result<(Result<M::Response, WireError>, Vec<OwnedFd>), TransportError> {
+    s.write_all(&frame::encode_request(id, msg, 0)).await?;
+    // The descriptors ride with the response's first byte; the rest may follow in more reads.
+    let mut buf = vec![0u8; 64 << 10];
+    let (mut have, fds) = fds::recv_with_fds(s, &mut buf).await?;
+    if have == 0 {
+        return Err(TransportError::Closed);
+    }
+    let mut need = HEADER_LEN;
+    let mut header = None;
+    loop {
+        if header.is_none() && have >= HEADER_LEN {
+            let head: &[u8; HEADER_LEN] = buf[..HEADER_LEN]
+                .try_into()
+                .map_err(|_| TransportError::Truncated)?;
+            let h = FrameHeader::decode(head, limits).map_err(TransportError::Header)?;
+            need = HEADER_LEN + h.body_len as usize;
+            if need > buf.len() {
+                buf.resize(need, 0);
+            }
+            header = Some(h);
+        }
+        if header.is_some() && have >= need {
+            break;
+        }
+        let n = tokio::io::AsyncReadExt::read(s, &mut buf[have..]).await?;
+        if n == 0 {
+            return Err(TransportError::Truncated);
+        }
+        have += n;
+    }
+    let h = header.ok_or(TransportError::Truncated)?;
+    if !h.is_response() || h.request_id != id {
+        return Err(TransportError::Protocol(format!(
+            "unexpected frame (id {}) for request {id}",
+            h.request_id
+        )));
+    }
+    match frame::decode_response::<M::Response>(&h, &buf[HEADER_LEN..need]) {
+        Ok(r) => Ok((Ok(r), fds)),
+        Err(TransportError::Remote(e)) => Ok((Err(e), fds)),
+        Err(e) => Err(e),
+    }
 }
 
 async fn hello<S: AsyncRead + AsyncWrite + Unpin>(
