@@ -17,7 +17,9 @@ fn main() -> anyhow::Result<()> {
     let pool = Proc::spawn(cmd, READY_WITHIN)?;
     let mut cfg = ClientConfig::with_master(pool.field("master")?);
     cfg.transport = TransportMode::Shm;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let c = Client::new(cfg);
     let src = vec![7u8; size * count];
     let mut dst = vec![1u8; size * count];

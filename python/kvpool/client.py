@@ -40,7 +40,10 @@ class Client:
     leader of an HA pool [``KVPOOL_MASTER``, else 127.0.0.1:50051]. ``token``: the cluster
     token [``KVPOOL_TOKEN``]. ``tenant``: the namespace this client's keys live in.
     ``timeout``: seconds one call may keep retrying transient failures
-    [``KVPOOL_CLIENT_DEADLINE``, else 30].
+    [``KVPOOL_CLIENT_DEADLINE``, else 30]. ``location_cache``: remember where keys read
+    recently live, so a repeated get skips the master (and, for a node on this host, the node
+    too) [off; ``KVPOOL_LOCATION_CACHE`` overrides]; right for content-addressed keys that are
+    never overwritten with other bytes (docs/semantics.md, "Hot reads").
     """
 
     def __init__(
@@ -55,6 +58,7 @@ class Client:
         verify_checksum: bool = True,
         max_batch: int = 1024,
         local_node: Optional[int] = None,
+        location_cache: Optional[bool] = None,
     ) -> None:
         master = master or os.environ.get("KVPOOL_MASTER") or DEFAULT_MASTER
         token = token if token is not None else (os.environ.get("KVPOOL_TOKEN") or None)
@@ -71,6 +75,7 @@ class Client:
                 verify_checksum=verify_checksum,
                 local_node=local_node,
                 max_batch=max_batch,
+                location_cache=location_cache,
             )
         except ValueError as e:
             raise InvalidArgumentError(str(e)) from None

@@ -296,7 +296,9 @@ class Connector:
     [``KVPOOL_MASTER``, else 127.0.0.1:50051]; ``token`` [``KVPOOL_TOKEN``], ``tenant``,
     ``timeout`` (seconds one call may retry transient failures, [``KVPOOL_CLIENT_DEADLINE``,
     else 30]) as for :class:`kvpool.Client`. Saves use ``replicas``, ``preferred_nodes``
-    (node ids tried first: the engine's own host's) and ``soft_pin``.
+    (node ids tried first: the engine's own host's) and ``soft_pin``. A client made here
+    keeps a location cache (block keys are content hashes, never overwritten with other
+    bytes): a prefix loaded again skips the master, and a node on this host too.
     """
 
     def __init__(
@@ -328,6 +330,7 @@ class Connector:
                 cluster=cluster,
                 verify_checksum=verify_checksum,
                 max_batch=max_batch,
+                location_cache=True,
             )
         self._client = client
         self._native = _checked(

@@ -137,6 +137,8 @@ class KVPoolStorage(_Base):
             token=extra.get("token"),
             tenant=extra.get("tenant"),
             timeout=None if timeout is None else float(timeout),
+            # Page keys are content hashes, never overwritten with other bytes.
+            location_cache=bool(extra.get("location_cache", True)),
         )
         self._native = client.native
         self._check_reachable()

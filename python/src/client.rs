@@ -82,7 +82,7 @@ impl NativeClient {
     #[new]
     #[pyo3(signature = (
         master, *, token=None, tenant=None, etcd=Vec::new(), cluster=None, deadline=30.0,
-        verify_checksum=true, local_node=None, max_batch=1024
+        verify_checksum=true, local_node=None, max_batch=1024, location_cache=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -95,6 +95,7 @@ impl NativeClient {
         verify_checksum: bool,
         local_node: Option<u64>,
         max_batch: usize,
+        location_cache: Option<bool>,
     ) -> PyResult<Self> {
         let token = token
             .map(|t| Token::new(t.into_bytes()))
@@ -109,6 +110,10 @@ impl NativeClient {
             return Err(PyValueError::new_err("max_batch = 0: must be at least 1"));
         }
         let defaults = ClientConfig::default();
+        let location_cache = kvpool_client::LocationCache {
+            enabled: location_cache.unwrap_or(defaults.location_cache.enabled),
+            ..defaults.location_cache
+        };
         let cfg = ClientConfig {
             master,
             token,
@@ -119,6 +124,7 @@ impl NativeClient {
             verify_checksum,
             local_node: local_node.map(NodeId),
             max_batch,
+            location_cache,
             ..defaults
         };
         cfg.validate().map_err(PyValueError::new_err)?;

@@ -3,6 +3,7 @@ errors, tenants, tokens, threads, and a dead master."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -326,3 +327,21 @@ def test_forced_rdma_without_a_device_raises_a_typed_error(pool, unique, monkeyp
         assert e.value.name == "TransportUnsupported", e.value
         assert e.value.code == errors.CODES["TransportUnsupported"] == 603
         assert "transport = rdma" in str(e.value)
+
+
+def test_with_the_location_cache_a_hot_same_host_get_needs_no_server(fresh_pool, unique):
+    # The connectors turn the cache on (content-addressed keys). Over shared memory a
+    # repeated get is checked on the node's replica board: with the whole pool stopped
+    # (SIGSTOP), hot gets still return their bytes (tests/hot_reads.rs counts the lookups).
+    big = rand(3 << 20, 7).tobytes()
+    with kvpool.Client(fresh_pool.master, timeout=2, location_cache=True) as c:
+        c.put(unique + "hot", big)
+        for _ in range(2):
+            assert c.get(unique + "hot") == big
+        fresh_pool.proc.send_signal(signal.SIGSTOP)
+        try:
+            for _ in range(5):
+                assert c.get(unique + "hot") == big
+        finally:
+            fresh_pool.proc.send_signal(signal.SIGCONT)
+        assert c.put(unique + "after", b"x") is None
