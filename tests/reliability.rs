@@ -377,11 +377,14 @@ struct FencePool {
     cfg: PathBuf,
     nvme: PathBuf,
     c: Arc<Client>,
+    /// The disk folder of `nvme`, removed when the pool goes (after the processes using it).
+    _dir: kvpool_tests::DiskDir,
 }
 
 fn fence_pool() -> FencePool {
     let cfg = config_file(FENCE_CONFIG);
-    let nvme = disk_dir("fence").join("nvme.dat");
+    let dir = disk_dir("fence");
+    let nvme = dir.join("nvme.dat");
     let m = Proc::start(&[
         "--config",
         cfg.to_str().unwrap(),
@@ -397,6 +400,7 @@ fn fence_pool() -> FencePool {
         cfg,
         nvme,
         c,
+        _dir: dir,
     }
 }
 
@@ -412,7 +416,8 @@ async fn one_alive(c: &Arc<Client>) {
 async fn a_remove_survives_a_leader_failover() {
     let etcd = Etcd::start();
     let cfg = config_file(FENCE_CONFIG);
-    let nvme = disk_dir("fence-failover").join("nvme.dat");
+    let dir = disk_dir("fence-failover");
+    let nvme = dir.join("nvme.dat");
     let master = |_: ()| {
         Proc::start(&[
             "--config",

@@ -769,13 +769,16 @@ async fn soak() {
         .into_iter()
         .filter(|f| *f != Fault::DiskFull || small_fs.is_some())
         .collect();
-    let dir = disk_dir("soak");
+    let mut dir = disk_dir("soak");
+    if std::env::var_os("KVPOOL_SOAK_KEEP").is_some() {
+        dir.keep();
+    }
     let cfg = dir.join("kvpool.toml");
     std::fs::write(&cfg, CONFIG).expect("write config");
     let mut cl = Cluster {
         etcd: Etcd::start(),
         cfg,
-        dir: dir.clone(),
+        dir: dir.to_path_buf(),
         masters: Vec::new(),
         nodes: Vec::new(),
         generation: 0,
@@ -924,7 +927,6 @@ async fn soak() {
         ld(&k.returned),
         ld(&k.returned_in_window)
     );
-    if std::env::var_os("KVPOOL_SOAK_KEEP").is_none() {
-        let _ = std::fs::remove_dir_all(Path::new(&dir));
-    }
+    // The folder goes with `dir` unless KVPOOL_SOAK_KEEP is set.
+    drop(dir);
 }

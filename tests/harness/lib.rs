@@ -122,8 +122,10 @@ pub async fn alive_nodes(c: &Client) -> usize {
 }
 
 /// A fresh folder on a disk-backed filesystem (the target dir), for NVMe tier files that
-/// need O_DIRECT (tmpfs refuses it).
-pub fn disk_dir(name: &str) -> PathBuf {
+/// need O_DIRECT (tmpfs refuses it). Removed with everything in it when dropped, also when
+/// the test fails (tier files are hundreds of MiB: a target dir shared by many runs must not
+/// collect them), unless [`DiskDir::keep`] is called.
+pub fn disk_dir(name: &str) -> DiskDir {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> -> target/<profile>/kvpool-disk/<name>-<pid>-<rand>
     let base = exe
@@ -137,7 +139,45 @@ pub fn disk_dir(name: &str) -> PathBuf {
         rand::random::<u32>()
     ));
     std::fs::create_dir_all(&dir).expect("disk dir");
-    dir
+    DiskDir {
+        path: dir,
+        keep: false,
+    }
+}
+
+/// A folder [`disk_dir`] made; derefs to its path.
+#[derive(Debug)]
+pub struct DiskDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl DiskDir {
+    /// Leaves the folder on disk when dropped (to look at after a run).
+    pub fn keep(&mut self) {
+        self.keep = true;
+    }
+}
+
+impl std::ops::Deref for DiskDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl AsRef<std::path::Path> for DiskDir {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl Drop for DiskDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
 }
 
 /// Status figures for one tier: (capacity, used) summed over alive nodes.
