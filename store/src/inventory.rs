@@ -51,8 +51,8 @@ struct Inner {
     /// shared-memory put's tags travel to the node while its commit travels to the master,
     /// so the commit's notice can come first. Kept for [`UNCONFIRMED_GRACE`].
     early: HashMap<ReplicaId, (CommitNotice, Instant)>,
-    /// Where the ids of `tags` are published for same-host clients (`shm::board`): every
-    /// change to `tags` goes through `Inner::publish` and `Inner::remove`, under the lock.
+    /// Where the ids of `tags` are published for same-host clients (`shm::board`): `record`
+    /// and `Inner::remove`, the only places that change `tags`, update it under the lock.
     board: Option<BoardWriter>,
 }
 
@@ -175,8 +175,8 @@ impl Inventory {
         inner.tags.insert(id, tag);
         let Inner { board, tags, .. } = &mut *inner;
         if let Some(b) = board {
-            // Not published (a full board): reads from cached locations of this replica
-            // take the node's check over the socket.
+            // Not published (a full board): a same-host get from a cached location of this
+            // replica misses on the board and goes through the master, as without a cache.
             b.insert(id.0, || tags.keys().map(|r| r.0).collect::<Vec<_>>());
         }
     }

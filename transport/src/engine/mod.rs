@@ -197,8 +197,6 @@ impl TransferEngine {
         &self.opts
     }
 
-    /// The transport the node at `addr` is reached by ("shm", "rdma" or "tcp"), as far as
-    /// known.
     /// Whether a read from a cached location of the node at `addr` is checked without a round
     /// trip to it: reached through shared memory with its replica board (`Some(true)`),
     /// through shared memory without one (`Some(false)`: the check costs a round trip, as
@@ -210,6 +208,8 @@ impl TransferEngine {
         }
     }
 
+    /// The transport the node at `addr` is reached by ("shm", "rdma" or "tcp"), as far as
+    /// known.
     pub fn transport_to(&self, addr: &str) -> &'static str {
         match self.opts.transport {
             TransportMode::Tcp => "tcp",

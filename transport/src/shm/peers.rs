@@ -400,7 +400,13 @@ async fn attach_socket(
             )))
         }
     };
-    tracing::debug!(node = %node, socket, segments = segments.len(), board = board.is_some(), "attached to node memory");
+    tracing::debug!(
+        node = %node,
+        socket,
+        segments = segments.len(),
+        board = board.is_some(),
+        "attached to node memory"
+    );
     let ctl_fd = s.as_raw_fd();
     Ok(Attachment {
         node,
