@@ -20,7 +20,9 @@ use std::{
 
 use kvpool_client::Client;
 use kvpool_proto::{ErrorCode, PutOptions, Tier};
-use kvpool_tests::{disk_dir, etcd_client, leaders, probe, skipped, value, wait_until, Etcd, Proc};
+use kvpool_tests::{
+    disk_dir, etcd_client, etcd_client_with, leaders, probe, skipped, value, wait_until, Etcd, Proc,
+};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 /// Load clients, each owning its keys (so one key's operations are sequential).
@@ -805,7 +807,13 @@ async fn soak() {
     });
     let started = Instant::now();
     let workers: Vec<_> = (0..CLIENTS)
-        .map(|i| tokio::spawn(load(Arc::new(etcd_client(&cl.etcd.url)), i, sh.clone())))
+        .map(|i| {
+            // Every other client keeps a location cache: its repeated gets skip the master
+            // (and, over shared memory, the node: checked on the node's replica board), so
+            // the oracle also judges reads from cached locations under the faults.
+            let c = etcd_client_with(&cl.etcd.url, |cfg| cfg.location_cache.enabled = i % 2 == 1);
+            tokio::spawn(load(Arc::new(c), i, sh.clone()))
+        })
         .collect();
 
     let mut rng = StdRng::seed_from_u64(0xfa17);

@@ -321,15 +321,20 @@ pub fn etcd_client(url: &str) -> Client {
 
 /// [`etcd_client`] reaching storage nodes over `transport`.
 pub fn etcd_client_over(url: &str, transport: TransportMode) -> Client {
+    etcd_client_with(url, |cfg| cfg.transport = transport)
+}
+
+/// [`etcd_client`] with `edit` applied to its configuration.
+pub fn etcd_client_with(url: &str, edit: impl FnOnce(&mut ClientConfig)) -> Client {
     let mut cfg = ClientConfig {
         etcd: vec![url.to_string()],
         deadline: Duration::from_secs(20),
-        transport,
         ..ClientConfig::default()
     };
     cfg.engine.io_timeout = Duration::from_secs(5);
     cfg.rpc.request_timeout = Duration::from_secs(2);
     cfg.rpc.connect_timeout = Duration::from_secs(1);
+    edit(&mut cfg);
     Client::new(cfg)
 }
 
