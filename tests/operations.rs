@@ -114,6 +114,8 @@ async fn ready_waits_for_a_node_and_metrics_follow_the_traffic() {
     );
     assert!(value(&node, "kvpool_store_requests_total{op=\"Write\"}") >= 1.0);
     assert_eq!(value(&node, "kvpool_store_objects"), 1.0);
+    // Published for same-host clients, as every replica is while the board has room.
+    assert_eq!(value(&node, "kvpool_store_board_published"), 1.0);
 
     // Through shared memory the node sees the commit, and counts the bytes under "shm".
     let shared = client_over(&m, TransportMode::Shm);

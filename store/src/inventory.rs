@@ -117,6 +117,11 @@ impl Inventory {
         })
     }
 
+    /// Replicas on the board, if this inventory publishes one.
+    pub fn board_published(&self) -> Option<usize> {
+        self.lock().board.as_ref().map(BoardWriter::live)
+    }
+
     /// The board's slot count and memory file, if this inventory publishes one.
     pub fn board(&self) -> Option<(u64, BorrowedFd<'_>)> {
         self.board.as_ref().map(|(slots, fd)| (*slots, fd.as_fd()))

@@ -38,6 +38,7 @@ pub struct NodeMetrics {
     registered_gauge: Gauge,
     capacity: Family<Labels, Gauge>,
     objects: Gauge,
+    board: Gauge,
     nvme_healthy: Gauge,
 }
 
@@ -108,6 +109,13 @@ impl NodeMetrics {
             "Replicas the node holds in DRAM (its inventory)",
             objects.clone(),
         );
+        let board = Gauge::default();
+        reg.register(
+            "board_published",
+            "Replicas on the replica board same-host clients check cached locations against \
+             (below objects when the board is full; 0 without a board)",
+            board.clone(),
+        );
         let nvme_healthy = Gauge::default();
         reg.register(
             "nvme_healthy",
@@ -124,6 +132,7 @@ impl NodeMetrics {
             registered_gauge,
             capacity,
             objects,
+            board,
             nvme_healthy,
         };
         for kind in ["demotion", "promotion"] {
@@ -200,6 +209,8 @@ impl NodeMetrics {
             .get_or_create(&vec![("tier", Tier::Nvme.to_string())])
             .set(nvme as i64);
         self.objects.set(node.inventory().len() as i64);
+        self.board
+            .set(node.inventory().board_published().unwrap_or(0) as i64);
         self.nvme_healthy
             .set(i64::from(node.nvme_segment().is_none_or(|n| n.healthy())));
         encode_registry(out, &self.registry)
