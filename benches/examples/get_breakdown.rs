@@ -1,5 +1,7 @@
-//! Where a single same-host get's time goes: the master lookup (`locate`), the whole get, and
-//! a memcpy of the same bytes, each timed alone over the same keys.
+//! Where a single same-host get's time goes: the master lookup (`locate`), the whole get, a
+//! hot get (a client with the location cache, whose gets are checked on the node's replica
+//! board: no round trip), and a memcpy and crc32c of the same bytes, each timed alone over
+//! the same keys.
 //! `cargo run --release -p kvpool-benches --example get_breakdown -- SIZE COUNT`
 
 use std::{process::Command, time::Instant};
@@ -20,7 +22,9 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let c = Client::new(cfg);
+    let c = Client::new(cfg.clone());
+    cfg.location_cache.enabled = true;
+    let hot = Client::new(cfg);
     let src = vec![7u8; size * count];
     let mut dst = vec![1u8; size * count];
     let keys: Vec<Vec<u8>> = (0..count).map(|i| format!("gb/{i}").into_bytes()).collect();
@@ -30,6 +34,12 @@ fn main() -> anyhow::Result<()> {
             c.put(k, v, &PutOptions::default()).await?;
         }
         let put = t.elapsed() / count as u32;
+        // A key is cached from its second lookup on.
+        for _ in 0..2 {
+            for (k, d) in keys.iter().zip(dst.chunks_mut(size)) {
+                hot.get_into(k, d).await?;
+            }
+        }
         for round in 0..3 {
             let t = Instant::now();
             for k in &keys {
@@ -42,6 +52,11 @@ fn main() -> anyhow::Result<()> {
             }
             let get = t.elapsed() / count as u32;
             let t = Instant::now();
+            for (k, d) in keys.iter().zip(dst.chunks_mut(size)) {
+                hot.get_into(k, d).await?;
+            }
+            let hot_get = t.elapsed() / count as u32;
+            let t = Instant::now();
             for (d, s) in dst.chunks_mut(size).zip(src.chunks(size)) {
                 d.copy_from_slice(std::hint::black_box(s));
             }
@@ -51,7 +66,7 @@ fn main() -> anyhow::Result<()> {
                 std::hint::black_box(kvpool_proto::crc32c::crc32c(d));
             }
             let crc = t.elapsed() / count as u32;
-            println!("round {round}: put {put:?} locate {locate:?} get {get:?} memcpy {copy:?} crc {crc:?}");
+            println!("round {round}: put {put:?} locate {locate:?} get {get:?} hot get {hot_get:?} memcpy {copy:?} crc {crc:?}");
         }
         anyhow::Ok(())
     })
