@@ -110,22 +110,19 @@ fn uncached(m: &str, transport: TransportMode) -> Client {
     })
 }
 
-/// Over the network (here: TCP on loopback), a repeated get goes straight to the node.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_repeated_get_skips_the_master() {
-    let transport = TransportMode::Tcp;
-    let p = pool().await;
-    let c = cached(&p.m, transport);
-    let small = value(1, 4096);
-    let large = value(2, 3 << 20);
+/// Puts a 4 KiB `small` and a 3 MiB `large` value (large enough to be copied by several
+/// threads over shared memory) and reads both twice: the first two gets of each ask the
+/// master (one batch each: a key is cached from its second lookup on, so a key read once
+/// costs no cache insertion). Returns the values.
+async fn put_and_warm(p: &Pool, c: &Client, seed: u64) -> (Vec<u8>, Vec<u8>) {
+    let small = value(seed, 4096);
+    let large = value(seed + 1, 3 << 20);
     c.put(b"small", &small, &PutOptions::default())
         .await
         .unwrap();
     c.put(b"large", &large, &PutOptions::default())
         .await
         .unwrap();
-    // The first two gets of each ask the master (one batch each: a key is cached from its
-    // second lookup on, so a key read once costs no cache insertion)...
     let first = lookups(&p.http);
     for _ in 0..2 {
         let got = c.get_batch(&[b"small", b"large"]).await;
@@ -133,6 +130,16 @@ async fn a_repeated_get_skips_the_master() {
         assert_eq!(got[1].as_ref().unwrap().as_deref(), Some(&large[..]));
     }
     assert_eq!(lookups(&p.http) - first, 2.0, "the first gets are lookups");
+    (small, large)
+}
+
+/// Over the network (here: TCP on loopback), a repeated get goes straight to the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_get_skips_the_master() {
+    let transport = TransportMode::Tcp;
+    let p = pool().await;
+    let c = cached(&p.m, transport);
+    let (small, large) = put_and_warm(&p, &c, 1).await;
     // ... the next ones go straight to the node, byte for byte.
     let before = lookups(&p.http);
     for _ in 0..20 {
@@ -164,22 +171,7 @@ async fn a_repeated_get_skips_the_master() {
 async fn a_repeated_get_over_shared_memory_needs_neither_master_nor_node() {
     let p = pool().await;
     let c = cached(&p.m, TransportMode::Shm);
-    let small = value(3, 4096);
-    // Large enough to be copied by several threads.
-    let large = value(4, 3 << 20);
-    c.put(b"small", &small, &PutOptions::default())
-        .await
-        .unwrap();
-    c.put(b"large", &large, &PutOptions::default())
-        .await
-        .unwrap();
-    let first = lookups(&p.http);
-    for _ in 0..2 {
-        let got = c.get_batch(&[b"small", b"large"]).await;
-        assert_eq!(got[0].as_ref().unwrap().as_deref(), Some(&small[..]));
-        assert_eq!(got[1].as_ref().unwrap().as_deref(), Some(&large[..]));
-    }
-    assert_eq!(lookups(&p.http) - first, 2.0, "the first gets are lookups");
+    let (small, large) = put_and_warm(&p, &c, 3).await;
     let before = lookups(&p.http);
     for _ in 0..5 {
         assert_eq!(c.get(b"small").await.unwrap().as_deref(), Some(&small[..]));

@@ -13,10 +13,9 @@
 //! [`SharedRange`]s, which only copy through raw pointers.
 
 use std::{
-    ffi::CString,
     fmt,
     fs::File,
-    os::fd::{AsFd, BorrowedFd, FromRawFd},
+    os::fd::{AsFd, BorrowedFd},
     ptr::NonNull,
 };
 
@@ -88,14 +87,7 @@ impl fmt::Debug for Segment {
 
 /// Creates a memfd named for the segment, with extra `flags` (hugetlb).
 fn memfd(id: SegmentId, flags: libc::c_uint) -> std::io::Result<File> {
-    let name = CString::new(format!("kvpool-segment-{id}")).map_err(std::io::Error::other)?;
-    // SAFETY: `name` is a valid NUL-terminated string; the flags are memfd_create's.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | flags) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-    Ok(unsafe { File::from_raw_fd(fd) })
+    kvpool_transport::shm::memfd(&format!("kvpool-segment-{id}"), flags)
 }
 
 /// A memfd of `len` bytes, mapped shared.

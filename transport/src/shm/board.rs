@@ -25,7 +25,7 @@
 
 use std::{
     fs::File,
-    os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
     sync::atomic::{AtomicU64, Ordering},
 };
 
@@ -125,13 +125,7 @@ impl BoardWriter {
             )));
         }
         let len = HEADER + 8 * slots;
-        // SAFETY: the name is a NUL-terminated literal; the flags are memfd_create's.
-        let fd = unsafe { libc::memfd_create(c"kvpool-board".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a descriptor memfd_create just returned, owned by nobody else.
-        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        let file = super::memfd("kvpool-board", 0)?;
         file.set_len(len as u64)?;
         let map = MmapOptions::new().len(len).map_raw(&file)?;
         let slots = Slots { map, slots };
@@ -287,13 +281,10 @@ impl BoardReader {
 
 #[cfg(test)]
 mod tests {
-    use std::os::fd::AsRawFd;
-
     use super::*;
 
     fn reader_of(w: &BoardWriter) -> BoardReader {
-        // SAFETY: dup returns a new descriptor of the same memfd, owned by the reader.
-        let fd = unsafe { OwnedFd::from_raw_fd(libc::dup(w.fd().as_raw_fd())) };
+        let fd = w.fd().try_clone_to_owned().unwrap();
         BoardReader::new(fd, w.slots() as u64).unwrap()
     }
 
@@ -361,14 +352,10 @@ mod tests {
     #[test]
     fn a_reader_refuses_a_file_that_is_not_a_board_of_the_size_said() {
         let w = BoardWriter::new(64).unwrap();
-        // SAFETY: dup returns a new descriptor of the same memfd, owned by the reader.
-        let dup = || unsafe { OwnedFd::from_raw_fd(libc::dup(w.fd().as_raw_fd())) };
+        let dup = || w.fd().try_clone_to_owned().unwrap();
         assert!(BoardReader::new(dup(), 128).unwrap_err().contains("bytes"));
         assert!(BoardReader::new(dup(), 3).is_err());
-        // SAFETY: memfd_create with a literal name; the descriptor is owned below.
-        let other = unsafe { libc::memfd_create(c"x".as_ptr(), 0) };
-        // SAFETY: `other` is the descriptor memfd_create just returned.
-        let other = File::from(unsafe { OwnedFd::from_raw_fd(other) });
+        let other = super::super::memfd("not-a-board", 0).unwrap();
         other.set_len((HEADER + 8 * 64) as u64).unwrap();
         let e = BoardReader::new(other.into(), 64).err().unwrap();
         assert!(e.contains("not a board"), "{e}");

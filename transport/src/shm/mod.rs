@@ -79,6 +79,20 @@ impl std::fmt::Display for TransportMode {
     }
 }
 
+/// A new memory file (memfd) named `name` (shown in `/proc/PID/fd`), close-on-exec, with
+/// extra `flags` (`MFD_HUGETLB` ...): what a node's segments and its replica board live in.
+pub fn memfd(name: &str, flags: libc::c_uint) -> std::io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    let name = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+    // SAFETY: `name` is a valid NUL-terminated string; the flags are memfd_create's.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | flags) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
 /// This host's identity: the kernel's boot id and the host name. Two processes with the same
 /// identity run on the same kernel (a memfd passed between them maps the same pages); a
 /// container with its own host name counts as another host, and then TCP is used.
