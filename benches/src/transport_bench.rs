@@ -12,7 +12,10 @@
 //! region; a client with `transport = tcp`, then one with `transport = shm`, puts them all,
 //! `--batch` objects per `put_batch_parts` (each: crc32c, allocation, copy, commit), gets them
 //! all into the second region (`get_batch_into_parts` of `--batch`, with the lease check and
-//! crc32c verification, as any get), compares one object in 16, and removes them. After one
+//! crc32c verification, as any get), compares one object in 16, and removes them; before the
+//! removal, a third client (shared memory, with the location cache) reads every object twice
+//! untimed and a third time timed: the hot get, checked on the node's replica board with no
+//! round trip. After one
 //! unmeasured warm-up round, it reports the median of `--rounds` rounds of each figure, in
 //! GB/s (10^9 B/s) of value bytes, and the median of the rounds' shm / memcpy ratios (each
 //! round's figures were taken seconds apart, under the same load); a markdown table on
@@ -64,6 +67,9 @@ struct Round {
     tcp_get: f64,
     shm_put: f64,
     shm_get: f64,
+    /// Gets by a client with the location cache, of keys it read before: checked on the
+    /// node's replica board, no round trip at all.
+    shm_hot: f64,
 }
 
 fn main() -> Result<()> {
@@ -85,10 +91,16 @@ fn main() -> Result<()> {
         Client::new(cfg)
     };
     let (tcp, shm) = (client(TransportMode::Tcp), client(TransportMode::Shm));
+    let hot = {
+        let mut cfg = ClientConfig::with_master(&pool.addr);
+        cfg.transport = TransportMode::Shm;
+        cfg.location_cache.enabled = true;
+        Client::new(cfg)
+    };
     println!(
-        "| value | memcpy | TCP put | TCP get | shm put | shm get | shm put / memcpy | shm get / memcpy |"
+        "| value | memcpy | TCP put | TCP get | shm put | shm get | shm hot get | shm put / memcpy | shm get / memcpy | shm hot get / memcpy |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for size in &args.sizes {
         let size = usize::try_from(size.0).context("size")?;
         let n = usize::try_from(args.bytes.0 / size as u64)
@@ -102,10 +114,18 @@ fn main() -> Result<()> {
         // One extra, unmeasured round first: connections, the shared-memory attach, faults.
         for round in 0..=args.rounds {
             let memcpy = memcpy(&src, &mut dst, size);
-            let (tcp_put, tcp_get) =
-                rt.block_on(transfers(&tcp, "tcp", &src, &mut dst, size, args.batch))?;
-            let (shm_put, shm_get) =
-                rt.block_on(transfers(&shm, "shm", &src, &mut dst, size, args.batch))?;
+            let (tcp_put, tcp_get, _) = rt.block_on(transfers(
+                &tcp, None, "tcp", &src, &mut dst, size, args.batch,
+            ))?;
+            let (shm_put, shm_get, shm_hot) = rt.block_on(transfers(
+                &shm,
+                Some(&hot),
+                "shm",
+                &src,
+                &mut dst,
+                size,
+                args.batch,
+            ))?;
             if round > 0 {
                 rounds.push(Round {
                     memcpy,
@@ -113,20 +133,23 @@ fn main() -> Result<()> {
                     tcp_get,
                     shm_put,
                     shm_get,
+                    shm_hot,
                 });
             }
         }
         let med = |f: &dyn Fn(&Round) -> f64| median(rounds.iter().map(f).collect());
         println!(
-            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} % | {:.0} % |",
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} % | {:.0} % | {:.0} % |",
             ByteSize(size as u64),
             med(&|r| r.memcpy),
             med(&|r| r.tcp_put),
             med(&|r| r.tcp_get),
             med(&|r| r.shm_put),
             med(&|r| r.shm_get),
+            med(&|r| r.shm_hot),
             100.0 * med(&|r| r.shm_put / r.memcpy),
             100.0 * med(&|r| r.shm_get / r.memcpy),
+            100.0 * med(&|r| r.shm_hot / r.memcpy),
         );
     }
     rt.block_on(async {
@@ -158,15 +181,39 @@ fn memcpy(src: &[u8], dst: &mut [u8], size: usize) -> f64 {
     gbps(src.len(), t.elapsed().as_secs_f64())
 }
 
-/// One round of puts and gets of every object by `client`: GB/s of each.
+/// The timed gets of every object by `client` into `dst`, `batch` per request: GB/s.
+async fn gets(
+    client: &Client,
+    keys: &[Vec<u8>],
+    dst: &mut [u8],
+    size: usize,
+    batch: usize,
+    mode: &str,
+) -> Result<f64> {
+    let t = Instant::now();
+    for (ks, ds) in keys.chunks(batch).zip(dst.chunks_mut(batch * size)) {
+        let refs: Vec<&[u8]> = ks.iter().map(Vec::as_slice).collect();
+        let mut single: Vec<[&mut [u8]; 1]> = ds.chunks_mut(size).map(|d| [d]).collect();
+        let mut dests: Vec<&mut [&mut [u8]]> = single.iter_mut().map(|p| &mut p[..]).collect();
+        for got in client.get_batch_into_parts(&refs, &mut dests).await {
+            let got = got.with_context(|| format!("{mode} get"))?;
+            ensure!(got == Some(size as u64), "{mode} get: {got:?}");
+        }
+    }
+    Ok(gbps(dst.len(), t.elapsed().as_secs_f64()))
+}
+
+/// One round of puts and gets of every object by `client`: GB/s of each, and of the gets by
+/// `hot` (a client with the location cache) once it has read every object twice (0 without).
 async fn transfers(
     client: &Client,
+    hot: Option<&Client>,
     mode: &str,
     src: &[u8],
     dst: &mut [u8],
     size: usize,
     batch: usize,
-) -> Result<(f64, f64)> {
+) -> Result<(f64, f64, f64)> {
     let keys: Vec<Vec<u8>> = (0..src.len() / size)
         .map(|i| format!("tb/{i:08}").into_bytes())
         .collect();
@@ -184,28 +231,28 @@ async fn transfers(
     }
     let put = gbps(src.len(), t.elapsed().as_secs_f64());
     dst.fill(0);
-    let t = Instant::now();
-    for (ks, ds) in keys.chunks(batch).zip(dst.chunks_mut(batch * size)) {
-        let refs: Vec<&[u8]> = ks.iter().map(Vec::as_slice).collect();
-        let mut single: Vec<[&mut [u8]; 1]> = ds.chunks_mut(size).map(|d| [d]).collect();
-        let mut dests: Vec<&mut [&mut [u8]]> = single.iter_mut().map(|p| &mut p[..]).collect();
-        for got in client.get_batch_into_parts(&refs, &mut dests).await {
-            let got = got.with_context(|| format!("{mode} get"))?;
-            ensure!(got == Some(size as u64), "{mode} get: {got:?}");
-        }
-    }
-    let get = gbps(src.len(), t.elapsed().as_secs_f64());
+    let get = gets(client, &keys, dst, size, batch, mode).await?;
     for i in (0..keys.len()).step_by(16) {
         ensure!(
             dst[i * size..][..size] == src[i * size..][..size],
             "{mode}: object {i} differs"
         );
     }
+    let mut hot_get = 0.0;
+    if let Some(h) = hot {
+        // A key is cached from its second lookup on: two untimed passes, then the timed one.
+        for _ in 0..2 {
+            gets(h, &keys, dst, size, batch, "hot").await?;
+        }
+        dst.fill(0);
+        hot_get = gets(h, &keys, dst, size, batch, "hot").await?;
+        ensure!(dst[..size] == src[..size], "hot: object 0 differs");
+    }
     let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
     for r in client.remove(&refs, true).await {
         r.context("remove")?;
     }
-    Ok((put, get))
+    Ok((put, get, hot_get))
 }
 
 /// The data address of the pool's (one) node.
