@@ -111,13 +111,10 @@ impl<'a> Plan<'a> {
             bytes,
         } = self;
         let mut crcs = vec![0u32; stretches.len()];
-        let helpers = pool().map_or(0, |p| p.current_num_threads());
-        let groups = if bytes >= PARALLEL_MIN {
-            (helpers + 1).min(bytes / STRETCH).max(1)
-        } else {
-            1
-        };
-        match pool() {
+        let pool = if bytes >= PARALLEL_MIN { pool() } else { None };
+        let helpers = pool.map_or(0, |p| p.current_num_threads());
+        let groups = (helpers + 1).min(bytes / STRETCH).max(1);
+        match pool {
             Some(pool) if groups > 1 => {
                 let target = bytes.div_ceil(groups);
                 pool.in_place_scope(|scope| {
@@ -211,26 +208,31 @@ fn copy_all(stretches: &mut [Stretch<'_>], crcs: &mut [u32], checksum: bool) {
     }
 }
 
-/// The copy threads: `None` when there are none (one CPU, or [`COPY_THREADS_ENV`] is 0), or
-/// the pool could not start (then every copy runs on the caller's thread).
+/// The copy threads: `None` when there are none (one CPU, or [`COPY_THREADS_ENV`] is 0), the
+/// pool could not start, or this process is a fork of the one that started it (a child has
+/// none of its parent's threads: waiting on them would never end). Then every copy runs on
+/// the caller's thread.
 fn pool() -> Option<&'static rayon::ThreadPool> {
-    static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
-    POOL.get_or_init(|| {
-        let threads = copy_threads(
-            std::env::var(COPY_THREADS_ENV).ok().as_deref(),
-            std::thread::available_parallelism().map_or(1, |n| n.get()),
-        );
-        if threads == 0 {
-            return None;
-        }
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("kvpool-copy-{i}"))
-            .build()
-            .inspect_err(|e| tracing::warn!("no copy threads ({e}): copies run on one thread"))
-            .ok()
-    })
-    .as_ref()
+    static POOL: OnceLock<Option<(u32, rayon::ThreadPool)>> = OnceLock::new();
+    let (pid, pool) = POOL
+        .get_or_init(|| {
+            let threads = copy_threads(
+                std::env::var(COPY_THREADS_ENV).ok().as_deref(),
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+            );
+            if threads == 0 {
+                return None;
+            }
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(|i| format!("kvpool-copy-{i}"))
+                .build()
+                .inspect_err(|e| tracing::warn!("no copy threads ({e}): copies run on one thread"))
+                .ok()
+                .map(|p| (std::process::id(), p))
+        })
+        .as_ref()?;
+    (*pid == std::process::id()).then_some(pool)
 }
 
 /// How many threads help copy: `env` when it is a number, else one less than `cpus`, at
