@@ -17,16 +17,20 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use kvpool_proto::{ErrorCode, FrameHeader, FrameLimits, Message, Token, WireError};
 use tokio::{
-    net::TcpStream,
-    sync::{mpsc, oneshot},
+    net::{tcp::OwnedReadHalf, TcpStream},
+    sync::oneshot,
 };
 
 use crate::{frame, TransportError};
+
+mod outbox;
+
+use outbox::{lock, Link};
 
 /// How an [`RpcClient`] dials and waits.
 #[derive(Debug, Clone)]
@@ -53,20 +57,39 @@ impl Default for RpcOptions {
 }
 
 type Reply = Result<(FrameHeader, Vec<u8>), TransportError>;
-type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Reply>>>>>;
 
+/// Callers waiting for a response on one connection, by request id; `None` once the
+/// connection died, so no new request may wait on it.
+type Pending = Arc<Mutex<Option<HashMap<u64, Waiter>>>>;
+
+/// One caller waiting for its response.
+struct Waiter {
+    tx: oneshot::Sender<Reply>,
+    /// When the caller gives up. Every request on a client has the same timeout, so
+    /// deadlines grow with the request id and the watchdog sleeps until the oldest one.
+    deadline: Instant,
+}
+
+/// The client's end of one connection: its write side ([`Outbox`]) and its waiters.
 struct Conn {
-    tx: mpsc::UnboundedSender<Vec<u8>>,
-    /// `None` once the connection died: no new request may wait on it.
+    link: Arc<Link>,
     pending: Pending,
 }
 
 impl Conn {
     fn is_alive(&self) -> bool {
-        !self.tx.is_closed() && lock(&self.pending).is_some()
+        !lock(&self.link.out).failed && lock(&self.pending).is_some()
     }
 }
 
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // The flusher writes what is queued, then ends; dropping the last reference to the
+        // link closes the write side, which ends the connection in order.
+        lock(&self.link.out).closing = true;
+        self.link.flush.notify_one();
+    }
+}
 /// Looks up the address to dial: `None` when there is none now (no leader elected).
 pub type Resolve =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Option<String>> + Send>> + Send + Sync>;
@@ -149,27 +172,24 @@ impl RpcClient {
             let Some(map) = pending.as_mut() else {
                 return Err(TransportError::Closed);
             };
-            map.insert(id, tx);
+            let deadline = Instant::now() + timeout;
+            map.insert(id, Waiter { tx, deadline });
         }
-        // Removes the entry if this future is dropped or times out before the reply.
+        // Removes the entry if this future is dropped before the reply.
         let _guard = PendingGuard {
             pending: &conn.pending,
             id,
         };
-        if conn.tx.send(frame::encode_request(id, msg, 0)).is_err() {
-            return Err(TransportError::Closed);
+        if let Err(e) = conn.link.send(&frame::encode_request(id, msg, 0)) {
+            fail_all(&conn.pending, &e);
+            return Err(e);
         }
-        let reply = match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(reply)) => reply?,
-            Ok(Err(_)) => return Err(TransportError::Closed),
-            Err(_) => {
-                return Err(TransportError::Timeout {
-                    op: "rpc",
-                    after: timeout,
-                })
-            }
+        // The connection's watchdog answers Timeout at the deadline: no timer per call (a
+        // timer that is the runtime's earliest wakes its I/O driver, a syscall per call).
+        let (header, body) = match rx.await {
+            Ok(reply) => reply?,
+            Err(_) => return Err(TransportError::Closed),
         };
-        let (header, body) = reply;
         frame::decode_response(&header, &body)
     }
 
@@ -209,7 +229,7 @@ impl RpcClient {
             crate::auth::client_hello(&mut stream, token, &opts.limits, opts.connect_timeout)
                 .await?;
         }
-        let conn = Arc::new(spawn_conn(stream, opts.limits));
+        let conn = Arc::new(spawn_conn(stream, opts.limits, opts.request_timeout));
         *slot = Some(conn.clone());
         Ok(conn)
     }
@@ -228,51 +248,99 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding this lock cannot leave the map inconsistent (single inserts and
-    // removes), so a poisoned lock is still safe to use.
-    m.lock().unwrap_or_else(|e| e.into_inner())
+/// Fails every caller waiting on a dead connection with (a copy of) why it died, and refuses
+/// new waiters on it. A connection that broke (closed, reset, cut mid-frame) fails them with
+/// a retryable error: the next call dials again.
+fn fail_all(pending: &Pending, why: &TransportError) {
+    let waiters = lock(pending).take().unwrap_or_default();
+    for (_, w) in waiters {
+        let _ = w.tx.send(Err(copy_error(why)));
+    }
 }
 
-fn spawn_conn(stream: TcpStream, limits: FrameLimits) -> Conn {
-    let (mut rd, wr) = stream.into_split();
-    let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
+/// The same failure for another caller (errors that own an `io::Error` are not `Clone`).
+fn copy_error(e: &TransportError) -> TransportError {
+    match e {
+        TransportError::Io(io) => {
+            TransportError::Io(std::io::Error::new(io.kind(), io.to_string()))
+        }
+        TransportError::Truncated => TransportError::Truncated,
+        TransportError::Closed => TransportError::Closed,
+        TransportError::Timeout { op, after } => TransportError::Timeout { op, after: *after },
+        TransportError::Remote(w) => TransportError::Remote(w.clone()),
+        other => TransportError::Protocol(other.to_string()),
+    }
+}
+
+fn spawn_conn(stream: TcpStream, limits: FrameLimits, timeout: Duration) -> Conn {
+    let (rd, wr) = stream.into_split();
+    let link = Link::new(wr);
     let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
 
-    tokio::spawn(frame::write_coalesced(wr, rx));
-
-    let reader_pending = pending.clone();
+    let (flusher, flush_pending) = (link.clone(), pending.clone());
     tokio::spawn(async move {
-        let mut rd = tokio::io::BufReader::with_capacity(64 << 10, &mut rd);
-        let err = loop {
-            let header = match frame::read_header(&mut rd, &limits).await {
-                Ok(Some(h)) => h,
-                Ok(None) => break TransportError::Closed,
-                Err(e) => break e,
-            };
-            if !header.is_response() || header.payload_len != 0 {
-                break TransportError::Protocol("unexpected frame from server".into());
-            }
-            let body = match frame::read_body(&mut rd, header.body_len).await {
-                Ok(b) => b,
-                Err(e) => break e,
-            };
-            let waiter = lock(&reader_pending)
-                .as_mut()
-                .and_then(|m| m.remove(&header.request_id));
-            if let Some(w) = waiter {
-                let _ = w.send(Ok((header, body)));
-            }
-        };
-        // Fail everyone still waiting, and refuse new waiters on this connection.
-        let waiters = lock(&reader_pending).take().unwrap_or_default();
-        for (_, w) in waiters {
-            let _ = w.send(Err(match &err {
-                TransportError::Closed => TransportError::Closed,
-                other => TransportError::Protocol(other.to_string()),
-            }));
+        if let Err(e) = flusher.flusher().await {
+            fail_all(&flush_pending, &e);
         }
     });
+    tokio::spawn(read_responses(rd, limits, pending.clone()));
+    tokio::spawn(watchdog(pending.clone(), timeout));
+    Conn { link, pending }
+}
 
-    Conn { tx, pending }
+/// Routes each response to its caller; when the connection ends, fails everyone waiting.
+async fn read_responses(rd: OwnedReadHalf, limits: FrameLimits, pending: Pending) {
+    let mut rd = tokio::io::BufReader::with_capacity(64 << 10, rd);
+    let err = loop {
+        let header = match frame::read_header(&mut rd, &limits).await {
+            Ok(Some(h)) => h,
+            Ok(None) => break TransportError::Closed,
+            Err(e) => break e,
+        };
+        if !header.is_response() || header.payload_len != 0 {
+            break TransportError::Protocol("unexpected frame from server".into());
+        }
+        let body = match frame::read_body(&mut rd, header.body_len).await {
+            Ok(b) => b,
+            Err(e) => break e,
+        };
+        let waiter = lock(&pending)
+            .as_mut()
+            .and_then(|m| m.remove(&header.request_id));
+        if let Some(w) = waiter {
+            let _ = w.tx.send(Ok((header, body)));
+        }
+    };
+    fail_all(&pending, &err);
+}
+
+/// Answers `Timeout` to each caller whose deadline passed, sleeping until the oldest
+/// deadline. Its one timer is always armed and never earlier than a new call's deadline, so
+/// calls arm none. Ends with the connection.
+async fn watchdog(pending: Pending, timeout: Duration) {
+    let mut next = Instant::now() + timeout;
+    loop {
+        tokio::time::sleep_until(next.into()).await;
+        let now = Instant::now();
+        let mut guard = lock(&pending);
+        let Some(map) = guard.as_mut() else { return };
+        let expired: Vec<u64> = map
+            .iter()
+            .filter(|(_, w)| w.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(w) = map.remove(&id) {
+                let _ = w.tx.send(Err(TransportError::Timeout {
+                    op: "rpc",
+                    after: timeout,
+                }));
+            }
+        }
+        next = map
+            .values()
+            .map(|w| w.deadline)
+            .min()
+            .unwrap_or(now + timeout);
+    }
 }
