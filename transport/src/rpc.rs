@@ -344,3 +344,147 @@ async fn watchdog(pending: Pending, timeout: Duration) {
             .unwrap_or(now + timeout);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::{serve_rpc, RpcService};
+    use kvpool_proto::{encode_body, ListKeys, ListKeysResponse, Opcode};
+    use tokio::{io::AsyncReadExt, net::TcpListener};
+
+    /// Answers `ListKeys` with its own prefix, so each caller can tell its answer.
+    struct Mirror;
+
+    impl RpcService for Mirror {
+        fn handle(&self, opcode: Opcode, body: &[u8]) -> Result<Vec<u8>, WireError> {
+            let req: ListKeys = kvpool_proto::decode_body(body)?;
+            assert_eq!(opcode, Opcode::ListKeys);
+            Ok(encode_body(&ListKeysResponse {
+                keys: vec![req.prefix],
+                more: false,
+            }))
+        }
+    }
+
+    fn list(prefix: Vec<u8>) -> ListKeys {
+        ListKeys {
+            prefix,
+            start_after: None,
+            limit: 1,
+        }
+    }
+
+    fn opts(request_timeout: Duration) -> RpcOptions {
+        RpcOptions {
+            request_timeout,
+            ..RpcOptions::default()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_callers_on_one_connection_each_get_their_own_answer() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(serve_rpc(
+            listener,
+            Arc::new(Mirror),
+            FrameLimits::default(),
+            std::future::pending(),
+        ));
+        let client = RpcClient::new(addr, opts(Duration::from_secs(30)));
+        let tasks: Vec<_> = (0..32)
+            .map(|t| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    for i in 0..20usize {
+                        // Some frames are larger than a socket buffer: they go out partly
+                        // from the caller and partly from the flusher, between others'.
+                        let pad = if (t + i) % 7 == 0 { 600 << 10 } else { i * 31 };
+                        let mut prefix = format!("{t}/{i}/").into_bytes();
+                        prefix.resize(prefix.len() + pad, b'x');
+                        let got = client.call(&list(prefix.clone())).await.unwrap();
+                        assert_eq!(got.keys, vec![prefix], "task {t} call {i}");
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let conn = client.inner.conn.lock().await.clone().unwrap();
+        assert!(conn.is_alive());
+        assert!(lock(&conn.pending).as_ref().unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_killed_mid_write_fails_every_caller_retryably() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            // Part of the first frame, then the connection is gone (with unread bytes: a
+            // reset).
+            let mut some = vec![0u8; 64 << 10];
+            s.read_exact(&mut some).await.unwrap();
+            // No listener either: a caller that dials again is refused, not left waiting.
+            drop((s, listener));
+        });
+        let client = RpcClient::new(addr, opts(Duration::from_secs(30)));
+        let started = std::time::Instant::now();
+        let tasks: Vec<_> = (0..8)
+            .map(|t| {
+                let client = client.clone();
+                tokio::spawn(async move { client.call(&list(vec![t; 4 << 20])).await })
+            })
+            .collect();
+        for t in tasks {
+            match t.await.unwrap() {
+                Err(e) => {
+                    assert!(e.is_retryable(), "{e:?}");
+                    assert!(!matches!(e, TransportError::Timeout { .. }), "{e:?}");
+                }
+                Ok(r) => panic!("answered without a server: {r:?}"),
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(20));
+        server.await.unwrap();
+        let conn = client.inner.conn.lock().await.clone().unwrap();
+        assert!(!conn.is_alive(), "a dead connection is not reused");
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_times_every_caller_out_at_its_deadline() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        // Reads everything, answers nothing.
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut sink = Vec::new();
+            let _ = s.read_to_end(&mut sink).await;
+        });
+        let timeout = Duration::from_millis(300);
+        let client = RpcClient::new(addr, opts(timeout));
+        let calls: Vec<_> = (0..4u8)
+            .map(|i| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let t = std::time::Instant::now();
+                    let r = client.call(&list(vec![i])).await;
+                    (r, t.elapsed())
+                })
+            })
+            .collect();
+        for c in calls {
+            let (r, took) = c.await.unwrap();
+            match r {
+                Err(TransportError::Timeout { op: "rpc", after }) => assert_eq!(after, timeout),
+                other => panic!("expected a timeout, got {other:?}"),
+            }
+            assert!(took >= timeout, "{took:?}");
+            assert!(took < timeout * 10, "{took:?}");
+        }
+        // A caller that gave up leaves nothing behind.
+        let conn = client.inner.conn.lock().await.clone().unwrap();
+        assert!(lock(&conn.pending).as_ref().unwrap().is_empty());
+    }
+}

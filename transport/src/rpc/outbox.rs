@@ -153,3 +153,75 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // append), so a panic cannot leave them half done and a poisoned lock is safe to use.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::{
+        io::AsyncReadExt,
+        net::{TcpListener, TcpSocket},
+    };
+
+    /// A connected pair whose client side has a small send buffer, and the server side.
+    async fn pair() -> (OwnedWriteHalf, tokio::net::TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_send_buffer_size(16 << 10).unwrap();
+        let (client, server) = tokio::join!(
+            socket.connect(listener.local_addr().unwrap()),
+            listener.accept()
+        );
+        let (_rd, wr) = client.unwrap().into_split();
+        (wr, server.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn a_frame_larger_than_the_socket_buffer_goes_out_partly_direct_then_in_order() {
+        let (wr, mut peer) = pair().await;
+        let link = Link::new(wr);
+        // The peer reads nothing yet: the socket takes only part of the first frame.
+        let big: Vec<u8> = (0..8 << 20).map(|i| (i % 251) as u8).collect();
+        assert_eq!(link.send(&big).unwrap(), Sent::Queued);
+        let left = lock(&link.out).queued.len();
+        assert!(left > 0 && left < big.len(), "{left} of {} left", big.len());
+        // Later frames queue behind the rest of the first.
+        let small = b"after the big one".to_vec();
+        assert_eq!(link.send(&small).unwrap(), Sent::Queued);
+        let flusher = tokio::spawn(link.clone().flusher());
+        let mut got = vec![0u8; big.len() + small.len()];
+        peer.read_exact(&mut got).await.unwrap();
+        assert!(got[..big.len()] == big[..], "the big frame arrived intact");
+        assert_eq!(&got[big.len()..], &small[..]);
+        // With the queue empty, the next frame goes out from the caller.
+        assert_eq!(link.send(b"direct").unwrap(), Sent::Written);
+        let mut direct = [0u8; 6];
+        peer.read_exact(&mut direct).await.unwrap();
+        assert_eq!(&direct, b"direct");
+        // The owner leaving ends the flusher once the queue is empty.
+        lock(&link.out).closing = true;
+        link.flush.notify_one();
+        assert!(flusher.await.unwrap().is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_failed_socket_refuses_further_frames() {
+        let (wr, peer) = pair().await;
+        let link = Link::new(wr);
+        let flusher = tokio::spawn(link.clone().flusher());
+        drop(peer);
+        // The first writes after the peer is gone may still be accepted by the kernel; the
+        // reset they draw fails a later one (the caller's, or the flusher's).
+        let frame = vec![1u8; 4 << 10];
+        let failed = kvpool_testkit::poll_until(Duration::from_secs(5), || {
+            std::future::ready(link.send(&frame).is_err())
+        })
+        .await;
+        assert!(failed, "writes to a closed peer never failed");
+        assert!(matches!(link.send(&frame), Err(TransportError::Closed)));
+        assert!(lock(&link.out).failed);
+        // A flusher that saw the failure reports it; one that was idle ends on the next wake.
+        link.flush.notify_one();
+        assert!(flusher.await.unwrap().is_err());
+    }
+}
