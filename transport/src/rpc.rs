@@ -1,8 +1,10 @@
 //! A multiplexed request/response client for small control messages (master RPCs).
 //!
-//! Many requests share one TCP connection: each carries a request id, a writer task coalesces
-//! outgoing frames into few syscalls, and a reader task routes each response to its caller by
-//! id. A broken connection fails every request in flight with a retryable error, and the next
+//! Many requests share one TCP connection: each carries a request id. A caller writes its frame
+//! to the socket itself when nothing else is queued, else it joins a queue that a flusher task
+//! writes many frames at a time (`outbox`); a reader task routes each response to its caller
+//! by id; one watchdog timer per connection answers `Timeout` to callers past their deadline.
+//! A broken connection fails every request in flight with a retryable error, and the next
 //! call dials again, so callers never hold a dead connection.
 //!
 //! A client made [`RpcClient::with_resolver`] follows a server that moves (the HA master's
