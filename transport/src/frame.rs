@@ -196,17 +196,29 @@ impl From<HeaderError> for TransportError {
     }
 }
 
-/// Whether `buf` starts with a whole frame (or with a header that fails to decode): reading
-/// the next frame from a buffer holding it needs no socket read, so cannot block.
-pub fn whole_frame_buffered(buf: &[u8], limits: &FrameLimits) -> bool {
-    let Some(head) = buf.first_chunk::<HEADER_LEN>() else {
-        return false;
-    };
-    match FrameHeader::decode(head, limits) {
-        Ok(h) => {
-            let len = HEADER_LEN as u64 + u64::from(h.body_len) + h.payload_len;
-            len <= buf.len() as u64
+/// Most bytes gathered into one socket write by [`write_coalesced`].
+const COALESCE_LIMIT: usize = 1 << 20;
+
+/// Writes every frame sent on `rx` to `w`, gathering frames queued meanwhile into one write so
+/// that many small pipelined requests or answers cost few syscalls. Ends when the channel
+/// closes (then shuts the write side down) or the socket fails.
+pub async fn write_coalesced<W: AsyncWrite + Unpin>(
+    mut w: W,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+) {
+    let mut buf = Vec::new();
+    while let Some(first) = rx.recv().await {
+        buf.clear();
+        buf.extend_from_slice(&first);
+        while buf.len() < COALESCE_LIMIT {
+            match rx.try_recv() {
+                Ok(more) => buf.extend_from_slice(&more),
+                Err(_) => break,
+            }
         }
-        Err(_) => true,
+        if w.write_all(&buf).await.is_err() {
+            return;
+        }
     }
+    let _ = w.shutdown().await;
 }

@@ -6,8 +6,8 @@ use std::{future::Future, sync::Arc};
 
 use kvpool_proto::{ErrorCode, FrameLimits, Opcode, Token, WireError};
 use tokio::{
-    io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
+    sync::mpsc,
 };
 use tracing::{debug, warn};
 
@@ -15,9 +15,6 @@ use crate::{
     frame,
     listen::{self, Gate},
 };
-
-/// Most answer bytes gathered before they are written.
-const COALESCE_LIMIT: usize = 1 << 20;
 
 /// What a control-plane server does with one request.
 pub trait RpcService: Send + Sync + 'static {
@@ -84,28 +81,18 @@ async fn serve_conn<S: RpcService>(
     // Nothing is served before the Hello when a token is configured.
     let mut authed = opts.token.is_none();
     stream.set_nodelay(true)?;
-    let (rd, mut wr) = stream.into_split();
-    // Answers not yet written. This task writes them itself (no writer task to wake, see
-    // docs/benchmarks.md, "Master round trip (issue 13)"): when no whole request is left in
-    // the read buffer, so requests that arrived together are answered in one write and no
-    // answer waits behind a read that could block.
-    let mut out = Vec::new();
+    let (rd, wr) = stream.into_split();
+    let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let writer = tokio::spawn(frame::write_coalesced(wr, rx));
+
     let mut rd = tokio::io::BufReader::with_capacity(64 << 10, rd);
     let result = loop {
-        if !out.is_empty()
-            && (out.len() >= COALESCE_LIMIT || !frame::whole_frame_buffered(rd.buffer(), &limits))
-        {
-            if let Err(e) = wr.write_all(&out).await {
-                break Err(e.into());
-            }
-            out.clear();
-        }
         let header = match frame::read_header(&mut rd, &limits).await {
             Ok(Some(h)) => h,
             Ok(None) => break Ok(()),
             Err(crate::TransportError::Header(e)) => {
                 // The stream's framing can no longer be trusted: say why, then close.
-                out.extend_from_slice(&frame::encode_error(
+                let _ = tx.send(frame::encode_error(
                     0,
                     0,
                     &WireError::new(e.code(), e.to_string()),
@@ -118,15 +105,20 @@ async fn serve_conn<S: RpcService>(
             Err(e) => break Err(e),
             Ok(Gate::Serve) => {}
             Ok(Gate::Welcome(f)) => {
-                out.extend_from_slice(&f);
+                if tx.send(f).is_err() {
+                    break Ok(());
+                }
                 continue;
             }
             Ok(Gate::BadRequest(e)) => {
-                out.extend_from_slice(&frame::encode_error(header.opcode, header.request_id, &e));
+                let f = frame::encode_error(header.opcode, header.request_id, &e);
+                if tx.send(f).is_err() {
+                    break Ok(());
+                }
                 continue;
             }
             Ok(Gate::Refuse(e)) => {
-                out.extend_from_slice(&frame::encode_error(header.opcode, header.request_id, &e));
+                let _ = tx.send(frame::encode_error(header.opcode, header.request_id, &e));
                 break Err(crate::TransportError::Remote(e));
             }
         }
@@ -152,7 +144,7 @@ async fn serve_conn<S: RpcService>(
         } else {
             Opcode::try_from(header.opcode).and_then(|op| service.handle(op, &body))
         };
-        match reply {
+        let frame = match reply {
             Ok(body) => {
                 let h = kvpool_proto::FrameHeader::response(
                     header.opcode,
@@ -161,18 +153,19 @@ async fn serve_conn<S: RpcService>(
                     u32::try_from(body.len()).unwrap_or(u32::MAX),
                     0,
                 );
-                out.extend_from_slice(&h.encode());
-                out.extend_from_slice(&body);
+                let mut buf = Vec::with_capacity(kvpool_proto::HEADER_LEN + body.len());
+                buf.extend_from_slice(&h.encode());
+                buf.extend_from_slice(&body);
+                buf
             }
-            Err(e) => {
-                out.extend_from_slice(&frame::encode_error(header.opcode, header.request_id, &e))
-            }
+            Err(e) => frame::encode_error(header.opcode, header.request_id, &e),
+        };
+        if tx.send(frame).is_err() {
+            break Ok(());
         }
     };
-    // What is answered goes out (a refusal included) before the write side closes.
-    if wr.write_all(&out).await.is_ok() {
-        let _ = wr.shutdown().await;
-    }
+    drop(tx);
+    let _ = writer.await;
     if matches!(&result, Err(crate::TransportError::Remote(_))) {
         listen::linger(&mut rd).await;
     }
@@ -328,21 +321,5 @@ mod tests {
             let mut body = vec![0u8; h.body_len as usize];
             s.read_exact(&mut body).await.unwrap();
         }
-    }
-
-    #[test]
-    fn a_whole_frame_is_recognised_in_a_buffer() {
-        let limits = FrameLimits::default();
-        let mut f = FrameHeader::request(Opcode::Status as u8, 1, 3, 0)
-            .encode()
-            .to_vec();
-        assert!(!frame::whole_frame_buffered(&f[..HEADER_LEN - 1], &limits));
-        assert!(!frame::whole_frame_buffered(&f, &limits));
-        f.extend_from_slice(b"abc");
-        assert!(frame::whole_frame_buffered(&f, &limits));
-        // A header that cannot decode reads as whole: reading it fails without blocking.
-        let mut bad = f.clone();
-        bad[0] ^= 0xff;
-        assert!(frame::whole_frame_buffered(&bad, &limits));
     }
 }
