@@ -1,8 +1,9 @@
 //! A multiplexed request/response client for small control messages (master RPCs).
 //!
-//! Many requests share one TCP connection: each carries a request id. A caller writes its frame
-//! to the socket itself when nothing else is queued, else it joins a queue that a flusher task
-//! writes many frames at a time (`outbox`); a reader task routes each response to its caller
+//! Many requests share one TCP connection: each carries a request id. A `block_on` caller
+//! writes its frame to the socket itself when nothing else is queued; a task's frame, and any
+//! frame that meets a busy socket, joins a queue that a flusher task writes many frames at a
+//! time (`outbox`); a reader task routes each response to its caller
 //! by id; one watchdog timer per connection answers `Timeout` to callers past their deadline.
 //! A broken connection fails every request in flight with a retryable error, and the next
 //! call dials again, so callers never hold a dead connection.
@@ -182,7 +183,12 @@ impl RpcClient {
             pending: &conn.pending,
             id,
         };
-        if let Err(e) = conn.link.send(&frame::encode_request(id, msg, 0)) {
+        // A caller outside the runtime's tasks writes its frame itself: handing it to the
+        // flusher would wake a worker thread. A task hands it over: the flusher then runs next
+        // on the same worker, after the task has done what it does before it waits (writing
+        // from the task measured slower for batched puts, docs/benchmarks.md).
+        let direct = tokio::task::try_id().is_none();
+        if let Err(e) = conn.link.send(&frame::encode_request(id, msg, 0), direct) {
             fail_all(&conn.pending, &e);
             return Err(e);
         }
@@ -394,24 +400,36 @@ mod tests {
             std::future::pending(),
         ));
         let client = RpcClient::new(addr, opts(Duration::from_secs(30)));
-        let tasks: Vec<_> = (0..32)
+        // Tasks hand their frames to the flusher; threads outside the runtime (as `block_on`
+        // callers) write theirs directly, racing the flusher for the socket.
+        let calls = |client: RpcClient, t: usize| async move {
+            for i in 0..20usize {
+                // Some frames are larger than a socket buffer: a direct writer leaves the
+                // rest to the flusher, between others' frames.
+                let pad = if (t + i) % 7 == 0 { 600 << 10 } else { i * 31 };
+                let mut prefix = format!("{t}/{i}/").into_bytes();
+                prefix.resize(prefix.len() + pad, b'x');
+                let got = client.call(&list(prefix.clone())).await.unwrap();
+                assert_eq!(got.keys, vec![prefix], "caller {t} call {i}");
+            }
+        };
+        let tasks: Vec<_> = (0..24)
+            .map(|t| tokio::spawn(calls(client.clone(), t)))
+            .collect();
+        let handle = tokio::runtime::Handle::current();
+        let threads: Vec<_> = (24..32)
             .map(|t| {
-                let client = client.clone();
-                tokio::spawn(async move {
-                    for i in 0..20usize {
-                        // Some frames are larger than a socket buffer: they go out partly
-                        // from the caller and partly from the flusher, between others'.
-                        let pad = if (t + i) % 7 == 0 { 600 << 10 } else { i * 31 };
-                        let mut prefix = format!("{t}/{i}/").into_bytes();
-                        prefix.resize(prefix.len() + pad, b'x');
-                        let got = client.call(&list(prefix.clone())).await.unwrap();
-                        assert_eq!(got.keys, vec![prefix], "task {t} call {i}");
-                    }
-                })
+                let (handle, fut) = (handle.clone(), calls(client.clone(), t));
+                std::thread::spawn(move || handle.block_on(fut))
             })
             .collect();
         for t in tasks {
             t.await.unwrap();
+        }
+        for t in threads {
+            tokio::task::spawn_blocking(move || t.join().unwrap())
+                .await
+                .unwrap();
         }
         let conn = client.inner.conn.lock().await.clone().unwrap();
         assert!(conn.is_alive());

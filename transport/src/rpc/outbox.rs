@@ -1,8 +1,9 @@
 //! The write side of one RPC connection, shared by every caller on it.
 //!
-//! A caller whose frame finds nothing queued and nobody writing writes it to the socket
+//! A caller outside the runtime's tasks (a `block_on` thread, as the Python binding drives
+//! the client) whose frame finds nothing queued and nobody writing writes it to the socket
 //! itself (`try_write`, never blocking): an unbatched request then costs one `send` on the
-//! caller's thread, with no hand-off to another task or thread (measured in
+//! caller's thread, with no wake-up of a worker thread to write it (measured in
 //! docs/benchmarks.md, "Master round trip (issue 13)"). Whatever cannot go out at once (the
 //! socket would block, or another write is in progress) is appended to one queue that the
 //! flusher task writes, many frames per syscall: frames queued under load are still
@@ -61,15 +62,19 @@ impl Link {
         })
     }
 
-    /// Writes `frame` now if the socket is free and takes it, else queues it for the
-    /// flusher. Never waits. `Err` means the socket failed (now or before).
-    pub(super) fn send(&self, frame: &[u8]) -> Result<Sent, TransportError> {
+    /// With `direct`, writes `frame` now if the socket is free and takes it; otherwise (or
+    /// without `direct`) queues it for the flusher. Never waits. `Err` means the socket
+    /// failed (now or before).
+    pub(super) fn send(&self, frame: &[u8], direct: bool) -> Result<Sent, TransportError> {
         let mut out = lock(&self.out);
         if out.failed {
             return Err(TransportError::Closed);
         }
-        if out.busy || !out.queued.is_empty() {
+        if !direct || out.busy || !out.queued.is_empty() {
             out.queued.extend_from_slice(frame);
+            if !out.busy {
+                self.flush.notify_one();
+            }
             return Ok(Sent::Queued);
         }
         out.busy = true;
@@ -182,19 +187,19 @@ mod tests {
         let link = Link::new(wr);
         // The peer reads nothing yet: the socket takes only part of the first frame.
         let big: Vec<u8> = (0..8 << 20).map(|i| (i % 251) as u8).collect();
-        assert_eq!(link.send(&big).unwrap(), Sent::Queued);
+        assert_eq!(link.send(&big, true).unwrap(), Sent::Queued);
         let left = lock(&link.out).queued.len();
         assert!(left > 0 && left < big.len(), "{left} of {} left", big.len());
         // Later frames queue behind the rest of the first.
         let small = b"after the big one".to_vec();
-        assert_eq!(link.send(&small).unwrap(), Sent::Queued);
+        assert_eq!(link.send(&small, true).unwrap(), Sent::Queued);
         let flusher = tokio::spawn(link.clone().flusher());
         let mut got = vec![0u8; big.len() + small.len()];
         peer.read_exact(&mut got).await.unwrap();
         assert!(got[..big.len()] == big[..], "the big frame arrived intact");
         assert_eq!(&got[big.len()..], &small[..]);
         // With the queue empty, the next frame goes out from the caller.
-        assert_eq!(link.send(b"direct").unwrap(), Sent::Written);
+        assert_eq!(link.send(b"direct", true).unwrap(), Sent::Written);
         let mut direct = [0u8; 6];
         peer.read_exact(&mut direct).await.unwrap();
         assert_eq!(&direct, b"direct");
@@ -214,11 +219,14 @@ mod tests {
         // reset they draw fails a later one (the caller's, or the flusher's).
         let frame = vec![1u8; 4 << 10];
         let failed = kvpool_testkit::poll_until(Duration::from_secs(5), || {
-            std::future::ready(link.send(&frame).is_err())
+            std::future::ready(link.send(&frame, true).is_err())
         })
         .await;
         assert!(failed, "writes to a closed peer never failed");
-        assert!(matches!(link.send(&frame), Err(TransportError::Closed)));
+        assert!(matches!(
+            link.send(&frame, true),
+            Err(TransportError::Closed)
+        ));
         assert!(lock(&link.out).failed);
         // A flusher that saw the failure reports it; one that was idle ends on the next wake.
         link.flush.notify_one();
