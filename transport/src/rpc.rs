@@ -406,7 +406,11 @@ mod tests {
             for i in 0..20usize {
                 // Some frames are larger than a socket buffer: a direct writer leaves the
                 // rest to the flusher, between others' frames.
-                let pad = if (t + i) % 7 == 0 { 600 << 10 } else { i * 31 };
+                let pad = if (t + i).is_multiple_of(7) {
+                    600 << 10
+                } else {
+                    i * 31
+                };
                 let mut prefix = format!("{t}/{i}/").into_bytes();
                 prefix.resize(prefix.len() + pad, b'x');
                 let got = client.call(&list(prefix.clone())).await.unwrap();
