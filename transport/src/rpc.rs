@@ -1,8 +1,11 @@
 //! A multiplexed request/response client for small control messages (master RPCs).
 //!
-//! Many requests share one TCP connection: each carries a request id, a writer task coalesces
-//! outgoing frames into few syscalls, and a reader task routes each response to its caller by
-//! id. A broken connection fails every request in flight with a retryable error, and the next
+//! Many requests share one TCP connection: each carries a request id. A `block_on` caller
+//! writes its frame to the socket itself when nothing else is queued; a task's frame, and any
+//! frame that meets a busy socket, joins a queue that a flusher task writes many frames at a
+//! time (`outbox`); a reader task routes each response to its caller
+//! by id; one watchdog timer per connection answers `Timeout` to callers past their deadline.
+//! A broken connection fails every request in flight with a retryable error, and the next
 //! call dials again, so callers never hold a dead connection.
 //!
 //! A client made [`RpcClient::with_resolver`] follows a server that moves (the HA master's
@@ -17,16 +20,20 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use kvpool_proto::{ErrorCode, FrameHeader, FrameLimits, Message, Token, WireError};
 use tokio::{
-    net::TcpStream,
-    sync::{mpsc, oneshot},
+    net::{tcp::OwnedReadHalf, TcpStream},
+    sync::oneshot,
 };
 
 use crate::{frame, TransportError};
+
+mod outbox;
+
+use outbox::{lock, Link};
 
 /// How an [`RpcClient`] dials and waits.
 #[derive(Debug, Clone)]
@@ -53,20 +60,39 @@ impl Default for RpcOptions {
 }
 
 type Reply = Result<(FrameHeader, Vec<u8>), TransportError>;
-type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Reply>>>>>;
 
+/// Callers waiting for a response on one connection, by request id; `None` once the
+/// connection died, so no new request may wait on it.
+type Pending = Arc<Mutex<Option<HashMap<u64, Waiter>>>>;
+
+/// One caller waiting for its response.
+struct Waiter {
+    tx: oneshot::Sender<Reply>,
+    /// When the caller gives up. Every request on a client has the same timeout, so
+    /// deadlines grow with the request id and the watchdog sleeps until the oldest one.
+    deadline: Instant,
+}
+
+/// The client's end of one connection: its write side ([`Outbox`]) and its waiters.
 struct Conn {
-    tx: mpsc::UnboundedSender<Vec<u8>>,
-    /// `None` once the connection died: no new request may wait on it.
+    link: Arc<Link>,
     pending: Pending,
 }
 
 impl Conn {
     fn is_alive(&self) -> bool {
-        !self.tx.is_closed() && lock(&self.pending).is_some()
+        !lock(&self.link.out).failed && lock(&self.pending).is_some()
     }
 }
 
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // The flusher writes what is queued, then ends; dropping the last reference to the
+        // link closes the write side, which ends the connection in order.
+        lock(&self.link.out).closing = true;
+        self.link.flush.notify_one();
+    }
+}
 /// Looks up the address to dial: `None` when there is none now (no leader elected).
 pub type Resolve =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Option<String>> + Send>> + Send + Sync>;
@@ -149,27 +175,29 @@ impl RpcClient {
             let Some(map) = pending.as_mut() else {
                 return Err(TransportError::Closed);
             };
-            map.insert(id, tx);
+            let deadline = Instant::now() + timeout;
+            map.insert(id, Waiter { tx, deadline });
         }
-        // Removes the entry if this future is dropped or times out before the reply.
+        // Removes the entry if this future is dropped before the reply.
         let _guard = PendingGuard {
             pending: &conn.pending,
             id,
         };
-        if conn.tx.send(frame::encode_request(id, msg, 0)).is_err() {
-            return Err(TransportError::Closed);
+        // A caller outside the runtime's tasks writes its frame itself: handing it to the
+        // flusher would wake a worker thread. A task hands it over: the flusher then runs next
+        // on the same worker, after the task has done what it does before it waits (writing
+        // from the task measured slower for batched puts, docs/benchmarks.md).
+        let direct = tokio::task::try_id().is_none();
+        if let Err(e) = conn.link.send(&frame::encode_request(id, msg, 0), direct) {
+            fail_all(&conn.pending, &e);
+            return Err(e);
         }
-        let reply = match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(reply)) => reply?,
-            Ok(Err(_)) => return Err(TransportError::Closed),
-            Err(_) => {
-                return Err(TransportError::Timeout {
-                    op: "rpc",
-                    after: timeout,
-                })
-            }
+        // The connection's watchdog answers Timeout at the deadline: no timer per call (a
+        // timer that is the runtime's earliest wakes its I/O driver, a syscall per call).
+        let (header, body) = match rx.await {
+            Ok(reply) => reply?,
+            Err(_) => return Err(TransportError::Closed),
         };
-        let (header, body) = reply;
         frame::decode_response(&header, &body)
     }
 
@@ -209,7 +237,7 @@ impl RpcClient {
             crate::auth::client_hello(&mut stream, token, &opts.limits, opts.connect_timeout)
                 .await?;
         }
-        let conn = Arc::new(spawn_conn(stream, opts.limits));
+        let conn = Arc::new(spawn_conn(stream, opts.limits, opts.request_timeout));
         *slot = Some(conn.clone());
         Ok(conn)
     }
@@ -228,51 +256,259 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding this lock cannot leave the map inconsistent (single inserts and
-    // removes), so a poisoned lock is still safe to use.
-    m.lock().unwrap_or_else(|e| e.into_inner())
+/// Fails every caller waiting on a dead connection with (a copy of) why it died, and refuses
+/// new waiters on it. A connection that broke (closed, reset, cut mid-frame) fails them with
+/// a retryable error: the next call dials again.
+fn fail_all(pending: &Pending, why: &TransportError) {
+    let waiters = lock(pending).take().unwrap_or_default();
+    for (_, w) in waiters {
+        let _ = w.tx.send(Err(copy_error(why)));
+    }
 }
 
-fn spawn_conn(stream: TcpStream, limits: FrameLimits) -> Conn {
-    let (mut rd, wr) = stream.into_split();
-    let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
+/// The same failure for another caller (errors that own an `io::Error` are not `Clone`).
+fn copy_error(e: &TransportError) -> TransportError {
+    match e {
+        TransportError::Io(io) => {
+            TransportError::Io(std::io::Error::new(io.kind(), io.to_string()))
+        }
+        TransportError::Truncated => TransportError::Truncated,
+        TransportError::Closed => TransportError::Closed,
+        TransportError::Timeout { op, after } => TransportError::Timeout { op, after: *after },
+        TransportError::Remote(w) => TransportError::Remote(w.clone()),
+        other => TransportError::Protocol(other.to_string()),
+    }
+}
+
+fn spawn_conn(stream: TcpStream, limits: FrameLimits, timeout: Duration) -> Conn {
+    let (rd, wr) = stream.into_split();
+    let link = Link::new(wr);
     let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
 
-    tokio::spawn(frame::write_coalesced(wr, rx));
-
-    let reader_pending = pending.clone();
+    let (flusher, flush_pending) = (link.clone(), pending.clone());
     tokio::spawn(async move {
-        let mut rd = tokio::io::BufReader::with_capacity(64 << 10, &mut rd);
-        let err = loop {
-            let header = match frame::read_header(&mut rd, &limits).await {
-                Ok(Some(h)) => h,
-                Ok(None) => break TransportError::Closed,
-                Err(e) => break e,
-            };
-            if !header.is_response() || header.payload_len != 0 {
-                break TransportError::Protocol("unexpected frame from server".into());
-            }
-            let body = match frame::read_body(&mut rd, header.body_len).await {
-                Ok(b) => b,
-                Err(e) => break e,
-            };
-            let waiter = lock(&reader_pending)
-                .as_mut()
-                .and_then(|m| m.remove(&header.request_id));
-            if let Some(w) = waiter {
-                let _ = w.send(Ok((header, body)));
-            }
-        };
-        // Fail everyone still waiting, and refuse new waiters on this connection.
-        let waiters = lock(&reader_pending).take().unwrap_or_default();
-        for (_, w) in waiters {
-            let _ = w.send(Err(match &err {
-                TransportError::Closed => TransportError::Closed,
-                other => TransportError::Protocol(other.to_string()),
-            }));
+        if let Err(e) = flusher.flusher().await {
+            fail_all(&flush_pending, &e);
         }
     });
+    tokio::spawn(read_responses(rd, limits, pending.clone()));
+    tokio::spawn(watchdog(pending.clone(), timeout));
+    Conn { link, pending }
+}
 
-    Conn { tx, pending }
+/// Routes each response to its caller; when the connection ends, fails everyone waiting.
+async fn read_responses(rd: OwnedReadHalf, limits: FrameLimits, pending: Pending) {
+    let mut rd = tokio::io::BufReader::with_capacity(64 << 10, rd);
+    let err = loop {
+        let header = match frame::read_header(&mut rd, &limits).await {
+            Ok(Some(h)) => h,
+            Ok(None) => break TransportError::Closed,
+            Err(e) => break e,
+        };
+        if !header.is_response() || header.payload_len != 0 {
+            break TransportError::Protocol("unexpected frame from server".into());
+        }
+        let body = match frame::read_body(&mut rd, header.body_len).await {
+            Ok(b) => b,
+            Err(e) => break e,
+        };
+        let waiter = lock(&pending)
+            .as_mut()
+            .and_then(|m| m.remove(&header.request_id));
+        if let Some(w) = waiter {
+            let _ = w.tx.send(Ok((header, body)));
+        }
+    };
+    fail_all(&pending, &err);
+}
+
+/// Answers `Timeout` to each caller whose deadline passed, sleeping until the oldest
+/// deadline. Its one timer is always armed and never earlier than a new call's deadline, so
+/// calls arm none. Ends with the connection.
+async fn watchdog(pending: Pending, timeout: Duration) {
+    let mut next = Instant::now() + timeout;
+    loop {
+        tokio::time::sleep_until(next.into()).await;
+        let now = Instant::now();
+        let mut guard = lock(&pending);
+        let Some(map) = guard.as_mut() else { return };
+        let expired: Vec<u64> = map
+            .iter()
+            .filter(|(_, w)| w.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(w) = map.remove(&id) {
+                let _ = w.tx.send(Err(TransportError::Timeout {
+                    op: "rpc",
+                    after: timeout,
+                }));
+            }
+        }
+        next = map
+            .values()
+            .map(|w| w.deadline)
+            .min()
+            .unwrap_or(now + timeout);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::{serve_rpc, RpcService};
+    use kvpool_proto::{encode_body, ListKeys, ListKeysResponse, Opcode};
+    use tokio::{io::AsyncReadExt, net::TcpListener};
+
+    /// Answers `ListKeys` with its own prefix, so each caller can tell its answer.
+    struct Mirror;
+
+    impl RpcService for Mirror {
+        fn handle(&self, opcode: Opcode, body: &[u8]) -> Result<Vec<u8>, WireError> {
+            let req: ListKeys = kvpool_proto::decode_body(body)?;
+            assert_eq!(opcode, Opcode::ListKeys);
+            Ok(encode_body(&ListKeysResponse {
+                keys: vec![req.prefix],
+                more: false,
+            }))
+        }
+    }
+
+    fn list(prefix: Vec<u8>) -> ListKeys {
+        ListKeys {
+            prefix,
+            start_after: None,
+            limit: 1,
+        }
+    }
+
+    fn opts(request_timeout: Duration) -> RpcOptions {
+        RpcOptions {
+            request_timeout,
+            ..RpcOptions::default()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_callers_on_one_connection_each_get_their_own_answer() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(serve_rpc(
+            listener,
+            Arc::new(Mirror),
+            FrameLimits::default(),
+            std::future::pending(),
+        ));
+        let client = RpcClient::new(addr, opts(Duration::from_secs(30)));
+        // Tasks hand their frames to the flusher; threads outside the runtime (as `block_on`
+        // callers) write theirs directly, racing the flusher for the socket.
+        let calls = |client: RpcClient, t: usize| async move {
+            for i in 0..20usize {
+                // Some frames are larger than a socket buffer: a direct writer leaves the
+                // rest to the flusher, between others' frames.
+                let pad = if (t + i).is_multiple_of(7) {
+                    600 << 10
+                } else {
+                    i * 31
+                };
+                let mut prefix = format!("{t}/{i}/").into_bytes();
+                prefix.resize(prefix.len() + pad, b'x');
+                let got = client.call(&list(prefix.clone())).await.unwrap();
+                assert_eq!(got.keys, vec![prefix], "caller {t} call {i}");
+            }
+        };
+        let tasks: Vec<_> = (0..24)
+            .map(|t| tokio::spawn(calls(client.clone(), t)))
+            .collect();
+        let handle = tokio::runtime::Handle::current();
+        let threads: Vec<_> = (24..32)
+            .map(|t| {
+                let (handle, fut) = (handle.clone(), calls(client.clone(), t));
+                std::thread::spawn(move || handle.block_on(fut))
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        for t in threads {
+            tokio::task::spawn_blocking(move || t.join().unwrap())
+                .await
+                .unwrap();
+        }
+        let conn = client.inner.conn.lock().await.clone().unwrap();
+        assert!(conn.is_alive());
+        assert!(lock(&conn.pending).as_ref().unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_killed_mid_write_fails_every_caller_retryably() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            // Part of the first frame, then the connection is gone (with unread bytes: a
+            // reset).
+            let mut some = vec![0u8; 64 << 10];
+            s.read_exact(&mut some).await.unwrap();
+            // No listener either: a caller that dials again is refused, not left waiting.
+            drop((s, listener));
+        });
+        let client = RpcClient::new(addr, opts(Duration::from_secs(30)));
+        let started = std::time::Instant::now();
+        let tasks: Vec<_> = (0..8)
+            .map(|t| {
+                let client = client.clone();
+                tokio::spawn(async move { client.call(&list(vec![t; 4 << 20])).await })
+            })
+            .collect();
+        for t in tasks {
+            match t.await.unwrap() {
+                Err(e) => {
+                    assert!(e.is_retryable(), "{e:?}");
+                    assert!(!matches!(e, TransportError::Timeout { .. }), "{e:?}");
+                }
+                Ok(r) => panic!("answered without a server: {r:?}"),
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(20));
+        server.await.unwrap();
+        let conn = client.inner.conn.lock().await.clone().unwrap();
+        assert!(!conn.is_alive(), "a dead connection is not reused");
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_times_every_caller_out_at_its_deadline() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        // Reads everything, answers nothing.
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut sink = Vec::new();
+            let _ = s.read_to_end(&mut sink).await;
+        });
+        let timeout = Duration::from_millis(300);
+        let client = RpcClient::new(addr, opts(timeout));
+        let calls: Vec<_> = (0..4u8)
+            .map(|i| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let t = std::time::Instant::now();
+                    let r = client.call(&list(vec![i])).await;
+                    (r, t.elapsed())
+                })
+            })
+            .collect();
+        for c in calls {
+            let (r, took) = c.await.unwrap();
+            match r {
+                Err(TransportError::Timeout { op: "rpc", after }) => assert_eq!(after, timeout),
+                other => panic!("expected a timeout, got {other:?}"),
+            }
+            assert!(took >= timeout, "{took:?}");
+            assert!(took < timeout * 10, "{took:?}");
+        }
+        // A caller that gave up leaves nothing behind.
+        let conn = client.inner.conn.lock().await.clone().unwrap();
+        assert!(lock(&conn.pending).as_ref().unwrap().is_empty());
+    }
 }

@@ -291,4 +291,35 @@ mod tests {
             .unwrap();
         assert_eq!(ok.objects, 7);
     }
+
+    #[tokio::test]
+    async fn requests_that_arrive_together_are_all_answered_in_order() {
+        let addr = server(None).await;
+        let mut s = TcpStream::connect(&addr).await.unwrap();
+        let body = encode_body(&Status {});
+        let mut reqs = Vec::new();
+        for id in 1..=50u64 {
+            reqs.extend_from_slice(
+                &FrameHeader::request(Opcode::Status as u8, id, body.len() as u32, 0).encode(),
+            );
+            reqs.extend_from_slice(&body);
+        }
+        // One unknown opcode in the middle is answered in its place.
+        reqs.extend_from_slice(&FrameHeader::request(Opcode::Read as u8, 51, 0, 0).encode());
+        s.write_all(&reqs).await.unwrap();
+        for id in 1..=51u64 {
+            let mut head = [0u8; HEADER_LEN];
+            s.read_exact(&mut head).await.unwrap();
+            let h = FrameHeader::decode(&head, &FrameLimits::default()).unwrap();
+            assert_eq!(h.request_id, id);
+            let want = if id == 51 {
+                ErrorCode::WrongService
+            } else {
+                ErrorCode::Ok
+            };
+            assert_eq!(h.code(), want, "request {id}");
+            let mut body = vec![0u8; h.body_len as usize];
+            s.read_exact(&mut body).await.unwrap();
+        }
+    }
 }
