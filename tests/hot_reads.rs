@@ -40,7 +40,17 @@ fn start_store_with(m: &str, port: u16, pre: &[&str]) -> Proc {
     let listen = format!("127.0.0.1:{port}");
     let mut args = pre.to_vec();
     args.extend_from_slice(&[
-        "store", "--master", m, "--listen", &listen, "--dram", "64MiB", "--name", "hot-node",
+        "store",
+        "--master",
+        m,
+        "--listen",
+        &listen,
+        "--dram",
+        "64MiB",
+        "--name",
+        "hot-node",
+        "--http",
+        "127.0.0.1:0",
     ]);
     Proc::start(&args)
 }
@@ -193,6 +203,61 @@ async fn a_repeated_get_over_shared_memory_needs_neither_master_nor_node() {
     p.store.signal(libc::SIGCONT);
     done.expect("a hot same-host get waited for a stopped master or node");
     assert_eq!(lookups(&p.http), before, "hot gets asked the master");
+    drop(p.store);
+}
+
+/// A board with no slot left publishes what fits (a 64 MiB node: 8,192 slots, three quarters
+/// of them usable); a cached same-host get of a replica left off it misses on the board and is
+/// done again through the master, with the right bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_left_off_a_full_board_cost_a_lookup_never_bytes() {
+    let p = pool().await;
+    let c = cached(&p.m, TransportMode::Shm);
+    let n = 7_000u64;
+    let keys: Vec<String> = (0..n).map(|i| format!("full/{i}")).collect();
+    let want = |k: &str| value(k[5..].parse().expect("a numbered key"), 1024);
+    for chunk in keys.chunks(500) {
+        let values: Vec<Vec<u8>> = chunk.iter().map(|k| want(k)).collect();
+        let items: Vec<(&[u8], &[u8])> = chunk
+            .iter()
+            .zip(&values)
+            .map(|(k, v)| (k.as_bytes(), v.as_slice()))
+            .collect();
+        for r in c.put_batch(&items, &PutOptions::default()).await {
+            r.unwrap();
+        }
+    }
+    let node = scrape(&p.store.addr("http"));
+    let published = sample(&node, "kvpool_store_board_published");
+    assert_eq!(sample(&node, "kvpool_store_objects"), n as f64);
+    assert_eq!(published, 6_144.0, "three quarters of 8,192 slots");
+    // Three passes: the first two look up (and cache from the second), the third reads from
+    // the cache; every value comes back, published on the board or not.
+    for pass in 0..3 {
+        for chunk in keys.chunks(500) {
+            let refs: Vec<&[u8]> = chunk.iter().map(|k| k.as_bytes()).collect();
+            for (k, got) in chunk.iter().zip(c.get_batch(&refs).await) {
+                assert_eq!(got.unwrap(), Some(want(k)), "{k}, pass {pass}");
+            }
+        }
+    }
+    // A fourth pass looks up the keys the board cannot vouch for (the replicas left off it: a
+    // board miss, then a lookup), not all 7,000.
+    let hits = || sample(&scrape(&p.http), "kvpool_master_lookup_hits_total");
+    let before = hits();
+    for chunk in keys.chunks(500) {
+        let refs: Vec<&[u8]> = chunk.iter().map(|k| k.as_bytes()).collect();
+        for (k, got) in chunk.iter().zip(c.get_batch(&refs).await) {
+            assert_eq!(got.unwrap(), Some(want(k)), "{k}, pass 4");
+        }
+    }
+    // At least every key left off the board; a few more whose doorkeeper slot another key took
+    // (the cache admits a key on its second lookup), far from all of them.
+    let looked_up = hits() - before;
+    assert!(
+        looked_up >= n as f64 - published && looked_up < (n / 3) as f64,
+        "{looked_up} keys looked up again for {n} hot gets with {published} on the board"
+    );
     drop(p.store);
 }
 
