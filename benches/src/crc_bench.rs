@@ -109,7 +109,7 @@ fn main() -> Result<()> {
             "kvpool (GF(2) powers table)",
             kvpool_proto::crc32c::crc32c_combine,
         ),
-        ("crc32c crate", |a, b, n| crc32c::crc32c_combine(a, b, n)),
+        ("crc32c crate", crc32c::crc32c_combine),
     ];
     for (name, f) in combines {
         let n = 20_000u32;

@@ -147,11 +147,19 @@ impl<'a> Plan<'a> {
             }
             _ => copy_all(&mut stretches, &mut crcs, checksum),
         }
+        // An item's first stretch is its checksum so far; each later one is folded in (most
+        // items are one stretch: no combine at all).
         let mut out = vec![0u32; items];
+        let mut prev = None;
         for (s, crc) in stretches.iter().zip(crcs) {
             if let Some(o) = out.get_mut(s.item) {
-                *o = crc32c_combine(*o, crc, s.local.len());
+                *o = if prev == Some(s.item) {
+                    crc32c_combine(*o, crc, s.local.len())
+                } else {
+                    crc
+                };
             }
+            prev = Some(s.item);
         }
         out
     }

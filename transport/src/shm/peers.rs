@@ -81,18 +81,7 @@ impl Attachment {
     /// the caller got (0 unless `checksum`). Every item's segment must be mapped. Large
     /// requests are copied by several threads ([`copy`](super::copy)).
     pub fn read(&self, items: Vec<ReadItem<'_>>, checksum: bool) -> Vec<ItemResult<u32>> {
-        let n = items.len();
-        let mut plan = Plan::default();
-        let refused = items
-            .into_iter()
-            .enumerate()
-            .map(|(i, it)| {
-                let src = self.range(it.op.segment, it.op.offset, it.op.len)?;
-                plan.add(i, src, it.dst.into_iter().map(Local::Into))
-            })
-            .map(Result::err)
-            .collect();
-        copy::results(refused, plan.run(n, checksum))
+        self.copy_out(items, checksum, |_| Ok(()))
     }
 
     /// Whether reads can be checked against the node's inventory here, without a round trip.
@@ -113,35 +102,49 @@ impl Attachment {
         let Some(board) = self.board.as_ref() else {
             return Err(items);
         };
-        let stale = |id: ReplicaId| {
-            WireError::new(
+        let held = |i: usize| {
+            // No expected replica (id 0) is never on the board.
+            let id = expect.get(i).map_or(0, |r| r.0);
+            if board.holds(id) {
+                return Ok(());
+            }
+            Err(WireError::new(
                 ErrorCode::StaleLocation,
-                format!("node {} no longer holds replica {}", self.node, id.0),
-            )
+                format!("node {} no longer holds replica {id}", self.node),
+            ))
         };
+        let mut out = self.copy_out(items, checksum, held);
+        for (i, o) in out.iter_mut().enumerate() {
+            // After the copy: ids are never reused, so one still held was held throughout.
+            if o.is_ok() {
+                if let Err(e) = held(i) {
+                    *o = Err(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The copies of [`Attachment::read`], each item first passing `admit` (by its index).
+    fn copy_out(
+        &self,
+        items: Vec<ReadItem<'_>>,
+        checksum: bool,
+        admit: impl Fn(usize) -> Result<(), WireError>,
+    ) -> Vec<ItemResult<u32>> {
         let n = items.len();
         let mut plan = Plan::default();
-        let refused: Vec<Option<WireError>> = items
+        let refused = items
             .into_iter()
-            .zip(expect)
             .enumerate()
-            .map(|(i, (it, &id))| {
-                if !board.holds(id.0) {
-                    return Err(stale(id));
-                }
+            .map(|(i, it)| {
+                admit(i)?;
                 let src = self.range(it.op.segment, it.op.offset, it.op.len)?;
                 plan.add(i, src, it.dst.into_iter().map(Local::Into))
             })
             .map(Result::err)
             .collect();
-        let mut out = copy::results(refused, plan.run(n, checksum));
-        for (o, &id) in out.iter_mut().zip(expect) {
-            // After the copy: ids are never reused, so one still held was held throughout.
-            if o.is_ok() && !board.holds(id.0) {
-                *o = Err(stale(id));
-            }
-        }
-        Ok(out)
+        copy::results(refused, plan.run(n, checksum))
     }
 
     /// Copies each item's slices into its range, checksumming each piece of the caller's bytes
@@ -284,8 +287,10 @@ impl ShmPeers {
     /// Whether the node at `addr` is reached through shared memory (`Some`) and then whether
     /// it publishes a replica board (`Some(true)`), as far as known.
     pub fn board_at(&self, addr: &str) -> Option<bool> {
+        // No liveness check here (a syscall, and this is asked on every cached get): the read
+        // that follows checks it and attaches again to a node that restarted.
         match self.lock().get(addr) {
-            Some(State::Attached(a)) if a.alive() => Some(a.has_board()),
+            Some(State::Attached(a)) => Some(a.has_board()),
             _ => None,
         }
     }
