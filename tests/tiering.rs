@@ -458,3 +458,127 @@ async fn cli_puts_of_eight_mib_into_64_mib_of_dram_are_all_kept_across_a_node_ki
     drop(s2);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Object bytes the node has sent over its sockets (`kvpool up`'s metrics at `http`).
+fn node_bytes_out(http: &str) -> f64 {
+    kvpool_tests::http::value(
+        &kvpool_tests::http::scrape(http),
+        "kvpool_store_transfer_bytes_total{direction=\"out\",transport=\"tcp\"}",
+    )
+}
+
+/// A same-host client reads NVMe-resident values straight off the node's tier file
+/// (`ShmNvme`, docs/transports.md "NVMe reads off the node's file"): the node sends none of
+/// their bytes, and they are whole, alone, in batches and next to DRAM-resident ones. A
+/// record damaged on disk is not taken from the file: the client goes to the node, which
+/// finds the damage and answers a miss. With `store.share-nvme = false` the same gets go
+/// through the node. (Promotion is out of reach: every get here is of an NVMe replica.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_host_clients_read_nvme_records_off_the_file_and_check_them() {
+    for share in [true, false] {
+        let dir = disk_dir("direct");
+        let nvme = dir.join("nvme.dat");
+        let cfg = config_file(&format!(
+            "[master]\nheartbeat-interval = \"100ms\"\nhigh-watermark = 0.5\n\
+             eviction-ratio = 0.1\nnvme-admission = \"always\"\npromote-after-hits = 1000000\n\n\
+             [store]\nshare-nvme = {share}\n"
+        ));
+        let pool = tiered_pool(&cfg, "16MiB", &nvme, "256MiB");
+        let c = client(&pool.addr("master"));
+        let http = pool.addr("http");
+        // 64 KiB + 1 (a value whose last block is mostly padding) and 1 MiB values.
+        let len = |i: u64| {
+            if i.is_multiple_of(2) {
+                (64 << 10) + 1
+            } else {
+                1 << 20
+            }
+        };
+        let n = 48u64;
+        for i in 0..n {
+            if i.is_multiple_of(4) {
+                wait_for_room(&c).await;
+            }
+            let v = value(i, len(i));
+            c.put(format!("d/{i}").as_bytes(), &v, &PutOptions::default())
+                .await
+                .unwrap_or_else(|e| panic!("put d/{i}: {e}"));
+        }
+        let on_nvme: Vec<u64> = (0..8).collect();
+        wait_until("d/0..d/7 only on NVMe", Duration::from_secs(30), || async {
+            for i in &on_nvme {
+                if tiers_of(&c, &format!("d/{i}")).await != vec![Tier::Nvme] {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+        let in_dram = n - 1;
+        assert!(tiers_of(&c, &format!("d/{in_dram}"))
+            .await
+            .contains(&Tier::Dram));
+
+        let before = node_bytes_out(&http);
+        let mut keys: Vec<String> = on_nvme.iter().map(|i| format!("d/{i}")).collect();
+        keys.push(format!("d/{in_dram}"));
+        let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
+        for (k, r) in keys.iter().zip(c.get_batch(&refs).await) {
+            let i: u64 = k[2..].parse().unwrap();
+            let got = r.unwrap_or_else(|e| panic!("get {k}: {e}"));
+            assert!(
+                got.as_deref() == Some(&value(i, len(i))[..]),
+                "{k} in a batch"
+            );
+        }
+        for i in &on_nvme {
+            let got = c.get(format!("d/{i}").as_bytes()).await.unwrap();
+            assert!(
+                got.as_deref() == Some(&value(*i, len(*i))[..]),
+                "d/{i} alone"
+            );
+        }
+        let sent = node_bytes_out(&http) - before;
+        let nvme_bytes: u64 = on_nvme.iter().map(|&i| 2 * len(i) as u64).sum();
+        if share {
+            assert_eq!(
+                sent, 0.0,
+                "the node sent NVMe-resident bytes to a same-host client"
+            );
+        } else {
+            assert!(
+                sent >= nvme_bytes as f64,
+                "without sharing, the node sends them ({sent} of {nvme_bytes} bytes)"
+            );
+        }
+
+        // Damage d/0's value on disk: never returned, from the file or from the node.
+        let info = c.locate(&[b"d/0"]).await.pop().unwrap().unwrap().unwrap();
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&nvme)
+                .unwrap();
+            let at = info.replicas[0].offset + 777;
+            let mut b = [0u8; 8];
+            f.read_exact_at(&mut b, at).unwrap();
+            for x in &mut b {
+                *x ^= 0xa5;
+            }
+            f.write_all_at(&b, at).unwrap();
+            f.sync_all().unwrap();
+        }
+        let batch = c.get_batch(&[b"d/1", b"d/0", b"d/2"]).await;
+        assert!(
+            batch[1].as_ref().unwrap().is_none(),
+            "a damaged record must be a miss"
+        );
+        for (r, i) in [(&batch[0], 1u64), (&batch[2], 2)] {
+            assert!(r.as_ref().unwrap().as_deref() == Some(&value(i, len(i))[..]));
+        }
+        drop(pool);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -283,7 +283,7 @@ impl Client {
 
         for round in 0..rounds {
             // Per address, and whether checked: the item of each read, the reads, the
-            // replicas they must still hold (checked reads only). A batch's keys sit on a
+            // replicas they read. A batch's keys sit on a
             // few nodes, so a short list searched in place beats hashing an address per key.
             type Batch<'b> = (
                 Vec<usize>,
@@ -311,9 +311,9 @@ impl Client {
                 };
                 let batch = &mut by_addr[slot].1;
                 batch.2 = Some(r.node);
-                if checked {
-                    batch.3.push(r.id);
-                }
+                // Checked reads need them; the others let a same-host node's NVMe records be
+                // read off its file and checked against them.
+                batch.3.push(r.id);
                 // The replica's range is contiguous however scattered the parts are: one
                 // read, scattered over all of them.
                 batch.0.push(i);
@@ -335,7 +335,7 @@ impl Client {
                     let res = if checked {
                         self.engine.read_checked(peer, reads, &expect).await
                     } else {
-                        self.engine.read(peer, reads).await
+                        self.engine.read_replicas(peer, reads, &expect).await
                     };
                     if res.is_err() {
                         self.engine.forget(addr);

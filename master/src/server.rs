@@ -295,6 +295,7 @@ impl RpcService for Service {
             | Opcode::ShmAttach
             | Opcode::ShmCommit
             | Opcode::ShmBoard
+            | Opcode::ShmNvme
             | Opcode::RdmaConnect
             | Opcode::RdmaWritten => Err(WireError::new(
                 kvpool_proto::ErrorCode::WrongService,

@@ -62,6 +62,10 @@ pub struct StoreConfig {
     /// checked with two memory loads instead of a round trip to the node. `false`: such gets
     /// are checked over the socket, so clients send them through the master instead.
     pub replica_board: bool,
+    /// Hand same-host clients a read-only O_DIRECT descriptor of the NVMe tier's file [true]
+    /// (`transport::shm::DiskFile`): they read NVMe-resident values straight off the disk and
+    /// check each record's header as the node does. `false`: such gets go through the node.
+    pub share_nvme: bool,
 }
 
 impl Default for StoreConfig {
@@ -83,6 +87,7 @@ impl Default for StoreConfig {
             shm_socket: None,
             stream_reads: true,
             replica_board: true,
+            share_nvme: true,
         }
     }
 }

@@ -146,7 +146,7 @@ pub async fn start(mut cfg: StoreConfig, listener: TcpListener) -> Result<StoreH
             .await
             .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
             .map_err(|source| StoreError::Segment { size, source })?;
-    let nvme = match cfg.nvme.clone() {
+    let mut nvme = match cfg.nvme.clone() {
         // Opening reads the index and checks every record header: blocking work.
         Some(ncfg) => Some(
             tokio::task::spawn_blocking(move || {
@@ -158,12 +158,21 @@ pub async fn start(mut cfg: StoreConfig, listener: TcpListener) -> Result<StoreH
         ),
         None => None,
     };
+    if let Some(n) = nvme.as_mut().filter(|_| cfg.shm && cfg.share_nvme) {
+        if let Err(e) = n.share() {
+            tracing::warn!(
+                "the NVMe tier is not shared with same-host clients ({e}): they read it \
+                 through the node"
+            );
+        }
+    }
     if let Some(n) = &nvme {
         tracing::info!(
             segment = %n.id(),
             capacity = %kvpool_proto::ByteSize(n.tier().capacity()),
             engine = n.tier().engine_name(),
             records = n.tier().records().len(),
+            shared_with_clients = n.shared_file().is_some(),
             "NVMe tier ready"
         );
     }

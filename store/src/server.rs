@@ -8,7 +8,7 @@ use std::{future::Future, sync::Arc};
 use std::os::fd::BorrowedFd;
 
 use kvpool_proto::{
-    FrameLimits, NodeId, ObjectTag, ReplicaId, SegmentId, ShmSegment, Token, WireError,
+    FrameLimits, NodeId, ObjectTag, ReplicaId, SegmentId, ShmNvmeFile, ShmSegment, Token, WireError,
 };
 use kvpool_transport::{
     dataplane::{self, DataServerOptions, OwnedBytes, OwnedPayload, SegmentStore, Source},
@@ -114,6 +114,19 @@ impl SegmentStore for Node {
 
     fn board(&self) -> Option<(u64, BorrowedFd<'_>)> {
         self.inventory().board()
+    }
+
+    fn nvme_files(&self) -> Vec<(ShmNvmeFile, BorrowedFd<'_>)> {
+        self.nvme_segment()
+            .and_then(|n| {
+                let file = ShmNvmeFile {
+                    segment: n.id(),
+                    size: n.tier().capacity(),
+                };
+                n.shared_file().map(|fd| (file, fd))
+            })
+            .into_iter()
+            .collect()
     }
 
     fn shared_segments(&self) -> Vec<(ShmSegment, BorrowedFd<'_>)> {

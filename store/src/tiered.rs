@@ -35,6 +35,8 @@ pub struct NvmeSegment {
     extents: Mutex<BTreeMap<u64, Extent>>,
     /// Records dropped as corrupt, for the next heartbeat.
     lost: LostReplicas,
+    /// The read-only descriptor handed to same-host clients, once [`NvmeSegment::share`]d.
+    shared: Option<std::fs::File>,
 }
 
 impl std::fmt::Debug for NvmeSegment {
@@ -70,7 +72,21 @@ impl NvmeSegment {
             tier,
             extents: Mutex::new(extents),
             lost: LostReplicas::default(),
+            shared: None,
         })
+    }
+
+    /// Lets same-host clients read this segment's records themselves
+    /// ([`NvmeSegment::shared_file`]).
+    pub fn share(&mut self) -> std::io::Result<()> {
+        self.shared = Some(self.tier.open_read_only()?);
+        Ok(())
+    }
+
+    /// The read-only descriptor same-host clients get, if the segment is shared.
+    pub fn shared_file(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.shared.as_ref().map(|f| f.as_fd())
     }
 
     pub fn id(&self) -> SegmentId {

@@ -120,6 +120,8 @@ pub enum Opcode {
     ShmCommit = 0x44,
     /// The node's replica board (which replicas it holds), for same-host clients.
     ShmBoard = 0x45,
+    /// The node's NVMe tier files, read-only, for same-host clients.
+    ShmNvme = 0x46,
     /// RDMA queue-pair handshake (`crate::rdma`); data-plane opcodes 0x48..0x4f are RDMA's.
     RdmaConnect = 0x48,
     /// The object tags of a put whose bytes a client wrote with one-sided RDMA WRITEs.
@@ -153,6 +155,7 @@ impl Opcode {
         Opcode::ShmAttach,
         Opcode::ShmCommit,
         Opcode::ShmBoard,
+        Opcode::ShmNvme,
         Opcode::RdmaConnect,
         Opcode::RdmaWritten,
         Opcode::HandoffClaim,

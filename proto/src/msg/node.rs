@@ -168,3 +168,30 @@ impl Message for ShmBoard {
     const OPCODE: Opcode = Opcode::ShmBoard;
     type Response = ShmBoardResponse;
 }
+
+/// Asks for the node's NVMe tier files, read-only, so that a same-host client reads
+/// NVMe-resident values straight off the disk (O_DIRECT) and checks each record's header
+/// (replica id, length, value crc32c) as the node does (`kvpool_proto::layout`). Served only
+/// on the node's Unix socket, after `ShmAttach`; the response frame carries one read-only
+/// descriptor per file, in `files` order, with its first byte. A node with no NVMe tier, or
+/// that does not share it, answers an empty list; an older node `UnknownOpcode`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShmNvme {}
+
+/// An NVMe segment's file handed to a same-host client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShmNvmeFile {
+    pub segment: SegmentId,
+    /// Usable bytes of the file (reads beyond are not made).
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShmNvmeResponse {
+    pub files: Vec<ShmNvmeFile>,
+}
+
+impl Message for ShmNvme {
+    const OPCODE: Opcode = Opcode::ShmNvme;
+    type Response = ShmNvmeResponse;
+}

@@ -149,6 +149,17 @@ impl Device {
         self.file.as_raw_fd()
     }
 
+    /// A second descriptor of the same file, read-only and O_DIRECT: what the node hands
+    /// same-host clients so that they read records themselves (never one they could write
+    /// through). Opened through `/proc/self/fd`, so it is this file even if its path has
+    /// since been replaced.
+    pub fn open_read_only(&self) -> io::Result<File> {
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+            .open(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    }
+
     /// Blocking positional read of `buf.len()` bytes; EOF before that is `UnexpectedEof`.
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)

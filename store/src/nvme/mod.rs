@@ -5,7 +5,7 @@
 //! - [`device`]: where the bytes live, a preallocated file or a block device opened O_DIRECT.
 //! - [`engine`]: how I/O is issued, an [`IoEngine`] moving owned aligned buffers: io_uring
 //!   with registered buffers on a dedicated thread, or pread/pwrite on worker threads.
-//! - [`layout`]: what a record looks like on disk (header with magic, version, key, lengths
+//! - [`layout`] (in `kvpool_proto`, shared with clients): what a record looks like on disk (header with magic, version, key, lengths
 //!   and checksums; the value 4 KiB-aligned).
 //!
 //! On top, `index` keeps replica -> extent in RocksDB, and [`NvmeTier`] ties them together.
@@ -34,7 +34,6 @@ pub mod engine;
 mod error;
 mod health;
 pub(crate) mod index;
-pub mod layout;
 mod read;
 mod records;
 mod recover;
@@ -46,6 +45,8 @@ pub use config::{NvmeConfig, STAGING_BUF};
 pub use device::Device;
 pub use engine::{IoEngine, IoEngineKind, IoFuture, IoResult};
 pub use error::NvmeError;
+/// The record format, shared with the master and same-host clients (`kvpool_proto::layout`).
+pub use kvpool_proto::layout;
 pub use layout::{record_len, value_offset, MAX_KEY_LEN, NVME_ALIGN};
 pub use read::{Part, PartStream, ValueBuf};
 pub use records::NvmeRecordInfo;

@@ -96,6 +96,11 @@ impl NvmeTier {
         self.shared.device.size()
     }
 
+    /// A read-only O_DIRECT descriptor of the device, for same-host clients.
+    pub fn open_read_only(&self) -> std::io::Result<std::fs::File> {
+        self.shared.device.open_read_only()
+    }
+
     /// The engine in use ("uring" or "psync"; a fallback shows here).
     pub fn engine_name(&self) -> &'static str {
         self.shared.engine.name()

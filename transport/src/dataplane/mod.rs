@@ -29,7 +29,8 @@ use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use kvpool_proto::{
     decode_body, ErrorCode, FrameHeader, FrameLimits, NodeId, ObjectTag, Opcode, Read, ReplicaId,
     SegmentId, ShmAttach, ShmAttachResponse, ShmBoard, ShmBoardResponse, ShmCommit, ShmInfo,
-    ShmInfoResponse, ShmSegment, Token, UnitResponse, WireError, Write, HEADER_LEN,
+    ShmInfoResponse, ShmNvme, ShmNvmeFile, ShmNvmeResponse, ShmSegment, Token, UnitResponse,
+    WireError, Write, HEADER_LEN,
 };
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter},
@@ -134,6 +135,11 @@ pub trait SegmentStore: Send + Sync + 'static {
     /// publishes one. None by default.
     fn board(&self) -> Option<(u64, BorrowedFd<'_>)> {
         None
+    }
+    /// The NVMe tier files a same-host client may read directly, each with a read-only
+    /// O_DIRECT descriptor (`ShmNvme`). None by default.
+    fn nvme_files(&self) -> Vec<(ShmNvmeFile, BorrowedFd<'_>)> {
+        Vec::new()
     }
     /// A request was answered (`ok`) or failed, `started` when its header arrived: for the
     /// node's metrics. Does nothing by default.
@@ -333,6 +339,7 @@ async fn serve_connection<S: Conn, T: SegmentStore>(
             Ok(Opcode::ShmAttach) => shm_attach(io, store, &h).await,
             Ok(Opcode::ShmCommit) => shm_commit(io, store, &h).await,
             Ok(Opcode::ShmBoard) => shm_board(io, store, &h).await,
+            Ok(Opcode::ShmNvme) => shm_nvme(io, store, &h).await,
             Ok(Opcode::RdmaConnect) => rdma::connect(io, opts, &h, &mut lanes).await,
             Ok(Opcode::RdmaWritten) => rdma::written(io, store, &h).await,
             Ok(op) => {
@@ -593,6 +600,25 @@ async fn shm_board<S: Conn, T: SegmentStore>(
         return reply_error(io, h, e).await;
     };
     send_with_fds(io, h, &ShmBoardResponse { slots }, &[fd.as_raw_fd()]).await?;
+    Ok(())
+}
+
+/// Hands a same-host client the node's NVMe tier files, read-only (an empty list when it has
+/// none or shares none).
+async fn shm_nvme<S: Conn, T: SegmentStore>(
+    io: &mut Io<S>,
+    store: &T,
+    h: &FrameHeader,
+) -> Result<(), Close> {
+    let Some(ShmNvme {}) = small_request(io, h).await? else {
+        return Ok(());
+    };
+    let files = store.nvme_files();
+    let resp = ShmNvmeResponse {
+        files: files.iter().map(|(f, _)| *f).collect(),
+    };
+    let fds: Vec<RawFd> = files.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+    send_with_fds(io, h, &resp, &fds).await?;
     Ok(())
 }
 

@@ -69,6 +69,13 @@ fn sendmsg_fds(fd: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<usize> {
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
+    if fds.is_empty() {
+        // No control message at all (an answer that hands over nothing, as `ShmNvme` from a
+        // node without a shared tier).
+        // SAFETY: msg is a valid header pointing at `iov`, which outlives the call.
+        let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) };
+        return usize::try_from(n).map_err(|_| io::Error::last_os_error());
+    }
     msg.msg_control = cmsg.0.as_mut_ptr().cast();
     // SAFETY: CMSG_SPACE only computes a size.
     msg.msg_controllen = unsafe { libc::CMSG_SPACE(data_len as u32) } as usize;

@@ -18,10 +18,13 @@
 //! - `board`: the replica board a node publishes, so a client checks a cached location
 //!   without a round trip.
 //! - `copy`: the copies in and out, checksummed as they go, on several threads when large.
+//! - `disk`: reads of a node's NVMe tier straight off its file (O_DIRECT, io_uring), each
+//!   record checked against its header as the node checks it.
 //! - `peers`: the client side: attaching to a node, the per-node cache, copies in and out.
 
 pub mod board;
 mod copy;
+mod disk;
 pub mod fds;
 mod mapping;
 mod peers;
@@ -30,6 +33,7 @@ use std::{path::PathBuf, sync::OnceLock};
 
 pub use board::{BoardReader, BoardWriter};
 pub use copy::COPY_THREADS_ENV;
+pub use disk::DiskFile;
 pub use mapping::Mapping;
 pub use peers::{Attachment, ShmPeers};
 

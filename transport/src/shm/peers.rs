@@ -14,7 +14,7 @@ use std::{
 use kvpool_proto::{
     ErrorCode, FrameHeader, FrameLimits, ItemResult, Message, NodeId, ObjectTag, ReplicaId,
     SegmentId, ShmAttach, ShmAttachResponse, ShmBoard, ShmBoardResponse, ShmCommit, ShmInfo,
-    ShmInfoResponse, UnitResponse, WireError, HEADER_LEN,
+    ShmInfoResponse, ShmNvme, ShmNvmeResponse, UnitResponse, WireError, HEADER_LEN,
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt},
@@ -23,7 +23,7 @@ use tokio::{
 
 use super::{
     copy::{self, Local, Plan},
-    fds, host_id, BoardReader, Mapping,
+    fds, host_id, BoardReader, DiskFile, Mapping,
 };
 use crate::{
     engine::{EngineOptions, ReadItem, WriteItem},
@@ -41,6 +41,8 @@ pub struct Attachment {
     segments: HashMap<SegmentId, Mapping>,
     /// The node's replica board, if it publishes one (see [`board`](super::board)).
     board: Option<BoardReader>,
+    /// The node's NVMe tier files it shares, read directly (see [`disk`](super::disk)).
+    disks: Vec<DiskFile>,
     ctl: tokio::sync::Mutex<UnixStream>,
     ctl_fd: RawFd,
     next_id: AtomicU64,
@@ -54,6 +56,11 @@ impl Attachment {
     /// Whether `segment` is one of the mapped segments (NVMe segments are not shared).
     pub fn covers(&self, segment: SegmentId) -> bool {
         self.segments.contains_key(&segment)
+    }
+
+    /// The node's shared NVMe tier file holding `segment`, if any.
+    pub fn disk(&self, segment: SegmentId) -> Option<&DiskFile> {
+        self.disks.iter().find(|d| d.segment() == segment)
     }
 
     /// Whether the node still holds its end of the socket. A node that exited (or restarted)
@@ -405,11 +412,29 @@ async fn attach_socket(
             )))
         }
     };
+    let disks = match call_with_fds(&mut s, 3, &ShmNvme {}, &opts.limits).await? {
+        (Ok(ShmNvmeResponse { files }), fds) if fds.len() == files.len() => files
+            .into_iter()
+            .zip(fds)
+            .map(|(f, fd)| DiskFile::new(f.segment, fd, f.size))
+            .collect(),
+        // An older node: NVMe-resident values are read through it.
+        (Err(e), _) if e.code == ErrorCode::UnknownOpcode => Vec::new(),
+        (Err(e), _) => return Err(TransportError::Remote(e)),
+        (Ok(r), fds) => {
+            return Err(TransportError::Protocol(format!(
+                "{} descriptors for {} NVMe files",
+                fds.len(),
+                r.files.len()
+            )))
+        }
+    };
     tracing::debug!(
         node = %node,
         socket,
         segments = segments.len(),
         board = board.is_some(),
+        nvme_files = disks.len(),
         "attached to node memory"
     );
     let ctl_fd = s.as_raw_fd();
@@ -417,9 +442,10 @@ async fn attach_socket(
         node,
         segments,
         board,
+        disks,
         ctl: tokio::sync::Mutex::new(s),
         ctl_fd,
-        next_id: AtomicU64::new(3),
+        next_id: AtomicU64::new(4),
     })
 }
 

@@ -1,0 +1,493 @@
+//! Same-host reads of a node's NVMe tier, straight off its file.
+//!
+//! A node with an NVMe tier hands a same-host client a read-only O_DIRECT descriptor of the
+//! tier's file (`ShmNvme`). A get of an NVMe-resident value then reads its record (the header
+//! block and the value) with one O_DIRECT read per item: a request's reads are submitted
+//! together on an io_uring whose descriptor the client's runtime polls, so the device works
+//! on all of them at once and no thread sleeps on the disk. Each record is checked as the
+//! node checks it: the header decodes (magic, version, its own crc32c), names the replica the
+//! master handed out, and holds a value of the requested length whose crc32c, computed while
+//! the value is copied into the caller's buffers, matches the header's. Replica ids are never
+//! reused, so the bytes are then the ones the node wrote for that replica, whatever happened
+//! to the file meanwhile.
+//!
+//! Anything else is no error here: the item goes to the node as before, which answers with
+//! what it holds. That covers a key over 4,032 bytes (its value starts past the first block),
+//! a partial range, a record freed and overwritten under the read, an I/O error, a kernel
+//! without io_uring.
+
+use std::{
+    fs::File,
+    io,
+    os::fd::{AsRawFd, OwnedFd},
+    ptr::NonNull,
+    sync::Mutex,
+};
+
+use io_uring::{opcode, types, IoUring};
+use kvpool_proto::{
+    layout::{self, NVME_ALIGN},
+    ReplicaId, SegmentId,
+};
+use tokio::io::{unix::AsyncFd, Interest};
+
+use super::copy::{Local, Plan};
+use crate::{engine::ReadItem, memory::SharedRange};
+
+/// The block before a value that holds its record's header and key (keys of up to 4,032
+/// bytes: nearly all).
+const HEAD: u64 = NVME_ALIGN;
+/// Longest record read made here (an SQE's length is 32 bits); longer values go to the node.
+const MAX_READ: u64 = 1 << 30;
+/// Submission queue entries per ring: a request's further reads go in later rounds.
+const RING_ENTRIES: u32 = 64;
+/// Idle rings (with their buffers) kept for the next requests.
+const IDLE_RINGS: usize = 8;
+/// A buffer over this is freed after its request rather than kept with its ring.
+const KEEP_BUF: usize = 8 << 20;
+
+/// A node's NVMe tier file, as a same-host client reads it.
+pub struct DiskFile {
+    segment: SegmentId,
+    file: File,
+    size: u64,
+    idle: Mutex<Idle>,
+}
+
+/// Rings not in use, and the process that made them (a forked child makes its own: a ring
+/// shared with the parent would hand it the parent's completions).
+#[derive(Default)]
+struct Idle {
+    pid: u32,
+    rings: Vec<Ring>,
+}
+
+impl DiskFile {
+    /// The tier file of `segment`, `size` usable bytes, from the node's read-only descriptor.
+    pub fn new(segment: SegmentId, fd: OwnedFd, size: u64) -> DiskFile {
+        DiskFile {
+            segment,
+            file: File::from(fd),
+            size,
+            idle: Mutex::new(Idle::default()),
+        }
+    }
+
+    pub fn segment(&self) -> SegmentId {
+        self.segment
+    }
+
+    /// Reads each item's value straight off the file, checked against its record (the
+    /// replica each item expects, in `expect`). Per item, the crc32c of the bytes now in its
+    /// destination, or `None` when the item must be read through the node instead (its
+    /// destination may hold anything then).
+    pub async fn read(&self, items: &mut [ReadItem<'_>], expect: &[ReplicaId]) -> Vec<Option<u32>> {
+        let n = items.len();
+        let mut out = vec![None; n];
+        // Per item, where its record read starts and how long it is.
+        let spans: Vec<Option<(u64, u64)>> = items
+            .iter()
+            .map(|it| span(it.op.offset, it.op.len, self.size))
+            .collect();
+        let want: Vec<usize> = (0..n).filter(|&i| spans[i].is_some()).collect();
+        if want.is_empty() || expect.len() != n {
+            return out;
+        }
+        let mut ring = match self.take_ring() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(segment = %self.segment, "no io_uring for direct NVMe reads: {e}");
+                return out;
+            }
+        };
+        ring.fit(&want, &spans);
+        let landed = match ring.read_all(self.file.as_raw_fd(), &want, &spans).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!(segment = %self.segment, "direct NVMe read failed: {e}");
+                return out;
+            }
+        };
+        // The records that check out, copied into their destinations with their crc32c.
+        let mut plan = Plan::default();
+        let mut header_crc = vec![0u32; n];
+        for (b, (i, it)) in items
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| spans[*i].is_some())
+            .enumerate()
+        {
+            if !landed[b] {
+                continue;
+            }
+            let buf = ring.bufs[b].bytes();
+            let Ok(crc) = check(buf, expect[i], it.op.len) else {
+                continue;
+            };
+            let value = &buf[HEAD as usize..HEAD as usize + it.op.len as usize];
+            // SAFETY: the range covers bytes of `ring.bufs[b]`, which this function owns and
+            // neither frees nor touches until `plan` has run; `value` is not used meanwhile.
+            let shared = unsafe {
+                SharedRange::new(
+                    NonNull::new(value.as_ptr().cast_mut()).expect("non-null"),
+                    value.len(),
+                )
+            };
+            let parts = it.dst.iter_mut().map(|d| Local::Into(d));
+            if plan.add(i, shared, parts).is_ok() {
+                header_crc[i] = crc;
+                out[i] = Some(0);
+            }
+        }
+        let crcs = plan.run(n, true);
+        for (i, o) in out.iter_mut().enumerate() {
+            if o.is_some() {
+                // A value that does not match its header was overwritten under the read.
+                *o = (crcs[i] == header_crc[i]).then_some(crcs[i]);
+            }
+        }
+        self.give_back(ring);
+        out
+    }
+
+    fn take_ring(&self) -> io::Result<Ring> {
+        let pid = std::process::id();
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            if idle.pid != pid {
+                // Made by the parent of this (forked) process: never used here. Dropping them
+                // only closes this process's copies of their descriptors.
+                idle.rings.clear();
+                idle.pid = pid;
+            }
+            if let Some(r) = idle.rings.pop() {
+                return Ok(r);
+            }
+        }
+        Ring::new()
+    }
+
+    fn give_back(&self, mut ring: Ring) {
+        ring.bufs.retain(|b| b.raw.len() <= KEEP_BUF);
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.pid == std::process::id() && idle.rings.len() < IDLE_RINGS {
+            idle.rings.push(ring);
+        }
+    }
+}
+
+/// Where the record read for a value at `offset` of `len` bytes starts and how long it is,
+/// if it can be read here: the value starts on a block boundary past a header block, and
+/// the read lies within the file's `size`.
+fn span(offset: u64, len: u64, size: u64) -> Option<(u64, u64)> {
+    if len == 0 || offset < HEAD || !offset.is_multiple_of(NVME_ALIGN) {
+        return None;
+    }
+    let n = HEAD.checked_add(layout::align_up(len, NVME_ALIGN))?;
+    let start = offset - HEAD;
+    (n <= MAX_READ && start.checked_add(n)? <= size).then_some((start, n))
+}
+
+/// Checks a record read (`buf`: its header block, then the value) against what the master
+/// said: the header must be whole, name `expect`, and hold a value of `len` bytes starting
+/// right after the first block. The header's value crc32c, which the value must match.
+fn check(buf: &[u8], expect: ReplicaId, len: u64) -> Result<u32, String> {
+    let (h, key) =
+        layout::decode_header(&buf[..HEAD as usize]).map_err(|e| format!("header: {e}"))?;
+    if h.replica != expect.0 {
+        return Err(format!(
+            "the record is replica {}, not {}",
+            h.replica, expect.0
+        ));
+    }
+    if layout::value_offset(key.len()) != HEAD || h.value_len != len {
+        return Err(format!(
+            "a {}-byte key and a {}-byte value, not a value of {len} after one block",
+            key.len(),
+            h.value_len
+        ));
+    }
+    Ok(h.value_crc)
+}
+
+/// A 4 KiB-aligned buffer an O_DIRECT read lands in.
+struct AlignedBuf {
+    raw: Vec<u8>,
+    at: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> AlignedBuf {
+        let raw = vec![0u8; len + NVME_ALIGN as usize - 1];
+        let at = raw.as_ptr().align_offset(NVME_ALIGN as usize);
+        AlignedBuf { raw, at, len }
+    }
+
+    fn fits(&self, len: usize) -> bool {
+        self.raw.len() - self.at >= len
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.raw[self.at..self.at + self.len]
+    }
+}
+
+/// One request's io_uring and the buffers its reads land in.
+struct Ring {
+    uring: AsyncFd<IoUring>,
+    bufs: Vec<AlignedBuf>,
+    /// Reads submitted and not yet completed: the kernel may still write into `bufs`.
+    in_flight: u32,
+}
+
+impl Ring {
+    fn new() -> io::Result<Ring> {
+        let uring = IoUring::new(RING_ENTRIES)?;
+        // SAFETY: the ring owns its descriptor, open until the ring is dropped (with the
+        // `AsyncFd`), and `as_raw_fd` always returns that one.
+        let uring = unsafe { AsyncFd::register_with_interest(uring, Interest::READABLE) }?;
+        Ok(Ring {
+            uring,
+            bufs: Vec::new(),
+            in_flight: 0,
+        })
+    }
+
+    /// Makes buffer `b` fit the read of item `want[b]`.
+    fn fit(&mut self, want: &[usize], spans: &[Option<(u64, u64)>]) {
+        for (b, &i) in want.iter().enumerate() {
+            let len = spans[i].map_or(0, |(_, n)| n as usize);
+            match self.bufs.get_mut(b) {
+                Some(buf) if buf.fits(len) => buf.len = len,
+                Some(buf) => *buf = AlignedBuf::new(len),
+                None => self.bufs.push(AlignedBuf::new(len)),
+            }
+        }
+    }
+
+    /// Reads item `want[b]`'s span into buffer `b`, every read in flight at once (up to the
+    /// ring's size). Per buffer, whether all of its bytes landed.
+    async fn read_all(
+        &mut self,
+        fd: i32,
+        want: &[usize],
+        spans: &[Option<(u64, u64)>],
+    ) -> io::Result<Vec<bool>> {
+        let mut landed = vec![false; want.len()];
+        let all: Vec<usize> = (0..want.len()).collect();
+        for round in all.chunks(RING_ENTRIES as usize) {
+            for &b in round {
+                let (start, n) = spans[want[b]].unwrap_or((0, 0));
+                let buf = &mut self.bufs[b];
+                let ptr = buf.raw[buf.at..].as_mut_ptr();
+                let sqe = opcode::Read::new(types::Fd(fd), ptr, n as u32)
+                    .offset(start)
+                    .build()
+                    .user_data(b as u64);
+                // SAFETY: the buffer is `n` writable bytes owned by this ring, which is
+                // neither freed nor read until the read completes: `in_flight` counts it,
+                // and dropping the ring first waits for it (`Drop for Ring`).
+                unsafe { self.uring.get_mut().submission().push(&sqe) }
+                    .map_err(|_| io::Error::other("io_uring submission queue full"))?;
+                self.in_flight += 1;
+            }
+            self.uring.get_ref().submit()?;
+            while self.in_flight > 0 {
+                for cqe in self.uring.get_mut().completion() {
+                    self.in_flight -= 1;
+                    let b = cqe.user_data() as usize;
+                    let n = spans[want[b]].map_or(0, |(_, n)| n);
+                    landed[b] = u64::try_from(cqe.result()).ok() == Some(n);
+                }
+                if self.in_flight == 0 {
+                    break;
+                }
+                // Edge-triggered: cleared, then the queue is looked at again, so a completion
+                // between the look and the clear is not missed.
+                let mut ready = self.uring.readable_mut().await?;
+                ready.clear_ready();
+            }
+        }
+        Ok(landed)
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        if self.in_flight == 0 {
+            return;
+        }
+        // A request dropped mid-read (its caller gave up): the kernel still writes into the
+        // buffers, so wait for its reads (a disk read's time) before freeing them.
+        let uring = self.uring.get_mut();
+        if uring.submit_and_wait(self.in_flight as usize).is_ok() {
+            let done = uring.completion().count() as u32;
+            self.in_flight = self.in_flight.saturating_sub(done);
+        }
+        if self.in_flight > 0 {
+            // Never freed rather than freed under the kernel's writes.
+            std::mem::forget(std::mem::take(&mut self.bufs));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use kvpool_proto::{
+        crc32c::crc32c,
+        layout::{encode_header, RecordHeader},
+        ReadOp,
+    };
+
+    use super::*;
+
+    fn record(replica: u64, key: &[u8], value: &[u8]) -> Vec<u8> {
+        let mut r = vec![0u8; layout::record_len(key.len(), value.len() as u64) as usize];
+        let h = RecordHeader {
+            replica,
+            key_len: key.len() as u32,
+            value_len: value.len() as u64,
+            value_crc: crc32c(value),
+        };
+        encode_header(&h, key, &mut r);
+        let at = layout::value_offset(key.len()) as usize;
+        r[at..at + value.len()].copy_from_slice(value);
+        r
+    }
+
+    #[test]
+    fn spans_cover_the_header_block_and_the_padded_value_inside_the_file() {
+        assert_eq!(span(4096, 1, 1 << 20), Some((0, 8192)));
+        assert_eq!(span(8192, 4096, 1 << 20), Some((4096, 8192)));
+        assert_eq!(span(4096, 4097, 1 << 20), Some((0, 12288)));
+        assert_eq!(span(0, 10, 1 << 20), None, "no room for a header");
+        assert_eq!(span(4100, 10, 1 << 20), None, "not a value start");
+        assert_eq!(span(4096, 0, 1 << 20), None, "nothing to read");
+        assert_eq!(span(4096, 8192, 8192), None, "past the end of the file");
+        assert_eq!(span(u64::MAX - 4095, 1, u64::MAX), None, "no wrap");
+        assert_eq!(
+            span(4096, MAX_READ, u64::MAX),
+            None,
+            "too long for one read"
+        );
+    }
+
+    #[test]
+    fn a_record_checks_only_against_its_own_replica_and_length() {
+        let r = record(7, b"key", b"value bytes");
+        assert_eq!(check(&r, ReplicaId(7), 11), Ok(crc32c(b"value bytes")));
+        assert!(check(&r, ReplicaId(8), 11)
+            .unwrap_err()
+            .contains("replica 7"));
+        assert!(check(&r, ReplicaId(7), 10).is_err(), "a partial range");
+        let long_key = vec![b'k'; 4033];
+        let r = record(7, &long_key, b"v");
+        assert!(
+            check(&r, ReplicaId(7), 1).is_err(),
+            "value past the first block"
+        );
+        let mut torn = record(7, b"key", b"value");
+        torn[20] ^= 1;
+        assert!(check(&torn, ReplicaId(7), 5)
+            .unwrap_err()
+            .contains("header"));
+        assert!(
+            check(&[0u8; 8192], ReplicaId(7), 5).is_err(),
+            "never written"
+        );
+    }
+
+    /// A file with records at 0 (replica 1, 64 KiB + 3), 8 KiB... laid out back to back;
+    /// opened without O_DIRECT (the test folder may be tmpfs), which reads the same bytes.
+    #[tokio::test]
+    async fn records_are_read_checked_and_the_rest_left_to_the_node() {
+        let dir = std::env::temp_dir().join(format!("kvpool-disk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tier.dat");
+        let values: Vec<Vec<u8>> = [65_539usize, 1, 4096, 300_000]
+            .iter()
+            .enumerate()
+            .map(|(s, &n)| (0..n).map(|i| (i * 31 + s * 7) as u8).collect())
+            .collect();
+        let mut file = std::fs::File::create(&path).unwrap();
+        let mut offsets = Vec::new();
+        let mut at = 0u64;
+        for (i, v) in values.iter().enumerate() {
+            let r = record(i as u64 + 1, format!("key-{i}").as_bytes(), v);
+            file.write_all(&r).unwrap();
+            offsets.push(at + HEAD);
+            at += r.len() as u64;
+        }
+        file.write_all(&[0u8; 8192]).unwrap();
+        drop(file);
+        let fd: OwnedFd = std::fs::File::open(&path).unwrap().into();
+        let disk = DiskFile::new(SegmentId(3), fd, at + 8192);
+
+        // Every record, the third split over two parts, the last expecting another replica,
+        // one item pointing at the empty blocks past the records.
+        let mut bufs: Vec<Vec<u8>> = values.iter().map(|v| vec![0u8; v.len()]).collect();
+        let mut blank = vec![0u8; 100];
+        let [b0, b1, b2, b3] = &mut bufs[..] else {
+            unreachable!()
+        };
+        let (t1, t2) = b2.split_at_mut(1000);
+        let op = |i: usize| ReadOp {
+            segment: SegmentId(3),
+            offset: offsets[i],
+            len: values[i].len() as u64,
+        };
+        let mut items = vec![
+            ReadItem::new(op(0), b0),
+            ReadItem::new(op(1), b1),
+            ReadItem {
+                op: op(2),
+                dst: vec![t1, t2],
+            },
+            ReadItem::new(op(3), b3),
+            ReadItem::new(
+                ReadOp {
+                    segment: SegmentId(3),
+                    offset: at + 4096,
+                    len: 100,
+                },
+                &mut blank,
+            ),
+        ];
+        let expect = [1, 2, 3, 5, 9].map(ReplicaId);
+        let got = disk.read(&mut items, &expect).await;
+        drop(items);
+        assert_eq!(
+            got,
+            vec![
+                Some(crc32c(&values[0])),
+                Some(crc32c(&values[1])),
+                Some(crc32c(&values[2])),
+                None,
+                None
+            ]
+        );
+        for i in 0..3 {
+            assert!(bufs[i] == values[i], "value {i} byte for byte");
+        }
+
+        // Twice more (the ring and its buffers come back from the idle list), then a record
+        // overwritten in place: its value no longer matches its header.
+        for _ in 0..2 {
+            let mut buf = vec![0u8; values[0].len()];
+            let mut items = vec![ReadItem::new(op(0), &mut buf)];
+            assert_eq!(
+                disk.read(&mut items, &[ReplicaId(1)]).await,
+                vec![Some(crc32c(&values[0]))]
+            );
+        }
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, b"garbage", offsets[0] + 100).unwrap();
+        let mut buf = vec![0u8; values[0].len()];
+        let mut items = vec![ReadItem::new(op(0), &mut buf)];
+        assert_eq!(disk.read(&mut items, &[ReplicaId(1)]).await, vec![None]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
