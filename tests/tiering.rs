@@ -34,12 +34,13 @@ async fn wait_for_room(c: &Client) {
     .await;
 }
 
-/// `kvpool up` on free ports with `dram` of DRAM and an NVMe tier of `size` at `nvme`.
+/// `kvpool up` on free ports (its HTTP endpoint too) with `dram` of DRAM and an NVMe tier of
+/// `size` at `nvme`.
 fn tiered_pool(cfg: &Path, dram: &str, nvme: &Path, size: &str) -> Proc {
     let (cfg, nvme) = (cfg.to_str().unwrap(), nvme.to_str().unwrap());
     let mut args = vec!["--config", cfg];
     args.extend(kvpool_tests::up_args(dram));
-    args.extend(["--nvme", nvme, "--nvme-size", size]);
+    args.extend(["--nvme", nvme, "--nvme-size", size, "--http", "127.0.0.1:0"]);
     Proc::start(&args)
 }
 
