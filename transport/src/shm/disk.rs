@@ -483,6 +483,23 @@ mod tests {
                 vec![Some(crc32c(&values[0]))]
             );
         }
+        // A read dropped after its first poll (its caller gave up; whether its read was still
+        // in flight depends on the page cache here): the next read works.
+        let mut buf = vec![0u8; values[3].len()];
+        let mut items = vec![ReadItem::new(op(3), &mut buf)];
+        let expect = [ReplicaId(4)];
+        let read = disk.read(&mut items, &expect);
+        let _ = tokio::time::timeout(std::time::Duration::ZERO, read).await;
+        drop(items);
+        let mut buf = vec![0u8; values[3].len()];
+        let mut items = vec![ReadItem::new(op(3), &mut buf)];
+        assert_eq!(
+            disk.read(&mut items, &[ReplicaId(4)]).await,
+            vec![Some(crc32c(&values[3]))]
+        );
+        drop(items);
+        assert!(buf == values[3]);
+
         let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         std::os::unix::fs::FileExt::write_all_at(&f, b"garbage", offsets[0] + 100).unwrap();
         let mut buf = vec![0u8; values[0].len()];
