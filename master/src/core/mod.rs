@@ -160,6 +160,9 @@ pub struct MasterCore {
     lost_replicas: u64,
     /// Removed keys whose old replicas registration refuses.
     fences: fences::Fences,
+    /// When this core first ran (its first tick or put): a master (or a new HA leader) with
+    /// no node yet is young for a node TTL, while its nodes register.
+    born: Option<Duration>,
 }
 
 impl MasterCore {
@@ -183,6 +186,7 @@ impl MasterCore {
             eviction_log: eviction::BurstLog::default(),
             lost_replicas: 0,
             fences: fences::Fences::default(),
+            born: None,
         }
     }
 
@@ -333,6 +337,7 @@ impl MasterCore {
     /// their timeout, releases the space of zombie puts, and evicts (or demotes) from segments
     /// above their high watermark.
     pub fn tick(&mut self, now: Duration) {
+        self.born.get_or_insert(now);
         self.expire_nodes(now);
         self.expire_tasks(now);
         self.release_zombies(now);

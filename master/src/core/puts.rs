@@ -59,6 +59,17 @@ impl MasterCore {
             ));
         }
         if !self.has_alive_segment(now) {
+            // A master that just started, or just took over as HA leader, has no node until
+            // they register (within a heartbeat): a retryable answer, not a failure.
+            let age = now.saturating_sub(*self.born.get_or_insert(now));
+            if age < self.cfg.node_ttl {
+                let why = format!(
+                    "no storage node has registered with this master yet (it started {} ms \
+                     ago; nodes register within a heartbeat)",
+                    age.as_millis()
+                );
+                return Err(key_error(ErrorCode::NoSpaceYet, key, &why));
+            }
             return Err(key_error(
                 ErrorCode::NoSegment,
                 key,

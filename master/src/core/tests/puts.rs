@@ -81,6 +81,11 @@ fn the_checksum_comes_with_put_end_and_a_retry_must_repeat_it() {
 #[test]
 fn bad_put_arguments_are_refused() {
     let mut w = World::new();
+    // A young master without nodes says they are coming (retryable); after a node TTL with
+    // none, the pool has no segment.
+    w.core.tick(w.now);
+    assert_eq!(code(w.start(A, "k", 10)), ErrorCode::NoSpaceYet);
+    w.now += w.core.config().node_ttl;
     assert_eq!(code(w.start(A, "k", 10)), ErrorCode::NoSegment);
     w.node(1, &[(10, 64 * MIB)]);
     assert_eq!(code(w.start(A, "", 10)), ErrorCode::KeyTooLong);
