@@ -19,6 +19,7 @@
 use std::{
     fs::File,
     io,
+    ops::Range,
     os::fd::{AsRawFd, OwnedFd},
     ptr::NonNull,
     sync::Mutex,
@@ -26,6 +27,7 @@ use std::{
 
 use io_uring::{opcode, types, IoUring};
 use kvpool_proto::{
+    crc32c::crc32c_combine,
     layout::{self, NVME_ALIGN},
     ReplicaId, SegmentId,
 };
@@ -39,7 +41,9 @@ use crate::{engine::ReadItem, memory::SharedRange};
 const HEAD: u64 = NVME_ALIGN;
 /// Longest record read made here (an SQE's length is 32 bits); longer values go to the node.
 const MAX_READ: u64 = 1 << 30;
-/// Submission queue entries per ring: a request's further reads go in later rounds.
+/// Record reads longer than twice this are cut into parts of this size, read at once.
+const PART: u64 = 256 << 10;
+/// Submission queue entries per ring: a request's further reads go in as earlier ones land.
 const RING_ENTRIES: u32 = 64;
 /// Idle rings (with their buffers) kept for the next requests.
 const IDLE_RINGS: usize = 8;
@@ -51,6 +55,8 @@ pub struct DiskFile {
     segment: SegmentId,
     file: File,
     size: u64,
+    /// Record reads longer than twice this are cut into parts ([`PART`]).
+    part: u64,
     idle: Mutex<Idle>,
 }
 
@@ -69,8 +75,16 @@ impl DiskFile {
             segment,
             file: File::from(fd),
             size,
+            part: PART,
             idle: Mutex::new(Idle::default()),
         }
+    }
+
+    /// The same file with record reads cut into parts of `part` bytes (rounded to 4 KiB
+    /// multiples; `u64::MAX`: never cut), for `benches/examples/disk_read.rs`.
+    pub fn with_part(mut self, part: u64) -> DiskFile {
+        self.part = part / NVME_ALIGN * NVME_ALIGN;
+        self
     }
 
     pub fn segment(&self) -> SegmentId {
@@ -81,6 +95,10 @@ impl DiskFile {
     /// replica each item expects, in `expect`). Per item, the crc32c of the bytes now in its
     /// destination, or `None` when the item must be read through the node instead (its
     /// destination may hold anything then).
+    ///
+    /// Every part of every record is read at once; each part is copied into the caller's
+    /// buffers (with its crc32c) as soon as it lands, so the copies of the first parts overlap
+    /// the reads of the others, and a record is checked once its last part is in.
     pub async fn read(&self, items: &mut [ReadItem<'_>], expect: &[ReplicaId]) -> Vec<Option<u32>> {
         let n = items.len();
         let mut out = vec![None; n];
@@ -100,51 +118,68 @@ impl DiskFile {
                 return out;
             }
         };
-        ring.fit(&want, &spans);
-        let landed = match ring.read_all(self.file.as_raw_fd(), &want, &spans).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::debug!(segment = %self.segment, "direct NVMe read failed: {e}");
-                return out;
-            }
-        };
-        // The records that check out, copied into their destinations with their crc32c.
-        let mut plan = Plan::default();
-        let mut header_crc = vec![0u32; n];
-        for (b, (i, it)) in items
-            .iter_mut()
+        let lens: Vec<u64> = want.iter().map(|&i| spans[i].map_or(0, |s| s.1)).collect();
+        ring.fit(&lens);
+        let parts: Vec<Part> = lens
+            .iter()
             .enumerate()
-            .filter(|(i, _)| spans[*i].is_some())
-            .enumerate()
-        {
-            if !landed[b] {
-                continue;
-            }
-            let buf = ring.bufs[b].bytes();
-            let Ok(crc) = check(buf, expect[i], it.op.len) else {
-                continue;
+            .flat_map(|(b, &len)| {
+                split(len, self.part).map(move |(at, len)| Part { buf: b, at, len })
+            })
+            .collect();
+        let starts: Vec<u64> = want.iter().map(|&i| spans[i].map_or(0, |s| s.0)).collect();
+        // Per part, the crc32c of its share of the value once copied (None: not landed whole).
+        let mut crcs: Vec<Option<u32>> = vec![None; parts.len()];
+        let mut submitted = 0;
+        let mut landed = 0;
+        while landed < parts.len() {
+            let done = match ring
+                .step(self.file.as_raw_fd(), &parts, &starts, &mut submitted)
+                .await
+            {
+                Ok(done) => done,
+                Err(e) => {
+                    tracing::debug!(segment = %self.segment, "direct NVMe read failed: {e}");
+                    return out;
+                }
             };
-            let value = &buf[HEAD as usize..HEAD as usize + it.op.len as usize];
-            // SAFETY: the range covers bytes of `ring.bufs[b]`, which this function owns and
-            // neither frees nor touches until `plan` has run; `value` is not used meanwhile.
-            let shared = unsafe {
-                SharedRange::new(
-                    NonNull::new(value.as_ptr().cast_mut()).expect("non-null"),
-                    value.len(),
-                )
-            };
-            let parts = it.dst.iter_mut().map(|d| Local::Into(d));
-            if plan.add(i, shared, parts).is_ok() {
-                header_crc[i] = crc;
-                out[i] = Some(0);
+            for (p, whole) in done {
+                landed += 1;
+                if whole {
+                    let part = &parts[p];
+                    let it = &mut items[want[part.buf]];
+                    crcs[p] = Some(ring.copy_part(part, it.op.len, &mut it.dst));
+                }
             }
         }
-        let crcs = plan.run(n, true);
-        for (i, o) in out.iter_mut().enumerate() {
-            if o.is_some() {
-                // A value that does not match its header was overwritten under the read.
-                *o = (crcs[i] == header_crc[i]).then_some(crcs[i]);
+        // Every read is done: the buffers are ours alone again. Each record's header, then its
+        // value's crc32c folded from its parts' in order.
+        let mut first = 0;
+        for (b, &i) in want.iter().enumerate() {
+            let count = parts[first..].iter().take_while(|p| p.buf == b).count();
+            let mine = first..first + count;
+            first += count;
+            let len = items[i].op.len;
+            let Ok(header_crc) = check(ring.bufs[b].bytes(), expect[i], len) else {
+                continue;
+            };
+            let mut crc = None;
+            for p in mine {
+                let share = value_share(&parts[p], len);
+                if share.is_empty() {
+                    continue;
+                }
+                let Some(c) = crcs[p] else {
+                    crc = None;
+                    break;
+                };
+                crc = Some(match crc {
+                    None => c,
+                    Some(acc) => crc32c_combine(acc, c, share.len()),
+                });
             }
+            // A value that does not match its header was overwritten under the read.
+            out[i] = crc.filter(|&c| c == header_crc);
         }
         self.give_back(ring);
         out
@@ -224,6 +259,13 @@ impl AlignedBuf {
         AlignedBuf { raw, at, len }
     }
 
+    /// The first byte's address, made without a reference to the bytes (the kernel may be
+    /// writing some of them).
+    fn base(&mut self) -> *mut u8 {
+        // SAFETY: `at` is within the allocation (it is at most `NVME_ALIGN - 1`).
+        unsafe { self.raw.as_mut_ptr().add(self.at) }
+    }
+
     fn fits(&self, len: usize) -> bool {
         self.raw.len() - self.at >= len
     }
@@ -254,10 +296,10 @@ impl Ring {
         })
     }
 
-    /// Makes buffer `b` fit the read of item `want[b]`.
-    fn fit(&mut self, want: &[usize], spans: &[Option<(u64, u64)>]) {
-        for (b, &i) in want.iter().enumerate() {
-            let len = spans[i].map_or(0, |(_, n)| n as usize);
+    /// Makes buffer `b` fit a read of `lens[b]` bytes.
+    fn fit(&mut self, lens: &[u64]) {
+        for (b, &len) in lens.iter().enumerate() {
+            let len = len as usize;
             match self.bufs.get_mut(b) {
                 Some(buf) if buf.fits(len) => buf.len = len,
                 Some(buf) => *buf = AlignedBuf::new(len),
@@ -266,51 +308,140 @@ impl Ring {
         }
     }
 
-    /// Reads item `want[b]`'s span into buffer `b`, every read in flight at once (up to the
-    /// ring's size). Per buffer, whether all of its bytes landed.
-    async fn read_all(
+    /// Submits the next parts (as many as the ring holds; `submitted` counts those already
+    /// submitted), then waits for at least one to land. The parts that landed, and for each
+    /// whether all of its bytes did. Buffer `b`'s read starts at `starts[b]` in the file.
+    async fn step(
         &mut self,
         fd: i32,
-        want: &[usize],
-        spans: &[Option<(u64, u64)>],
-    ) -> io::Result<Vec<bool>> {
-        let mut landed = vec![false; want.len()];
-        let all: Vec<usize> = (0..want.len()).collect();
-        for round in all.chunks(RING_ENTRIES as usize) {
-            for &b in round {
-                let (start, n) = spans[want[b]].unwrap_or((0, 0));
-                let buf = &mut self.bufs[b];
-                let ptr = buf.raw[buf.at..].as_mut_ptr();
-                let sqe = opcode::Read::new(types::Fd(fd), ptr, n as u32)
-                    .offset(start)
-                    .build()
-                    .user_data(b as u64);
-                // SAFETY: the buffer is `n` writable bytes owned by this ring, which is
-                // neither freed nor read until the read completes: `in_flight` counts it,
-                // and dropping the ring first waits for it (`Drop for Ring`).
-                unsafe { self.uring.get_mut().submission().push(&sqe) }
-                    .map_err(|_| io::Error::other("io_uring submission queue full"))?;
-                self.in_flight += 1;
-            }
-            self.uring.get_ref().submit()?;
-            while self.in_flight > 0 {
-                for cqe in self.uring.get_mut().completion() {
-                    self.in_flight -= 1;
-                    let b = cqe.user_data() as usize;
-                    let n = spans[want[b]].map_or(0, |(_, n)| n);
-                    landed[b] = u64::try_from(cqe.result()).ok() == Some(n);
-                }
-                if self.in_flight == 0 {
-                    break;
-                }
-                // Edge-triggered: cleared, then the queue is looked at again, so a completion
-                // between the look and the clear is not missed.
-                let mut ready = self.uring.readable_mut().await?;
-                ready.clear_ready();
-            }
+        parts: &[Part],
+        starts: &[u64],
+        submitted: &mut usize,
+    ) -> io::Result<Vec<(usize, bool)>> {
+        let before = *submitted;
+        while *submitted < parts.len() && self.in_flight < RING_ENTRIES {
+            let p = &parts[*submitted];
+            let buf = &mut self.bufs[p.buf];
+            // SAFETY: `at + len` is within the buffer (`split` covers exactly its length);
+            // the address is computed without a reference to the buffer's bytes, parts of
+            // which the kernel may be writing already.
+            let ptr = unsafe { buf.base().add(p.at as usize) };
+            let sqe = opcode::Read::new(types::Fd(fd), ptr, p.len as u32)
+                .offset(starts[p.buf] + p.at)
+                .build()
+                .user_data(*submitted as u64);
+            // SAFETY: the part's `len` bytes at `ptr` are owned by this ring and neither freed
+            // nor read until the read completes: `in_flight` counts it, and dropping the ring
+            // first waits for it (`Drop for Ring`).
+            unsafe { self.uring.get_mut().submission().push(&sqe) }
+                .map_err(|_| io::Error::other("io_uring submission queue full"))?;
+            self.in_flight += 1;
+            *submitted += 1;
         }
-        Ok(landed)
+        if *submitted > before {
+            self.uring.get_ref().submit()?;
+        }
+        loop {
+            let done: Vec<(usize, bool)> = self
+                .uring
+                .get_mut()
+                .completion()
+                .map(|cqe| {
+                    let p = cqe.user_data() as usize;
+                    let whole = parts
+                        .get(p)
+                        .is_some_and(|part| u64::try_from(cqe.result()).ok() == Some(part.len));
+                    (p, whole)
+                })
+                .collect();
+            if !done.is_empty() {
+                self.in_flight -= done.len() as u32;
+                return Ok(done);
+            }
+            // Edge-triggered: cleared, then the queue is looked at again, so a completion
+            // between the look and the clear is not missed.
+            let mut ready = self.uring.readable_mut().await?;
+            ready.clear_ready();
+        }
     }
+
+    /// Copies the share of an item's value (of `len` bytes) that landed part `part` holds into
+    /// the caller's `dst` (scattered parts, in order); its crc32c.
+    fn copy_part(&mut self, part: &Part, len: u64, dst: &mut [&mut [u8]]) -> u32 {
+        let share = value_share(part, len);
+        if share.is_empty() {
+            return 0;
+        }
+        let buf = &mut self.bufs[part.buf];
+        let at = (HEAD as usize) + share.start;
+        // SAFETY: the range lies inside the buffer and its bytes have landed; other parts of
+        // the buffer may still be written by the kernel, so no reference is formed over it:
+        // the copy goes through the raw range (`SharedRange`), which the plan runs before
+        // this returns.
+        let shared = unsafe {
+            SharedRange::new(
+                NonNull::new(buf.base().add(at)).expect("non-null"),
+                share.len(),
+            )
+        };
+        let mut plan = Plan::default();
+        let locals = sub_slices(dst, share).into_iter().map(Local::Into);
+        if plan.add(0, shared, locals).is_err() {
+            return 0;
+        }
+        plan.run(1, true)[0]
+    }
+}
+
+/// One read of a part of a record: into buffer `buf`, at `at` bytes into the record read.
+struct Part {
+    buf: usize,
+    at: u64,
+    len: u64,
+}
+
+/// The parts a record read of `len` bytes is cut into: one up to twice `part`, else parts of
+/// `part` (a 4 KiB multiple, so each is an O_DIRECT read of its own).
+fn split(len: u64, part: u64) -> impl Iterator<Item = (u64, u64)> {
+    let part = part.max(NVME_ALIGN);
+    let size = if len <= part.saturating_mul(2) {
+        len.max(1)
+    } else {
+        part
+    };
+    (0..len)
+        .step_by(size as usize)
+        .map(move |at| (at, size.min(len - at)))
+}
+
+/// Which bytes of the value (of `len` bytes, after the first block) part `p` holds.
+fn value_share(p: &Part, len: u64) -> Range<usize> {
+    let start = p.at.max(HEAD);
+    let end = (p.at + p.len).min(HEAD + len);
+    if start >= end {
+        return 0..0;
+    }
+    (start - HEAD) as usize..(end - HEAD) as usize
+}
+
+/// The sub-slices of the scattered `dst` (in order) that cover bytes `range` of it.
+fn sub_slices<'a>(dst: &'a mut [&mut [u8]], range: Range<usize>) -> Vec<&'a mut [u8]> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    for d in dst.iter_mut() {
+        let (s, e) = (at, at + d.len());
+        at = e;
+        if e <= range.start {
+            continue;
+        }
+        if s >= range.end {
+            break;
+        }
+        let from = range.start.max(s) - s;
+        let to = range.end.min(e) - s;
+        out.push(&mut d[from..to]);
+    }
+    out
 }
 
 impl Drop for Ring {
@@ -376,6 +507,40 @@ mod tests {
     }
 
     #[test]
+    fn parts_cover_a_record_read_and_shares_cover_its_value() {
+        let cuts: Vec<(u64, u64)> = split(2 * PART, PART).collect();
+        assert_eq!(
+            cuts,
+            vec![(0, 2 * PART)],
+            "up to two parts' worth is one read"
+        );
+        let len = (1 << 20) + 5;
+        let read = HEAD + layout::align_up(len, NVME_ALIGN);
+        let cuts: Vec<(u64, u64)> = split(read, PART).collect();
+        assert_eq!(split(read, u64::MAX).count(), 1, "never cut");
+        assert_eq!(cuts.len(), 5);
+        assert!(cuts.windows(2).all(|w| w[0].0 + w[0].1 == w[1].0));
+        assert_eq!(cuts.last().map(|c| c.0 + c.1), Some(read));
+        let shares: Vec<Range<usize>> = cuts
+            .iter()
+            .map(|&(at, l)| value_share(&Part { buf: 0, at, len: l }, len))
+            .collect();
+        assert_eq!(
+            shares[0],
+            0..(PART - HEAD) as usize,
+            "the header block is no value"
+        );
+        assert!(shares.windows(2).all(|w| w[0].end == w[1].start));
+        assert_eq!(shares[4].end, len as usize, "the padding is no value");
+        let mut a = [0u8; 4];
+        let mut b = [0u8; 6];
+        let mut dst: Vec<&mut [u8]> = vec![&mut a, &mut b];
+        let lens: Vec<usize> = sub_slices(&mut dst, 2..7).iter().map(|s| s.len()).collect();
+        assert_eq!(lens, vec![2, 3]);
+        assert!(sub_slices(&mut dst, 4..4).is_empty());
+    }
+
+    #[test]
     fn a_record_checks_only_against_its_own_replica_and_length() {
         let r = record(7, b"key", b"value bytes");
         assert_eq!(check(&r, ReplicaId(7), 11), Ok(crc32c(b"value bytes")));
@@ -407,7 +572,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("kvpool-disk-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("tier.dat");
-        let values: Vec<Vec<u8>> = [65_539usize, 1, 4096, 300_000]
+        // The third is cut into five parts, read at once, copied across the caller's three
+        // uneven buffers.
+        let values: Vec<Vec<u8>> = [65_539usize, 1, (1 << 20) + 5, 300_000]
             .iter()
             .enumerate()
             .map(|(s, &n)| (0..n).map(|i| (i * 31 + s * 7) as u8).collect())
@@ -433,7 +600,8 @@ mod tests {
         let [b0, b1, b2, b3] = &mut bufs[..] else {
             unreachable!()
         };
-        let (t1, t2) = b2.split_at_mut(1000);
+        let (t1, rest) = b2.split_at_mut(1000);
+        let (t2, t3) = rest.split_at_mut(299_000);
         let op = |i: usize| ReadOp {
             segment: SegmentId(3),
             offset: offsets[i],
@@ -444,7 +612,7 @@ mod tests {
             ReadItem::new(op(1), b1),
             ReadItem {
                 op: op(2),
-                dst: vec![t1, t2],
+                dst: vec![t1, t2, t3],
             },
             ReadItem::new(op(3), b3),
             ReadItem::new(
