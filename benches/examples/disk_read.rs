@@ -4,8 +4,9 @@
 //! its record reads cut into parts of 256 KiB (each copied as it lands) or not cut, against
 //! a plain `pread` of the same record into an aligned buffer (the device alone, no copy and
 //! no check), and the copy and crc32c alone, each timed over the same records in a shuffled
-//! order, alternating, one read at a time, the reader on a runtime task (as in a client).
-//! `cargo run --release -p kvpool-benches --example disk_read -- SIZE COUNT DIR`
+//! order, alternating, one read at a time, the reader on a runtime task (an async caller) or,
+//! with `block-on`, on the thread that blocks on it (as the Python binding drives a client).
+//! `cargo run --release -p kvpool-benches --example disk_read -- SIZE COUNT DIR [block-on]`
 
 use std::{
     os::unix::fs::{FileExt, OpenOptionsExt},
@@ -25,6 +26,7 @@ fn main() -> anyhow::Result<()> {
     let size: usize = a.get(1).map_or(Ok(1 << 20), |s| s.parse())?;
     let count: usize = a.get(2).map_or(Ok(256), |s| s.parse())?;
     let dir = std::path::PathBuf::from(a.get(3).map_or("target", String::as_str));
+    let on_task = a.get(4).is_none_or(|m| m != "block-on");
     std::fs::create_dir_all(&dir)?;
     let path = dir.join(format!("disk-read-{}.dat", std::process::id()));
     let key = b"disk-read-key";
@@ -91,16 +93,22 @@ fn main() -> anyhow::Result<()> {
                     offset: i * rec + value_offset(key.len()),
                     len: size as u64,
                 };
-                // On a runtime task, as the client runs inside an async caller.
                 let disk = disk.clone();
                 let mut d = std::mem::take(&mut dst);
-                let (got, took, d) = rt.block_on(rt.spawn(async move {
+                let read = async move {
                     let t = Instant::now();
                     let mut items = vec![ReadItem::new(op, &mut d)];
                     let got = disk.read(&mut items, &[ReplicaId(i + 1)]).await;
                     drop(items);
                     (got, t.elapsed(), d)
-                }))?;
+                };
+                // On a runtime task (an async caller), or on the `block_on` thread (as the
+                // Python binding drives the client).
+                let (got, took, d) = if on_task {
+                    rt.block_on(rt.spawn(read))?
+                } else {
+                    rt.block_on(read)
+                };
                 dst = d;
                 times[m].push(took);
                 anyhow::ensure!(got == vec![Some(crc32c(&value))], "record {i}: {got:?}");

@@ -341,6 +341,11 @@ impl Ring {
         if *submitted > before {
             self.uring.get_ref().submit()?;
         }
+        // A caller outside the runtime's tasks (a `block_on` thread, as the Python binding
+        // drives the client) has nothing else to run: it waits in the kernel, where the
+        // completion wakes it directly. A task waits for the ring's readiness instead, so its
+        // worker runs other tasks meanwhile.
+        let in_task = tokio::task::try_id().is_some();
         loop {
             let done: Vec<(usize, bool)> = self
                 .uring
@@ -357,6 +362,10 @@ impl Ring {
             if !done.is_empty() {
                 self.in_flight -= done.len() as u32;
                 return Ok(done);
+            }
+            if !in_task {
+                self.uring.get_ref().submit_and_wait(1)?;
+                continue;
             }
             // Edge-triggered: cleared, then the queue is looked at again, so a completion
             // between the look and the clear is not missed.
