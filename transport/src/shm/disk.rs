@@ -600,7 +600,7 @@ mod tests {
         file.write_all(&[0u8; 8192]).unwrap();
         drop(file);
         let fd: OwnedFd = std::fs::File::open(&path).unwrap().into();
-        let disk = DiskFile::new(SegmentId(3), fd, at + 8192);
+        let disk = std::sync::Arc::new(DiskFile::new(SegmentId(3), fd, at + 8192));
 
         // Every record, the third split over two parts, the last expecting another replica,
         // one item pointing at the empty blocks past the records.
@@ -649,6 +649,24 @@ mod tests {
         for i in 0..3 {
             assert!(bufs[i] == values[i], "value {i} byte for byte");
         }
+
+        // From a runtime task, which waits on the ring's readiness instead of in the kernel
+        // (this test's body runs on the thread that blocks on it).
+        let (d, want) = (disk.clone(), values[2].clone());
+        let offset = offsets[2];
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; want.len()];
+            let op = ReadOp {
+                segment: SegmentId(3),
+                offset,
+                len: want.len() as u64,
+            };
+            let mut items = vec![ReadItem::new(op, &mut buf)];
+            let got = d.read(&mut items, &[ReplicaId(3)]).await;
+            drop(items);
+            (got, buf == want)
+        });
+        assert_eq!(task.await.unwrap(), (vec![Some(crc32c(&values[2]))], true));
 
         // Twice more (the ring and its buffers come back from the idle list), then a record
         // overwritten in place: its value no longer matches its header.
