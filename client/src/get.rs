@@ -283,8 +283,8 @@ impl Client {
 
         for round in 0..rounds {
             // Per address, and whether checked: the item of each read, the reads, the
-            // replicas they read. A batch's keys sit on a
-            // few nodes, so a short list searched in place beats hashing an address per key.
+            // replicas they read. A batch's keys sit on a few nodes, so a short list searched
+            // in place beats hashing an address per key.
             type Batch<'b> = (
                 Vec<usize>,
                 Vec<ReadItem<'b>>,
