@@ -41,8 +41,12 @@ use crate::{engine::ReadItem, memory::SharedRange};
 const HEAD: u64 = NVME_ALIGN;
 /// Longest record read made here (an SQE's length is 32 bits); longer values go to the node.
 const MAX_READ: u64 = 1 << 30;
-/// Record reads longer than twice this are cut into parts of this size, read at once.
-const PART: u64 = 256 << 10;
+/// Record reads longer than twice this are cut into parts of this size, read at once, each
+/// copied as it lands. Measured (docs/benchmarks.md, "NVMe reads off the node's file"):
+/// 256 KiB parts were no faster than one read at 1 MiB on this machine's disk and sometimes
+/// slower with four clients, as on the node (`store.nvme.read-parts`); only values beyond
+/// 16 MiB are cut, where the copy of one part overlapping the next part's read matters.
+const PART: u64 = 8 << 20;
 /// Submission queue entries per ring: a request's further reads go in as earlier ones land.
 const RING_ENTRIES: u32 = 64;
 /// Idle rings (with their buffers) kept for the next requests.
@@ -517,7 +521,8 @@ mod tests {
 
     #[test]
     fn parts_cover_a_record_read_and_shares_cover_its_value() {
-        let cuts: Vec<(u64, u64)> = split(2 * PART, PART).collect();
+        const P: u64 = 256 << 10;
+        let cuts: Vec<(u64, u64)> = split(2 * P, P).collect();
         assert_eq!(
             cuts,
             vec![(0, 2 * PART)],
@@ -525,7 +530,7 @@ mod tests {
         );
         let len = (1 << 20) + 5;
         let read = HEAD + layout::align_up(len, NVME_ALIGN);
-        let cuts: Vec<(u64, u64)> = split(read, PART).collect();
+        let cuts: Vec<(u64, u64)> = split(read, P).collect();
         assert_eq!(split(read, u64::MAX).count(), 1, "never cut");
         assert_eq!(cuts.len(), 5);
         assert!(cuts.windows(2).all(|w| w[0].0 + w[0].1 == w[1].0));
@@ -536,7 +541,7 @@ mod tests {
             .collect();
         assert_eq!(
             shares[0],
-            0..(PART - HEAD) as usize,
+            0..(P - HEAD) as usize,
             "the header block is no value"
         );
         assert!(shares.windows(2).all(|w| w[0].end == w[1].start));
@@ -600,7 +605,9 @@ mod tests {
         file.write_all(&[0u8; 8192]).unwrap();
         drop(file);
         let fd: OwnedFd = std::fs::File::open(&path).unwrap().into();
-        let disk = std::sync::Arc::new(DiskFile::new(SegmentId(3), fd, at + 8192));
+        // Parts of 256 KiB, so that the 1 MiB value is read in five.
+        let disk =
+            std::sync::Arc::new(DiskFile::new(SegmentId(3), fd, at + 8192).with_part(256 << 10));
 
         // Every record, the third split over two parts, the last expecting another replica,
         // one item pointing at the empty blocks past the records.

@@ -65,7 +65,36 @@ impl Attachment {
 
     /// Whether the node still holds its end of the socket. A node that exited (or restarted)
     /// closed it; its mapping is then stale and must not be used for new requests.
+    ///
+    /// Asked on every same-host read, so first without a syscall: the node writes on the
+    /// socket only to answer a commit, so unless the runtime saw it become readable since it
+    /// last said "would block", nothing (no bytes, no end) has come. Otherwise, and while a
+    /// commit holds the socket, it is peeked.
     pub fn alive(&self) -> bool {
+        if let Ok(ctl) = self.ctl.try_lock() {
+            let ready = std::pin::pin!(ctl.ready(tokio::io::Interest::READABLE));
+            // Polled once with a waker that does nothing: what the runtime last saw, no wait.
+            let noop = &mut std::task::Context::from_waker(std::task::Waker::noop());
+            match std::future::Future::poll(ready, noop) {
+                std::task::Poll::Pending => return true,
+                std::task::Poll::Ready(Err(_)) => return false,
+                std::task::Poll::Ready(Ok(_)) => {}
+            }
+            // Readable: bytes or the end. Peeked through the runtime, so that "would block"
+            // clears its readiness and the next check is a syscall-free one again.
+            return match ctl.try_io(tokio::io::Interest::READABLE, || self.peek()) {
+                Ok(n) => n > 0,
+                Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+            };
+        }
+        match self.peek() {
+            Ok(n) => n > 0,
+            Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+        }
+    }
+
+    /// One byte peeked off the control socket, not waiting: 0 at its end.
+    fn peek(&self) -> std::io::Result<usize> {
         let mut b = [0u8; 1];
         // SAFETY: a non-blocking peek of at most 1 byte into a local buffer; the descriptor
         // is owned by `ctl`, which lives as long as `self`.
@@ -77,11 +106,7 @@ impl Attachment {
                 libc::MSG_PEEK | libc::MSG_DONTWAIT,
             )
         };
-        match n {
-            0 => false,
-            n if n > 0 => true,
-            _ => std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock,
-        }
+        usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
     }
 
     /// Copies each item's range into its slices; an item's value is the crc32c of the bytes
