@@ -1,7 +1,8 @@
 //! Where a same-host NVMe get's disk time goes: the reader of a node's tier file
 //! (`kvpool_transport::shm::DiskFile`: one O_DIRECT read of each record on an io_uring, the
 //! value copied into the caller's buffer with its crc32c and checked against the header),
-//! its record reads cut into parts of 256 KiB (each copied as it lands) or not cut, against
+//! its record reads cut into parts of 256 KiB (each copied as it lands) or not (the default up
+//! to 16 MiB), against
 //! a plain `pread` of the same record into an aligned buffer (the device alone, no copy and
 //! no check), and the copy and crc32c alone, each timed over the same records in a shuffled
 //! order, alternating, one read at a time, the reader on a runtime task (an async caller) or,
@@ -57,8 +58,8 @@ fn main() -> anyhow::Result<()> {
             .open(&path)
     };
     let total = rec * count as u64;
-    let cut = Arc::new(DiskFile::new(SegmentId(1), open()?.into(), total));
-    let whole = Arc::new(DiskFile::new(SegmentId(1), open()?.into(), total).with_part(u64::MAX));
+    let cut = Arc::new(DiskFile::new(SegmentId(1), open()?.into(), total).with_part(256 << 10));
+    let whole = Arc::new(DiskFile::new(SegmentId(1), open()?.into(), total));
     let raw = open()?;
     let mut aligned = vec![0u8; rec as usize + 4096];
     let skew = aligned.as_ptr().align_offset(4096);
@@ -76,7 +77,7 @@ fn main() -> anyhow::Result<()> {
         dir.display()
     );
     println!(
-        "round | pread (device) | DiskFile, 256 KiB parts | DiskFile, one read | copy, then crc32c"
+        "round | pread (device) | DiskFile, 256 KiB parts | DiskFile (one read up to 16 MiB) | copy, then crc32c"
     );
     for round in 0..5 {
         let mut t_raw = Vec::new();

@@ -525,7 +525,7 @@ mod tests {
         let cuts: Vec<(u64, u64)> = split(2 * P, P).collect();
         assert_eq!(
             cuts,
-            vec![(0, 2 * PART)],
+            vec![(0, 2 * P)],
             "up to two parts' worth is one read"
         );
         let len = (1 << 20) + 5;
