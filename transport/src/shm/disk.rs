@@ -523,11 +523,7 @@ mod tests {
     fn parts_cover_a_record_read_and_shares_cover_its_value() {
         const P: u64 = 256 << 10;
         let cuts: Vec<(u64, u64)> = split(2 * P, P).collect();
-        assert_eq!(
-            cuts,
-            vec![(0, 2 * P)],
-            "up to two parts' worth is one read"
-        );
+        assert_eq!(cuts, vec![(0, 2 * P)], "up to two parts' worth is one read");
         let len = (1 << 20) + 5;
         let read = HEAD + layout::align_up(len, NVME_ALIGN);
         let cuts: Vec<(u64, u64)> = split(read, P).collect();
