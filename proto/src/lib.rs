@@ -10,7 +10,8 @@
 //! - [`bytes`]: byte strings in bodies, decoded with one copy.
 //! - [`msg`]: every request and response, the opcodes, body encoding and decoding.
 //! - [`error`]: [`ErrorCode`], the stable error numbers shared by all crates and the wire.
-//! - [`layout`]: where a value sits in an NVMe record (shared by master, node and client).
+//! - [`layout`]: the NVMe record format (header, key, value, alignment), shared by the master
+//!   (allocation), the node (writes and checks) and same-host clients (reads and checks).
 //! - [`units`]: human sizes and durations for configs and flags.
 //! - [`rdma`]: the RDMA queue-pair handshake carried over a data connection.
 //!
