@@ -45,7 +45,7 @@ use kvpool_proto::{
 use tokio::net::TcpStream;
 
 use crate::{
-    shm::{Attachment, ShmPeers, TransportMode},
+    shm::{ShmPeers, TransportMode},
     TransportError,
 };
 use chunk::{Chunk, Item, Piece};
@@ -419,12 +419,8 @@ impl TransferEngine {
         {
             out[i] = r;
         }
-        if replicas.len() == n
-            && remote
-                .iter()
-                .any(|(_, it)| att.disk(it.op.segment).is_some())
-        {
-            remote = read_disk(&att, remote, replicas, &mut out).await;
+        if replicas.len() == n {
+            remote = att.read_files(remote, replicas, &mut out).await;
         }
         if !remote.is_empty() {
             let (ri, ritems): (Vec<usize>, Vec<_>) = remote.into_iter().unzip();
@@ -571,37 +567,6 @@ impl TransferEngine {
             .await;
         merge(n, results, fold)
     }
-}
-
-/// Reads the `items` a same-host node's shared NVMe file holds straight off it (item `i`'s
-/// replica is `replicas[i]`), their results into `out`; gives back the items to read through
-/// the node: the others, and those whose record did not check out.
-async fn read_disk<'a>(
-    att: &Attachment,
-    items: Vec<(usize, ReadItem<'a>)>,
-    replicas: &[ReplicaId],
-    out: &mut [ItemResult<u32>],
-) -> Vec<(usize, ReadItem<'a>)> {
-    let (mut direct, mut rest): (Vec<_>, Vec<_>) = items
-        .into_iter()
-        .partition(|(_, it)| att.disk(it.op.segment).is_some());
-    // Per file (a node has one NVMe tier), one request of all its items.
-    while let Some(disk) = direct.first().and_then(|(_, it)| att.disk(it.op.segment)) {
-        let (these, others): (Vec<_>, Vec<_>) = direct
-            .into_iter()
-            .partition(|(_, it)| it.op.segment == disk.segment());
-        direct = others;
-        let (idx, mut reads): (Vec<usize>, Vec<ReadItem<'a>>) = these.into_iter().unzip();
-        let expect: Vec<ReplicaId> = idx.iter().map(|&i| replicas[i]).collect();
-        let got = disk.read(&mut reads, &expect).await;
-        for ((i, it), crc) in idx.into_iter().zip(reads).zip(got) {
-            match crc {
-                Some(crc) => out[i] = Ok(crc),
-                None => rest.push((i, it)),
-            }
-        }
-    }
-    rest
 }
 
 /// Folds per-chunk results into per-item results: an item fails if any of its chunks did;

@@ -106,13 +106,16 @@ impl DiskFile {
     pub async fn read(&self, items: &mut [ReadItem<'_>], expect: &[ReplicaId]) -> Vec<Option<u32>> {
         let n = items.len();
         let mut out = vec![None; n];
+        if expect.len() != n {
+            return out;
+        }
         // Per item, where its record read starts and how long it is.
         let spans: Vec<Option<(u64, u64)>> = items
             .iter()
             .map(|it| span(it.op.offset, it.op.len, self.size))
             .collect();
         let want: Vec<usize> = (0..n).filter(|&i| spans[i].is_some()).collect();
-        if want.is_empty() || expect.len() != n {
+        if want.is_empty() {
             return out;
         }
         let mut ring = match self.take_ring() {

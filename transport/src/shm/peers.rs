@@ -59,8 +59,43 @@ impl Attachment {
     }
 
     /// The node's shared NVMe tier file holding `segment`, if any.
-    pub fn disk(&self, segment: SegmentId) -> Option<&DiskFile> {
+    fn disk(&self, segment: SegmentId) -> Option<&DiskFile> {
         self.disks.iter().find(|d| d.segment() == segment)
+    }
+
+    /// Reads the `items` (by their index in the request) that the node's shared NVMe files
+    /// hold straight off them (item `i`'s replica is `replicas[i]`), their results into
+    /// `out`; gives back the items to read through the node: the others, and those whose
+    /// record did not check out.
+    pub async fn read_files<'a>(
+        &self,
+        items: Vec<(usize, ReadItem<'a>)>,
+        replicas: &[ReplicaId],
+        out: &mut [ItemResult<u32>],
+    ) -> Vec<(usize, ReadItem<'a>)> {
+        if self.disks.is_empty() {
+            return items;
+        }
+        let (mut direct, mut rest): (Vec<_>, Vec<_>) = items
+            .into_iter()
+            .partition(|(_, it)| self.disk(it.op.segment).is_some());
+        // Per file (a node has one NVMe tier), one request of all its items.
+        while let Some(disk) = direct.first().and_then(|(_, it)| self.disk(it.op.segment)) {
+            let (these, others): (Vec<_>, Vec<_>) = direct
+                .into_iter()
+                .partition(|(_, it)| it.op.segment == disk.segment());
+            direct = others;
+            let (idx, mut reads): (Vec<usize>, Vec<ReadItem<'a>>) = these.into_iter().unzip();
+            let expect: Vec<ReplicaId> = idx.iter().map(|&i| replicas[i]).collect();
+            let got = disk.read(&mut reads, &expect).await;
+            for ((i, it), crc) in idx.into_iter().zip(reads).zip(got) {
+                match crc {
+                    Some(crc) => out[i] = Ok(crc),
+                    None => rest.push((i, it)),
+                }
+            }
+        }
+        rest
     }
 
     /// Whether the node still holds its end of the socket. A node that exited (or restarted)
