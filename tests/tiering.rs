@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use kvpool_client::Client;
+use kvpool_client::{Client, ClientConfig};
 use kvpool_proto::{PutOptions, Tier};
 use kvpool_tests::{alive_nodes, client, config_file, disk_dir, tier_use, value, wait_until, Proc};
 
@@ -460,6 +460,42 @@ async fn cli_puts_of_eight_mib_into_64_mib_of_dram_are_all_kept_across_a_node_ki
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// `direct_len(i)` bytes: 64 KiB + 1 (a value whose last block is mostly padding) for even
+/// `i`, 1 MiB for odd.
+fn direct_len(i: u64) -> usize {
+    if i.is_multiple_of(2) {
+        (64 << 10) + 1
+    } else {
+        1 << 20
+    }
+}
+
+/// Puts `d/0..d/47` (`value(i, direct_len(i))`) into a pool of 16 MiB of DRAM, waiting for
+/// demotion to make room, until `d/0..d/7` are on NVMe only; returns the count and those.
+async fn fill_past_dram(c: &Client) -> (u64, Vec<u64>) {
+    let n = 48u64;
+    for i in 0..n {
+        if i.is_multiple_of(4) {
+            wait_for_room(c).await;
+        }
+        let v = value(i, direct_len(i));
+        c.put(format!("d/{i}").as_bytes(), &v, &PutOptions::default())
+            .await
+            .unwrap_or_else(|e| panic!("put d/{i}: {e}"));
+    }
+    let on_nvme: Vec<u64> = (0..8).collect();
+    wait_until("d/0..d/7 only on NVMe", Duration::from_secs(30), || async {
+        for i in &on_nvme {
+            if tiers_of(c, &format!("d/{i}")).await != vec![Tier::Nvme] {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    (n, on_nvme)
+}
+
 /// Object bytes the node has sent over its sockets (`kvpool up`'s metrics at `http`).
 fn node_bytes_out(http: &str) -> f64 {
     kvpool_tests::http::value(
@@ -487,34 +523,7 @@ async fn same_host_clients_read_nvme_records_off_the_file_and_check_them() {
         let pool = tiered_pool(&cfg, "16MiB", &nvme, "256MiB");
         let c = client(&pool.addr("master"));
         let http = pool.addr("http");
-        // 64 KiB + 1 (a value whose last block is mostly padding) and 1 MiB values.
-        let len = |i: u64| {
-            if i.is_multiple_of(2) {
-                (64 << 10) + 1
-            } else {
-                1 << 20
-            }
-        };
-        let n = 48u64;
-        for i in 0..n {
-            if i.is_multiple_of(4) {
-                wait_for_room(&c).await;
-            }
-            let v = value(i, len(i));
-            c.put(format!("d/{i}").as_bytes(), &v, &PutOptions::default())
-                .await
-                .unwrap_or_else(|e| panic!("put d/{i}: {e}"));
-        }
-        let on_nvme: Vec<u64> = (0..8).collect();
-        wait_until("d/0..d/7 only on NVMe", Duration::from_secs(30), || async {
-            for i in &on_nvme {
-                if tiers_of(&c, &format!("d/{i}")).await != vec![Tier::Nvme] {
-                    return false;
-                }
-            }
-            true
-        })
-        .await;
+        let (n, on_nvme) = fill_past_dram(&c).await;
         let in_dram = n - 1;
         assert!(tiers_of(&c, &format!("d/{in_dram}"))
             .await
@@ -528,19 +537,19 @@ async fn same_host_clients_read_nvme_records_off_the_file_and_check_them() {
             let i: u64 = k[2..].parse().unwrap();
             let got = r.unwrap_or_else(|e| panic!("get {k}: {e}"));
             assert!(
-                got.as_deref() == Some(&value(i, len(i))[..]),
+                got.as_deref() == Some(&value(i, direct_len(i))[..]),
                 "{k} in a batch"
             );
         }
         for i in &on_nvme {
             let got = c.get(format!("d/{i}").as_bytes()).await.unwrap();
             assert!(
-                got.as_deref() == Some(&value(*i, len(*i))[..]),
+                got.as_deref() == Some(&value(*i, direct_len(*i))[..]),
                 "d/{i} alone"
             );
         }
         let sent = node_bytes_out(&http) - before;
-        let nvme_bytes: u64 = on_nvme.iter().map(|&i| 2 * len(i) as u64).sum();
+        let nvme_bytes: u64 = on_nvme.iter().map(|&i| 2 * direct_len(i) as u64).sum();
         if share {
             assert_eq!(
                 sent, 0.0,
@@ -577,9 +586,107 @@ async fn same_host_clients_read_nvme_records_off_the_file_and_check_them() {
             "a damaged record must be a miss"
         );
         for (r, i) in [(&batch[0], 1u64), (&batch[2], 2)] {
-            assert!(r.as_ref().unwrap().as_deref() == Some(&value(i, len(i))[..]));
+            assert!(r.as_ref().unwrap().as_deref() == Some(&value(i, direct_len(i))[..]));
         }
         drop(pool);
         let _ = std::fs::remove_dir_all(dir);
     }
+}
+
+/// With promotion off (`master.promote-after-hits = 0`) the master marks its lookups
+/// `FLAG_NO_PROMOTION`, and a same-host client with the location cache keeps the NVMe
+/// locations it can check (docs/semantics.md, "Hot reads"): a hot get of an NVMe-resident
+/// value is a read of the node's file and nothing else, shown with the pool stopped
+/// (SIGSTOP). A cached record that no longer holds its replica (overwritten in place by
+/// another record) is never returned: the get asks the master again, and the node finds the
+/// record damaged (a miss).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_promotion_off_hot_nvme_gets_read_the_file_and_ask_nobody() {
+    let dir = disk_dir("hot-nvme");
+    let nvme = dir.join("nvme.dat");
+    let cfg = config_file(
+        "[master]\nheartbeat-interval = \"100ms\"\nhigh-watermark = 0.5\n\
+         eviction-ratio = 0.1\nnvme-admission = \"always\"\npromote-after-hits = 0\n",
+    );
+    let pool = tiered_pool(&cfg, "16MiB", &nvme, "256MiB");
+    let m = pool.addr("master");
+    let c = client(&m);
+    let hot = {
+        let mut cfg = ClientConfig::with_master(&m);
+        cfg.deadline = Duration::from_secs(10);
+        cfg.location_cache.enabled = true;
+        Client::new(cfg)
+    };
+    let http = pool.addr("http");
+    let lookups = || {
+        kvpool_tests::http::value(
+            &kvpool_tests::http::scrape(&http),
+            "kvpool_master_requests_total{op=\"GetReplicas\"}",
+        )
+    };
+    let (_, on_nvme) = fill_past_dram(&c).await;
+    let keys: Vec<String> = on_nvme.iter().map(|i| format!("d/{i}")).collect();
+    let refs: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
+    let all_whole = |got: Vec<kvpool_client::Result<Option<Vec<u8>>>>, when: &str| {
+        for (i, r) in on_nvme.iter().zip(got) {
+            let v = r.unwrap_or_else(|e| panic!("get d/{i} {when}: {e}"));
+            assert!(
+                v.as_deref() == Some(&value(*i, direct_len(*i))[..]),
+                "d/{i} {when}"
+            );
+        }
+    };
+    // A key is cached from its second lookup on.
+    for pass in ["first", "second"] {
+        all_whole(hot.get_batch(&refs).await, pass);
+    }
+    let before = lookups();
+    all_whole(hot.get_batch(&refs).await, "from the cache");
+    all_whole(hot.get_batch(&refs[..1]).await, "alone");
+    assert_eq!(lookups(), before, "hot NVMe gets asked the master");
+    assert_eq!(
+        tiers_of(&c, "d/0").await,
+        vec![Tier::Nvme],
+        "nothing was promoted"
+    );
+
+    pool.signal(libc::SIGSTOP);
+    let stopped = tokio::time::timeout(Duration::from_secs(10), hot.get_batch(&refs)).await;
+    pool.signal(libc::SIGCONT);
+    all_whole(
+        stopped.expect("a hot NVMe get waited for the stopped pool"),
+        "with the pool stopped",
+    );
+
+    // d/2's record (same key and value lengths) copied over d/0's: d/0's cached location now
+    // holds another replica.
+    let at = |info: &kvpool_proto::ObjectInfo| {
+        info.replicas[0].offset - kvpool_proto::layout::value_offset(3)
+    };
+    let info = |k: &'static [u8]| {
+        let c = &c;
+        async move { c.locate(&[k]).await.pop().unwrap().unwrap().unwrap() }
+    };
+    let (zero, two) = (info(b"d/0").await, info(b"d/2").await);
+    {
+        use std::os::unix::fs::FileExt;
+        let len = kvpool_proto::layout::record_len(3, zero.len) as usize;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&nvme)
+            .unwrap();
+        let mut record = vec![0u8; len];
+        f.read_exact_at(&mut record, at(&two)).unwrap();
+        f.write_all_at(&record, at(&zero)).unwrap();
+        f.sync_all().unwrap();
+    }
+    let got = hot.get_batch(&[b"d/0", b"d/2"]).await;
+    assert!(
+        got[0].as_ref().unwrap().is_none(),
+        "a record that holds another replica must be a miss"
+    );
+    assert!(got[1].as_ref().unwrap().as_deref() == Some(&value(2, direct_len(2))[..]));
+    drop(pool);
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -57,7 +57,8 @@ struct Args {
     #[arg(long)]
     no_location_cache: bool,
     /// Gets cycle over only the first N keys a case put (a hot set read again and again)
-    /// instead of over every key once [all keys].
+    /// instead of over every key once; in the NVMe case, over the first N of the objects on
+    /// NVMe only [all keys].
     #[arg(long)]
     hot_keys: Option<u64>,
     /// A fast smoke run: small counts, short phases, short limit tests.
@@ -147,6 +148,7 @@ impl Args {
                 time: self.budget().time,
             },
             verify: !self.no_checksum_verify,
+            hot_keys: self.hot_keys,
             fio: fio::available(&self.fio).then(|| self.fio.clone()),
         })
     }

@@ -4,8 +4,10 @@
 //!
 //! Per value size, a fresh `kvpool up` with a small DRAM segment and an NVMe segment on the
 //! work disk is filled by one writer that waits for demotion to make room before every few
-//! puts; only objects whose every replica is on NVMe are then read back. Promotion is pushed
-//! out of reach (`promote-after-hits`), so every get in the phase is served by the disk.
+//! puts; only objects whose every replica is on NVMe are then read back. Promotion is off
+//! (`promote-after-hits = 0`), so every get in the phase is served by the disk; with it off, a
+//! same-host client's location cache keeps NVMe locations, and a repeated get is a read of
+//! the node's file without asking the master (docs/semantics.md, "Hot reads").
 
 use std::{
     ffi::OsStr,
@@ -29,10 +31,10 @@ use crate::{
 const DRAM: &str = "64MiB";
 const NVME_SIZE: &str = "2GiB";
 /// Demotion starts at half of DRAM and frees a tenth per pass; heartbeats every 100 ms carry
-/// the copy tasks. Promotion needs a million NVMe hits, so gets stay on NVMe.
+/// the copy tasks. Promotion is off, so gets stay on NVMe.
 const CONFIG: &str = "[master]\nnvme-admission = \"always\"\nhigh-watermark = 0.5\n\
                       eviction-ratio = 0.1\nheartbeat-interval = \"100ms\"\n\
-                      promote-after-hits = 1000000\n";
+                      promote-after-hits = 0\n";
 /// The writer waits until DRAM is at most this full ...
 const ROOM: f64 = 0.70;
 /// ... before every this many bytes of puts, so a put never finds DRAM full (which would
@@ -56,6 +58,8 @@ pub struct Plan<'a> {
     /// Per get phase.
     pub budget: Budget,
     pub verify: bool,
+    /// Gets cycle over only the first N objects on NVMe only (`--hot-keys`).
+    pub hot_keys: Option<u64>,
     /// The fio binary, if installed.
     pub fio: Option<String>,
 }
@@ -189,7 +193,12 @@ async fn one_size(plan: &Plan<'_>, size: usize, n: usize) -> Result<(Vec<Row>, S
             placed.missing
         );
     }
-    let slots = Arc::new(placed.nvme_only);
+    let nvme_only = placed.nvme_only.len();
+    let mut slots = placed.nvme_only;
+    if let Some(n) = plan.hot_keys {
+        slots.truncate(usize::try_from(n).unwrap_or(usize::MAX).max(1));
+    }
+    let slots = Arc::new(slots);
 
     let most = plan.clients.iter().copied().max().unwrap_or(1).max(1);
     let mut conns = Vec::with_capacity(most);
@@ -260,8 +269,9 @@ async fn one_size(plan: &Plan<'_>, size: usize, n: usize) -> Result<(Vec<Row>, S
     }
     let note = format!(
         "{}: {count} objects ({}) put by one writer in {:.1} s ({:.0} MB/s including {:.1} s \
-         waiting for demotion to make room); {} of them on NVMe only and read below ({}), {} \
-         still with a DRAM replica (not read); all {} still on NVMe only after the gets.",
+         waiting for demotion to make room); {nvme_only} of them on NVMe only, of which {} \
+         read below ({}), {} still with a DRAM replica (not read); all {} read still on NVMe \
+         only after the gets.",
         ByteSize(size as u64),
         ByteSize(count * size as u64),
         fill.as_secs_f64(),
@@ -338,8 +348,10 @@ pub fn render(o: &Outcome) -> String {
     out.push_str(&format!(
         "`kvpool up --dram {DRAM} --nvme FILE --nvme-size {NVME_SIZE}` on the work disk, \
          master config: `{}`. Every object read is on NVMe only (checked with `locate` before \
-         and after the gets), so every get is an O_DIRECT read on the node plus the loopback \
-         transfer. fio: `--rw=randread --direct=1 --ioengine=io_uring`, block = value size, \
+         and after the gets), so every get is an O_DIRECT read of its record: by the client \
+         itself off the node's file (the pool is on the client's host), after a lookup at the \
+         master or, from a key's second lookup on, from the client's location cache (promotion \
+         is off, so the master lets clients keep NVMe locations). fio: `--rw=randread --direct=1 --ioengine=io_uring`, block = value size, \
          iodepth = clients × batch, on a file of the same size in the same folder.\n\n",
         CONFIG.trim().replace('\n', "; ")
     ));

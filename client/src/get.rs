@@ -12,7 +12,10 @@ use std::{
 
 use futures::future::join_all;
 use kvpool_proto::NodeId;
-use kvpool_proto::{ErrorCode, GetReplicas, ObjectInfo, ReadOp, ReplicaId};
+use kvpool_proto::{
+    header::FLAG_NO_PROMOTION, ErrorCode, GetReplicas, ObjectInfo, ReadOp, ReplicaDesc, ReplicaId,
+    Tier,
+};
 use kvpool_transport::engine::{Peer, ReadItem};
 
 use crate::locations::Located;
@@ -230,8 +233,9 @@ impl Client {
             let msg = GetReplicas {
                 keys: ask_keys.by_ref().take(chunk.len()).collect(),
             };
-            match self.master_call(&msg).await {
-                Ok(r) if r.items.len() == chunk.len() => {
+            match self.master_call_flagged(&msg).await {
+                Ok((r, flags)) if r.items.len() == chunk.len() => {
+                    let stays = flags & FLAG_NO_PROMOTION != 0;
                     for ((i, wire), item) in chunk.iter().zip(&msg.keys).zip(r.items) {
                         out[*i] = match item {
                             Ok(info) => {
@@ -240,7 +244,9 @@ impl Client {
                                 // (The transport check only where there is a cache to fill:
                                 // it is a map lookup per replica on every get.)
                                 if self.locations.enabled() && !self.cache_saves_nothing(&info) {
-                                    self.locations.insert(wire, &info, sent);
+                                    self.locations.insert(wire, &info, sent, |r| {
+                                        self.checkable(r, stays, wire.len())
+                                    });
                                 }
                                 Ok(Some(Located {
                                     info,
@@ -410,6 +416,19 @@ impl Client {
         info.replicas
             .iter()
             .any(|r| self.engine.shm_board(&r.addr) == Some(false))
+    }
+
+    /// Whether a read from a cached location of replica `r` can be checked: on DRAM, by the
+    /// node's inventory tag (its board, or the node itself); on NVMe, only where this client
+    /// reads the node's file and the record (of a `key_len`-byte wire key) names its replica,
+    /// and only when the master moves nothing on reads (`stays`: with promotion on, a cached
+    /// NVMe location would keep a hot object's reads on the disk after the master copied it
+    /// back to DRAM).
+    fn checkable(&self, r: &ReplicaDesc, stays: bool, key_len: usize) -> bool {
+        match r.tier {
+            Tier::Dram => true,
+            Tier::Nvme => stays && self.engine.reads_file(&r.addr, r.segment, key_len),
+        }
     }
 
     /// The replica to try in `round` (0 first): replicas on this client's own node first,

@@ -338,10 +338,15 @@ impl Client {
     /// Sends a master request, retrying connection-level failures until the deadline.
     /// Errors the master answered with are never retried here: they are results.
     async fn master_call<M: Message>(&self, msg: &M) -> Result<M::Response> {
+        self.master_call_flagged(msg).await.map(|(r, _)| r)
+    }
+
+    /// [`Client::master_call`], also giving the answer's frame flags.
+    async fn master_call_flagged<M: Message>(&self, msg: &M) -> Result<(M::Response, u8)> {
         let start = Instant::now();
         let mut backoff = Duration::from_millis(10);
         loop {
-            match self.master.call(msg).await {
+            match self.master.call_flagged(msg).await {
                 Ok(r) => return Ok(r),
                 // A standby, or no leader yet (HA failover): the RPC client re-resolves the
                 // leader on the next call, so wait for the election like for a reconnect.

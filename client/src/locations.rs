@@ -9,7 +9,9 @@
 //!   the replica the entry names (before and after its copy), else answers `StaleLocation`;
 //! - the crc32c of the bytes is compared with the writer's, as for every get.
 //!
-//! Only DRAM replicas are kept: NVMe records carry no inventory tag to check against.
+//! Only replicas a cached read can check are kept: DRAM ones (the node's inventory tag), and
+//! NVMe ones this client reads off the node's file (the record names its replica) when the
+//! master moves nothing on reads (`FLAG_NO_PROMOTION`); the client decides which.
 //!
 //! A key enters the cache on its second lookup, not its first: a doorkeeper (one slot per
 //! cache entry, holding the hash of the last key looked up there) remembers keys seen once.
@@ -26,7 +28,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kvpool_proto::{ObjectInfo, Tier};
+#[cfg(test)]
+use kvpool_proto::Tier;
+use kvpool_proto::{ObjectInfo, ReplicaDesc};
 use moka::sync::Cache;
 
 use crate::config::LocationCache;
@@ -119,8 +123,15 @@ impl Locations {
     }
 
     /// Keeps what a lookup sent at `sent` found for `wire_key` (from its second lookup on):
-    /// its DRAM replicas, if any, until three quarters of the lease have passed.
-    pub fn insert(&self, wire_key: &[u8], info: &Arc<ObjectInfo>, sent: Instant) {
+    /// the replicas a cached read can check (`checkable`), if any, until three quarters of
+    /// the lease have passed.
+    pub fn insert(
+        &self,
+        wire_key: &[u8],
+        info: &Arc<ObjectInfo>,
+        sent: Instant,
+        checkable: impl Fn(&ReplicaDesc) -> bool,
+    ) {
         let Some(inner) = &self.0 else {
             return;
         };
@@ -132,20 +143,20 @@ impl Locations {
         if life.is_zero() {
             return;
         }
-        let info = if info.replicas.iter().all(|r| r.tier == Tier::Dram) {
+        let info = if info.replicas.iter().all(&checkable) {
             info.clone()
         } else {
-            let dram: Vec<_> = info
+            let kept: Vec<_> = info
                 .replicas
                 .iter()
-                .filter(|r| r.tier == Tier::Dram)
+                .filter(|r| checkable(r))
                 .cloned()
                 .collect();
-            if dram.is_empty() {
+            if kept.is_empty() {
                 return;
             }
             Arc::new(ObjectInfo {
-                replicas: dram,
+                replicas: kept,
                 ..(**info).clone()
             })
         };
@@ -199,29 +210,55 @@ mod tests {
     }
 
     #[test]
-    fn keeps_dram_replicas_only_and_within_the_lease() {
+    fn keeps_checkable_replicas_only_and_within_the_lease() {
         let c = Locations::new(&LocationCache {
             enabled: true,
             ..LocationCache::default()
         });
         let now = Instant::now();
-        c.insert(b"mixed", &info(&[Tier::Dram, Tier::Nvme], 10_000), now);
+        let dram = |r: &ReplicaDesc| r.tier == Tier::Dram;
+        c.insert(
+            b"mixed",
+            &info(&[Tier::Dram, Tier::Nvme], 10_000),
+            now,
+            dram,
+        );
         assert!(
             c.get(b"mixed").is_none(),
             "admitted on the second lookup only"
         );
-        c.insert(b"mixed", &info(&[Tier::Dram, Tier::Nvme], 10_000), now);
+        c.insert(
+            b"mixed",
+            &info(&[Tier::Dram, Tier::Nvme], 10_000),
+            now,
+            dram,
+        );
         let got = c.get(b"mixed").expect("cached");
         assert!(got.cached);
         assert_eq!(got.info.replicas.len(), 1);
         assert_eq!(got.info.replicas[0].tier, Tier::Dram);
-        c.insert(b"disk", &info(&[Tier::Nvme], 10_000), now);
-        c.insert(b"disk", &info(&[Tier::Nvme], 10_000), now);
+        c.insert(b"disk", &info(&[Tier::Nvme], 10_000), now, dram);
+        c.insert(b"disk", &info(&[Tier::Nvme], 10_000), now, dram);
         assert!(c.get(b"disk").is_none(), "NVMe locations cannot be checked");
+        // Where they can, they are kept.
+        let any = |_: &ReplicaDesc| true;
+        c.insert(
+            b"checked",
+            &info(&[Tier::Dram, Tier::Nvme], 10_000),
+            now,
+            any,
+        );
+        c.insert(
+            b"checked",
+            &info(&[Tier::Dram, Tier::Nvme], 10_000),
+            now,
+            any,
+        );
+        assert_eq!(c.get(b"checked").expect("cached").info.replicas.len(), 2);
         // A lease whose last quarter has begun is not used.
         let old = now - Duration::from_millis(800);
-        c.insert(b"late", &info(&[Tier::Dram], 1_000), old);
-        c.insert(b"late", &info(&[Tier::Dram], 1_000), old);
+        c.insert(b"late", &info(&[Tier::Dram], 1_000), old, dram);
+        c.insert(b"late", &info(&[Tier::Dram], 1_000), old, dram);
         assert!(c.get(b"late").is_none());
         c.forget(b"mixed");
         assert!(c.get(b"mixed").is_none());
@@ -234,7 +271,7 @@ mod tests {
             ..LocationCache::default()
         });
         for _ in 0..2 {
-            c.insert(b"k", &info(&[Tier::Dram], 10_000), Instant::now());
+            c.insert(b"k", &info(&[Tier::Dram], 10_000), Instant::now(), |_| true);
         }
         assert!(c.get(b"k").is_none());
     }

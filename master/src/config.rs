@@ -49,7 +49,8 @@ pub struct MasterConfig {
     /// eviction victim) or "after-read" (victims read at least once since their put)
     /// ["write-through"].
     pub nvme_admission: Admission,
-    /// NVMe-only reads after which an object is promoted back to DRAM [2].
+    /// NVMe-only reads after which an object is promoted back to DRAM [2]; 0: never (reads
+    /// move nothing, and clients may then cache NVMe locations).
     pub promote_after_hits: u32,
     /// A demotion or promotion copy not reported done within this fails ["60s"].
     pub task_timeout: HumanDuration,
@@ -146,9 +147,6 @@ impl MasterConfig {
                 "master.nvme-low-watermark ({}) must not exceed master.nvme-high-watermark ({})",
                 self.nvme_low_watermark, self.nvme_high_watermark
             ));
-        }
-        if self.promote_after_hits == 0 {
-            return Err("master.promote-after-hits must be at least 1".into());
         }
         if self.task_timeout.0.is_zero() {
             return Err("master.task-timeout must be positive".into());
@@ -258,10 +256,6 @@ mod tests {
                 ..MasterConfig::default()
             },
             MasterConfig {
-                promote_after_hits: 0,
-                ..MasterConfig::default()
-            },
-            MasterConfig {
                 task_timeout: HumanDuration(Duration::ZERO),
                 ..MasterConfig::default()
             },
@@ -270,7 +264,6 @@ mod tests {
             "nvme-high-watermark",
             "nvme-low-watermark",
             "nvme-low-watermark",
-            "promote-after-hits",
             "task-timeout",
         ];
         for (c, key) in bad.iter().zip(keys) {

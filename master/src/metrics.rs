@@ -327,6 +327,10 @@ impl<S: RpcService> RpcService for Metered<S> {
         self.metrics.request(opcode, started, &answer);
         answer
     }
+
+    fn response_flags(&self, opcode: Opcode) -> u8 {
+        self.inner.response_flags(opcode)
+    }
 }
 
 /// What the master looks like from outside at one moment.

@@ -37,6 +37,8 @@ struct Service {
     fatal: Notify,
     faults: crate::faults::Faults,
     metrics: Arc<crate::metrics::MasterMetrics>,
+    /// `master.promote-after-hits = 0`: lookups are answered with `FLAG_NO_PROMOTION`.
+    no_promotion: bool,
 }
 
 /// Why the master stopped serving on its own.
@@ -255,6 +257,13 @@ fn remove_call<M: Message, R: Serialize>(
 }
 
 impl RpcService for Service {
+    fn response_flags(&self, opcode: Opcode) -> u8 {
+        match opcode {
+            Opcode::GetReplicas if self.no_promotion => kvpool_proto::header::FLAG_NO_PROMOTION,
+            _ => 0,
+        }
+    }
+
     fn handle(&self, opcode: Opcode, body: &[u8]) -> Result<Vec<u8>, WireError> {
         let now = self.now();
         self.admit()?;
@@ -340,6 +349,7 @@ pub async fn run_with_ops(
         fatal: Notify::new(),
         faults: crate::faults::Faults::from_env(),
         metrics: Default::default(),
+        no_promotion: cfg.promote_after_hits == 0,
     });
     if let Some(ops) = ops {
         ops.add(Arc::new(probe(&service)));

@@ -26,6 +26,11 @@ pub const FLAG_RESPONSE: u8 = 0b0000_0001;
 /// checked) and answers in the plain layout, without the bit, so the reader parses what the
 /// response says it is.
 pub const FLAG_STREAMED: u8 = 0b0000_0010;
+/// Flag bit of a `GetReplicas` response: the master moves no object because it is read
+/// (`master.promote-after-hits = 0`), so a client may keep the NVMe locations of this answer
+/// in its location cache (reads it serves from them are not missed by the master). An older
+/// master never sets it and an older client ignores it (flags were never checked).
+pub const FLAG_NO_PROMOTION: u8 = 0b0000_0100;
 
 /// Size limits a receiver enforces before it allocates anything for a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -148,6 +148,15 @@ impl RpcClient {
     /// Sends one request and waits for its response; a client with a resolver forgets its
     /// connection after an answer that says the server is not (or no longer) the one to ask.
     pub async fn call<M: Message>(&self, msg: &M) -> Result<M::Response, TransportError> {
+        self.call_flagged(msg).await.map(|(r, _)| r)
+    }
+
+    /// [`RpcClient::call`], also giving the response frame's flag bits (what the server says
+    /// of its answer as a whole, such as the master's `FLAG_NO_PROMOTION`).
+    pub async fn call_flagged<M: Message>(
+        &self,
+        msg: &M,
+    ) -> Result<(M::Response, u8), TransportError> {
         let r = self.call_once(msg).await;
         if self.inner.resolver.is_some() {
             if let Err(e) = &r {
@@ -165,7 +174,7 @@ impl RpcClient {
         r
     }
 
-    async fn call_once<M: Message>(&self, msg: &M) -> Result<M::Response, TransportError> {
+    async fn call_once<M: Message>(&self, msg: &M) -> Result<(M::Response, u8), TransportError> {
         let timeout = self.inner.opts.request_timeout;
         let conn = self.connection().await?;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
@@ -198,7 +207,7 @@ impl RpcClient {
             Ok(reply) => reply?,
             Err(_) => return Err(TransportError::Closed),
         };
-        frame::decode_response(&header, &body)
+        Ok((frame::decode_response(&header, &body)?, header.flags))
     }
 
     async fn connection(&self) -> Result<Arc<Conn>, TransportError> {

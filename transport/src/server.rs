@@ -20,6 +20,13 @@ use crate::{
 pub trait RpcService: Send + Sync + 'static {
     /// Handles one request; returns the encoded response body or a request-level error.
     fn handle(&self, opcode: Opcode, body: &[u8]) -> Result<Vec<u8>, WireError>;
+
+    /// Flag bits to set on every successful response to `opcode`, besides
+    /// [`kvpool_proto::header::FLAG_RESPONSE`]: what the service says of its answers as a
+    /// whole (the master's `FLAG_NO_PROMOTION`). None by default.
+    fn response_flags(&self, _opcode: Opcode) -> u8 {
+        0
+    }
 }
 
 /// How a control-plane server guards and bounds its connections.
@@ -142,17 +149,19 @@ async fn serve_conn<S: RpcService>(
                 "control requests carry no payload",
             ))
         } else {
-            Opcode::try_from(header.opcode).and_then(|op| service.handle(op, &body))
+            Opcode::try_from(header.opcode)
+                .and_then(|op| Ok((service.handle(op, &body)?, service.response_flags(op))))
         };
         let frame = match reply {
-            Ok(body) => {
+            Ok((body, flags)) => {
                 let h = kvpool_proto::FrameHeader::response(
                     header.opcode,
                     header.request_id,
                     ErrorCode::Ok,
                     u32::try_from(body.len()).unwrap_or(u32::MAX),
                     0,
-                );
+                )
+                .with_flags(flags);
                 let mut buf = Vec::with_capacity(kvpool_proto::HEADER_LEN + body.len());
                 buf.extend_from_slice(&h.encode());
                 buf.extend_from_slice(&body);

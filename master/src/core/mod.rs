@@ -93,7 +93,8 @@ pub struct CoreConfig {
     /// What goes to the node's NVMe: every object at commit, or which DRAM eviction victims
     /// are demoted rather than dropped [`Admission::WriteThrough`].
     pub nvme_admission: Admission,
-    /// Lookups served from NVMe alone after which an object is promoted back to DRAM [2].
+    /// Lookups served from NVMe alone after which an object is promoted back to DRAM [2];
+    /// 0: never (reads move nothing, and clients may cache NVMe locations).
     pub promote_after_hits: u32,
     /// A copy task not reported done within this is failed [60 s].
     pub task_timeout: Duration,

@@ -327,6 +327,21 @@ fn an_nvme_only_object_is_promoted_after_two_hits_and_dram_is_served_first() {
 }
 
 #[test]
+fn with_promotion_off_reads_of_an_nvme_only_object_move_nothing() {
+    let mut w = World::with(CoreConfig {
+        promote_after_hits: 0,
+        ..cfg(Admission::AfterRead)
+    });
+    tiered(&mut w, 10 * MIB, vec![nvme_entry(0)]);
+    for _ in 0..5 {
+        assert_eq!(ids(&w.get("n0").unwrap().replicas), vec![ReplicaId(500)]);
+        w.heartbeat(1, 0);
+    }
+    assert!(w.inbox.is_empty());
+    assert_eq!((w.used(10), w.used(11)), (0, record()));
+}
+
+#[test]
 fn an_unhealthy_segment_gets_no_new_data() {
     // Placement skips an unhealthy DRAM segment.
     let mut w = World::new();

@@ -38,6 +38,7 @@ use tokio::{
 };
 
 pub use rdma::rdma_unsupported;
+pub(crate) use read::stale;
 pub use stream::{advance, recv_exact, send_all, write_all_gathered, RawSocket, MAX_IOVECS};
 
 use crate::{

@@ -81,7 +81,7 @@ fn expect(req: &Read, i: usize) -> Option<ReplicaId> {
 }
 
 /// The answer to a checked read whose range no longer holds the replica the client expected.
-fn stale(replica: ReplicaId) -> WireError {
+pub(crate) fn stale(replica: ReplicaId) -> WireError {
     WireError::new(
         ErrorCode::StaleLocation,
         format!("the range no longer holds replica {}", replica.0),

@@ -39,8 +39,8 @@ use std::{
 
 use futures::{stream, StreamExt};
 use kvpool_proto::{
-    ErrorCode, FrameLimits, ItemResult, NodeId, ObjectTag, Read, ReadOp, ReplicaId, Token,
-    WireError, Write, WriteOp,
+    ErrorCode, FrameLimits, ItemResult, NodeId, ObjectTag, Read, ReadOp, ReplicaId, SegmentId,
+    Token, WireError, Write, WriteOp,
 };
 use tokio::net::TcpStream;
 
@@ -205,6 +205,19 @@ impl TransferEngine {
         match self.opts.transport {
             TransportMode::Tcp | TransportMode::Rdma => None,
             TransportMode::Auto | TransportMode::Shm => self.shm.board_at(addr),
+        }
+    }
+
+    /// Whether this engine reads the record of a `key_len`-byte wire key in `segment` of the
+    /// node at `addr` off the node's NVMe file (a same-host node sharing its NVMe tier), as
+    /// far as known: where a read from a cached NVMe location is checked against the record's
+    /// replica id.
+    pub fn reads_file(&self, addr: &str, segment: SegmentId, key_len: usize) -> bool {
+        match self.opts.transport {
+            TransportMode::Tcp | TransportMode::Rdma => false,
+            TransportMode::Auto | TransportMode::Shm => {
+                crate::shm::reads_key(key_len) && self.shm.file_at(addr, segment)
+            }
         }
     }
 
@@ -445,7 +458,8 @@ impl TransferEngine {
 
     /// [`TransferEngine::read`] of ranges the caller located without a fresh lease (a cached
     /// location): item `i`'s range must still hold replica `expect[i]`, else the item fails
-    /// with `StaleLocation`. Over TCP the node checks before and after its copy. From a
+    /// with `StaleLocation`. An NVMe record read off a same-host node's file is checked by
+    /// its header, which names its replica; one that does not check out is stale. Over TCP the node checks before and after its copy. From a
     /// same-host node's shared memory the engine copies first and then asks the node, in one
     /// request of one-byte checked reads, whether each range still holds its replica: a range
     /// that held it after the copy held it throughout (a replica's tag, once dropped, never
@@ -464,10 +478,49 @@ impl TransferEngine {
                 items.len()
             )));
         }
-        let att = match self.attachment(peer).await? {
-            Some(att) if items.iter().all(|it| att.covers(it.op.segment)) => att,
-            _ => return self.read_tcp(peer.addr, items, expect).await,
+        let Some(att) = self.attachment(peer).await? else {
+            return self.read_tcp(peer.addr, items, expect).await;
         };
+        if items.iter().all(|it| att.covers(it.op.segment)) {
+            return self.checked_in_memory(&att, peer.addr, items, expect).await;
+        }
+        if !items
+            .iter()
+            .all(|it| att.covers(it.op.segment) || att.reads_file(it.op.segment))
+        {
+            return self.read_tcp(peer.addr, items, expect).await;
+        }
+        // Records read off the node's NVMe file name their replica: one that does not check
+        // out is stale (never read through the node instead, which would be unchecked).
+        let mut out: Vec<ItemResult<u32>> = (0..items.len()).map(|_| Ok(0)).collect();
+        let (memory, files): (Vec<_>, Vec<_>) = items
+            .into_iter()
+            .enumerate()
+            .partition(|(_, it)| att.covers(it.op.segment));
+        for (i, _) in att.read_files(files, expect, &mut out).await {
+            out[i] = Err(crate::dataplane::stale(expect[i]));
+        }
+        if !memory.is_empty() {
+            let (idx, items): (Vec<usize>, Vec<_>) = memory.into_iter().unzip();
+            let expect: Vec<ReplicaId> = idx.iter().map(|&i| expect[i]).collect();
+            let got = self
+                .checked_in_memory(&att, peer.addr, items, &expect)
+                .await?;
+            for (i, r) in idx.into_iter().zip(got) {
+                out[i] = r;
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`TransferEngine::read_checked`] of ranges in the shared memory of the node at `addr`.
+    async fn checked_in_memory(
+        &self,
+        att: &crate::shm::Attachment,
+        addr: &str,
+        items: Vec<ReadItem<'_>>,
+        expect: &[ReplicaId],
+    ) -> Result<Vec<ItemResult<u32>>, TransportError> {
         // Checked on the node's board before and after the copy: no round trip. Without a
         // board: copied, then checked by the node (a one-byte checked read per item).
         let items = match att.read_checked(items, expect, self.opts.checksum_reads) {
@@ -482,7 +535,7 @@ impl TransferEngine {
             .zip(probe.chunks_mut(1))
             .map(|(op, dst)| ReadItem::new(ReadOp { len: 1, ..*op }, dst))
             .collect();
-        let checked = self.read_tcp(peer.addr, checks, expect).await?;
+        let checked = self.read_tcp(addr, checks, expect).await?;
         for (o, c) in out.iter_mut().zip(checked) {
             if let (Ok(_), Err(e)) = (&o, c) {
                 *o = Err(e);

@@ -33,7 +33,7 @@ use std::{path::PathBuf, sync::OnceLock};
 
 pub use board::{BoardReader, BoardWriter};
 pub use copy::COPY_THREADS_ENV;
-pub use disk::DiskFile;
+pub use disk::{reads_key, DiskFile};
 pub use mapping::Mapping;
 pub use peers::{Attachment, ShmPeers};
 

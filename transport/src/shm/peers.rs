@@ -59,6 +59,11 @@ impl Attachment {
     }
 
     /// The node's shared NVMe tier file holding `segment`, if any.
+    /// Whether `segment` is one of the node's NVMe tier files this client reads directly.
+    pub fn reads_file(&self, segment: SegmentId) -> bool {
+        self.disk(segment).is_some()
+    }
+
     fn disk(&self, segment: SegmentId) -> Option<&DiskFile> {
         self.disks.iter().find(|d| d.segment() == segment)
     }
@@ -349,6 +354,12 @@ impl ShmPeers {
         }
         self.lock().insert(addr.to_string(), state);
         r
+    }
+
+    /// Whether this client reads `segment` of the node at `addr` off the node's NVMe file,
+    /// as far as known (no liveness check: the read that follows makes it).
+    pub fn file_at(&self, addr: &str, segment: SegmentId) -> bool {
+        matches!(self.lock().get(addr), Some(State::Attached(a)) if a.reads_file(segment))
     }
 
     /// Whether the node at `addr` is reached through shared memory (`Some`) and then whether
