@@ -169,3 +169,57 @@ async fn a_node_stopped_with_sigterm_leaves_and_its_objects_are_misses_at_once()
         assert_eq!(got.as_deref(), Some(&value(i, 4096)[..]), "both/{i}");
     }
 }
+
+/// A client on the master's host reaches it through the master's Unix socket (`Local`,
+/// docs/transports.md "The master's Unix socket"): every request of a put and a get goes
+/// there. A TCP-only client, and every client of a master with `unix-socket = false`, use
+/// TCP. A master's socket file is removed when it exits (SIGTERM) and, left behind by a
+/// killed one, by the next master that starts.
+#[tokio::test]
+async fn a_same_host_client_reaches_the_master_through_its_unix_socket() {
+    let sockets = kvpool_transport::shm::default_socket_dir();
+    let file = |p: &Proc, m: &str| {
+        let port = m.rsplit(':').next().unwrap();
+        sockets.join(format!("kvpool-master-{}-{port}.sock", p.pid()))
+    };
+    let mut killed = None;
+    for unix_socket in [true, false] {
+        let cfg = config_file(&format!("[master]\nunix-socket = {unix_socket}\n"));
+        let mut pool = up("64MiB", &["--config", cfg.to_str().unwrap()]);
+        let m = pool.addr("master");
+        assert_eq!(file(&pool, &m).exists(), unix_socket);
+        let auto = client(&m);
+        let tcp = kvpool_tests::client_over(&m, kvpool_client::TransportMode::Tcp);
+        let auto_via = if unix_socket { "unix" } else { "tcp" };
+        for (key, c, via) in [("auto", &auto, auto_via), ("tcp", &tcp, "tcp")] {
+            assert_eq!(c.master_transport().await, None, "nothing dialed yet");
+            put(c, key).await;
+            assert_eq!(
+                c.get(key.as_bytes()).await.unwrap().as_deref(),
+                Some(key.as_bytes())
+            );
+            assert_eq!(c.master_transport().await, Some(via), "{key}");
+        }
+        if unix_socket {
+            pool.signal(libc::SIGTERM);
+            let path = file(&pool, &m);
+            wait_until("the socket file removed", Duration::from_secs(10), || {
+                let gone = !path.exists();
+                async move { gone }
+            })
+            .await;
+        } else {
+            // A killed master's file (made up: this one has none) is cleared by the next.
+            let stale = sockets.join("kvpool-master-4194399-1.sock");
+            std::fs::write(&stale, b"").unwrap();
+            pool.kill();
+            killed = Some(stale);
+        }
+    }
+    let stale = killed.unwrap();
+    let _pool = up("64MiB", &[]);
+    assert!(
+        !stale.exists(),
+        "a dead master's socket file was left behind"
+    );
+}

@@ -67,9 +67,11 @@ impl Client {
             rpc_opts.token = Some(t.clone());
             engine_opts.token = Some(t.clone());
         }
-        let master = master_rpc(&cfg, rpc_opts);
         engine_opts.checksum_reads = cfg.verify_checksum;
         let transport = cfg.effective_transport();
+        // TCP only means the master's connection too (its Unix socket is another path).
+        rpc_opts.same_host &= transport.as_ref().ok() != Some(&TransportMode::Tcp);
+        let master = master_rpc(&cfg, rpc_opts);
         let location_cache = cfg.effective_location_cache();
         engine_opts.transport = *transport.as_ref().unwrap_or(&cfg.transport);
         let engine = TransferEngine::new(engine_opts);
@@ -327,6 +329,12 @@ impl Client {
             .await?
             .replicas_left
             .map_err(ClientError::Remote)
+    }
+
+    /// How this client reaches the master now: "unix" (the master's Unix socket: it runs on
+    /// this host), "tcp", or `None` before the first request or after a failed one.
+    pub async fn master_transport(&self) -> Option<&'static str> {
+        self.master.via().await
     }
 
     /// Nodes, segments, capacity and use, as the master sees them (cluster-wide, also for a

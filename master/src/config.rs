@@ -16,6 +16,9 @@ pub const DEFAULT_HTTP: &str = "127.0.0.1:9003";
 pub struct MasterConfig {
     /// RPC listen address ["127.0.0.1:50051"].
     pub listen: String,
+    /// Also serve on a Unix socket (`kvpool-master-<pid>-<port>.sock` in `$XDG_RUNTIME_DIR`
+    /// or the temporary folder), which same-host clients use instead of loopback TCP [true].
+    pub unix_socket: bool,
     /// HTTP address of `/metrics`, `/health` and `/ready` ["127.0.0.1:9003"]; empty: none.
     /// Served by whoever runs the master (the CLI), like the RPC listener.
     pub http: String,
@@ -82,6 +85,7 @@ impl Default for MasterConfig {
         let core = CoreConfig::default();
         MasterConfig {
             listen: "127.0.0.1:50051".into(),
+            unix_socket: true,
             http: DEFAULT_HTTP.into(),
             lease_ttl: HumanDuration(core.lease_ttl),
             soft_pin_ttl: HumanDuration(core.soft_pin_ttl),

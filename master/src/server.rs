@@ -298,6 +298,12 @@ impl RpcService for Service {
                     server_version: u16::from(kvpool_proto::header::VERSION),
                 }))
             }
+            // Answered by the transport (`ServerOptions::local_socket`); reached only by a
+            // server wired without it, which then has no socket to name.
+            Opcode::Local => Ok(encode_body(&kvpool_proto::LocalResponse {
+                host: String::new(),
+                socket: None,
+            })),
             Opcode::Read
             | Opcode::Write
             | Opcode::ShmInfo
@@ -377,19 +383,35 @@ pub async fn run_with_ops(
     if cfg.token.is_some() {
         tracing::info!("a cluster token is required on every connection");
     }
+    let (unix, socket_file) = match cfg.unix_socket.then(|| bind_unix(&listener)).flatten() {
+        Some((l, f)) => (Some(l), Some(f)),
+        None => (None, None),
+    };
     let opts = ServerOptions {
         limits: FrameLimits::default(),
         token: cfg.token.clone(),
+        local_socket: socket_file.as_ref().map(|f| f.0.display().to_string()),
     };
-    let metered = crate::metrics::Metered {
+    let metered = Arc::new(crate::metrics::Metered {
         inner: service.clone(),
         metrics: service.metrics.clone(),
+    });
+    // The same service on the Unix socket, for same-host clients that asked where it is.
+    let same_host = async {
+        match unix {
+            Some(l) => {
+                serve_rpc_with(l, metered.clone(), opts.clone(), std::future::pending()).await
+            }
+            None => std::future::pending().await,
+        }
     };
-    // Dropping the server future closes the listener and every connection at once.
+    // Dropping the server futures closes the listeners and every connection at once.
     let outcome = tokio::select! {
-        () = serve_rpc_with(listener, Arc::new(metered), opts, shutdown) => Ok(()),
+        () = serve_rpc_with(listener, metered.clone(), opts.clone(), shutdown) => Ok(()),
+        () = same_host => Ok(()),
         () = service.fatal.notified() => Err(ServeError::Poisoned),
     };
+    drop(socket_file);
     ticker.abort();
     if let Some(ha) = &service.ha {
         // Hand leadership over at once instead of making the standbys wait out the lease.
@@ -399,6 +421,36 @@ pub async fn run_with_ops(
         tracing::error!("{e}");
     }
     outcome
+}
+
+/// A socket file, removed when this is dropped.
+struct SocketFile(std::path::PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Binds the master's Unix socket, `kvpool-master-<pid>-<port>.sock` where nodes put theirs
+/// (`$XDG_RUNTIME_DIR` or the temporary folder), first clearing those of masters killed
+/// before they could; `None` (logged) when it cannot: clients then use TCP.
+fn bind_unix(tcp: &TcpListener) -> Option<(tokio::net::UnixListener, SocketFile)> {
+    use kvpool_transport::shm::{default_socket_dir, default_socket_path, remove_stale_sockets};
+    let port = tcp.local_addr().ok()?.port();
+    remove_stale_sockets(&default_socket_dir(), "master");
+    let path = default_socket_path("master", port);
+    let _ = std::fs::remove_file(&path);
+    match tokio::net::UnixListener::bind(&path) {
+        Ok(l) => {
+            tracing::info!(socket = %path.display(), "serving same-host clients on a Unix socket");
+            Some((l, SocketFile(path)))
+        }
+        Err(e) => {
+            tracing::warn!(socket = %path.display(), "no Unix socket for same-host clients: {e}");
+            None
+        }
+    }
 }
 
 /// The master's part of the HTTP endpoint: its status (while it serves) read at each scrape.

@@ -196,8 +196,9 @@ pub async fn start(mut cfg: StoreConfig, listener: TcpListener) -> Result<StoreH
                 // Nodes killed with SIGKILL leave their sockets behind; clear those first.
                 kvpool_transport::shm::remove_stale_sockets(
                     &kvpool_transport::shm::default_socket_dir(),
+                    "store",
                 );
-                kvpool_transport::shm::default_socket_path(local_addr.port())
+                kvpool_transport::shm::default_socket_path("store", local_addr.port())
             }
         };
         match bind_unix(&path) {

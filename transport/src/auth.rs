@@ -12,7 +12,7 @@ use kvpool_proto::{
     auth::MAX_TOKEN_LEN, decode_body, header::VERSION, ErrorCode, FrameLimits, Hello,
     HelloResponse, Token, WireError,
 };
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::{frame, TransportError};
 
@@ -88,26 +88,12 @@ pub async fn client_hello<S: AsyncRead + AsyncWrite + Unpin>(
     limits: &FrameLimits,
     timeout: Duration,
 ) -> Result<(), TransportError> {
+    let hello = Hello {
+        token: token.as_bytes().to_vec(),
+        client_version: u16::from(VERSION),
+    };
     let exchange = async {
-        let hello = Hello {
-            token: token.as_bytes().to_vec(),
-            client_version: u16::from(VERSION),
-        };
-        stream
-            .write_all(&frame::encode_request(0, &hello, 0))
-            .await?;
-        // Read straight off the stream (no read-ahead): the connection is handed on right
-        // after, and nothing but this answer is in flight.
-        let header = frame::read_header(stream, limits)
-            .await?
-            .ok_or(TransportError::Closed)?;
-        if !header.is_response() || header.payload_len != 0 {
-            return Err(TransportError::Protocol(
-                "unexpected frame in answer to Hello".into(),
-            ));
-        }
-        let body = frame::read_body(stream, header.body_len).await?;
-        match frame::decode_response::<HelloResponse>(&header, &body) {
+        match frame::exchange(stream, &hello, limits).await {
             Ok(_) => Ok(()),
             Err(TransportError::Remote(w)) if w.code == ErrorCode::Unauthorized => {
                 Err(TransportError::Remote(WireError::new(

@@ -107,6 +107,28 @@ pub async fn write_head<W: AsyncWrite + Unpin>(
 }
 
 /// Encodes a request frame's header and body into one buffer.
+/// Sends `msg` (request id 0) on a stream nothing else uses yet and reads its answer straight
+/// off it (no read-ahead), before the stream is handed on: a connection's first exchanges
+/// (`Hello`, `Local`).
+pub async fn exchange<M: Message, S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    msg: &M,
+    limits: &FrameLimits,
+) -> Result<M::Response, TransportError> {
+    stream.write_all(&encode_request(0, msg, 0)).await?;
+    let header = read_header(stream, limits)
+        .await?
+        .ok_or(TransportError::Closed)?;
+    if !header.is_response() || header.payload_len != 0 {
+        return Err(TransportError::Protocol(format!(
+            "unexpected frame in answer to {:?}",
+            M::OPCODE
+        )));
+    }
+    let body = read_body(stream, header.body_len).await?;
+    decode_response(&header, &body)
+}
+
 pub fn encode_request<M: Message>(request_id: u64, msg: &M, payload_len: u64) -> Vec<u8> {
     encode_request_flagged(request_id, msg, payload_len, 0)
 }

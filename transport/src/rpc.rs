@@ -23,9 +23,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kvpool_proto::{ErrorCode, FrameHeader, FrameLimits, Message, Token, WireError};
+use kvpool_proto::{ErrorCode, FrameHeader, FrameLimits, Local, Message, Token, WireError};
 use tokio::{
-    net::{tcp::OwnedReadHalf, TcpStream},
+    io::AsyncRead,
+    net::{TcpStream, UnixStream},
     sync::oneshot,
 };
 
@@ -33,7 +34,7 @@ use crate::{frame, TransportError};
 
 mod outbox;
 
-use outbox::{lock, Link};
+use outbox::{lock, Link, WriteHalf};
 
 /// How an [`RpcClient`] dials and waits.
 #[derive(Debug, Clone)]
@@ -46,6 +47,9 @@ pub struct RpcOptions {
     /// The cluster token, sent in a `Hello` as the first frame of every connection (within
     /// `connect_timeout`). A refused token fails the call with `Unauthorized`.
     pub token: Option<Token>,
+    /// Ask the server for its Unix socket (`Local`) on each new connection and, when it is on
+    /// this host, talk to it there instead of over loopback TCP [true].
+    pub same_host: bool,
 }
 
 impl Default for RpcOptions {
@@ -55,6 +59,7 @@ impl Default for RpcOptions {
             request_timeout: Duration::from_secs(30),
             limits: FrameLimits::default(),
             token: None,
+            same_host: true,
         }
     }
 }
@@ -77,6 +82,8 @@ struct Waiter {
 struct Conn {
     link: Arc<Link>,
     pending: Pending,
+    /// "unix" or "tcp".
+    via: &'static str,
 }
 
 impl Conn {
@@ -143,6 +150,13 @@ impl RpcClient {
 
     pub fn addr(&self) -> &str {
         &self.inner.addr
+    }
+
+    /// How the current connection reaches the server: "unix" (its Unix socket, on this
+    /// host) or "tcp"; `None` before the first call or after a failure.
+    pub async fn via(&self) -> Option<&'static str> {
+        let conn = self.inner.conn.lock().await;
+        conn.as_ref().filter(|c| c.is_alive()).map(|c| c.via)
     }
 
     /// Sends one request and waits for its response; a client with a resolver forgets its
@@ -246,9 +260,65 @@ impl RpcClient {
             crate::auth::client_hello(&mut stream, token, &opts.limits, opts.connect_timeout)
                 .await?;
         }
-        let conn = Arc::new(spawn_conn(stream, opts.limits, opts.request_timeout));
+        let conn = match self.same_host_socket(&mut stream).await? {
+            Some(unix) => {
+                let (rd, wr) = unix.into_split();
+                spawn_conn(rd, WriteHalf::Unix(wr), "unix", opts)
+            }
+            None => {
+                let (rd, wr) = stream.into_split();
+                spawn_conn(rd, WriteHalf::Tcp(wr), "tcp", opts)
+            }
+        };
+        let conn = Arc::new(conn);
         *slot = Some(conn.clone());
         Ok(conn)
+    }
+
+    /// The server's Unix socket, connected (and past its `Hello`), when the server on the
+    /// other end of `tcp` runs on this host and has one; `None` means TCP (also when the
+    /// server predates `Local`, or anything on the way fails: the TCP connection is fine).
+    /// `Err` only when the server refused the connection (no token where one is required).
+    async fn same_host_socket(
+        &self,
+        tcp: &mut TcpStream,
+    ) -> Result<Option<UnixStream>, TransportError> {
+        let opts = &self.inner.opts;
+        if !opts.same_host {
+            return Ok(None);
+        }
+        // No longer than a request may take: a server that does not answer is not waited for
+        // twice (its answer, if late, has request id 0, which no caller waits for).
+        let ask = crate::frame::exchange(tcp, &Local {}, &opts.limits);
+        let limit = opts.connect_timeout.min(opts.request_timeout);
+        let path = match tokio::time::timeout(limit, ask).await {
+            Ok(Ok(a)) if a.host == crate::shm::net_host_id() => match a.socket {
+                Some(p) => p,
+                None => return Ok(None),
+            },
+            Ok(Err(TransportError::Remote(w))) if w.code == ErrorCode::Unauthorized => {
+                return Err(TransportError::Remote(w));
+            }
+            _ => return Ok(None),
+        };
+        let dial = async {
+            let mut unix = UnixStream::connect(&path).await?;
+            if let Some(token) = &opts.token {
+                crate::auth::client_hello(&mut unix, token, &opts.limits, opts.connect_timeout)
+                    .await?;
+            }
+            Ok::<_, TransportError>(unix)
+        };
+        Ok(
+            match tokio::time::timeout(opts.connect_timeout, dial).await {
+                Ok(Ok(unix)) => Some(unix),
+                Ok(Err(e)) => {
+                    tracing::debug!(%path, "the server's Unix socket failed, staying on TCP: {e}");
+                    None
+                }
+                Err(_) => None,
+            },
+        )
     }
 }
 
@@ -289,8 +359,13 @@ fn copy_error(e: &TransportError) -> TransportError {
     }
 }
 
-fn spawn_conn(stream: TcpStream, limits: FrameLimits, timeout: Duration) -> Conn {
-    let (rd, wr) = stream.into_split();
+fn spawn_conn<R: AsyncRead + Unpin + Send + 'static>(
+    rd: R,
+    wr: WriteHalf,
+    via: &'static str,
+    opts: &RpcOptions,
+) -> Conn {
+    let (limits, timeout) = (opts.limits, opts.request_timeout);
     let link = Link::new(wr);
     let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
 
@@ -302,11 +377,11 @@ fn spawn_conn(stream: TcpStream, limits: FrameLimits, timeout: Duration) -> Conn
     });
     tokio::spawn(read_responses(rd, limits, pending.clone()));
     tokio::spawn(watchdog(pending.clone(), timeout));
-    Conn { link, pending }
+    Conn { link, pending, via }
 }
 
 /// Routes each response to its caller; when the connection ends, fails everyone waiting.
-async fn read_responses(rd: OwnedReadHalf, limits: FrameLimits, pending: Pending) {
+async fn read_responses<R: AsyncRead + Unpin>(rd: R, limits: FrameLimits, pending: Pending) {
     let mut rd = tokio::io::BufReader::with_capacity(64 << 10, rd);
     let err = loop {
         let header = match frame::read_header(&mut rd, &limits).await {
@@ -483,6 +558,81 @@ mod tests {
         server.await.unwrap();
         let conn = client.inner.conn.lock().await.clone().unwrap();
         assert!(!conn.is_alive(), "a dead connection is not reused");
+    }
+
+    /// A server on TCP and on a Unix socket (named to clients that ask `Local`), with an
+    /// optional token; its TCP address.
+    async fn two_way_server(socket: &std::path::Path, token: Option<&str>) -> String {
+        use crate::server::{serve_rpc_with, ServerOptions};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let _ = std::fs::remove_file(socket);
+        let unix = tokio::net::UnixListener::bind(socket).unwrap();
+        let opts = ServerOptions {
+            limits: FrameLimits::default(),
+            token: token.map(|t| Token::new(t).unwrap()),
+            local_socket: Some(socket.display().to_string()),
+        };
+        let service = Arc::new(Mirror);
+        let pending = std::future::pending::<()>;
+        tokio::spawn(serve_rpc_with(
+            listener,
+            service.clone(),
+            opts.clone(),
+            pending(),
+        ));
+        tokio::spawn(serve_rpc_with(unix, service, opts, pending()));
+        addr
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_same_host_server_is_reached_through_its_unix_socket() {
+        let socket =
+            std::env::temp_dir().join(format!("kvpool-rpc-test-{}.sock", std::process::id()));
+        for token in [None, Some("s3cret")] {
+            let addr = two_way_server(&socket, token).await;
+            let with = |same_host: bool| RpcOptions {
+                same_host,
+                token: token.map(|t| Token::new(t).unwrap()),
+                ..RpcOptions::default()
+            };
+            for (same_host, via) in [(true, "unix"), (false, "tcp")] {
+                let client = RpcClient::new(addr.clone(), with(same_host));
+                assert_eq!(client.via().await, None, "nothing dialed yet");
+                for i in 0..3u8 {
+                    let got = client.call(&list(vec![i; 100])).await.unwrap();
+                    assert_eq!(got.keys, vec![vec![i; 100]]);
+                }
+                assert_eq!(client.via().await, Some(via), "token {token:?}");
+            }
+            // A socket that is gone (the server moved, or its file was removed): TCP, and
+            // every call answered.
+            std::fs::remove_file(&socket).unwrap();
+            let client = RpcClient::new(addr, with(true));
+            assert_eq!(
+                client.call(&list(b"k".to_vec())).await.unwrap().keys,
+                vec![b"k".to_vec()]
+            );
+            assert_eq!(client.via().await, Some("tcp"));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_server_without_a_unix_socket_is_reached_over_tcp() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(serve_rpc(
+            listener,
+            Arc::new(Mirror),
+            FrameLimits::default(),
+            std::future::pending(),
+        ));
+        let client = RpcClient::new(addr, RpcOptions::default());
+        assert_eq!(
+            client.call(&list(b"k".to_vec())).await.unwrap().keys,
+            vec![b"k".to_vec()]
+        );
+        assert_eq!(client.via().await, Some("tcp"));
     }
 
     #[tokio::test]

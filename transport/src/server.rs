@@ -2,11 +2,12 @@
 //! master). The service is synchronous: it maps an opcode and body to a response body, so
 //! the state behind it can be a plain struct under a lock, with no awaits inside.
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, io, sync::Arc};
 
-use kvpool_proto::{ErrorCode, FrameLimits, Opcode, Token, WireError};
+use kvpool_proto::{encode_body, ErrorCode, FrameLimits, LocalResponse, Opcode, Token, WireError};
 use tokio::{
-    net::{TcpListener, TcpStream},
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, TcpStream, UnixStream},
     sync::mpsc,
 };
 use tracing::{debug, warn};
@@ -36,6 +37,33 @@ pub struct ServerOptions {
     /// The cluster token. When set, every connection must start with a `Hello` carrying it;
     /// anything else is answered `Unauthorized` and the connection closed.
     pub token: Option<Token>,
+    /// The Unix socket this service is also served on, named to same-host clients that ask
+    /// (`Local`), so they skip loopback TCP.
+    pub local_socket: Option<String>,
+}
+
+/// A connected stream a server reads requests from and writes answers to.
+pub trait Duplex: Send + 'static {
+    type Rd: AsyncRead + Unpin + Send + 'static;
+    type Wr: AsyncWrite + Unpin + Send + 'static;
+    fn into_halves(self) -> io::Result<(Self::Rd, Self::Wr)>;
+}
+
+impl Duplex for TcpStream {
+    type Rd = tokio::net::tcp::OwnedReadHalf;
+    type Wr = tokio::net::tcp::OwnedWriteHalf;
+    fn into_halves(self) -> io::Result<(Self::Rd, Self::Wr)> {
+        self.set_nodelay(true)?;
+        Ok(self.into_split())
+    }
+}
+
+impl Duplex for UnixStream {
+    type Rd = tokio::net::unix::OwnedReadHalf;
+    type Wr = tokio::net::unix::OwnedWriteHalf;
+    fn into_halves(self) -> io::Result<(Self::Rd, Self::Wr)> {
+        Ok(self.into_split())
+    }
 }
 
 /// Accepts connections until `shutdown` completes, then stops every connection task. No
@@ -48,18 +76,20 @@ pub async fn serve_rpc<S: RpcService>(
 ) {
     let opts = ServerOptions {
         limits,
-        token: None,
+        ..ServerOptions::default()
     };
     serve_rpc_with(listener, service, opts, shutdown).await
 }
 
 /// Accepts connections until `shutdown` completes, then stops every connection task.
-pub async fn serve_rpc_with<S: RpcService>(
-    listener: TcpListener,
+pub async fn serve_rpc_with<S: RpcService, L: listen::Listener>(
+    listener: L,
     service: Arc<S>,
     opts: ServerOptions,
     shutdown: impl Future<Output = ()>,
-) {
+) where
+    L::Stream: Duplex,
+{
     let opts = Arc::new(opts);
     listen::accept_loop(listener, shutdown, |stream, peer| {
         let service = service.clone();
@@ -79,16 +109,15 @@ pub async fn serve_rpc_with<S: RpcService>(
 
 /// Serves one connection. `Err(Remote(Unauthorized))` means the peer was refused (no or a
 /// wrong token) and the connection closed.
-async fn serve_conn<S: RpcService>(
-    stream: TcpStream,
+async fn serve_conn<S: RpcService, D: Duplex>(
+    stream: D,
     service: Arc<S>,
     opts: &ServerOptions,
 ) -> Result<(), crate::TransportError> {
     let limits = opts.limits;
     // Nothing is served before the Hello when a token is configured.
     let mut authed = opts.token.is_none();
-    stream.set_nodelay(true)?;
-    let (rd, wr) = stream.into_split();
+    let (rd, wr) = stream.into_halves()?;
     let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let writer = tokio::spawn(frame::write_coalesced(wr, rx));
 
@@ -147,6 +176,15 @@ async fn serve_conn<S: RpcService>(
             Err(WireError::new(
                 ErrorCode::InvalidArgument,
                 "control requests carry no payload",
+            ))
+        } else if header.opcode == Opcode::Local as u8 {
+            // Answered here for every service: where it is served without TCP.
+            Ok((
+                encode_body(&LocalResponse {
+                    host: crate::shm::net_host_id(),
+                    socket: opts.local_socket.clone(),
+                }),
+                0,
             ))
         } else {
             Opcode::try_from(header.opcode)
@@ -215,6 +253,7 @@ mod tests {
         let opts = ServerOptions {
             limits: FrameLimits::default(),
             token: token.map(|t| Token::new(t).unwrap()),
+            local_socket: None,
         };
         tokio::spawn(serve_rpc_with(
             listener,

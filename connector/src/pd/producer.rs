@@ -80,6 +80,7 @@ impl Producer {
         let opts = ServerOptions {
             limits: FrameLimits::default(),
             token: cfg.token.clone(),
+            local_socket: None,
         };
         let service = Arc::new(Bootstrap(Arc::clone(&shared)));
         let server = tokio::spawn(serve_rpc_with(listener, service, opts, async move {

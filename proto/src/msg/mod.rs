@@ -98,6 +98,8 @@ pub struct ReplicaDesc {
 #[repr(u8)]
 pub enum Opcode {
     Hello = 0x01,
+    /// Where a same-host client may reach this server without TCP (`Local`).
+    Local = 0x02,
     PutStart = 0x10,
     PutEnd = 0x11,
     PutRevoke = 0x12,
@@ -134,6 +136,7 @@ pub enum Opcode {
 impl Opcode {
     pub const ALL: &'static [Opcode] = &[
         Opcode::Hello,
+        Opcode::Local,
         Opcode::PutStart,
         Opcode::PutEnd,
         Opcode::PutRevoke,
@@ -239,6 +242,26 @@ pub struct HelloResponse {
 impl Message for Hello {
     const OPCODE: Opcode = Opcode::Hello;
     type Response = HelloResponse;
+}
+
+/// Asks a server for its Unix socket: a client on the same host (the same `host` identity:
+/// boot id, host name and network namespace) may send its requests there instead, skipping
+/// loopback TCP. Answered
+/// by the transport for every RPC server; a server from before it answers `UnknownOpcode`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Local {}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalResponse {
+    /// The server's host identity.
+    pub host: String,
+    /// Its Unix socket path, unset when it has none.
+    pub socket: Option<String>,
+}
+
+impl Message for Local {
+    const OPCODE: Opcode = Opcode::Local;
+    type Response = LocalResponse;
 }
 
 mod handoff;

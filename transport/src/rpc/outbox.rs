@@ -16,7 +16,10 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use tokio::{net::tcp::OwnedWriteHalf, sync::Notify};
+use tokio::{
+    net::{tcp, unix},
+    sync::Notify,
+};
 
 use crate::TransportError;
 
@@ -36,9 +39,31 @@ pub(super) struct Outbox {
     pub(super) closing: bool,
 }
 
+/// A connection's write half: TCP, or a same-host server's Unix socket.
+pub(super) enum WriteHalf {
+    Tcp(tcp::OwnedWriteHalf),
+    Unix(unix::OwnedWriteHalf),
+}
+
+impl WriteHalf {
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            WriteHalf::Tcp(w) => w.try_write(buf),
+            WriteHalf::Unix(w) => w.try_write(buf),
+        }
+    }
+
+    async fn writable(&self) -> io::Result<()> {
+        match self {
+            WriteHalf::Tcp(w) => w.writable().await,
+            WriteHalf::Unix(w) => w.writable().await,
+        }
+    }
+}
+
 /// One connection's write half with its queue.
 pub(super) struct Link {
-    wr: OwnedWriteHalf,
+    wr: WriteHalf,
     pub(super) out: Mutex<Outbox>,
     /// Wakes the flusher (a stored permit: a wake before it waits is not lost).
     pub(super) flush: Notify,
@@ -54,7 +79,7 @@ pub(super) enum Sent {
 }
 
 impl Link {
-    pub(super) fn new(wr: OwnedWriteHalf) -> Arc<Link> {
+    pub(super) fn new(wr: WriteHalf) -> Arc<Link> {
         Arc::new(Link {
             wr,
             out: Mutex::new(Outbox::default()),
@@ -169,7 +194,7 @@ mod tests {
     };
 
     /// A connected pair whose client side has a small send buffer, and the server side.
-    async fn pair() -> (OwnedWriteHalf, tokio::net::TcpStream) {
+    async fn pair() -> (WriteHalf, tokio::net::TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let socket = TcpSocket::new_v4().unwrap();
         socket.set_send_buffer_size(16 << 10).unwrap();
@@ -178,7 +203,7 @@ mod tests {
             listener.accept()
         );
         let (_rd, wr) = client.unwrap().into_split();
-        (wr, server.unwrap().0)
+        (WriteHalf::Tcp(wr), server.unwrap().0)
     }
 
     #[tokio::test]

@@ -116,9 +116,22 @@ pub fn host_id() -> &'static str {
     })
 }
 
-/// Removes the default-named sockets in `dir` (`kvpool-store-<pid>-<port>.sock`) whose node
-/// process is gone: a node killed with SIGKILL cannot remove its own. Returns how many.
-pub fn remove_stale_sockets(dir: &std::path::Path) -> usize {
+/// This host's identity and the calling thread's network namespace: what a client must
+/// share with a server to reach it through its Unix socket (`Local`). A process in another
+/// network namespace counts as another host there, so a Unix socket never bypasses the
+/// network between them (the multi-host tests' partitions, a container's own network).
+pub fn net_host_id() -> String {
+    let ns = std::fs::read_link("/proc/thread-self/ns/net")
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    format!("{}/{ns}", host_id())
+}
+
+/// Removes the default-named sockets of `role` ("store", "master") in `dir`
+/// (`kvpool-<role>-<pid>-<port>.sock`) whose process is gone: a process killed with SIGKILL
+/// cannot remove its own. Returns how many.
+pub fn remove_stale_sockets(dir: &std::path::Path, role: &str) -> usize {
+    let prefix = format!("kvpool-{role}-");
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
@@ -127,7 +140,7 @@ pub fn remove_stale_sockets(dir: &std::path::Path) -> usize {
         let name = e.file_name();
         let Some(pid) = name
             .to_str()
-            .and_then(|n| n.strip_prefix("kvpool-store-"))
+            .and_then(|n| n.strip_prefix(prefix.as_str()))
             .and_then(|n| n.strip_suffix(".sock"))
             .and_then(|n| n.split_once('-'))
             .and_then(|(pid, _port)| pid.parse::<u32>().ok())
@@ -142,11 +155,11 @@ pub fn remove_stale_sockets(dir: &std::path::Path) -> usize {
     removed
 }
 
-/// Where a node's Unix socket goes when its config names none: `$XDG_RUNTIME_DIR`, else the
-/// system's temporary directory, named for the process and its TCP port so that several
-/// nodes on one host never collide.
-pub fn default_socket_path(port: u16) -> PathBuf {
-    default_socket_dir().join(format!("kvpool-store-{}-{port}.sock", std::process::id()))
+/// Where a server of `role` ("store": a node's; "master") puts its Unix socket when its
+/// config names none: `$XDG_RUNTIME_DIR`, else the system's temporary directory, named for
+/// the process and its TCP port so that several servers on one host never collide.
+pub fn default_socket_path(role: &str, port: u16) -> PathBuf {
+    default_socket_dir().join(format!("kvpool-{role}-{}-{port}.sock", std::process::id()))
 }
 
 /// The folder of [`default_socket_path`].
@@ -172,7 +185,8 @@ mod tests {
         for p in [&dead, &live, &other] {
             std::fs::write(p, b"").unwrap();
         }
-        assert_eq!(remove_stale_sockets(&dir), 1);
+        assert_eq!(remove_stale_sockets(&dir, "master"), 0, "another role's");
+        assert_eq!(remove_stale_sockets(&dir, "store"), 1);
         assert!(!dead.exists() && live.exists() && other.exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
