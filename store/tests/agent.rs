@@ -84,6 +84,10 @@ async fn master_conn(mut s: TcpStream, script: Shared) {
                 items: vec![Ok(())],
             };
             frame::encode_response(h.opcode, h.request_id, &resp, 0)
+        } else if h.opcode == Opcode::Local as u8 {
+            // As a master from before `Local` answers: the agent stays on TCP.
+            let e = WireError::new(ErrorCode::UnknownOpcode, "unknown opcode 0x02");
+            frame::encode_error(h.opcode, h.request_id, &e)
         } else {
             panic!("unexpected opcode {:#x} at the master", h.opcode);
         };
