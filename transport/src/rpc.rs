@@ -8,6 +8,10 @@
 //! A broken connection fails every request in flight with a retryable error, and the next
 //! call dials again, so callers never hold a dead connection.
 //!
+//! Each connection is dialed over TCP; a server on this host that also serves on a Unix
+//! socket says so when asked (`Local`), and the connection then moves there, skipping
+//! loopback TCP (docs/transports.md, "The master's Unix socket").
+//!
 //! A client made [`RpcClient::with_resolver`] follows a server that moves (the HA master's
 //! leader): it asks the resolver for the address on every dial, and drops its connection on
 //! a `NotLeader` answer, a broken connection or a timeout, so the next call finds the leader.
