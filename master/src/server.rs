@@ -355,7 +355,7 @@ pub async fn run_with_ops(
         fatal: Notify::new(),
         faults: crate::faults::Faults::from_env(),
         metrics: Default::default(),
-        no_promotion: cfg.promote_after_hits == 0,
+        no_promotion: !cfg.core().promotes(),
     });
     if let Some(ops) = ops {
         ops.add(Arc::new(probe(&service)));

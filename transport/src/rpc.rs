@@ -470,6 +470,19 @@ mod tests {
         }
     }
 
+    /// A `Mirror` server on TCP alone; its address.
+    async fn mirror_server() -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(serve_rpc(
+            listener,
+            Arc::new(Mirror),
+            FrameLimits::default(),
+            std::future::pending(),
+        ));
+        addr
+    }
+
     fn opts(request_timeout: Duration) -> RpcOptions {
         RpcOptions {
             request_timeout,
@@ -479,14 +492,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_callers_on_one_connection_each_get_their_own_answer() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        tokio::spawn(serve_rpc(
-            listener,
-            Arc::new(Mirror),
-            FrameLimits::default(),
-            std::future::pending(),
-        ));
+        let addr = mirror_server().await;
         let client = RpcClient::new(addr, opts(Duration::from_secs(30)));
         // Tasks hand their frames to the flusher; threads outside the runtime (as `block_on`
         // callers) write theirs directly, racing the flusher for the socket.
@@ -628,14 +634,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_server_without_a_unix_socket_is_reached_over_tcp() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        tokio::spawn(serve_rpc(
-            listener,
-            Arc::new(Mirror),
-            FrameLimits::default(),
-            std::future::pending(),
-        ));
+        let addr = mirror_server().await;
         let client = RpcClient::new(addr, RpcOptions::default());
         assert_eq!(answered_via(&client).await, Some("tcp"));
     }

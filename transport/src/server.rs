@@ -2,7 +2,7 @@
 //! master). The service is synchronous: it maps an opcode and body to a response body, so
 //! the state behind it can be a plain struct under a lock, with no awaits inside.
 
-use std::{future::Future, io, sync::Arc};
+use std::{future::Future, sync::Arc};
 
 use kvpool_proto::{encode_body, ErrorCode, FrameLimits, LocalResponse, Opcode, Token, WireError};
 use tokio::{
@@ -13,6 +13,7 @@ use tokio::{
 use tracing::{debug, warn};
 
 use crate::{
+    dataplane::RawSocket,
     frame,
     listen::{self, Gate},
 };
@@ -42,27 +43,27 @@ pub struct ServerOptions {
     pub local_socket: Option<String>,
 }
 
-/// A connected stream a server reads requests from and writes answers to.
-pub trait Duplex: Send + 'static {
+/// A connected socket a server reads requests from and writes answers to, each half on its
+/// own task.
+pub trait Duplex: RawSocket {
     type Rd: AsyncRead + Unpin + Send + 'static;
     type Wr: AsyncWrite + Unpin + Send + 'static;
-    fn into_halves(self) -> io::Result<(Self::Rd, Self::Wr)>;
+    fn into_halves(self) -> (Self::Rd, Self::Wr);
 }
 
 impl Duplex for TcpStream {
     type Rd = tokio::net::tcp::OwnedReadHalf;
     type Wr = tokio::net::tcp::OwnedWriteHalf;
-    fn into_halves(self) -> io::Result<(Self::Rd, Self::Wr)> {
-        self.set_nodelay(true)?;
-        Ok(self.into_split())
+    fn into_halves(self) -> (Self::Rd, Self::Wr) {
+        self.into_split()
     }
 }
 
 impl Duplex for UnixStream {
     type Rd = tokio::net::unix::OwnedReadHalf;
     type Wr = tokio::net::unix::OwnedWriteHalf;
-    fn into_halves(self) -> io::Result<(Self::Rd, Self::Wr)> {
-        Ok(self.into_split())
+    fn into_halves(self) -> (Self::Rd, Self::Wr) {
+        self.into_split()
     }
 }
 
@@ -117,7 +118,8 @@ async fn serve_conn<S: RpcService, D: Duplex>(
     let limits = opts.limits;
     // Nothing is served before the Hello when a token is configured.
     let mut authed = opts.token.is_none();
-    let (rd, wr) = stream.into_halves()?;
+    stream.prepare()?;
+    let (rd, wr) = stream.into_halves();
     let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let writer = tokio::spawn(frame::write_coalesced(wr, rx));
 

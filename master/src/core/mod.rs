@@ -103,6 +103,13 @@ pub struct CoreConfig {
     pub remove_fence_ttl: Duration,
 }
 
+impl CoreConfig {
+    /// Whether reads move objects back to DRAM (`promote_after_hits` 0: never).
+    pub fn promotes(&self) -> bool {
+        self.promote_after_hits > 0
+    }
+}
+
 impl Default for CoreConfig {
     fn default() -> Self {
         CoreConfig {

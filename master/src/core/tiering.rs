@@ -121,7 +121,7 @@ impl MasterCore {
 
     /// Counts a lookup served from NVMe alone and promotes the object after enough of them.
     pub(crate) fn note_nvme_hit(&mut self, now: Duration, oid: ObjId) {
-        if self.cfg.promote_after_hits == 0 {
+        if !self.cfg.promotes() {
             return;
         }
         let Some(obj) = self.objects.get_mut(oid) else {

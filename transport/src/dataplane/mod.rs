@@ -186,11 +186,9 @@ pub async fn serve<L, T>(
     .await
 }
 
-/// A connection the data server serves: a raw socket, set up for low latency.
+/// A connection the data server serves: a raw socket ([`RawSocket::prepare`]d for low
+/// latency).
 pub trait Conn: RawSocket {
-    fn prepare(&self) -> std::io::Result<()> {
-        Ok(())
-    }
     /// Sends `frame` with `fds` attached, where the socket can carry descriptors (`None`
     /// where it cannot: TCP).
     fn send_fds<'a>(
@@ -201,9 +199,6 @@ pub trait Conn: RawSocket {
 }
 
 impl Conn for TcpStream {
-    fn prepare(&self) -> std::io::Result<()> {
-        self.set_nodelay(true)
-    }
     fn send_fds<'a>(
         &'a self,
         _: &'a [u8],

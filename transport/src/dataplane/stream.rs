@@ -23,6 +23,10 @@ pub trait RawSocket: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + Sync + 's
     fn wait(&self, interest: Interest) -> impl Future<Output = io::Result<()>> + Send;
     /// Runs one non-blocking syscall `f`, clearing readiness when it would block.
     fn try_raw<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
+    /// Sets a freshly accepted socket up for small, latency-bound messages (TCP: no Nagle).
+    fn prepare(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl RawSocket for TcpStream {
@@ -31,6 +35,9 @@ impl RawSocket for TcpStream {
     }
     fn try_raw<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
         self.try_io(interest, f)
+    }
+    fn prepare(&self) -> io::Result<()> {
+        self.set_nodelay(true)
     }
 }
 

@@ -459,8 +459,8 @@ impl TransferEngine {
     /// [`TransferEngine::read`] of ranges the caller located without a fresh lease (a cached
     /// location): item `i`'s range must still hold replica `expect[i]`, else the item fails
     /// with `StaleLocation`. An NVMe record read off a same-host node's file is checked by
-    /// its header, which names its replica; one that does not check out is stale. Over TCP the node checks before and after its copy. From a
-    /// same-host node's shared memory the engine copies first and then asks the node, in one
+    /// its header, which names its replica; one that does not check out is stale. Over TCP
+    /// the node checks before and after its copy. From a same-host node's shared memory the engine copies first and then asks the node, in one
     /// request of one-byte checked reads, whether each range still holds its replica: a range
     /// that held it after the copy held it throughout (a replica's tag, once dropped, never
     /// comes back), so the bytes copied are the replica's.

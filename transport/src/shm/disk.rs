@@ -230,15 +230,15 @@ fn span(offset: u64, len: u64, size: u64) -> Option<(u64, u64)> {
     (n <= MAX_READ && start.checked_add(n)? <= size).then_some((start, n))
 }
 
-/// Checks a record read (`buf`: its header block, then the value) against what the master
-/// said: the header must be whole, name `expect`, and hold a value of `len` bytes starting
-/// right after the first block. The header's value crc32c, which the value must match.
 /// Whether a record of a `key_len`-byte key is read this way: its value starts right after
 /// the first block (keys up to 4,032 bytes), which is all one read's plan assumes.
 pub fn reads_key(key_len: usize) -> bool {
     layout::value_offset(key_len) == HEAD
 }
 
+/// Checks a record read (`buf`: its header block, then the value) against what the master
+/// said: the header must be whole, name `expect`, and hold a value of `len` bytes starting
+/// right after the first block. The header's value crc32c, which the value must match.
 fn check(buf: &[u8], expect: ReplicaId, len: u64) -> Result<u32, String> {
     let (h, key) =
         layout::decode_header(&buf[..HEAD as usize]).map_err(|e| format!("header: {e}"))?;

@@ -58,12 +58,12 @@ impl Attachment {
         self.segments.contains_key(&segment)
     }
 
-    /// The node's shared NVMe tier file holding `segment`, if any.
     /// Whether `segment` is one of the node's NVMe tier files this client reads directly.
     pub fn reads_file(&self, segment: SegmentId) -> bool {
         self.disk(segment).is_some()
     }
 
+    /// The node's shared NVMe tier file holding `segment`, if any.
     fn disk(&self, segment: SegmentId) -> Option<&DiskFile> {
         self.disks.iter().find(|d| d.segment() == segment)
     }
@@ -122,15 +122,9 @@ impl Attachment {
             }
             // Readable: bytes or the end. Peeked through the runtime, so that "would block"
             // clears its readiness and the next check is a syscall-free one again.
-            return match ctl.try_io(tokio::io::Interest::READABLE, || self.peek()) {
-                Ok(n) => n > 0,
-                Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
-            };
+            return open(ctl.try_io(tokio::io::Interest::READABLE, || self.peek()));
         }
-        match self.peek() {
-            Ok(n) => n > 0,
-            Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
-        }
+        open(self.peek())
     }
 
     /// One byte peeked off the control socket, not waiting: 0 at its end.
@@ -296,6 +290,15 @@ enum State {
         until: Option<Instant>,
         why: String,
     },
+}
+
+/// What a peek of a node's control socket says of the node: alive unless the socket ended
+/// (0 bytes) or failed; "would block" means nothing came, so it is alive.
+fn open(peeked: std::io::Result<usize>) -> bool {
+    match peeked {
+        Ok(n) => n > 0,
+        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+    }
 }
 
 /// A client's attachments, per node data address.
