@@ -17,6 +17,8 @@
 //! - `mapping`: a client's mapping of one segment memfd.
 //! - `board`: the replica board a node publishes, so a client checks a cached location
 //!   without a round trip.
+//! - `index`: the location index a master publishes, so a client on its host finds a key's
+//!   replica without a round trip.
 //! - `copy`: the copies in and out, checksummed as they go, on several threads when large.
 //! - `disk`: reads of a node's NVMe tier straight off its file (O_DIRECT, io_uring), each
 //!   record checked against its header as the node checks it.
@@ -26,12 +28,14 @@ pub mod board;
 mod copy;
 mod disk;
 pub mod fds;
+pub mod index;
 mod mapping;
 mod peers;
 
 use std::{path::PathBuf, sync::OnceLock};
 
 pub use board::{BoardReader, BoardWriter};
+pub use index::{IndexReader, IndexWriter};
 pub use copy::COPY_THREADS_ENV;
 pub use disk::{reads_key, DiskFile};
 pub use mapping::Mapping;
