@@ -19,6 +19,13 @@ pub struct MasterConfig {
     /// Also serve on a Unix socket (`kvpool-master-<pid>-<port>.sock` in `$XDG_RUNTIME_DIR`
     /// or the temporary folder), which same-host clients use instead of loopback TCP [true].
     pub unix_socket: bool,
+    /// Publish where each object is in shared memory (`kvpool-master-<pid>-<port>.index` in
+    /// `/dev/shm`), so that clients on this host find keys without asking [true]. Needs
+    /// `unix-socket`.
+    pub location_index: bool,
+    /// Slots of the location index (a power of two, 1024 to 16 Mi; 80 bytes each): it holds
+    /// up to three quarters as many objects, and gets of the others ask the master [262144].
+    pub location_index_slots: u64,
     /// HTTP address of `/metrics`, `/health` and `/ready` ["127.0.0.1:9003"]; empty: none.
     /// Served by whoever runs the master (the CLI), like the RPC listener.
     pub http: String,
@@ -86,6 +93,8 @@ impl Default for MasterConfig {
         MasterConfig {
             listen: "127.0.0.1:50051".into(),
             unix_socket: true,
+            location_index: true,
+            location_index_slots: 1 << 18,
             http: DEFAULT_HTTP.into(),
             lease_ttl: HumanDuration(core.lease_ttl),
             soft_pin_ttl: HumanDuration(core.soft_pin_ttl),
@@ -134,6 +143,16 @@ impl MasterConfig {
         }
         if self.max_value.0 == 0 {
             return Err("master.max-value must be at least 1 byte".into());
+        }
+        let slots = self.location_index_slots;
+        let (lo, hi) = (
+            kvpool_transport::shm::index::MIN_SLOTS as u64,
+            kvpool_transport::shm::index::MAX_SLOTS as u64,
+        );
+        if !slots.is_power_of_two() || !(lo..=hi).contains(&slots) {
+            return Err(format!(
+                "master.location-index-slots must be a power of two from {lo} to {hi}, got {slots}"
+            ));
         }
         if self.tick.0.is_zero() {
             return Err("master.tick must be positive".into());

@@ -23,13 +23,16 @@ use std::{
 
 use kvpool_proto::{decode_body, encode_body, FrameLimits, Message, Opcode, WireError};
 use kvpool_transport::server::{serve_rpc_with, RpcService, ServerOptions};
+use kvpool_transport::shm::IndexWriter;
 use serde::Serialize;
 use tokio::{net::TcpListener, sync::Notify};
 
 use crate::{config::MasterConfig, core::MasterCore};
 
 struct Service {
-    core: Mutex<MasterCore>,
+    core: Mutex<Locked>,
+    /// The location index's file and size, for `MasterIndex` answers.
+    index_info: Option<(String, u64)>,
     epoch: Instant,
     ha: Option<Ha>,
     /// Notified once the core is found poisoned (a panic while it was locked): [`run`]
@@ -39,6 +42,12 @@ struct Service {
     metrics: Arc<crate::metrics::MasterMetrics>,
     /// `master.promote-after-hits = 0`: lookups are answered with `FLAG_NO_PROMOTION`.
     no_promotion: bool,
+}
+
+/// What the core's lock guards: the core, and the location index it keeps current.
+struct Locked {
+    core: MasterCore,
+    index: Option<IndexWriter>,
 }
 
 /// Why the master stopped serving on its own.
@@ -54,23 +63,53 @@ pub enum ServeError {
     Poisoned,
 }
 
-/// The locked core. Dropping it during a panic (the lock is then poisoned) tells [`run`] to
-/// stop serving at once, without waiting for the next request to find the poison.
+/// The locked core. Dropping it writes what changed into the location index, before anyone
+/// can see an answer that depends on the change; dropping it during a panic (the lock is then
+/// poisoned) tells [`run`] to stop serving at once, without waiting for the next request to
+/// find the poison.
 struct CoreGuard<'a> {
-    guard: MutexGuard<'a, MasterCore>,
+    guard: MutexGuard<'a, Locked>,
     fatal: &'a Notify,
 }
 
 impl Deref for CoreGuard<'_> {
     type Target = MasterCore;
     fn deref(&self) -> &MasterCore {
-        &self.guard
+        &self.guard.core
     }
 }
 
 impl DerefMut for CoreGuard<'_> {
     fn deref_mut(&mut self) -> &mut MasterCore {
-        &mut self.guard
+        &mut self.guard.core
+    }
+}
+
+impl CoreGuard<'_> {
+    /// Serves from `fresh` from now on (a new term, or none while a standby): the index
+    /// forgets the old map's entries, and readers stop trusting it unless this master leads.
+    fn reset(&mut self, mut fresh: MasterCore, leading: bool) {
+        let Locked { core, index } = &mut *self.guard;
+        if let Some(ix) = index {
+            fresh.track_index();
+            ix.clear();
+            if !leading {
+                ix.invalidate();
+            }
+        }
+        *core = fresh;
+    }
+
+    /// Tells the index's readers that this master still leads (every tick).
+    fn renew_index(&self) {
+        if let Some(ix) = &self.guard.index {
+            ix.renew();
+        }
+    }
+
+    /// Withdraws and removes the index (the master stops serving).
+    fn close_index(&mut self) {
+        self.guard.index = None;
     }
 }
 
@@ -79,6 +118,16 @@ impl Drop for CoreGuard<'_> {
         if std::thread::panicking() {
             // notify_one keeps a permit, so this counts even before run() waits.
             self.fatal.notify_one();
+            if let Some(ix) = &self.guard.index {
+                ix.invalidate();
+            }
+            return;
+        }
+        let Locked { core, index } = &mut *self.guard;
+        if let Some(ix) = index {
+            for (hash, entry) in core.take_index_updates() {
+                ix.set(hash, entry.as_ref());
+            }
         }
     }
 }
@@ -149,7 +198,8 @@ impl Service {
                         fresh.load_fences(self.now(), fences);
                     }
                     Err(e) => {
-                        *self.core()? = MasterCore::new(ha.core_cfg.clone(), id_base());
+                        self.core()?
+                            .reset(MasterCore::new(ha.core_cfg.clone(), id_base()), false);
                         *term = None;
                         return Err(WireError::new(
                             kvpool_proto::ErrorCode::NotLeader,
@@ -158,7 +208,7 @@ impl Service {
                     }
                 }
             }
-            *self.core()? = fresh;
+            self.core()?.reset(fresh, now_term.is_some());
             *term = now_term;
             match now_term {
                 Some(t) => tracing::info!(
@@ -298,6 +348,18 @@ impl RpcService for Service {
                     server_version: u16::from(kvpool_proto::header::VERSION),
                 }))
             }
+            Opcode::MasterIndex => {
+                let _: kvpool_proto::MasterIndex = decode_body(body)?;
+                let (path, slots) = match &self.index_info {
+                    Some((p, n)) => (Some(p.clone()), *n),
+                    None => (None, 0),
+                };
+                Ok(encode_body(&kvpool_proto::MasterIndexResponse {
+                    host: kvpool_transport::shm::net_host_id(),
+                    path,
+                    slots,
+                }))
+            }
             // Answered by the transport (`ServerOptions::local_socket`); reached only by a
             // server wired without it, which then has no socket to name.
             Opcode::Local => Ok(encode_body(&kvpool_proto::LocalResponse {
@@ -348,8 +410,21 @@ pub async fn run_with_ops(
     cfg.load_token().map_err(ServeError::Start)?;
     let cfg = &cfg;
     let ha = start_election(&listener, cfg).map_err(ServeError::Start)?;
+    let (unix, socket_file) = match cfg.unix_socket.then(|| bind_unix(&listener)).flatten() {
+        Some((l, f)) => (Some(l), Some(f)),
+        None => (None, None),
+    };
+    let index = open_index(&listener, cfg, unix.is_some()).await;
+    let index_info = index
+        .as_ref()
+        .map(|ix| (ix.path().display().to_string(), ix.slots() as u64));
+    let mut core = MasterCore::new(cfg.core(), id_base());
+    if index.is_some() {
+        core.track_index();
+    }
     let service = Arc::new(Service {
-        core: Mutex::new(MasterCore::new(cfg.core(), id_base())),
+        core: Mutex::new(Locked { core, index }),
+        index_info,
         epoch: Instant::now(),
         ha,
         fatal: Notify::new(),
@@ -375,6 +450,7 @@ pub async fn run_with_ops(
                 if service.admit().is_ok() {
                     if let Ok(mut core) = service.core() {
                         core.tick(now);
+                        core.renew_index();
                     }
                 }
             }
@@ -383,10 +459,6 @@ pub async fn run_with_ops(
     if cfg.token.is_some() {
         tracing::info!("a cluster token is required on every connection");
     }
-    let (unix, socket_file) = match cfg.unix_socket.then(|| bind_unix(&listener)).flatten() {
-        Some((l, f)) => (Some(l), Some(f)),
-        None => (None, None),
-    };
     let opts = ServerOptions {
         limits: FrameLimits::default(),
         token: cfg.token.clone(),
@@ -413,6 +485,9 @@ pub async fn run_with_ops(
     };
     drop(socket_file);
     ticker.abort();
+    if let Ok(mut core) = service.core() {
+        core.close_index();
+    }
     if let Some(ha) = &service.ha {
         // Hand leadership over at once instead of making the standbys wait out the lease.
         ha.election.resign().await;
@@ -448,6 +523,35 @@ fn bind_unix(tcp: &TcpListener) -> Option<(tokio::net::UnixListener, SocketFile)
         }
         Err(e) => {
             tracing::warn!(socket = %path.display(), "no Unix socket for same-host clients: {e}");
+            None
+        }
+    }
+}
+
+/// The location index same-host clients read (`master.location-index`), next to the Unix
+/// socket it needs (a client asks where it is over that socket's connection); `None`
+/// (logged) when off or when it cannot be made. Whether or not this master keeps one, it
+/// first waits out the index of a master that died on this host: its readers trust it until
+/// its deadline, and this master could otherwise hand its ranges to new writers first.
+async fn open_index(tcp: &TcpListener, cfg: &MasterConfig, unix: bool) -> Option<IndexWriter> {
+    use kvpool_transport::shm::index;
+    let waited = tokio::task::spawn_blocking(index::clear_stale)
+        .await
+        .unwrap_or_default();
+    if !waited.is_zero() {
+        tracing::info!(?waited, "waited out a dead master's location index");
+    }
+    if !cfg.location_index || !unix {
+        return None;
+    }
+    let path = index::default_path(tcp.local_addr().ok()?.port());
+    match IndexWriter::create(&path, cfg.location_index_slots as usize) {
+        Ok(ix) => {
+            tracing::info!(index = %path.display(), slots = ix.slots(), "publishing locations for same-host clients");
+            Some(ix)
+        }
+        Err(e) => {
+            tracing::warn!(index = %path.display(), "no location index for same-host clients: {e}");
             None
         }
     }

@@ -20,6 +20,7 @@
 mod drain;
 mod eviction;
 mod fences;
+mod index;
 mod inspect;
 mod invariants;
 mod membership;

@@ -136,6 +136,18 @@ pub(crate) struct ObjectTable {
     /// Processing objects by start time, so zombie release looks only at the oldest.
     processing: BTreeSet<(Duration, ObjId)>,
     complete: u64,
+    /// With a location index to keep: every object handed out mutably or removed since the
+    /// last [`ObjectTable::take_changes`], in order.
+    changes: Option<Vec<Change>>,
+}
+
+/// An object that may have changed, for the location index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Change {
+    /// Its state now decides its entry.
+    Object(ObjId),
+    /// Removed: the hash of its key (`shm::index::key_hash`), whose entry goes.
+    Gone(u128),
 }
 
 /// One place in the slab. An id names a slot and the generation of its occupant; the
@@ -186,8 +198,23 @@ impl ObjectTable {
         self.get_mut(id).map(|o| (id, o))
     }
 
+    /// Every change to an object goes through here (or [`ObjectTable::insert`] and
+    /// [`ObjectTable::remove`]): the one place the location index learns of it.
     pub fn get_mut(&mut self, id: ObjId) -> Option<&mut Object> {
+        if let Some(c) = &mut self.changes {
+            c.push(Change::Object(id));
+        }
         self.slot_mut(id)?.object.as_mut()
+    }
+
+    /// Starts recording changes for a location index.
+    pub fn track_changes(&mut self) {
+        self.changes.get_or_insert_with(Vec::new);
+    }
+
+    /// The changes recorded since the last call (none when not tracking).
+    pub fn take_changes(&mut self) -> Vec<Change> {
+        self.changes.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (ObjId, &Object)> {
@@ -234,6 +261,9 @@ impl ObjectTable {
         }
         self.keys.insert(obj.key.clone(), id);
         self.slots[slot].object = Some(obj);
+        if let Some(c) = &mut self.changes {
+            c.push(Change::Object(id));
+        }
         id
     }
 
@@ -245,6 +275,9 @@ impl ObjectTable {
         s.generation = s.generation.checked_add(1).unwrap_or(1);
         self.free.push((id & u64::from(u32::MAX)) as u32);
         self.keys.remove(&obj.key);
+        if let Some(c) = &mut self.changes {
+            c.push(Change::Gone(kvpool_transport::shm::index::key_hash(&obj.key)));
+        }
         match obj.state {
             State::Processing { started } => {
                 self.processing.remove(&(started, id));

@@ -118,6 +118,8 @@ struct Sim {
     core: MasterCore,
     now: Duration,
     nodes: HashMap<u64, FakeNode>,
+    /// The location index as the server would have written it, by key hash.
+    index: HashMap<u128, kvpool_transport::shm::index::Entry>,
 }
 
 fn key(i: usize) -> Vec<u8> {
@@ -155,7 +157,7 @@ fn segments(node: u64) -> Vec<SegmentInfo> {
 }
 
 impl Sim {
-    fn new(nvme_admission: Admission) -> Self {
+    fn new(nvme_admission: Admission, promote: bool) -> Self {
         let cfg = CoreConfig {
             // Low enough that ticks demote often; a short lease so reads do not block it.
             high_watermark: 0.5,
@@ -164,13 +166,16 @@ impl Sim {
             nvme_admission,
             // Every NVMe-only hit promotes, so promotions race with everything else often;
             // the counting itself is a scenario test.
-            promote_after_hits: 1,
+            promote_after_hits: u32::from(promote),
             ..CoreConfig::default()
         };
+        let mut core = MasterCore::new(cfg, 1 << 40);
+        core.track_index();
         let mut s = Sim {
-            core: MasterCore::new(cfg, 1 << 40),
+            core,
             now: Duration::from_secs(1),
             nodes: HashMap::new(),
+            index: HashMap::new(),
         };
         for n in 1..=NODES {
             s.nodes.insert(n, FakeNode::default());
@@ -476,6 +481,37 @@ impl Sim {
         }
         Ok(())
     }
+
+    /// Applies the index updates of the last step, as the server does when it releases the
+    /// core, then checks that the index says of every key exactly what the map does: never a
+    /// replica the map let go of, never a key it dropped.
+    fn check_index(&mut self) -> Result<(), String> {
+        use kvpool_transport::shm::index::key_hash;
+        for (hash, entry) in self.core.take_index_updates() {
+            match entry {
+                Some(e) => self.index.insert(hash, e),
+                None => self.index.remove(&hash),
+            };
+        }
+        for k in 0..KEYS {
+            let key = key(k);
+            let want = self
+                .core
+                .objects
+                .lookup(&key)
+                .and_then(|(_, o)| self.core.index_entry(o));
+            let have = self.index.get(&key_hash(&key)).copied();
+            if have != want {
+                return Err(format!(
+                    "the index says {have:?} of key {k}, the map {want:?}"
+                ));
+            }
+        }
+        if self.index.len() > KEYS {
+            return Err(format!("{} index entries for {KEYS} keys", self.index.len()));
+        }
+        Ok(())
+    }
 }
 
 proptest! {
@@ -485,10 +521,11 @@ proptest! {
     fn random_operations_keep_the_invariants(
         ops in proptest::collection::vec(op(), 1..120),
         write_through in any::<bool>(),
+        promote in any::<bool>(),
     ) {
         // Demotion of every victim, or write-through copies at commit racing with it all.
         let admission = if write_through { Admission::WriteThrough } else { Admission::Always };
-        let mut sim = Sim::new(admission);
+        let mut sim = Sim::new(admission, promote);
         for (i, op) in ops.into_iter().enumerate() {
             let shown = format!("{op:?}");
             sim.apply(op);
@@ -496,6 +533,9 @@ proptest! {
                 prop_assert!(false, "after op {i} {shown}: {e}");
             }
             if let Err(e) = sim.check_readers() {
+                prop_assert!(false, "after op {i} {shown}: {e}");
+            }
+            if let Err(e) = sim.check_index() {
                 prop_assert!(false, "after op {i} {shown}: {e}");
             }
         }

@@ -219,6 +219,25 @@ impl Message for RemoveRegex {
     type Response = RemoveAllResponse;
 }
 
+/// Where the master publishes its location index (`kvpool_transport::shm::index`): a file a
+/// client on the master's host (the same `host` identity) maps read-only, to find keys'
+/// replicas without asking. `path` unset: the master keeps none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MasterIndex {}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MasterIndexResponse {
+    /// The master's host identity (boot id, host name, network namespace).
+    pub host: String,
+    pub path: Option<String>,
+    pub slots: u64,
+}
+
+impl Message for MasterIndex {
+    const OPCODE: Opcode = Opcode::MasterIndex;
+    type Response = MasterIndexResponse;
+}
+
 /// The cluster's state, for `kvpool status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {}

@@ -111,6 +111,8 @@ pub enum Opcode {
     Drain = 0x18,
     ListKeys = 0x19,
     RemoveRegex = 0x1a,
+    /// Where the master's location index is, for same-host clients.
+    MasterIndex = 0x1b,
     Register = 0x20,
     Heartbeat = 0x21,
     Leave = 0x22,
@@ -148,6 +150,7 @@ impl Opcode {
         Opcode::Drain,
         Opcode::ListKeys,
         Opcode::RemoveRegex,
+        Opcode::MasterIndex,
         Opcode::Register,
         Opcode::Heartbeat,
         Opcode::Leave,

@@ -185,6 +185,7 @@ proptest! {
         let _ = decode_body::<ListKeys>(&bytes);
         let _ = decode_body::<ListKeysResponse>(&bytes);
         let _ = decode_body::<RemoveRegex>(&bytes);
+        let _ = decode_body::<MasterIndexResponse>(&bytes);
         let _ = decode_body::<Leave>(&bytes);
         let _ = decode_body::<Register>(&bytes);
         let _ = decode_body::<RegisterResponse>(&bytes);
