@@ -45,6 +45,10 @@ pub struct ClientConfig {
     /// The cache of replica locations that lets a repeated get skip the master
     /// ([`LocationCache`]) [off; 65 536 keys when on]. [`LOCATION_CACHE_ENV`] overrides it.
     pub location_cache: LocationCache,
+    /// Find keys in the master's location index when the master runs on this host, instead
+    /// of asking it (docs/semantics.md, "Same-host lookups") [true]. Needs `rpc.same_host`
+    /// (off with the `tcp` transport).
+    pub master_index: bool,
 }
 
 /// A client's cache of where keys live, so that a get of a key read recently goes straight
@@ -87,6 +91,7 @@ impl Default for ClientConfig {
             tenant: None,
             transport: TransportMode::Auto,
             location_cache: LocationCache::default(),
+            master_index: true,
         }
     }
 }

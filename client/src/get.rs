@@ -207,6 +207,12 @@ impl Client {
             return keys.iter().map(|_| Err(clone_err(&e))).collect();
         }
         let mut out: Lookup = Vec::with_capacity(keys.len());
+        let now = Instant::now();
+        if use_cache && self.index.should_ask(now) {
+            self.index.ask(&self.master).await;
+        }
+        let index = use_cache.then(|| self.index.reader()).flatten();
+        let mut touched = Vec::new();
         // The keys to ask the master about: their items, and their wire keys (moved into the
         // requests, not copied).
         let mut ask: Vec<usize> = Vec::new();
@@ -216,7 +222,12 @@ impl Client {
             let cached = use_cache
                 .then(|| self.locations.get(&wire))
                 .flatten()
-                .filter(|l| !self.cache_saves_nothing(&l.info));
+                .filter(|l| !self.cache_saves_nothing(&l.info))
+                .or_else(|| {
+                    let l = self.from_index(index.as_ref()?, &wire, now)?;
+                    touched.push(wire.clone());
+                    Some(l)
+                });
             match cached {
                 Some(l) => out.push(Ok(Some(l))),
                 None => {
@@ -226,6 +237,7 @@ impl Client {
                 }
             }
         }
+        self.index.touch(&self.master, touched);
         let mut ask_keys = ask_keys.into_iter();
         for chunk in ask.chunks(self.cfg.max_batch.max(1)) {
             // The lease is counted from before the request left: conservative, like Mooncake.
@@ -239,6 +251,7 @@ impl Client {
                     for ((i, wire), item) in chunk.iter().zip(&msg.keys).zip(r.items) {
                         out[*i] = match item {
                             Ok(info) => {
+                                self.index.learn(&info.replicas);
                                 let info = Arc::new(info);
                                 // Also on a second pass: the next get of the key is hot again.
                                 // (The transport check only where there is a cache to fill:
@@ -252,6 +265,7 @@ impl Client {
                                     info,
                                     sent,
                                     cached: false,
+                                    ticket: None,
                                 }))
                             }
                             Err(e) if e.code == ErrorCode::NotFound => Ok(None),
@@ -394,7 +408,18 @@ impl Client {
             .zip(last_err)
             .zip(found)
             .map(|((d, last), l)| match d {
-                Some(Ok(())) if finished > l.sent + Duration::from_millis(l.info.lease_ms) => {
+                // After the copy: the index entry stood throughout it, and the master still
+                // vouches for its index.
+                Some(Ok(())) if l.ticket.as_ref().is_some_and(|t| !t.still()) => {
+                    Err(ClientError::Remote(kvpool_proto::WireError::new(
+                        ErrorCode::StaleLocation,
+                        "the location index changed during the read",
+                    )))
+                }
+                Some(Ok(()))
+                    if l.ticket.is_none()
+                        && finished > l.sent + Duration::from_millis(l.info.lease_ms) =>
+                {
                     Err(ClientError::LeaseExpired)
                 }
                 Some(r) => r,
@@ -405,6 +430,31 @@ impl Client {
                 }),
             })
             .collect()
+    }
+
+    /// `wire_key`'s location from the master's index, when it has one this client can read
+    /// with a check: a DRAM replica, or an NVMe one whose record this client reads off the
+    /// node's file (the master publishes NVMe replicas only with promotion off).
+    fn from_index(
+        &self,
+        index: &Arc<kvpool_transport::shm::IndexReader>,
+        wire_key: &[u8],
+        now: Instant,
+    ) -> Option<Located> {
+        let (info, ticket) = self.index.find(index, wire_key)?;
+        if !info
+            .replicas
+            .iter()
+            .all(|r| self.checkable(r, true, wire_key.len()))
+        {
+            return None;
+        }
+        Some(Located {
+            info,
+            sent: now,
+            cached: true,
+            ticket: Some(ticket),
+        })
     }
 
     /// Whether a replica of `info` is on a node this client copies from through shared

@@ -26,6 +26,7 @@
 mod config;
 mod error;
 mod get;
+mod index;
 mod inspect;
 mod locations;
 mod put;
@@ -54,6 +55,8 @@ pub struct Client {
     key_prefix: std::result::Result<Vec<u8>, String>,
     /// Where keys read recently live, so a repeated get skips the master.
     locations: locations::Locations,
+    /// The master's location index, when it runs on this host.
+    index: index::MasterIndexView,
 }
 
 impl Client {
@@ -71,6 +74,7 @@ impl Client {
         let transport = cfg.effective_transport();
         // TCP only means the master's connection too (its Unix socket is another path).
         rpc_opts.same_host &= transport.as_ref().ok() != Some(&TransportMode::Tcp);
+        let index = index::MasterIndexView::new(cfg.master_index && rpc_opts.same_host);
         let master = master_rpc(&cfg, rpc_opts);
         let location_cache = cfg.effective_location_cache();
         engine_opts.transport = *transport.as_ref().unwrap_or(&cfg.transport);
@@ -94,6 +98,7 @@ impl Client {
             master,
             engine,
             key_prefix,
+            index,
         }
     }
 

@@ -41,8 +41,11 @@ pub(crate) struct Located {
     pub info: Arc<ObjectInfo>,
     /// When the lookup that granted the lease was sent: the lease counts from here.
     pub sent: Instant,
-    /// From the cache: read with the node's replica check, and looked up again on failure.
+    /// From the cache or the master's index: read with the node's replica check, and looked
+    /// up again on failure.
     pub cached: bool,
+    /// From the master's index: checked again after the read (and no lease to count).
+    pub ticket: Option<crate::index::IndexTicket>,
 }
 
 #[derive(Clone)]
@@ -119,6 +122,7 @@ impl Locations {
             info: e.info,
             sent: e.sent,
             cached: true,
+            ticket: None,
         })
     }
 

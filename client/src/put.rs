@@ -215,6 +215,7 @@ impl Client {
         let mut by_node: HashMap<&str, NodeBatch<'_>> = HashMap::new();
         for (i, alloc) in allocated.iter().enumerate() {
             let Ok(replicas) = alloc else { continue };
+            self.index.learn(replicas);
             for r in replicas {
                 let b = by_node.entry(&*r.addr).or_insert_with(|| NodeBatch {
                     node: r.node,

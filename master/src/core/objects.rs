@@ -214,7 +214,10 @@ impl ObjectTable {
 
     /// The changes recorded since the last call (none when not tracking).
     pub fn take_changes(&mut self) -> Vec<Change> {
-        self.changes.as_mut().map(std::mem::take).unwrap_or_default()
+        self.changes
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (ObjId, &Object)> {
@@ -276,7 +279,9 @@ impl ObjectTable {
         self.free.push((id & u64::from(u32::MAX)) as u32);
         self.keys.remove(&obj.key);
         if let Some(c) = &mut self.changes {
-            c.push(Change::Gone(kvpool_transport::shm::index::key_hash(&obj.key)));
+            c.push(Change::Gone(kvpool_transport::shm::index::key_hash(
+                &obj.key,
+            )));
         }
         match obj.state {
             State::Processing { started } => {

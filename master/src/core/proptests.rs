@@ -508,7 +508,10 @@ impl Sim {
             }
         }
         if self.index.len() > KEYS {
-            return Err(format!("{} index entries for {KEYS} keys", self.index.len()));
+            return Err(format!(
+                "{} index entries for {KEYS} keys",
+                self.index.len()
+            ));
         }
         Ok(())
     }

@@ -310,7 +310,10 @@ impl IndexWriter {
             (W_OFFSET, e.offset),
             (W_LEN, e.len),
             (W_OBJ_LEN, e.obj_len),
-            (W_CRC_TIER, u64::from(e.checksum) | (u64::from(e.tier) << 32)),
+            (
+                W_CRC_TIER,
+                u64::from(e.checksum) | (u64::from(e.tier) << 32),
+            ),
         ];
         for (w, v) in words {
             t.word(slot, w).store(v, Ordering::Relaxed);
@@ -519,13 +522,11 @@ impl IndexReader {
 /// Where a master serving TCP port `port` puts its index: `/dev/shm` (memory, never written
 /// back to a disk) when there is one, else next to the sockets.
 pub fn default_path(port: u16) -> PathBuf {
-    index_dir().join(format!(
-        "kvpool-master-{}-{port}.index",
-        std::process::id()
-    ))
+    default_dir().join(format!("kvpool-master-{}-{port}.index", std::process::id()))
 }
 
-fn index_dir() -> PathBuf {
+/// The folder of [`default_path`].
+pub fn default_dir() -> PathBuf {
     let shm = Path::new("/dev/shm");
     if shm.is_dir() {
         shm.to_path_buf()
@@ -538,7 +539,7 @@ fn index_dir() -> PathBuf {
 /// deadline has passed: until then a client may still trust it, and a master that served
 /// first could hand its ranges to new writers under it. Returns how long it waited.
 pub fn clear_stale() -> std::time::Duration {
-    clear_stale_in(&index_dir())
+    clear_stale_in(&default_dir())
 }
 
 fn clear_stale_in(dir: &Path) -> std::time::Duration {
@@ -657,7 +658,10 @@ mod tests {
                 let gone = live.pop_front().unwrap();
                 w.set(key_hash(&gone.to_le_bytes()), None);
             }
-            assert!(w.set(key_hash(&n.to_le_bytes()), Some(&entry(n))), "key {n}");
+            assert!(
+                w.set(key_hash(&n.to_le_bytes()), Some(&entry(n))),
+                "key {n}"
+            );
             live.push_back(n);
         }
         w.renew();

@@ -35,9 +35,9 @@ mod peers;
 use std::{path::PathBuf, sync::OnceLock};
 
 pub use board::{BoardReader, BoardWriter};
-pub use index::{IndexReader, IndexWriter};
 pub use copy::COPY_THREADS_ENV;
 pub use disk::{reads_key, DiskFile};
+pub use index::{IndexReader, IndexWriter};
 pub use mapping::Mapping;
 pub use peers::{Attachment, ShmPeers};
 

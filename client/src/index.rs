@@ -1,0 +1,231 @@
+//! Same-host lookups: the master's location index (`kvpool_transport::shm::index`), mapped
+//! read-only, answers where a key is without a round trip (docs/semantics.md, "Same-host
+//! lookups").
+//!
+//! A get served by the index reads its replica with the node's check (as a cached location
+//! is read) and then checks its ticket: the entry unchanged and the master still vouching.
+//! Anything else is a miss here and the get asks the master. What the master does for a
+//! lookup besides answering (the read lease, the object's recency and read count, NVMe
+//! hits) is not skipped, only deferred: the keys read through the index are sent to it as
+//! `GetReplicas` batches in the background (at most every [`TOUCH_EVERY`] or
+//! [`TOUCH_BATCH`] keys), whose answers nobody waits for.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant},
+};
+
+use kvpool_proto::{GetReplicas, MasterIndex, NodeId, ObjectInfo, ReplicaDesc, Tier};
+use kvpool_transport::{
+    rpc::RpcClient,
+    shm::index::{key_hash, IndexReader, Ticket},
+};
+
+/// How often a client without a usable index asks the master for one again.
+const ASK_AGAIN: Duration = Duration::from_secs(1);
+/// ... and after the master said it keeps none (or is too old to say).
+const ASK_AGAIN_NONE: Duration = Duration::from_secs(30);
+/// Keys read through the index are reported to the master once this many are waiting...
+pub(crate) const TOUCH_BATCH: usize = 256;
+/// ... or the oldest has waited this long (checked at the next read).
+pub(crate) const TOUCH_EVERY: Duration = Duration::from_millis(100);
+
+/// What a get read through the index checks after its copy.
+#[derive(Clone)]
+pub(crate) struct IndexTicket {
+    reader: Arc<IndexReader>,
+    ticket: Ticket,
+}
+
+impl IndexTicket {
+    /// Whether the entry stood throughout the copy that ended before this call.
+    pub fn still(&self) -> bool {
+        self.reader.still(&self.ticket)
+    }
+}
+
+#[derive(Default)]
+struct Mapped {
+    reader: Option<Arc<IndexReader>>,
+    /// When to ask the master again, if the index is missing or no longer trusted.
+    ask_at: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Touched {
+    keys: Vec<Vec<u8>>,
+    since: Option<Instant>,
+}
+
+/// A client's view of its master's index, and what it learned to use it.
+#[derive(Default)]
+pub(crate) struct MasterIndexView {
+    enabled: bool,
+    mapped: Mutex<Mapped>,
+    /// Data addresses of the nodes seen in the master's answers: the index names nodes by id.
+    nodes: RwLock<HashMap<NodeId, Arc<str>>>,
+    touched: Mutex<Touched>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl MasterIndexView {
+    pub fn new(enabled: bool) -> Self {
+        MasterIndexView {
+            enabled,
+            ..Default::default()
+        }
+    }
+
+    /// The index, when mapped and trusted now.
+    pub fn reader(&self) -> Option<Arc<IndexReader>> {
+        if !self.enabled {
+            return None;
+        }
+        lock(&self.mapped).reader.clone().filter(|r| r.valid())
+    }
+
+    /// Whether to ask the master where its index is before this lookup: the feature is on,
+    /// no trusted index is mapped, and the last ask is long enough ago.
+    pub fn should_ask(&self, now: Instant) -> bool {
+        if !self.enabled {
+            return false;
+        }
+        let m = lock(&self.mapped);
+        !m.reader.as_ref().is_some_and(|r| r.valid()) && m.ask_at.is_none_or(|t| now >= t)
+    }
+
+    /// Asks the master where its index is and maps it when it is on this host. Failures only
+    /// postpone the next ask: gets keep going through the master.
+    pub async fn ask(&self, rpc: &RpcClient) {
+        let now = Instant::now();
+        let mapped = match rpc.call(&MasterIndex {}).await {
+            Ok(a) if a.host == kvpool_transport::shm::net_host_id() => match a.path {
+                Some(p) => match IndexReader::open(std::path::Path::new(&p), a.slots) {
+                    Ok(r) => Some(Arc::new(r)),
+                    Err(e) => {
+                        tracing::debug!("the master's location index is not usable: {e}");
+                        None
+                    }
+                },
+                None => None,
+            },
+            Ok(_) => None,
+            Err(e) => {
+                tracing::debug!("asking the master for its location index: {e}");
+                let mut m = lock(&self.mapped);
+                m.ask_at = Some(now + ASK_AGAIN);
+                return;
+            }
+        };
+        let mut m = lock(&self.mapped);
+        m.ask_at = Some(
+            now + if mapped.is_some() {
+                ASK_AGAIN
+            } else {
+                ASK_AGAIN_NONE
+            },
+        );
+        if let Some(r) = mapped {
+            tracing::debug!(index = %r.path().display(), "reading the master's location index");
+            m.reader = Some(r);
+        }
+    }
+
+    /// Remembers the nodes of a master's answer, by id.
+    pub fn learn(&self, replicas: &[ReplicaDesc]) {
+        if !self.enabled {
+            return;
+        }
+        let known = {
+            let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner());
+            replicas
+                .iter()
+                .all(|r| nodes.get(&r.node).is_some_and(|a| *a == r.addr))
+        };
+        if !known {
+            let mut nodes = self.nodes.write().unwrap_or_else(|e| e.into_inner());
+            for r in replicas {
+                nodes.insert(r.node, r.addr.clone());
+            }
+        }
+    }
+
+    /// Where `wire_key` is, by the index `reader`: the object as a lookup would describe it
+    /// (one replica, no lease) and its ticket; `None` when the index has no entry for it or
+    /// names a node this client has not seen yet.
+    pub fn find(
+        &self,
+        reader: &Arc<IndexReader>,
+        wire_key: &[u8],
+    ) -> Option<(Arc<ObjectInfo>, IndexTicket)> {
+        let (e, ticket) = reader.find(key_hash(wire_key))?;
+        let node = NodeId(e.node);
+        let addr = self
+            .nodes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&node)?
+            .clone();
+        let replica = ReplicaDesc {
+            id: kvpool_proto::ReplicaId(e.replica),
+            node,
+            addr,
+            segment: kvpool_proto::SegmentId(e.segment),
+            offset: e.offset,
+            len: e.len,
+            tier: if e.tier == 0 { Tier::Dram } else { Tier::Nvme },
+        };
+        let info = ObjectInfo {
+            len: e.obj_len,
+            checksum: e.checksum,
+            replicas: vec![replica],
+            lease_ms: 0,
+        };
+        Some((
+            Arc::new(info),
+            IndexTicket {
+                reader: reader.clone(),
+                ticket,
+            },
+        ))
+    }
+
+    /// Records keys read through the index; sends the batch to the master in the background
+    /// when it is full or old enough.
+    pub fn touch(&self, rpc: &RpcClient, keys: impl IntoIterator<Item = Vec<u8>>) {
+        let now = Instant::now();
+        let batch = {
+            let mut t = lock(&self.touched);
+            let before = t.keys.len();
+            t.keys.extend(keys);
+            if t.keys.len() == before {
+                return;
+            }
+            let since = *t.since.get_or_insert(now);
+            if t.keys.len() < TOUCH_BATCH && now.duration_since(since) < TOUCH_EVERY {
+                return;
+            }
+            t.since = None;
+            std::mem::take(&mut t.keys)
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let rpc = rpc.clone();
+        runtime.spawn(async move {
+            for keys in batch.chunks(1024) {
+                let msg = GetReplicas {
+                    keys: keys.to_vec(),
+                };
+                if let Err(e) = rpc.call(&msg).await {
+                    tracing::debug!("reporting reads served by the location index: {e}");
+                    return;
+                }
+            }
+        });
+    }
+}
