@@ -129,12 +129,18 @@ async fn a_cold_same_host_get_finds_its_key_in_the_index_and_asks_nobody() {
         requests_after - requests
     );
     // The reads reach the master all the same (their recency, read counts and leases), in
-    // batches sent after them: a get after the last batch's age sends the rest.
+    // batches sent after them, the last one 100 ms after its first read.
     wait_until("the master hears of every read", LIMIT, || async {
-        r.get(keys[0].as_bytes()).await.unwrap();
         lookups(&p.http).1 - hits >= 300.0
     })
     .await;
+    // And they lease their keys: another client's remove without force is refused.
+    let w = client(&p.m, |_| {});
+    let refused = w.remove(&[keys[1].as_bytes()], false).await.pop().unwrap();
+    assert_eq!(
+        refused.unwrap_err().code(),
+        kvpool_client::ErrorCode::HasLease
+    );
 
     // The counter counts: with the index off, every get is a request.
     let off = client(&p.m, |c| c.master_index = false);

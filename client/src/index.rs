@@ -7,8 +7,8 @@
 //! Anything else is a miss here and the get asks the master. What the master does for a
 //! lookup besides answering (the read lease, the object's recency and read count, NVMe
 //! hits) is not skipped, only deferred: the keys read through the index are sent to it as
-//! `GetReplicas` batches in the background (at most every [`TOUCH_EVERY`] or
-//! [`TOUCH_BATCH`] keys), whose answers nobody waits for.
+//! `GetReplicas` batches in the background ([`TOUCH_BATCH`] keys, or what waited
+//! [`TOUCH_EVERY`]), whose answers nobody waits for, and before this client's removes.
 
 use std::{
     collections::HashMap,
@@ -28,7 +28,7 @@ const ASK_AGAIN: Duration = Duration::from_secs(1);
 const ASK_AGAIN_NONE: Duration = Duration::from_secs(30);
 /// Keys read through the index are reported to the master once this many are waiting...
 pub(crate) const TOUCH_BATCH: usize = 256;
-/// ... or the oldest has waited this long (checked at the next read).
+/// ... or the first has waited this long.
 pub(crate) const TOUCH_EVERY: Duration = Duration::from_millis(100);
 
 /// What a get read through the index checks after its copy.
@@ -55,7 +55,6 @@ struct Mapped {
 #[derive(Default)]
 struct Touched {
     keys: Vec<Vec<u8>>,
-    since: Option<Instant>,
 }
 
 /// A client's view of its master's index, and what it learned to use it.
@@ -65,7 +64,7 @@ pub(crate) struct MasterIndexView {
     mapped: Mutex<Mapped>,
     /// Data addresses of the nodes seen in the master's answers: the index names nodes by id.
     nodes: RwLock<HashMap<NodeId, Arc<str>>>,
-    touched: Mutex<Touched>,
+    touched: Arc<Mutex<Touched>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -194,38 +193,53 @@ impl MasterIndexView {
         ))
     }
 
-    /// Records keys read through the index; sends the batch to the master in the background
-    /// when it is full or old enough.
-    pub fn touch(&self, rpc: &RpcClient, keys: impl IntoIterator<Item = Vec<u8>>) {
-        let now = Instant::now();
-        let batch = {
+    /// Records keys read through the index: they are reported to the master in the
+    /// background once [`TOUCH_BATCH`] are waiting, or [`TOUCH_EVERY`] after the first.
+    pub fn touch(&self, rpc: &RpcClient, keys: Vec<Vec<u8>>) {
+        if keys.is_empty() {
+            return;
+        }
+        let (full, first) = {
             let mut t = lock(&self.touched);
-            let before = t.keys.len();
+            let first = t.keys.is_empty();
             t.keys.extend(keys);
-            if t.keys.len() == before {
-                return;
-            }
-            let since = *t.since.get_or_insert(now);
-            if t.keys.len() < TOUCH_BATCH && now.duration_since(since) < TOUCH_EVERY {
-                return;
-            }
-            t.since = None;
-            std::mem::take(&mut t.keys)
+            (t.keys.len() >= TOUCH_BATCH, first)
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let rpc = rpc.clone();
-        runtime.spawn(async move {
-            for keys in batch.chunks(1024) {
-                let msg = GetReplicas {
-                    keys: keys.to_vec(),
-                };
-                if let Err(e) = rpc.call(&msg).await {
-                    tracing::debug!("reporting reads served by the location index: {e}");
-                    return;
-                }
-            }
-        });
+        if full {
+            runtime.spawn(report(rpc.clone(), take(&self.touched)));
+        } else if first {
+            let (touched, rpc) = (self.touched.clone(), rpc.clone());
+            runtime.spawn(async move {
+                tokio::time::sleep(TOUCH_EVERY).await;
+                report(rpc, take(&touched)).await;
+            });
+        }
+    }
+
+    /// Reports the reads waiting now, and returns once the master has them: before a remove,
+    /// so that this client's own reads lease their keys first, as gets through the master do.
+    pub async fn flush(&self, rpc: &RpcClient) {
+        report(rpc.clone(), take(&self.touched)).await;
+    }
+}
+
+fn take(touched: &Mutex<Touched>) -> Vec<Vec<u8>> {
+    std::mem::take(&mut lock(touched).keys)
+}
+
+/// Tells the master of reads served by the index: the lookups they skipped, whose answers
+/// nobody needs.
+async fn report(rpc: RpcClient, keys: Vec<Vec<u8>>) {
+    for chunk in keys.chunks(1024) {
+        let msg = GetReplicas {
+            keys: chunk.to_vec(),
+        };
+        if let Err(e) = rpc.call(&msg).await {
+            tracing::debug!("reporting reads served by the location index: {e}");
+            return;
+        }
     }
 }

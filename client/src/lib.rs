@@ -251,13 +251,15 @@ impl Client {
             return keys.iter().map(|_| Err(clone_err(&e))).collect();
         }
         let mut out = Vec::with_capacity(keys.len());
+        self.index.flush(&self.master).await;
         for chunk in keys.chunks(self.cfg.max_batch.max(1)) {
             let msg = Remove {
                 keys: chunk.iter().map(|k| self.wire_key(k)).collect(),
                 force,
             };
             // Dropped whatever the answer: a key this client removes is not read from its
-            // old location again by this client.
+            // old location again by this client. Its reads served by the master's index are
+            // reported first: they lease their keys, as gets through the master do.
             for k in &msg.keys {
                 self.locations.forget(k);
             }
@@ -274,6 +276,7 @@ impl Client {
     pub async fn remove_all(&self, force: bool) -> Result<u64> {
         let prefix = self.tenant_prefix()?;
         self.locations.clear();
+        self.index.flush(&self.master).await;
         Ok(self
             .master_call(&RemoveAll { force, prefix })
             .await?
@@ -294,6 +297,7 @@ impl Client {
             force,
         };
         self.locations.clear();
+        self.index.flush(&self.master).await;
         Ok(self.master_call(&msg).await?.removed)
     }
 
