@@ -20,6 +20,9 @@ pub struct Knobs {
     pub verify: bool,
     /// Repeated gets skip the master (off: `--no-location-cache`, every get asks it).
     pub location_cache: bool,
+    /// Cold same-host gets find keys in the master's index (off: `--no-master-index`, every
+    /// cold get asks the master).
+    pub master_index: bool,
 }
 
 /// One client connection. Each concurrent benchmark task owns one, so kvpool clients share
@@ -41,6 +44,7 @@ impl Conn {
                     ..ClientConfig::with_master(addr)
                 };
                 cfg.location_cache.enabled = knobs.location_cache;
+                cfg.master_index = knobs.master_index;
                 Conn::Kvpool(Box::new(Client::new(cfg)))
             }
             System::Redis => Conn::Redis(RespConn::connect(addr).await?),

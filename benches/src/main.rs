@@ -56,6 +56,10 @@ struct Args {
     /// Diagnostic: kvpool clients keep no location cache, so every get asks the master.
     #[arg(long)]
     no_location_cache: bool,
+    /// Diagnostic: kvpool clients do not read the master's location index, so every cold get
+    /// asks the master.
+    #[arg(long)]
+    no_master_index: bool,
     /// Gets cycle over only the first N keys a case put (a hot set read again and again)
     /// instead of over every key once; in the NVMe case, over the first N of the objects on
     /// NVMe only [all keys].
@@ -148,6 +152,7 @@ impl Args {
                 time: self.budget().time,
             },
             verify: !self.no_checksum_verify,
+            master_index: !self.no_master_index,
             hot_keys: self.hot_keys,
             fio: fio::available(&self.fio).then(|| self.fio.clone()),
         })
@@ -311,6 +316,11 @@ async fn run(args: &Args, bin: &Path) -> Result<Outcome> {
             "Diagnostic run: kvpool clients keep no location cache (--no-location-cache).".into(),
         );
     }
+    if args.no_master_index {
+        notes.push(
+            "Diagnostic run: kvpool clients do not read the master's location index (--no-master-index).".into(),
+        );
+    }
     if let Some(n) = args.hot_keys {
         notes.push(format!(
             "Hot-set run: gets cycle over the first {n} keys of each case (--hot-keys), both systems."
@@ -319,6 +329,7 @@ async fn run(args: &Args, bin: &Path) -> Result<Outcome> {
     let knobs = Knobs {
         verify: !args.no_checksum_verify,
         location_cache: !args.no_location_cache,
+        master_index: !args.no_master_index,
     };
     let mut kv_conns = connect(System::Kvpool, &kvpool.addr, most, knobs).await?;
     let mut redis_conns = match &redis {

@@ -58,6 +58,8 @@ pub struct Plan<'a> {
     /// Per get phase.
     pub budget: Budget,
     pub verify: bool,
+    /// Cold gets find NVMe locations in the master's index (the case runs with promotion off).
+    pub master_index: bool,
     /// Gets cycle over only the first N objects on NVMe only (`--hot-keys`).
     pub hot_keys: Option<u64>,
     /// The fio binary, if installed.
@@ -209,6 +211,7 @@ async fn one_size(plan: &Plan<'_>, size: usize, n: usize) -> Result<(Vec<Row>, S
             Knobs {
                 verify: plan.verify,
                 location_cache: true,
+                master_index: plan.master_index,
             },
         )
         .await?;

@@ -7,7 +7,7 @@
 //! Anything else is a miss here and the get asks the master. What the master does for a
 //! lookup besides answering (the read lease, the object's recency and read count, NVMe
 //! hits) is not skipped, only deferred: the keys read through the index are sent to it as
-//! `GetReplicas` batches in the background ([`TOUCH_BATCH`] keys, or what waited
+//! `Touch` batches in the background ([`TOUCH_BATCH`] keys, or what waited
 //! [`TOUCH_EVERY`]), whose answers nobody waits for, and before this client's removes.
 
 use std::{
@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kvpool_proto::{GetReplicas, MasterIndex, NodeId, ObjectInfo, ReplicaDesc, Tier};
+use kvpool_proto::{MasterIndex, NodeId, ObjectInfo, ReplicaDesc, Tier, Touch};
 use kvpool_transport::{
     rpc::RpcClient,
     shm::index::{key_hash, IndexReader, Ticket},
@@ -30,6 +30,9 @@ const ASK_AGAIN_NONE: Duration = Duration::from_secs(30);
 pub(crate) const TOUCH_BATCH: usize = 256;
 /// ... or the first has waited this long.
 pub(crate) const TOUCH_EVERY: Duration = Duration::from_millis(100);
+/// At most this many keys wait for a report; reads beyond it (a master far slower than the
+/// reads) are not reported: recency is a hint, and a report never grows without bound.
+const TOUCH_CAP: usize = 1 << 16;
 
 /// What a get read through the index checks after its copy.
 #[derive(Clone)]
@@ -64,7 +67,7 @@ pub(crate) struct MasterIndexView {
     mapped: Mutex<Mapped>,
     /// Data addresses of the nodes seen in the master's answers: the index names nodes by id.
     nodes: RwLock<HashMap<NodeId, Arc<str>>>,
-    touched: Arc<Mutex<Touched>>,
+    touched: Arc<Reports>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -113,6 +116,11 @@ impl MasterIndexView {
                 None => None,
             },
             Ok(_) => None,
+            // An older master (`UnknownOpcode`), or one that refuses: as good as none.
+            Err(kvpool_transport::TransportError::Remote(w)) => {
+                tracing::debug!("the master keeps no location index for this client: {w}");
+                None
+            }
             Err(e) => {
                 tracing::debug!("asking the master for its location index: {e}");
                 let mut m = lock(&self.mapped);
@@ -200,41 +208,81 @@ impl MasterIndexView {
             return;
         }
         let (full, first) = {
-            let mut t = lock(&self.touched);
+            let mut t = lock(&self.touched.pending);
             let first = t.keys.is_empty();
-            t.keys.extend(keys);
+            let room = TOUCH_CAP.saturating_sub(t.keys.len());
+            t.keys.extend(keys.into_iter().take(room));
             (t.keys.len() >= TOUCH_BATCH, first)
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        let (reports, rpc) = (self.touched.clone(), rpc.clone());
         if full {
-            runtime.spawn(report(rpc.clone(), take(&self.touched)));
+            runtime.spawn(async move { reports.drain(&rpc).await });
         } else if first {
-            let (touched, rpc) = (self.touched.clone(), rpc.clone());
             runtime.spawn(async move {
                 tokio::time::sleep(TOUCH_EVERY).await;
-                report(rpc, take(&touched)).await;
+                reports.drain(&rpc).await;
             });
         }
     }
 
-    /// Reports the reads waiting now, and returns once the master has them: before a remove,
-    /// so that this client's own reads lease their keys first, as gets through the master do.
+    /// Reports the reads waiting now, and returns once the master has them (and any report
+    /// in flight): before a remove, so that this client's own reads lease their keys first,
+    /// as gets through the master do.
     pub async fn flush(&self, rpc: &RpcClient) {
-        report(rpc.clone(), take(&self.touched)).await;
+        let _sending = self.touched.sending.lock().await;
+        report(rpc, self.touched.take()).await;
     }
 }
 
-fn take(touched: &Mutex<Touched>) -> Vec<Vec<u8>> {
-    std::mem::take(&mut lock(touched).keys)
+/// Keys read through the index and not yet reported, and the one report in flight: a master
+/// slower than the reads makes the next report larger, never more of them at once.
+#[derive(Default)]
+struct Reports {
+    pending: Mutex<Touched>,
+    /// Held while a report is sent.
+    sending: tokio::sync::Mutex<()>,
+}
+
+impl Reports {
+    /// Each key once: a hot key read many times between two reports is one lookup.
+    fn take(&self) -> Vec<Vec<u8>> {
+        let mut keys = std::mem::take(&mut lock(&self.pending).keys);
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+
+    /// Sends what is pending until nothing is, unless another report is being sent (which
+    /// then sends it).
+    async fn drain(&self, rpc: &RpcClient) {
+        loop {
+            {
+                let Ok(_sending) = self.sending.try_lock() else {
+                    return;
+                };
+                let keys = self.take();
+                if keys.is_empty() {
+                    return;
+                }
+                report(rpc, keys).await;
+            }
+            // Keys that arrived while it was sent: their own timer may have found this
+            // report in flight and left them to it.
+            if lock(&self.pending).keys.is_empty() {
+                return;
+            }
+        }
+    }
 }
 
 /// Tells the master of reads served by the index: the lookups they skipped, whose answers
 /// nobody needs.
-async fn report(rpc: RpcClient, keys: Vec<Vec<u8>>) {
+async fn report(rpc: &RpcClient, keys: Vec<Vec<u8>>) {
     for chunk in keys.chunks(1024) {
-        let msg = GetReplicas {
+        let msg = Touch {
             keys: chunk.to_vec(),
         };
         if let Err(e) = rpc.call(&msg).await {

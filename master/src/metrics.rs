@@ -16,7 +16,8 @@ use kvpool_ops::prometheus_client::{
     registry::{Registry, Unit},
 };
 use kvpool_proto::{
-    ErrorCode, GetReplicasResponse, HeartbeatResponse, Opcode, StatusResponse, Tier, WireError,
+    ErrorCode, GetReplicasResponse, HeartbeatResponse, Opcode, StatusResponse, Tier, UnitResponse,
+    WireError,
 };
 use kvpool_transport::server::RpcService;
 
@@ -32,6 +33,7 @@ pub struct MasterMetrics {
     errors: Family<Labels, Counter>,
     hits: Counter,
     misses: Counter,
+    index_reads: Counter,
     tasks_issued: Counter,
     evictions: Counter,
     /// The core's eviction count at the last scrape: the core's figure restarts with each
@@ -84,7 +86,7 @@ impl MasterMetrics {
         let hits = Counter::default();
         reg.register(
             "lookup_hits",
-            "Keys looked up (GetReplicas) that were found",
+            "Keys looked up (GetReplicas) that were found, and reads served by the location index",
             hits.clone(),
         );
         let misses = Counter::default();
@@ -92,6 +94,12 @@ impl MasterMetrics {
             "lookup_misses",
             "Keys looked up (GetReplicas) that were not found",
             misses.clone(),
+        );
+        let index_reads = Counter::default();
+        reg.register(
+            "index_reads",
+            "Reads clients served from the location index, as they reported them (Touch)",
+            index_reads.clone(),
         );
         let tasks_issued = Counter::default();
         reg.register(
@@ -179,6 +187,7 @@ impl MasterMetrics {
             errors,
             hits,
             misses,
+            index_reads,
             tasks_issued,
             evictions,
             evictions_seen: Mutex::new(0),
@@ -219,6 +228,16 @@ impl MasterMetrics {
                 Err(_) => 0,
             };
         }
+        resp
+    }
+
+    /// Counts the reads a `Touch` reported that found their object, also as lookup hits
+    /// (each is a lookup the index answered, so the hit ratio keeps counting every get);
+    /// returns the answer unchanged.
+    pub fn index_reads(&self, resp: UnitResponse) -> UnitResponse {
+        let found = resp.items.iter().filter(|i| i.is_ok()).count() as u64;
+        self.index_reads.inc_by(found);
+        self.hits.inc_by(found);
         resp
     }
 

@@ -326,6 +326,9 @@ impl RpcService for Service {
                 self.metrics.lookups(c.get_replicas(now, r))
             }),
             Opcode::Exists => call(self, opcode, body, |c, r| c.exists(now, r)),
+            Opcode::Touch => call(self, opcode, body, |c, r| {
+                self.metrics.index_reads(c.served_reads(now, r))
+            }),
             Opcode::Remove => remove_call(self, opcode, body, |c, r| Ok(c.remove(now, r))),
             Opcode::RemoveAll => {
                 remove_call(self, opcode, body, |c, r| Ok(c.remove_all(now, r)))

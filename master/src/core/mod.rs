@@ -258,6 +258,16 @@ impl MasterCore {
         GetReplicasResponse { items }
     }
 
+    /// Reads served by the location index, recorded as their lookups would have been.
+    pub fn served_reads(
+        &mut self,
+        now: Duration,
+        req: kvpool_proto::Touch,
+    ) -> kvpool_proto::UnitResponse {
+        let items = req.keys.iter().map(|k| self.touch_one(now, k)).collect();
+        kvpool_proto::UnitResponse { items }
+    }
+
     /// Whether keys are committed; with `req.lease`, also leases the present ones.
     pub fn exists(&mut self, now: Duration, req: Exists) -> ExistsResponse {
         let items = req

@@ -62,21 +62,18 @@ impl MasterCore {
 
     /// One key of a lookup: its readable replicas on live nodes (DRAM first) and a lease.
     ///
-    /// The hot path of every get, so it finds the object once (the key's hash, then the
-    /// object by id) and each replica's segment and node once, and records the read without
-    /// moving anything in the recency orders ([`objects::note_read`]).
+    /// The hot path of every get, so it hashes the key once (then finds the object by id
+    /// twice: to describe it, and to record the read) and each replica's segment and node
+    /// once, and records the read without moving anything in the recency orders
+    /// ([`objects::note_read`]).
     pub(crate) fn get_replicas_one(&mut self, now: Duration, key: &[u8]) -> ItemResult<ObjectInfo> {
         check_key(key)?;
-        let until = self.lease_end(now);
         // The full TTL, not what is left of a longer earlier lease: the reader counts it from
         // when it sent the request, so this is the conservative figure.
         let lease_ms = u64::try_from(self.cfg.lease_ttl.as_millis()).unwrap_or(u64::MAX);
         let ttl = self.cfg.node_ttl;
-        let seq = self.access_clock + 1;
-        let MasterCore {
-            objects, cluster, ..
-        } = self;
-        let Some((id, obj)) = objects.lookup_mut(key).filter(|(_, o)| o.visible()) else {
+        let (objects, cluster) = (&self.objects, &self.cluster);
+        let Some((id, obj)) = objects.lookup(key).filter(|(_, o)| o.visible()) else {
             return Err(key_error(ErrorCode::NotFound, key, "not in the pool"));
         };
         let mut replicas = Vec::with_capacity(obj.replicas.len());
@@ -101,6 +98,18 @@ impl MasterCore {
             replicas,
             lease_ms,
         };
+        self.note_lookup(now, id, nvme_only);
+        Ok(info)
+    }
+
+    /// What a lookup records besides its answer: the read lease, the read count, the
+    /// object's latest use, and an NVMe hit when only NVMe could serve it.
+    fn note_lookup(&mut self, now: Duration, id: ObjId, nvme_only: bool) {
+        let until = self.lease_end(now);
+        let seq = self.access_clock + 1;
+        let Some(obj) = self.objects.get_mut(id) else {
+            return;
+        };
         obj.lease_until = obj.lease_until.max(until);
         obj.reads = obj.reads.saturating_add(1);
         objects::note_read(obj, seq);
@@ -108,7 +117,26 @@ impl MasterCore {
         if nvme_only {
             self.note_nvme_hit(now, id);
         }
-        Ok(info)
+    }
+
+    /// One key of a `Touch`: a read served by the location index, recorded as its lookup
+    /// would have been (a lookup of a replica the index named: NVMe only when the object has
+    /// no readable DRAM replica).
+    pub(crate) fn touch_one(&mut self, now: Duration, key: &[u8]) -> ItemResult<()> {
+        check_key(key)?;
+        let (id, nvme_only) = {
+            let Some((id, obj)) = self.objects.lookup(key).filter(|(_, o)| o.visible()) else {
+                return Err(key_error(ErrorCode::NotFound, key, "not in the pool"));
+            };
+            let on_dram = obj.replicas.iter().filter(|r| r.readable()).any(|r| {
+                self.cluster
+                    .placed(r.segment)
+                    .is_some_and(|(seg, _)| seg.tier == Tier::Dram)
+            });
+            (id, !on_dram)
+        };
+        self.note_lookup(now, id, nvme_only);
+        Ok(())
     }
 
     pub(crate) fn exists_one(

@@ -238,6 +238,20 @@ impl Message for MasterIndex {
     type Response = MasterIndexResponse;
 }
 
+/// Keys a client read through the master's location index, reported after the reads: the
+/// master does for each what a lookup does besides answering (the read lease, recency, the
+/// read count, NVMe hits), and answers only whether it found it (`NotFound` otherwise).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Touch {
+    #[serde(with = "crate::bytes::many")]
+    pub keys: Vec<Vec<u8>>,
+}
+
+impl Message for Touch {
+    const OPCODE: Opcode = Opcode::Touch;
+    type Response = UnitResponse;
+}
+
 /// The cluster's state, for `kvpool status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {}

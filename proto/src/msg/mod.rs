@@ -113,6 +113,8 @@ pub enum Opcode {
     RemoveRegex = 0x1a,
     /// Where the master's location index is, for same-host clients.
     MasterIndex = 0x1b,
+    /// Reads a client served from the master's index: the lookups' bookkeeping, deferred.
+    Touch = 0x1c,
     Register = 0x20,
     Heartbeat = 0x21,
     Leave = 0x22,
@@ -151,6 +153,7 @@ impl Opcode {
         Opcode::ListKeys,
         Opcode::RemoveRegex,
         Opcode::MasterIndex,
+        Opcode::Touch,
         Opcode::Register,
         Opcode::Heartbeat,
         Opcode::Leave,

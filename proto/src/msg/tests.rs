@@ -186,6 +186,7 @@ proptest! {
         let _ = decode_body::<ListKeysResponse>(&bytes);
         let _ = decode_body::<RemoveRegex>(&bytes);
         let _ = decode_body::<MasterIndexResponse>(&bytes);
+        let _ = decode_body::<Touch>(&bytes);
         let _ = decode_body::<Leave>(&bytes);
         let _ = decode_body::<Register>(&bytes);
         let _ = decode_body::<RegisterResponse>(&bytes);
