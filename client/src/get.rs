@@ -224,7 +224,7 @@ impl Client {
                 .flatten()
                 .filter(|l| !self.cache_saves_nothing(&l.info))
                 .or_else(|| {
-                    let l = self.from_index(index.as_ref()?, &wire, now)?;
+                    let l = self.located_by_index(index.as_ref()?, &wire, now)?;
                     touched.push(wire.clone());
                     Some(l)
                 });
@@ -435,7 +435,7 @@ impl Client {
     /// `wire_key`'s location from the master's index, when it has one this client can read
     /// with a check: a DRAM replica, or an NVMe one whose record this client reads off the
     /// node's file (the master publishes NVMe replicas only with promotion off).
-    fn from_index(
+    fn located_by_index(
         &self,
         index: &Arc<kvpool_transport::shm::IndexReader>,
         wire_key: &[u8],

@@ -92,6 +92,11 @@ message_checks!(
     HandoffDone,
     HandoffAbort,
     HandoffAck,
+    Local,
+    LocalResponse,
+    MasterIndex,
+    MasterIndexResponse,
+    Touch,
 );
 
 /// The master's configuration section as a file gives it: parsing never panics, and what
