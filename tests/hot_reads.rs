@@ -10,7 +10,7 @@ use kvpool_proto::PutOptions;
 use kvpool_tests::{
     alive_nodes, config_file, free_port,
     http::{scrape, value as sample},
-    transport_matrix, value, wait_until, Proc,
+    master_with, transport_matrix, value, wait_until, Proc,
 };
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -61,16 +61,7 @@ async fn pool() -> Pool {
 
 /// A pool whose node starts with `pre` before `store`.
 async fn pool_with(pre: &[&str]) -> Pool {
-    let cfg = config_file(CONFIG);
-    let master = Proc::start(&[
-        "--config",
-        cfg.to_str().expect("utf-8 path"),
-        "master",
-        "--listen",
-        "127.0.0.1:0",
-        "--http",
-        "127.0.0.1:0",
-    ]);
+    let master = master_with(CONFIG);
     let (m, http) = (master.addr("master"), master.addr("http"));
     let port = free_port().expect("a free port");
     let store = start_store_with(&m, port, pre);

@@ -11,9 +11,9 @@ use std::time::Duration;
 use kvpool_client::{Client, ClientConfig, TransportMode};
 use kvpool_proto::PutOptions;
 use kvpool_tests::{
-    alive_nodes, config_file,
+    alive_nodes,
     http::{scrape, value as sample},
-    value, wait_until, Proc,
+    master_with, store_of, value, wait_until, Proc,
 };
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -27,28 +27,9 @@ struct Pool {
 
 /// A master and a node of `dram` on this host.
 async fn pool(dram: &str) -> Pool {
-    let cfg = config_file("[master]\nheartbeat-interval = \"100ms\"\n");
-    let master = Proc::start(&[
-        "--config",
-        cfg.to_str().expect("utf-8 path"),
-        "master",
-        "--listen",
-        "127.0.0.1:0",
-        "--http",
-        "127.0.0.1:0",
-    ]);
+    let master = master_with("[master]\nheartbeat-interval = \"100ms\"\n");
     let (m, http) = (master.addr("master"), master.addr("http"));
-    let store = Proc::start(&[
-        "store",
-        "--master",
-        &m,
-        "--listen",
-        "127.0.0.1:0",
-        "--dram",
-        dram,
-        "--name",
-        "lookups-node",
-    ]);
+    let store = store_of(&m, "lookups-node", dram);
     let c = client(&m, |_| {});
     wait_until("the node's registration", LIMIT, || async {
         alive_nodes(&c).await == 1

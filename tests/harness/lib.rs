@@ -43,6 +43,11 @@ pub fn up(dram: &str, extra: &[&str]) -> Proc {
 
 /// `kvpool store` on a free port with 64 MiB of DRAM, registered with `master` as `name`.
 pub fn store(master: &str, name: &str) -> Proc {
+    store_of(master, name, "64MiB")
+}
+
+/// [`store`] with `dram` of memory.
+pub fn store_of(master: &str, name: &str, dram: &str) -> Proc {
     Proc::start(&[
         "store",
         "--master",
@@ -50,9 +55,24 @@ pub fn store(master: &str, name: &str) -> Proc {
         "--listen",
         "127.0.0.1:0",
         "--dram",
-        "64MiB",
+        dram,
         "--name",
         name,
+    ])
+}
+
+/// `kvpool master` on free ports (RPC and HTTP: its `ready` line names both) with the
+/// settings of `config` (a file's text, for those without a flag).
+pub fn master_with(config: &str) -> Proc {
+    let cfg = config_file(config);
+    Proc::start(&[
+        "--config",
+        cfg.to_str().expect("utf-8 path"),
+        "master",
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
     ])
 }
 
