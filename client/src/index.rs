@@ -116,9 +116,11 @@ impl MasterIndexView {
                 None => None,
             },
             Ok(_) => None,
-            // An older master (`UnknownOpcode`), or one that refuses: as good as none.
-            Err(kvpool_transport::TransportError::Remote(w)) => {
-                tracing::debug!("the master keeps no location index for this client: {w}");
+            // An older master: it keeps none.
+            Err(kvpool_transport::TransportError::Remote(w))
+                if w.code == kvpool_proto::ErrorCode::UnknownOpcode =>
+            {
+                tracing::debug!("the master keeps no location index: {w}");
                 None
             }
             Err(e) => {
