@@ -53,8 +53,8 @@ const PART: u64 = 8 << 20;
 /// Submission queue entries per ring: a request's further reads go in as earlier ones land.
 const RING_ENTRIES: u32 = 64;
 /// A task whose reads are all the reads of this process in flight, of at most this many
-/// bytes, waits for them in the kernel (below, `Ring::step`).
-const INLINE_WAIT_MAX: u64 = 256 << 10;
+/// bytes (a batch of four 64 KiB records), waits for them in the kernel (`Ring::step`).
+const INLINE_WAIT_MAX: u64 = 512 << 10;
 /// Bytes of direct reads in flight in this process, over every ring.
 static READS_IN_FLIGHT: AtomicU64 = AtomicU64::new(0);
 /// Idle rings (with their buffers) kept for the next requests.
@@ -364,20 +364,23 @@ impl Ring {
             READS_IN_FLIGHT.fetch_add(p.len, Ordering::Relaxed);
             *submitted += 1;
         }
-        if *submitted > before {
-            self.uring.get_ref().submit()?;
-        }
         // A caller outside the runtime's tasks (a `block_on` thread, as the Python binding
         // drives the client) has nothing else to run: it waits in the kernel, where the
         // completion wakes it directly. A task waits for the ring's readiness instead, so its
         // worker runs other tasks meanwhile; unless its reads are small and all this
         // process has in flight (a get at depth 1): then no other read could overlap the
         // wait, and waiting in the kernel saves the wake-up through the runtime (a 64 KiB
-        // read's median 93-98 µs on a task went to 84, as on a blocked thread: 81,
-        // docs/benchmarks.md). The worker is held for one such read at most.
+        // read's median 93-98 µs on a task went to 75-78, as on a blocked thread, and to
+        // 67-72 with the submission and the wait in one call; docs/benchmarks.md). The
+        // worker is held for one such batch at most.
         let in_task = tokio::task::try_id().is_some()
             && !(self.bytes_in_flight <= INLINE_WAIT_MAX
                 && READS_IN_FLIGHT.load(Ordering::Relaxed) == self.bytes_in_flight);
+        if *submitted > before {
+            // Waiting here: one system call submits and waits.
+            let wait = usize::from(!in_task);
+            self.uring.get_ref().submit_and_wait(wait)?;
+        }
         loop {
             let done: Vec<(usize, bool)> = self
                 .uring
