@@ -208,10 +208,10 @@ impl Client {
         }
         let mut out: Lookup = Vec::with_capacity(keys.len());
         let now = Instant::now();
-        if use_cache && self.index.should_ask(now) {
-            self.index.ask(&self.master).await;
-        }
-        let index = use_cache.then(|| self.index.reader()).flatten();
+        let index = match use_cache {
+            true => self.index.current(&self.master, now).await,
+            false => None,
+        };
         let mut touched = Vec::new();
         // The keys to ask the master about: their items, and their wire keys (moved into the
         // requests, not copied).
@@ -223,13 +223,15 @@ impl Client {
                 .then(|| self.locations.get(&wire))
                 .flatten()
                 .filter(|l| !self.cache_saves_nothing(&l.info))
-                .or_else(|| {
-                    let l = self.located_by_index(index.as_ref()?, &wire, now)?;
-                    touched.push(wire.clone());
-                    Some(l)
-                });
+                .or_else(|| self.located_by_index(index.as_ref()?, &wire, now));
             match cached {
-                Some(l) => out.push(Ok(Some(l))),
+                Some(l) => {
+                    // Served by the master's index: reported to the master afterwards.
+                    if l.ticket.is_some() {
+                        touched.push(wire);
+                    }
+                    out.push(Ok(Some(l)));
+                }
                 None => {
                     out.push(Ok(None));
                     ask.push(i);

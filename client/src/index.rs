@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kvpool_proto::{MasterIndex, NodeId, ObjectInfo, ReplicaDesc, Tier, Touch};
+use kvpool_proto::{MasterIndex, NodeId, ObjectInfo, ReplicaDesc, Touch};
 use kvpool_transport::{
     rpc::RpcClient,
     shm::index::{key_hash, IndexReader, Ticket},
@@ -55,11 +55,6 @@ struct Mapped {
     ask_at: Option<Instant>,
 }
 
-#[derive(Default)]
-struct Touched {
-    keys: Vec<Vec<u8>>,
-}
-
 /// A client's view of its master's index, and what it learned to use it.
 #[derive(Default)]
 pub(crate) struct MasterIndexView {
@@ -75,34 +70,39 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl MasterIndexView {
-    pub fn new(enabled: bool) -> Self {
+    /// `max_batch`: keys per report, as per any master request of this client.
+    pub fn new(enabled: bool, max_batch: usize) -> Self {
         MasterIndexView {
             enabled,
+            touched: Arc::new(Reports {
+                batch: max_batch.max(1),
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }
 
-    /// The index, when mapped and trusted now.
-    pub fn reader(&self) -> Option<Arc<IndexReader>> {
+    /// The index to look keys up in now: the one mapped, while its master vouches for it;
+    /// else, when the last ask is long enough ago, whatever asking the master again gives.
+    pub async fn current(&self, rpc: &RpcClient, now: Instant) -> Option<Arc<IndexReader>> {
         if !self.enabled {
             return None;
         }
-        lock(&self.mapped).reader.clone().filter(|r| r.valid())
-    }
-
-    /// Whether to ask the master where its index is before this lookup: the feature is on,
-    /// no trusted index is mapped, and the last ask is long enough ago.
-    pub fn should_ask(&self, now: Instant) -> bool {
-        if !self.enabled {
-            return false;
+        {
+            let m = lock(&self.mapped);
+            match &m.reader {
+                Some(r) if r.valid() => return Some(r.clone()),
+                _ if m.ask_at.is_some_and(|t| now < t) => return None,
+                _ => {}
+            }
         }
-        let m = lock(&self.mapped);
-        !m.reader.as_ref().is_some_and(|r| r.valid()) && m.ask_at.is_none_or(|t| now >= t)
+        self.ask(rpc).await;
+        lock(&self.mapped).reader.clone().filter(|r| r.valid())
     }
 
     /// Asks the master where its index is and maps it when it is on this host. Failures only
     /// postpone the next ask: gets keep going through the master.
-    pub async fn ask(&self, rpc: &RpcClient) {
+    async fn ask(&self, rpc: &RpcClient) {
         let now = Instant::now();
         let mapped = match rpc.call(&MasterIndex {}).await {
             Ok(a) if a.host == kvpool_transport::shm::net_host_id() => match a.path {
@@ -172,26 +172,16 @@ impl MasterIndexView {
         wire_key: &[u8],
     ) -> Option<(Arc<ObjectInfo>, IndexTicket)> {
         let (e, ticket) = reader.find(key_hash(wire_key))?;
-        let node = NodeId(e.node);
         let addr = self
             .nodes
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&node)?
+            .get(&e.node)?
             .clone();
-        let replica = ReplicaDesc {
-            id: kvpool_proto::ReplicaId(e.replica),
-            node,
-            addr,
-            segment: kvpool_proto::SegmentId(e.segment),
-            offset: e.offset,
-            len: e.len,
-            tier: if e.tier == 0 { Tier::Dram } else { Tier::Nvme },
-        };
         let info = ObjectInfo {
-            len: e.obj_len,
+            len: e.len,
             checksum: e.checksum,
-            replicas: vec![replica],
+            replicas: vec![e.replica(addr)],
             lease_ms: 0,
         };
         Some((
@@ -210,11 +200,11 @@ impl MasterIndexView {
             return;
         }
         let (full, first) = {
-            let mut t = lock(&self.touched.pending);
-            let first = t.keys.is_empty();
-            let room = TOUCH_CAP.saturating_sub(t.keys.len());
-            t.keys.extend(keys.into_iter().take(room));
-            (t.keys.len() >= TOUCH_BATCH, first)
+            let mut pending = lock(&self.touched.pending);
+            let first = pending.is_empty();
+            let room = TOUCH_CAP.saturating_sub(pending.len());
+            pending.extend(keys.into_iter().take(room));
+            (pending.len() >= TOUCH_BATCH, first)
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
@@ -235,7 +225,7 @@ impl MasterIndexView {
     /// as gets through the master do.
     pub async fn flush(&self, rpc: &RpcClient) {
         let _sending = self.touched.sending.lock().await;
-        report(rpc, self.touched.take()).await;
+        self.touched.report(rpc, self.touched.take()).await;
     }
 }
 
@@ -243,15 +233,17 @@ impl MasterIndexView {
 /// slower than the reads makes the next report larger, never more of them at once.
 #[derive(Default)]
 struct Reports {
-    pending: Mutex<Touched>,
+    pending: Mutex<Vec<Vec<u8>>>,
     /// Held while a report is sent.
     sending: tokio::sync::Mutex<()>,
+    /// Keys per `Touch` request.
+    batch: usize,
 }
 
 impl Reports {
     /// Each key once: a hot key read many times between two reports is one lookup.
     fn take(&self) -> Vec<Vec<u8>> {
-        let mut keys = std::mem::take(&mut lock(&self.pending).keys);
+        let mut keys = std::mem::take(&mut *lock(&self.pending));
         keys.sort_unstable();
         keys.dedup();
         keys
@@ -269,27 +261,31 @@ impl Reports {
                 if keys.is_empty() {
                     return;
                 }
-                report(rpc, keys).await;
+                self.report(rpc, keys).await;
             }
             // Keys that arrived while it was sent: their own timer may have found this
             // report in flight and left them to it.
-            if lock(&self.pending).keys.is_empty() {
+            if lock(&self.pending).is_empty() {
                 return;
             }
         }
     }
-}
 
-/// Tells the master of reads served by the index: the lookups they skipped, whose answers
-/// nobody needs.
-async fn report(rpc: &RpcClient, keys: Vec<Vec<u8>>) {
-    for chunk in keys.chunks(1024) {
-        let msg = Touch {
-            keys: chunk.to_vec(),
-        };
-        if let Err(e) = rpc.call(&msg).await {
-            tracing::debug!("reporting reads served by the location index: {e}");
-            return;
+    /// Tells the master of reads served by the index: the lookups they skipped, whose
+    /// answers nobody needs.
+    async fn report(&self, rpc: &RpcClient, keys: Vec<Vec<u8>>) {
+        let mut keys = keys.into_iter();
+        loop {
+            let msg = Touch {
+                keys: keys.by_ref().take(self.batch).collect(),
+            };
+            if msg.keys.is_empty() {
+                return;
+            }
+            if let Err(e) = rpc.call(&msg).await {
+                tracing::debug!("reporting reads served by the location index: {e}");
+                return;
+            }
         }
     }
 }

@@ -74,7 +74,8 @@ impl Client {
         let transport = cfg.effective_transport();
         // TCP only means the master's connection too (its Unix socket is another path).
         rpc_opts.same_host &= transport.as_ref().ok() != Some(&TransportMode::Tcp);
-        let index = index::MasterIndexView::new(cfg.master_index && rpc_opts.same_host);
+        let index =
+            index::MasterIndexView::new(cfg.master_index && rpc_opts.same_host, cfg.max_batch);
         let master = master_rpc(&cfg, rpc_opts);
         let location_cache = cfg.effective_location_cache();
         engine_opts.transport = *transport.as_ref().unwrap_or(&cfg.transport);

@@ -23,7 +23,7 @@ pub struct MasterConfig {
     /// `/dev/shm`), so that clients on this host find keys without asking [true]. Needs
     /// `unix-socket`.
     pub location_index: bool,
-    /// Slots of the location index (a power of two, 1024 to 16 Mi; 80 bytes each): it holds
+    /// Slots of the location index (a power of two, 1024 to 16 Mi; 72 bytes each): it holds
     /// up to three quarters as many objects, and gets of the others ask the master [262144].
     pub location_index_slots: u64,
     /// HTTP address of `/metrics`, `/health` and `/ready` ["127.0.0.1:9003"]; empty: none.
@@ -145,11 +145,11 @@ impl MasterConfig {
             return Err("master.max-value must be at least 1 byte".into());
         }
         let slots = self.location_index_slots;
-        let (lo, hi) = (
-            kvpool_transport::shm::index::MIN_SLOTS as u64,
-            kvpool_transport::shm::index::MAX_SLOTS as u64,
-        );
-        if !slots.is_power_of_two() || !(lo..=hi).contains(&slots) {
+        if !kvpool_transport::shm::index::valid_slots(slots) {
+            let (lo, hi) = (
+                kvpool_transport::shm::index::MIN_SLOTS,
+                kvpool_transport::shm::index::MAX_SLOTS,
+            );
             return Err(format!(
                 "master.location-index-slots must be a power of two from {lo} to {hi}, got {slots}"
             ));

@@ -58,16 +58,7 @@ impl MasterCore {
                     let (seg, node) = self.cluster.placed(r.segment)?;
                     (seg.tier == tier).then(|| describe_on(r, seg, node, obj.key.len(), obj.len))
                 })
-                .map(|d| Entry {
-                    replica: d.id.0,
-                    node: d.node.0,
-                    segment: d.segment.0,
-                    offset: d.offset,
-                    len: d.len,
-                    obj_len: obj.len,
-                    checksum: obj.checksum,
-                    tier: u8::from(d.tier == Tier::Nvme),
-                })
+                .map(|d| Entry::of(&d, obj.checksum))
         })
     }
 }

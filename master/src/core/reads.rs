@@ -67,15 +67,12 @@ impl MasterCore {
     /// once, and records the read without moving anything in the recency orders
     /// ([`objects::note_read`]).
     pub(crate) fn get_replicas_one(&mut self, now: Duration, key: &[u8]) -> ItemResult<ObjectInfo> {
-        check_key(key)?;
         // The full TTL, not what is left of a longer earlier lease: the reader counts it from
         // when it sent the request, so this is the conservative figure.
         let lease_ms = u64::try_from(self.cfg.lease_ttl.as_millis()).unwrap_or(u64::MAX);
         let ttl = self.cfg.node_ttl;
-        let (objects, cluster) = (&self.objects, &self.cluster);
-        let Some((id, obj)) = objects.lookup(key).filter(|(_, o)| o.visible()) else {
-            return Err(key_error(ErrorCode::NotFound, key, "not in the pool"));
-        };
+        let (id, obj) = self.committed(key)?;
+        let cluster = &self.cluster;
         let mut replicas = Vec::with_capacity(obj.replicas.len());
         for r in obj.replicas.iter().filter(|r| r.readable()) {
             // A node past its TTL that `tick` has not dropped yet must not be read from.
@@ -123,11 +120,8 @@ impl MasterCore {
     /// would have been (a lookup of a replica the index named: NVMe only when the object has
     /// no readable DRAM replica).
     pub(crate) fn touch_one(&mut self, now: Duration, key: &[u8]) -> ItemResult<()> {
-        check_key(key)?;
         let (id, nvme_only) = {
-            let Some((id, obj)) = self.objects.lookup(key).filter(|(_, o)| o.visible()) else {
-                return Err(key_error(ErrorCode::NotFound, key, "not in the pool"));
-            };
+            let (id, obj) = self.committed(key)?;
             let on_dram = obj.replicas.iter().filter(|r| r.readable()).any(|r| {
                 self.cluster
                     .placed(r.segment)

@@ -9,8 +9,8 @@
 //! keyed by the 128-bit XXH3 hash of the key, probed linearly from its home slot for at most
 //! [`PROBES`] slots. A slot is [`WORDS`] u64 words: a sequence number (odd while the master
 //! writes the slot), the hash (both words 0: empty; both `u64::MAX`: removed), then the
-//! replica: its id, node, segment, offset and length, the object's length, and its crc32c and
-//! tier in one word.
+//! replica: its id, node, segment, offset and length (the value's), and the object's crc32c
+//! and the replica's tier in one word.
 //!
 //! # Why an entry found is proof
 //! Only the master writes the index, under its core's lock, after every change to an object
@@ -35,9 +35,13 @@
 use std::{
     fs::File,
     path::{Path, PathBuf},
-    sync::atomic::{fence, AtomicU64, Ordering},
+    sync::{
+        atomic::{fence, AtomicU64, Ordering},
+        Arc,
+    },
 };
 
+use kvpool_proto::{NodeId, ReplicaDesc, ReplicaId, SegmentId, Tier};
 use memmap2::{MmapOptions, MmapRaw};
 
 /// The first header word: "KVPINDEX".
@@ -48,19 +52,15 @@ const HEADER: usize = 64;
 const H_MAGIC: usize = 0;
 const H_SLOTS: usize = 1;
 const H_VALID_UNTIL: usize = 2;
-/// Words per slot.
-pub const WORDS: usize = 10;
-/// Word indexes within a slot.
+/// Word indexes within a slot: the sequence number, the hash, then the entry's words
+/// ([`Entry::words`]).
 const W_SEQ: usize = 0;
 const W_HASH_LO: usize = 1;
 const W_HASH_HI: usize = 2;
-const W_REPLICA: usize = 3;
-const W_NODE: usize = 4;
-const W_SEGMENT: usize = 5;
-const W_OFFSET: usize = 6;
-const W_LEN: usize = 7;
-const W_OBJ_LEN: usize = 8;
-const W_CRC_TIER: usize = 9;
+const W_ENTRY: usize = 3;
+/// Words of an entry, and of a slot.
+const ENTRY_WORDS: usize = 6;
+pub const WORDS: usize = W_ENTRY + ENTRY_WORDS;
 /// The most slots a lookup or an insertion probes.
 pub const PROBES: usize = 32;
 /// Fewest and most slots an index has.
@@ -71,18 +71,80 @@ pub const VALIDITY_NS: u64 = 250_000_000;
 const EMPTY: u128 = 0;
 const REMOVED: u128 = u128::MAX;
 
-/// What a slot says of a key: one replica, and the object's length and crc32c.
+/// What a slot says of a key: one replica (where its value starts and how long it is), and
+/// the object's crc32c.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Entry {
-    pub replica: u64,
-    pub node: u64,
-    pub segment: u64,
+    pub replica: ReplicaId,
+    pub node: NodeId,
+    pub segment: SegmentId,
     pub offset: u64,
     pub len: u64,
-    pub obj_len: u64,
+    pub tier: Tier,
     pub checksum: u32,
-    /// 0: DRAM, 1: NVMe.
-    pub tier: u8,
+}
+
+impl Entry {
+    /// What the index says of replica `r` of an object whose crc32c is `checksum`.
+    pub fn of(r: &ReplicaDesc, checksum: u32) -> Entry {
+        Entry {
+            replica: r.id,
+            node: r.node,
+            segment: r.segment,
+            offset: r.offset,
+            len: r.len,
+            tier: r.tier,
+            checksum,
+        }
+    }
+
+    /// The replica, on the node whose data address is `addr`.
+    pub fn replica(&self, addr: Arc<str>) -> ReplicaDesc {
+        ReplicaDesc {
+            id: self.replica,
+            node: self.node,
+            addr,
+            segment: self.segment,
+            offset: self.offset,
+            len: self.len,
+            tier: self.tier,
+        }
+    }
+
+    /// The slot words, after the hash.
+    fn words(&self) -> [u64; ENTRY_WORDS] {
+        let tier = u64::from(self.tier == Tier::Nvme);
+        [
+            self.replica.0,
+            self.node.0,
+            self.segment.0,
+            self.offset,
+            self.len,
+            u64::from(self.checksum) | (tier << 32),
+        ]
+    }
+
+    fn from_words(w: [u64; ENTRY_WORDS]) -> Entry {
+        Entry {
+            replica: ReplicaId(w[0]),
+            node: NodeId(w[1]),
+            segment: SegmentId(w[2]),
+            offset: w[3],
+            len: w[4],
+            tier: if w[5] >> 32 == 1 {
+                Tier::Nvme
+            } else {
+                Tier::Dram
+            },
+            checksum: w[5] as u32,
+        }
+    }
+}
+
+/// Whether an index may have `slots` slots: a power of two within [`MIN_SLOTS`, `MAX_SLOTS`]
+/// (the master's setting, the writer and every reader check it).
+pub fn valid_slots(slots: u64) -> bool {
+    slots.is_power_of_two() && (MIN_SLOTS as u64..=MAX_SLOTS as u64).contains(&slots)
 }
 
 /// What a reader checks after its copy: the slot it read and the sequence number it saw.
@@ -113,15 +175,6 @@ pub fn mono_ns() -> u64 {
     (ts.tv_sec as u64)
         .saturating_mul(1_000_000_000)
         .saturating_add(ts.tv_nsec as u64)
-}
-
-/// The slot count for an index asked to hold `objects` objects: twice as many, so that probes
-/// stay short (at most three quarters are ever used), a power of two within bounds.
-pub fn slots_for(objects: u64) -> usize {
-    usize::try_from(objects.saturating_mul(2))
-        .unwrap_or(MAX_SLOTS)
-        .clamp(MIN_SLOTS, MAX_SLOTS)
-        .next_power_of_two()
 }
 
 fn len_for(slots: usize) -> usize {
@@ -172,18 +225,9 @@ impl Table {
     }
 
     fn entry_at(&self, slot: usize) -> Entry {
-        let w = |i| self.word(slot, i).load(Ordering::Relaxed);
-        let crc_tier = w(W_CRC_TIER);
-        Entry {
-            replica: w(W_REPLICA),
-            node: w(W_NODE),
-            segment: w(W_SEGMENT),
-            offset: w(W_OFFSET),
-            len: w(W_LEN),
-            obj_len: w(W_OBJ_LEN),
-            checksum: crc_tier as u32,
-            tier: (crc_tier >> 32) as u8,
-        }
+        Entry::from_words(std::array::from_fn(|i| {
+            self.word(slot, W_ENTRY + i).load(Ordering::Relaxed)
+        }))
     }
 
     /// The slot's hash and entry as of one sequence number (even), read consistently:
@@ -232,7 +276,7 @@ impl IndexWriter {
     /// (mode 0600: readable by this user's processes only), not yet trusted by anyone.
     pub fn create(path: &Path, slots: usize) -> std::io::Result<IndexWriter> {
         use std::os::unix::fs::OpenOptionsExt;
-        if !slots.is_power_of_two() || !(MIN_SLOTS..=MAX_SLOTS).contains(&slots) {
+        if !valid_slots(slots as u64) {
             return Err(std::io::Error::other(format!(
                 "an index needs a power-of-two slot count within [{MIN_SLOTS}, {MAX_SLOTS}], not {slots}"
             )));
@@ -285,38 +329,20 @@ impl IndexWriter {
         self.table.header(H_VALID_UNTIL).store(0, Ordering::Release);
     }
 
-    /// Writes a slot: its sequence number odd while the words change, then advanced past.
+    /// Writes a slot (no entry: zeros): its sequence number odd while the words change, then
+    /// advanced past.
     fn write(&mut self, slot: usize, hash: u128, e: Option<&Entry>) {
         let t = &self.table;
         let seq = t.word(slot, W_SEQ).load(Ordering::Relaxed);
         t.word(slot, W_SEQ).store(seq | 1, Ordering::Relaxed);
         fence(Ordering::Release);
-        let e = e.copied().unwrap_or(Entry {
-            replica: 0,
-            node: 0,
-            segment: 0,
-            offset: 0,
-            len: 0,
-            obj_len: 0,
-            checksum: 0,
-            tier: 0,
-        });
-        let words = [
-            (W_HASH_LO, hash as u64),
-            (W_HASH_HI, (hash >> 64) as u64),
-            (W_REPLICA, e.replica),
-            (W_NODE, e.node),
-            (W_SEGMENT, e.segment),
-            (W_OFFSET, e.offset),
-            (W_LEN, e.len),
-            (W_OBJ_LEN, e.obj_len),
-            (
-                W_CRC_TIER,
-                u64::from(e.checksum) | (u64::from(e.tier) << 32),
-            ),
-        ];
-        for (w, v) in words {
-            t.word(slot, w).store(v, Ordering::Relaxed);
+        t.word(slot, W_HASH_LO)
+            .store(hash as u64, Ordering::Relaxed);
+        t.word(slot, W_HASH_HI)
+            .store((hash >> 64) as u64, Ordering::Relaxed);
+        let words = e.map_or([0; ENTRY_WORDS], Entry::words);
+        for (i, v) in words.into_iter().enumerate() {
+            t.word(slot, W_ENTRY + i).store(v, Ordering::Relaxed);
         }
         t.word(slot, W_SEQ)
             .store((seq | 1).wrapping_add(1), Ordering::Release);
@@ -450,7 +476,7 @@ impl IndexReader {
         let file = File::open(path).map_err(|e| format!("opening the index {shown}: {e}"))?;
         let slots = usize::try_from(slots)
             .ok()
-            .filter(|s| s.is_power_of_two() && (MIN_SLOTS..=MAX_SLOTS).contains(s))
+            .filter(|&s| valid_slots(s as u64))
             .ok_or_else(|| format!("an index of {slots} slots"))?;
         let len = len_for(slots);
         let flen = file.metadata().map_err(|e| e.to_string())?.len();
@@ -544,31 +570,15 @@ pub fn clear_stale() -> std::time::Duration {
 
 fn clear_stale_in(dir: &Path) -> std::time::Duration {
     let started = std::time::Instant::now();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return started.elapsed();
-    };
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("kvpool-master-"))
-            .and_then(|n| n.strip_suffix(".index"))
-            .and_then(|n| n.split_once('-'))
-            .and_then(|(pid, _port)| pid.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if Path::new(&format!("/proc/{pid}")).exists() {
-            continue;
-        }
-        let until = read_deadline(&e.path()).unwrap_or(0);
+    for path in super::left_by_dead(dir, "kvpool-master-", ".index") {
+        let until = read_deadline(&path).unwrap_or(0);
         let now = mono_ns();
         if until > now {
             std::thread::sleep(std::time::Duration::from_nanos(
                 (until - now).min(VALIDITY_NS),
             ));
         }
-        let _ = std::fs::remove_file(e.path());
+        let _ = std::fs::remove_file(path);
     }
     started.elapsed()
 }
@@ -588,14 +598,13 @@ mod tests {
 
     fn entry(n: u64) -> Entry {
         Entry {
-            replica: n,
-            node: 7,
-            segment: 3,
+            replica: ReplicaId(n),
+            node: NodeId(7),
+            segment: SegmentId(3),
             offset: n * 4096,
-            len: 4096,
-            obj_len: 4000,
+            len: 4000,
+            tier: if n % 2 == 1 { Tier::Nvme } else { Tier::Dram },
             checksum: n as u32 ^ 0xdead_beef,
-            tier: (n % 2) as u8,
         }
     }
 
@@ -721,8 +730,8 @@ mod tests {
     fn hashes_avoid_the_marks_and_slot_counts_stay_in_bounds() {
         assert_ne!(key_hash(b""), EMPTY);
         assert_ne!(key_hash(b"k"), key_hash(b"l"));
-        assert_eq!(slots_for(0), MIN_SLOTS);
-        assert_eq!(slots_for(131_072), 1 << 18);
-        assert_eq!(slots_for(u64::MAX), MAX_SLOTS);
+        assert!(valid_slots(MIN_SLOTS as u64) && valid_slots(1 << 18));
+        assert!(valid_slots(MAX_SLOTS as u64));
+        assert!(!valid_slots(MAX_SLOTS as u64 * 2) && !valid_slots(1000) && !valid_slots(0));
     }
 }

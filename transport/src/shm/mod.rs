@@ -135,28 +135,31 @@ pub fn net_host_id() -> String {
 /// (`kvpool-<role>-<pid>-<port>.sock`) whose process is gone: a process killed with SIGKILL
 /// cannot remove its own. Returns how many.
 pub fn remove_stale_sockets(dir: &std::path::Path, role: &str) -> usize {
-    let prefix = format!("kvpool-{role}-");
+    left_by_dead(dir, &format!("kvpool-{role}-"), ".sock")
+        .into_iter()
+        .filter(|p| std::fs::remove_file(p).is_ok())
+        .count()
+}
+
+/// The files in `dir` named `<prefix><pid>-<port><suffix>` whose process `pid` is gone: what
+/// a killed server left behind (its socket, a master's location index).
+fn left_by_dead(dir: &std::path::Path, prefix: &str, suffix: &str) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
+        return Vec::new();
     };
-    let mut removed = 0;
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(prefix.as_str()))
-            .and_then(|n| n.strip_suffix(".sock"))
-            .and_then(|n| n.split_once('-'))
-            .and_then(|(pid, _port)| pid.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
-        if !alive && std::fs::remove_file(e.path()).is_ok() {
-            removed += 1;
-        }
-    }
-    removed
+    entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            name.to_str()
+                .and_then(|n| n.strip_prefix(prefix))
+                .and_then(|n| n.strip_suffix(suffix))
+                .and_then(|n| n.split_once('-'))
+                .and_then(|(pid, _port)| pid.parse::<u32>().ok())
+                .is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+        })
+        .map(|e| e.path())
+        .collect()
 }
 
 /// Where a server of `role` ("store": a node's; "master") puts its Unix socket when its
