@@ -7,7 +7,10 @@
 //! no check), and the copy and crc32c alone, each timed over the same records in a shuffled
 //! order, alternating, one read at a time, the reader on a runtime task (an async caller) or,
 //! with `block-on`, on the thread that blocks on it (as the Python binding drives a client).
-//! `cargo run --release -p kvpool-benches --example disk_read -- SIZE COUNT DIR [block-on]`
+//! With `batch=N`, N records per request instead (a batched get), beside the same N record
+//! reads submitted together on a bare io_uring and waited for all at once (the device's time
+//! for that pattern; the `pread` column is then left empty).
+//! `cargo run --release -p kvpool-benches --example disk_read -- SIZE COUNT DIR [block-on] [batch=N]`
 
 use std::{
     os::unix::fs::{FileExt, OpenOptionsExt},
@@ -27,7 +30,18 @@ fn main() -> anyhow::Result<()> {
     let size: usize = a.get(1).map_or(Ok(1 << 20), |s| s.parse())?;
     let count: usize = a.get(2).map_or(Ok(256), |s| s.parse())?;
     let dir = std::path::PathBuf::from(a.get(3).map_or("target", String::as_str));
-    let on_task = a.get(4).is_none_or(|m| m != "block-on");
+    let on_task = !a[4.min(a.len())..].iter().any(|m| m == "block-on");
+    let batch: usize = match a[4.min(a.len())..]
+        .iter()
+        .find_map(|m| m.strip_prefix("batch="))
+    {
+        Some(n) => n.parse()?,
+        None => 1,
+    };
+    anyhow::ensure!(
+        (1..=64).contains(&batch),
+        "batch=N: 1 to 64 records per request"
+    );
     std::fs::create_dir_all(&dir)?;
     let path = dir.join(format!("disk-read-{}.dat", std::process::id()));
     let key = b"disk-read-key";
@@ -63,7 +77,9 @@ fn main() -> anyhow::Result<()> {
     let raw = open()?;
     let mut aligned = vec![0u8; rec as usize + 4096];
     let skew = aligned.as_ptr().align_offset(4096);
-    let mut dst = vec![0u8; size];
+    // One destination per record of a request, written before the clock starts.
+    let mut dsts = vec![vec![1u8; size]; batch];
+    let mut device = Device::new(rec, batch)?;
     // Records in a fixed shuffled order, the same for every mode.
     let order: Vec<u64> = (0..count as u64)
         .map(|i| (i * 7919) % count as u64)
@@ -77,29 +93,44 @@ fn main() -> anyhow::Result<()> {
         dir.display()
     );
     println!(
-        "round | pread (device) | DiskFile, 256 KiB parts | DiskFile (one read up to 16 MiB) | copy, then crc32c"
+        "round | pread (device) | io_uring, {batch} at once (device) | DiskFile, 256 KiB parts | DiskFile (one read up to 16 MiB) | copy, then crc32c"
     );
     for round in 0..5 {
         let mut t_raw = Vec::new();
-        for &i in &order {
-            let t = Instant::now();
-            raw.read_exact_at(&mut aligned[skew..skew + rec as usize], i * rec)?;
-            t_raw.push(t.elapsed());
+        if batch == 1 {
+            for &i in &order {
+                let t = Instant::now();
+                raw.read_exact_at(&mut aligned[skew..skew + rec as usize], i * rec)?;
+                t_raw.push(t.elapsed());
+            }
+        }
+        let mut t_ring = Vec::new();
+        for chunk in order.chunks(batch) {
+            let offsets: Vec<u64> = chunk.iter().map(|&i| i * rec).collect();
+            t_ring.push(device.read(&raw, &offsets)?);
         }
         let mut times = [Vec::new(), Vec::new()];
         for (m, disk) in [&cut, &whole].into_iter().enumerate() {
-            for &i in &order {
-                let op = ReadOp {
-                    segment: SegmentId(1),
-                    offset: i * rec + value_offset(key.len()),
-                    len: size as u64,
-                };
+            for chunk in order.chunks(batch) {
+                let ops: Vec<ReadOp> = chunk
+                    .iter()
+                    .map(|&i| ReadOp {
+                        segment: SegmentId(1),
+                        offset: i * rec + value_offset(key.len()),
+                        len: size as u64,
+                    })
+                    .collect();
+                let expect: Vec<ReplicaId> = chunk.iter().map(|&i| ReplicaId(i + 1)).collect();
                 let disk = disk.clone();
-                let mut d = std::mem::take(&mut dst);
+                let mut d = std::mem::take(&mut dsts);
                 let read = async move {
                     let t = Instant::now();
-                    let mut items = vec![ReadItem::new(op, &mut d)];
-                    let got = disk.read(&mut items, &[ReplicaId(i + 1)]).await;
+                    let mut items: Vec<ReadItem<'_>> = ops
+                        .iter()
+                        .zip(d.iter_mut())
+                        .map(|(op, dst)| ReadItem::new(*op, dst))
+                        .collect();
+                    let got = disk.read(&mut items, &expect).await;
                     drop(items);
                     (got, t.elapsed(), d)
                 };
@@ -110,22 +141,31 @@ fn main() -> anyhow::Result<()> {
                 } else {
                     rt.block_on(read)
                 };
-                dst = d;
+                dsts = d;
                 times[m].push(took);
-                anyhow::ensure!(got == vec![Some(crc32c(&value))], "record {i}: {got:?}");
+                anyhow::ensure!(
+                    got.iter().all(|&c| c == Some(crc32c(&value))),
+                    "records {chunk:?}: {got:?}"
+                );
             }
         }
-        anyhow::ensure!(dst == value, "wrong bytes");
+        anyhow::ensure!(dsts.iter().all(|d| *d == value), "wrong bytes");
+        let dst = &mut dsts[0];
         let mut t_copy = Vec::new();
         for _ in &order {
             let t = Instant::now();
             dst.copy_from_slice(&aligned[skew + 4096..skew + 4096 + size]);
-            std::hint::black_box(crc32c(&dst));
+            std::hint::black_box(crc32c(dst));
             t_copy.push(t.elapsed());
         }
         println!(
-            "{round} | {:?} | {:?} | {:?} | {:?}",
-            median(t_raw),
+            "{round} | {} | {:?} | {:?} | {:?} | {:?}",
+            if batch == 1 {
+                format!("{:?}", median(t_raw))
+            } else {
+                "–".into()
+            },
+            median(t_ring),
             median(std::mem::take(&mut times[0])),
             median(std::mem::take(&mut times[1])),
             median(t_copy)
@@ -133,6 +173,55 @@ fn main() -> anyhow::Result<()> {
     }
     std::fs::remove_file(&path)?;
     Ok(())
+}
+
+/// A bare io_uring and one aligned buffer per record of a request: the device's time for a
+/// request's record reads submitted together and waited for together, nothing else.
+struct Device {
+    ring: io_uring::IoUring,
+    buf: Vec<u8>,
+    skew: usize,
+    rec: usize,
+}
+
+impl Device {
+    fn new(rec: u64, batch: usize) -> anyhow::Result<Device> {
+        let rec = rec as usize;
+        let buf = vec![0u8; rec * batch + 4096];
+        let skew = buf.as_ptr().align_offset(4096);
+        Ok(Device {
+            ring: io_uring::IoUring::new(64)?,
+            buf,
+            skew,
+            rec,
+        })
+    }
+
+    /// Reads a record at each of `offsets` (at most the batch) at once; how long it took.
+    fn read(&mut self, file: &std::fs::File, offsets: &[u64]) -> anyhow::Result<Duration> {
+        let fd = io_uring::types::Fd(std::os::fd::AsRawFd::as_raw_fd(file));
+        let t = Instant::now();
+        for (k, &at) in offsets.iter().enumerate() {
+            let dst = self.buf[self.skew + k * self.rec..][..self.rec].as_mut_ptr();
+            let sqe = io_uring::opcode::Read::new(fd, dst, self.rec as u32)
+                .offset(at)
+                .build();
+            // SAFETY: each read lands in its own `rec` bytes of `buf`, which nothing else
+            // touches and which outlives the wait below for every read submitted here.
+            unsafe { self.ring.submission().push(&sqe) }
+                .map_err(|_| anyhow::anyhow!("submission queue full"))?;
+        }
+        self.ring.submit_and_wait(offsets.len())?;
+        let took = t.elapsed();
+        for cqe in self.ring.completion() {
+            anyhow::ensure!(
+                cqe.result() == self.rec as i32,
+                "record read: {}",
+                cqe.result()
+            );
+        }
+        Ok(took)
+    }
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {

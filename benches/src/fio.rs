@@ -12,7 +12,13 @@ pub struct Job<'a> {
     /// `read`, `randread`, `write`, `randwrite`.
     pub rw: &'a str,
     pub block: usize,
+    /// I/Os in flight per job.
     pub iodepth: u32,
+    /// Jobs at once (fio's `numjobs`, reported as one group).
+    pub jobs: u32,
+    /// Each job submits `iodepth` I/Os together and waits for all of them before the next
+    /// `iodepth` (a client's batched request), instead of keeping `iodepth` in flight.
+    pub in_batches: bool,
     pub runtime: Duration,
     /// `--fdatasync=N`: one fdatasync every N writes.
     pub fdatasync: Option<u32>,
@@ -37,7 +43,13 @@ impl Job<'_> {
         .arg(format!("--rw={}", self.rw))
         .arg(format!("--bs={}", self.block))
         .arg(format!("--iodepth={}", self.iodepth))
+        .arg(format!("--numjobs={}", self.jobs.max(1)))
+        .arg("--group_reporting")
         .arg(format!("--runtime={}ms", self.runtime.as_millis()));
+        if self.in_batches {
+            cmd.arg(format!("--iodepth_batch_submit={}", self.iodepth))
+                .arg(format!("--iodepth_batch_complete_min={}", self.iodepth));
+        }
         if let Some(n) = self.fdatasync {
             cmd.arg(format!("--fdatasync={n}"));
         }

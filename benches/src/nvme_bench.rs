@@ -236,6 +236,8 @@ fn fio(args: &Args, file: &Path, size: u64, phase: Phase, fdatasync: bool) -> Re
         rw: phase.fio_rw(),
         block: phase.block(),
         iodepth: args.qd,
+        jobs: 1,
+        in_batches: false,
         runtime: Duration::from_secs_f64(args_seconds(args)),
         fdatasync: fdatasync.then_some(args.qd),
     }

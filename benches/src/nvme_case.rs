@@ -66,11 +66,37 @@ pub struct Plan<'a> {
     pub fio: Option<String>,
 }
 
+/// fio's file, in the case's folder. fio lays it out at its first run after a size's fill and
+/// it is removed after that size's rows, so it is always written after the tier's records:
+/// this machine's virtual disk reads what was written last faster (the host's cache), which
+/// then favours fio, never kvpool.
+const FIO_FILE: &str = "fio.dat";
+
 pub struct Row {
     pub case: Case,
     pub get: Measured,
-    /// fio random reads of `case.size` at depth `clients × batch`, bytes/s.
-    pub fio: Option<f64>,
+    /// fio random reads of `case.size` on a file of the same size in the same folder, bytes/s:
+    /// the mean of a run just before the gets and one just after.
+    pub fio: Option<Limit>,
+}
+
+/// What the disk does for one row, bytes/s.
+#[derive(Debug, Clone, Copy)]
+pub struct Limit {
+    /// `clients × batch` reads always in flight (fio's `iodepth`).
+    pub steady: f64,
+    /// With batches (batch > 1): `clients` jobs, each submitting `batch` reads together and
+    /// waiting for all of them before the next `batch`, as a client's batched get does.
+    pub batched: Option<f64>,
+}
+
+impl Limit {
+    fn mean(a: Limit, b: Limit) -> Limit {
+        Limit {
+            steady: (a.steady + b.steady) / 2.0,
+            batched: a.batched.zip(b.batched).map(|(x, y)| (x + y) / 2.0),
+        }
+    }
 }
 
 pub struct Outcome {
@@ -102,30 +128,6 @@ pub async fn run(plan: &Plan<'_>) -> Result<Outcome> {
         let (mut r, note) = one_size(plan, size, n).await?;
         rows.append(&mut r);
         notes.push(note);
-    }
-    // Afterwards, so the disk serves nothing else meanwhile. fio lays its file out first.
-    if let Some(bin) = &plan.fio {
-        let file = plan.dir.join("fio.dat");
-        for r in &mut rows {
-            let depth = (r.case.clients * r.case.batch) as u32;
-            let job = fio::Job {
-                file: &file,
-                size: plan.bytes,
-                rw: "randread",
-                block: r.case.size,
-                iodepth: depth,
-                runtime: plan.budget.time,
-                fdatasync: None,
-            };
-            let bw = job.run(bin)?;
-            eprintln!(
-                "fio randread bs {} iodepth {depth}: {:.2} GB/s",
-                ByteSize(r.case.size as u64),
-                bw / 1e9
-            );
-            r.fio = Some(bw);
-        }
-        let _ = std::fs::remove_file(&file);
     }
     Ok(Outcome { rows, notes })
 }
@@ -236,10 +238,15 @@ async fn one_size(plan: &Plan<'_>, size: usize, n: usize) -> Result<(Vec<Row>, S
                 batch,
             };
             let used: Vec<Conn> = conns.drain(..case.clients).collect();
+            // The disk's figure moves between runs (0.8-1.6 GB/s for the same job on this
+            // machine): fio runs right before and right after the gets, so the ratio compares
+            // the same minutes.
+            let before = disk_limit(plan, case)?;
             let (used, get) =
                 workload::run_gets(used, case, plan.budget, &prefix, &values, slots.clone())
                     .await
                     .with_context(|| format!("NVMe gets ×{} b{batch}", case.clients))?;
+            let after = disk_limit(plan, case)?;
             conns.splice(0..0, used);
             eprintln!(
                 "  ×{} b{batch}: {:.0}/s {:.2} GB/s p50 {} p99 {}",
@@ -249,11 +256,8 @@ async fn one_size(plan: &Plan<'_>, size: usize, n: usize) -> Result<(Vec<Row>, S
                 latency(get.p50),
                 latency(get.p99)
             );
-            rows.push(Row {
-                case,
-                get,
-                fio: None,
-            });
+            let fio = before.zip(after).map(|(b, a)| Limit::mean(b, a));
+            rows.push(Row { case, get, fio });
         }
     }
 
@@ -270,6 +274,7 @@ async fn one_size(plan: &Plan<'_>, size: usize, n: usize) -> Result<(Vec<Row>, S
             slots.len()
         );
     }
+    let _ = std::fs::remove_file(plan.dir.join(FIO_FILE));
     let note = format!(
         "{}: {count} objects ({}) put by one writer in {:.1} s ({:.0} MB/s including {:.1} s \
          waiting for demotion to make room); {nvme_only} of them on NVMe only, of which {} \
@@ -287,6 +292,48 @@ async fn one_size(plan: &Plan<'_>, size: usize, n: usize) -> Result<(Vec<Row>, S
     );
     drop(pool);
     Ok((rows, note))
+}
+
+/// fio's random reads of the case's block size on [`FIO_FILE`], if fio is installed: at depth
+/// `clients × batch`, and in the gets' own pattern (`clients` jobs, `batch` reads at a time).
+fn disk_limit(plan: &Plan<'_>, case: Case) -> Result<Option<Limit>> {
+    let Some(bin) = &plan.fio else {
+        return Ok(None);
+    };
+    let size = ByteSize(case.size as u64);
+    let run = |jobs: usize, depth: usize, in_batches: bool| {
+        fio::Job {
+            file: &plan.dir.join(FIO_FILE),
+            size: plan.bytes,
+            rw: "randread",
+            block: case.size,
+            iodepth: depth as u32,
+            jobs: jobs as u32,
+            in_batches,
+            runtime: plan.budget.time,
+            fdatasync: None,
+        }
+        .run(bin)
+    };
+    let steady = run(1, case.clients * case.batch, false)?;
+    eprintln!(
+        "  fio randread bs {size} iodepth {}: {:.2} GB/s",
+        case.clients * case.batch,
+        steady / 1e9
+    );
+    let batched = match case.batch {
+        1 => None,
+        b => {
+            let bw = run(case.clients, b, true)?;
+            eprintln!(
+                "  fio randread bs {size} {} jobs × batches of {b}: {:.2} GB/s",
+                case.clients,
+                bw / 1e9
+            );
+            Some(bw)
+        }
+    };
+    Ok(Some(Limit { steady, batched }))
 }
 
 /// Waits until the node's DRAM is at most [`ROOM`] full.
@@ -354,27 +401,35 @@ pub fn render(o: &Outcome) -> String {
          and after the gets), so every get is an O_DIRECT read of its record: by the client \
          itself off the node's file (the pool is on the client's host), after a lookup at the \
          master or, from a key's second lookup on, from the client's location cache (promotion \
-         is off, so the master lets clients keep NVMe locations). fio: `--rw=randread --direct=1 --ioengine=io_uring`, block = value size, \
-         iodepth = clients × batch, on a file of the same size in the same folder.\n\n",
+         is off, so the master lets clients keep NVMe locations). fio: `--rw=randread --direct=1 --ioengine=io_uring` on a file of the same \
+         size in the same folder (laid out after the fill), block = value size, run just \
+         before and just after each row's gets (the mean of the two is shown): \
+         \"fio steady\" keeps clients × batch reads in flight (`--iodepth`); \"fio in batches\" \
+         (batch > 1) runs one job per client, each submitting a batch's reads together and \
+         waiting for all of them before the next (`--numjobs=clients --iodepth=batch \
+         --iodepth_batch_submit=batch --iodepth_batch_complete_min=batch`), as a batched get \
+         does.\n\n",
         CONFIG.trim().replace('\n', "; ")
     ));
     for note in &o.notes {
         out.push_str(&format!("{note}\n\n"));
     }
     out.push_str(
-        "| size | clients | batch | kvpool obj/s | kvpool GB/s | p50 | p99 | fio GB/s | kvpool/fio |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| size | clients | batch | kvpool obj/s | kvpool GB/s | p50 | p99 | fio steady GB/s | kvpool/steady | fio in batches GB/s | kvpool/in batches |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in &o.rows {
-        let (fio, share) = match r.fio {
+        let versus = |limit: Option<f64>| match limit {
             Some(f) if f > 0.0 => (
                 format!("{:.2}", f / 1e9),
                 format!("{:.0} %", r.get.gbps() * 1e9 / f * 100.0),
             ),
             _ => ("–".into(), "–".into()),
         };
+        let (steady, steady_share) = versus(r.fio.map(|l| l.steady));
+        let (batched, batched_share) = versus(r.fio.and_then(|l| l.batched));
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {:.2} | {} | {} | {fio} | {share} |\n",
+            "| {} | {} | {} | {} | {:.2} | {} | {} | {steady} | {steady_share} | {batched} | {batched_share} |\n",
             ByteSize(r.case.size as u64),
             r.case.clients,
             r.case.batch,
