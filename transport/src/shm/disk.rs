@@ -50,6 +50,11 @@ const MAX_READ: u64 = 1 << 30;
 /// slower with four clients, as on the node (`store.nvme.read-parts`); only values beyond
 /// 16 MiB are cut, where the copy of one part overlapping the next part's read matters.
 const PART: u64 = 8 << 20;
+/// ... except a lone record read (one record in the request, no other direct read of this
+/// process in flight), cut into parts of this size: nothing else overlaps its copy, which for
+/// 1 MiB is ~95 µs after the read lands in one piece and ~35 µs after the last of five parts
+/// (docs/benchmarks.md, "NVMe gets against the disk's own pattern").
+const LONE_PART: u64 = 256 << 10;
 /// Submission queue entries per ring: a request's further reads go in as earlier ones land.
 const RING_ENTRIES: u32 = 64;
 /// A task whose reads are all the reads of this process in flight, of at most this many
@@ -135,12 +140,15 @@ impl DiskFile {
         };
         let lens: Vec<u64> = want.iter().map(|&i| spans[i].map_or(0, |s| s.1)).collect();
         ring.fit(&lens);
+        let part = part_size(
+            self.part,
+            lens.len(),
+            READS_IN_FLIGHT.load(Ordering::Relaxed),
+        );
         let parts: Vec<Part> = lens
             .iter()
             .enumerate()
-            .flat_map(|(b, &len)| {
-                split(len, self.part).map(move |(at, len)| Part { buf: b, at, len })
-            })
+            .flat_map(|(b, &len)| split(len, part).map(move |(at, len)| Part { buf: b, at, len }))
             .collect();
         let starts: Vec<u64> = want.iter().map(|&i| spans[i].map_or(0, |s| s.0)).collect();
         // Per part, the crc32c of its share of the value once copied (None: not landed whole).
@@ -451,6 +459,16 @@ struct Part {
     len: u64,
 }
 
+/// The part size for a request of `records` record reads when this process has `in_flight`
+/// bytes of direct reads in flight: [`LONE_PART`] for a lone record read (unless the file's
+/// parts are already smaller), else the file's.
+fn part_size(part: u64, records: usize, in_flight: u64) -> u64 {
+    match (records, in_flight) {
+        (1, 0) => part.min(LONE_PART),
+        _ => part,
+    }
+}
+
 /// The parts a record read of `len` bytes is cut into: one up to twice `part`, else parts of
 /// `part` (a 4 KiB multiple, so each is an O_DIRECT read of its own).
 fn split(len: u64, part: u64) -> impl Iterator<Item = (u64, u64)> {
@@ -559,6 +577,36 @@ mod tests {
             span(4096, MAX_READ, u64::MAX),
             None,
             "too long for one read"
+        );
+    }
+
+    #[test]
+    fn only_a_lone_record_read_is_cut_finer() {
+        let lone = part_size(PART, 1, 0);
+        assert_eq!(lone, LONE_PART);
+        // A 1 MiB value's record read (with its header block): five parts, the last the
+        // header's 4 KiB.
+        let rec = HEAD + (1 << 20);
+        assert_eq!(split(rec, lone).count(), 5);
+        assert_eq!(
+            split(rec, PART).count(),
+            1,
+            "not cut with the file's own part size"
+        );
+        assert_eq!(
+            part_size(PART, 4, 0),
+            PART,
+            "a batch overlaps its copies itself"
+        );
+        assert_eq!(
+            part_size(PART, 1, 64 << 10),
+            PART,
+            "other reads are in flight"
+        );
+        assert_eq!(
+            part_size(64 << 10, 1, 0),
+            64 << 10,
+            "a finer file part stays"
         );
     }
 
