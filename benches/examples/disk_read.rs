@@ -93,7 +93,7 @@ fn main() -> anyhow::Result<()> {
         dir.display()
     );
     println!(
-        "round | pread (device) | io_uring, {batch} at once (device) | DiskFile, 256 KiB parts | DiskFile (one read up to 16 MiB) | copy, then crc32c"
+        "round | pread (device) | io_uring, {batch} at once (device) | DiskFile, 256 KiB parts | DiskFile (defaults: a lone record read over 512 KiB in 256 KiB parts, else one read up to 16 MiB) | copy, then crc32c"
     );
     for round in 0..5 {
         // Request by request, every mode in turn, so the disk's drift (large on this

@@ -72,8 +72,10 @@ pub struct DiskFile {
     segment: SegmentId,
     file: File,
     size: u64,
-    /// Record reads longer than twice this are cut into parts ([`PART`]).
+    /// Record reads longer than twice this are cut into parts ([`PART`]) ...
     part: u64,
+    /// ... or, for a lone record read, than twice this ([`LONE_PART`]).
+    lone_part: u64,
     idle: Mutex<Idle>,
 }
 
@@ -93,14 +95,17 @@ impl DiskFile {
             file: File::from(fd),
             size,
             part: PART,
+            lone_part: LONE_PART,
             idle: Mutex::new(Idle::default()),
         }
     }
 
-    /// The same file with record reads cut into parts of `part` bytes (rounded to 4 KiB
-    /// multiples; `u64::MAX`: never cut), for `benches/examples/disk_read.rs`.
+    /// The same file with every record read, lone or not, cut into parts of `part` bytes
+    /// (rounded to 4 KiB multiples; `u64::MAX`: never cut), for
+    /// `benches/examples/disk_read.rs`.
     pub fn with_part(mut self, part: u64) -> DiskFile {
         self.part = part / NVME_ALIGN * NVME_ALIGN;
+        self.lone_part = self.part;
         self
     }
 
@@ -140,11 +145,7 @@ impl DiskFile {
         };
         let lens: Vec<u64> = want.iter().map(|&i| spans[i].map_or(0, |s| s.1)).collect();
         ring.fit(&lens);
-        let part = part_size(
-            self.part,
-            lens.len(),
-            READS_IN_FLIGHT.load(Ordering::Relaxed),
-        );
+        let part = self.part_for(lens.len(), READS_IN_FLIGHT.load(Ordering::Relaxed));
         let parts: Vec<Part> = lens
             .iter()
             .enumerate()
@@ -206,6 +207,15 @@ impl DiskFile {
         }
         self.give_back(ring);
         out
+    }
+
+    /// The part size for a request of `records` record reads while this process has
+    /// `in_flight` bytes of direct reads in flight: a lone record read's, or the file's.
+    fn part_for(&self, records: usize, in_flight: u64) -> u64 {
+        match (records, in_flight) {
+            (1, 0) => self.lone_part,
+            _ => self.part,
+        }
     }
 
     fn take_ring(&self) -> io::Result<Ring> {
@@ -459,16 +469,6 @@ struct Part {
     len: u64,
 }
 
-/// The part size for a request of `records` record reads when this process has `in_flight`
-/// bytes of direct reads in flight: [`LONE_PART`] for a lone record read (unless the file's
-/// parts are already smaller), else the file's.
-fn part_size(part: u64, records: usize, in_flight: u64) -> u64 {
-    match (records, in_flight) {
-        (1, 0) => part.min(LONE_PART),
-        _ => part,
-    }
-}
-
 /// The parts a record read of `len` bytes is cut into: one up to twice `part`, else parts of
 /// `part` (a 4 KiB multiple, so each is an O_DIRECT read of its own).
 fn split(len: u64, part: u64) -> impl Iterator<Item = (u64, u64)> {
@@ -582,32 +582,33 @@ mod tests {
 
     #[test]
     fn only_a_lone_record_read_is_cut_finer() {
-        let lone = part_size(PART, 1, 0);
+        // The choice looks at no file.
+        let any = || -> OwnedFd { std::fs::File::open("/dev/null").unwrap().into() };
+        let disk = DiskFile::new(SegmentId(1), any(), 0);
+        let lone = disk.part_for(1, 0);
         assert_eq!(lone, LONE_PART);
-        // A 1 MiB value's record read (with its header block): five parts, the last the
-        // header's 4 KiB.
-        let rec = HEAD + (1 << 20);
-        assert_eq!(split(rec, lone).count(), 5);
         assert_eq!(
-            split(rec, PART).count(),
-            1,
-            "not cut with the file's own part size"
-        );
-        assert_eq!(
-            part_size(PART, 4, 0),
+            disk.part_for(4, 0),
             PART,
             "a batch overlaps its copies itself"
         );
         assert_eq!(
-            part_size(PART, 1, 64 << 10),
+            disk.part_for(1, 64 << 10),
             PART,
             "other reads are in flight"
         );
+        let never = DiskFile::new(SegmentId(1), any(), 0).with_part(u64::MAX);
         assert_eq!(
-            part_size(64 << 10, 1, 0),
-            64 << 10,
-            "a finer file part stays"
+            never.part_for(1, 0),
+            never.part_for(4, 0),
+            "an explicit part holds"
         );
+        // A 1 MiB value's record read (its header block, then the value): five parts when
+        // lone, the last the value's final 4 KiB; one read otherwise. A 64 KiB one: one read.
+        let rec = HEAD + (1 << 20);
+        assert_eq!(split(rec, lone).count(), 5);
+        assert_eq!(split(rec, PART).count(), 1);
+        assert_eq!(split(HEAD + (64 << 10), lone).count(), 1);
     }
 
     #[test]
