@@ -68,8 +68,8 @@ pub struct Plan<'a> {
 
 /// fio's file, in the case's folder. fio lays it out at its first run after a size's fill and
 /// it is removed after that size's rows, so it is always written after the tier's records:
-/// this machine's virtual disk reads what was written last faster (the host's cache), which
-/// then favours fio, never kvpool.
+/// if this machine's virtual disk reads what was written last faster (the host's cache), that
+/// favours fio, never kvpool.
 const FIO_FILE: &str = "fio.dat";
 
 pub struct Row {
