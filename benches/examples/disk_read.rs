@@ -30,11 +30,9 @@ fn main() -> anyhow::Result<()> {
     let size: usize = a.get(1).map_or(Ok(1 << 20), |s| s.parse())?;
     let count: usize = a.get(2).map_or(Ok(256), |s| s.parse())?;
     let dir = std::path::PathBuf::from(a.get(3).map_or("target", String::as_str));
-    let on_task = !a[4.min(a.len())..].iter().any(|m| m == "block-on");
-    let batch: usize = match a[4.min(a.len())..]
-        .iter()
-        .find_map(|m| m.strip_prefix("batch="))
-    {
+    let flags = a.get(4..).unwrap_or_default();
+    let on_task = !flags.iter().any(|m| m == "block-on");
+    let batch: usize = match flags.iter().find_map(|m| m.strip_prefix("batch=")) {
         Some(n) => n.parse()?,
         None => 1,
     };
@@ -75,8 +73,6 @@ fn main() -> anyhow::Result<()> {
     let cut = Arc::new(DiskFile::new(SegmentId(1), open()?.into(), total).with_part(256 << 10));
     let whole = Arc::new(DiskFile::new(SegmentId(1), open()?.into(), total));
     let raw = open()?;
-    let mut aligned = vec![0u8; rec as usize + 4096];
-    let skew = aligned.as_ptr().align_offset(4096);
     // One destination per record of a request, written before the clock starts.
     let mut dsts = vec![vec![1u8; size]; batch];
     let mut device = Device::new(rec, batch)?;
@@ -103,22 +99,21 @@ fn main() -> anyhow::Result<()> {
         let mut times = [Vec::new(), Vec::new()];
         for chunk in order.chunks(batch) {
             if batch == 1 {
-                let t = Instant::now();
-                raw.read_exact_at(&mut aligned[skew..skew + rec as usize], chunk[0] * rec)?;
-                t_raw.push(t.elapsed());
+                t_raw.push(device.pread(&raw, chunk[0] * rec)?);
             }
             let offsets: Vec<u64> = chunk.iter().map(|&i| i * rec).collect();
             t_ring.push(device.read(&raw, &offsets)?);
+            let ops: Vec<ReadOp> = chunk
+                .iter()
+                .map(|&i| ReadOp {
+                    segment: SegmentId(1),
+                    offset: i * rec + value_offset(key.len()),
+                    len: size as u64,
+                })
+                .collect();
+            let expect: Vec<ReplicaId> = chunk.iter().map(|&i| ReplicaId(i + 1)).collect();
             for (m, disk) in [&cut, &whole].into_iter().enumerate() {
-                let ops: Vec<ReadOp> = chunk
-                    .iter()
-                    .map(|&i| ReadOp {
-                        segment: SegmentId(1),
-                        offset: i * rec + value_offset(key.len()),
-                        len: size as u64,
-                    })
-                    .collect();
-                let expect: Vec<ReplicaId> = chunk.iter().map(|&i| ReplicaId(i + 1)).collect();
+                let (ops, expect) = (ops.clone(), expect.clone());
                 let disk = disk.clone();
                 let mut d = std::mem::take(&mut dsts);
                 let read = async move {
@@ -152,7 +147,7 @@ fn main() -> anyhow::Result<()> {
         let mut t_copy = Vec::new();
         for _ in &order {
             let t = Instant::now();
-            dst.copy_from_slice(&aligned[skew + 4096..skew + 4096 + size]);
+            dst.copy_from_slice(&device.record(0)[4096..4096 + size]);
             std::hint::black_box(crc32c(dst));
             t_copy.push(t.elapsed());
         }
@@ -193,6 +188,20 @@ impl Device {
             skew,
             rec,
         })
+    }
+
+    /// Reads the record at `at` into the first record's buffer with a plain `pread`; how long
+    /// it took.
+    fn pread(&mut self, file: &std::fs::File, at: u64) -> anyhow::Result<Duration> {
+        let t = Instant::now();
+        let rec = self.rec;
+        file.read_exact_at(&mut self.buf[self.skew..][..rec], at)?;
+        Ok(t.elapsed())
+    }
+
+    /// The `k`th record's buffer, as the last read left it.
+    fn record(&self, k: usize) -> &[u8] {
+        &self.buf[self.skew + k * self.rec..][..self.rec]
     }
 
     /// Reads a record at each of `offsets` (at most the batch) at once; how long it took.

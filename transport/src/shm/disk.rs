@@ -62,6 +62,12 @@ const RING_ENTRIES: u32 = 64;
 const INLINE_WAIT_MAX: u64 = 512 << 10;
 /// Bytes of direct reads in flight in this process, over every ring.
 static READS_IN_FLIGHT: AtomicU64 = AtomicU64::new(0);
+/// Whether this process has direct reads in flight besides `own` bytes of them (a request's
+/// own, or 0 before it submits any).
+fn others_in_flight(own: u64) -> bool {
+    READS_IN_FLIGHT.load(Ordering::Relaxed) != own
+}
+
 /// Idle rings (with their buffers) kept for the next requests.
 const IDLE_RINGS: usize = 8;
 /// A buffer over this is freed after its request rather than kept with its ring.
@@ -145,7 +151,7 @@ impl DiskFile {
         };
         let lens: Vec<u64> = want.iter().map(|&i| spans[i].map_or(0, |s| s.1)).collect();
         ring.fit(&lens);
-        let part = self.part_for(lens.len(), READS_IN_FLIGHT.load(Ordering::Relaxed));
+        let part = self.part_for(lens.len(), !others_in_flight(0));
         let parts: Vec<Part> = lens
             .iter()
             .enumerate()
@@ -209,11 +215,11 @@ impl DiskFile {
         out
     }
 
-    /// The part size for a request of `records` record reads while this process has
-    /// `in_flight` bytes of direct reads in flight: a lone record read's, or the file's.
-    fn part_for(&self, records: usize, in_flight: u64) -> u64 {
-        match (records, in_flight) {
-            (1, 0) => self.lone_part,
+    /// The part size for a request of `records` record reads, `alone` when this process
+    /// has no other direct read in flight: a lone record read's, or the file's.
+    fn part_for(&self, records: usize, alone: bool) -> u64 {
+        match (records, alone) {
+            (1, true) => self.lone_part,
             _ => self.part,
         }
     }
@@ -392,8 +398,7 @@ impl Ring {
         // 67-72 with the submission and the wait in one call; docs/benchmarks.md). The
         // worker is held for one such batch at most.
         let in_task = tokio::task::try_id().is_some()
-            && !(self.bytes_in_flight <= INLINE_WAIT_MAX
-                && READS_IN_FLIGHT.load(Ordering::Relaxed) == self.bytes_in_flight);
+            && (self.bytes_in_flight > INLINE_WAIT_MAX || others_in_flight(self.bytes_in_flight));
         if *submitted > before {
             // Waiting here: one system call submits and waits.
             let wait = usize::from(!in_task);
@@ -585,22 +590,18 @@ mod tests {
         // The choice looks at no file.
         let any = || -> OwnedFd { std::fs::File::open("/dev/null").unwrap().into() };
         let disk = DiskFile::new(SegmentId(1), any(), 0);
-        let lone = disk.part_for(1, 0);
+        let lone = disk.part_for(1, true);
         assert_eq!(lone, LONE_PART);
         assert_eq!(
-            disk.part_for(4, 0),
+            disk.part_for(4, true),
             PART,
             "a batch overlaps its copies itself"
         );
-        assert_eq!(
-            disk.part_for(1, 64 << 10),
-            PART,
-            "other reads are in flight"
-        );
+        assert_eq!(disk.part_for(1, false), PART, "other reads are in flight");
         let never = DiskFile::new(SegmentId(1), any(), 0).with_part(u64::MAX);
         assert_eq!(
-            never.part_for(1, 0),
-            never.part_for(4, 0),
+            never.part_for(1, true),
+            never.part_for(4, true),
             "an explicit part holds"
         );
         // A 1 MiB value's record read (its header block, then the value): five parts when
