@@ -4,7 +4,9 @@
 //! its record reads cut into parts of 256 KiB (each copied as it lands) or not (the default up
 //! to 16 MiB), against
 //! a plain `pread` of the same record into an aligned buffer (the device alone, no copy and
-//! no check), and the copy and crc32c alone, each timed over the same records in a shuffled
+//! no check), the crc32c of the values a bare io_uring read has just landed (what the first
+//! touch of bytes a device wrote costs, which the reader's copy pays), and the copy and
+//! crc32c alone of bytes in cache, each timed over the same records in a shuffled
 //! order, alternating, one read at a time, the reader on a runtime task (an async caller) or,
 //! with `block-on`, on the thread that blocks on it (as the Python binding drives a client).
 //! With `batch=N`, N records per request instead (a batched get), beside the same N record
@@ -89,13 +91,14 @@ fn main() -> anyhow::Result<()> {
         dir.display()
     );
     println!(
-        "round | pread (device) | io_uring, {batch} at once (device) | DiskFile, 256 KiB parts | DiskFile (defaults: a lone record read over 512 KiB in 256 KiB parts, else one read up to 16 MiB) | copy, then crc32c"
+        "round | pread (device) | io_uring, {batch} at once (device) | DiskFile, 256 KiB parts | DiskFile (defaults: a lone record read over 512 KiB in 256 KiB parts, else one read up to 16 MiB) | crc32c of what the device just wrote (first touch) | copy, then crc32c (in cache)"
     );
     for round in 0..5 {
         // Request by request, every mode in turn, so the disk's drift (large on this
         // machine's virtual disk) falls on every column alike.
         let mut t_raw = Vec::new();
         let mut t_ring = Vec::new();
+        let mut t_touch = Vec::new();
         let mut times = [Vec::new(), Vec::new()];
         for chunk in order.chunks(batch) {
             if batch == 1 {
@@ -103,6 +106,7 @@ fn main() -> anyhow::Result<()> {
             }
             let offsets: Vec<u64> = chunk.iter().map(|&i| i * rec).collect();
             t_ring.push(device.read(&raw, &offsets)?);
+            t_touch.push(device.first_touch(size, chunk.len()));
             let ops: Vec<ReadOp> = chunk
                 .iter()
                 .map(|&i| ReadOp {
@@ -152,7 +156,7 @@ fn main() -> anyhow::Result<()> {
             t_copy.push(t.elapsed());
         }
         println!(
-            "{round} | {} | {:?} | {:?} | {:?} | {:?}",
+            "{round} | {} | {:?} | {:?} | {:?} | {:?} | {:?}",
             if batch == 1 {
                 format!("{:?}", median(t_raw))
             } else {
@@ -161,6 +165,7 @@ fn main() -> anyhow::Result<()> {
             median(t_ring),
             median(std::mem::take(&mut times[0])),
             median(std::mem::take(&mut times[1])),
+            median(t_touch),
             median(t_copy)
         );
     }
@@ -202,6 +207,16 @@ impl Device {
     /// The `k`th record's buffer, as the last read left it.
     fn record(&self, k: usize) -> &[u8] {
         &self.buf[self.skew + k * self.rec..][..self.rec]
+    }
+
+    /// How long the crc32c of the values of the first `records` records takes, their
+    /// bytes as the last read left them (of `size` bytes each, after the header block).
+    fn first_touch(&self, size: usize, records: usize) -> Duration {
+        let t = Instant::now();
+        for k in 0..records {
+            std::hint::black_box(crc32c(&self.record(k)[4096..4096 + size]));
+        }
+        t.elapsed()
     }
 
     /// Reads a record at each of `offsets` (at most the batch) at once; how long it took.

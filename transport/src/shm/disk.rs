@@ -20,7 +20,7 @@ use std::{
     fs::File,
     io,
     ops::Range,
-    os::fd::{AsRawFd, OwnedFd},
+    os::fd::{AsRawFd, OwnedFd, RawFd},
     ptr::NonNull,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -66,6 +66,21 @@ static READS_IN_FLIGHT: AtomicU64 = AtomicU64::new(0);
 /// own, or 0 before it submits any).
 fn others_in_flight(own: u64) -> bool {
     READS_IN_FLIGHT.load(Ordering::Relaxed) != own
+}
+
+/// Whether a request with `own` bytes of reads in flight (or about to be), while this process
+/// has `others` in flight or not, waits for them through the runtime.
+///
+/// A caller outside the runtime's tasks (a `block_on` thread, as the Python binding drives
+/// the client) has nothing else to run: it waits in the kernel, where the completion wakes it
+/// directly. A task waits for the ring's readiness instead, so its worker runs other tasks
+/// meanwhile; unless its reads are small and all this process has in flight (a get at depth
+/// 1): then no other read could overlap the wait, and waiting in the kernel saves the wake-up
+/// through the runtime (a 64 KiB read's median 93-98 µs on a task went to 75-78, as on a
+/// blocked thread, and to 67-72 with the submission and the wait in one call;
+/// docs/benchmarks.md). The worker is held for one such batch at most.
+fn waits_in_task(own: u64, others: bool) -> bool {
+    tokio::task::try_id().is_some() && (own > INLINE_WAIT_MAX || others)
 }
 
 /// Idle rings (with their buffers) kept for the next requests.
@@ -142,14 +157,15 @@ impl DiskFile {
         if want.is_empty() {
             return out;
         }
-        let mut ring = match self.take_ring() {
+        let lens: Vec<u64> = want.iter().map(|&i| spans[i].map_or(0, |s| s.1)).collect();
+        let through_runtime = waits_in_task(lens.iter().sum(), others_in_flight(0));
+        let mut ring = match self.take_ring(through_runtime) {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(segment = %self.segment, "no io_uring for direct NVMe reads: {e}");
                 return out;
             }
         };
-        let lens: Vec<u64> = want.iter().map(|&i| spans[i].map_or(0, |s| s.1)).collect();
         ring.fit(&lens);
         let part = self.part_for(lens.len(), !others_in_flight(0));
         let parts: Vec<Part> = lens
@@ -224,7 +240,10 @@ impl DiskFile {
         }
     }
 
-    fn take_ring(&self) -> io::Result<Ring> {
+    /// An idle ring, preferably one registered with the runtime's poller or not as
+    /// `registered` says (whether the request will likely wait through the runtime), or a
+    /// new one.
+    fn take_ring(&self, registered: bool) -> io::Result<Ring> {
         let pid = std::process::id();
         {
             let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
@@ -234,8 +253,10 @@ impl DiskFile {
                 idle.rings.clear();
                 idle.pid = pid;
             }
-            if let Some(r) = idle.rings.pop() {
-                return Ok(r);
+            let rings = &mut idle.rings;
+            let fit = rings.iter().rposition(|r| r.poll.is_some() == registered);
+            if let Some(at) = fit.or(rings.len().checked_sub(1)) {
+                return Ok(rings.swap_remove(at));
             }
         }
         Ring::new()
@@ -322,7 +343,14 @@ impl AlignedBuf {
 
 /// One request's io_uring and the buffers its reads land in.
 struct Ring {
-    uring: AsyncFd<IoUring>,
+    /// The ring's registration with the runtime's poller, made the first time a task waits
+    /// through the runtime on it. A registered ring's every completion also wakes the poller
+    /// (the kernel's commit of each completion calls `__wake_up` on it: ~5 µs a read in a
+    /// profile of 64 KiB reads at depth 1), which a ring that only ever waits in the kernel
+    /// does not need; so rings stay unregistered until then. Declared before `uring`: dropped
+    /// (deregistered) before the ring's descriptor closes.
+    poll: Option<AsyncFd<RingFd>>,
+    uring: IoUring,
     bufs: Vec<AlignedBuf>,
     /// Reads submitted and not yet completed: the kernel may still write into `bufs`.
     in_flight: u32,
@@ -332,12 +360,9 @@ struct Ring {
 
 impl Ring {
     fn new() -> io::Result<Ring> {
-        let uring = IoUring::new(RING_ENTRIES)?;
-        // SAFETY: the ring owns its descriptor, open until the ring is dropped (with the
-        // `AsyncFd`), and `as_raw_fd` always returns that one.
-        let uring = unsafe { AsyncFd::register_with_interest(uring, Interest::READABLE) }?;
         Ok(Ring {
-            uring,
+            poll: None,
+            uring: IoUring::new(RING_ENTRIES)?,
             bufs: Vec::new(),
             in_flight: 0,
             bytes_in_flight: 0,
@@ -354,6 +379,19 @@ impl Ring {
                 None => self.bufs.push(AlignedBuf::new(len)),
             }
         }
+    }
+
+    /// The ring's registration with the runtime's poller, made now if this is the first
+    /// wait through the runtime on this ring (from within a task: the runtime's context).
+    fn poller(&mut self) -> io::Result<&AsyncFd<RingFd>> {
+        if self.poll.is_none() {
+            let fd = RingFd(self.uring.as_raw_fd());
+            // SAFETY: the descriptor is the ring's, open until the ring is dropped, and the
+            // registration is dropped first (`Ring::poll` is declared before `Ring::uring`).
+            let poll = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }?;
+            self.poll = Some(poll);
+        }
+        Ok(self.poll.as_ref().expect("registered above"))
     }
 
     /// Submits the next parts (as many as the ring holds; `submitted` counts those already
@@ -381,33 +419,22 @@ impl Ring {
             // SAFETY: the part's `len` bytes at `ptr` are owned by this ring and neither freed
             // nor read until the read completes: `in_flight` counts it, and dropping the ring
             // first waits for it (`Drop for Ring`).
-            unsafe { self.uring.get_mut().submission().push(&sqe) }
+            unsafe { self.uring.submission().push(&sqe) }
                 .map_err(|_| io::Error::other("io_uring submission queue full"))?;
             self.in_flight += 1;
             self.bytes_in_flight += p.len;
             READS_IN_FLIGHT.fetch_add(p.len, Ordering::Relaxed);
             *submitted += 1;
         }
-        // A caller outside the runtime's tasks (a `block_on` thread, as the Python binding
-        // drives the client) has nothing else to run: it waits in the kernel, where the
-        // completion wakes it directly. A task waits for the ring's readiness instead, so its
-        // worker runs other tasks meanwhile; unless its reads are small and all this
-        // process has in flight (a get at depth 1): then no other read could overlap the
-        // wait, and waiting in the kernel saves the wake-up through the runtime (a 64 KiB
-        // read's median 93-98 µs on a task went to 75-78, as on a blocked thread, and to
-        // 67-72 with the submission and the wait in one call; docs/benchmarks.md). The
-        // worker is held for one such batch at most.
-        let in_task = tokio::task::try_id().is_some()
-            && (self.bytes_in_flight > INLINE_WAIT_MAX || others_in_flight(self.bytes_in_flight));
+        let in_task = waits_in_task(self.bytes_in_flight, others_in_flight(self.bytes_in_flight));
         if *submitted > before {
             // Waiting here: one system call submits and waits.
             let wait = usize::from(!in_task);
-            self.uring.get_ref().submit_and_wait(wait)?;
+            self.uring.submit_and_wait(wait)?;
         }
         loop {
             let done: Vec<(usize, bool)> = self
                 .uring
-                .get_mut()
                 .completion()
                 .map(|cqe| {
                     let p = cqe.user_data() as usize;
@@ -429,12 +456,13 @@ impl Ring {
                 return Ok(done);
             }
             if !in_task {
-                self.uring.get_ref().submit_and_wait(1)?;
+                self.uring.submit_and_wait(1)?;
                 continue;
             }
             // Edge-triggered: cleared, then the queue is looked at again, so a completion
-            // between the look and the clear is not missed.
-            let mut ready = self.uring.readable_mut().await?;
+            // between the look and the clear is not missed (nor one posted before the ring
+            // was registered: registering reports a ring already readable).
+            let mut ready = self.poller()?.readable().await?;
             ready.clear_ready();
         }
     }
@@ -464,6 +492,16 @@ impl Ring {
             return 0;
         }
         plan.run(1, true)[0]
+    }
+}
+
+/// A ring's descriptor as the runtime's poller watches it; owned by the ring's `IoUring`,
+/// which outlives the registration (`Ring::poll`).
+struct RingFd(RawFd);
+
+impl AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
     }
 }
 
@@ -525,7 +563,7 @@ impl Drop for Ring {
         }
         // A request dropped mid-read (its caller gave up): the kernel still writes into the
         // buffers, so wait for its reads (a disk read's time) before freeing them.
-        let uring = self.uring.get_mut();
+        let uring = &mut self.uring;
         if uring.submit_and_wait(self.in_flight as usize).is_ok() {
             let done = uring.completion().count() as u32;
             self.in_flight = self.in_flight.saturating_sub(done);
