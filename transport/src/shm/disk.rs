@@ -346,9 +346,9 @@ struct Ring {
     /// The ring's registration with the runtime's poller, made the first time a task waits
     /// through the runtime on it. A registered ring's every completion also wakes the poller
     /// (the kernel's commit of each completion calls `__wake_up` on it), which a ring that
-    /// only ever waits in the kernel does not need: a 64 KiB read at depth 1 took 2–3 µs less
-    /// on an unregistered ring (paired; docs/benchmarks.md), so rings stay unregistered until
-    /// then. Declared before `uring`: dropped (deregistered) before the ring's descriptor
+    /// only ever waits in the kernel does not need: a 64 KiB read at depth 1 on a `block_on`
+    /// caller took 2–3 µs less on an unregistered ring (paired; docs/benchmarks.md), so rings
+    /// stay unregistered until then. Declared before `uring`: dropped (deregistered) before the ring's descriptor
     /// closes.
     poll: Option<AsyncFd<RingFd>>,
     uring: IoUring,
