@@ -707,6 +707,42 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_request_takes_a_ring_registered_or_not_as_it_will_wait() {
+        // This test's body is no task: every wait of its reads is in the kernel.
+        assert!(!waits_in_task(u64::MAX, true));
+        let in_task = |own, others| async move {
+            tokio::spawn(async move { waits_in_task(own, others) })
+                .await
+                .unwrap()
+        };
+        assert!(!in_task(INLINE_WAIT_MAX, false).await, "small and alone");
+        assert!(in_task(INLINE_WAIT_MAX + 1, false).await, "large");
+        assert!(in_task(4096, true).await, "other reads in flight");
+
+        // Two idle rings, one registered: each request gets the kind it asks for while there
+        // is one, else any.
+        let devnull: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        let disk = DiskFile::new(SegmentId(1), devnull, 0);
+        let mut a = disk.take_ring(false).unwrap();
+        a.poller().unwrap();
+        let b = disk.take_ring(false).unwrap();
+        assert!(b.poll.is_none(), "a new ring is not registered");
+        disk.give_back(a);
+        disk.give_back(b);
+        let r = disk.take_ring(true).unwrap();
+        assert!(r.poll.is_some());
+        let u = disk.take_ring(true).unwrap();
+        assert!(u.poll.is_none(), "the only one left");
+        disk.give_back(r);
+        disk.give_back(u);
+        assert!(disk.take_ring(false).unwrap().poll.is_none());
+        assert!(
+            disk.take_ring(false).unwrap().poll.is_some(),
+            "the only one left"
+        );
+    }
+
     /// A file with records at 0 (replica 1, 64 KiB + 3), 8 KiB... laid out back to back;
     /// opened without O_DIRECT (the test folder may be tmpfs), which reads the same bytes.
     #[tokio::test]
@@ -784,6 +820,15 @@ mod tests {
         for i in 0..3 {
             assert!(bufs[i] == values[i], "value {i} byte for byte");
         }
+        let registered = |disk: &DiskFile| -> Vec<bool> {
+            let idle = disk.idle.lock().unwrap();
+            idle.rings.iter().map(|r| r.poll.is_some()).collect()
+        };
+        assert_eq!(
+            registered(&disk),
+            vec![false],
+            "a ring only ever waited on in the kernel stays off the runtime's poller"
+        );
 
         // From a runtime task, which waits on the ring's readiness instead of in the kernel
         // (this test's body runs on the thread that blocks on it).
