@@ -77,7 +77,7 @@ fn main() -> anyhow::Result<()> {
     let raw = open()?;
     // One destination per record of a request, written before the clock starts.
     let mut dsts = vec![vec![1u8; size]; batch];
-    let mut device = Device::new(rec, batch)?;
+    let mut device = Device::new(rec, batch, value_offset(key.len()) as usize, size)?;
     // Records in a fixed shuffled order, the same for every mode.
     let order: Vec<u64> = (0..count as u64)
         .map(|i| (i * 7919) % count as u64)
@@ -106,7 +106,7 @@ fn main() -> anyhow::Result<()> {
             }
             let offsets: Vec<u64> = chunk.iter().map(|&i| i * rec).collect();
             t_ring.push(device.read(&raw, &offsets)?);
-            t_touch.push(device.first_touch(size, chunk.len()));
+            t_touch.push(device.first_touch(chunk.len()));
             let ops: Vec<ReadOp> = chunk
                 .iter()
                 .map(|&i| ReadOp {
@@ -151,7 +151,7 @@ fn main() -> anyhow::Result<()> {
         let mut t_copy = Vec::new();
         for _ in &order {
             let t = Instant::now();
-            dst.copy_from_slice(&device.record(0)[4096..4096 + size]);
+            dst.copy_from_slice(device.value(0));
             std::hint::black_box(crc32c(dst));
             t_copy.push(t.elapsed());
         }
@@ -180,10 +180,13 @@ struct Device {
     buf: Vec<u8>,
     skew: usize,
     rec: usize,
+    /// Where a record's value lies in it.
+    value: std::ops::Range<usize>,
 }
 
 impl Device {
-    fn new(rec: u64, batch: usize) -> anyhow::Result<Device> {
+    /// For records of `rec` bytes whose values of `size` bytes start `at` bytes in.
+    fn new(rec: u64, batch: usize, at: usize, size: usize) -> anyhow::Result<Device> {
         let rec = rec as usize;
         let buf = vec![0u8; rec * batch + 4096];
         let skew = buf.as_ptr().align_offset(4096);
@@ -192,6 +195,7 @@ impl Device {
             buf,
             skew,
             rec,
+            value: at..at + size,
         })
     }
 
@@ -204,17 +208,17 @@ impl Device {
         Ok(t.elapsed())
     }
 
-    /// The `k`th record's buffer, as the last read left it.
-    fn record(&self, k: usize) -> &[u8] {
-        &self.buf[self.skew + k * self.rec..][..self.rec]
+    /// The `k`th record's value, as the last read left it.
+    fn value(&self, k: usize) -> &[u8] {
+        &self.buf[self.skew + k * self.rec..][self.value.clone()]
     }
 
-    /// How long the crc32c of the values of the first `records` records takes, their
-    /// bytes as the last read left them (of `size` bytes each, after the header block).
-    fn first_touch(&self, size: usize, records: usize) -> Duration {
+    /// How long the crc32c of the values of the first `records` records takes, their bytes
+    /// as the last read left them.
+    fn first_touch(&self, records: usize) -> Duration {
         let t = Instant::now();
         for k in 0..records {
-            std::hint::black_box(crc32c(&self.record(k)[4096..4096 + size]));
+            std::hint::black_box(crc32c(self.value(k)));
         }
         t.elapsed()
     }

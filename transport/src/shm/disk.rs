@@ -3,8 +3,9 @@
 //! A node with an NVMe tier hands a same-host client a read-only O_DIRECT descriptor of the
 //! tier's file (`ShmNvme`). A get of an NVMe-resident value then reads its record (the header
 //! block and the value) with one O_DIRECT read per item: a request's reads are submitted
-//! together on an io_uring whose descriptor the client's runtime polls, so the device works
-//! on all of them at once and no thread sleeps on the disk. Each record is checked as the
+//! together on an io_uring, so the device works on all of them at once; a task waits for
+//! them through the client's runtime (its worker runs other tasks meanwhile) unless they are
+//! small and all the process has in flight, a `block_on` caller in the kernel. Each record is checked as the
 //! node checks it: the header decodes (magic, version, its own crc32c), names the replica the
 //! master handed out, and holds a value of the requested length whose crc32c, computed while
 //! the value is copied into the caller's buffers, matches the header's. Replica ids are never
@@ -158,8 +159,9 @@ impl DiskFile {
             return out;
         }
         let lens: Vec<u64> = want.iter().map(|&i| spans[i].map_or(0, |s| s.1)).collect();
-        let through_runtime = waits_in_task(lens.iter().sum(), others_in_flight(0));
-        let mut ring = match self.take_ring(through_runtime) {
+        // Looked at once, before this request submits: both choices below follow from it.
+        let others = others_in_flight(0);
+        let mut ring = match self.take_ring(waits_in_task(lens.iter().sum(), others)) {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(segment = %self.segment, "no io_uring for direct NVMe reads: {e}");
@@ -167,7 +169,7 @@ impl DiskFile {
             }
         };
         ring.fit(&lens);
-        let part = self.part_for(lens.len(), !others_in_flight(0));
+        let part = self.part_for(lens.len(), !others);
         let parts: Vec<Part> = lens
             .iter()
             .enumerate()
@@ -348,8 +350,8 @@ struct Ring {
     /// (the kernel's commit of each completion calls `__wake_up` on it), which a ring that
     /// only ever waits in the kernel does not need: a 64 KiB read at depth 1 on a `block_on`
     /// caller took 2–3 µs less on an unregistered ring (paired; docs/benchmarks.md), so rings
-    /// stay unregistered until then. Declared before `uring`: dropped (deregistered) before the ring's descriptor
-    /// closes.
+    /// stay unregistered until then. Declared before `uring`: dropped (deregistered) before
+    /// the ring's descriptor closes.
     poll: Option<AsyncFd<RingFd>>,
     uring: IoUring,
     bufs: Vec<AlignedBuf>,
